@@ -1,0 +1,1 @@
+"""Beam PTransforms of the batch jobs (pair mining, validation, quantization, writing)."""
