@@ -1,0 +1,46 @@
+"""The data flags every `qarm` command shares, and the DataSpec they make."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipelines.data.schema import DATASETS, IMAGE_CHECKS, DataSpec
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --dataset --data --items --interactions --mapping --map --id-maps --require-image --validate-images
+    --n-items --n-users --n-events --n-clusters --image-size --seed."""
+    g = parser.add_argument_group("data source")
+    g.add_argument("--dataset", choices=DATASETS, default="synthetic",
+                   help="synthetic (embedded, default), movielens (ml-latest-small + posters) or generic")
+    g.add_argument("--data", type=Path, default=None,
+                   help="movielens: folder with ml-latest-small/ and posters/; synthetic: where images are "
+                        "generated (default: a per-config cache folder); generic: base folder")
+    g.add_argument("--items", type=Path, default=None, help="generic: item catalog (Parquet or CSV)")
+    g.add_argument("--interactions", type=Path, default=None, help="generic: interaction log (Parquet or CSV)")
+    g.add_argument("--mapping", type=Path, default=None,
+                   help="generic: JSON/YAML file mapping your columns onto the contract (see pipelines/data/generic.py)")
+    g.add_argument("--map", dest="column_map", action="append", default=[], metavar="TABLE.FIELD=COLUMN",
+                   help="generic: map one column, e.g. items.item_id=sku or interactions.ts=event_time "
+                        "(repeatable; overrides the mapping file)")
+    g.add_argument("--id-maps", dest="id_map_dir", type=Path, default=None,
+                   help="generic: folder of saved string->int id maps to reuse and extend (stable ids across runs)")
+    g.add_argument("--require-image", action="store_true",
+                   help="keep only items with a valid image and the interactions on them")
+    g.add_argument("--validate-images", choices=IMAGE_CHECKS, default="header",
+                   help="image check per item: exists, header (default) or decode")
+    g.add_argument("--n-items", type=int, default=DataSpec.n_items, help="synthetic: number of items")
+    g.add_argument("--n-users", type=int, default=DataSpec.n_users, help="synthetic: number of users")
+    g.add_argument("--n-events", type=int, default=DataSpec.n_events, help="synthetic: number of impressions")
+    g.add_argument("--n-clusters", type=int, default=DataSpec.n_clusters, help="synthetic: latent clusters")
+    g.add_argument("--image-size", type=int, default=DataSpec.image_size, help="synthetic: image side (px)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (synthetic data and everything downstream)")
+
+
+def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
+    """DataSpec from the flags added by `add_data_arguments` (raises ValueError naming a bad flag value)."""
+    return DataSpec(dataset=args.dataset, data=args.data, items=args.items, interactions=args.interactions,
+                    mapping=args.mapping, column_map=tuple(args.column_map or ()), id_map_dir=args.id_map_dir,
+                    require_image=bool(args.require_image), validate_images=args.validate_images,
+                    n_items=args.n_items, n_users=args.n_users, n_events=args.n_events, n_clusters=args.n_clusters,
+                    image_size=args.image_size, seed=args.seed)

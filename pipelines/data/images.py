@@ -1,0 +1,95 @@
+"""Item images: safe path resolution, a cheap validity check, and loading as RGB.
+
+An `image_uri` is a path relative to the dataset's image root (or absolute when there is no root). A relative
+uri that resolves outside the root (``../../etc/passwd``, a symlink out) is refused: catalogs come from users.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from PIL import Image, UnidentifiedImageError
+
+# Decompression-bomb guard: posters and thumbnails are tiny; anything this big is a bad record.
+Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+class ImageError(ValueError):
+    """An item image that cannot be used. `reason` is one of the schema's image reject reasons."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def resolve_image_path(uri: str, root: Optional[Path]) -> Path:
+    """Absolute path for `uri`, refusing paths that escape `root`.
+
+    Args:
+        uri: relative (to `root`) or absolute path.
+        root: the image root; None allows only absolute uris.
+    Raises:
+        ImageError: reason "image_escapes_root" for a path outside the root, "missing_image" for an empty uri.
+    """
+    if uri is None or str(uri).strip() == "":
+        raise ImageError("missing_image", "empty image uri")
+    path = Path(str(uri))
+    if root is None:
+        if not path.is_absolute():
+            raise ImageError("missing_image", f"relative image uri {uri!r} but the dataset has no image root")
+        return path
+    root_real = Path(os.path.realpath(root))
+    full = Path(os.path.realpath(root_real / path))  # absolute uris replace root here, then get checked below
+    if full != root_real and root_real not in full.parents:
+        raise ImageError("image_escapes_root", f"image uri {uri!r} resolves to {full}, outside image root {root_real}")
+    return full
+
+
+def check_image(uri: str, root: Optional[Path], level: str = "header") -> Path:
+    """Validate one image without keeping it in memory; returns its resolved path.
+
+    Args:
+        level: "exists" (a non-empty regular file), "header" (PIL can identify it and `verify()` passes; cheap,
+            reads the header), or "decode" (a full decode: catches truncated pixel data too).
+    Raises:
+        ImageError with `reason` missing_image | corrupt_image | image_escapes_root.
+    """
+    path = resolve_image_path(uri, root)
+    try:
+        size = path.stat().st_size
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageError("missing_image", f"image file not found: {path}") from None
+    except OSError as exc:
+        raise ImageError("missing_image", f"image file unreadable: {path}: {exc}") from None
+    if not path.is_file():
+        raise ImageError("missing_image", f"image path is not a file: {path}")
+    if size == 0:
+        raise ImageError("corrupt_image", f"image file is empty: {path}")
+    if level == "exists":
+        return path
+    try:
+        with Image.open(path) as img:
+            if level == "decode":
+                img.load()
+            else:
+                img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError("corrupt_image", f"image file is not a readable image: {path}: {exc}") from None
+    return path
+
+
+def load_image(uri: str, root: Optional[Path] = None) -> Image.Image:
+    """Load an item image as a PIL RGB image (fully decoded, file closed).
+
+    Raises:
+        ImageError (a ValueError) naming the file, with `reason` set.
+    """
+    path = resolve_image_path(uri, root)
+    if not path.is_file():
+        raise ImageError("missing_image", f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError("corrupt_image", f"image file is not a readable image: {path}: {exc}") from None

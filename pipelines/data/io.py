@@ -1,0 +1,199 @@
+"""Reading tables with errors that name the file, column and row; atomic writes of what others read.
+
+Row numbers in messages and in the rejects table are 0-based data rows (the header is not a row); for CSV the
+message adds the 1-based file line as well, which is what an editor shows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class DataError(ValueError):
+    """Bad input file: the message names the file, and the column and row where they are known."""
+
+
+def table_format(path: Path) -> str:
+    suffix = "".join(Path(path).suffixes[-2:]).lower()
+    if suffix.endswith((".parquet", ".pq")):
+        return "parquet"
+    if suffix.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
+        return "csv"
+    raise DataError(f"{path}: unsupported table format (expected .parquet or .csv/.tsv)")
+
+
+def read_table(path: Path, columns: Optional[Iterable[str]] = None) -> pd.DataFrame:
+    """Read a CSV/TSV/Parquet file. CSV cells are read as strings so that dtype errors can name the row.
+
+    Raises:
+        DataError: the file is missing or unreadable, or lacks one of `columns` (named, with those present).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    fmt = table_format(path)
+    try:
+        if fmt == "parquet":
+            frame = pq.read_table(path).to_pandas()
+        else:
+            sep = "\t" if ".tsv" in path.name.lower() else ","
+            frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""])
+    except (OSError, pa.ArrowException, pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable {fmt} file: {exc}") from None
+    if columns is not None:
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; columns present: {list(frame.columns)}")
+    frame.attrs["source_path"] = str(path)
+    frame.attrs["source_format"] = fmt
+    return frame
+
+
+def _where(path: str, fmt: str, row: int) -> str:
+    return f"row {row} (line {row + 2})" if fmt == "csv" else f"row {row}"
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def to_int64(frame: pd.DataFrame, column: str, *, role: str = "") -> pd.Series:
+    """Column as nullable Int64 (missing cells stay <NA>: they are per-record rejects, not file errors).
+
+    Raises:
+        DataError naming file, column and the first row whose value is not an integer.
+    """
+    path, fmt = frame.attrs.get("source_path", "<table>"), frame.attrs.get("source_format", "parquet")
+    series = frame[column]
+    label = f"column {column!r}" + (f" ({role})" if role else "")
+    if pd.api.types.is_integer_dtype(series.dtype):
+        return series.astype("Int64")
+    if pd.api.types.is_bool_dtype(series.dtype):
+        raise DataError(f"{path}: {label}: expected integers, got booleans")
+    numeric = pd.to_numeric(series, errors="coerce")
+    bad = numeric.isna().to_numpy() & series.notna().to_numpy()
+    if pd.api.types.is_float_dtype(numeric.dtype):
+        frac = numeric.notna().to_numpy() & (numeric.fillna(0) % 1 != 0).to_numpy()
+        bad = bad | frac
+    if bad.any():
+        row = _first_bad(bad)
+        raise DataError(f"{path}: {label} {_where(path, fmt, row)}: value {series.iloc[row]!r} is not an integer "
+                        f"({int(bad.sum())} bad value(s) in this column)")
+    return numeric.astype("Int64")
+
+
+def to_float32(frame: pd.DataFrame, column: str, *, role: str = "") -> pd.Series:
+    """Column as float32 (NaN for missing). Raises DataError naming file, column and first non-numeric row."""
+    path, fmt = frame.attrs.get("source_path", "<table>"), frame.attrs.get("source_format", "parquet")
+    series = frame[column]
+    label = f"column {column!r}" + (f" ({role})" if role else "")
+    if pd.api.types.is_bool_dtype(series.dtype):
+        return series.astype("float32")
+    numeric = pd.to_numeric(series.map(_bool_text) if series.dtype == object else series, errors="coerce")
+    bad = numeric.isna().to_numpy() & series.notna().to_numpy()
+    if bad.any():
+        row = _first_bad(bad)
+        raise DataError(f"{path}: {label} {_where(path, fmt, row)}: value {series.iloc[row]!r} is not a number "
+                        f"({int(bad.sum())} bad value(s) in this column)")
+    return numeric.astype("float32")
+
+
+def _bool_text(value):
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return 1.0 if value.strip().lower() == "true" else 0.0
+    return value
+
+
+def to_unix_seconds(frame: pd.DataFrame, column: str, *, fmt: str = "auto", role: str = "ts") -> pd.Series:
+    """Timestamps as nullable Int64 unix seconds.
+
+    Args:
+        fmt: "unix" (seconds), "unix_ms" (milliseconds), "iso" (ISO-8601 dates / datetimes; naive ones are
+            taken as UTC) or "auto" (integers -> unix seconds, anything else -> ISO).
+    Raises:
+        DataError naming file, column and the first row that is neither.
+    """
+    path, file_fmt = frame.attrs.get("source_path", "<table>"), frame.attrs.get("source_format", "parquet")
+    series = frame[column]
+    label = f"column {column!r} ({role})"
+    if fmt not in ("auto", "unix", "unix_ms", "iso"):
+        raise DataError(f"timestamp format {fmt!r} is not one of auto, unix, unix_ms, iso")
+    if pd.api.types.is_datetime64_any_dtype(series.dtype):
+        parsed = series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
+        return _datetime_to_seconds(parsed)
+    numeric = pd.to_numeric(series, errors="coerce")
+    looks_numeric = not (numeric.isna() & series.notna()).any()
+    if fmt in ("unix", "unix_ms") or (fmt == "auto" and looks_numeric):
+        bad = (numeric.isna() & series.notna()).to_numpy()
+        if bad.any():
+            row = _first_bad(bad)
+            raise DataError(f"{path}: {label} {_where(path, file_fmt, row)}: value {series.iloc[row]!r} is not a "
+                            f"unix timestamp")
+        values = numeric.astype("float64")
+        if fmt == "unix_ms":
+            values = values / 1000.0
+        return values.round().astype("Int64")
+    parsed = pd.to_datetime(series.astype("string"), errors="coerce", utc=True, format="ISO8601")
+    bad = (parsed.isna() & series.notna()).to_numpy()
+    if bad.any():
+        row = _first_bad(bad)
+        raise DataError(f"{path}: {label} {_where(path, file_fmt, row)}: value {series.iloc[row]!r} is not a unix "
+                        f"timestamp or an ISO-8601 date")
+    return _datetime_to_seconds(parsed)
+
+
+def _datetime_to_seconds(parsed: pd.Series) -> pd.Series:
+    out = pd.Series(pd.NA, index=parsed.index, dtype="Int64")
+    ok = parsed.notna()
+    epoch = pd.Timestamp(0, tz="UTC")
+    out[ok] = ((parsed[ok] - epoch) // pd.Timedelta(seconds=1)).astype("int64")
+    return out
+
+
+# ---- atomic writes (write aside in the same folder, fsync, rename, fsync the folder) ----
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_json(path: Path, obj) -> Path:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> Path:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+    return atomic_write_bytes(path, sink.getvalue().to_pybytes())

@@ -1,0 +1,159 @@
+"""The data contract shared by every source: `DataSpec` (what to load) and `Dataset` (what was loaded).
+
+Contract (../shared/DESIGN.md):
+    items:        item_id int64 (unique), title str, text str|None, image_uri str|None, + attribute columns
+    interactions: user_id int64, item_id int64, ts int64 (unix seconds), label float32 (1 = positive), sorted by ts
+    rejects:      source, row, item_id, user_id, reason, detail, action  (one row per bad record)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+DATASETS = ("synthetic", "movielens", "generic")
+IMAGE_CHECKS = ("exists", "header", "decode")
+
+ITEM_COLUMNS = ("item_id", "title", "text", "image_uri")
+INTERACTION_COLUMNS = ("user_id", "item_id", "ts", "label")
+REJECT_COLUMNS = ("source", "row", "item_id", "user_id", "reason", "detail", "action")
+
+# Every per-record problem a source can report. Tests inject each one; `qarm data stats` counts them.
+REJECT_REASONS = (
+    "duplicate_item",      # item id seen before in the catalog: later row dropped, first kept
+    "empty_text",          # no title and no text: kept image-only if it has a valid image, else dropped
+    "missing_image",       # image_uri names a file that does not exist: item kept text-only
+    "corrupt_image",       # file exists but is not a readable image: item kept text-only
+    "image_escapes_root",  # image_uri resolves outside the image root: item kept text-only
+    "unknown_item",        # interaction names an item not in the (accepted) catalog: dropped
+    "missing_value",       # a required field (user, item, timestamp) is empty in this row: dropped
+    "bad_label",           # label outside [0, 1] after mapping: dropped
+)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What to load. Built by hand, or from the shared CLI flags with `data_spec_from_args`.
+
+    Args:
+        dataset: "synthetic" (embedded, generated), "movielens" (ml-latest-small + posters) or "generic".
+        data: synthetic: folder for the generated images (a per-config cache folder when None);
+            movielens: folder holding ml-latest-small/ and posters/; generic: base folder for relative paths.
+        items, interactions: generic only: the item catalog and the interaction log (Parquet or CSV).
+        mapping: generic only: JSON/YAML file mapping source columns onto the contract.
+        column_map: generic only: extra "table.field=column" overrides (e.g. "items.item_id=sku"), applied
+            after the mapping file.
+        id_map_dir: generic only: folder of saved id maps to reuse and extend, so dense ids stay stable
+            across runs on growing data.
+        require_image: keep only items with a valid image, and interactions on them.
+        validate_images: how hard to check each image: "exists" (stat), "header" (PIL open + verify, the
+            default) or "decode" (full decode; slowest, catches truncated files).
+        n_items, n_users, n_events, n_clusters: synthetic sizes.
+        image_size: synthetic image side in pixels.
+        seed: synthetic generator seed (the whole dataset is a deterministic function of the spec).
+    """
+
+    dataset: str = "synthetic"
+    data: Optional[Path] = None
+    items: Optional[Path] = None
+    interactions: Optional[Path] = None
+    mapping: Optional[Path] = None
+    column_map: tuple[str, ...] = ()
+    id_map_dir: Optional[Path] = None
+    require_image: bool = False
+    validate_images: str = "header"
+    n_items: int = 2000
+    n_users: int = 600
+    n_events: int = 60000
+    n_clusters: int = 16
+    image_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"DataSpec.dataset: {self.dataset!r} is not one of {DATASETS}")
+        for name in ("data", "items", "interactions", "mapping", "id_map_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        object.__setattr__(self, "column_map", tuple(self.column_map))
+        if self.validate_images not in IMAGE_CHECKS:
+            raise ValueError(f"DataSpec.validate_images: {self.validate_images!r} is not one of {IMAGE_CHECKS}")
+        for name, low in (("n_items", 1), ("n_users", 1), ("n_events", 1), ("n_clusters", 1), ("image_size", 8)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"DataSpec.{name}: must be an int >= {low}, got {value!r}")
+        if self.dataset == "synthetic" and self.n_clusters > self.n_items:
+            raise ValueError(f"DataSpec.n_clusters: {self.n_clusters} clusters need at least as many items "
+                             f"(n_items={self.n_items})")
+        if self.dataset == "movielens" and self.data is None:
+            raise ValueError("DataSpec.data: --dataset movielens needs --data DIR (holding ml-latest-small/ "
+                             "and posters/)")
+        if self.dataset == "generic" and (self.items is None or self.interactions is None) and self.mapping is None:
+            raise ValueError("DataSpec: --dataset generic needs --items FILE and --interactions FILE "
+                             "(or a --mapping file naming them)")
+
+    def to_dict(self) -> dict:
+        """JSON-able form, stored next to artifacts so they record the data they came from."""
+        out = {}
+        for key, value in self.__dict__.items():
+            out[key] = str(value) if isinstance(value, Path) else (list(value) if isinstance(value, tuple) else value)
+        return out
+
+
+@dataclass
+class Dataset:
+    """A loaded, validated source in contract form.
+
+    Attributes:
+        items: one row per accepted item (see module docstring); `image_uri` is None for text-only items.
+        interactions: accepted interactions, sorted by (ts, user_id, item_id), index 0..n-1.
+        image_root: folder that relative `image_uri`s resolve against (None when there are no images).
+        rejects: one row per bad record (REJECT_COLUMNS), never silently dropped.
+        reject_counts: reason -> count over `rejects`.
+        id_maps: field ("item_id" / "user_id") -> DataFrame(raw str, id int64), for sources whose ids were
+            strings and got dense int64 ids; empty when ids were already integers.
+        filtered: counts removed on purpose by the spec (e.g. require_image), which are not bad records.
+        name: short human name ("synthetic", "movielens", "generic:<file>").
+        spec: the DataSpec that produced it.
+    """
+
+    items: pd.DataFrame
+    interactions: pd.DataFrame
+    image_root: Optional[Path]
+    rejects: pd.DataFrame
+    reject_counts: dict
+    id_maps: dict = field(default_factory=dict)
+    filtered: dict = field(default_factory=dict)
+    name: str = ""
+    spec: Optional[DataSpec] = None
+
+    def stats(self) -> dict:
+        """Summary figures (what `qarm data stats` prints)."""
+        items, inter = self.items, self.interactions
+        has_text = items["title"].fillna("").str.strip().ne("") | items["text"].fillna("").str.strip().ne("")
+        return {
+            "dataset": self.name,
+            "users": int(inter["user_id"].nunique()),
+            "items": int(len(items)),
+            "items_with_interactions": int(inter["item_id"].nunique()),
+            "interactions": int(len(inter)),
+            "positives": int((inter["label"] >= 0.5).sum()),
+            "positive_rate": round(float(inter["label"].mean()), 4) if len(inter) else 0.0,
+            "items_with_image": int(items["image_uri"].notna().sum()),
+            "items_with_text": int(has_text.sum()),
+            "ts_min": int(inter["ts"].min()) if len(inter) else None,
+            "ts_max": int(inter["ts"].max()) if len(inter) else None,
+            "rejected": dict(self.reject_counts),
+            "rejected_total": int(len(self.rejects)),
+            "filtered": dict(self.filtered),
+        }
+
+    def image_path(self, uri: Optional[str]) -> Optional[Path]:
+        """Absolute path of an item's image (None for text-only items)."""
+        if uri is None or (isinstance(uri, float) and pd.isna(uri)):
+            return None
+        path = Path(uri)
+        return path if path.is_absolute() or self.image_root is None else self.image_root / path

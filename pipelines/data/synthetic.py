@@ -1,0 +1,216 @@
+"""The embedded synthetic dataset: latent clusters decide item content and user clicks.
+
+Generative story (all from `spec.seed`):
+- Each of `n_clusters` latent clusters has a visual style (shape, texture, hue; see synthetic_images) and a
+  vocabulary (themed words plus a colour and shape word). Items pick a cluster; their image renders the style
+  with jitter and distractors, their title/text mix cluster words with shared noise words (and, sometimes, a
+  word from another cluster).
+- Items are released over time: a starting catalog, then a steady stream, so later periods contain items that
+  never appeared earlier (the cold-start case content codes exist for).
+- Users like 1-3 clusters (popular clusters more often). A feed shows them fresh items, about half from liked
+  clusters; the click probability is sigmoid(BASE + LIKE_WEIGHT * liked + item quality + user bias), so the
+  cluster decides most of it while each item id is seen only a few dozen times.
+
+The latent cluster id is in `items["cluster"]` for tests and diagnostics; models must not use it as a feature.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.data.io import atomic_write_json
+from pipelines.data.schema import DataSpec, Dataset
+from pipelines.data.synthetic_images import cluster_styles, render_item_image
+from pipelines.data.validate import RejectLog, finalize
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1          # bump when the generative story changes: invalidates image caches
+START_TS = 1_600_000_000       # 2020-09-13, unix seconds
+SPAN_S = 90 * 24 * 3600        # events cover 90 days
+INITIAL_CATALOG = 0.35         # fraction of items available from the start; the rest arrive over time
+RELEASE_END = 0.92             # last release at this fraction of the span, so the last days still see new items
+FRESHNESS_S = 12 * 24 * 3600   # feeds favour items younger than about this
+LIKED_EXPOSURE = 0.5           # share of impressions drawn from the user's liked clusters
+BASE_LOGIT = -2.2              # click logit for a disliked cluster (~10%)
+LIKE_WEIGHT = 3.0              # added for a liked cluster (~69%): the cluster dominates the click
+ITEM_QUALITY_SD = 0.4          # per-item effect: what item ids alone can learn
+USER_BIAS_SD = 0.3
+CROSS_WORD_RATE = 0.12         # chance a title word comes from another cluster (text noise)
+
+THEMES = (
+    ("ocean", "coral", "tide", "reef", "harbor", "wave", "sailor", "lagoon"),
+    ("forest", "pine", "moss", "fern", "cabin", "trail", "acorn", "timber"),
+    ("desert", "dune", "cactus", "mirage", "canyon", "oasis", "sandstone", "nomad"),
+    ("galaxy", "comet", "orbit", "nebula", "rocket", "lunar", "stellar", "cosmos"),
+    ("kitchen", "spice", "bakery", "kettle", "pasta", "herb", "skillet", "pantry"),
+    ("racing", "engine", "turbo", "garage", "piston", "rally", "speedway", "chrome"),
+    ("garden", "tulip", "petal", "orchid", "bloom", "meadow", "blossom", "ivy"),
+    ("winter", "frost", "glacier", "snowfall", "alpine", "icicle", "blizzard", "sled"),
+    ("jazz", "saxophone", "melody", "rhythm", "vinyl", "trumpet", "ballad", "groove"),
+    ("castle", "knight", "dragon", "throne", "armor", "kingdom", "quest", "banner"),
+    ("robot", "circuit", "laser", "android", "quantum", "cyber", "gadget", "module"),
+    ("safari", "lion", "savanna", "zebra", "jungle", "tiger", "wildlife", "explorer"),
+    ("candy", "caramel", "sugar", "lollipop", "toffee", "sprinkle", "cupcake", "fudge"),
+    ("stadium", "soccer", "goal", "athlete", "trophy", "league", "sprint", "champion"),
+    ("library", "novel", "poetry", "scroll", "ink", "chapter", "author", "archive"),
+    ("volcano", "lava", "magma", "ember", "ash", "crater", "basalt", "inferno"),
+)
+NOISE_WORDS = ("classic", "new", "deluxe", "edition", "set", "pack", "premium", "mini", "original", "limited",
+               "collection", "series", "bundle", "vintage", "modern", "special", "essential", "plus", "max", "daily")
+COLOUR_WORDS = ((0.0, "red"), (0.08, "orange"), (0.15, "yellow"), (0.3, "green"), (0.45, "teal"), (0.55, "cyan"),
+                (0.63, "blue"), (0.75, "violet"), (0.85, "magenta"), (0.95, "crimson"))
+
+
+def _cluster_vocab(c: int, rng: np.random.Generator) -> tuple[str, ...]:
+    """Themed words for cluster c; beyond the hand-written themes, pronounceable made-up words."""
+    if c < len(THEMES):
+        return THEMES[c]
+    syll = ("ka", "lo", "mi", "ren", "to", "sa", "vel", "dor", "qu", "fin", "bra", "zu", "pel", "nor", "ti", "gan")
+    return tuple("".join(rng.choice(syll, size=int(rng.integers(2, 4)))) for _ in range(8))
+
+
+def _colour_word(hue: float) -> str:
+    return min(COLOUR_WORDS, key=lambda hw: min(abs(hue - hw[0]), 1 - abs(hue - hw[0])))[1]
+
+
+def _make_items(spec: DataSpec, rng: np.random.Generator):
+    n, k = spec.n_items, spec.n_clusters
+    styles = cluster_styles(k, rng)
+    vocabs = [_cluster_vocab(c, rng) for c in range(k)]
+    # Every cluster gets items; the rest are assigned at random (mildly unequal cluster sizes).
+    cluster = np.concatenate([np.arange(k), rng.integers(0, k, n - k)])
+    rng.shuffle(cluster)
+    n_initial = max(1, int(round(INITIAL_CATALOG * n)))
+    release = np.concatenate([np.full(n_initial, START_TS, dtype=np.int64),
+                              np.sort(START_TS + rng.integers(0, int(RELEASE_END * SPAN_S), n - n_initial))])
+    titles, texts = [], []
+    for i in range(n):
+        c = int(cluster[i])
+        words = list(rng.choice(vocabs[c], size=2, replace=False))
+        if rng.random() < CROSS_WORD_RATE:
+            words[int(rng.integers(2))] = str(rng.choice(vocabs[int(rng.integers(k))]))
+        words.insert(int(rng.integers(3)), str(rng.choice(NOISE_WORDS)))
+        titles.append(" ".join(words).capitalize())
+        desc = list(rng.choice(vocabs[c], size=int(rng.integers(2, 5)))) + list(
+            rng.choice(NOISE_WORDS, size=int(rng.integers(2, 5))))
+        if rng.random() < 0.6:  # sometimes the text says what the picture shows
+            desc += [_colour_word(styles[c].hue), styles[c].shape]
+        rng.shuffle(desc)
+        texts.append(" ".join(str(w) for w in desc) + ".")
+    items = pd.DataFrame({"item_id": np.arange(n, dtype=np.int64), "title": titles, "text": texts,
+                          "image_uri": [f"{i:06d}.png" for i in range(n)], "cluster": cluster.astype(np.int64),
+                          "release_ts": release})
+    return items, styles
+
+
+def _make_interactions(spec: DataSpec, items: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
+    n_users, k = spec.n_users, spec.n_clusters
+    cluster = items["cluster"].to_numpy()
+    release = items["release_ts"].to_numpy()
+    popularity = rng.dirichlet(np.full(k, 2.0))
+    liked = np.zeros((n_users, k), dtype=bool)
+    for u in range(n_users):
+        liked[u, rng.choice(k, size=min(k, int(rng.integers(1, 4))), replace=False, p=popularity)] = True
+    quality = rng.normal(0, ITEM_QUALITY_SD, len(items))
+    user_bias = rng.normal(0, USER_BIAS_SD, n_users)
+    activity = rng.lognormal(0, 0.8, n_users)
+    activity /= activity.sum()
+
+    ts = np.sort(START_TS + rng.integers(0, SPAN_S, spec.n_events))
+    users = rng.choice(n_users, size=spec.n_events, p=activity)
+    shown = np.empty(spec.n_events, dtype=np.int64)
+    n_periods = 60
+    edges = np.searchsorted(ts, START_TS + np.linspace(0, SPAN_S, n_periods + 1)[1:-1])
+    for lo, hi in zip(np.r_[0, edges], np.r_[edges, spec.n_events]):
+        if lo == hi:
+            continue
+        now = ts[hi - 1]
+        avail = np.flatnonzero(release <= now)
+        fresh = 1.0 / (1.0 + (now - release[avail]) / FRESHNESS_S)
+        from_liked = rng.random(hi - lo) < LIKED_EXPOSURE
+        # Random feed slots: any available item, fresher ones more often.
+        rand_idx = np.flatnonzero(~from_liked) + lo
+        shown[rand_idx] = rng.choice(avail, size=len(rand_idx), p=fresh / fresh.sum())
+        # Personalised slots: a liked cluster first, then an available item of it.
+        liked_idx = np.flatnonzero(from_liked) + lo
+        pick = np.array([rng.choice(np.flatnonzero(liked[u])) for u in users[liked_idx]], dtype=np.int64)
+        for c in np.unique(pick):
+            slots = liked_idx[pick == c]
+            pool = avail[cluster[avail] == c]
+            if len(pool) == 0:  # cluster has no released item yet: fall back to the open feed
+                shown[slots] = rng.choice(avail, size=len(slots), p=fresh / fresh.sum())
+                continue
+            w = fresh[cluster[avail] == c]
+            shown[slots] = rng.choice(pool, size=len(slots), p=w / w.sum())
+    logit = BASE_LOGIT + LIKE_WEIGHT * liked[users, cluster[shown]] + quality[shown] + user_bias[users]
+    label = (rng.random(spec.n_events) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+    return pd.DataFrame({"user_id": users.astype(np.int64), "item_id": shown, "ts": ts.astype(np.int64),
+                         "label": label})
+
+
+def _cache_key(spec: DataSpec) -> str:
+    cfg = {"v": GENERATOR_VERSION, "n_items": spec.n_items, "n_clusters": spec.n_clusters,
+           "image_size": spec.image_size, "seed": spec.seed}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("QARM_CACHE", Path.home() / ".cache" / "qarm")) / "synthetic"
+
+
+def _ensure_images(spec: DataSpec, items: pd.DataFrame, styles) -> Path:
+    """Render the images once into <data or cache>/images-<key>/; later loads reuse them.
+
+    The folder is built aside and renamed into place, so a reader never sees a half-written set.
+    """
+    base = Path(spec.data) if spec.data is not None else default_cache_dir()
+    key = _cache_key(spec)
+    final = base / f"images-{key}"
+    marker = final / "_COMPLETE.json"
+    if marker.exists():
+        return final
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".images-{key}.", dir=base))
+    try:
+        try:
+            from tqdm import tqdm
+            it = tqdm(range(len(items)), desc="synthetic images", disable=None, leave=False)
+        except ImportError:  # pragma: no cover
+            it = range(len(items))
+        for i in it:
+            row = items.iloc[i]
+            img = render_item_image(styles[int(row["cluster"])],
+                                    np.random.default_rng([spec.seed, int(row["item_id"])]), spec.image_size)
+            img.save(tmp / row["image_uri"], format="PNG", optimize=False)
+        atomic_write_json(tmp / "_COMPLETE.json", {"key": key, "n_items": len(items), "spec": spec.to_dict()})
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not marker.exists():  # a stale partial folder without a marker: replace it
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("synthetic: wrote %d images to %s", len(items), final)
+    return final
+
+
+def load_synthetic(spec: DataSpec) -> Dataset:
+    """Generate (or reuse the cached images of) the synthetic dataset for `spec`; see the module docstring."""
+    rng = np.random.default_rng(spec.seed)
+    items, styles = _make_items(spec, rng)
+    interactions = _make_interactions(spec, items, rng)
+    image_root = _ensure_images(spec, items, styles)
+    return finalize(items, interactions, spec=spec, name="synthetic", image_root=image_root, rejects=RejectLog(),
+                    items_source="synthetic:items", interactions_source="synthetic:interactions",
+                    check_images=True)

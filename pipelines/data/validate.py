@@ -1,0 +1,154 @@
+"""Shared record-level validation: every source hands its contract-shaped tables to `finalize`.
+
+Whole-file problems (missing column, wrong dtype, unreadable file) are errors raised by the readers. Record-level
+problems are not errors: each bad record becomes one row of `rejects` with a reason, and the rest loads.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from pipelines.data.images import ImageError, check_image
+from pipelines.data.schema import REJECT_COLUMNS, REJECT_REASONS, DataSpec, Dataset
+
+log = logging.getLogger(__name__)
+
+
+class RejectLog:
+    """Collects rejected records; `frame()` gives the rejects table (REJECT_COLUMNS)."""
+
+    def __init__(self):
+        self._parts: list[pd.DataFrame] = []
+
+    def add(self, source: str, rows, reason: str, action: str, item_id=None, user_id=None, detail=None) -> None:
+        """Record rejects in bulk. `rows`, `item_id`, `user_id`, `detail` are scalars or same-length arrays."""
+        if reason not in REJECT_REASONS:
+            raise ValueError(f"unknown reject reason {reason!r}; add it to schema.REJECT_REASONS")
+        rows = np.atleast_1d(np.asarray(rows))
+        n = len(rows)
+        if n == 0:
+            return
+
+        def col(value):
+            if value is None:
+                return [None] * n
+            arr = np.atleast_1d(np.asarray(value, dtype=object))
+            return list(arr) if len(arr) == n else [arr[0]] * n
+
+        self._parts.append(pd.DataFrame({
+            "source": [source] * n, "row": rows.astype("int64"), "item_id": col(item_id),
+            "user_id": col(user_id), "reason": [reason] * n, "detail": col(detail), "action": [action] * n,
+        }))
+
+    def frame(self) -> pd.DataFrame:
+        if not self._parts:
+            return empty_rejects()
+        out = pd.concat(self._parts, ignore_index=True)
+        # Ids are kept as strings: a reject may carry a raw id that never got a dense int id.
+        for c in ("item_id", "user_id", "detail"):
+            out[c] = out[c].map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+        return out[list(REJECT_COLUMNS)]
+
+
+def empty_rejects() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="int64" if c == "row" else "object") for c in REJECT_COLUMNS})
+
+
+def _blank(series: pd.Series) -> pd.Series:
+    return series.isna() | series.astype("string").str.strip().fillna("").eq("")
+
+
+def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec, name: str,
+             image_root: Optional[Path], rejects: RejectLog, items_source: str, interactions_source: str,
+             id_maps: Optional[dict] = None, check_images: bool = True) -> Dataset:
+    """Apply the record-level checks shared by all sources and build the `Dataset`.
+
+    Args:
+        items: item_id int64, title, text, image_uri (+ attributes); `row` column = source row number if present.
+        interactions: user_id int64, item_id int64, ts int64, label float32; optional `row` column.
+        items_source, interactions_source: names used in the rejects' `source` column (file names).
+        check_images: validate each image file at `spec.validate_images` (sources that generated the images
+            themselves may skip it).
+    """
+    items = items.copy()
+    interactions = interactions.copy()
+    if "row" not in items:
+        items["row"] = np.arange(len(items), dtype="int64")
+    if "row" not in interactions:
+        interactions["row"] = np.arange(len(interactions), dtype="int64")
+
+    # Duplicate item ids: keep the first row, reject the rest.
+    dup = items["item_id"].duplicated(keep="first")
+    if dup.any():
+        rejects.add(items_source, items.loc[dup, "row"], "duplicate_item", "dropped", item_id=items.loc[dup, "item_id"],
+                    detail="item id already defined by an earlier row")
+        items = items.loc[~dup]
+
+    # Images: a bad image demotes the item to text-only, with the reason recorded.
+    items["image_uri"] = items["image_uri"].where(~_blank(items["image_uri"]), None)
+    if check_images:
+        has_uri = items["image_uri"].notna()
+        bad_rows, bad_ids, bad_reasons, bad_details = [], [], [], []
+        for idx, row_no, item_id, uri in zip(items.index[has_uri], items.loc[has_uri, "row"],
+                                             items.loc[has_uri, "item_id"], items.loc[has_uri, "image_uri"]):
+            try:
+                check_image(uri, image_root, spec.validate_images)
+            except ImageError as exc:
+                bad_rows.append((idx, row_no, item_id, exc.reason, str(exc)))
+        for idx, row_no, item_id, reason, detail in bad_rows:
+            rejects.add(items_source, [row_no], reason, "kept_text_only", item_id=item_id, detail=detail)
+            bad_ids.append(idx)
+        if bad_ids:
+            items.loc[bad_ids, "image_uri"] = None
+
+    # Empty text: an item with neither title nor text is usable only through its image.
+    no_text = _blank(items["title"]) & _blank(items["text"])
+    if no_text.any():
+        keep = no_text & items["image_uri"].notna()
+        drop = no_text & items["image_uri"].isna()
+        rejects.add(items_source, items.loc[keep, "row"], "empty_text", "kept_image_only",
+                    item_id=items.loc[keep, "item_id"], detail="no title and no text")
+        rejects.add(items_source, items.loc[drop, "row"], "empty_text", "dropped",
+                    item_id=items.loc[drop, "item_id"], detail="no title, no text and no usable image")
+        items = items.loc[~drop]
+    items["title"] = items["title"].fillna("").astype(str)
+    items["text"] = items["text"].where(~_blank(items["text"]), None)
+
+    filtered: dict = {}
+    accepted_ids = items["item_id"]
+    if spec.require_image:
+        no_img = items["image_uri"].isna()
+        filtered["items_without_image"] = int(no_img.sum())
+        items = items.loc[~no_img]
+
+    # Interactions on items not in the accepted catalog.
+    known = interactions["item_id"].isin(items["item_id"])
+    if spec.require_image:
+        # Items removed by the filter are not bad records: count them apart from unknown items.
+        filtered_items = interactions["item_id"].isin(accepted_ids) & ~known
+        unknown = ~known & ~filtered_items
+        filtered["interactions_on_items_without_image"] = int(filtered_items.sum())
+    else:
+        unknown = ~known
+    if unknown.any():
+        bad = interactions.loc[unknown]
+        rejects.add(interactions_source, bad["row"], "unknown_item", "dropped", item_id=bad["item_id"],
+                    user_id=bad["user_id"], detail="item id not in the accepted item catalog")
+    interactions = interactions.loc[known]
+
+    items = items.drop(columns="row").sort_values("item_id", kind="stable").reset_index(drop=True)
+    items["item_id"] = items["item_id"].astype("int64")
+    interactions = (interactions.sort_values(["ts", "user_id", "item_id", "row"], kind="stable")
+                    .drop(columns="row").reset_index(drop=True))
+    interactions = interactions.astype({"user_id": "int64", "item_id": "int64", "ts": "int64", "label": "float32"})
+    frame = rejects.frame()
+    counts = {r: int(c) for r, c in frame["reason"].value_counts().sort_index().items()}
+    if counts:
+        log.info("%s: rejected %d records: %s", name, len(frame), counts)
+    return Dataset(items=items, interactions=interactions, image_root=image_root, rejects=frame,
+                   reject_counts=counts, id_maps=id_maps or {}, filtered=filtered, name=name, spec=spec)
+
