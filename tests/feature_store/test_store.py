@@ -1,0 +1,272 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feature_store import (CorruptVersionError, FeatureStore, StoreConflictError, StoreLockedError,
+                           VersionNotFoundError, write_embeddings)
+from feature_store.store import VERSION_RE
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_publish_read_round_trip(store, tmp_path, fill):
+    with store.stage() as st:
+        written = fill(st.path, seed=3)
+        (st.path / "encoder").mkdir()
+        (st.path / "encoder" / "config.json").write_text('{"dim": 4}')
+        config = {"encoder": {"name": "tiny"}, "quantizer": {"method": "rq-kmeans", "levels": 2}, "seed": 3}
+        version = st.publish(config=config, metrics={"collision_rate": 0.1}, extra={"watermark": 1234})
+    assert not st.path.exists()
+    assert VERSION_RE.match(version.id) and version.id.startswith("v000001-")
+    assert store.current_id() == version.id
+
+    v = store.read()
+    m = v.manifest
+    assert m["parent"] is None and m["extra"] == {"watermark": 1234}
+    assert m["encoder"] == {"name": "tiny"} and m["quantizer"]["levels"] == 2
+    assert m["rows"] == {"item_codes.parquet": 20, "item_embeddings.parquet": 20}
+    assert m["tensors"]["codebooks.safetensors"]["rq.level1"] == [8, 4]
+    assert set(m["files"]) == {"codebooks.safetensors", "encoder/config.json", "item_codes.parquet",
+                               "item_embeddings.parquet"}
+    assert len(m["config_sha256"]) == 64 and m["metrics"] == {"collision_rate": 0.1}
+
+    ids, emb = v.embeddings()
+    order = np.argsort(written["ids"])
+    assert ids.tolist() == sorted(written["ids"].tolist())
+    np.testing.assert_array_equal(emb, written["emb"][order])
+    codes = v.codes()
+    np.testing.assert_array_equal(codes.rq, written["rq"][order])
+    np.testing.assert_array_equal(codes.vq, written["vq"][order])
+    books = v.codebooks()
+    np.testing.assert_array_equal(books["rq.level0"].numpy(), written["books"]["rq.level0"])
+    assert v.file("encoder/config.json").read_text() == '{"dim": 4}'
+    with pytest.raises(FileNotFoundError, match="has no file 'item_codes_unaligned'"):
+        v.codes("item_codes_unaligned")
+
+
+def test_parent_chain_and_list(store, publish):
+    v1 = publish(0)
+    v2 = publish(1)
+    assert v2.parent == v1.id
+    listed = store.list()
+    assert [x.id for x in listed] == [v1.id, v2.id]
+    assert [x.current for x in listed] == [False, True]
+    assert listed[1].rows["item_embeddings.parquet"] == 20
+    assert store.history()[-1]["action"] == "publish"
+
+
+def test_same_content_same_hash_different_sequence(store, publish, fill):
+    a = publish(0, config={"x": 1})
+    with store.stage(parent=None) as st:
+        fill(st.path, seed=0)
+        b = st.publish(config={"x": 1})
+    assert a.id.split("-")[1] == b.id.split("-")[1]  # content hash is reproducible
+    assert a.id != b.id
+
+
+def test_aborted_or_failed_stage_leaves_nothing(store, publish, fill):
+    v1 = publish(0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.stage() as st:
+            fill(st.path, seed=1)
+            raise RuntimeError("boom")
+    with store.stage() as st:
+        fill(st.path, seed=2)  # never published
+    assert [x.id for x in store.list()] == [v1.id]
+    assert store.current_id() == v1.id
+    assert list((store.root / ".staging").iterdir()) == []
+
+
+def test_publish_refuses_bad_table_and_keeps_current(store, publish):
+    v1 = publish(0)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with store.stage() as st:
+        pq.write_table(pa.table({"item_id": [1, 1], "embedding": [[1.0], [2.0]]}), st.path / "item_embeddings.parquet")
+        with pytest.raises(ValueError, match="duplicate item_id 1"):
+            st.publish(config={})
+    assert store.current_id() == v1.id and len(store.list()) == 1
+
+
+def test_publish_without_serving(store, publish):
+    v1 = publish(0)
+    v2 = publish(1, set_current=False)
+    assert store.current_id() == v1.id
+    assert store.read(v2.id).id == v2.id
+
+
+def _corrupt_byte(path: Path, offset: int = 10) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_is_detected(store, publish):
+    v = publish(0)
+    target = v.path / "item_codes.parquet"
+    os.chmod(target, 0o644)
+    _corrupt_byte(target)
+    with pytest.raises(CorruptVersionError, match=r"item_codes\.parquet: sha256 .* does not match"):
+        store.read()
+    assert store.list()[0].error is None  # list() reads manifests only...
+    assert "item_codes.parquet" in store.list(verify=True)[0].error  # ...unless asked to verify
+
+
+def test_missing_truncated_and_extra_files_are_detected(store, publish):
+    v = publish(0)
+    (v.path / "codebooks.safetensors").unlink()
+    with pytest.raises(CorruptVersionError, match=r"codebooks\.safetensors: listed in the manifest .* but missing"):
+        store.read(v.id)
+    v2 = publish(1)
+    with open(v2.path / "item_embeddings.parquet", "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(CorruptVersionError, match="item_embeddings.parquet: size 100 bytes"):
+        store.read(v2.id)
+    v3 = publish(2)
+    (v3.path / "sneaky.txt").write_text("x")
+    with pytest.raises(CorruptVersionError, match="sneaky.txt: not in the manifest"):
+        store.read(v3.id)
+
+
+def test_tampered_manifest_is_detected(store, publish):
+    v = publish(0)
+    manifest_path = v.path / "manifest.json"
+    m = json.loads(manifest_path.read_text())
+    m["files"]["item_codes.parquet"]["sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(m))
+    with pytest.raises(CorruptVersionError, match="manifest content hash does not match"):
+        store.read(v.id)
+    v2 = publish(1)
+    m = json.loads((v2.path / "manifest.json").read_text())
+    m["config"]["seed"] = 99
+    (v2.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CorruptVersionError, match="config does not match config_sha256"):
+        store.read(v2.id)
+    v3 = publish(2)
+    (v3.path / "manifest.json").write_text("{not json")
+    with pytest.raises(CorruptVersionError, match="manifest is not valid JSON"):
+        store.read(v3.id)
+
+
+def test_empty_store_and_unknown_version(store):
+    assert store.list() == [] and store.current_id() is None
+    with pytest.raises(FileNotFoundError, match="has no CURRENT version"):
+        store.read()
+    with pytest.raises(ValueError, match="not a version id"):
+        store.read("../etc")
+    with pytest.raises(VersionNotFoundError, match="v000009-00000000 not found"):
+        store.read("v000009-00000000")
+
+
+def test_rollback(store, publish):
+    v1, v2 = publish(0), publish(1)
+    result = store.rollback(v1.id)
+    assert result == {"current": v1.id, "previous": v2.id}
+    assert store.current_id() == v1.id and store.read().id == v1.id
+    assert store.history()[-1]["action"] == "rollback"
+    # a corrupt target is refused and CURRENT stays
+    _corrupt_byte(v2.path / "item_embeddings.parquet")
+    with pytest.raises(CorruptVersionError):
+        store.rollback(v2.id)
+    assert store.current_id() == v1.id
+
+
+def test_retain_keeps_newest_and_current(store, publish):
+    versions = [publish(i) for i in range(5)]
+    store.rollback(versions[1].id)
+    removed = store.retain(2)
+    assert removed == [versions[0].id, versions[2].id]
+    assert [x.id for x in store.list()] == [versions[1].id, versions[3].id, versions[4].id]
+    assert store.current_id() == versions[1].id
+    assert not any((store.root / ".trash").iterdir())
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        store.retain(0)
+    # sequence numbers are never reused, even after the newest versions are gone
+    store.rollback(versions[3].id)
+    store.retain(1)
+    assert [x.id for x in store.list()] == [versions[3].id, versions[4].id]
+    nxt = publish(9)
+    assert nxt.id.startswith("v000006-")
+
+
+def test_require_parent_current_conflict(store, publish, fill):
+    v1 = publish(0)
+    with store.stage(require_parent_current=True) as st:
+        fill(st.path, seed=1)
+        publish(2)  # someone else publishes meanwhile
+        with pytest.raises(StoreConflictError, match=f"staged on {v1.id}"):
+            st.publish(config={})
+
+
+def test_lock_is_reentrant_for_the_holder(store, publish):
+    publish(0)
+    with store.lock(purpose="retrain"):
+        holder = json.loads((store.root / "LOCK").read_text())
+        assert holder["pid"] == os.getpid() and holder["purpose"] == "retrain"
+        v = publish(1)
+        store.rollback(v.parent)
+        store.retain(5)
+    assert (store.root / "LOCK").read_text() == ""  # released, no stale holder details
+
+
+def _python(code: str, *args) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_second_process_is_refused_while_lock_held(store, publish):
+    publish(0)
+    holder = _python("""
+        import sys, time
+        from feature_store import FeatureStore
+        with FeatureStore(sys.argv[1]).lock(purpose="nightly retrain"):
+            print("locked", flush=True)
+            time.sleep(60)
+    """, store.root)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreLockedError) as err:
+            publish(1)
+        msg = str(err.value)
+        assert f"pid {holder.pid}" in msg and "nightly retrain" in msg and "LOCK" in msg
+        assert err.value.holder["pid"] == holder.pid
+        with pytest.raises(StoreLockedError):
+            store.rollback(store.current_id())
+        assert len(store.list()) == 1
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # the kernel dropped the dead holder's flock: no stale lock to clear by hand
+    assert publish(2).id.startswith("v000002-")
+
+
+def test_abandoned_staging_is_swept_but_live_one_is_not(store, publish, fill):
+    publish(0)
+    crashed = _python("""
+        import os, sys
+        from feature_store import FeatureStore
+        store = FeatureStore(sys.argv[1])
+        cm = store.stage()  # keep a reference: a collected generator would clean up
+        st = cm.__enter__()
+        (st.path / "item_embeddings.parquet").write_bytes(b"half written")
+        os._exit(0)  # dies without cleaning up, like a SIGKILL
+    """, store.root)
+    crashed.wait()
+    staging = store.root / ".staging"
+    assert len([p for p in staging.iterdir() if p.is_dir()]) == 1
+    assert len(store.list()) == 1  # never listed
+    with store.stage() as live:
+        assert store.cleanup()["staging"] == 1  # the dead one goes...
+        assert live.path.is_dir()  # ...the live one (flock held) stays
+        fill(live.path, seed=5)
+        live.publish(config={})
+    assert list(staging.iterdir()) == []
