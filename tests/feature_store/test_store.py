@@ -251,22 +251,23 @@ def test_second_process_is_refused_while_lock_held(store, publish):
 
 def test_abandoned_staging_is_swept_but_live_one_is_not(store, publish, fill):
     publish(0)
-    crashed = _python("""
-        import os, sys
-        from feature_store import FeatureStore
-        store = FeatureStore(sys.argv[1])
-        cm = store.stage()  # keep a reference: a collected generator would clean up
-        st = cm.__enter__()
-        (st.path / "item_embeddings.parquet").write_bytes(b"half written")
-        os._exit(0)  # dies without cleaning up, like a SIGKILL
-    """, store.root)
-    crashed.wait()
     staging = store.root / ".staging"
-    assert len([p for p in staging.iterdir() if p.is_dir()]) == 1
-    assert len(store.list()) == 1  # never listed
     with store.stage() as live:
-        assert store.cleanup()["staging"] == 1  # the dead one goes...
-        assert live.path.is_dir()  # ...the live one (flock held) stays
+        crashed = _python("""
+            import os, sys
+            from feature_store import FeatureStore
+            store = FeatureStore(sys.argv[1])
+            cm = store.stage()  # keep a reference: a collected generator would clean up
+            st = cm.__enter__()
+            (st.path / "item_embeddings.parquet").write_bytes(b"half written")
+            os._exit(0)  # dies without cleaning up, like a SIGKILL
+        """, store.root)
+        assert crashed.wait() == 0, crashed.stderr.read()
+        assert len([p for p in staging.iterdir() if p.is_dir()]) == 2
+        assert len(store.list()) == 1  # staging folders are never listed
+        assert store.cleanup()["staging"] == 1  # the dead writer's folder goes...
+        assert live.path.is_dir()  # ...the live one (its flock is held) stays
         fill(live.path, seed=5)
         live.publish(config={})
     assert list(staging.iterdir()) == []
+    assert len(store.list()) == 2
