@@ -502,9 +502,13 @@ class FeatureStore:
         atomic_write_text(self.root / CURRENT_FILE, version_id + "\n")
         entry = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "action": action,
                  "version": version_id, "previous": previous, "pid": os.getpid(), "host": socket.gethostname()}
-        fd = os.open(self.root / HISTORY_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        line = json.dumps(entry) + "\n"
+        fd = os.open(self.root / HISTORY_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, (json.dumps(entry) + "\n").encode("utf-8"))
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = "\n" + line  # a writer died mid-line: keep its torn line separate from ours
+            os.write(fd, line.encode("utf-8"))
             os.fsync(fd)
         finally:
             os.close(fd)
