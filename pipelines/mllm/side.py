@@ -1,0 +1,225 @@
+"""IISAN / IISAN-Versa decoupled side network over frozen, layer-dropped backbone hidden states.
+
+The backbones (text LM, vision tower) run once per item with no gradient; the pooled hidden state of every
+``layer_stride``-th layer (counted from the top, so the last layer is always kept: "group layer-dropping") is all
+the side network needs, so those states are cached to disk (cache.py) and training touches only the small side
+network. Three side adapted networks (SANs): one per modality plus an inter-modal one that reads the sum of both
+modalities' states at top-aligned layers; their outputs are mixed by learned gates (a softmax over the branches
+present for the item). Text and vision widths differ (384 vs 16..1280 for MiniLM/efficientnet): a per-layer
+LayerNorm + linear map brings every state to the side width.
+
+The same ``extract_states`` runs when building the cache and at inference, so a side encoder restored with
+``load_encoder`` reproduces the training-time embeddings.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.mllm.config import EncoderConfig
+from pipelines.mllm.encoder import EncoderBase, ItemBatch
+from pipelines.mllm.towers import TextTower, VisionTower
+
+States = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SideConfig:
+    """Args:
+        width: side network width.
+        layer_stride: keep every ``layer_stride``-th backbone layer (from the top); 1 keeps all.
+        reduction: bottleneck reduction inside each SAN block.
+        dropout: dropout inside SAN blocks (training only).
+    """
+
+    width: int = 128
+    layer_stride: int = 2
+    reduction: int = 2
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.width <= 0 or self.layer_stride <= 0 or self.reduction <= 0:
+            raise ValueError("SideConfig: width, layer_stride and reduction must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"SideConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def select_layers(n_layers: int, stride: int) -> list[int]:
+    """Indices kept by group layer-dropping, bottom to top; the top layer is always kept.
+
+    >>> select_layers(6, 2)
+    [1, 3, 5]
+    """
+    return sorted(range(n_layers - 1, -1, -stride))
+
+
+class StateExtractor(nn.Module):
+    """Frozen backbones -> pooled per-layer states (the side network's only input).
+
+    States dict: "text" (B, Lt, Ht), "text_present" (B,) float, "vision.{k}" (B, C_k) for each kept vision layer,
+    "vision_present" (B,) float.
+    """
+
+    def __init__(self, config: EncoderConfig, vision: Optional[VisionTower], text: TextTower, layer_stride: int):
+        super().__init__()
+        self.config, self.vision, self.text = config, vision, text
+        self.text_layers = select_layers(text.num_layers, layer_stride)
+        self.vision_layers = select_layers(len(vision.layer_widths), layer_stride) if vision is not None else []
+        self.vision_widths = [vision.layer_widths[i] for i in self.vision_layers] if vision is not None else []
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, batch: ItemBatch) -> States:
+        embeds = self.text.embed_tokens(batch.input_ids)  # (B, T, H)
+        _, hidden = self.text(embeds, batch.text_mask, hidden_states=True)  # L+1 x (B, T, H)
+        pooled = [self.text.pool(hidden[i + 1], batch.text_mask) for i in self.text_layers]
+        text_present = batch.has_text.float()
+        states = {"text": torch.stack(pooled, dim=1) * text_present[:, None, None],  # (B, Lt, H)
+                  "text_present": text_present}
+        if self.vision is not None:
+            n = len(batch)
+            sel = batch.has_image.nonzero(as_tuple=True)[0]
+            layers = [embeds.new_zeros(n, w) for w in self.vision_widths]
+            if len(sel):
+                _, per_layer = self.vision(batch.pixels[sel], grid=1)
+                layers = [z.index_copy(0, sel, per_layer[i].to(z.dtype)) for z, i in zip(layers, self.vision_layers)]
+            for k, layer in enumerate(layers):
+                states[f"vision.{k}"] = layer  # (B, C_k)
+            states["vision_present"] = batch.has_image.float()
+        return states
+
+
+class SideBlock(nn.Module):
+    """Bottleneck MLP with pre-norm and residual. (B, d) -> (B, d)."""
+
+    def __init__(self, width: int, reduction: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, width // reduction), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(width // reduction, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class SideBranch(nn.Module):
+    """One SAN: s_0 = block_0(x_0); s_l = block_l(g_l * s_{l-1} + (1 - g_l) * x_l), g_l = sigmoid(learned)."""
+
+    def __init__(self, n_layers: int, width: int, reduction: int, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(SideBlock(width, reduction, dropout) for _ in range(n_layers))
+        self.gates = nn.Parameter(torch.zeros(n_layers))
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        s = self.blocks[0](xs[0])
+        for layer in range(1, len(xs)):
+            g = torch.sigmoid(self.gates[layer])
+            s = self.blocks[layer](g * s + (1 - g) * xs[layer])
+        return s  # (B, d)
+
+
+class SideNetwork(nn.Module):
+    """Intra-modal SANs (text, vision) + inter-modal SAN + learned gate fusion + head. States -> (B, D)."""
+
+    def __init__(self, text_width: int, n_text: int, vision_widths: list[int], embed_dim: int, cfg: SideConfig):
+        super().__init__()
+        d = cfg.width
+        self.text_maps = nn.ModuleList(nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, d))
+                                       for _ in range(n_text))
+        self.text_san = SideBranch(n_text, d, cfg.reduction, cfg.dropout)
+        self.has_vision = bool(vision_widths)
+        if self.has_vision:
+            # The linear maps that align mismatched text / vision widths to the side width.
+            self.vision_maps = nn.ModuleList(nn.Sequential(nn.LayerNorm(w), nn.Linear(w, d)) for w in vision_widths)
+            self.vision_san = SideBranch(len(vision_widths), d, cfg.reduction, cfg.dropout)
+            self.n_inter = min(n_text, len(vision_widths))
+            self.inter_san = SideBranch(self.n_inter, d, cfg.reduction, cfg.dropout)
+        self.fusion = nn.Parameter(torch.zeros(3))  # logits over (text, vision, inter)
+        self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, embed_dim))
+
+    def forward(self, states: States) -> torch.Tensor:
+        text_present = states["text_present"][:, None]  # (B, 1)
+        text_in = [m(states["text"][:, i]) * text_present for i, m in enumerate(self.text_maps)]  # Lt x (B, d)
+        branches = [self.text_san(text_in)]
+        present = [text_present]
+        if self.has_vision:
+            vision_present = states["vision_present"][:, None]
+            vision_in = [m(states[f"vision.{k}"]) * vision_present for k, m in enumerate(self.vision_maps)]
+            k = self.n_inter
+            inter_in = [t + v for t, v in zip(text_in[-k:], vision_in[-k:])]  # top-aligned layers
+            branches += [self.vision_san(vision_in), self.inter_san(inter_in)]
+            present += [vision_present, torch.maximum(text_present, vision_present)]
+        logits = self.fusion[: len(branches)].expand(len(text_present), -1)  # (B, n_branches)
+        available = torch.cat(present, dim=1) > 0
+        # An item with neither modality keeps uniform weights over zero inputs instead of NaNs.
+        available = available | ~available.any(dim=1, keepdim=True)
+        weights = torch.softmax(logits.masked_fill(~available, float("-inf")), dim=1)
+        fused = sum(w[:, None] * b for w, b in zip(weights.unbind(1), branches))  # (B, d)
+        return F.normalize(self.head(fused), dim=-1)
+
+
+class RandomProjectionHead(nn.Module):
+    """The unaligned baseline: top-layer text and vision states, each L2-normalised, concatenated, times a fixed
+    seeded Gaussian matrix (Johnson-Lindenstrauss: cosine geometry approximately kept), L2-normalised.
+    A missing modality contributes zeros. Nothing here trains.
+    """
+
+    def __init__(self, text_width: int, vision_width: int, embed_dim: int, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("projection", torch.randn(text_width + vision_width, embed_dim, generator=gen)
+                             / embed_dim ** 0.5)  # (Ht + Cv, D)
+        self.vision_width = vision_width
+
+    def forward(self, states: States) -> torch.Tensor:
+        parts = [F.normalize(states["text"][:, -1], dim=-1) * states["text_present"][:, None]]
+        if self.vision_width:
+            top = max(int(k.split(".")[1]) for k in states if k.startswith("vision.") and k[7:].isdigit())
+            parts.append(F.normalize(states[f"vision.{top}"], dim=-1) * states["vision_present"][:, None])
+        return F.normalize(torch.cat(parts, dim=1) @ self.projection, dim=-1)
+
+
+class SideEncoder(EncoderBase):
+    """Frozen backbones + a head over their cached-able states (a SideNetwork, or the unaligned projection).
+
+    ``forward(batch)`` runs the backbones; ``forward_states(states)`` skips them (training on the cache).
+    """
+
+    def __init__(self, config: EncoderConfig, extractor: StateExtractor, head: nn.Module):
+        super().__init__(config)
+        self.extractor = extractor
+        self.vision, self.text = extractor.vision, extractor.text
+        self.head = head
+        self.frozen = [extractor]
+
+    def forward_states(self, states: States) -> torch.Tensor:
+        return self.head(states)
+
+    def forward(self, batch: ItemBatch) -> torch.Tensor:
+        return self.head(self.extractor(batch))
+
+
+def build_side_encoder(config: EncoderConfig, side: SideConfig, vision: Optional[VisionTower],
+                       text: TextTower) -> SideEncoder:
+    extractor = StateExtractor(config, vision, text, side.layer_stride)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        net = SideNetwork(text.hidden_size, len(extractor.text_layers), extractor.vision_widths,
+                          config.embed_dim, side)
+    return SideEncoder(config, extractor, net)
+
+
+def build_unaligned_encoder(config: EncoderConfig, vision: Optional[VisionTower], text: TextTower,
+                            seed: int = 0) -> SideEncoder:
+    """Pretrained backbones, no behaviour training, reduced to ``config.embed_dim`` by a fixed seeded map."""
+    extractor = StateExtractor(config, vision, text, layer_stride=1 << 30)  # top layers only
+    head = RandomProjectionHead(text.hidden_size, vision.width if vision is not None else 0, config.embed_dim, seed)
+    return SideEncoder(config, extractor, head)
