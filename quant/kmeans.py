@@ -1,0 +1,274 @@
+"""k-means building blocks: GEMM nearest-centroid search, balanced assignment, Lloyd refinement, faiss init.
+
+The nearest centroid of x among C minimises ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, i.e. maximises
+x.c - ||c||^2 / 2: one GEMM per chunk of rows with the bias folded in (``torch.addmm``), then a row max.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Rows per GEMM chunk are chosen so a (rows, K) score block stays near this many floats (cache friendly).
+_SCORE_BLOCK_FLOATS = 1 << 20
+
+
+def resolve_device(device: str | None) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'. Explicit 'cuda' without a GPU is an error."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} requested but torch sees no CUDA GPU")
+    return device
+
+
+def faiss_has_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _chunk_rows(k: int, chunk_rows: int | None) -> int:
+    if chunk_rows:
+        return int(chunk_rows)
+    return int(min(65536, max(256, _SCORE_BLOCK_FLOATS // max(k, 1))))
+
+
+def nearest_centroids(x: np.ndarray, centroids: np.ndarray, *, excluded: np.ndarray | None = None,
+                      chunk_rows: int | None = None, device: str = "cpu",
+                      return_distances: bool = False):
+    """Index of the nearest centroid (squared L2) for every row, via chunked GEMM.
+
+    Args:
+        x: (N, d) float32.
+        centroids: (K, d) float32.
+        excluded: optional (K,) bool; True centroids are never chosen (balanced assignment masks full ones).
+        chunk_rows: rows per GEMM block (default: about 1M scores per block).
+        device: torch device for the GEMM ('cpu' or 'cuda').
+        return_distances: also return the (N,) squared distances.
+
+    Returns:
+        (N,) int64 indices, and (N,) float32 squared distances when asked.
+    """
+    import torch
+
+    n, k = x.shape[0], centroids.shape[0]
+    c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device)
+    neg_half_norm = -0.5 * (c * c).sum(dim=1)  # (K,)
+    if excluded is not None:
+        if excluded.all():
+            raise ValueError("every centroid is excluded; nothing to assign to")
+        neg_half_norm[torch.from_numpy(np.asarray(excluded, dtype=bool)).to(device)] = -math.inf
+    ct = c.t().contiguous()  # (d, K)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    step = _chunk_rows(k, chunk_rows)
+    idx_out = torch.empty(n, dtype=torch.int64)
+    best_out = torch.empty(n, dtype=torch.float32)
+    buf = torch.empty((min(step, n), k), dtype=torch.float32, device=device)
+    best_buf = torch.empty(min(step, n), dtype=torch.float32, device=device)
+    arg_buf = torch.empty(min(step, n), dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            rows = stop - start
+            xb = xt[start:stop].to(device, non_blocking=True)
+            scores = torch.addmm(neg_half_norm, xb, ct, out=buf[:rows])  # (rows, K) = x.c - |c|^2/2
+            torch.max(scores, dim=1, out=(best_buf[:rows], arg_buf[:rows]))
+            idx_out[start:stop] = arg_buf[:rows].cpu()
+            best_out[start:stop] = best_buf[:rows].cpu()
+    idx = idx_out.numpy()
+    if not return_distances:
+        return idx
+    sq = np.einsum("nd,nd->n", x, x, dtype=np.float32)  # (N,)
+    dist = np.maximum(sq - 2.0 * best_out.numpy(), 0.0)
+    return idx, dist
+
+
+def nearest_centroids_reference(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Slow plain reference: full (N, K) squared-distance matrix in float64. Returns (idx, dist, margin).
+
+    ``margin`` is the gap between the best and second-best distance, so tests can ignore near-ties.
+    """
+    diff = x.astype(np.float64)[:, None, :] - centroids.astype(np.float64)[None, :, :]  # (N, K, d)
+    dist = (diff * diff).sum(axis=2)  # (N, K)
+    order = np.argsort(dist, axis=1, kind="stable")
+    best = dist[np.arange(len(x)), order[:, 0]]
+    second = dist[np.arange(len(x)), order[:, 1]] if dist.shape[1] > 1 else np.full(len(x), np.inf)
+    return order[:, 0], best, second - best
+
+
+def balanced_assign(x: np.ndarray, centroids: np.ndarray, capacity: int, *, device: str = "cpu",
+                    chunk_rows: int | None = None) -> np.ndarray:
+    """Size-constrained assignment: every centroid takes at most ``capacity`` rows.
+
+    Rounds of proposals: each unassigned row proposes to its nearest non-full centroid; each centroid keeps its
+    closest proposals up to its remaining capacity; the rest try again with the newly full centroids masked.
+    Every round fills at least one centroid or assigns every proposer, so it terminates; all steps are
+    vectorised and deterministic (ties broken by row order).
+
+    Args:
+        x: (N, d) float32.
+        centroids: (K, d) float32.
+        capacity: most rows per centroid; ``capacity * K`` must be at least N.
+
+    Returns:
+        (N,) int64 centroid index per row.
+    """
+    n, k = x.shape[0], centroids.shape[0]
+    if capacity * k < n:
+        raise ValueError(f"balanced assignment impossible: capacity {capacity} x {k} centroids < {n} rows")
+    assign = np.full(n, -1, dtype=np.int64)
+    remaining = np.full(k, capacity, dtype=np.int64)
+    todo = np.arange(n)
+    rounds = 0
+    while todo.size:
+        rounds += 1
+        idx, dist = nearest_centroids(x[todo], centroids, excluded=remaining <= 0, device=device,
+                                      chunk_rows=chunk_rows, return_distances=True)
+        order = np.lexsort((np.arange(todo.size), dist, idx))  # by centroid, then distance, then row
+        idx_sorted = idx[order]
+        rank = group_rank(idx_sorted)
+        accept = rank < remaining[idx_sorted]
+        assign[todo[order[accept]]] = idx_sorted[accept]
+        remaining -= np.bincount(idx_sorted[accept], minlength=k)
+        todo = np.sort(todo[order[~accept]])
+    log.debug("balanced assignment of %d rows to %d centroids took %d rounds", n, k, rounds)
+    return assign
+
+
+def group_rank(sorted_keys: np.ndarray) -> np.ndarray:
+    """Position of each element within its run of equal values in an already sorted (N,) array."""
+    n = sorted_keys.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    new_group = np.empty(n, dtype=bool)
+    new_group[0] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=new_group[1:])
+    starts = np.flatnonzero(new_group)
+    run_lengths = np.diff(np.append(starts, n))
+    return np.arange(n, dtype=np.int64) - np.repeat(starts, run_lengths)
+
+
+def centroid_means(x: np.ndarray, assign: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """Mean of the rows assigned to each centroid; an empty centroid keeps its previous value.
+
+    A sparse (K, N) indicator times x: deterministic (serial accumulation), O(N d).
+    """
+    import scipy.sparse as sp
+
+    k = previous.shape[0]
+    n = x.shape[0]
+    indicator = sp.csr_matrix((np.ones(n, dtype=np.float32), (assign, np.arange(n))), shape=(k, n))
+    sums = np.asarray(indicator @ x, dtype=np.float32)  # (K, d)
+    counts = np.bincount(assign, minlength=k)
+    out = previous.copy()
+    used = counts > 0
+    out[used] = sums[used] / counts[used, None].astype(np.float32)
+    return out
+
+
+def _assign_with_inertia(x, c, *, balanced, capacity, device) -> tuple[np.ndarray, float]:
+    if balanced:
+        a = balanced_assign(x, c, capacity, device=device)
+        diff = x - c[a]
+        return a, float(np.einsum("nd,nd->", diff, diff, dtype=np.float64))
+    a, dist = nearest_centroids(x, c, device=device, return_distances=True)
+    return a, float(dist.sum(dtype=np.float64))
+
+
+def lloyd_refine(x: np.ndarray, centroids: np.ndarray, *, max_iter: int, tol: float = 1e-4,
+                 balanced: bool = False, capacity: int | None = None,
+                 device: str = "cpu") -> tuple[np.ndarray, dict]:
+    """Lloyd iterations from ``centroids`` until converged: the assignment is stable, or one more step would lower
+    the inertia (sum of squared distances) by less than ``tol`` of it; at most ``max_iter`` steps.
+
+    The stopping rule is a pure function of (x, current centroids), and on a sub-``tol`` step the current
+    centroids are kept, not the update. So refining converged centroids again on the same rows returns them bit
+    for bit: that is what makes a warm-started refit on unchanged data produce zero churn.
+
+    Args:
+        x: (N, d) float32 training rows.
+        centroids: (K, d) starting centroids.
+        max_iter: most update steps.
+        tol: relative inertia decrease below which a step counts as converged.
+        balanced / capacity: size-constrained assignment with at most ``capacity`` rows per centroid.
+
+    Returns:
+        (centroids (K, d) float32, stats {iterations, converged, inertia}).
+    """
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    a, inertia = _assign_with_inertia(x, c, balanced=balanced, capacity=capacity, device=device)
+    for it in range(1, max_iter + 1):
+        c_new = centroid_means(x, a, c)
+        a_new, inertia_new = _assign_with_inertia(x, c_new, balanced=balanced, capacity=capacity, device=device)
+        if np.array_equal(a_new, a):  # c_new is the mean of its own assignment: a fixed point
+            return c_new, {"iterations": it, "converged": True, "inertia": inertia_new}
+        if inertia - inertia_new <= tol * inertia:
+            return c, {"iterations": it, "converged": True, "inertia": inertia}
+        c, a, inertia = c_new, a_new, inertia_new
+    return c, {"iterations": max_iter, "converged": False, "inertia": inertia}
+
+
+def kmeans_plus_plus(x: np.ndarray, k: int, *, seed: int, max_rows: int | None = None) -> np.ndarray:
+    """Greedy k-means++ seeding (D^2 sampling, best of 2 + ln k candidates per step, as scikit-learn does).
+
+    Args:
+        x: (N, d) float32.
+        k: number of centroids.
+        seed: random seed.
+        max_rows: seed from a random subset of this many rows (k-means++ costs O(k N d)).
+    Returns:
+        (K, d) float32 initial centroids.
+    """
+    rng = np.random.default_rng(seed)
+    if max_rows is not None and x.shape[0] > max_rows:
+        x = x[np.sort(rng.choice(x.shape[0], size=max_rows, replace=False))]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    n_trials = 2 + int(math.log(k))
+    sq_norms = np.einsum("nd,nd->n", x, x)  # (N,)
+    centres = np.empty((k, x.shape[1]), dtype=np.float32)
+    first = int(rng.integers(n))
+    centres[0] = x[first]
+    closest = np.maximum(sq_norms - 2.0 * (x @ x[first]) + sq_norms[first], 0.0)  # (N,)
+    for i in range(1, k):
+        cumulative = np.cumsum(closest, dtype=np.float64)
+        if cumulative[-1] <= 0:  # fewer distinct points than centroids: repeat one
+            centres[i:] = x[rng.integers(n, size=k - i)]
+            break
+        cand = np.searchsorted(cumulative, rng.random(n_trials) * cumulative[-1], side="right")
+        cand = np.minimum(cand, n - 1)  # (T,)
+        dist = sq_norms[None, :] - 2.0 * (x[cand] @ x.T) + sq_norms[cand][:, None]  # (T, N)
+        np.minimum(dist, closest[None, :], out=dist)
+        np.maximum(dist, 0.0, out=dist)
+        best = int(np.argmin(dist.sum(axis=1)))
+        closest = dist[best]
+        centres[i] = x[cand[best]]
+    return centres
+
+
+def faiss_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, use_gpu: bool, nredo: int = 1,
+                 max_points_per_centroid: int = 256, init: str = "k-means++") -> np.ndarray:
+    """Cold-start centroids from faiss.Kmeans (GPU when asked and present), seeded by k-means++ or at random.
+
+    Returns:
+        (K, d) float32 centroids.
+    """
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, gpu=bool(use_gpu), verbose=False, nredo=nredo,
+                      max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
+    if init == "k-means++":
+        start = kmeans_plus_plus(x, k, seed=seed, max_rows=min(x.shape[0], max(4 * k, 4096)))
+        km.train(x, init_centroids=start)
+    elif init == "random":
+        km.train(x)
+    else:
+        raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)

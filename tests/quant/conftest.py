@@ -1,0 +1,21 @@
+"""Tiny generated data for quantizer tests (no network, no files)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def planted_clusters(n: int, d: int, n_clusters: int, *, spread: float = 6.0, noise: float = 0.3,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(N, d) float32 points around ``n_clusters`` well separated centres, and their (N,) labels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, d)) * spread
+    labels = np.repeat(np.arange(n_clusters), int(np.ceil(n / n_clusters)))[:n]
+    rng.shuffle(labels)
+    x = centres[labels] + rng.normal(size=(n, d)) * noise
+    return x.astype(np.float32), labels
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    return planted_clusters(2000, 16, 16, seed=1)

@@ -1,0 +1,83 @@
+"""GEMM nearest-centroid fast path vs the slow float64 reference; balanced assignment; Lloyd fixed point."""
+import numpy as np
+import pytest
+
+from quant import kmeans
+
+
+def test_nearest_matches_reference_away_from_ties():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 24)).astype(np.float32)
+    c = rng.normal(size=(300, 24)).astype(np.float32)
+    idx, dist = kmeans.nearest_centroids(x, c, chunk_rows=257, return_distances=True)
+    ref_idx, ref_dist, margin = kmeans.nearest_centroids_reference(x, c)
+    clear = margin > 1e-3
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(idx[clear], ref_idx[clear])
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-4, atol=1e-3)
+
+
+def test_excluded_centroids_are_never_chosen():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 8)).astype(np.float32)
+    c = rng.normal(size=(10, 8)).astype(np.float32)
+    excluded = np.zeros(10, dtype=bool)
+    excluded[[0, 3, 7]] = True
+    idx = kmeans.nearest_centroids(x, c, excluded=excluded)
+    assert not np.isin(idx, [0, 3, 7]).any()
+    ref, _, _ = kmeans.nearest_centroids_reference(x, c[~excluded])
+    np.testing.assert_array_equal(idx, np.flatnonzero(~excluded)[ref])
+
+
+def test_balanced_assign_respects_capacity():
+    rng = np.random.default_rng(2)
+    # skewed data: most points near centroid 0
+    x = np.concatenate([rng.normal(size=(900, 4)) * 0.1, rng.normal(size=(100, 4)) + 5]).astype(np.float32)
+    c = rng.normal(size=(10, 4)).astype(np.float32)
+    c[0] = 0
+    a = kmeans.balanced_assign(x, c, capacity=100)
+    np.testing.assert_array_equal(np.bincount(a, minlength=10), np.full(10, 100))
+    with pytest.raises(ValueError, match="impossible"):
+        kmeans.balanced_assign(x, c, capacity=99)
+
+
+def test_balanced_assign_equals_nearest_when_capacity_is_loose():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 6)).astype(np.float32)
+    c = rng.normal(size=(8, 6)).astype(np.float32)
+    np.testing.assert_array_equal(kmeans.balanced_assign(x, c, capacity=400), kmeans.nearest_centroids(x, c))
+
+
+def test_group_rank():
+    np.testing.assert_array_equal(kmeans.group_rank(np.array([1, 1, 2, 5, 5, 5])), [0, 1, 0, 0, 1, 2])
+    assert kmeans.group_rank(np.array([], dtype=int)).size == 0
+
+
+def test_lloyd_converged_centroids_are_a_fixed_point():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2000, 8)).astype(np.float32)
+    c0 = x[:32].copy()
+    c1, st1 = kmeans.lloyd_refine(x, c0, max_iter=200)
+    assert st1["converged"]
+    c2, _ = kmeans.lloyd_refine(x, c1, max_iter=200)
+    np.testing.assert_array_equal(c1, c2)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA GPU: GPU GEMM path not testable")
+def test_gpu_nearest_matches_cpu():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    c = rng.normal(size=(64, 16)).astype(np.float32)
+    _, _, margin = kmeans.nearest_centroids_reference(x, c)
+    clear = margin > 1e-3
+    np.testing.assert_array_equal(kmeans.nearest_centroids(x, c, device="cuda")[clear],
+                                  kmeans.nearest_centroids(x, c)[clear])
+
+
+def test_explicit_cuda_without_gpu_is_a_clear_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        kmeans.resolve_device("cuda")
