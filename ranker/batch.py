@@ -1,0 +1,149 @@
+"""Building KeyedJaggedTensor batches from Examples (a hand-checkable layout).
+
+Layout: one KJT for seq features (EmbeddingCollection), one for bag features (EmbeddingBagCollection);
+keys follow the schema order; values are key-major (all of key 0's values for the batch, then key 1's ...),
+and `lengths` has one entry per (key, sample). Target features have length 1; "hist_*" features have the
+history length of each sample (most recent first); "vq" has Kv values per coded item and a single unknown
+row (0) otherwise.
+
+Example (B=2, T=2, features id only, sample 0 has history [5, 3], sample 1 has none):
+    seq keys   = ["item_id", "hist_item_id"]
+    values     = [7, 9,   5, 3]
+    lengths    = [1, 1,   2, 0]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchrec import KeyedJaggedTensor
+
+from ranker.examples import Examples
+from ranker.features import UNKNOWN_ROW, FeatureSchema, ItemFeatures
+
+
+@dataclass
+class RankerBatch:
+    """One batch. B = batch size, T = history_len, d = frozen width.
+
+    Attributes:
+        seq: KJT over schema.seq_keys.
+        bag: KJT over schema.bag_keys (may have no keys).
+        dense: (B, n_dense) float32.
+        frozen_target: (B, d) float32 (d = 0 when unused).
+        frozen_hist: (B, T, d) float32.
+        hist_len: (B,) int64.
+        labels: (B,) float32.
+    """
+
+    seq: KeyedJaggedTensor
+    bag: KeyedJaggedTensor
+    dense: torch.Tensor
+    frozen_target: torch.Tensor
+    frozen_hist: torch.Tensor
+    hist_len: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "RankerBatch":
+        return RankerBatch(*(getattr(self, f).to(device=device, non_blocking=non_blocking) for f in
+                             ("seq", "bag", "dense", "frozen_target", "frozen_hist", "hist_len", "labels")))
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _kjt(keys: list, values: list, lengths: list) -> KeyedJaggedTensor:
+    if not keys:
+        return KeyedJaggedTensor.empty()
+    return KeyedJaggedTensor(keys=keys, values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
+                             lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)))
+
+
+def _seq_values(schema: FeatureSchema, items: ItemFeatures, ex: Examples, name: str):
+    """(values, lengths) of one seq feature for the batch."""
+    hist_side = name.startswith("hist_")
+    part = name[5:] if hist_side else name
+    if hist_side:
+        valid = ex.hist >= 0  # (B, T)
+        rows = ex.hist[valid]  # row-major = sample by sample, most recent first
+        lengths = valid.sum(1)
+    else:
+        rows = ex.item
+        lengths = np.ones(len(ex), np.int64)
+    if part == "item_id":
+        return rows, lengths
+    level = int(part[len("rq_l"):])
+    return items.rq[rows, level], lengths
+
+
+def cross_features(rq_target: np.ndarray, rq_hist: np.ndarray, target_known: np.ndarray,
+                   hist_known: np.ndarray, hist_len: np.ndarray) -> np.ndarray:
+    """History items sharing the target's RQ prefix, for each prefix length p = 1..L.
+
+    Args:
+        rq_target: (B, L) codes; rq_hist: (B, T, L); *_known: masks of items that have codes
+            ((B,), (B, T); padding counts as unknown); hist_len: (B,).
+    Returns:
+        (B, 2L): log1p(count_p) for p = 1..L, then count_p / max(hist_len, 1).
+    """
+    eq = rq_hist == rq_target[:, None, :]  # (B, T, L)
+    prefix = np.cumprod(eq, axis=2).astype(bool) & hist_known[:, :, None] & target_known[:, None, None]
+    counts = prefix.sum(1).astype(np.float32)  # (B, L)
+    share = counts / np.maximum(hist_len, 1)[:, None].astype(np.float32)
+    return np.concatenate([np.log1p(counts), share], axis=1)
+
+
+def build_batch(ex: Examples, schema: FeatureSchema, items: ItemFeatures) -> RankerBatch:
+    """Turn B examples into a RankerBatch following `schema`.
+
+    Args:
+        ex: B examples (Examples.take of a batch's indices).
+        schema: feature schema (KJT keys, dense width).
+        items: per-row codes / frozen vectors.
+    """
+    b, t = len(ex), schema.history_len
+    values, lengths = [], []
+    for name in schema.seq_keys:
+        v, l = _seq_values(schema, items, ex, name)
+        values.append(v)
+        lengths.append(l)
+    seq = _kjt(schema.seq_keys, values, lengths)
+    values, lengths = [], []
+    for name in schema.bag_keys:
+        if name == "user_id":
+            values.append(ex.user)
+            lengths.append(np.ones(b, np.int64))
+        elif name == "vq":
+            coded = items.has_codes[ex.item]
+            kv = items.vq.shape[1]
+            vq_rows = items.vq[ex.item]  # (B, Kv)
+            # coded items: their Kv neighbour rows; others: the single unknown row
+            keep = np.zeros((b, kv), bool)
+            keep[coded] = True
+            keep[~coded, 0] = True
+            values.append(np.where(coded[:, None], vq_rows, UNKNOWN_ROW)[keep])
+            lengths.append(np.where(coded, kv, 1))
+        else:  # pragma: no cover - schema and builder are written together
+            raise ValueError(f"no batch builder for bag feature {name!r}")
+    bag = _kjt(schema.bag_keys, values, lengths)
+
+    hist_valid = ex.hist >= 0 if t > 0 else np.zeros((b, 0), bool)
+    dense = [np.log1p(ex.hist_len.astype(np.float32))[:, None]]
+    if schema.n_dense > 1:
+        hist_rows = np.where(hist_valid, ex.hist, UNKNOWN_ROW)
+        dense.append(cross_features(items.rq[ex.item], items.rq[hist_rows], items.has_codes[ex.item],
+                                    items.has_codes[hist_rows] & hist_valid, ex.hist_len))
+    dense = np.concatenate(dense, axis=1).astype(np.float32)
+    d = schema.frozen_dim
+    if d:
+        frozen_target = items.frozen[ex.item]
+        frozen_hist = items.frozen[np.where(hist_valid, ex.hist, UNKNOWN_ROW)] * hist_valid[:, :, None]
+    else:
+        frozen_target = np.zeros((b, 0), np.float32)
+        frozen_hist = np.zeros((b, t, 0), np.float32)
+    return RankerBatch(seq=seq, bag=bag, dense=torch.from_numpy(dense),
+                       frozen_target=torch.from_numpy(np.ascontiguousarray(frozen_target, np.float32)),
+                       frozen_hist=torch.from_numpy(np.ascontiguousarray(frozen_hist, np.float32)),
+                       hist_len=torch.from_numpy(ex.hist_len.astype(np.int64)),
+                       labels=torch.from_numpy(ex.label.astype(np.float32)))

@@ -1,0 +1,143 @@
+"""Ranker configuration: frozen dataclasses validated on construction.
+
+Feature sets follow QARM's Table 1: every row is "ids" plus one kind of item knowledge.
+
+Example:
+    >>> cfg = RankerConfig(features="vq+rq", history_len=20, seed=1)
+    >>> cfg.uses("rq"), cfg.code_table
+    (True, 'item_codes')
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# feature set -> (knowledge parts added on top of ids, code table it reads)
+FEATURE_SETS: dict[str, tuple[frozenset, str | None]] = {
+    "id": (frozenset(), None),
+    "frozen": (frozenset({"frozen"}), None),
+    "vq": (frozenset({"vq"}), "item_codes"),
+    "rq": (frozenset({"rq"}), "item_codes"),
+    "vq+rq": (frozenset({"vq", "rq"}), "item_codes"),
+    "vq+rq-unaligned": (frozenset({"vq", "rq"}), "item_codes_unaligned"),
+}
+ABLATION_ROWS: tuple[str, ...] = tuple(FEATURE_SETS)
+
+
+@dataclass(frozen=True)
+class NegativeConfig:
+    """Sampled negatives for implicit-feedback data (only positives logged).
+
+    Args:
+        per_positive: negatives drawn per positive event; 0 disables sampling ("auto" in the
+            trainer turns it on only when the data has a single label value).
+        sampler: "uniform" over the catalog or "popularity" (proportional to training positives).
+        seed: fixed so every ablation row sees exactly the same negatives.
+    """
+
+    per_positive: int = 4
+    sampler: str = "popularity"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.per_positive < 0:
+            raise ValueError(f"NegativeConfig.per_positive must be >= 0, got {self.per_positive}")
+        if self.sampler not in ("uniform", "popularity"):
+            raise ValueError(f"NegativeConfig.sampler must be 'uniform' or 'popularity', got {self.sampler!r}")
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """Everything that shapes one ranker training run.
+
+    Args:
+        features: one of FEATURE_SETS.
+        embedding_dim: width of every sparse table (TorchRec needs one dim per table; one for all
+            keeps the ablation rows comparable).
+        history_len: last N positives of the user strictly before the event.
+        attention: DIN-style target attention over the history (otherwise mean pooling).
+        cross_feature: dense counts of history items sharing the target's RQ prefix (rq rows only).
+        code_init: "random" or "codebook" (RQ tables start from the codebook centroids, projected
+            to embedding_dim by a fixed random orthogonal map when widths differ).
+        use_user_id: include the user-id table (off helps when test users are mostly unseen).
+        over_arch: hidden widths of the MLP over the concatenated features.
+        batch_size: global batch (split across ranks under torchrun).
+        epochs, max_steps: training length (max_steps caps the total, for tests / benchmarks).
+        lr_dense, lr_sparse: Adam (dense) and Adagrad (embedding tables, fused under DMP).
+        weight_decay: L2 on dense parameters.
+        dropout: over-arch dropout.
+        patience: epochs without validation-AUC gain before stopping; 0 disables early stopping.
+        eval_batch_size: scoring batch size.
+        seed: model init and shuffling.
+        negatives: sampled negatives (ignored for explicit-feedback data).
+        sharding: TorchRec sharding type under torchrun ("table_wise" | "column_wise" | "data_parallel").
+        num_threads: torch intra-op threads (the dev machine is small and shared).
+    """
+
+    features: str = "id"
+    embedding_dim: int = 16
+    history_len: int = 20
+    attention: bool = True
+    cross_feature: bool = True
+    code_init: str = "random"
+    use_user_id: bool = True
+    over_arch: tuple[int, ...] = (128, 64)
+    batch_size: int = 512
+    epochs: int = 8
+    max_steps: int | None = None
+    lr_dense: float = 1e-3
+    lr_sparse: float = 0.05
+    weight_decay: float = 0.0
+    dropout: float = 0.0
+    patience: int = 2
+    eval_batch_size: int = 4096
+    seed: int = 0
+    negatives: NegativeConfig = field(default_factory=NegativeConfig)
+    sharding: str = "table_wise"
+    num_threads: int = 1
+
+    def __post_init__(self):
+        if self.features not in FEATURE_SETS:
+            raise ValueError(f"RankerConfig.features must be one of {sorted(FEATURE_SETS)}, got {self.features!r}")
+        for name in ("embedding_dim", "batch_size", "epochs", "eval_batch_size", "num_threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RankerConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.history_len < 0:
+            raise ValueError(f"RankerConfig.history_len must be >= 0, got {self.history_len}")
+        if self.code_init not in ("random", "codebook"):
+            raise ValueError(f"RankerConfig.code_init must be 'random' or 'codebook', got {self.code_init!r}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"RankerConfig.max_steps must be > 0 or None, got {self.max_steps}")
+        if self.lr_dense <= 0 or self.lr_sparse <= 0:
+            raise ValueError("RankerConfig.lr_dense and lr_sparse must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"RankerConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.patience < 0:
+            raise ValueError(f"RankerConfig.patience must be >= 0, got {self.patience}")
+        if self.sharding not in ("table_wise", "column_wise", "data_parallel"):
+            raise ValueError(f"RankerConfig.sharding must be table_wise|column_wise|data_parallel, got {self.sharding!r}")
+        if any(h <= 0 for h in self.over_arch):
+            raise ValueError(f"RankerConfig.over_arch widths must be > 0, got {self.over_arch}")
+        if isinstance(self.negatives, dict):  # from JSON
+            object.__setattr__(self, "negatives", NegativeConfig(**self.negatives))
+        object.__setattr__(self, "over_arch", tuple(self.over_arch))
+
+    def uses(self, part: str) -> bool:
+        """Whether this feature set adds `part` ("frozen", "vq", "rq") on top of ids."""
+        return part in FEATURE_SETS[self.features][0]
+
+    @property
+    def code_table(self) -> str | None:
+        """Name of the feature-store code table this row reads (None for id / frozen)."""
+        return FEATURE_SETS[self.features][1]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RankerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"RankerConfig: unknown keys {sorted(unknown)}")
+        return cls(**d)

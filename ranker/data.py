@@ -1,0 +1,189 @@
+"""From a dataset + a feature-store version to ranker-ready examples.
+
+    interactions ──time_split──> train / valid / test events
+                 ──positives───> histories (last N positives strictly before each event)
+    store version ─────────────> ItemFeatures per code table (aligned, unaligned), frozen embeddings
+
+Implicit feedback (a single label value) gets sampled negatives, fixed by NegativeConfig.seed, so every
+ablation row trains and is scored on exactly the same examples.
+
+Example:
+    >>> data = prepare_examples(interactions, catalog_ids, history_len=20, split=SplitConfig())
+    >>> len(data.train), data.info["implicit"]
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ranker.config import NegativeConfig
+from ranker.examples import Examples, UserIndex, build_examples, sample_negatives
+from ranker.features import ItemFeatures
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Time-based split (never random).
+
+    Args:
+        method: "global" (cut the timeline at the quantiles 1 - valid_frac - test_frac and 1 - test_frac)
+            or "user_last" (each user's last test_frac of events is test, the valid_frac before it valid).
+        valid_frac, test_frac: fractions of events.
+    """
+
+    method: str = "global"
+    valid_frac: float = 0.1
+    test_frac: float = 0.1
+
+    def __post_init__(self):
+        if self.method not in ("global", "user_last"):
+            raise ValueError(f"SplitConfig.method must be 'global' or 'user_last', got {self.method!r}")
+        if not (0 < self.valid_frac < 1 and 0 < self.test_frac < 1 and self.valid_frac + self.test_frac < 1):
+            raise ValueError(f"SplitConfig: valid_frac {self.valid_frac} / test_frac {self.test_frac} must be in (0, 1) "
+                             "and sum below 1")
+
+
+def time_split(interactions: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(train, valid, test) by time. Events sharing the cut timestamp all go to the later part."""
+    df = interactions.sort_values(["ts", "user_id", "item_id"], kind="mergesort").reset_index(drop=True)
+    if cfg.method == "global":
+        ts = df["ts"].to_numpy()
+        t_valid, t_test = np.quantile(ts, [1 - cfg.valid_frac - cfg.test_frac, 1 - cfg.test_frac])
+        part = np.where(ts >= t_test, 2, np.where(ts >= t_valid, 1, 0))
+    else:
+        order = df.groupby("user_id", sort=False).cumcount().to_numpy()
+        count = df.groupby("user_id", sort=False)["ts"].transform("size").to_numpy()
+        frac = (order + 1) / count  # position in the user's own timeline, (0, 1]
+        part = np.where(frac > 1 - cfg.test_frac, 2, np.where(frac > 1 - cfg.test_frac - cfg.valid_frac, 1, 0))
+    return df[part == 0], df[part == 1], df[part == 2]
+
+
+@dataclass
+class PreparedData:
+    """Ranker-ready examples shared by every ablation row (they depend on the catalog only)."""
+
+    train: Examples
+    valid: Examples
+    test: Examples
+    users: UserIndex
+    catalog_ids: np.ndarray
+    popularity: np.ndarray  # (item rows,) training positives per item row
+    info: dict = field(default_factory=dict)
+
+
+def prepare_examples(interactions: pd.DataFrame, catalog_ids: np.ndarray, history_len: int,
+                     split: SplitConfig = SplitConfig(), negatives: NegativeConfig = NegativeConfig(),
+                     implicit: bool | None = None) -> PreparedData:
+    """Split, attach histories, add sampled negatives when the data is implicit.
+
+    Args:
+        interactions: user_id, item_id, ts, label.
+        catalog_ids: (N,) item ids forming the item vocabulary (rows 1..N).
+        history_len: T.
+        split: time split.
+        negatives: sampler used when implicit.
+        implicit: force (True/False); None = implicit iff all labels are 1.
+    """
+    missing = {"user_id", "item_id", "ts", "label"} - set(interactions.columns)
+    if missing:
+        raise ValueError(f"interactions: missing column(s) {sorted(missing)}")
+    if len(interactions) == 0:
+        raise ValueError("interactions: empty")
+    catalog = ItemFeatures.build(catalog_ids)
+    labels = interactions["label"].to_numpy()
+    if implicit is None:
+        implicit = bool(np.all(labels >= 0.5))
+    train_df, valid_df, test_df = time_split(interactions, split)
+    if len(train_df) == 0 or len(valid_df) == 0 or len(test_df) == 0:
+        raise ValueError(f"time split {split} left an empty part (train {len(train_df)}, valid {len(valid_df)}, "
+                         f"test {len(test_df)} events)")
+    positives = interactions[interactions["label"] >= 0.5]
+    users = UserIndex.from_ids(train_df["user_id"].to_numpy())
+    parts = {}
+    for salt, (name, df) in enumerate((("train", train_df), ("valid", valid_df), ("test", test_df))):
+        if implicit:
+            df = df[df["label"] >= 0.5]
+        parts[name] = build_examples(df, positives, catalog, users, history_len, name=f"interactions[{name}]")
+    popularity = np.bincount(parts["train"].item[parts["train"].label >= 0.5], minlength=catalog.n_rows)
+    if implicit and negatives.per_positive == 0:
+        raise ValueError("implicit-feedback data (all labels 1) needs sampled negatives: per_positive > 0")
+    if implicit:
+        for salt, name in enumerate(("train", "valid", "test")):
+            neg = sample_negatives(parts[name], catalog.n_rows, negatives, popularity, salt=salt)
+            parts[name] = Examples.concat([parts[name], neg])
+    info = {
+        "implicit": implicit,
+        "negatives": negatives.__dict__ if implicit else None,
+        "split": split.__dict__,
+        "history_len": history_len,
+        "events": {k: int(len(v)) for k, v in parts.items()},
+        "positive_rate": {k: float(v.label.mean()) for k, v in parts.items()},
+        "users": {"train": int(len(users.user_ids)),
+                  "test_users_seen_in_train": float(np.mean(parts["test"].user > 0))},
+        "test_items_seen_in_train": float(np.mean(popularity[parts["test"].item] > 0)),
+        "items_outside_catalog": {k: int((v.item == 0).sum()) for k, v in parts.items()},
+    }
+    return PreparedData(parts["train"], parts["valid"], parts["test"], users, np.sort(np.asarray(catalog_ids)),
+                        popularity, info)
+
+
+def item_features_from_version(version, catalog_ids: np.ndarray, code_table: str | None,
+                               need_frozen: bool = False, embeddings_table: str = "item_embeddings") -> ItemFeatures:
+    """ItemFeatures from a feature_store StoreVersion (see docs/ARCHITECTURE.md).
+
+    Args:
+        version: feature_store.StoreVersion.
+        catalog_ids: (N,) item vocabulary.
+        code_table: "item_codes" / "item_codes_unaligned" / None.
+        need_frozen: load the frozen embeddings table too.
+    """
+    from feature_store.tables import codebook_levels
+
+    kwargs = {}
+    if code_table is not None:
+        if not version.has(code_table):
+            raise FileNotFoundError(f"store version {version.id} ({version.path}) has no {code_table} table; "
+                                    f"it has {version.files()}")
+        codes = version.codes(code_table)
+        kwargs.update(code_item_ids=codes.item_ids, rq=codes.rq, vq=codes.vq,
+                      source=str(version.file(code_table)))
+        book_name = "codebooks" if code_table == "item_codes" else code_table.replace("item_codes", "codebooks")
+        if version.has(book_name):
+            books = [np.asarray(b, np.float32) for b in codebook_levels(version.codebooks(book_name))]
+            if len(books) == codes.rq.shape[1]:
+                kwargs.update(codebooks=books, rq_sizes=[len(b) for b in books])
+    if need_frozen:
+        ids, emb = version.embeddings(embeddings_table)
+        kwargs.update(frozen_item_ids=ids, frozen=emb)
+    return ItemFeatures.build(catalog_ids, **kwargs)
+
+
+def load_store_items(store_root: Path, version_id: str | None, catalog_ids: np.ndarray) -> tuple[dict, str]:
+    """All ItemFeatures variants the ablation needs: {"item_codes": ..., "item_codes_unaligned": ... (if
+    present), "frozen": ...}, and the version id read."""
+    from feature_store import FeatureStore
+
+    store = FeatureStore(store_root)
+    version = store.read(version_id)
+    out = {"item_codes": item_features_from_version(version, catalog_ids, "item_codes"),
+           "frozen": item_features_from_version(version, catalog_ids, None, need_frozen=True)}
+    if version.has("item_codes_unaligned"):
+        out["item_codes_unaligned"] = item_features_from_version(version, catalog_ids, "item_codes_unaligned")
+    return out, version.id
+
+
+def items_for(features_by_table: dict, feature_set: str) -> ItemFeatures:
+    """Pick the ItemFeatures a feature set reads (raises naming the missing table)."""
+    from ranker.config import FEATURE_SETS
+
+    parts, table = FEATURE_SETS[feature_set]
+    key = "frozen" if "frozen" in parts else (table or "item_codes")
+    if key not in features_by_table:
+        raise FileNotFoundError(f"feature set {feature_set!r} needs the {key} table, which this store version lacks")
+    return features_by_table[key]

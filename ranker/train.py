@@ -1,0 +1,263 @@
+"""Train the ranker: single process, or `torchrun --nproc_per_node=N -m ranker.train ...` with
+DistributedModelParallel (gloo + table_wise on CPU, nccl on GPU).
+
+Embedding tables are updated by Adagrad applied in backward (TorchRec's fused optimizer once sharded);
+dense parameters by Adam. Early stopping on validation AUC restores the best epoch before the test split
+is scored. Checkpoints (ranker.pt) load with `torch.load(..., weights_only=True)`; `resume=True`
+continues from the last one.
+
+Example:
+    >>> result = fit(data, items, RankerConfig(features="vq+rq", epochs=3), out_dir=Path("runs/r1"))
+    >>> result["test"]["auc"], result["best_epoch"]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ranker.batch import build_batch
+from ranker.checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
+from ranker.config import RankerConfig
+from ranker.data import PreparedData
+from ranker.distributed import (DistContext, all_gather_rows, full_state_dict, load_full_state, local_snapshot,
+                                restore_snapshot, setup_distributed, shard_model)
+from ranker.examples import Examples
+from ranker.features import FeatureSchema, ItemFeatures, build_schema
+from ranker.metrics import ranking_metrics
+from ranker.model import RankerModel, RankerTrain, embedding_tables, init_code_tables_from_codebooks
+
+log = logging.getLogger(__name__)
+
+
+def build_train_model(cfg: RankerConfig, schema: FeatureSchema, items: ItemFeatures) -> RankerTrain:
+    """Unsharded RankerTrain with deterministic init (and codebook init of the RQ tables on request)."""
+    torch.manual_seed(cfg.seed)
+    model = RankerModel(schema, cfg)
+    if cfg.code_init == "codebook" and cfg.uses("rq"):
+        if not items.codebooks:
+            raise ValueError("code_init='codebook' needs the version's codebooks, none were found")
+        init_code_tables_from_codebooks(model, items.codebooks, seed=cfg.seed)
+    return RankerTrain(model)
+
+
+def attach_optimizers(train_model: torch.nn.Module, cfg: RankerConfig, ctx: DistContext):
+    """Adagrad in backward on the tables; shard under torchrun; Adam on the rest.
+
+    Returns (module to call, dense optimizer)."""
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    tables = list(embedding_tables(train_model).values())
+    apply_optimizer_in_backward(torch.optim.Adagrad, tables, {"lr": cfg.lr_sparse})
+    module = train_model
+    if ctx.distributed:
+        full = train_model.state_dict()
+        module = shard_model(train_model, cfg.sharding, ctx)
+        load_full_state(module, full)  # same init on every rank, whatever the planner placed where
+    dense = [p for _, p in in_backward_optimizer_filter(module.named_parameters())]
+    return module, torch.optim.Adam(dense, lr=cfg.lr_dense, weight_decay=cfg.weight_decay)
+
+
+def _local_part(idx: np.ndarray, ctx: DistContext) -> np.ndarray:
+    return np.array_split(idx, ctx.world_size)[ctx.rank]
+
+
+@torch.no_grad()
+def score(module: torch.nn.Module, examples: Examples, schema: FeatureSchema, items: ItemFeatures,
+          batch_size: int, ctx: DistContext = DistContext()) -> np.ndarray:
+    """Logits (n,) for every example, in order. Under torchrun every rank scores a slice of each chunk."""
+    module.eval()
+    out = []
+    for start in range(0, len(examples), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(examples)))
+        local = _local_part(idx, ctx)
+        batch = build_batch(examples.take(local), schema, items).to(ctx.device)
+        _, (_, logits, _) = module(batch)
+        sizes = [len(p) for p in np.array_split(idx, ctx.world_size)]
+        out.append(all_gather_rows(logits.float().cpu(), sizes, ctx))
+    module.train()
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def evaluate(module: torch.nn.Module, examples: Examples, schema: FeatureSchema, items: ItemFeatures,
+             batch_size: int = 4096, ctx: DistContext = DistContext()) -> dict:
+    """AUC / GAUC / logloss on `examples` (callable on a loaded checkpoint, e.g. by the retraining job).
+
+    `module` is a RankerTrain (or a RankerModel, which is wrapped)."""
+    if isinstance(module, RankerModel):
+        module = RankerTrain(module)
+    logits = score(module, examples, schema, items, batch_size, ctx)
+    return ranking_metrics(examples.user_id, examples.label, logits)
+
+
+def _steps_per_epoch(n: int, batch_size: int, world: int) -> int:
+    steps = math.ceil(n / batch_size)
+    if steps and n - (steps - 1) * batch_size < world:  # a last batch too small to give every rank a sample
+        steps -= 1
+    return steps
+
+
+def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Path | None = None,
+        resume: bool = False, ctx: DistContext | None = None, progress: bool = True) -> dict:
+    """Train one ranker, early-stop on validation AUC, score the test split.
+
+    Args:
+        data: examples from `ranker.data.prepare_examples` (history_len must match cfg.history_len).
+        items: ItemFeatures of the feature set's code table / frozen embeddings (same catalog as data).
+        cfg: the run's config.
+        out_dir: where ranker.pt and result.json go (rank 0); None keeps everything in memory.
+        resume: continue from out_dir/ranker.pt.
+        ctx: distributed context (default: from the environment).
+        progress: tqdm bars on rank 0.
+    Returns:
+        dict with config, schema tables, per-epoch validation metrics, best_epoch, valid / test metrics,
+        unknown-item counts, throughput, checkpoint path.
+    """
+    ctx = ctx or setup_distributed()
+    torch.set_num_threads(cfg.num_threads)
+    if data.train.hist.shape[1] != cfg.history_len:
+        raise ValueError(f"examples were built with history_len {data.train.hist.shape[1]}, config says {cfg.history_len}")
+    if not np.array_equal(items.item_ids, data.catalog_ids):
+        raise ValueError("ItemFeatures and examples use different item catalogs")
+    schema = build_schema(cfg, data.users.n_rows, items)
+    train_model = build_train_model(cfg, schema, items)
+    start_epoch, history, best = 0, [], {"auc": -1.0, "epoch": -1}
+    ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir else None
+    ckpt = None
+    if resume:
+        if ckpt_path is None or not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = read_checkpoint(ckpt_path)
+        if ckpt["meta"]["config"] != json.loads(json.dumps(cfg.to_dict())):
+            raise ValueError(f"--resume: {ckpt_path} was trained with a different config")
+        train_model.load_state_dict(ckpt["model"])
+        start_epoch = ckpt["meta"]["epoch"] + 1
+        history, best = ckpt["meta"]["history"], ckpt["meta"]["best"]
+    module, dense_opt = attach_optimizers(train_model, cfg, ctx)
+    if ckpt is not None and ckpt["dense_optimizer"]:
+        dense_opt.load_state_dict(ckpt["dense_optimizer"])
+    best_snapshot = local_snapshot(module)
+    steps = _steps_per_epoch(len(data.train), cfg.batch_size, ctx.world_size)
+    total_steps, samples, train_seconds = 0, 0, 0.0
+    stopped_early = False
+    module.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(data.train))
+        bar = tqdm(range(steps), desc=f"{cfg.features} epoch {epoch}", disable=not (progress and ctx.is_main),
+                   leave=False, mininterval=2.0)
+        losses, t0 = [], time.perf_counter()
+        for step in bar:
+            idx = _local_part(order[step * cfg.batch_size:(step + 1) * cfg.batch_size], ctx)
+            batch = build_batch(data.train.take(idx), schema, items).to(ctx.device)
+            loss, _ = module(batch)
+            dense_opt.zero_grad()
+            loss.backward()
+            dense_opt.step()
+            losses.append(loss.item())
+            total_steps += 1
+            samples += len(idx) * ctx.world_size
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            if cfg.max_steps and total_steps >= cfg.max_steps:
+                break
+        train_seconds += time.perf_counter() - t0
+        valid = evaluate(module, data.valid, schema, items, cfg.eval_batch_size, ctx)
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                  **{f"valid_{k}": v for k, v in valid.items() if k in ("auc", "gauc", "logloss")}}
+        history.append(record)
+        if ctx.is_main:
+            log.info("%s epoch %d: loss %.4f valid auc %.4f gauc %.4f", cfg.features, epoch, record["train_loss"],
+                     valid["auc"], valid["gauc"])
+        improved = valid["auc"] > best["auc"]
+        if improved:
+            best = {"auc": float(valid["auc"]), "epoch": epoch}
+            best_snapshot = local_snapshot(module)
+        if ckpt_path is not None:
+            state = full_state_dict(module, ctx)
+            if ctx.is_main:
+                meta = {"config": cfg.to_dict(), "epoch": epoch, "history": history, "best": best,
+                        "tables": _table_summary(schema)}
+                save_checkpoint(ckpt_path, state, dense_opt.state_dict(), meta)
+        if cfg.max_steps and total_steps >= cfg.max_steps:
+            break
+        if cfg.patience and epoch - best["epoch"] >= cfg.patience:
+            stopped_early = True
+            break
+    restore_snapshot(module, best_snapshot)
+    valid = evaluate(module, data.valid, schema, items, cfg.eval_batch_size, ctx)
+    test = evaluate(module, data.test, schema, items, cfg.eval_batch_size, ctx)
+    if ckpt_path is not None:
+        # the file ends holding the best epoch's weights, so loading it reproduces `test`
+        state = full_state_dict(module, ctx)
+        if ctx.is_main:
+            meta = {"config": cfg.to_dict(), "epoch": history[-1]["epoch"] if history else -1, "history": history,
+                    "best": best, "tables": _table_summary(schema), "restored_best": True}
+            save_checkpoint(ckpt_path, state, dense_opt.state_dict(), meta)
+    result = {
+        "features": cfg.features,
+        "config": cfg.to_dict(),
+        "world_size": ctx.world_size,
+        "tables": _table_summary(schema),
+        "history": history,
+        "best_epoch": best["epoch"],
+        "stopped_early": stopped_early,
+        "steps": total_steps,
+        "train_samples_per_s": samples / train_seconds if train_seconds > 0 else None,
+        "valid": valid,
+        "test": test,
+        "coverage": coverage_report(data, items),
+        "checkpoint": str(ckpt_path) if ckpt_path else None,
+    }
+    if out_dir is not None and ctx.is_main:
+        from feature_store.io import atomic_write_json
+
+        atomic_write_json(Path(out_dir) / "result.json", result)
+    return result
+
+
+def _table_summary(schema: FeatureSchema) -> dict:
+    out = {}
+    for f in schema.features:
+        out.setdefault(f.table, {"rows": f.rows, "features": []})["features"].append(f.name)
+    return out
+
+
+def coverage_report(data: PreparedData, items: ItemFeatures) -> dict:
+    """How many test targets / history items have no codes (they used the reserved unknown row)."""
+    return {"test_targets": items.coverage(data.test.item), "test_history": items.coverage(data.test.hist),
+            "train_targets": items.coverage(data.train.item)}
+
+
+def main(argv: list | None = None) -> int:
+    """torchrun entry: `torchrun --nproc_per_node=2 -m ranker.train --store DIR --dataset ... --features vq+rq`."""
+    from ranker import cli
+
+    parser = argparse.ArgumentParser(prog="python -m ranker.train", description="train the TorchRec ranker")
+    cli.add_arguments(parser)
+    args = parser.parse_args(argv)
+    ctx = setup_distributed()
+    logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
+                        format=f"%(asctime)s rank{ctx.rank} %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        result = cli.run(args, ctx=ctx)
+    finally:
+        if ctx.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if ctx.is_main:
+        print(json.dumps({"command": "train-ranker", "ok": True, **result}, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
