@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from quant.base import NotFittedError, Quantizer, check_embeddings, load_quantizer
 from quant.collisions import CollisionOverflowError, resolve_collisions
+from quant.fsq import ResKMeansFSQ, ResKMeansFSQConfig
 from quant.rq_kmeans import RQKMeans, RQKMeansConfig
 from quant.vq import VQNeighbors, VQNeighborsConfig
 
 __all__ = [
     "CollisionOverflowError", "NotFittedError", "Quantizer", "RQKMeans", "RQKMeansConfig", "RQVAE", "RQVAEConfig",
-    "VQNeighbors", "VQNeighborsConfig", "check_embeddings",
+    "ResKMeansFSQ", "ResKMeansFSQConfig", "VQNeighbors", "VQNeighborsConfig", "check_embeddings",
     "load_quantizer", "resolve_collisions",
 ]
 
