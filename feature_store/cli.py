@@ -1,0 +1,89 @@
+"""`qarm store list|show|rollback|retain|verify|cleanup|history --store DIR [--json]`.
+
+Exit codes follow pipelines/cli.py: 1 for a corrupt version or bad input, 4 when another writer holds the lock.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from feature_store.lock import StoreLockedError
+from feature_store.store import FeatureStore
+
+ACTIONS = ("list", "show", "rollback", "retain", "verify", "cleanup", "history")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=ACTIONS,
+                        help="list: versions (CURRENT marked); show: a manifest (CURRENT by default); rollback: "
+                             "point CURRENT at --version; retain: keep the newest --keep; verify: check every "
+                             "checksum; cleanup: sweep crashed writers' leftovers; history: CURRENT changes")
+    parser.add_argument("--store", required=True, help="feature-store root directory")
+    parser.add_argument("--version", help="version id (show / rollback / verify)")
+    parser.add_argument("--keep", type=int, help="retain: number of newest versions to keep (CURRENT always kept)")
+    parser.add_argument("--no-verify", action="store_true", help="show: skip checksum verification")
+    parser.add_argument("--lock-timeout", type=float, default=0.0,
+                        help="seconds to wait for a busy store lock before giving up (default: fail at once)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from pipelines.cli import EXIT_ERROR, EXIT_LOCKED, EXIT_USAGE, CommandExit
+
+    store = FeatureStore(args.store)
+    if args.action not in ("list", "history", "cleanup") and not store.root.is_dir():
+        raise FileNotFoundError(f"feature store not found: {store.root}")
+    try:
+        if args.action == "list":
+            return _list(store, args)
+        if args.action == "show":
+            version = store.read(args.version, verify=not args.no_verify)
+            result = {"store": str(store.root), "version": version.id, "current": version.id == store.current_id(),
+                      "verified": not args.no_verify, "path": str(version.path), "manifest": version.manifest}
+            if not args.json:
+                print(json.dumps(version.manifest, indent=2, default=str))
+            return result
+        if args.action == "rollback":
+            if not args.version:
+                raise CommandExit(EXIT_USAGE, "rollback needs --version (see `qarm store list`)")
+            return {"store": str(store.root), **store.rollback(args.version, lock_timeout=args.lock_timeout)}
+        if args.action == "retain":
+            if args.keep is None:
+                raise CommandExit(EXIT_USAGE, "retain needs --keep N")
+            removed = store.retain(args.keep, lock_timeout=args.lock_timeout)
+            return {"store": str(store.root), "removed": removed, "kept": [v.id for v in store.list()],
+                    "current": store.current_id()}
+        if args.action == "verify":
+            ids = [args.version] if args.version else [v.id for v in store.list()]
+            corrupt = {}
+            for version_id in ids:
+                try:
+                    store.read(version_id, verify=True)
+                except RuntimeError as exc:  # CorruptVersionError
+                    corrupt[version_id] = str(exc)
+            result = {"store": str(store.root), "checked": len(ids), "corrupt": corrupt,
+                      "current": store.current_id()}
+            if corrupt:
+                raise CommandExit(EXIT_ERROR, f"{len(corrupt)} of {len(ids)} version(s) failed verification: "
+                                              f"{next(iter(corrupt.values()))}", result)
+            return result
+        if args.action == "cleanup":
+            return {"store": str(store.root), "removed": store.cleanup()}
+        return {"store": str(store.root), "history": store.history()}
+    except StoreLockedError as exc:
+        raise CommandExit(EXIT_LOCKED, str(exc), {"holder": exc.holder}) from exc
+
+
+def _list(store: FeatureStore, args) -> dict:
+    versions = store.list()
+    current = store.current_id() if versions else None
+    if not args.json:
+        if not versions:
+            print(f"(no versions in {store.root})")
+        for v in versions:
+            rows = v.rows.get("item_embeddings.parquet", v.rows.get("item_codes.parquet", "-"))
+            mark = "*" if v.current else " "
+            status = f"  CORRUPT: {v.error}" if v.error else ""
+            print(f"{mark} {v.id}  {v.created_at or '?':<25}  parent={v.parent or '-':<16}  items={rows}{status}")
+    return {"store": str(store.root), "current": current, "count": len(versions),
+            "versions": [v.to_dict() for v in versions]}
