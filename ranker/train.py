@@ -36,6 +36,8 @@ from ranker.metrics import ranking_metrics
 from ranker.model import RankerModel, RankerTrain, embedding_tables, init_code_tables_from_codebooks
 
 log = logging.getLogger(__name__)
+# training-length settings may change on resume (e.g. train 2 more epochs); everything else must match
+_RESUMABLE_KEYS = {"epochs", "max_steps", "patience", "num_threads", "eval_batch_size"}
 
 
 def build_train_model(cfg: RankerConfig, schema: FeatureSchema, items: ItemFeatures) -> RankerTrain:
@@ -137,8 +139,11 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
         if ckpt_path is None or not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = read_checkpoint(ckpt_path)
-        if ckpt["meta"]["config"] != json.loads(json.dumps(cfg.to_dict())):
-            raise ValueError(f"--resume: {ckpt_path} was trained with a different config")
+        saved, wanted = ckpt["meta"]["config"], json.loads(json.dumps(cfg.to_dict()))
+        differ = sorted(k for k in set(saved) | set(wanted)
+                        if k not in _RESUMABLE_KEYS and saved.get(k) != wanted.get(k))
+        if differ:
+            raise ValueError(f"--resume: {ckpt_path} was trained with a different config ({', '.join(differ)})")
         train_model.load_state_dict(ckpt["model"])
         start_epoch = ckpt["meta"]["epoch"] + 1
         history, best = ckpt["meta"]["history"], ckpt["meta"]["best"]

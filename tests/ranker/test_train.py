@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+
+from ranker.checkpoint import load_checkpoint
+from ranker.config import RankerConfig
+from ranker.data import prepare_examples
+from ranker.features import build_schema
+from ranker.toy import toy_world
+from ranker.train import evaluate, fit
+
+
+@pytest.fixture(scope="module")
+def world():
+    w = toy_world(n_items=500, n_users=120, n_events=6000, seed=0)
+    return w, prepare_examples(w.interactions, w.item_ids, history_len=8)
+
+
+def _cfg(**kw):
+    base = dict(history_len=8, epochs=3, batch_size=256, patience=0, seed=0)
+    base.update(kw)
+    return RankerConfig(**base)
+
+
+def test_codes_beat_ids_when_codes_carry_the_signal(world):
+    w, data = world
+    items = w.item_features()
+    ids = fit(data, items, _cfg(features="id"), progress=False)
+    codes = fit(data, items, _cfg(features="vq+rq"), progress=False)
+    assert codes["test"]["auc"] > ids["test"]["auc"] + 0.1
+    assert codes["test"]["auc"] > 0.75
+
+
+def test_checkpoint_loads_weights_only_and_reproduces_test_metrics(world, tmp_path):
+    w, data = world
+    items = w.item_features()
+    cfg = _cfg(features="rq", epochs=2)
+    result = fit(data, items, cfg, out_dir=tmp_path, progress=False)
+    raw = torch.load(tmp_path / "ranker.pt", weights_only=True)
+    assert "model" in raw and "dense_optimizer" in raw
+    model, cfg2, meta = load_checkpoint(tmp_path / "ranker.pt", items=items, n_users=data.users.n_rows)
+    assert cfg2 == cfg and meta["restored_best"]
+    schema = build_schema(cfg2, data.users.n_rows, items)
+    again = evaluate(model, data.test, schema, items)
+    assert again["auc"] == pytest.approx(result["test"]["auc"], abs=1e-6)
+    assert (tmp_path / "result.json").exists()
+
+
+def test_resume_continues_from_the_checkpoint(world, tmp_path):
+    w, data = world
+    items = w.item_features()
+    first = fit(data, items, _cfg(features="id", epochs=1), out_dir=tmp_path, progress=False)
+    assert [h["epoch"] for h in first["history"]] == [0]
+    with pytest.raises(ValueError, match="different config.*lr_dense"):
+        fit(data, items, _cfg(features="id", epochs=3, lr_dense=0.01), out_dir=tmp_path, resume=True, progress=False)
+    cont = fit(data, items, _cfg(features="id", epochs=3), out_dir=tmp_path, resume=True, progress=False)
+    assert [h["epoch"] for h in cont["history"]] == [0, 1, 2]
+    assert cont["history"][0] == first["history"][0]
+    assert cont["steps"] == 2 * first["steps"]  # only the two new epochs ran
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        fit(data, items, _cfg(features="id"), out_dir=tmp_path / "empty", resume=True, progress=False)
+
+
+def test_early_stopping_restores_the_best_epoch(world):
+    w, data = world
+    items = w.item_features()
+    result = fit(data, items, _cfg(features="id", epochs=6, patience=1, lr_dense=0.05, lr_sparse=0.5), progress=False)
+    best = max(h["valid_auc"] for h in result["history"])
+    assert result["valid"]["auc"] == pytest.approx(best, abs=1e-6)
+    assert result["best_epoch"] == int(np.argmax([h["valid_auc"] for h in result["history"]]))
+
+
+def test_items_without_codes_use_the_unknown_row_and_are_counted(world):
+    w, data = world
+    items = w.item_features(coded_fraction=0.8, seed=1)
+    result = fit(data, items, _cfg(features="vq+rq", epochs=1, max_steps=3), progress=False)
+    cov = result["coverage"]["test_targets"]
+    expected = int((~items.has_codes[data.test.item]).sum())
+    assert cov["without_codes"] == expected and expected > 0
+    assert np.isfinite(result["test"]["auc"])
