@@ -1,0 +1,76 @@
+"""Checkpointed stages resume after a crash; the gate rejects what it should."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pipelines.retrain.gate import GateConfig, check_gate
+from pipelines.retrain.stages import DONE_MARKER, StageRunner
+
+
+def test_completed_stage_is_resumed_not_rerun(tmp_path):
+    calls = []
+
+    def stage(out):
+        calls.append(out)
+        (out / "table.txt").write_text("rows")
+        return {"rows": 1}
+
+    assert StageRunner(tmp_path).run("pairs", {"since": 5}, stage) == {"rows": 1}
+    runner = StageRunner(tmp_path)
+    assert runner.run("pairs", {"since": 5}, stage) == {"rows": 1}
+    assert len(calls) == 1
+    assert runner.summary()[0]["resumed"] is True
+    assert (tmp_path / "pairs" / "table.txt").read_text() == "rows"
+
+
+def test_changed_inputs_recompute(tmp_path):
+    calls = []
+    StageRunner(tmp_path).run("embed", {"v": 1}, lambda out: calls.append(1) or {"v": 1})
+    StageRunner(tmp_path).run("embed", {"v": 2}, lambda out: calls.append(2) or {"v": 2})
+    assert calls == [1, 2]
+
+
+def test_crash_mid_stage_leaves_nothing_trusted(tmp_path):
+    # A child process dies (SIGKILL-like os._exit) inside the stage: no marker, partial folder swept on restart.
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(os.getcwd())!r})
+        from pipelines.retrain.stages import StageRunner
+        def stage(out):
+            (out / "half.txt").write_text("half")
+            os._exit(9)
+        StageRunner({str(tmp_path)!r}).run("align", {{}}, stage)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script])
+    assert proc.returncode == 9
+    assert not (tmp_path / "align" / DONE_MARKER).exists()
+    assert list(tmp_path.glob("align.partial-*"))
+    runner = StageRunner(tmp_path)
+    assert not list(tmp_path.glob("align.partial-*"))
+    assert runner.run("align", {}, lambda out: {"ok": True}) == {"ok": True}
+    assert runner.summary()[0]["resumed"] is False
+
+
+def test_gate_passes_a_healthy_candidate():
+    cand = {"collision_rate": 0.1, "utilization": [0.9, 0.5], "recall@10_aligned": 0.30}
+    assert check_gate(cand, {"recall@10_aligned": 0.32}, GateConfig()) == []
+
+
+def test_gate_names_every_failed_threshold():
+    cand = {"collision_rate": 0.9, "utilization": [0.9, 0.01], "recall@10_aligned": 0.10, "churn": 0.8}
+    reasons = check_gate(cand, {"recall@10_aligned": 0.30}, GateConfig(max_churn=0.5))
+    assert len(reasons) == 4
+    assert any("collision_rate" in r for r in reasons)
+    assert any("level 1" in r for r in reasons)
+    assert any("recall@10" in r for r in reasons)
+    assert any("churn" in r for r in reasons)
+
+
+def test_gate_config_validates():
+    with pytest.raises(ValueError, match="max_collision_rate"):
+        GateConfig(max_collision_rate=2.0)
