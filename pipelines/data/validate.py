@@ -142,6 +142,10 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
 
     items = items.drop(columns="row").sort_values("item_id", kind="stable").reset_index(drop=True)
     items["item_id"] = items["item_id"].astype("int64")
+    # Nullable text columns hold str or None (object dtype), never NaN: consumers test `is None`.
+    for col in ("text", "image_uri"):
+        items[col] = pd.Series([None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v))
+                                else str(v) for v in items[col].tolist()], dtype=object)
     interactions = (interactions.sort_values(["ts", "user_id", "item_id", "row"], kind="stable")
                     .drop(columns="row").reset_index(drop=True))
     interactions = interactions.astype({"user_id": "int64", "item_id": "int64", "ts": "int64", "label": "float32"})

@@ -1,0 +1,279 @@
+"""Bring-your-own data: any Parquet/CSV item catalog + interaction log, mapped onto the contract without code.
+
+Mapping file (JSON or YAML; every key optional; relative paths are relative to the mapping file)::
+
+    items:
+      path: catalog.csv
+      columns: {item_id: sku, title: name, text: description, image_uri: picture}
+      attributes: [brand]            # extra columns carried through unchanged
+    interactions:
+      path: events.parquet
+      columns: {user_id: uid, item_id: sku, ts: event_time, label: clicked}
+      ts_format: auto                # auto | unix | unix_ms | iso
+      label_threshold: 4.0           # optional: label = value >= threshold (e.g. star ratings)
+    image_root: images/              # image_uri is relative to it (default: the items file's folder)
+    ids: auto                        # auto | int | string
+
+Unmapped fields default to the contract names (a column called `item_id` needs no mapping). Flags override the
+file: `--items`, `--interactions`, and `--map items.item_id=sku`, `--map interactions.ts_format=iso`,
+`--map image_root=imgs`, `--map ids=string` (repeatable).
+
+- Timestamps: unix seconds, unix milliseconds, or ISO-8601 dates/datetimes (naive = UTC).
+- Ids: integer columns stay as they are; string ids (or `ids: string`) get dense int64 ids (sorted raw order,
+  catalog items first), and the maps are kept in `Dataset.id_maps` (save with `save_id_maps`; pass the folder
+  back as `--id-maps` to extend rather than renumber on the next run).
+- No label column: every interaction is an implicit positive (label 1.0).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from pipelines.data.io import DataError, read_table, to_float32, to_int64, to_unix_seconds
+from pipelines.data.loader import load_id_maps
+from pipelines.data.schema import DataSpec, Dataset
+from pipelines.data.validate import RejectLog, finalize
+
+ITEM_FIELDS = ("item_id", "title", "text", "image_uri")
+INTERACTION_FIELDS = ("user_id", "item_id", "ts", "label")
+TABLE_KEYS = {"items": {"path", "columns", "attributes"},
+              "interactions": {"path", "columns", "ts_format", "label_threshold", "attributes"}}
+TOP_KEYS = {"items", "interactions", "image_root", "ids"}
+
+
+def read_mapping(path: Optional[Path]) -> dict:
+    """Parse a JSON/YAML mapping file and check its keys (DataError naming the file and the bad key)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: mapping file not found")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError: both are parse errors of this file
+        raise DataError(f"{path}: unreadable mapping file: {exc}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: mapping must be an object with keys {sorted(TOP_KEYS)}")
+    _check_keys(raw, TOP_KEYS, str(path))
+    for table, allowed in TABLE_KEYS.items():
+        section = raw.get(table) or {}
+        if not isinstance(section, dict):
+            raise DataError(f"{path}: '{table}' must be an object")
+        _check_keys(section, allowed, f"{path}: {table}")
+        fields = ITEM_FIELDS if table == "items" else INTERACTION_FIELDS
+        cols = section.get("columns") or {}
+        if not isinstance(cols, dict):
+            raise DataError(f"{path}: {table}.columns must map contract fields to column names")
+        _check_keys(cols, set(fields), f"{path}: {table}.columns")
+        if section.get("path") is not None:
+            section["path"] = str((path.parent / section["path"]).resolve())
+        raw[table] = section
+    if raw.get("image_root") is not None:
+        raw["image_root"] = str((path.parent / raw["image_root"]).resolve())
+    return raw
+
+
+def _check_keys(obj: dict, allowed: set, where: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def apply_overrides(mapping: dict, overrides, base: Optional[Path] = None) -> dict:
+    """Apply `--map KEY=VALUE` overrides (table.field=column, interactions.ts_format=..., image_root=..., ids=...)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in mapping.items()}
+    for table in TABLE_KEYS:
+        out.setdefault(table, {})
+        out[table]["columns"] = dict(out[table].get("columns") or {})
+    for item in overrides:
+        if "=" not in item:
+            raise DataError(f"--map {item!r}: expected KEY=VALUE, e.g. items.item_id=sku")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key in ("image_root", "ids"):
+            out[key] = str((base / value) if base is not None and key == "image_root" else value)
+            continue
+        table, _, field = key.partition(".")
+        if table not in TABLE_KEYS:
+            raise DataError(f"--map {item!r}: key must start with items. or interactions. (or be image_root / ids)")
+        fields = ITEM_FIELDS if table == "items" else INTERACTION_FIELDS
+        if field in fields:
+            out[table]["columns"][field] = value
+        elif field in ("ts_format",) and table == "interactions":
+            out[table][field] = value
+        elif field == "label_threshold" and table == "interactions":
+            out[table][field] = float(value)
+        else:
+            raise DataError(f"--map {item!r}: unknown field {field!r} for {table}; allowed: "
+                            f"{list(fields) + (['ts_format', 'label_threshold'] if table == 'interactions' else [])}")
+    if out.get("ids", "auto") not in ("auto", "int", "string"):
+        raise DataError(f"mapping: ids must be auto, int or string, got {out['ids']!r}")
+    return out
+
+
+def load_generic(spec: DataSpec) -> Dataset:
+    """Load a user's item catalog + interaction log (see the module docstring for the mapping)."""
+    mapping = apply_overrides(read_mapping(spec.mapping), spec.column_map)
+    items_path = spec.items or _path_from(mapping, "items", spec)
+    inter_path = spec.interactions or _path_from(mapping, "interactions", spec)
+    if spec.data is not None:
+        items_path = items_path if items_path.is_absolute() else spec.data / items_path
+        inter_path = inter_path if inter_path.is_absolute() else spec.data / inter_path
+    icols = {f: mapping["items"]["columns"].get(f, f) for f in ITEM_FIELDS}
+    ecols = {f: mapping["interactions"]["columns"].get(f, f) for f in INTERACTION_FIELDS}
+    rejects = RejectLog()
+
+    items_raw = read_table(items_path, [icols["item_id"]])
+    if icols["title"] not in items_raw and icols["text"] not in items_raw:
+        raise DataError(f"{items_path}: missing column(s) for item text: need {icols['title']!r} (title) or "
+                        f"{icols['text']!r} (text); columns present: {list(items_raw.columns)}")
+    if "image_uri" in mapping["items"]["columns"] and icols["image_uri"] not in items_raw:
+        raise DataError(f"{items_path}: missing column {icols['image_uri']!r} (mapped to image_uri); "
+                        f"columns present: {list(items_raw.columns)}")
+    needed = [ecols["user_id"], ecols["item_id"], ecols["ts"]]
+    if "label" in mapping["interactions"]["columns"]:
+        needed.append(ecols["label"])
+    inter_raw = read_table(inter_path, needed)
+
+    ids_mode = mapping.get("ids", "auto")
+    known_maps = load_id_maps(spec.id_map_dir) if spec.id_map_dir is not None else {}
+    item_is_str = _ids_are_strings([(items_raw, icols["item_id"]), (inter_raw, ecols["item_id"])], ids_mode)
+    user_is_str = _ids_are_strings([(inter_raw, ecols["user_id"])], ids_mode)
+    id_maps = {}
+    if item_is_str:
+        raw_catalog = _raw_ids(items_raw[icols["item_id"]])
+        id_maps["item_id"] = _dense_map(raw_catalog, known_maps.get("item_id"))
+    if user_is_str:
+        id_maps["user_id"] = _dense_map(_raw_ids(inter_raw[ecols["user_id"]]), known_maps.get("user_id"))
+
+    # Items.
+    item_ids = _ids(items_raw, icols["item_id"], id_maps.get("item_id"), "item_id")
+    missing = item_ids.isna().to_numpy()
+    rejects.add(items_path.name, np.flatnonzero(missing), "missing_value", "dropped", detail="empty item id")
+    items = pd.DataFrame({
+        "item_id": item_ids,
+        "title": _text_col(items_raw, icols["title"]),
+        "text": _text_col(items_raw, icols["text"]),
+        "image_uri": _text_col(items_raw, icols["image_uri"]),
+        "row": np.arange(len(items_raw), dtype="int64"),
+    })
+    for attr in mapping["items"].get("attributes") or []:
+        if attr not in items_raw:
+            raise DataError(f"{items_path}: missing attribute column {attr!r}; columns present: "
+                            f"{list(items_raw.columns)}")
+        if attr in items:
+            raise DataError(f"{items_path}: attribute column {attr!r} clashes with a contract column")
+        items[attr] = items_raw[attr].to_numpy()
+    items = items.loc[~missing]
+    items["item_id"] = items["item_id"].astype("int64")
+
+    # Interactions.
+    users = _ids(inter_raw, ecols["user_id"], id_maps.get("user_id"), "user_id")
+    inter_items, unmapped = _ids(inter_raw, ecols["item_id"], id_maps.get("item_id"), "item_id", keep_unmapped=True)
+    ts = to_unix_seconds(inter_raw, ecols["ts"], fmt=mapping["interactions"].get("ts_format", "auto"))
+    label, label_bad = _labels(inter_raw, ecols["label"], mapping["interactions"])
+    missing = (users.isna() | ts.isna() | (inter_items.isna() & ~unmapped)).to_numpy()
+    if ecols["label"] in inter_raw:
+        missing = missing | label.isna().to_numpy()
+    raw_item = inter_raw[ecols["item_id"]].astype("string")
+    raw_user = inter_raw[ecols["user_id"]].astype("string")
+    rows = np.arange(len(inter_raw), dtype="int64")
+    rejects.add(inter_path.name, rows[missing], "missing_value", "dropped", item_id=raw_item[missing],
+                user_id=raw_user[missing], detail="empty user id, item id, timestamp or label")
+    bad_label = label_bad & ~missing
+    rejects.add(inter_path.name, rows[bad_label], "bad_label", "dropped", item_id=raw_item[bad_label],
+                user_id=raw_user[bad_label], detail="label outside [0, 1] (set interactions.label_threshold?)")
+    unknown = unmapped & ~missing & ~bad_label
+    rejects.add(inter_path.name, rows[unknown], "unknown_item", "dropped", item_id=raw_item[unknown],
+                user_id=raw_user[unknown], detail="item id not in the item catalog")
+    keep = ~(missing | bad_label | unknown)
+    interactions = pd.DataFrame({"user_id": users[keep].astype("int64").to_numpy(),
+                                 "item_id": inter_items[keep].astype("int64").to_numpy(),
+                                 "ts": ts[keep].astype("int64").to_numpy(),
+                                 "label": label[keep].to_numpy().astype("float32"), "row": rows[keep]})
+
+    image_root = mapping.get("image_root")
+    image_root = Path(image_root) if image_root else (items_path.parent if items["image_uri"].notna().any() else None)
+    return finalize(items, interactions, spec=spec, name=f"generic:{items_path.name}", image_root=image_root,
+                    rejects=rejects, items_source=items_path.name, interactions_source=inter_path.name,
+                    id_maps=id_maps)
+
+
+def _path_from(mapping: dict, table: str, spec: DataSpec) -> Path:
+    path = mapping.get(table, {}).get("path")
+    if path is None:
+        raise DataError(f"generic dataset: no {table} file (pass --{table} FILE or set {table}.path in the mapping)")
+    return Path(path)
+
+
+def _raw_ids(series: pd.Series) -> pd.Series:
+    return series.dropna().astype(str).str.strip().loc[lambda s: s.ne("")]
+
+
+def _ids_are_strings(columns, mode: str) -> bool:
+    if mode == "string":
+        return True
+    for frame, col in columns:
+        series = frame[col]
+        if pd.api.types.is_integer_dtype(series.dtype):
+            continue
+        parsed = pd.to_numeric(series, errors="coerce")
+        not_int = (parsed.isna() & series.notna()) | (parsed.notna() & (parsed.fillna(0) % 1 != 0))
+        if not_int.any():
+            if mode == "int":
+                to_int64(frame, col)  # raises, naming file, column and row
+            return True
+    return False
+
+
+def _dense_map(raw: pd.Series, known: Optional[pd.DataFrame]) -> pd.DataFrame:
+    """raw str -> dense int64 id; ids already in `known` keep their number, new ones are appended in sorted order."""
+    known = known if known is not None else pd.DataFrame({"raw": pd.Series(dtype=str), "id": pd.Series(dtype="int64")})
+    new = np.array(sorted(set(raw.unique()) - set(known["raw"])), dtype=object)
+    start = int(known["id"].max()) + 1 if len(known) else 0
+    added = pd.DataFrame({"raw": new.astype(str), "id": np.arange(start, start + len(new), dtype="int64")})
+    return pd.concat([known, added], ignore_index=True).astype({"raw": str, "id": "int64"})
+
+
+def _ids(frame: pd.DataFrame, col: str, id_map: Optional[pd.DataFrame], role: str, keep_unmapped: bool = False):
+    """Ids as nullable Int64: integers as they are, or through `id_map` for string ids.
+
+    With keep_unmapped, also returns a mask of non-empty ids absent from the map (unknown items)."""
+    if id_map is None:
+        out = to_int64(frame, col, role=role)
+        return (out, np.zeros(len(out), bool)) if keep_unmapped else out
+    raw = frame[col].astype("string").str.strip()
+    lookup = pd.Series(id_map["id"].to_numpy(), index=id_map["raw"].to_numpy())
+    out = raw.map(lookup).astype("Int64")
+    out[raw.isna() | raw.eq("")] = pd.NA
+    if keep_unmapped:
+        unmapped = (out.isna() & raw.notna() & raw.ne("")).to_numpy()
+        return out, unmapped
+    return out
+
+
+def _text_col(frame: pd.DataFrame, col: str) -> pd.Series:
+    if col not in frame:
+        return pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    values = [None if pd.isna(v) else str(v) for v in frame[col].tolist()]
+    return pd.Series(values, index=frame.index, dtype=object)
+
+
+def _labels(frame: pd.DataFrame, col: str, section: dict):
+    """(label float32 series, out-of-range mask). No label column -> implicit positives."""
+    if col not in frame:
+        return pd.Series(np.ones(len(frame), np.float32), index=frame.index), np.zeros(len(frame), bool)
+    value = to_float32(frame, col, role="label")
+    threshold = section.get("label_threshold")
+    if threshold is not None:
+        return value.where(value.isna(), (value >= float(threshold)).astype("float32")), np.zeros(len(frame), bool)
+    bad = (value.notna() & ((value < 0) | (value > 1))).to_numpy()
+    return value, bad

@@ -1,0 +1,120 @@
+"""Generic Parquet/CSV sources: mapping, string ids, ISO dates, errors naming file / column / row."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from pipelines.data import DataError, DataSpec, load_dataset, load_id_maps, save_id_maps
+
+
+def test_csv_with_yaml_mapping(catalog_dir):
+    ds = load_dataset(DataSpec(dataset="generic", mapping=catalog_dir / "mapping.yaml"))
+    items = ds.items.set_index("item_id")
+    # string ids -> dense int64 in sorted raw order; the map is kept
+    imap = dict(zip(ds.id_maps["item_id"]["raw"], ds.id_maps["item_id"]["id"]))
+    assert imap == {"A-1": 0, "B-2": 1, "C-3": 2, "D-4": 3, "E-5": 4, "F-6": 5, "G-7": 6}
+    assert str(ds.items["item_id"].dtype) == "int64"
+    assert items.loc[0, "title"] == "Red mug" and items.loc[0, "text"] == "ceramic mug"
+    assert items.loc[0, "brand"] == "acme"            # attribute carried through
+    assert items.loc[1, "text"] is None                # empty description -> None, item kept
+    assert items.loc[0, "image_uri"] == "a.png" and ds.image_root == catalog_dir / "img"
+    umap = dict(zip(ds.id_maps["user_id"]["raw"], ds.id_maps["user_id"]["id"]))
+    assert umap == {"u1": 0, "u2": 1, "u3": 2}
+    inter = ds.interactions
+    # sorted by ts; ISO dates (with and without time / zone) -> unix seconds
+    assert inter["ts"].is_monotonic_increasing
+    first = inter.iloc[0]
+    assert first["ts"] == int(pd.Timestamp("2024-01-01T09:00:00Z").timestamp()) and first["item_id"] == 3
+    assert int(pd.Timestamp("2024-01-02", tz="UTC").timestamp()) in set(inter["ts"])
+    assert set(inter["label"]) == {0.0, 1.0} and str(inter["label"].dtype) == "float32"
+    assert len(inter) == 5  # 9 rows - unknown x2 - missing user - bad label
+
+
+def test_parquet_with_flags_int_ids_and_implicit_positives(tmp_path):
+    items = pd.DataFrame({"id": [10, 20, 30], "name": ["x", "y", "z"]})
+    events = pd.DataFrame({"user": [7, 8, 7], "id": [20, 10, 30], "t": [300, 100, 200]})
+    items.to_parquet(tmp_path / "items.parquet")
+    events.to_parquet(tmp_path / "events.parquet")
+    spec = DataSpec(dataset="generic", items=tmp_path / "items.parquet", interactions=tmp_path / "events.parquet",
+                    column_map=("items.item_id=id", "items.title=name", "interactions.user_id=user",
+                                "interactions.item_id=id", "interactions.ts=t"))
+    ds = load_dataset(spec)
+    assert ds.id_maps == {}                       # integer ids stay as they are
+    assert list(ds.items["item_id"]) == [10, 20, 30]
+    assert list(ds.interactions["item_id"]) == [10, 30, 20]   # sorted by ts
+    assert list(ds.interactions["label"]) == [1.0, 1.0, 1.0]  # no label column: implicit positives
+    assert ds.items["image_uri"].isna().all()
+
+
+def test_json_mapping_unix_ms_and_label_threshold(tmp_path):
+    (tmp_path / "i.csv").write_text("item_id,title\n1,a\n2,b\n")
+    (tmp_path / "r.csv").write_text("user_id,item_id,ms,stars\n1,1,1700000000500,4.5\n1,2,1700000001000,2\n")
+    (tmp_path / "m.json").write_text(json.dumps({
+        "items": {"path": "i.csv"},
+        "interactions": {"path": "r.csv", "columns": {"ts": "ms", "label": "stars"}, "ts_format": "unix_ms",
+                         "label_threshold": 4.0}}))
+    ds = load_dataset(DataSpec(dataset="generic", mapping=tmp_path / "m.json"))
+    assert list(ds.interactions["ts"]) == [1700000000, 1700000001]
+    assert list(ds.interactions["label"]) == [1.0, 0.0]
+
+
+def test_id_maps_saved_and_extended(catalog_dir, tmp_path):
+    ds = load_dataset(DataSpec(dataset="generic", mapping=catalog_dir / "mapping.yaml"))
+    save_id_maps(ds, tmp_path / "ids")
+    assert load_id_maps(tmp_path / "ids")["item_id"].equals(ds.id_maps["item_id"])
+    # Next day: a new item "AA-0" sorts first but must not renumber the old ones.
+    text = (catalog_dir / "items.csv").read_text() + "AA-0,Fork,steel fork,,acme\n"
+    (catalog_dir / "items.csv").write_text(text)
+    ds2 = load_dataset(DataSpec(dataset="generic", mapping=catalog_dir / "mapping.yaml", id_map_dir=tmp_path / "ids"))
+    imap = dict(zip(ds2.id_maps["item_id"]["raw"], ds2.id_maps["item_id"]["id"]))
+    assert imap["A-1"] == 0 and imap["G-7"] == 6 and imap["AA-0"] == 7
+
+
+def test_missing_column_names_file_and_column(tmp_path):
+    (tmp_path / "i.csv").write_text("item_id,title\n1,a\n")
+    (tmp_path / "r.csv").write_text("user_id,item,ts\n1,1,5\n")
+    with pytest.raises(ValueError) as err:
+        load_dataset(DataSpec(dataset="generic", items=tmp_path / "i.csv", interactions=tmp_path / "r.csv"))
+    msg = str(err.value)
+    assert "r.csv" in msg and "'item_id'" in msg and "item" in msg
+
+
+def test_wrong_dtype_names_file_column_and_row(tmp_path):
+    (tmp_path / "i.csv").write_text("item_id,title\n1,a\n2,b\n")
+    (tmp_path / "r.csv").write_text("user_id,item_id,ts,label\n1,1,100,1\n1,2,200,1\n2,1,300,yes\n")
+    with pytest.raises(DataError) as err:
+        load_dataset(DataSpec(dataset="generic", items=tmp_path / "i.csv", interactions=tmp_path / "r.csv"))
+    msg = str(err.value)
+    assert "r.csv" in msg and "'label'" in msg and "row 2" in msg and "line 4" in msg and "'yes'" in msg
+
+
+def test_bad_timestamp_names_row(tmp_path):
+    (tmp_path / "i.csv").write_text("item_id,title\n1,a\n")
+    (tmp_path / "r.csv").write_text("user_id,item_id,ts\n1,1,2024-01-01\n1,1,last tuesday\n")
+    with pytest.raises(DataError, match=r"r\.csv: column 'ts' \(ts\) row 1 .*'last tuesday'"):
+        load_dataset(DataSpec(dataset="generic", items=tmp_path / "i.csv", interactions=tmp_path / "r.csv"))
+
+
+def test_ids_int_mode_rejects_string_id_with_row(tmp_path):
+    (tmp_path / "i.csv").write_text("item_id,title\n1,a\nx7,b\n")
+    (tmp_path / "r.csv").write_text("user_id,item_id,ts\n1,1,5\n")
+    with pytest.raises(DataError, match=r"i\.csv: column 'item_id' row 1 .*'x7'"):
+        load_dataset(DataSpec(dataset="generic", items=tmp_path / "i.csv", interactions=tmp_path / "r.csv",
+                              column_map=("ids=int",)))
+
+
+def test_unreadable_and_missing_files(tmp_path):
+    (tmp_path / "i.parquet").write_bytes(b"PAR1 garbage")
+    (tmp_path / "r.csv").write_text("user_id,item_id,ts\n1,1,5\n")
+    with pytest.raises(DataError, match=r"i\.parquet: unreadable parquet"):
+        load_dataset(DataSpec(dataset="generic", items=tmp_path / "i.parquet", interactions=tmp_path / "r.csv"))
+    with pytest.raises(DataError, match=r"nope\.csv: file not found"):
+        load_dataset(DataSpec(dataset="generic", items=tmp_path / "nope.csv", interactions=tmp_path / "r.csv"))
+
+
+def test_mapping_with_unknown_key_is_refused(tmp_path):
+    (tmp_path / "m.yaml").write_text("items:\n  columns: {item_idd: sku}\n")
+    with pytest.raises(DataError, match=r"m\.yaml: items\.columns: unknown key\(s\) \['item_idd'\]"):
+        load_dataset(DataSpec(dataset="generic", mapping=tmp_path / "m.yaml"))

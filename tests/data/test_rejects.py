@@ -1,0 +1,88 @@
+"""Every per-record problem is counted by reason, kept in `rejects`, and never crashes the load."""
+from __future__ import annotations
+
+import pandas as pd
+
+from pipelines.data import REJECT_REASONS, DataSpec, load_dataset, write_rejects
+
+
+def _load(catalog_dir, **kw):
+    return load_dataset(DataSpec(dataset="generic", mapping=catalog_dir / "mapping.yaml", **kw))
+
+
+def test_every_reason_is_counted_and_kept(catalog_dir):
+    ds = _load(catalog_dir)
+    assert ds.reject_counts == {
+        "bad_label": 1, "corrupt_image": 1, "duplicate_item": 1, "empty_text": 2, "image_escapes_root": 1,
+        "missing_image": 1, "missing_value": 1, "unknown_item": 2,
+    }
+    assert set(ds.reject_counts) == set(REJECT_REASONS)  # the fixture injects every reason there is
+    rej = ds.rejects
+    assert list(rej.columns) == ["source", "row", "item_id", "user_id", "reason", "detail", "action"]
+
+    def one(reason, **match):
+        sel = rej[rej["reason"] == reason]
+        for k, v in match.items():
+            sel = sel[sel[k] == v]
+        assert len(sel) == 1, (reason, match, rej)
+        return sel.iloc[0]
+
+    # item-side rejects name the items file and its data row
+    assert one("duplicate_item")["row"] == 4 and one("duplicate_item")["source"] == "items.csv"
+    assert one("missing_image")["action"] == "kept_text_only" and "missing.png" in one("missing_image")["detail"]
+    assert one("corrupt_image")["row"] == 3
+    assert one("image_escapes_root")["row"] == 7
+    assert one("empty_text", action="kept_image_only")["row"] == 5
+    assert one("empty_text", action="dropped")["row"] == 6
+    # interaction-side rejects keep the raw ids
+    assert one("unknown_item", row=3)["item_id"] == "Z-9"
+    assert one("unknown_item", row=4)["source"] == "events.csv"
+    assert one("missing_value")["row"] == 5
+    assert one("bad_label")["user_id"] == "u3"
+
+
+def test_bad_images_demote_items_to_text_only(catalog_dir):
+    ds = _load(catalog_dir)
+    items = ds.items.set_index("item_id")
+    # C-3 (missing), D-4 (corrupt), G-7 (escapes root) are text-only; E-5 is image-only; F-6 and the dup are gone
+    assert items.loc[2, "image_uri"] is None and items.loc[3, "image_uri"] is None and items.loc[6, "image_uri"] is None
+    assert items.loc[4, "image_uri"] == "e.png" and items.loc[4, "title"] == ""
+    assert 5 not in items.index
+    assert items.loc[0, "title"] == "Red mug"  # the first A-1 row wins over the duplicate
+    assert ds.stats()["items_with_image"] == 3 and ds.stats()["items"] == 6
+
+
+def test_nothing_silently_lost(catalog_dir):
+    ds = _load(catalog_dir)
+    n_events = len(pd.read_csv(catalog_dir / "events.csv"))
+    dropped = ds.rejects[(ds.rejects["source"] == "events.csv") & (ds.rejects["action"] == "dropped")]
+    assert len(ds.interactions) + len(dropped) == n_events
+    n_items = len(pd.read_csv(catalog_dir / "items.csv"))
+    dropped_items = ds.rejects[(ds.rejects["source"] == "items.csv") & (ds.rejects["action"] == "dropped")]
+    assert len(ds.items) + len(dropped_items) == n_items
+
+
+def test_require_image_filters_without_calling_it_bad(catalog_dir):
+    ds = _load(catalog_dir, require_image=True)
+    assert ds.items["image_uri"].notna().all() and len(ds.items) == 3
+    assert ds.filtered["items_without_image"] == 3
+    # interactions on the text-only items (C-3, D-4, G-7) are filtered, not rejected as unknown
+    assert ds.reject_counts["unknown_item"] == 2
+    assert ds.filtered["interactions_on_items_without_image"] == 3
+    assert len(ds.interactions) == 2
+
+
+def test_decode_level_catches_truncated_image(catalog_dir):
+    data = (catalog_dir / "img" / "a.png").read_bytes()
+    (catalog_dir / "img" / "a.png").write_bytes(data[: len(data) // 2])
+    ds = _load(catalog_dir, validate_images="decode")
+    assert ds.reject_counts["corrupt_image"] == 2  # broken.png and the truncated a.png
+
+
+def test_write_rejects_is_parquet_with_summary(catalog_dir, tmp_path):
+    ds = _load(catalog_dir)
+    out = write_rejects(ds, tmp_path / "out" / "rejects.parquet")
+    back = pd.read_parquet(out)
+    assert len(back) == len(ds.rejects) and set(back["reason"]) == set(ds.reject_counts)
+    assert (tmp_path / "out" / "rejects.json").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left

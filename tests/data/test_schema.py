@@ -1,0 +1,50 @@
+"""DataSpec validation and the shared command-line flags."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.data import DataSpec, add_data_arguments, data_spec_from_args
+
+
+def test_defaults_are_the_embedded_synthetic_set():
+    spec = DataSpec()
+    assert spec.dataset == "synthetic" and spec.n_items == 2000 and spec.n_users == 600 and spec.seed == 0
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(dataset="imagenet"), "dataset"),
+    (dict(dataset="movielens"), "data"),
+    (dict(dataset="generic"), "--items"),
+    (dict(validate_images="maybe"), "validate_images"),
+    (dict(n_users=0), "n_users"),
+    (dict(image_size=2), "image_size"),
+])
+def test_bad_specs_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        DataSpec(**kwargs)
+
+
+def test_spec_is_frozen_and_serialisable():
+    spec = DataSpec(dataset="movielens", data="some/dir")
+    assert isinstance(spec.data, Path)
+    with pytest.raises(Exception):
+        spec.seed = 3
+    assert json.loads(json.dumps(spec.to_dict()))["data"] == "some/dir"
+
+
+def test_flags_round_trip():
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    args = parser.parse_args(["--dataset", "generic", "--items", "i.csv", "--interactions", "e.parquet",
+                              "--map", "items.item_id=sku", "--map", "ids=string", "--require-image",
+                              "--validate-images", "decode", "--seed", "7"])
+    spec = data_spec_from_args(args)
+    assert spec == DataSpec(dataset="generic", items=Path("i.csv"), interactions=Path("e.parquet"),
+                            column_map=("items.item_id=sku", "ids=string"), require_image=True,
+                            validate_images="decode", seed=7)
+    defaults = data_spec_from_args(parser.parse_args([]))
+    assert defaults == DataSpec()

@@ -1,0 +1,114 @@
+"""The `qarm` dispatcher: unbuilt commands, --json as the last stdout line, errors as exit codes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from pipelines import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fake_command(monkeypatch, name: str, run):
+    module = types.ModuleType(f"qarm_test_fake_{name}")
+    module.add_arguments = lambda parser: parser.add_argument("--x", type=int, default=1)
+    module.run = run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(cli.COMMANDS, name, (module.__name__, "a fake command"))
+
+
+def test_unbuilt_command_exits_2_not_built_yet(monkeypatch, capsys):
+    monkeypatch.setitem(cli.COMMANDS, "later", ("pipelines.no_such_module_yet", "not written"))
+    assert cli.main(["later", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert "not built yet" in err
+    assert json.loads(out.strip().splitlines()[-1]) == {"command": "later", "ok": False, "error": "not built yet"}
+
+
+def test_missing_dependency_inside_a_built_module_is_not_hidden(monkeypatch):
+    monkeypatch.setitem(cli.COMMANDS, "broken", ("qarm_test_broken_pkg.cmd", "imports a missing lib"))
+    # The module's own name resolves, but a library it imports does not: that is a bug, not "not built yet".
+    def fake_import(name):
+        raise ModuleNotFoundError("No module named 'some_missing_lib'", name="some_missing_lib")
+    monkeypatch.setattr(cli.importlib, "import_module", fake_import)
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["broken"])
+
+
+def test_json_result_is_the_last_stdout_line(monkeypatch, capsys):
+    def run(args):
+        print("some progress on stdout")
+        return {"x": args.x, "nested": {"a": [1, 2]}}
+    _fake_command(monkeypatch, "fake", run)
+    assert cli.main(["fake", "--x", "5", "--json"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == {"command": "fake", "ok": True, "x": 5, "nested": {"a": [1, 2]}}
+
+
+def test_value_error_becomes_exit_1_with_message(monkeypatch, capsys):
+    def run(args):
+        raise ValueError("items.csv: column 'sku' row 3: bad")
+    _fake_command(monkeypatch, "bad", run)
+    assert cli.main(["bad", "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert "items.csv: column 'sku' row 3: bad" in err and "Traceback" not in err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["ok"] is False and result["error_type"] == "ValueError" and "row 3" in result["error"]
+
+
+def test_command_exit_keeps_its_code(monkeypatch, capsys):
+    def run(args):
+        raise cli.CommandExit(3, "gate rejected", {"auc": 0.5})
+    _fake_command(monkeypatch, "gate", run)
+    assert cli.main(["gate", "--json"]) == 3
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["auc"] == 0.5
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["no-such-command"])
+    assert exc.value.code == 2
+
+
+def _qarm(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+                                            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+
+
+def test_data_stats_end_to_end(tmp_path):
+    proc = _qarm("data", "stats", "--dataset", "synthetic", "--data", str(tmp_path), "--n-items", "60",
+                 "--n-users", "20", "--n-events", "500", "--n-clusters", "4", "--image-size", "16",
+                 "--split", "global", "--rejects", str(tmp_path / "rej.parquet"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ok"] and result["items"] == 60 and result["interactions"] == 500 and result["users"] <= 20
+    assert result["rejected"] == {} and (tmp_path / "rej.parquet").exists()
+    assert sum(result["split"][p]["interactions"] for p in ("train", "valid", "test")) == 500
+
+
+def test_data_stats_reports_rejects_and_bad_files(tmp_path):
+    (tmp_path / "i.csv").write_text("item_id,title\n1,a\n1,dup\n")
+    (tmp_path / "r.csv").write_text("user_id,item_id,ts\n1,1,5\n1,9,6\n")
+    proc = _qarm("data", "stats", "--dataset", "generic", "--items", str(tmp_path / "i.csv"),
+                 "--interactions", str(tmp_path / "r.csv"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["rejected"] == {"duplicate_item": 1, "unknown_item": 1} and result["interactions"] == 1
+    (tmp_path / "r.csv").write_text("user_id,item_id,when\n1,1,5\n")
+    proc = _qarm("data", "stats", "--dataset", "generic", "--items", str(tmp_path / "i.csv"),
+                 "--interactions", str(tmp_path / "r.csv"))
+    assert proc.returncode == 1
+    assert "r.csv" in proc.stderr and "'ts'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_movielens_stats(movielens_dir):
+    proc = _qarm("data", "stats", "--dataset", "movielens", "--data", str(movielens_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["users"] == 610 and result["interactions"] == 100_836 and result["items_with_image"] == 2_947
