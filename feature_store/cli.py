@@ -40,8 +40,9 @@ def run(args: argparse.Namespace) -> dict:
             version = store.read(args.version, verify=not args.no_verify)
             result = {"store": str(store.root), "version": version.id, "current": version.id == store.current_id(),
                       "verified": not args.no_verify, "path": str(version.path), "manifest": version.manifest}
-            if not args.json:
+            if not args.json:  # the manifest is printed in full once; the summary lines stay short
                 print(json.dumps(version.manifest, indent=2, default=str))
+                result.pop("manifest")
             return result
         if args.action == "rollback":
             if not args.version:
@@ -85,5 +86,7 @@ def _list(store: FeatureStore, args) -> dict:
             mark = "*" if v.current else " "
             status = f"  CORRUPT: {v.error}" if v.error else ""
             print(f"{mark} {v.id}  {v.created_at or '?':<25}  parent={v.parent or '-':<16}  items={rows}{status}")
-    return {"store": str(store.root), "current": current, "count": len(versions),
-            "versions": [v.to_dict() for v in versions]}
+    result = {"store": str(store.root), "current": current, "count": len(versions)}
+    if args.json:  # the human form printed the table above instead
+        result["versions"] = [v.to_dict() for v in versions]
+    return result
