@@ -120,6 +120,10 @@ def _make_interactions(spec: DataSpec, items: pd.DataFrame, rng: np.random.Gener
     liked = np.zeros((n_users, k), dtype=bool)
     for u in range(n_users):
         liked[u, rng.choice(k, size=min(k, int(rng.integers(1, 4))), replace=False, p=popularity)] = True
+    n_liked = liked.sum(1)
+    liked_pad = np.zeros((n_users, int(n_liked.max())), dtype=np.int64)  # (U, max liked) cluster ids, left-packed
+    for u in range(n_users):
+        liked_pad[u, : n_liked[u]] = np.flatnonzero(liked[u])
     quality = rng.normal(0, ITEM_QUALITY_SD, len(items))
     user_bias = rng.normal(0, USER_BIAS_SD, n_users)
     activity = rng.lognormal(0, 0.8, n_users)
@@ -142,7 +146,8 @@ def _make_interactions(spec: DataSpec, items: pd.DataFrame, rng: np.random.Gener
         shown[rand_idx] = rng.choice(avail, size=len(rand_idx), p=fresh / fresh.sum())
         # Personalised slots: a liked cluster first, then an available item of it.
         liked_idx = np.flatnonzero(from_liked) + lo
-        pick = np.array([rng.choice(np.flatnonzero(liked[u])) for u in users[liked_idx]], dtype=np.int64)
+        slot_users = users[liked_idx]
+        pick = liked_pad[slot_users, (rng.random(len(liked_idx)) * n_liked[slot_users]).astype(np.int64)]
         for c in np.unique(pick):
             slots = liked_idx[pick == c]
             pool = avail[cluster[avail] == c]
