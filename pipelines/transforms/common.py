@@ -1,0 +1,75 @@
+"""Small pieces every job transform uses: stage counters, stage timers, dead-letter records.
+
+Counters live in the Beam metrics namespace ``qarm.stage`` as ``<stage>.in`` / ``<stage>.out`` /
+``<stage>.rejected`` (and ``<stage>.msecs``, time spent inside the stage's DoFns, summed over workers), so the
+job summary reads them back from the PipelineResult on any runner that reports committed metrics.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+STAGE_NS = "qarm.stage"
+REJECT_FIELDS = ("stage", "source", "row", "item_id", "user_id", "reason", "detail", "action")
+
+
+def reject(stage: str, source: str, reason: str, *, row=None, item_id=None, user_id=None, detail: str = "",
+           action: str = "dropped") -> dict:
+    """One dead-letter record (the loader's reject columns plus the job stage that raised it)."""
+    return {"stage": stage, "source": source, "row": None if row is None else int(row),
+            "item_id": None if item_id is None else int(item_id),
+            "user_id": None if user_id is None else int(user_id),
+            "reason": reason, "detail": str(detail)[:500], "action": action}
+
+
+def counter(stage: str, kind: str):
+    return Metrics.counter(STAGE_NS, f"{stage}.{kind}")
+
+
+@contextmanager
+def stage_timer(stage: str):
+    """Adds the wall time of the block to ``<stage>.msecs``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        counter(stage, "msecs").inc(int(round((time.perf_counter() - t0) * 1000)))
+
+
+class _CountFn(beam.DoFn):
+    def __init__(self, stage: str, kind: str):
+        self.stage, self.kind = stage, kind
+        self._counter = None
+
+    def setup(self):
+        self._counter = counter(self.stage, self.kind)
+
+    def process(self, element):
+        self._counter.inc()
+        yield element
+
+
+def count(stage: str, kind: str) -> beam.ParDo:
+    """A pass-through step counting elements into ``<stage>.<kind>``."""
+    return beam.ParDo(_CountFn(stage, kind))
+
+
+def read_stage_metrics(result) -> dict:
+    """{stage: {in, out, rejected, seconds}} from a finished PipelineResult's committed counters."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    stages: dict[str, dict] = {}
+    query = result.metrics().query(MetricsFilter().with_namespace(STAGE_NS))
+    for c in query["counters"]:
+        stage, _, kind = c.key.metric.name.rpartition(".")
+        value = c.committed if c.committed is not None else c.attempted
+        entry = stages.setdefault(stage, {})
+        entry[kind] = entry.get(kind, 0) + int(value or 0)
+    out = {}
+    for stage, entry in stages.items():
+        out[stage] = {"in": entry.get("in", 0), "out": entry.get("out", 0), "rejected": entry.get("rejected", 0),
+                      "seconds": round(entry.get("msecs", 0) / 1000.0, 3)}
+    return out
