@@ -142,9 +142,9 @@ class StoreVersion:
         """CodeTable(item_ids (N,), rq int32 (N, L), vq int64 (N, K)), sorted by item_id."""
         return tables.read_codes(self.file(name))
 
-    def codebooks(self, name: str = tables.CODEBOOKS_NAME) -> dict:
-        """``{tensor name: torch.Tensor}``, e.g. ``rq.level0`` (K, d)."""
-        return tables.read_codebooks(self.file(name))
+    def codebooks(self, name: str = tables.CODEBOOKS_NAME, *, as_numpy: bool = False) -> dict:
+        """``{tensor name: torch.Tensor}`` (numpy arrays with ``as_numpy``), e.g. ``rq.level0`` (K, d)."""
+        return tables.read_codebooks(self.file(name), as_numpy=as_numpy)
 
     def _resolve(self, name: str) -> str | None:
         files = self.manifest["files"]
@@ -300,7 +300,15 @@ class FeatureStore:
         if (src / MANIFEST).exists():
             raise ValueError(f"{src / MANIFEST}: '{MANIFEST}' is reserved for the store; do not write it")
         files, table_info, tensor_info = {}, {}, {}
+        try:
+            config_text = canonical_json(config)
+            canonical_json(metrics), canonical_json(extra)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"publish: config / metrics / extra must be JSON-serialisable ({exc})") from None
         for rel, full in _walk_files(src):
+            if full.is_symlink():
+                raise ValueError(f"{full}: symbolic links cannot be published (a version must own its bytes); "
+                                 "copy the file into the staging folder instead")
             if is_temp_name(full.name):  # leftovers of a failed atomic write inside the staging folder
                 full.unlink()
                 continue
@@ -317,7 +325,7 @@ class FeatureStore:
                 tensor_info[rel] = _safetensors_shapes(full)
         if not files:
             raise ValueError(f"staging folder {src} is empty; nothing to publish")
-        config_sha = sha256_bytes(canonical_json(config).encode("utf-8"))
+        config_sha = sha256_bytes(config_text.encode("utf-8"))
         content_sha = _content_hash(files, config_sha, staging.parent)
         seq = self._next_seq()
         version_id = f"v{seq:06d}-{content_sha[:8]}"
@@ -369,7 +377,7 @@ class FeatureStore:
         return {"current": version_id, "previous": previous}
 
     def retain(self, keep: int, *, lock_timeout: float = 0.0) -> list[str]:
-        """Delete all but the newest ``keep`` versions; CURRENT is always kept.
+        """Delete all but the newest ``keep`` versions; CURRENT and versions pinned by a reader are kept.
 
         Returns:
             the ids removed, oldest first.
@@ -380,18 +388,64 @@ class FeatureStore:
             self._sweep_locked()
             ids = self._version_ids()
             current = self.current_id()
-            doomed = [v for v in ids[:-keep] if v != current]
             trash = self.root / TRASH_DIR
             trash.mkdir(exist_ok=True)
-            for version_id in doomed:
-                # Rename out of versions/ first so a half-deleted folder is never listed.
-                os.rename(self.versions_dir / version_id, trash / f"{version_id}-{uuid.uuid4().hex[:8]}")
-            if doomed:
+            removed, pinned = [], []
+            for version_id in (v for v in ids[:-keep] if v != current):
+                fd = os.open(self.versions_dir / version_id, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+                try:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:  # a reader holds it through pinned(): delete on a later run
+                        pinned.append(version_id)
+                        continue
+                    # Rename out of versions/ first so a half-deleted folder is never listed.
+                    os.rename(self.versions_dir / version_id, trash / f"{version_id}-{uuid.uuid4().hex[:8]}")
+                    removed.append(version_id)
+                finally:
+                    os.close(fd)
+            if removed:
                 fsync_dir(self.versions_dir)
             self._empty_trash()
-        if doomed:
-            log.info("retain %d: removed %s", keep, doomed)
-        return doomed
+        if removed:
+            log.info("retain %d: removed %s", keep, removed)
+        if pinned:
+            log.info("retain %d: kept %s, pinned by a reader", keep, pinned)
+        return removed
+
+    @contextmanager
+    def pinned(self, version_id: str | None = None, *, verify: bool = True) -> Iterator[StoreVersion]:
+        """Read a version (CURRENT by default) and keep ``retain`` from deleting it until the block ends.
+
+        For long readers (a ranker training run): the pin is a shared flock on the version folder, dropped by the
+        kernel if the reader dies. Rollbacks still work; only deletion waits.
+        """
+        for _ in range(10):
+            target = version_id or self.current_id()
+            if target is None:
+                raise FileNotFoundError(f"feature store {self.root} has no CURRENT version; publish one first")
+            path = self.version_path(target)
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            except FileNotFoundError:
+                if version_id is not None:
+                    raise VersionNotFoundError(f"version {version_id} not found in {self.versions_dir}") from None
+                continue  # CURRENT moved and the old one was retained away meanwhile: resolve again
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                try:
+                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:  # renamed into the trash between our open and our flock
+                    if version_id is not None:
+                        raise VersionNotFoundError(f"version {version_id} was removed by retain")
+                    continue
+                yield self.read(target, verify=verify)
+                return
+            finally:
+                os.close(fd)
+        raise RuntimeError(f"feature store {self.root}: CURRENT kept changing while pinning a version")
 
     def cleanup(self) -> dict:
         """Sweep what crashed writers left behind: abandoned staging folders, trash, temp files.
@@ -622,7 +676,8 @@ def _walk_files(root: Path) -> list[tuple[str, Path]]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        for name in sorted(filenames):
+        # os.walk does not descend into symlinked folders; list them so publish / verify see them
+        for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
             full = Path(dirpath) / name
             out.append((full.relative_to(root).as_posix(), full))
     return out

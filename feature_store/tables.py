@@ -246,9 +246,12 @@ def read_codes(path: str | os.PathLike) -> CodeTable:
                      np.ascontiguousarray(vq[order].astype(np.int64)))
 
 
-def read_codebooks(path: str | os.PathLike) -> dict:
-    """Read codebooks.safetensors into ``{name: torch.Tensor}`` (no pickle involved)."""
-    from safetensors.torch import load_file
+def read_codebooks(path: str | os.PathLike, *, as_numpy: bool = False) -> dict:
+    """Read codebooks.safetensors into ``{name: torch.Tensor}`` (or numpy arrays; no pickle involved)."""
+    if as_numpy:
+        from safetensors.numpy import load_file
+    else:
+        from safetensors.torch import load_file
 
     path = Path(path)
     if not path.exists():

@@ -271,3 +271,38 @@ def test_abandoned_staging_is_swept_but_live_one_is_not(store, publish, fill):
         live.publish(config={})
     assert list(staging.iterdir()) == []
     assert len(store.list()) == 2
+
+
+def test_pinned_version_survives_retain(store, publish):
+    v1, v2, v3 = publish(0), publish(1), publish(2)
+    with store.pinned(v1.id) as pinned:
+        assert pinned.id == v1.id
+        assert store.retain(1) == [v2.id]  # v1 is pinned by this reader: kept for now
+        ids, _ = pinned.embeddings()
+        assert len(ids) == 20
+    assert store.retain(1) == [v1.id]
+    with store.pinned() as current:
+        assert current.id == v3.id
+    with pytest.raises(VersionNotFoundError):
+        with store.pinned(v1.id):
+            pass
+
+
+def test_publish_rejects_symlinks_and_unserialisable_config(store, fill, tmp_path):
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"x")
+    with store.stage() as st:
+        fill(st.path)
+        (st.path / "link.bin").symlink_to(outside)
+        with pytest.raises(ValueError, match="link.bin: symbolic links cannot be published"):
+            st.publish(config={})
+    with store.stage() as st:
+        fill(st.path)
+        (st.path / "linked_dir").symlink_to(tmp_path)
+        with pytest.raises(ValueError, match="linked_dir: symbolic links"):
+            st.publish(config={})
+    with store.stage() as st:
+        fill(st.path)
+        with pytest.raises(ValueError, match="JSON-serialisable"):
+            st.publish(config={"bad": object()})
+    assert store.list() == []
