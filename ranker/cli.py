@@ -41,7 +41,10 @@ def add_ranker_arguments(parser: argparse.ArgumentParser, with_features: bool = 
     g.add_argument("--sharding", choices=("table_wise", "column_wise", "data_parallel"), default=_DEFAULT.sharding)
     g.add_argument("--threads", type=int, default=_DEFAULT.num_threads, help="torch threads per process")
     s = parser.add_argument_group("split and negatives")
-    s.add_argument("--split", choices=("global", "user_last"), default="global")
+    s.add_argument("--split", choices=("global", "user_last_frac", "user_last_n"), default="global",
+                   help="time split: global timestamp cuts, or each user's last fraction / last n events")
+    s.add_argument("--n-valid", type=int, default=1, help="user_last_n: valid events per user")
+    s.add_argument("--n-test", type=int, default=1, help="user_last_n: test events per user")
     s.add_argument("--valid-frac", type=float, default=0.1)
     s.add_argument("--test-frac", type=float, default=0.1)
     s.add_argument("--negatives", type=int, default=NegativeConfig.per_positive,
@@ -79,7 +82,8 @@ def config_from_args(args: argparse.Namespace, features: str | None = None, seed
 
 
 def split_from_args(args: argparse.Namespace) -> SplitConfig:
-    return SplitConfig(method=args.split, valid_frac=args.valid_frac, test_frac=args.test_frac)
+    return SplitConfig(method=args.split, valid_frac=args.valid_frac, test_frac=args.test_frac,
+                       n_valid=args.n_valid, n_test=args.n_test)
 
 
 def load_inputs(args: argparse.Namespace, history_len: int, negatives: NegativeConfig):

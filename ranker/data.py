@@ -14,54 +14,18 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from pipelines.data.split import SplitConfig, time_split  # the project's one time split
 from ranker.config import NegativeConfig
 from ranker.examples import Examples, UserIndex, build_examples, sample_negatives
 from ranker.features import ItemFeatures
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    """Time-based split (never random).
-
-    Args:
-        method: "global" (cut the timeline at the quantiles 1 - valid_frac - test_frac and 1 - test_frac)
-            or "user_last" (each user's last test_frac of events is test, the valid_frac before it valid).
-        valid_frac, test_frac: fractions of events.
-    """
-
-    method: str = "global"
-    valid_frac: float = 0.1
-    test_frac: float = 0.1
-
-    def __post_init__(self):
-        if self.method not in ("global", "user_last"):
-            raise ValueError(f"SplitConfig.method must be 'global' or 'user_last', got {self.method!r}")
-        if not (0 < self.valid_frac < 1 and 0 < self.test_frac < 1 and self.valid_frac + self.test_frac < 1):
-            raise ValueError(f"SplitConfig: valid_frac {self.valid_frac} / test_frac {self.test_frac} must be in (0, 1) "
-                             "and sum below 1")
-
-
-def time_split(interactions: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(train, valid, test) by time. Events sharing the cut timestamp all go to the later part."""
-    df = interactions.sort_values(["ts", "user_id", "item_id"], kind="mergesort").reset_index(drop=True)
-    if cfg.method == "global":
-        ts = df["ts"].to_numpy()
-        t_valid, t_test = np.quantile(ts, [1 - cfg.valid_frac - cfg.test_frac, 1 - cfg.test_frac])
-        part = np.where(ts >= t_test, 2, np.where(ts >= t_valid, 1, 0))
-    else:
-        order = df.groupby("user_id", sort=False).cumcount().to_numpy()
-        count = df.groupby("user_id", sort=False)["ts"].transform("size").to_numpy()
-        frac = (order + 1) / count  # position in the user's own timeline, (0, 1]
-        part = np.where(frac > 1 - cfg.test_frac, 2, np.where(frac > 1 - cfg.test_frac - cfg.valid_frac, 1, 0))
-    return df[part == 0], df[part == 1], df[part == 2]
 
 
 @dataclass
@@ -99,7 +63,7 @@ def prepare_examples(interactions: pd.DataFrame, catalog_ids: np.ndarray, histor
     labels = interactions["label"].to_numpy()
     if implicit is None:
         implicit = bool(np.all(labels >= 0.5))
-    train_df, valid_df, test_df = time_split(interactions, split)
+    train_df, valid_df, test_df = time_split(interactions, config=split)
     if len(train_df) == 0 or len(valid_df) == 0 or len(test_df) == 0:
         raise ValueError(f"time split {split} left an empty part (train {len(train_df)}, valid {len(valid_df)}, "
                          f"test {len(test_df)} events)")
@@ -120,7 +84,7 @@ def prepare_examples(interactions: pd.DataFrame, catalog_ids: np.ndarray, histor
     info = {
         "implicit": implicit,
         "negatives": negatives.__dict__ if implicit else None,
-        "split": split.__dict__,
+        "split": asdict(split),
         "history_len": history_len,
         "events": {k: int(len(v)) for k, v in parts.items()},
         "positive_rate": {k: float(v.label.mean()) for k, v in parts.items()},

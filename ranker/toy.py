@@ -77,3 +77,36 @@ def toy_world(n_items: int = 400, n_users: int = 120, n_events: int = 8000, n_cl
                        "label": labels})
     codebooks = [centroids, sub_centroids]
     return ToyWorld(df, item_ids, np.stack([cluster, sub], 1).astype(np.int64), vq, embeddings, codebooks, cluster)
+
+
+def write_toy_files(world: ToyWorld, folder) -> tuple:
+    """items.csv + interactions.csv in the generic-source contract (for CLI tests). Returns their paths."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    items = pd.DataFrame({"item_id": world.item_ids, "title": [f"item {i}" for i in world.item_ids]})
+    items.to_csv(folder / "items.csv", index=False)
+    world.interactions.to_csv(folder / "interactions.csv", index=False)
+    return folder / "items.csv", folder / "interactions.csv"
+
+
+def publish_toy_version(world: ToyWorld, store_root, seed: int = 0) -> str:
+    """Publish a feature-store version for the toy world: aligned codes = the true clusters; unaligned
+    codes = a random relabelling that ignores the clusters (so alignment visibly matters). Returns its id."""
+    from feature_store import FeatureStore
+    from feature_store.tables import write_codebooks, write_codes, write_embeddings
+
+    rng = np.random.default_rng(seed)
+    store = FeatureStore(store_root)
+    n = len(world.item_ids)
+    with store.stage() as st:
+        write_embeddings(st.path / "item_embeddings.parquet", world.item_ids, world.embeddings)
+        write_codes(st.path / "item_codes.parquet", world.item_ids, world.rq.astype(np.int32), world.vq)
+        write_codebooks(st.path / "codebooks.safetensors",
+                        {f"rq.level{l}": c for l, c in enumerate(world.codebooks)})
+        shuffled_rq = np.stack([rng.integers(0, len(c), n) for c in world.codebooks], 1).astype(np.int32)
+        shuffled_vq = world.item_ids[rng.integers(0, n, world.vq.shape)]
+        write_codes(st.path / "item_codes_unaligned.parquet", world.item_ids, shuffled_rq, shuffled_vq)
+        version = st.publish(config={"toy": True, "seed": seed})
+    return version.id

@@ -134,6 +134,8 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
     train_model = build_train_model(cfg, schema, items)
     start_epoch, history, best = 0, [], {"auc": -1.0, "epoch": -1}
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir else None
+    if out_dir is not None and ctx.is_main and not resume:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     ckpt = None
     if resume:
         if ckpt_path is None or not ckpt_path.exists():

@@ -5,7 +5,7 @@ import torch
 
 from ranker.batch import build_batch, cross_features
 from ranker.config import NegativeConfig, RankerConfig
-from ranker.data import SplitConfig, prepare_examples, time_split
+from ranker.data import SplitConfig, prepare_examples
 from ranker.examples import UserIndex, build_examples, sample_negatives
 from ranker.features import ItemFeatures, build_schema, table_configs
 
@@ -99,13 +99,18 @@ def test_cross_features_count_prefix_matches():
     assert out[0].tolist() == pytest.approx([np.log1p(2), np.log1p(1), 2 / 4, 1 / 4])
 
 
-def test_time_split_global_and_user_last():
-    df = pd.DataFrame({"user_id": [1] * 10 + [2] * 10, "item_id": range(20), "ts": list(range(10)) + list(range(100, 110)),
-                       "label": 1.0})
-    train, valid, test = time_split(df, SplitConfig("global", 0.1, 0.1))
-    assert train.ts.max() < valid.ts.min() and valid.ts.max() < test.ts.min()
-    train, valid, test = time_split(df, SplitConfig("user_last", 0.1, 0.2))
-    assert sorted(test.ts) == [8, 9, 108, 109] and sorted(valid.ts) == [7, 107]
+def test_examples_follow_the_time_split_and_users_come_from_train():
+    df = pd.DataFrame({"user_id": [1] * 10 + [2] * 10, "item_id": np.tile(CATALOG, 5),
+                       "ts": list(range(10)) + list(range(100, 110)), "label": 1.0})
+    data = prepare_examples(df, CATALOG, history_len=2, split=SplitConfig("global", 0.1, 0.1),
+                            negatives=NegativeConfig(1, "uniform", 0))
+    assert data.train.ts.max() < data.valid.ts.min() <= data.valid.ts.max() < data.test.ts.min()
+    # global cut: user 1 has no train events after ts 9? it does; both users are in train
+    assert set(data.users.user_ids) == {1, 2}
+    data = prepare_examples(df, CATALOG, history_len=2, split=SplitConfig("user_last_frac", 0.1, 0.2),
+                            negatives=NegativeConfig(1, "uniform", 0))
+    pos = data.test.label > 0
+    assert sorted(data.test.ts[pos]) == [8, 9, 108, 109] and data.info["users"]["test_users_seen_in_train"] == 1.0
 
 
 def test_negatives_are_deterministic_and_never_the_positive():
