@@ -16,6 +16,21 @@ def planted_clusters(n: int, d: int, n_clusters: int, *, spread: float = 6.0, no
     return x.astype(np.float32), labels
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One BLAS/OpenMP thread for these tiny problems: on a shared 2-core box, spinning thread pools make small
+    torch steps ~30x slower. Module scope, so it is in place before module-scoped fixtures train anything; restored after each module."""
+    import faiss
+    import torch
+
+    old_torch, old_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(old_torch)
+    faiss.omp_set_num_threads(old_faiss)
+
+
 @pytest.fixture(scope="module")
 def clustered():
     return planted_clusters(2000, 16, 16, seed=1)
