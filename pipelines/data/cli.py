@@ -3,6 +3,7 @@
     qarm data stats --dataset movielens --data ../shared/data/movielens --json
     qarm data stats --dataset generic --items items.csv --interactions events.csv --mapping map.yaml \
         --rejects rejects.parquet --save-id-maps ids/
+    qarm data export --dataset movielens --data ../shared/data/movielens --out ml-contract/
 """
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ import argparse
 import logging
 
 from pipelines.data.args import add_data_arguments, data_spec_from_args
-from pipelines.data.loader import load_dataset, save_id_maps, write_rejects
+from pipelines.data.loader import export_dataset, load_dataset, save_id_maps, write_rejects
 from pipelines.data.split import METHODS, SplitConfig, split_labels
 
 log = logging.getLogger(__name__)
-ACTIONS = ("stats",)
+ACTIONS = ("stats", "export")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=ACTIONS, help="stats: load, validate and summarise a data source")
+    parser.add_argument("action", choices=ACTIONS,
+                        help="stats: load, validate and summarise a data source; export: also write it in contract "
+                             "form to --out (reload with --dataset generic --mapping OUT/mapping.json)")
+    parser.add_argument("--out", type=str, default=None, help="export: output folder")
     add_data_arguments(parser)
     parser.add_argument("--rejects", type=str, default=None,
                         help="write the rejected records (Parquet, with a .json summary beside it)")
@@ -30,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.action == "export" and not args.out:
+        raise ValueError("qarm data export needs --out DIR")
     spec = data_spec_from_args(args)
     ds = load_dataset(spec)
     result = ds.stats()
@@ -47,6 +53,8 @@ def run(args: argparse.Namespace) -> dict:
             }
     if args.rejects:
         result["rejects_file"] = str(write_rejects(ds, args.rejects))
+    if args.action == "export":
+        result["export"] = export_dataset(ds, args.out)
     if args.save_id_maps:
         result["id_map_files"] = [str(p) for p in save_id_maps(ds, args.save_id_maps)]
     return result

@@ -11,6 +11,7 @@ Mapping file (JSON or YAML; every key optional; relative paths are relative to t
       columns: {user_id: uid, item_id: sku, ts: event_time, label: clicked}
       ts_format: auto                # auto | unix | unix_ms | iso
       label_threshold: 4.0           # optional: label = value >= threshold (e.g. star ratings)
+      attributes: [dwell_s]          # extra columns carried through unchanged
     image_root: images/              # image_uri is relative to it (default: the items file's folder)
     ids: auto                        # auto | int | string
 
@@ -18,7 +19,9 @@ Unmapped fields default to the contract names (a column called `item_id` needs n
 file: `--items`, `--interactions`, and `--map items.item_id=sku`, `--map interactions.ts_format=iso`,
 `--map image_root=imgs`, `--map ids=string` (repeatable).
 
-- Timestamps: unix seconds, unix milliseconds, or ISO-8601 dates/datetimes (naive = UTC).
+- Timestamps: unix seconds, unix milliseconds, or ISO-8601 dates/datetimes (naive = UTC). With `auto`, integer
+  timestamps beyond year 5000 as seconds (> 1e11) are taken as milliseconds, with a log line saying so.
+- Only the mapped and attribute columns are read, so wide logs cost what they use.
 - Ids: integer columns stay as they are; string ids (or `ids: string`) get dense int64 ids (sorted raw order,
   catalog items first), and the maps are kept in `Dataset.id_maps` (save with `save_id_maps`; pass the folder
   back as `--id-maps` to extend rather than renumber on the next run).
@@ -131,7 +134,10 @@ def load_generic(spec: DataSpec) -> Dataset:
     ecols = {f: mapping["interactions"]["columns"].get(f, f) for f in INTERACTION_FIELDS}
     rejects = RejectLog()
 
-    items_raw = read_table(items_path, [icols["item_id"]])
+    item_attrs = list(mapping["items"].get("attributes") or [])
+    inter_attrs = list(mapping["interactions"].get("attributes") or [])
+    items_raw = read_table(items_path, [icols["item_id"]] + item_attrs,
+                           optional=[icols["title"], icols["text"], icols["image_uri"]])
     if icols["title"] not in items_raw and icols["text"] not in items_raw:
         raise DataError(f"{items_path}: missing column(s) for item text: need {icols['title']!r} (title) or "
                         f"{icols['text']!r} (text); columns present: {list(items_raw.columns)}")
@@ -141,7 +147,7 @@ def load_generic(spec: DataSpec) -> Dataset:
     needed = [ecols["user_id"], ecols["item_id"], ecols["ts"]]
     if "label" in mapping["interactions"]["columns"]:
         needed.append(ecols["label"])
-    inter_raw = read_table(inter_path, needed)
+    inter_raw = read_table(inter_path, needed + inter_attrs, optional=[ecols["label"]])
 
     ids_mode = mapping.get("ids", "auto")
     known_maps = load_id_maps(spec.id_map_dir) if spec.id_map_dir is not None else {}
@@ -165,13 +171,7 @@ def load_generic(spec: DataSpec) -> Dataset:
         "image_uri": _text_col(items_raw, icols["image_uri"]),
         "row": np.arange(len(items_raw), dtype="int64"),
     })
-    for attr in mapping["items"].get("attributes") or []:
-        if attr not in items_raw:
-            raise DataError(f"{items_path}: missing attribute column {attr!r}; columns present: "
-                            f"{list(items_raw.columns)}")
-        if attr in items:
-            raise DataError(f"{items_path}: attribute column {attr!r} clashes with a contract column")
-        items[attr] = items_raw[attr].to_numpy()
+    _carry_attributes(items, items_raw, item_attrs, items_path)
     items = items.loc[~missing]
     items["item_id"] = items["item_id"].astype("int64")
 
@@ -199,12 +199,20 @@ def load_generic(spec: DataSpec) -> Dataset:
                                  "item_id": inter_items[keep].astype("int64").to_numpy(),
                                  "ts": ts[keep].astype("int64").to_numpy(),
                                  "label": label[keep].to_numpy().astype("float32"), "row": rows[keep]})
+    _carry_attributes(interactions, inter_raw.loc[keep], inter_attrs, inter_path)
 
     image_root = mapping.get("image_root")
     image_root = Path(image_root) if image_root else (items_path.parent if items["image_uri"].notna().any() else None)
     return finalize(items, interactions, spec=spec, name=f"generic:{items_path.name}", image_root=image_root,
                     rejects=rejects, items_source=items_path.name, interactions_source=inter_path.name,
                     id_maps=id_maps)
+
+
+def _carry_attributes(out: pd.DataFrame, raw: pd.DataFrame, attrs: list, path: Path) -> None:
+    for attr in attrs:
+        if attr in out:
+            raise DataError(f"{path}: attribute column {attr!r} clashes with a contract column")
+        out[attr] = raw[attr].array  # positional, keeps extension dtypes (Int64, string)
 
 
 def _path_from(mapping: dict, table: str, spec: DataSpec) -> Path:

@@ -6,6 +6,7 @@ message adds the 1-based file line as well, which is what an editor shows.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -15,6 +16,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+
+log = logging.getLogger(__name__)
+MS_THRESHOLD = 1e11  # as unix seconds this is year 5138: such integer timestamps are milliseconds
 
 
 class DataError(ValueError):
@@ -30,9 +35,26 @@ def table_format(path: Path) -> str:
     raise DataError(f"{path}: unsupported table format (expected .parquet or .csv/.tsv)")
 
 
-def read_table(path: Path, columns: Optional[Iterable[str]] = None) -> pd.DataFrame:
+def table_columns(path: Path) -> list[str]:
+    """Column names of a CSV/TSV/Parquet file, read from its header / schema only."""
+    fmt = table_format(path)
+    try:
+        if fmt == "parquet":
+            return list(pq.read_schema(path).names)
+        sep = "\t" if ".tsv" in Path(path).name.lower() else ","
+        return list(pd.read_csv(path, sep=sep, dtype=str, nrows=0).columns)
+    except (OSError, pa.ArrowException, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
+            ValueError) as exc:
+        raise DataError(f"{path}: unreadable {fmt} file: {exc}") from None
+
+
+def read_table(path: Path, columns: Optional[Iterable[str]] = None,
+               optional: Iterable[str] = ()) -> pd.DataFrame:
     """Read a CSV/TSV/Parquet file. CSV cells are read as strings so that dtype errors can name the row.
 
+    Args:
+        columns: required columns (None: read every column).
+        optional: further columns read when present. With `columns` given, nothing else is read.
     Raises:
         DataError: the file is missing or unreadable, or lacks one of `columns` (named, with those present).
     """
@@ -40,18 +62,23 @@ def read_table(path: Path, columns: Optional[Iterable[str]] = None) -> pd.DataFr
     if not path.exists():
         raise DataError(f"{path}: file not found")
     fmt = table_format(path)
+    wanted = None
+    if columns is not None:
+        present = table_columns(path)
+        columns = list(dict.fromkeys(columns))
+        missing = [c for c in columns if c not in present]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; columns present: {present}")
+        wanted = columns + [c for c in dict.fromkeys(optional) if c in present and c not in columns]
     try:
         if fmt == "parquet":
-            frame = pq.read_table(path).to_pandas()
+            frame = pq.read_table(path, columns=wanted).to_pandas()
         else:
             sep = "\t" if ".tsv" in path.name.lower() else ","
-            frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""])
-    except (OSError, pa.ArrowException, pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+            frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""], usecols=wanted)
+    except (OSError, pa.ArrowException, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
+            ValueError) as exc:
         raise DataError(f"{path}: unreadable {fmt} file: {exc}") from None
-    if columns is not None:
-        missing = [c for c in columns if c not in frame.columns]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; columns present: {list(frame.columns)}")
     frame.attrs["source_path"] = str(path)
     frame.attrs["source_format"] = fmt
     return frame
@@ -138,6 +165,10 @@ def to_unix_seconds(frame: pd.DataFrame, column: str, *, fmt: str = "auto", role
             raise DataError(f"{path}: {label} {_where(path, file_fmt, row)}: value {series.iloc[row]!r} is not a "
                             f"unix timestamp")
         values = numeric.astype("float64")
+        if fmt == "auto" and values.notna().any() and values.abs().median() > MS_THRESHOLD:
+            log.info("%s: %s looks like unix milliseconds (median %.0f); converting to seconds "
+                     "(set ts_format: unix to keep them as seconds)", path, label, values.median())
+            fmt = "unix_ms"
         if fmt == "unix_ms":
             values = values / 1000.0
         return values.round().astype("Int64")
@@ -171,11 +202,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; readers in other processes / users expect the umask's mode
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

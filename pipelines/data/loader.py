@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.data.io import atomic_write_json, atomic_write_parquet
-from pipelines.data.schema import DataSpec, Dataset
+from pipelines.data.schema import INTERACTION_COLUMNS, ITEM_COLUMNS, DataSpec, Dataset
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +67,32 @@ def load_id_maps(folder: Path) -> dict[str, pd.DataFrame]:
                 raise ValueError(f"{path}: not an id map (expected columns raw, id; got {list(frame.columns)})")
             out[field] = frame.astype({"raw": str, "id": "int64"})
     return out
+
+
+def export_dataset(dataset: Dataset, folder: Path) -> dict:
+    """Write a loaded dataset in contract form, readable back with `--dataset generic --mapping <folder>/mapping.json`.
+
+    Files (each written atomically): items.parquet, interactions.parquet, rejects.parquet (+ .json),
+    id_maps/*.parquet (string-id sources), mapping.json (columns, attributes, absolute image root), stats.json
+    (figures + the DataSpec that produced them).
+    Returns:
+        {"folder": str, "files": [str, ...]}
+    """
+    folder = Path(folder)
+    items_attrs = [c for c in dataset.items.columns if c not in ITEM_COLUMNS]
+    inter_attrs = [c for c in dataset.interactions.columns if c not in INTERACTION_COLUMNS]
+    files = [atomic_write_parquet(folder / "items.parquet", dataset.items),
+             atomic_write_parquet(folder / "interactions.parquet", dataset.interactions),
+             write_rejects(dataset, folder / "rejects.parquet")]
+    files += save_id_maps(dataset, folder / "id_maps")
+    mapping = {
+        "items": {"path": "items.parquet", "attributes": items_attrs},
+        "interactions": {"path": "interactions.parquet", "ts_format": "unix", "attributes": inter_attrs},
+        "ids": "int",
+    }
+    if dataset.image_root is not None:
+        mapping["image_root"] = str(Path(dataset.image_root).resolve())
+    files.append(atomic_write_json(folder / "mapping.json", mapping))
+    files.append(atomic_write_json(folder / "stats.json", {**dataset.stats(),
+                                                           "spec": dataset.spec.to_dict() if dataset.spec else None}))
+    return {"folder": str(folder), "files": [str(f) for f in files]}

@@ -91,6 +91,14 @@ class DataSpec:
         if self.dataset == "movielens" and self.data is None:
             raise ValueError("DataSpec.data: --dataset movielens needs --data DIR (holding ml-latest-small/ "
                              "and posters/)")
+        if self.dataset != "generic":
+            flags = {"items": "--items", "interactions": "--interactions", "mapping": "--mapping",
+                     "id_map_dir": "--id-maps"}
+            stray = [flag for name, flag in flags.items() if getattr(self, name) is not None]
+            stray += ["--map"] if self.column_map else []
+            if stray:
+                raise ValueError(f"DataSpec: {', '.join(stray)} only apply to --dataset generic "
+                                 f"(got --dataset {self.dataset})")
         if self.dataset == "generic" and (self.items is None or self.interactions is None) and self.mapping is None:
             raise ValueError("DataSpec: --dataset generic needs --items FILE and --interactions FILE "
                              "(or a --mapping file naming them)")

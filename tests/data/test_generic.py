@@ -118,3 +118,42 @@ def test_mapping_with_unknown_key_is_refused(tmp_path):
     (tmp_path / "m.yaml").write_text("items:\n  columns: {item_idd: sku}\n")
     with pytest.raises(DataError, match=r"m\.yaml: items\.columns: unknown key\(s\) \['item_idd'\]"):
         load_dataset(DataSpec(dataset="generic", mapping=tmp_path / "m.yaml"))
+
+
+def test_parquet_datetimes_and_string_ids(tmp_path):
+    items = pd.DataFrame({"item_id": ["b", "a"], "title": ["B", "A"], "noise": [1, 2]})
+    events = pd.DataFrame({"user_id": ["x", "y"], "item_id": ["a", "b"],
+                           "ts": pd.to_datetime(["2024-03-01T12:00:00+01:00", "2024-03-01T10:00:00+00:00"], utc=True),
+                           "dwell_s": pd.array([3, None], dtype="Int64")})
+    items.to_parquet(tmp_path / "i.parquet")
+    events.to_parquet(tmp_path / "e.parquet")
+    (tmp_path / "m.yaml").write_text("items: {path: i.parquet}\n"
+                                     "interactions: {path: e.parquet, attributes: [dwell_s]}\n")
+    ds = load_dataset(DataSpec(dataset="generic", mapping=tmp_path / "m.yaml"))
+    inter = ds.interactions
+    # 12:00+01:00 is 11:00Z, after 10:00Z: order by instant, not by wall-clock text
+    assert list(inter["ts"]) == [int(pd.Timestamp("2024-03-01T10:00Z").timestamp()),
+                                 int(pd.Timestamp("2024-03-01T11:00Z").timestamp())]
+    assert list(inter["item_id"]) == [1, 0]          # "b" -> 1, "a" -> 0
+    assert str(inter["dwell_s"].dtype) == "Int64" and inter["dwell_s"].isna().sum() == 1
+    assert "noise" not in ds.items                   # unmapped columns are not read
+
+
+def test_auto_timestamps_in_milliseconds(tmp_path):
+    (tmp_path / "i.csv").write_text("item_id,title\n1,a\n")
+    (tmp_path / "r.csv").write_text("user_id,item_id,ts\n1,1,1700000000123\n")
+    ds = load_dataset(DataSpec(dataset="generic", items=tmp_path / "i.csv", interactions=tmp_path / "r.csv"))
+    assert list(ds.interactions["ts"]) == [1700000000]
+
+
+def test_export_round_trip(catalog_dir, tmp_path):
+    from pipelines.data import export_dataset
+    ds = load_dataset(DataSpec(dataset="generic", mapping=catalog_dir / "mapping.yaml"))
+    export_dataset(ds, tmp_path / "exp")
+    back = load_dataset(DataSpec(dataset="generic", mapping=tmp_path / "exp" / "mapping.json"))
+    pd.testing.assert_frame_equal(back.items, ds.items)
+    pd.testing.assert_frame_equal(back.interactions, ds.interactions)
+    assert back.image_root == ds.image_root.resolve()
+    # the image-only item still has no text: flagged again (kept), nothing else
+    assert back.reject_counts == {"empty_text": 1} and set(back.rejects["action"]) == {"kept_image_only"}
+    assert len(pd.read_parquet(tmp_path / "exp" / "rejects.parquet")) == len(ds.rejects)

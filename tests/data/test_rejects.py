@@ -86,3 +86,4 @@ def test_write_rejects_is_parquet_with_summary(catalog_dir, tmp_path):
     assert len(back) == len(ds.rejects) and set(back["reason"]) == set(ds.reject_counts)
     assert (tmp_path / "out" / "rejects.json").exists()
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
+    assert out.stat().st_mode & 0o044  # readable by others, like a plain write (not mkstemp's 0600)
