@@ -23,6 +23,7 @@ content hash.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -31,7 +32,6 @@ import shutil
 import socket
 import time
 import uuid
-import fcntl
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,7 +41,7 @@ from typing import Any, Iterator
 from feature_store import tables
 from feature_store.io import (atomic_write_json, atomic_write_text, canonical_json, fsync_dir, fsync_file,
                               is_temp_name, sha256_bytes, sha256_file)
-from feature_store.lock import LOCK_FILE, StoreLockedError, store_lock
+from feature_store.lock import LOCK_FILE, StoreLockedError, describe_holder, read_holder, store_lock
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ STAGING_DIR = ".staging"
 TRASH_DIR = ".trash"
 FORMAT = "qarm.feature_store/1"
 VERSION_RE = re.compile(r"^v(\d{6,})-([0-9a-f]{8})$")
+
+RESUME_PREFIX = "r-"
+RESUME_KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+RESUME_TTL_S = 7 * 24 * 3600.0  # unclaimed resumable stagings older than this are garbage
 
 _FROM_CURRENT = object()  # sentinel: stage()'s parent defaults to CURRENT at staging time
 
@@ -163,15 +167,24 @@ class Staging:
     """A private folder where one writer assembles a version; ``publish`` makes it visible atomically.
 
     Write files under :attr:`path` (sub-folders allowed), then call :meth:`publish`. Leaving the ``with`` block
-    without publishing (or with an exception) discards the folder.
+    without publishing (or with an exception) discards the folder, except for a resumable staging
+    (``stage(resume_key=...)``), which is kept for the rerun until it is published or :meth:`abort` is called.
+
+    Attributes:
+        path: the folder to write into.
+        parent: the parent version recorded at publish.
+        resume_key: the key of a resumable staging, else None.
+        resumed: True when a resumable staging was found with files from an earlier (crashed) run.
     """
 
     def __init__(self, store: "FeatureStore", path: Path, parent: str | None, require_parent_current: bool,
-                 lock_fd: int, lock_path: Path):
+                 lock_fd: int, lock_path: Path, resume_key: str | None = None, resumed: bool = False):
         self.store = store
         self.path = path
         self.parent = parent
         self.require_parent_current = require_parent_current
+        self.resume_key = resume_key
+        self.resumed = resumed
         self.published: StoreVersion | None = None
         self._lock_fd = lock_fd
         self._lock_path = lock_path
@@ -258,13 +271,19 @@ class FeatureStore:
 
     # ------------------------------------------------------------------------------------------- write
     @contextmanager
-    def stage(self, parent: Any = _FROM_CURRENT, *, require_parent_current: bool = False) -> Iterator[Staging]:
+    def stage(self, parent: Any = _FROM_CURRENT, *, require_parent_current: bool = False,
+              resume_key: str | None = None) -> Iterator[Staging]:
         """A private staging folder for a new version.
 
         Args:
             parent: the version this one derives from; defaults to CURRENT at staging time; None for a root.
             require_parent_current: refuse to publish (StoreConflictError) if CURRENT is no longer ``parent``
                 by then, so a job never overwrites a version it did not see.
+            resume_key: make the staging resumable: the folder is named after the key (letters, digits, ``._-``),
+                survives a crash or an exception, and a rerun with the same key gets it back with the files
+                already written (``staging.resumed``), so a job can skip the stages it has checkpointed. Use a
+                key that names the inputs (e.g. ``f"retrain-{parent}-{watermark}"``). One live holder per key
+                (StoreLockedError otherwise); unclaimed ones are swept after ``RESUME_TTL_S``.
         Yields:
             :class:`Staging` with ``.path`` to write into and ``.publish(...)``.
         """
@@ -276,18 +295,27 @@ class FeatureStore:
             _check_id(parent)
             if not self.version_path(parent).is_dir():
                 raise VersionNotFoundError(f"parent version {parent} not found in {self.versions_dir}")
-        token, fd, lock_path = _claim_staging_token(self.root / STAGING_DIR)
+        token, fd, lock_path = _claim_staging_token(self.root / STAGING_DIR, resume_key)
         path = self.root / STAGING_DIR / token
-        path.mkdir()
-        staging = Staging(self, path, parent, require_parent_current, fd, lock_path)
+        resumed = path.is_dir() and any(path.iterdir())
+        path.mkdir(exist_ok=resume_key is not None)
+        if resumed:
+            log.info("resuming staging %s (key %r) with the files of an earlier run", path, resume_key)
+        staging = Staging(self, path, parent, require_parent_current, fd, lock_path, resume_key, resumed)
         try:
             yield staging
         except BaseException:
-            staging.abort()
+            if resume_key is None:
+                staging.abort()
+            elif not staging._closed:
+                staging._close()  # keep the files for the rerun
             raise
         if not staging._closed:
-            log.warning("staging %s left without publish(); discarding it", path)
-            staging.abort()
+            if resume_key is None:
+                log.warning("staging %s left without publish(); discarding it", path)
+                staging.abort()
+            else:
+                staging._close()
 
     def _publish_locked(self, staging: Staging, config: dict, metrics: dict, extra: dict, *, set_current: bool,
                         validate: bool) -> StoreVersion:
@@ -447,13 +475,15 @@ class FeatureStore:
                 os.close(fd)
         raise RuntimeError(f"feature store {self.root}: CURRENT kept changing while pinning a version")
 
-    def cleanup(self) -> dict:
+    def cleanup(self, resume_ttl_s: float | None = None) -> dict:
         """Sweep what crashed writers left behind: abandoned staging folders, trash, temp files.
 
+        Args:
+            resume_ttl_s: also remove unclaimed resumable stagings unused for this long (default RESUME_TTL_S).
         Returns:
             counts of what was removed. Skips the locked parts (trash, temp files) when a writer is active.
         """
-        removed = {"staging": self._sweep_staging(), "trash": 0, "temp_files": 0}
+        removed = {"staging": self._sweep_staging(resume_ttl_s), "trash": 0, "temp_files": 0}
         try:
             with self.lock(purpose="cleanup"):
                 removed.update(self._sweep_locked())
@@ -567,11 +597,15 @@ class FeatureStore:
         finally:
             os.close(fd)
 
-    def _sweep_staging(self) -> int:
-        """Remove staging folders whose writer is gone (its flock is free). Safe without the store lock."""
+    def _sweep_staging(self, resume_ttl_s: float | None = None) -> int:
+        """Remove staging folders whose writer is gone (its flock is free). Safe without the store lock.
+
+        Resumable folders (``r-<key>``) are kept for their rerun until unused for ``resume_ttl_s``.
+        """
         staging_root = self.root / STAGING_DIR
         if not staging_root.is_dir():
             return 0
+        ttl = RESUME_TTL_S if resume_ttl_s is None else resume_ttl_s
         removed = 0
         for entry in list(staging_root.iterdir()):
             if entry.suffix == ".lock":
@@ -580,6 +614,8 @@ class FeatureStore:
                     continue  # handled with its folder below
                 target = None
             elif entry.is_dir():
+                if entry.name.startswith(RESUME_PREFIX) and time.time() - _newest_mtime(entry) < ttl:
+                    continue
                 target, entry = entry, entry.with_name(entry.name + ".lock")
             else:
                 continue
@@ -688,25 +724,46 @@ def _walk_dirs(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: len(p.parts), reverse=True)  # children before parents
 
 
-def _claim_staging_token(staging_root: Path) -> tuple[str, int, Path]:
-    """Create and flock ``<token>.lock`` for a new staging folder.
+def _claim_staging_token(staging_root: Path, resume_key: str | None = None) -> tuple[str, int, Path]:
+    """Create and flock ``<token>.lock`` for a staging folder (a new uuid, or ``r-<key>`` when resumable).
 
     Lock first, folder second, so a sweeper only ever sees a folder whose lock is held. If a sweeper unlinked
     the lock file between our open and our flock (it looked orphaned), our lock is on a dead inode: retry.
     """
+    if resume_key is not None and not RESUME_KEY_RE.match(resume_key):
+        raise ValueError(f"resume_key must be 1-100 letters, digits, '.', '_' or '-', got {resume_key!r}")
     while True:
-        token = uuid.uuid4().hex
+        token = uuid.uuid4().hex if resume_key is None else RESUME_PREFIX + resume_key
         lock_path = staging_root / f"{token}.lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if resume_key is not None else 0))
+        except BlockingIOError:
+            os.close(fd)
+            holder = read_holder(lock_path)
+            raise StoreLockedError(f"resumable staging {resume_key!r} in {staging_root} is in use by "
+                                   f"{describe_holder(holder)}", holder) from None
         try:
             same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             same = False
         if same:
+            os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
             return token, fd, lock_path
         os.close(fd)
+
+
+def _newest_mtime(folder: Path) -> float:
+    """Newest modification time of a folder and everything under it (last sign of life of a staging)."""
+    newest = folder.stat().st_mtime
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            try:
+                newest = max(newest, os.stat(os.path.join(dirpath, name)).st_mtime)
+            except FileNotFoundError:
+                pass
+    return newest
 
 
 def _try_claim(lock_path: Path) -> bool:

@@ -306,3 +306,54 @@ def test_publish_rejects_symlinks_and_unserialisable_config(store, fill, tmp_pat
         with pytest.raises(ValueError, match="JSON-serialisable"):
             st.publish(config={"bad": object()})
     assert store.list() == []
+
+
+def test_resumable_staging_survives_failure_and_resumes(store, publish, fill):
+    publish(0)
+    key = "retrain-v000001-1700000000"
+    with pytest.raises(RuntimeError, match="crash in stage 3"):
+        with store.stage(resume_key=key) as st:
+            assert not st.resumed
+            fill(st.path, seed=4)
+            (st.path / "stage2.done").write_text("ok")
+            raise RuntimeError("crash in stage 3")
+    assert len(store.list()) == 1  # nothing published, CURRENT untouched
+    store.cleanup()  # a sweep does not take a resumable staging that is still fresh
+    with store.stage(resume_key=key) as st:
+        assert st.resumed and (st.path / "stage2.done").read_text() == "ok"
+        version = st.publish(config={})
+    assert "stage2.done" in version.files()
+    assert not any(p.is_dir() for p in (store.root / ".staging").iterdir())
+    with store.stage(resume_key=key) as st:  # published: a new run with the key starts empty
+        assert not st.resumed
+        st.abort()
+    assert not (store.root / ".staging" / f"r-{key}").exists()
+    with pytest.raises(ValueError, match="resume_key must be"):
+        with store.stage(resume_key="../escape"):
+            pass
+
+
+def test_resumable_staging_one_holder_and_ttl(store, publish):
+    publish(0)
+    crashed = _python("""
+        import os, sys
+        from feature_store import FeatureStore
+        cm = FeatureStore(sys.argv[1]).stage(resume_key="nightly")
+        st = cm.__enter__()
+        (st.path / "embeddings.done").write_text("ok")
+        print("staged", flush=True)
+        if sys.argv[2] == "die":
+            os._exit(0)
+        import time; time.sleep(60)
+    """, store.root, "hold")
+    try:
+        assert crashed.stdout.readline().strip() == "staged"
+        with pytest.raises(StoreLockedError, match=f"resumable staging 'nightly' .* pid {crashed.pid}"):
+            with store.stage(resume_key="nightly"):
+                pass
+    finally:
+        crashed.kill()
+        crashed.wait()
+    assert store.cleanup()["staging"] == 0  # holder dead, but the folder is fresh: kept for the rerun
+    assert store.cleanup(resume_ttl_s=0)["staging"] == 1  # past its TTL: garbage
+    assert not (store.root / ".staging" / "r-nightly").exists()
