@@ -202,8 +202,14 @@ def item_vote_mapping(old_codes: CodeTable, new_codes: CodeTable, level: int, k_
     return mapping, support
 
 
-def code_churn(old: CodeTable, new: CodeTable) -> dict:
+def code_churn(old: CodeTable, new: CodeTable, mappings: Sequence[np.ndarray] | None = None) -> dict:
     """How much codes moved between two versions, over the items both contain (joined on item_id).
+
+    Args:
+        old, new: the two code tables.
+        mappings: optional per-level (K_new,) old row behind each new row (``RemapResult.mapping``). With it, an
+            item's code counts as unchanged when its new code's row was remapped from its old code's row, i.e.
+            the churn the *ranker* sees after remapping rather than the raw id churn.
 
     Returns:
         dict with ``common_items``, ``added_items``, ``removed_items``; ``rq_level_churn`` (per level, share of
@@ -221,7 +227,12 @@ def code_churn(old: CodeTable, new: CodeTable) -> dict:
     if n == 0:
         out.update(rq_level_churn=None, rq_prefix_churn=None, rq_code_churn=None)
         return out
-    changed = old.rq[old_rows] != new.rq[new_rows]  # (n, L)
+    old_rq, new_rq = old.rq[old_rows].astype(np.int64), new.rq[new_rows].astype(np.int64)  # (n, L)
+    if mappings is not None:
+        if len(mappings) != new.levels:
+            raise ValueError(f"code churn: {len(mappings)} mappings for {new.levels} levels")
+        new_rq = np.stack([np.asarray(m, np.int64)[new_rq[:, lvl]] for lvl, m in enumerate(mappings)], axis=1)
+    changed = old_rq != new_rq  # (n, L); a fresh (-1) row always counts as changed
     prefix = np.logical_or.accumulate(changed, axis=1)  # (n, L)
     out["rq_level_churn"] = changed.mean(axis=0).tolist()
     out["rq_prefix_churn"] = prefix.mean(axis=0).tolist()
@@ -288,3 +299,30 @@ def _fresh_rows(old_rows: np.ndarray, count: int, init: str, rng: np.random.Gene
     if init == "mean":
         return np.repeat(old_rows.mean(axis=0, keepdims=True), count, axis=0)
     return rng.normal(0.0, float(old_rows.std()), size=(count, width)).astype(np.float32)
+
+
+def version_churn(old_version, new_version, name: str = "item_codes",
+                  mappings: Sequence[np.ndarray] | None = None) -> dict:
+    """:func:`code_churn` between the code tables of two store versions (``StoreVersion`` objects)."""
+    out = code_churn(old_version.codes(name), new_version.codes(name), mappings)
+    return {"old_version": old_version.id, "new_version": new_version.id, "table": name, **out}
+
+
+def remap_between_versions(old_version, new_version, old_tables: Sequence, config: RemapConfig = RemapConfig(), *,
+                           codebooks: str = "codebooks", codes: str = "item_codes", prefix: str = "rq"
+                           ) -> RemapResult:
+    """:func:`remap_code_tables` with codebooks (``{prefix}.level{i}``) and code tables read from two versions.
+
+    Args:
+        old_version, new_version: ``StoreVersion`` the ranker was trained on / is moving to.
+        old_tables: per level, the ranker's learned (K_old + extra, e) rows.
+        config: matching options; ``method="items"`` uses the versions' code tables.
+    """
+    from feature_store.tables import codebook_levels
+
+    old_books = codebook_levels(old_version.codebooks(codebooks, as_numpy=True), prefix)
+    new_books = codebook_levels(new_version.codebooks(codebooks, as_numpy=True), prefix)
+    kwargs = {}
+    if config.method == "items":
+        kwargs = {"old_codes": old_version.codes(codes), "new_codes": new_version.codes(codes)}
+    return remap_code_tables(old_books, new_books, old_tables, config, **kwargs)

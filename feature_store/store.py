@@ -786,8 +786,8 @@ def _try_claim(lock_path: Path) -> bool:
 
 
 def _validate_contract_table(rel: str, full: Path) -> None:
-    name = Path(rel).name
-    if name == tables.EMBEDDINGS_NAME + tables.PARQUET_SUFFIX:
+    name = Path(rel).name  # item_embeddings*.parquet / item_codes*.parquet, e.g. the *_unaligned ablation tables
+    if name.startswith(tables.EMBEDDINGS_NAME) and name.endswith(tables.PARQUET_SUFFIX):
         tables.read_embeddings(full)
     elif name.startswith(tables.CODES_NAME) and name.endswith(tables.PARQUET_SUFFIX):
         tables.read_codes(full)

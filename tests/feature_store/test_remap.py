@@ -107,3 +107,28 @@ def test_code_churn_hand_computed():
     with pytest.raises(ValueError, match="2 and 1 RQ levels"):
         code_churn(old, _codes([1], [[0]]))
     assert code_churn(old, _codes([9], [[0, 0]]))["rq_code_churn"] is None
+
+
+def test_remap_between_store_versions(store, fill):
+    from feature_store.remap import remap_between_versions, version_churn
+    from feature_store.tables import write_codebooks, write_codes
+
+    with store.stage() as st:
+        fill(st.path, seed=0)
+        write_codebooks(st.path / "codebooks.safetensors", {"rq.level0": OLD_C})
+        write_codes(st.path / "item_codes.parquet", [1, 2, 3], [[0], [1], [2]])
+        old = st.publish(config={})
+    with store.stage() as st:
+        fill(st.path, seed=1)
+        write_codebooks(st.path / "codebooks.safetensors", {"rq.level0": NEW_C})
+        write_codes(st.path / "item_codes.parquet", [1, 2, 3], [[1], [2], [0]])  # old 0 -> new 1, 1 -> 2, 2 -> 0
+        new = st.publish(config={})
+    res = remap_between_versions(old, new, [OLD_T])
+    assert res.mapping[0].tolist() == [2, 0, 1]
+    votes = remap_between_versions(old, new, [OLD_T], RemapConfig(method="items"))
+    assert votes.mapping[0].tolist() == [2, 0, 1] and votes.levels[0]["voted"] == 3
+    churn = version_churn(old, new)
+    assert churn["rq_code_churn"] == 1.0 and churn["old_version"] == old.id  # every raw id changed...
+    assert version_churn(old, new, mappings=res.mapping)["rq_code_churn"] == 0.0  # ...but no item lost its row
+    partial = code_churn(old.codes(), new.codes(), mappings=[np.array([2, 0, -1])])
+    assert partial["rq_code_churn"] == pytest.approx(1 / 3)  # item 2's new code 2 got a fresh row
