@@ -92,23 +92,28 @@ def test_data_stats_end_to_end(tmp_path):
     assert sum(result["split"][p]["interactions"] for p in ("train", "valid", "test")) == 500
 
 
-def test_data_stats_reports_rejects_and_bad_files(tmp_path):
+def test_data_stats_reports_rejects_and_bad_files(tmp_path, capsys):
     (tmp_path / "i.csv").write_text("item_id,title\n1,a\n1,dup\n")
     (tmp_path / "r.csv").write_text("user_id,item_id,ts\n1,1,5\n1,9,6\n")
-    proc = _qarm("data", "stats", "--dataset", "generic", "--items", str(tmp_path / "i.csv"),
-                 "--interactions", str(tmp_path / "r.csv"), "--json")
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    args = ["data", "stats", "--dataset", "generic", "--items", str(tmp_path / "i.csv"),
+            "--interactions", str(tmp_path / "r.csv"), "--json"]
+    assert cli.main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["rejected"] == {"duplicate_item": 1, "unknown_item": 1} and result["interactions"] == 1
     (tmp_path / "r.csv").write_text("user_id,item_id,when\n1,1,5\n")
-    proc = _qarm("data", "stats", "--dataset", "generic", "--items", str(tmp_path / "i.csv"),
-                 "--interactions", str(tmp_path / "r.csv"))
-    assert proc.returncode == 1
-    assert "r.csv" in proc.stderr and "'ts'" in proc.stderr and "Traceback" not in proc.stderr
+    assert cli.main(args) == 1
+    out, err = capsys.readouterr()
+    assert "r.csv" in err and "'ts'" in err and "Traceback" not in err
+    assert "missing column" in json.loads(out.strip().splitlines()[-1])["error"]
 
 
-def test_movielens_stats(movielens_dir):
-    proc = _qarm("data", "stats", "--dataset", "movielens", "--data", str(movielens_dir), "--json")
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_data_flag_misuse_is_exit_1(capsys):
+    assert cli.main(["data", "stats", "--dataset", "synthetic", "--items", "x.csv"]) == 1
+    assert "--items only apply to --dataset generic" in capsys.readouterr().err
+
+
+def test_movielens_stats(movielens_dir, capsys):
+    assert cli.main(["data", "stats", "--dataset", "movielens", "--data", str(movielens_dir),
+                     "--validate-images", "exists", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["users"] == 610 and result["interactions"] == 100_836 and result["items_with_image"] == 2_947
