@@ -5,6 +5,7 @@ uri that resolves outside the root (``../../etc/passwd``, a symlink out) is refu
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Optional
@@ -39,11 +40,19 @@ def resolve_image_path(uri: str, root: Optional[Path]) -> Path:
         if not path.is_absolute():
             raise ImageError("missing_image", f"relative image uri {uri!r} but the dataset has no image root")
         return path
-    root_real = Path(os.path.realpath(root))
-    full = Path(os.path.realpath(root_real / path))  # absolute uris replace root here, then get checked below
-    if full != root_real and root_real not in full.parents:
+    root_real = _real_root(str(root))
+    # realpath follows symlinks, so a link pointing out of the root is caught too; an absolute uri replaces the
+    # root in the join and gets the same check.
+    full = os.path.realpath(os.path.join(root_real, path))
+    if not full.startswith(root_real if root_real.endswith(os.sep) else root_real + os.sep):
         raise ImageError("image_escapes_root", f"image uri {uri!r} resolves to {full}, outside image root {root_real}")
-    return full
+    return Path(full)
+
+
+@functools.lru_cache(maxsize=64)
+def _real_root(root: str) -> str:
+    # Resolved once per root: a catalog checks thousands of images against the same folder.
+    return os.path.realpath(root).rstrip(os.sep) or os.sep
 
 
 def check_image(uri: str, root: Optional[Path], level: str = "header") -> Path:
