@@ -163,7 +163,8 @@ def greedy_one_to_one(sim: np.ndarray) -> tuple[np.ndarray, int]:
     rounds = 0
     while len(free_rows) and len(free_cols):
         rounds += 1
-        sub = sim[np.ix_(free_rows, free_cols)]  # (r, c) still-free submatrix
+        # (r, c) still-free submatrix; the first round needs no copy
+        sub = sim if rounds == 1 else sim[np.ix_(free_rows, free_cols)]
         best_col = sub.argmax(axis=1)  # (r,)
         best_row = sub.argmax(axis=0)  # (c,)
         mutual = best_row[best_col] == np.arange(len(free_rows))  # row i and its best column agree
