@@ -36,3 +36,31 @@ def test_poster_subset(movielens_dir):
     assert stats["interactions"] == 58_498
     assert ds.items["image_uri"].notna().all()
     assert stats["filtered"]["interactions_on_items_without_image"] == 100_836 - 58_498
+
+
+def test_splits_reproduce_the_reference_baselines(movielens_dir):
+    """../shared/data/movielens/SOURCE.md: poster subset, label rating >= 4, smoothed user + item mean rates."""
+    import pandas as pd
+
+    from pipelines.data.split import time_split
+
+    inter = load_dataset(DataSpec(dataset="movielens", data=movielens_dir, require_image=True,
+                                  validate_images="exists")).interactions
+
+    def baseline_auc(train, test, smooth=5.0):
+        prior = train["label"].mean()
+        def rate(key):
+            g = train.groupby(key)["label"].agg(["sum", "count"])
+            return test[key].map((g["sum"] + smooth * prior) / (g["count"] + smooth)).fillna(prior)
+        score = (rate("user_id") + rate("item_id")).to_numpy()
+        ranks = pd.Series(score).rank().to_numpy()
+        pos = test["label"].to_numpy() == 1
+        return (ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * (~pos).sum())
+
+    train, _, test = time_split(inter, "global", valid_frac=0.0, test_frac=0.1)
+    assert len(test) == 5_850
+    assert abs(baseline_auc(train, test) - 0.7255) < 5e-4
+    assert test["user_id"].isin(train["user_id"]).mean() < 0.1   # "only 9% of test users appear in training"
+    train, _, test = time_split(inter, "user_last_frac", valid_frac=0.0, test_frac=0.1)
+    assert len(test) == 5_860
+    assert abs(test["item_id"].isin(train["item_id"]).mean() - 0.98) < 0.005

@@ -53,3 +53,14 @@ def test_config_validation():
         SplitConfig(method="random")
     with pytest.raises(ValueError, match="valid_frac \\+ test_frac"):
         SplitConfig(valid_frac=0.5, test_frac=0.5)
+
+
+def test_user_last_frac_counts_by_hand():
+    # 15 events * 0.1 = 1.5 -> 2 (ties to even); 5 * 0.1 = 0.5 -> 0 -> at least 1; 25 * 0.1 = 2.5 -> 2; 1 -> 1
+    sizes = {1: 15, 2: 5, 3: 25, 4: 1}
+    df = pd.DataFrame([(u, t) for u, n in sizes.items() for t in range(n)], columns=["user_id", "ts"])
+    _, _, test = time_split(df, "user_last_frac", valid_frac=0.0, test_frac=0.1)
+    assert test.groupby("user_id").size().to_dict() == {1: 2, 2: 1, 3: 2, 4: 1}
+    assert test.groupby("user_id")["ts"].min().to_dict() == {1: 13, 2: 4, 3: 23, 4: 0}
+    _, _, warm = time_split(df, "user_last_frac", valid_frac=0.0, test_frac=0.1, min_train=1)
+    assert 4 not in set(warm["user_id"])  # min_train=1 keeps the one-event user in train
