@@ -50,6 +50,8 @@ def check_embeddings(x, *, name: str = "x", dim: int | None = None, min_rows: in
     if arr.shape[0] < min_rows:
         raise ValueError(f"{name}: {arr.shape[0]} rows, need at least {min_rows}{min_rows_reason}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not arr.flags.writeable:  # e.g. a zero-copy view of an Arrow buffer
+        arr = arr.copy()
     finite = np.isfinite(arr).all(axis=1)  # (N,)
     if not finite.all():
         bad = np.flatnonzero(~finite)

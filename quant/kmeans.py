@@ -33,6 +33,17 @@ def faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def as_tensor(a: np.ndarray):
+    """float32 numpy -> CPU torch tensor sharing memory when possible (read-only arrays are copied, because
+    torch cannot wrap them safely)."""
+    import torch
+
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not a.flags.writeable:
+        a = a.copy()
+    return torch.from_numpy(a)
+
+
 def _chunk_rows(k: int, chunk_rows: int | None) -> int:
     if chunk_rows:
         return int(chunk_rows)
@@ -58,14 +69,14 @@ def nearest_centroids(x: np.ndarray, centroids: np.ndarray, *, excluded: np.ndar
     import torch
 
     n, k = x.shape[0], centroids.shape[0]
-    c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device)
+    c = as_tensor(centroids).to(device)
     neg_half_norm = -0.5 * (c * c).sum(dim=1)  # (K,)
     if excluded is not None:
         if excluded.all():
             raise ValueError("every centroid is excluded; nothing to assign to")
         neg_half_norm[torch.from_numpy(np.asarray(excluded, dtype=bool)).to(device)] = -math.inf
     ct = c.t().contiguous()  # (d, K)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    xt = as_tensor(x)
     step = _chunk_rows(k, chunk_rows)
     idx_out = torch.empty(n, dtype=torch.int64)
     best_out = torch.empty(n, dtype=torch.float32)

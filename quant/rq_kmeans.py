@@ -104,10 +104,10 @@ def residual_encode(x: np.ndarray, codebooks: list[np.ndarray], *, device: str =
     n = x.shape[0]
     kmax = max(c.shape[0] for c in codebooks)
     step = chunk_rows or min(65536, max(256, (1 << 20) // kmax))
-    cbs = [torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)).to(device) for c in codebooks]
+    cbs = [kmeans.as_tensor(c).to(device) for c in codebooks]
     cts = [c.t().contiguous() for c in cbs]  # (d, K)
     biases = [-0.5 * (c * c).sum(dim=1) for c in cbs]  # (K,)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    xt = kmeans.as_tensor(x)
     out = torch.empty((n, len(codebooks)), dtype=torch.int32)
     buf = torch.empty((min(step, n), kmax), dtype=torch.float32, device=device)
     with torch.no_grad():

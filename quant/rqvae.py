@@ -287,7 +287,7 @@ class RQVAE(Quantizer):
         cfg = self.config
         codes = check_codes(codes, levels=cfg.levels, codebook_sizes=[cfg.codebook_size] * cfg.levels)
         books = self.model.codebooks.detach()
-        idx = torch.from_numpy(codes).to(books.device)
+        idx = torch.from_numpy(np.array(codes)).to(books.device)
         with torch.no_grad():
             z_q = sum(books[level][idx[:, level]] for level in range(cfg.levels))
             return self.model.decoder(z_q).cpu().numpy().astype(np.float32)
@@ -303,6 +303,6 @@ class RQVAE(Quantizer):
             raise ValueError("saved rq-vae has no 'dim' in quantizer.json extra")
         self.dim = int(extra["dim"])
         model = RQVAEModel(self.dim, self.config)
-        model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
         model.to(kmeans.resolve_device(self.config.device)).eval()
         self.model = model
