@@ -11,6 +11,7 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from pipelines.data.images import ImageError, check_image
 from pipelines.data.schema import REJECT_COLUMNS, REJECT_REASONS, DataSpec, Dataset
@@ -93,8 +94,10 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
     if check_images:
         has_uri = items["image_uri"].notna()
         bad_rows, bad_ids, bad_reasons, bad_details = [], [], [], []
-        for idx, row_no, item_id, uri in zip(items.index[has_uri], items.loc[has_uri, "row"],
-                                             items.loc[has_uri, "item_id"], items.loc[has_uri, "image_uri"]):
+        checks = zip(items.index[has_uri], items.loc[has_uri, "row"], items.loc[has_uri, "item_id"],
+                     items.loc[has_uri, "image_uri"])
+        for idx, row_no, item_id, uri in tqdm(checks, total=int(has_uri.sum()), desc=f"{name}: checking images",
+                                              disable=None, leave=False, mininterval=1.0):
             try:
                 check_image(uri, image_root, spec.validate_images)
             except ImageError as exc:
