@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> dict:
     spec = data_spec_from_args(args)
     ds = load_dataset(spec)
     result = ds.stats()
+    result["fingerprint"] = ds.fingerprint()
     if args.split:
         parts = split_labels(ds.interactions, SplitConfig(method=args.split))
         inter = ds.interactions

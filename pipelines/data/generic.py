@@ -4,7 +4,7 @@ Mapping file (JSON or YAML; every key optional; relative paths are relative to t
 
     items:
       path: catalog.csv
-      columns: {item_id: sku, title: name, text: description, image_uri: picture}
+      columns: {item_id: sku, title: name, text: [description, category], image_uri: picture}
       attributes: [brand]            # extra columns carried through unchanged
     interactions:
       path: events.parquet
@@ -15,8 +15,9 @@ Mapping file (JSON or YAML; every key optional; relative paths are relative to t
     image_root: images/              # image_uri is relative to it (default: the items file's folder)
     ids: auto                        # auto | int | string
 
-Unmapped fields default to the contract names (a column called `item_id` needs no mapping). Flags override the
-file: `--items`, `--interactions`, and `--map items.item_id=sku`, `--map interactions.ts_format=iso`,
+Unmapped fields default to the contract names (a column called `item_id` needs no mapping); a column the mapping
+names must exist. `text` may list several columns: their non-empty values are joined with ". ". Flags override the
+file: `--items`, `--interactions`, and `--map items.item_id=sku`, `--map items.text=description,category`, `--map interactions.ts_format=iso`,
 `--map image_root=imgs`, `--map ids=string` (repeatable).
 
 - Timestamps: unix seconds, unix milliseconds, or ISO-8601 dates/datetimes (naive = UTC). With `auto`, integer
@@ -77,6 +78,12 @@ def read_mapping(path: Optional[Path]) -> dict:
         if not isinstance(cols, dict):
             raise DataError(f"{path}: {table}.columns must map contract fields to column names")
         _check_keys(cols, set(fields), f"{path}: {table}.columns")
+        for field, col in cols.items():
+            ok = isinstance(col, str) or (table == "items" and field == "text" and isinstance(col, list)
+                                          and col and all(isinstance(c, str) for c in col))
+            if not ok:
+                raise DataError(f"{path}: {table}.columns.{field} must be a column name"
+                                + (" (or, for text, a list of names)" if field == "text" else "") + f", got {col!r}")
         if section.get("path") is not None:
             section["path"] = str((path.parent / section["path"]).resolve())
         raw[table] = section
@@ -109,7 +116,8 @@ def apply_overrides(mapping: dict, overrides, base: Optional[Path] = None) -> di
             raise DataError(f"--map {item!r}: key must start with items. or interactions. (or be image_root / ids)")
         fields = ITEM_FIELDS if table == "items" else INTERACTION_FIELDS
         if field in fields:
-            out[table]["columns"][field] = value
+            out[table]["columns"][field] = ([v.strip() for v in value.split(",") if v.strip()]
+                                            if table == "items" and field == "text" and "," in value else value)
         elif field in ("ts_format",) and table == "interactions":
             out[table][field] = value
         elif field == "label_threshold" and table == "interactions":
@@ -136,14 +144,16 @@ def load_generic(spec: DataSpec) -> Dataset:
 
     item_attrs = list(mapping["items"].get("attributes") or [])
     inter_attrs = list(mapping["interactions"].get("attributes") or [])
-    items_raw = read_table(items_path, [icols["item_id"]] + item_attrs,
-                           optional=[icols["title"], icols["text"], icols["image_uri"]])
-    if icols["title"] not in items_raw and icols["text"] not in items_raw:
+    text_cols = icols["text"] if isinstance(icols["text"], list) else [icols["text"]]
+    # Columns the mapping names are required; contract-named defaults are read when present.
+    explicit = mapping["items"]["columns"]
+    content = {"title": [icols["title"]], "text": text_cols, "image_uri": [icols["image_uri"]]}
+    required = [c for f, cols in content.items() if f in explicit for c in cols]
+    optional = [c for f, cols in content.items() if f not in explicit for c in cols]
+    items_raw = read_table(items_path, [icols["item_id"]] + required + item_attrs, optional=optional)
+    if icols["title"] not in items_raw and not any(c in items_raw for c in text_cols):
         raise DataError(f"{items_path}: missing column(s) for item text: need {icols['title']!r} (title) or "
-                        f"{icols['text']!r} (text); columns present: {list(items_raw.columns)}")
-    if "image_uri" in mapping["items"]["columns"] and icols["image_uri"] not in items_raw:
-        raise DataError(f"{items_path}: missing column {icols['image_uri']!r} (mapped to image_uri); "
-                        f"columns present: {list(items_raw.columns)}")
+                        f"{text_cols[0]!r} (text); columns present: {list(items_raw.columns)}")
     needed = [ecols["user_id"], ecols["item_id"], ecols["ts"]]
     if "label" in mapping["interactions"]["columns"]:
         needed.append(ecols["label"])
@@ -167,7 +177,7 @@ def load_generic(spec: DataSpec) -> Dataset:
     items = pd.DataFrame({
         "item_id": item_ids,
         "title": _text_col(items_raw, icols["title"]),
-        "text": _text_col(items_raw, icols["text"]),
+        "text": _joined_text(items_raw, text_cols),
         "image_uri": _text_col(items_raw, icols["image_uri"]),
         "row": np.arange(len(items_raw), dtype="int64"),
     })
@@ -273,6 +283,16 @@ def _text_col(frame: pd.DataFrame, col: str) -> pd.Series:
         return pd.Series([None] * len(frame), index=frame.index, dtype=object)
     values = [None if pd.isna(v) else str(v) for v in frame[col].tolist()]
     return pd.Series(values, index=frame.index, dtype=object)
+
+
+def _joined_text(frame: pd.DataFrame, cols: list) -> pd.Series:
+    """One text per row from one or more columns: non-empty values joined with ". " (None when all empty)."""
+    parts = [_text_col(frame, c) for c in cols]
+    joined = []
+    for values in zip(*parts):
+        kept = [v.strip() for v in values if v is not None and v.strip()]
+        joined.append(". ".join(kept) if kept else None)
+    return pd.Series(joined, index=frame.index, dtype=object)
 
 
 def _labels(frame: pd.DataFrame, col: str, section: dict):

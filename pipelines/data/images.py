@@ -35,6 +35,9 @@ def resolve_image_path(uri: str, root: Optional[Path]) -> Path:
     """
     if uri is None or str(uri).strip() == "":
         raise ImageError("missing_image", "empty image uri")
+    if "://" in str(uri):
+        raise ImageError("missing_image", f"image uri {uri!r} is remote: images are never fetched; download them "
+                                          f"and point image_uri at local files under the image root")
     path = Path(str(uri))
     if root is None:
         if not path.is_absolute():

@@ -7,6 +7,8 @@ Contract (../shared/DESIGN.md):
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -158,6 +160,18 @@ class Dataset:
             "rejected_total": int(len(self.rejects)),
             "filtered": dict(self.filtered),
         }
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of the accepted items and interactions (values, column names and order; not the spec).
+
+        Equal data gives an equal fingerprint whatever source or flags produced it: store it in manifests, and
+        let a scheduled job compare it to skip a rerun on unchanged data. Image bytes are not hashed (uris are).
+        """
+        digest = hashlib.sha256()
+        for frame in (self.items, self.interactions):
+            digest.update(json.dumps([list(map(str, frame.columns)), [str(t) for t in frame.dtypes]]).encode())
+            digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+        return digest.hexdigest()
 
     def image_path(self, uri: Optional[str]) -> Optional[Path]:
         """Absolute path of an item's image (None for text-only items)."""

@@ -157,3 +157,15 @@ def test_export_round_trip(catalog_dir, tmp_path):
     # the image-only item still has no text: flagged again (kept), nothing else
     assert back.reject_counts == {"empty_text": 1} and set(back.rejects["action"]) == {"kept_image_only"}
     assert len(pd.read_parquet(tmp_path / "exp" / "rejects.parquet")) == len(ds.rejects)
+
+
+def test_text_from_several_columns_and_mapped_columns_are_required(tmp_path):
+    (tmp_path / "i.csv").write_text("item_id,name,desc,cat\n1,Mug,ceramic,kitchen\n2,Cup,,\n3,,,\n")
+    (tmp_path / "r.csv").write_text("user_id,item_id,ts\n1,1,5\n")
+    spec = dict(dataset="generic", items=tmp_path / "i.csv", interactions=tmp_path / "r.csv")
+    ds = load_dataset(DataSpec(**spec, column_map=("items.title=name", "items.text=desc,cat")))
+    texts = ds.items.set_index("item_id")["text"]
+    assert texts[1] == "ceramic. kitchen" and texts[2] is None
+    assert ds.reject_counts == {"empty_text": 1}  # item 3: nothing at all
+    with pytest.raises(DataError, match=r"i\.csv: missing column\(s\) \['photo'\]"):
+        load_dataset(DataSpec(**spec, column_map=("items.title=name", "items.image_uri=photo")))

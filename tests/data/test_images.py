@@ -43,3 +43,9 @@ def test_empty_file_is_corrupt_even_at_exists_level(tmp_path):
     with pytest.raises(ImageError) as err:
         check_image("e.png", tmp_path, "exists")
     assert err.value.reason == "corrupt_image"
+
+
+def test_remote_uris_are_never_fetched(tmp_path):
+    with pytest.raises(ImageError, match="never fetched") as err:
+        check_image("https://example.com/a.jpg", tmp_path)
+    assert err.value.reason == "missing_image"

@@ -48,3 +48,13 @@ def test_flags_round_trip():
                             validate_images="decode", seed=7)
     defaults = data_spec_from_args(parser.parse_args([]))
     assert defaults == DataSpec()
+
+
+def test_fingerprint_follows_content(tmp_path):
+    from pipelines.data import load_dataset
+    tiny = dict(dataset="synthetic", n_items=20, n_users=5, n_events=100, n_clusters=2, image_size=8)
+    a = load_dataset(DataSpec(data=tmp_path, **tiny))
+    b = load_dataset(DataSpec(data=tmp_path, validate_images="exists", **tiny))  # other flags, same data
+    assert a.fingerprint() == b.fingerprint() and len(a.fingerprint()) == 64
+    b.interactions.loc[3, "label"] = 1.0 - b.interactions.loc[3, "label"]
+    assert a.fingerprint() != b.fingerprint()
