@@ -191,12 +191,13 @@ class Staging:
         self._closed = False
 
     def publish(self, config: dict | None = None, metrics: dict | None = None, extra: dict | None = None, *,
-                set_current: bool = True, validate: bool = True, lock_timeout: float = 0.0) -> StoreVersion:
+                set_current: bool = True, validate: bool = True, lock_timeout: float = 10.0) -> StoreVersion:
         """Seal the staged files into a new immutable version and (by default) make it CURRENT.
 
-        Steps, all under the store lock: hash + fsync every file, validate contract tables, write
-        manifest.json, fsync folders, rename the folder into ``versions/<id>``, replace CURRENT atomically,
-        journal the change. Re-enters the lock when the caller already holds ``store.lock()``.
+        Steps: hash + fsync every file and validate the contract tables (the folder is private, so this needs no
+        lock); then under the store lock: write manifest.json, fsync folders, rename the folder into
+        ``versions/<id>``, replace CURRENT atomically, journal the change. Re-enters the lock when the caller
+        already holds ``store.lock()``.
 
         Args:
             config: the settings that produced the version (stored with its sha256; ``encoder`` / ``quantizer``
@@ -205,7 +206,8 @@ class Staging:
             extra: anything else, e.g. ``{"watermark": max_ts}`` for the retraining job.
             set_current: False publishes the version without serving it (a candidate for later rollback to).
             validate: read the contract tables (item_embeddings / item_codes*) back and check them.
-            lock_timeout: seconds to wait if another writer holds the lock.
+            lock_timeout: seconds to wait if another writer holds the lock (a short admin operation such as
+                retain should not fail an hours-long job); 0 refuses at once.
         Returns:
             the published :class:`StoreVersion`.
         Raises:
@@ -213,9 +215,9 @@ class Staging:
         """
         if self._closed:
             raise RuntimeError(f"staging {self.path} is already {'published' if self.published else 'closed'}")
+        sealed = _seal(self.path, config or {}, metrics or {}, extra or {}, validate=validate)
         with self.store.lock(timeout=lock_timeout, purpose="publish"):
-            version = self.store._publish_locked(self, config or {}, metrics or {}, extra or {},
-                                                 set_current=set_current, validate=validate)
+            version = self.store._publish_locked(self, sealed, set_current=set_current)
         self.published = version
         self._close()
         return version
@@ -317,43 +319,15 @@ class FeatureStore:
             else:
                 staging._close()
 
-    def _publish_locked(self, staging: Staging, config: dict, metrics: dict, extra: dict, *, set_current: bool,
-                        validate: bool) -> StoreVersion:
+    def _publish_locked(self, staging: Staging, sealed: "_Sealed", *, set_current: bool) -> StoreVersion:
         self._sweep_locked()
         current = self.current_id()
         if staging.require_parent_current and current != staging.parent:
             raise StoreConflictError(f"CURRENT of {self.root} is {current} but this version was staged on "
                                      f"{staging.parent}; refusing to publish over a version this job did not see")
         src = staging.path
-        if (src / MANIFEST).exists():
-            raise ValueError(f"{src / MANIFEST}: '{MANIFEST}' is reserved for the store; do not write it")
-        files, table_info, tensor_info = {}, {}, {}
-        try:
-            config_text = canonical_json(config)
-            canonical_json(metrics), canonical_json(extra)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"publish: config / metrics / extra must be JSON-serialisable ({exc})") from None
-        for rel, full in _walk_files(src):
-            if full.is_symlink():
-                raise ValueError(f"{full}: symbolic links cannot be published (a version must own its bytes); "
-                                 "copy the file into the staging folder instead")
-            if is_temp_name(full.name):  # leftovers of a failed atomic write inside the staging folder
-                full.unlink()
-                continue
-            fsync_file(full)
-            files[rel] = {"sha256": sha256_file(full), "bytes": full.stat().st_size}
-            if rel.endswith(tables.PARQUET_SUFFIX):
-                try:
-                    table_info[rel] = tables.table_summary(full)
-                except Exception as exc:
-                    raise tables.TableError(f"{full}: not a readable Parquet file ({exc})") from exc
-                if validate:
-                    _validate_contract_table(rel, full)
-            elif rel.endswith(tables.CODEBOOKS_SUFFIX):
-                tensor_info[rel] = _safetensors_shapes(full)
-        if not files:
-            raise ValueError(f"staging folder {src} is empty; nothing to publish")
-        config_sha = sha256_bytes(config_text.encode("utf-8"))
+        config, files = sealed.config, sealed.files
+        config_sha = sha256_bytes(sealed.config_text.encode("utf-8"))
         content_sha = _content_hash(files, config_sha, staging.parent)
         seq = self._next_seq()
         version_id = f"v{seq:06d}-{content_sha[:8]}"
@@ -369,12 +343,12 @@ class FeatureStore:
             "config_sha256": config_sha,
             "encoder": config.get("encoder"),
             "quantizer": config.get("quantizer", config.get("quantizers")),
-            "rows": {rel: info["rows"] for rel, info in table_info.items()},
-            "tables": table_info,
-            "tensors": tensor_info,
+            "rows": {rel: info["rows"] for rel, info in sealed.tables.items()},
+            "tables": sealed.tables,
+            "tensors": sealed.tensors,
             "files": files,
-            "metrics": metrics,
-            "extra": extra,
+            "metrics": sealed.metrics,
+            "extra": sealed.extra,
             "config": config,
         }
         atomic_write_json(src / MANIFEST, manifest)
@@ -649,6 +623,54 @@ class FeatureStore:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class _Sealed:
+    """What publish learned about a staging folder before taking the lock."""
+
+    config: dict
+    config_text: str
+    metrics: dict
+    extra: dict
+    files: dict
+    tables: dict
+    tensors: dict
+
+
+def _seal(src: Path, config: dict, metrics: dict, extra: dict, *, validate: bool) -> _Sealed:
+    """fsync + sha256 every staged file, summarise tables and tensors, validate the contract tables."""
+    if (src / MANIFEST).exists():
+        raise ValueError(f"{src / MANIFEST}: '{MANIFEST}' is reserved for the store; do not write it")
+    try:
+        # Normalise through JSON first (numpy -> python, int keys -> str), so the hash computed now equals the
+        # one recomputed from the manifest on disk.
+        config, metrics, extra = (json.loads(canonical_json(obj)) for obj in (config, metrics, extra))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"publish: config / metrics / extra must be JSON-serialisable ({exc})") from None
+    config_text = canonical_json(config)
+    files, table_info, tensor_info = {}, {}, {}
+    for rel, full in _walk_files(src):
+        if full.is_symlink():
+            raise ValueError(f"{full}: symbolic links cannot be published (a version must own its bytes); "
+                             "copy the file into the staging folder instead")
+        if is_temp_name(full.name):  # leftovers of a failed atomic write inside the staging folder
+            full.unlink()
+            continue
+        fsync_file(full)
+        files[rel] = {"sha256": sha256_file(full), "bytes": full.stat().st_size}
+        if rel.endswith(tables.PARQUET_SUFFIX):
+            try:
+                table_info[rel] = tables.table_summary(full)
+            except Exception as exc:
+                raise tables.TableError(f"{full}: not a readable Parquet file ({exc})") from exc
+            if validate:
+                _validate_contract_table(rel, full)
+        elif rel.endswith(tables.CODEBOOKS_SUFFIX):
+            tensor_info[rel] = _safetensors_shapes(full)
+    if not files:
+        raise ValueError(f"staging folder {src} is empty; nothing to publish")
+    return _Sealed(config, config_text, metrics, extra, files, table_info, tensor_info)
 
 
 def verify_version(path: Path, manifest: dict) -> None:

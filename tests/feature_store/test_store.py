@@ -199,7 +199,7 @@ def test_retain_keeps_newest_and_current(store, publish):
 
 def test_require_parent_current_conflict(store, publish, fill):
     v1 = publish(0)
-    with store.stage(require_parent_current=True) as st:
+    with store.stage(require_parent_current=True) as st:  # noqa: SIM117
         fill(st.path, seed=1)
         publish(2)  # someone else publishes meanwhile
         with pytest.raises(StoreConflictError, match=f"staged on {v1.id}"):
@@ -235,7 +235,7 @@ def test_second_process_is_refused_while_lock_held(store, publish):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(StoreLockedError) as err:
-            publish(1)
+            publish(1, lock_timeout=0)
         msg = str(err.value)
         assert f"pid {holder.pid}" in msg and "nightly retrain" in msg and "LOCK" in msg
         assert err.value.holder["pid"] == holder.pid
@@ -357,3 +357,31 @@ def test_resumable_staging_one_holder_and_ttl(store, publish):
     assert store.cleanup()["staging"] == 0  # holder dead, but the folder is fresh: kept for the rerun
     assert store.cleanup(resume_ttl_s=0)["staging"] == 1  # past its TTL: garbage
     assert not (store.root / ".staging" / "r-nightly").exists()
+
+
+def test_config_with_numpy_and_int_keys_round_trips_its_hash(store, fill):
+    with store.stage() as st:
+        fill(st.path)
+        version = st.publish(config={"sizes": {10: np.int64(3), 9: np.float32(0.5)}, "arr": np.arange(3)},
+                             metrics={"auc": np.float64(0.7)})
+    again = store.read(version.id)  # verification recomputes the config hash from the JSON on disk
+    assert again.config == {"sizes": {"10": 3, "9": 0.5}, "arr": [0, 1, 2]} == version.config
+
+
+def test_publish_waits_for_a_short_lock_holder(store, publish):
+    publish(0)
+    holder = _python("""
+        import sys, time
+        from feature_store import FeatureStore
+        with FeatureStore(sys.argv[1]).lock(purpose="retain"):
+            print("locked", flush=True)
+            time.sleep(1.0)
+    """, store.root)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreLockedError, match="after waiting 0.2s"):
+            publish(1, lock_timeout=0.2)
+        assert publish(2, lock_timeout=30).id.startswith("v000002-")  # waits for the holder, then publishes
+    finally:
+        holder.kill()
+        holder.wait()
