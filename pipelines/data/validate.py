@@ -93,7 +93,7 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
     items["image_uri"] = items["image_uri"].where(~_blank(items["image_uri"]), None)
     if check_images:
         has_uri = items["image_uri"].notna()
-        bad_rows, bad_ids, bad_reasons, bad_details = [], [], [], []
+        bad: list[tuple] = []  # (index, row, item_id, reason, detail)
         checks = zip(items.index[has_uri], items.loc[has_uri, "row"], items.loc[has_uri, "item_id"],
                      items.loc[has_uri, "image_uri"])
         for idx, row_no, item_id, uri in tqdm(checks, total=int(has_uri.sum()), desc=f"{name}: checking images",
@@ -101,12 +101,13 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
             try:
                 check_image(uri, image_root, spec.validate_images)
             except ImageError as exc:
-                bad_rows.append((idx, row_no, item_id, exc.reason, str(exc)))
-        for idx, row_no, item_id, reason, detail in bad_rows:
-            rejects.add(items_source, [row_no], reason, "kept_text_only", item_id=item_id, detail=detail)
-            bad_ids.append(idx)
-        if bad_ids:
-            items.loc[bad_ids, "image_uri"] = None
+                bad.append((idx, row_no, item_id, exc.reason, str(exc)))
+        if bad:
+            bad_frame = pd.DataFrame(bad, columns=["idx", "row", "item_id", "reason", "detail"])
+            for reason, group in bad_frame.groupby("reason", sort=True):
+                rejects.add(items_source, group["row"], reason, "kept_text_only", item_id=group["item_id"],
+                            detail=group["detail"])
+            items.loc[bad_frame["idx"].to_numpy(), "image_uri"] = None
 
     # Empty text: an item with neither title nor text is usable only through its image.
     no_text = _blank(items["title"]) & _blank(items["text"])
