@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from pipelines.data.io import DataError, read_table, to_float32, to_int64, to_unix_seconds
+from pipelines.data.io import DataError, parse_int64, read_table, to_float32, to_int64, to_unix_seconds
 from pipelines.data.loader import load_id_maps
 from pipelines.data.schema import DataSpec, Dataset
 from pipelines.data.validate import RejectLog, finalize
@@ -161,7 +161,9 @@ def load_generic(spec: DataSpec) -> Dataset:
 
     ids_mode = mapping.get("ids", "auto")
     known_maps = load_id_maps(spec.id_map_dir) if spec.id_map_dir is not None else {}
-    item_is_str = _ids_are_strings([(items_raw, icols["item_id"]), (inter_raw, ecols["item_id"])], ids_mode)
+    # The catalog decides the item id type: a stray string id in the log of an integer catalog is an unknown item
+    # (rejected), not a reason to renumber the catalog.
+    item_is_str = _ids_are_strings([(items_raw, icols["item_id"])], ids_mode)
     user_is_str = _ids_are_strings([(inter_raw, ecols["user_id"])], ids_mode)
     id_maps = {}
     if item_is_str:
@@ -187,7 +189,8 @@ def load_generic(spec: DataSpec) -> Dataset:
 
     # Interactions.
     users = _ids(inter_raw, ecols["user_id"], id_maps.get("user_id"), "user_id")
-    inter_items, unmapped = _ids(inter_raw, ecols["item_id"], id_maps.get("item_id"), "item_id", keep_unmapped=True)
+    inter_items, unmapped = _ids(inter_raw, ecols["item_id"], id_maps.get("item_id"), "item_id", keep_unmapped=True,
+                                 strict=ids_mode == "int")
     ts = to_unix_seconds(inter_raw, ecols["ts"], fmt=mapping["interactions"].get("ts_format", "auto"))
     label, label_bad = _labels(inter_raw, ecols["label"], mapping["interactions"])
     missing = (users.isna() | ts.isna() | (inter_items.isna() & ~unmapped)).to_numpy()
@@ -240,11 +243,7 @@ def _ids_are_strings(columns, mode: str) -> bool:
     if mode == "string":
         return True
     for frame, col in columns:
-        series = frame[col]
-        if pd.api.types.is_integer_dtype(series.dtype):
-            continue
-        parsed = pd.to_numeric(series, errors="coerce")
-        not_int = (parsed.isna() & series.notna()) | (parsed.notna() & (parsed.fillna(0) % 1 != 0))
+        _, not_int = parse_int64(frame[col])
         if not_int.any():
             if mode == "int":
                 to_int64(frame, col)  # raises, naming file, column and row
@@ -261,11 +260,15 @@ def _dense_map(raw: pd.Series, known: Optional[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat([known, added], ignore_index=True).astype({"raw": str, "id": "int64"})
 
 
-def _ids(frame: pd.DataFrame, col: str, id_map: Optional[pd.DataFrame], role: str, keep_unmapped: bool = False):
+def _ids(frame: pd.DataFrame, col: str, id_map: Optional[pd.DataFrame], role: str, keep_unmapped: bool = False,
+         strict: bool = True):
     """Ids as nullable Int64: integers as they are, or through `id_map` for string ids.
 
-    With keep_unmapped, also returns a mask of non-empty ids absent from the map (unknown items)."""
+    With keep_unmapped, also returns a mask of non-empty ids that have no int id (absent from the map, or, for
+    integer ids with strict=False, not an integer): unknown items."""
     if id_map is None:
+        if keep_unmapped and not strict:
+            return parse_int64(frame[col])
         out = to_int64(frame, col, role=role)
         return (out, np.zeros(len(out), bool)) if keep_unmapped else out
     raw = frame[col].astype("string").str.strip()

@@ -92,6 +92,38 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def parse_int64(series: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """Parse ids / integers exactly (never through float64, so ids above 2**53 survive).
+
+    Returns:
+        (values nullable Int64, bad (N,) bool): bad marks non-empty cells that are not integers in int64 range
+        (text like "12", " 12 ", "12.0" is fine; "1.5", "abc", 1.5 are not). Empty cells are <NA>, not bad.
+    """
+    if pd.api.types.is_integer_dtype(series.dtype):
+        return series.astype("Int64"), np.zeros(len(series), bool)
+    if pd.api.types.is_float_dtype(series.dtype):
+        frac = (series.notna() & (series.fillna(0) % 1 != 0)) | (series.abs() > INT64_MAX)
+        return series.where(~frac).astype("Int64"), frac.to_numpy()
+    text = series.astype("string").str.strip()
+    blank = (text.isna() | text.eq("")).fillna(True).to_numpy()
+    digits = text.str.replace(r"\.0*$", "", regex=True)
+    short = digits.str.fullmatch(r"[+-]?\d{1,18}").fillna(False).to_numpy(dtype=bool)   # always fits int64
+    long_ = digits.str.fullmatch(r"[+-]?\d{19,20}").fillna(False).to_numpy(dtype=bool)  # check the range
+    out = pd.Series(pd.NA, index=series.index, dtype="Int64")
+    if short.any():  # no NaN in the subset, so to_numeric gives exact int64
+        out.iloc[np.flatnonzero(short)] = pd.to_numeric(digits[short].to_numpy(dtype=object)).astype(np.int64)
+    ok = short.copy()
+    for i in np.flatnonzero(long_):
+        v = int(digits.iloc[i])
+        if -INT64_MAX - 1 <= v <= INT64_MAX:
+            out.iloc[i] = v
+            ok[i] = True
+    return out, ~ok & ~blank
+
+
 def to_int64(frame: pd.DataFrame, column: str, *, role: str = "") -> pd.Series:
     """Column as nullable Int64 (missing cells stay <NA>: they are per-record rejects, not file errors).
 
@@ -101,20 +133,14 @@ def to_int64(frame: pd.DataFrame, column: str, *, role: str = "") -> pd.Series:
     path, fmt = frame.attrs.get("source_path", "<table>"), frame.attrs.get("source_format", "parquet")
     series = frame[column]
     label = f"column {column!r}" + (f" ({role})" if role else "")
-    if pd.api.types.is_integer_dtype(series.dtype):
-        return series.astype("Int64")
     if pd.api.types.is_bool_dtype(series.dtype):
         raise DataError(f"{path}: {label}: expected integers, got booleans")
-    numeric = pd.to_numeric(series, errors="coerce")
-    bad = numeric.isna().to_numpy() & series.notna().to_numpy()
-    if pd.api.types.is_float_dtype(numeric.dtype):
-        frac = numeric.notna().to_numpy() & (numeric.fillna(0) % 1 != 0).to_numpy()
-        bad = bad | frac
+    values, bad = parse_int64(series)
     if bad.any():
         row = _first_bad(bad)
         raise DataError(f"{path}: {label} {_where(path, fmt, row)}: value {series.iloc[row]!r} is not an integer "
                         f"({int(bad.sum())} bad value(s) in this column)")
-    return numeric.astype("Int64")
+    return values
 
 
 def to_float32(frame: pd.DataFrame, column: str, *, role: str = "") -> pd.Series:

@@ -169,3 +169,21 @@ def test_text_from_several_columns_and_mapped_columns_are_required(tmp_path):
     assert ds.reject_counts == {"empty_text": 1}  # item 3: nothing at all
     with pytest.raises(DataError, match=r"i\.csv: missing column\(s\) \['photo'\]"):
         load_dataset(DataSpec(**spec, column_map=("items.title=name", "items.image_uri=photo")))
+
+
+def test_string_item_id_in_log_of_integer_catalog_is_an_unknown_item(tmp_path):
+    (tmp_path / "i.csv").write_text("item_id,title\n10,a\n20,b\n")
+    (tmp_path / "r.csv").write_text("user_id,item_id,ts\n1,10,5\n1,oops,6\n2,20,7\n")
+    ds = load_dataset(DataSpec(dataset="generic", items=tmp_path / "i.csv", interactions=tmp_path / "r.csv"))
+    assert list(ds.items["item_id"]) == [10, 20] and ds.id_maps == {}   # not renumbered
+    assert ds.reject_counts == {"unknown_item": 1}
+    assert ds.rejects.iloc[0]["item_id"] == "oops" and ds.rejects.iloc[0]["row"] == 1
+
+
+def test_large_integer_ids_survive_exactly(tmp_path):
+    big = 2**60 + 1  # not representable in float64
+    (tmp_path / "i.csv").write_text(f"item_id,title\n{big},a\n,empty id\n")
+    (tmp_path / "r.csv").write_text(f"user_id,item_id,ts\n{big},{big},5\n")
+    ds = load_dataset(DataSpec(dataset="generic", items=tmp_path / "i.csv", interactions=tmp_path / "r.csv"))
+    assert ds.items["item_id"].tolist() == [big] and ds.interactions["user_id"].tolist() == [big]
+    assert ds.reject_counts == {"missing_value": 1}
