@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pipelines.data import DataSpec, load_dataset
 from pipelines.data.images import load_image
@@ -29,8 +30,14 @@ def test_full_movielens_matches_the_release(movielens_dir):
     assert img.mode == "RGB" and min(img.size) > 50
 
 
-def test_poster_subset(movielens_dir):
-    ds = load_dataset(DataSpec(dataset="movielens", data=movielens_dir, require_image=True))
+@pytest.fixture(scope="module")
+def posters(movielens_dir):
+    """The poster subset, with every poster header-checked (the default validation level)."""
+    return load_dataset(DataSpec(dataset="movielens", data=movielens_dir, require_image=True))
+
+
+def test_poster_subset(posters):
+    ds = posters
     stats = ds.stats()
     assert stats["items_with_interactions"] == 2_943
     assert stats["interactions"] == 58_498
@@ -38,14 +45,13 @@ def test_poster_subset(movielens_dir):
     assert stats["filtered"]["interactions_on_items_without_image"] == 100_836 - 58_498
 
 
-def test_splits_reproduce_the_reference_baselines(movielens_dir):
+def test_splits_reproduce_the_reference_baselines(posters):
     """../shared/data/movielens/SOURCE.md: poster subset, label rating >= 4, smoothed user + item mean rates."""
     import pandas as pd
 
     from pipelines.data.split import time_split
 
-    inter = load_dataset(DataSpec(dataset="movielens", data=movielens_dir, require_image=True,
-                                  validate_images="exists")).interactions
+    inter = posters.interactions
 
     def baseline_auc(train, test, smooth=5.0):
         prior = train["label"].mean()
