@@ -20,7 +20,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from ranker.examples import Examples
-from ranker.features import UNKNOWN_ROW, FeatureSchema, ItemFeatures
+from ranker.features import N_BASE_DENSE, UNKNOWN_ROW, FeatureSchema, ItemFeatures
 
 
 @dataclass
@@ -30,7 +30,8 @@ class RankerBatch:
     Attributes:
         seq: KJT over schema.seq_keys.
         bag: KJT over schema.bag_keys (may have no keys).
-        dense: (B, n_dense) float32.
+        dense: (B, n_dense) float32: log1p(hist_len), log1p(prior events), smoothed prior positive
+            rate, then the RQ-prefix cross features.
         frozen_target: (B, d) float32 (d = 0 when unused).
         frozen_hist: (B, T, d) float32.
         hist_len: (B,) int64.
@@ -129,8 +130,10 @@ def build_batch(ex: Examples, schema: FeatureSchema, items: ItemFeatures) -> Ran
     bag = _kjt(schema.bag_keys, values, lengths)
 
     hist_valid = ex.hist >= 0 if t > 0 else np.zeros((b, 0), bool)
-    dense = [np.log1p(ex.hist_len.astype(np.float32))[:, None]]
-    if schema.n_dense > 1:
+    prior_rate = (ex.prior_positives + 1.0) / (ex.prior_events + 2.0)  # Laplace-smoothed
+    dense = [np.stack([np.log1p(ex.hist_len.astype(np.float32)), np.log1p(ex.prior_events.astype(np.float32)),
+                       prior_rate.astype(np.float32)], axis=1)]
+    if schema.n_dense > N_BASE_DENSE:
         hist_rows = np.where(hist_valid, ex.hist, UNKNOWN_ROW)
         dense.append(cross_features(items.rq[ex.item], items.rq[hist_rows], items.has_codes[ex.item],
                                     items.has_codes[hist_rows] & hist_valid, ex.hist_len))

@@ -73,7 +73,8 @@ def prepare_examples(interactions: pd.DataFrame, catalog_ids: np.ndarray, histor
     for salt, (name, df) in enumerate((("train", train_df), ("valid", valid_df), ("test", test_df))):
         if implicit:
             df = df[df["label"] >= 0.5]
-        parts[name] = build_examples(df, positives, catalog, users, history_len, name=f"interactions[{name}]")
+        parts[name] = build_examples(df, positives, catalog, users, history_len, name=f"interactions[{name}]",
+                                     log=interactions)
     popularity = np.bincount(parts["train"].item[parts["train"].label >= 0.5], minlength=catalog.n_rows)
     if implicit and negatives.per_positive == 0:
         raise ValueError("implicit-feedback data (all labels 1) needs sampled negatives: per_positive > 0")

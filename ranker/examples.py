@@ -42,6 +42,9 @@ class UserIndex:
         return np.where(self.user_ids[pos] == ids, pos + 1, 0).astype(np.int64)
 
 
+_FIELDS = ("user", "user_id", "item", "label", "ts", "hist", "hist_len", "prior_events", "prior_positives")
+
+
 @dataclass
 class Examples:
     """Columnar examples. n = number of events.
@@ -50,6 +53,8 @@ class Examples:
         user: (n,) user rows.   user_id: (n,) raw user ids (GAUC groups by these).
         item: (n,) item rows.   label: (n,) float32.   ts: (n,) int64.
         hist: (n, T) item rows, most recent first, padded with -1.   hist_len: (n,) int64.
+        prior_events, prior_positives: (n,) the user's events / positives strictly before ts (any split:
+            counters a serving system keeps), for the user-activity dense features.
     """
 
     user: np.ndarray
@@ -59,17 +64,18 @@ class Examples:
     ts: np.ndarray
     hist: np.ndarray
     hist_len: np.ndarray
+    prior_events: np.ndarray
+    prior_positives: np.ndarray
 
     def __len__(self) -> int:
         return len(self.label)
 
     def take(self, idx: np.ndarray) -> "Examples":
-        return Examples(*(getattr(self, f)[idx] for f in ("user", "user_id", "item", "label", "ts", "hist", "hist_len")))
+        return Examples(*(getattr(self, f)[idx] for f in _FIELDS))
 
     @staticmethod
     def concat(parts: list) -> "Examples":
-        return Examples(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                          ("user", "user_id", "item", "label", "ts", "hist", "hist_len")))
+        return Examples(*(np.concatenate([getattr(p, f) for p in parts]) for f in _FIELDS))
 
 
 def _check_columns(df: pd.DataFrame, name: str) -> None:
@@ -78,8 +84,32 @@ def _check_columns(df: pd.DataFrame, name: str) -> None:
         raise ValueError(f"{name}: missing column(s) {sorted(missing)}")
 
 
+def prior_counts(events: pd.DataFrame, log: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """For each event: the user's events and positives in `log` with ts strictly before the event's ts.
+
+    Returns:
+        (prior_events (n,), prior_positives (n,)) int64.
+    """
+    log = log.sort_values(["user_id", "ts"], kind="mergesort")
+    key_log = log["user_id"].to_numpy(np.int64)
+    ts_log = log["ts"].to_numpy(np.int64)
+    pos_cum = np.r_[0, np.cumsum(log["label"].to_numpy() >= 0.5)]
+    ev_user = events["user_id"].to_numpy(np.int64)
+    ev_ts = events["ts"].to_numpy(np.int64)
+    start = np.searchsorted(key_log, ev_user, side="left")  # user's first log row
+    end = np.searchsorted(key_log, ev_user, side="right")
+    cut = start.copy()
+    order = np.argsort(ev_user, kind="mergesort")
+    bounds = np.r_[0, np.flatnonzero(np.diff(ev_user[order])) + 1, len(order)]
+    for a, b in zip(bounds[:-1], bounds[1:]):  # one vectorised search per user
+        idx = order[a:b]
+        s, e = start[idx[0]], end[idx[0]]
+        cut[idx] = s + np.searchsorted(ts_log[s:e], ev_ts[idx], side="left")
+    return (cut - start).astype(np.int64), (pos_cum[cut] - pos_cum[start]).astype(np.int64)
+
+
 def build_examples(events: pd.DataFrame, positives: pd.DataFrame, items: ItemFeatures, users: UserIndex,
-                   history_len: int, name: str = "events") -> Examples:
+                   history_len: int, name: str = "events", log: pd.DataFrame | None = None) -> Examples:
     """Attach each event's history.
 
     Args:
@@ -87,6 +117,8 @@ def build_examples(events: pd.DataFrame, positives: pd.DataFrame, items: ItemFea
         positives: every positive interaction known (all splits): user_id, item_id, ts.
         items, users: id -> row maps.
         history_len: T.
+        log: every known interaction (all splits, any label) for the prior-activity counters;
+            defaults to `positives`.
     """
     _check_columns(events, name)
     n = len(events)
@@ -118,8 +150,10 @@ def build_examples(events: pd.DataFrame, positives: pd.DataFrame, items: ItemFea
                 src = cut - 1 - j
                 ok = src >= lo
                 hist[idx[ok], j] = p_rows[src[ok]]
+    prior_events, prior_positives = prior_counts(events, positives if log is None else log)
     return Examples(user=users.rows(ev_user), user_id=ev_user, item=items.rows(events["item_id"].to_numpy(np.int64)),
-                    label=events["label"].to_numpy(np.float32), ts=ev_ts, hist=hist, hist_len=hist_len)
+                    label=events["label"].to_numpy(np.float32), ts=ev_ts, hist=hist, hist_len=hist_len,
+                    prior_events=prior_events, prior_positives=prior_positives)
 
 
 def sample_negatives(positives: Examples, n_item_rows: int, cfg: NegativeConfig,

@@ -22,6 +22,7 @@ from ranker.config import RankerConfig
 
 log = logging.getLogger(__name__)
 UNKNOWN_ROW = 0
+N_BASE_DENSE = 3
 
 
 @dataclass
@@ -195,9 +196,10 @@ class FeatureSchema:
 
 
 def n_dense_features(cfg: RankerConfig, rq_levels: int) -> int:
-    """Dense inputs: log1p(history length), plus per RQ prefix length p: log1p(count) and share."""
+    """Dense inputs: log1p(history length), log1p(user's prior events), smoothed prior positive rate,
+    plus per RQ prefix length p: log1p(count) and share of history items sharing the target's prefix."""
     cross = 2 * rq_levels if (cfg.uses("rq") and cfg.cross_feature and cfg.history_len > 0) else 0
-    return 1 + cross
+    return N_BASE_DENSE + cross
 
 
 def build_schema(cfg: RankerConfig, n_users: int, items: ItemFeatures) -> FeatureSchema:

@@ -48,6 +48,10 @@ def test_history_is_strictly_before_the_event():
     # event 0 (t=1): nothing before; event 1 (t=2): [10]; event 2 (t=3): [20, 10] most recent first
     assert ex.hist.tolist() == [[-1, -1, -1], [1, -1, -1], [2, 1, -1], [-1, -1, -1]]
     assert ex.hist_len.tolist() == [0, 1, 2, 0]
+    # prior counters over the full log (negatives included): event 2 of user 7 has 2 earlier events
+    ex3 = build_examples(_events(), _events()[lambda d: d.label > 0], items, UserIndex.from_ids([7, 8]), history_len=1,
+                         log=_events())
+    assert ex3.prior_events.tolist() == [0, 1, 2, 0] and ex3.prior_positives.tolist() == [0, 1, 2, 0]
     # same-second positives never leak: a positive at t=3 is not in the history of the t=3 event
     ev = pd.concat([_events(), pd.DataFrame({"user_id": [7], "item_id": [40], "ts": [3], "label": [1.0]})])
     ex2 = build_examples(ev, ev[ev.label > 0], items, UserIndex.from_ids([7, 8]), history_len=3)
@@ -73,9 +77,11 @@ def test_kjt_layout_by_hand():
     assert bag.lengths().tolist() == [1, 1, 2, 1]
     assert batch.labels.tolist() == [0.0, 1.0]
     # dense: log1p(hist_len), then cross: target 30 = (2, 1); history 20 = (0, 0), 10 = (0, 1): no prefix match
-    assert batch.dense.shape == (2, 1 + 4)
-    assert batch.dense[0, 0].item() == pytest.approx(np.log1p(2))
-    assert batch.dense[:, 1:].abs().sum().item() == 0
+    assert batch.dense.shape == (2, 3 + 4)
+    # user 7 at t=3: history 2, prior events 2 (both positive) -> rate (2+1)/(2+2); user 8: nothing before
+    assert batch.dense[0, :3].tolist() == pytest.approx([np.log1p(2), np.log1p(2), 0.75])
+    assert batch.dense[1, :3].tolist() == pytest.approx([0.0, 0.0, 0.5])
+    assert batch.dense[:, 3:].abs().sum().item() == 0
 
 
 def test_table_configs_share_tables_between_target_and_history():
