@@ -5,10 +5,7 @@ message adds the 1-based file line as well, which is what an editor shows.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -16,6 +13,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from feature_store import io as fs_io
 
 
 log = logging.getLogger(__name__)
@@ -215,52 +214,20 @@ def _datetime_to_seconds(parsed: pd.Series) -> pd.Series:
     return out
 
 
-# ---- atomic writes (write aside in the same folder, fsync, rename, fsync the folder) ----
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_FILE_MODE = _file_mode()
-
+# ---- atomic writes: the project's one implementation lives in feature_store.io (write aside, fsync, rename) ----
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; readers in other processes / users expect the umask's mode
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """Atomic write; creates the parent folder (feature_store.io expects it to exist)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return fs_io.atomic_write_bytes(path, data)
 
 
 def atomic_write_json(path: Path, obj) -> Path:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return fs_io.atomic_write_json(path, obj)
 
 
 def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> Path:
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
-    return atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    """A DataFrame as Parquet, atomically (index dropped)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return fs_io.atomic_write_parquet(path, pa.Table.from_pandas(frame, preserve_index=False))
