@@ -11,6 +11,7 @@ Mapping file (JSON or YAML; every key optional; relative paths are relative to t
       columns: {user_id: uid, item_id: sku, ts: event_time, label: clicked}
       ts_format: auto                # auto | unix | unix_ms | iso
       label_threshold: 4.0           # optional: label = value >= threshold (e.g. star ratings)
+      label_values: {click: 1, purchase: 1, impression: 0}   # optional: event-type column -> label
       attributes: [dwell_s]          # extra columns carried through unchanged
     image_root: images/              # image_uri is relative to it (default: the items file's folder)
     ids: auto                        # auto | int | string
@@ -45,7 +46,8 @@ from pipelines.data.validate import RejectLog, finalize
 ITEM_FIELDS = ("item_id", "title", "text", "image_uri")
 INTERACTION_FIELDS = ("user_id", "item_id", "ts", "label")
 TABLE_KEYS = {"items": {"path", "columns", "attributes"},
-              "interactions": {"path", "columns", "ts_format", "label_threshold", "attributes"}}
+              "interactions": {"path", "columns", "ts_format", "label_threshold", "label_values",
+                               "attributes"}}
 TOP_KEYS = {"items", "interactions", "image_root", "ids"}
 
 
@@ -73,6 +75,14 @@ def read_mapping(path: Optional[Path]) -> dict:
         if not isinstance(section, dict):
             raise DataError(f"{path}: '{table}' must be an object")
         _check_keys(section, allowed, f"{path}: {table}")
+        values = section.get("label_values")
+        if values is not None:
+            if not isinstance(values, dict) or not values or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in values.values()):
+                raise DataError(f"{path}: interactions.label_values must map raw label values to numbers in [0, 1], "
+                                f"got {values!r}")
+            if section.get("label_threshold") is not None:
+                raise DataError(f"{path}: interactions: set label_threshold or label_values, not both")
         fields = ITEM_FIELDS if table == "items" else INTERACTION_FIELDS
         cols = section.get("columns") or {}
         if not isinstance(cols, dict):
@@ -195,7 +205,7 @@ def load_generic(spec: DataSpec) -> Dataset:
     label, label_bad = _labels(inter_raw, ecols["label"], mapping["interactions"])
     missing = (users.isna() | ts.isna() | (inter_items.isna() & ~unmapped)).to_numpy()
     if ecols["label"] in inter_raw:
-        missing = missing | label.isna().to_numpy()
+        missing = missing | (label.isna().to_numpy() & ~label_bad)  # unmapped label values are bad_label
     raw_item = inter_raw[ecols["item_id"]].astype("string")
     raw_user = inter_raw[ecols["user_id"]].astype("string")
     rows = np.arange(len(inter_raw), dtype="int64")
@@ -203,7 +213,7 @@ def load_generic(spec: DataSpec) -> Dataset:
                 user_id=raw_user[missing], detail="empty user id, item id, timestamp or label")
     bad_label = label_bad & ~missing
     rejects.add(inter_path.name, rows[bad_label], "bad_label", "dropped", item_id=raw_item[bad_label],
-                user_id=raw_user[bad_label], detail="label outside [0, 1] (set interactions.label_threshold?)")
+                user_id=raw_user[bad_label], detail="label outside [0, 1], or not in interactions.label_values")
     unknown = unmapped & ~missing & ~bad_label
     rejects.add(inter_path.name, rows[unknown], "unknown_item", "dropped", item_id=raw_item[unknown],
                 user_id=raw_user[unknown], detail="item id not in the item catalog")
@@ -302,6 +312,14 @@ def _labels(frame: pd.DataFrame, col: str, section: dict):
     """(label float32 series, out-of-range mask). No label column -> implicit positives."""
     if col not in frame:
         return pd.Series(np.ones(len(frame), np.float32), index=frame.index), np.zeros(len(frame), bool)
+    values = section.get("label_values")
+    if values is not None:
+        # Keys are compared as text: YAML may parse `1: 1` as ints while a CSV cell is the string "1".
+        lookup = {str(k).strip(): float(v) for k, v in values.items()}
+        raw = frame[col].astype("string").str.strip()
+        mapped = raw.map(lookup).astype("Float32").astype("float32")
+        bad = (raw.notna() & raw.ne("") & mapped.isna()).fillna(False).to_numpy(dtype=bool)
+        return mapped, bad
     value = to_float32(frame, col, role="label")
     threshold = section.get("label_threshold")
     if threshold is not None:

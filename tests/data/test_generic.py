@@ -187,3 +187,17 @@ def test_large_integer_ids_survive_exactly(tmp_path):
     ds = load_dataset(DataSpec(dataset="generic", items=tmp_path / "i.csv", interactions=tmp_path / "r.csv"))
     assert ds.items["item_id"].tolist() == [big] and ds.interactions["user_id"].tolist() == [big]
     assert ds.reject_counts == {"missing_value": 1}
+
+
+def test_event_type_labels(tmp_path):
+    (tmp_path / "i.csv").write_text("item_id,title\n1,a\n")
+    (tmp_path / "r.csv").write_text("user_id,item_id,ts,event\n1,1,1,impression\n1,1,2,click\n1,1,3,share\n1,1,4,\n")
+    (tmp_path / "m.yaml").write_text("items: {path: i.csv}\ninteractions:\n  path: r.csv\n  columns: {label: event}\n"
+                                     "  label_values: {impression: 0, click: 1}\n")
+    ds = load_dataset(DataSpec(dataset="generic", mapping=tmp_path / "m.yaml"))
+    assert list(ds.interactions["label"]) == [0.0, 1.0]
+    assert ds.reject_counts == {"bad_label": 1, "missing_value": 1}  # "share" is unmapped; row 3 is empty
+    (tmp_path / "m.yaml").write_text("interactions:\n  label_values: {click: yes}\n")
+    with pytest.raises(DataError, match="label_values"):
+        load_dataset(DataSpec(dataset="generic", mapping=tmp_path / "m.yaml", items=tmp_path / "i.csv",
+                              interactions=tmp_path / "r.csv"))
