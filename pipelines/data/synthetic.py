@@ -92,24 +92,46 @@ def _make_items(spec: DataSpec, rng: np.random.Generator):
     n_initial = max(1, int(round(INITIAL_CATALOG * n)))
     release = np.concatenate([np.full(n_initial, START_TS, dtype=np.int64),
                               np.sort(START_TS + rng.integers(0, int(RELEASE_END * SPAN_S), n - n_initial))])
-    titles, texts = [], []
-    for i in range(n):
-        c = int(cluster[i])
-        words = list(rng.choice(vocabs[c], size=2, replace=False))
-        if rng.random() < CROSS_WORD_RATE:
-            words[int(rng.integers(2))] = str(rng.choice(vocabs[int(rng.integers(k))]))
-        words.insert(int(rng.integers(3)), str(rng.choice(NOISE_WORDS)))
-        titles.append(" ".join(words).capitalize())
-        desc = list(rng.choice(vocabs[c], size=int(rng.integers(2, 5)))) + list(
-            rng.choice(NOISE_WORDS, size=int(rng.integers(2, 5))))
-        if rng.random() < 0.6:  # sometimes the text says what the picture shows
-            desc += [_colour_word(styles[c].hue), styles[c].shape]
-        rng.shuffle(desc)
-        texts.append(" ".join(str(w) for w in desc) + ".")
+    titles, texts = _make_texts(cluster, styles, vocabs, rng)
     items = pd.DataFrame({"item_id": np.arange(n, dtype=np.int64), "title": titles, "text": texts,
                           "image_uri": [f"{i:06d}.png" for i in range(n)], "cluster": cluster.astype(np.int64),
                           "release_ts": release})
     return items, styles
+
+
+def _make_texts(cluster: np.ndarray, styles, vocabs, rng: np.random.Generator) -> tuple[list, list]:
+    """Titles (2 cluster words + 1 noise word, sometimes a word of another cluster) and descriptions (2-4 cluster
+    words, 2-4 noise words, often the colour and shape the image shows), in random order.
+
+    Random draws are made in bulk (one array per kind) so a large catalog costs a string join per item."""
+    n, k = len(cluster), len(vocabs)
+    vocab = np.array(vocabs, dtype=object)                     # (k, W)
+    noise = np.array(NOISE_WORDS, dtype=object)
+    n_words = vocab.shape[1]
+    w1 = rng.integers(0, n_words, n)
+    w2 = (w1 + rng.integers(1, n_words, n)) % n_words         # a second, different cluster word
+    cross = rng.random(n) < CROSS_WORD_RATE
+    cross_pos, cross_c, cross_w = rng.integers(0, 2, n), rng.integers(0, k, n), rng.integers(0, n_words, n)
+    title_noise, noise_pos = rng.integers(0, len(noise), n), rng.integers(0, 3, n)
+    n_cluster_words, n_noise_words = rng.integers(2, 5, n), rng.integers(2, 5, n)
+    desc_cluster, desc_noise = rng.integers(0, n_words, (n, 4)), rng.integers(0, len(noise), (n, 4))
+    says_picture = rng.random(n) < 0.6
+    order_keys = rng.random((n, 10))                          # shuffles the description words
+    picture_words = [(_colour_word(st.hue), st.shape) for st in styles]
+    titles, texts = [], []
+    for i in range(n):
+        c = int(cluster[i])
+        words = [vocab[c, w1[i]], vocab[c, w2[i]]]
+        if cross[i]:
+            words[cross_pos[i]] = vocab[cross_c[i], cross_w[i]]
+        words.insert(int(noise_pos[i]), noise[title_noise[i]])
+        titles.append(" ".join(words).capitalize())
+        desc = list(vocab[c, desc_cluster[i, : n_cluster_words[i]]]) + list(noise[desc_noise[i, : n_noise_words[i]]])
+        if says_picture[i]:
+            desc += picture_words[c]
+        order = np.argsort(order_keys[i, : len(desc)])
+        texts.append(" ".join(desc[j] for j in order) + ".")
+    return titles, texts
 
 
 def _make_interactions(spec: DataSpec, items: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
