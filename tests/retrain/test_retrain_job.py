@@ -1,0 +1,111 @@
+"""The retraining job end to end on a tiny synthetic log: gate rejection, lock, SIGKILL + resume, publish."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feature_store import FeatureStore
+from pipelines.cli import EXIT_LOCKED, EXIT_OK, EXIT_REJECTED, main
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+DATA_FLAGS = ["--dataset", "synthetic", "--n-items", "240", "--n-users", "60", "--n-events", "5000",
+              "--n-clusters", "6"]
+JOB_FLAGS = ["--encoder", "tiny", "--rq_codebook_size", "12", "--align_epochs", "1", "--vq_k", "5"]
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A store whose first version was built from the log up to the 80% point (the replay's bootstrap)."""
+    from pipelines.data import DataSpec, load_dataset
+    from pipelines.retrain.replay import bootstrap, day_boundaries
+
+    root = tmp_path_factory.mktemp("retrain")
+    data_flags = DATA_FLAGS + ["--data", str(root / "data")]
+    ds = load_dataset(DataSpec(dataset="synthetic", data=root / "data", n_items=240, n_users=60, n_events=5000,
+                               n_clusters=6))
+    bounds = day_boundaries(ds.interactions["ts"].to_numpy(), days=1, tail=0.2)
+    store = root / "store"
+    first = bootstrap(ds, store, bounds[0], root / "boot", JOB_FLAGS)
+    return {"root": root, "store": store, "first": first["version"], "bounds": bounds, "data_flags": data_flags}
+
+
+def _retrain_args(world, *extra):
+    return ["retrain", "--store", str(world["store"]), *world["data_flags"], "--json", *extra, *JOB_FLAGS]
+
+
+def test_gate_rejection_leaves_current_and_exits_3(world, capsys):
+    code = main(_retrain_args(world, "--max-collision-rate", "0.0", "--work-dir", str(world["root"] / "w-gate")))
+    out = _last_json(capsys)
+    assert code == EXIT_REJECTED
+    assert out["status"] == "rejected" and any("collision_rate" in r for r in out["gate"]["reasons"])
+    assert FeatureStore(world["store"]).current_id() == world["first"]
+    # warm-started codes move less than a cold refit of the same embeddings
+    assert out["churn_warm"]["rq_code_churn"] < out["churn_cold"]["rq_code_churn"]
+
+
+def test_second_concurrent_run_is_refused_by_the_lock(world, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "from feature_store import FeatureStore\n"
+        "with FeatureStore(%r).lock(purpose='test holder'):\n"
+        "    print('held', flush=True); time.sleep(60)\n") % (str(REPO), str(world["store"]))],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = main(_retrain_args(world))
+        out = _last_json(capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == EXIT_LOCKED
+    assert out["status"] == "locked" and "lock" in out["error"]
+
+
+def test_sigkill_mid_run_then_rerun_resumes_and_publishes(world, capsys):
+    store = FeatureStore(world["store"])
+    work = world["root"] / "w-kill"
+    cmd = [sys.executable, "-m", "pipelines.cli", *_retrain_args(world, "--work-dir", str(work))]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(work.glob("run-*/window/_DONE.json")):
+        assert proc.poll() is None, "retrain ended before it could be killed"
+        time.sleep(0.2)
+    time.sleep(1.0)  # now inside the candidate stage
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert store.current_id() == world["first"]
+    assert [v.id for v in store.list()] == [world["first"]]  # nothing partial is listed
+
+    code = main(_retrain_args(world, "--work-dir", str(work)))
+    out = _last_json(capsys)
+    assert code == EXIT_OK, out
+    assert out["status"] == "published"
+    stages = {s["stage"]: s for s in out["stages"]}
+    assert stages["window"]["resumed"] is True
+    new = store.read()
+    assert new.id == out["version"] != world["first"]
+    assert new.parent == world["first"]
+    assert new.extra["watermark"] == world["bounds"][-1]
+    assert new.manifest["config"]["retrain"]["parent"] == world["first"]
+    codes = new.codes()
+    assert len(codes.item_ids) == 240 and np.all(codes.rq >= 0)
+
+    # the next scheduled run finds nothing new and leaves CURRENT alone
+    assert main(_retrain_args(world)) == EXIT_OK
+    assert _last_json(capsys)["status"] == "up-to-date"
+    assert store.current_id() == new.id
