@@ -1,4 +1,4 @@
-"""`qarm store list|show|rollback|retain|verify|cleanup|history --store DIR [--json]`.
+"""`qarm store list|show|diff|rollback|retain|verify|cleanup|history --store DIR [--json]`.
 
 Exit codes follow pipelines/cli.py: 1 for a corrupt version or bad input, 4 when another writer holds the lock.
 """
@@ -10,16 +10,18 @@ import json
 from feature_store.lock import StoreLockedError
 from feature_store.store import FeatureStore
 
-ACTIONS = ("list", "show", "rollback", "retain", "verify", "cleanup", "history")
+ACTIONS = ("list", "show", "diff", "rollback", "retain", "verify", "cleanup", "history")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=ACTIONS,
-                        help="list: versions (CURRENT marked); show: a manifest (CURRENT by default); rollback: "
+                        help="list: versions (CURRENT marked); show: a manifest (CURRENT by default); diff: "
+                             "--version vs --to (default CURRENT): config, rows, metrics and code churn; rollback: "
                              "point CURRENT at --version; retain: keep the newest --keep; verify: check every "
                              "checksum; cleanup: sweep crashed writers' leftovers; history: CURRENT changes")
     parser.add_argument("--store", required=True, help="feature-store root directory")
-    parser.add_argument("--version", help="version id (show / rollback / verify)")
+    parser.add_argument("--version", help="version id (show / diff / rollback / verify)")
+    parser.add_argument("--to", help="diff: the newer version (default CURRENT)")
     parser.add_argument("--keep", type=int, help="retain: number of newest versions to keep (CURRENT always kept)")
     parser.add_argument("--no-verify", action="store_true", help="show: skip checksum verification")
     parser.add_argument("--lock-timeout", type=float, default=0.0,
@@ -44,6 +46,10 @@ def run(args: argparse.Namespace) -> dict:
                 print(json.dumps(version.manifest, indent=2, default=str))
                 result.pop("manifest")
             return result
+        if args.action == "diff":
+            if not args.version:
+                raise CommandExit(EXIT_USAGE, "diff needs --version OLD [--to NEW]")
+            return {"store": str(store.root), **diff_versions(store.read(args.version), store.read(args.to))}
         if args.action == "rollback":
             if not args.version:
                 raise CommandExit(EXIT_USAGE, "rollback needs --version (see `qarm store list`)")
@@ -90,3 +96,35 @@ def _list(store: FeatureStore, args) -> dict:
     if args.json:  # the human form printed the table above instead
         result["versions"] = [v.to_dict() for v in versions]
     return result
+
+
+def diff_versions(old, new) -> dict:
+    """What changed between two StoreVersions: config keys, table rows, metrics, and code churn per code table."""
+    from feature_store.remap import version_churn
+
+    def flat(d, prefix=""):
+        out = {}
+        for key, value in (d or {}).items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    old_cfg, new_cfg = flat(old.config), flat(new.config)
+    config_changes = {k: {"old": old_cfg.get(k), "new": new_cfg.get(k)}
+                      for k in sorted(set(old_cfg) | set(new_cfg)) if old_cfg.get(k) != new_cfg.get(k)}
+    old_m, new_m = flat(old.metrics), flat(new.metrics)
+    metrics = {k: {"old": old_m.get(k), "new": new_m.get(k)} for k in sorted(set(old_m) | set(new_m))
+               if old_m.get(k) != new_m.get(k)}
+    churn = {}
+    for rel in sorted(set(old.files()) & set(new.files())):
+        name = rel.rsplit("/", 1)[-1]
+        if name.startswith("item_codes") and name.endswith(".parquet"):
+            try:
+                churn[rel] = version_churn(old, new, rel)
+            except ValueError as exc:  # e.g. different RQ depth
+                churn[rel] = {"error": str(exc)}
+    return {"old": old.id, "new": new.id, "new_is_descendant": new.parent == old.id,
+            "rows": {"old": old.manifest.get("rows", {}), "new": new.manifest.get("rows", {})},
+            "config_changes": config_changes, "metric_changes": metrics, "churn": churn}

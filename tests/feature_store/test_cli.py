@@ -91,3 +91,25 @@ def test_console_script(store, publish):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["command"] == "store" and result["current"] == v1.id
+
+
+def test_diff_reports_config_and_churn(store, fill, capsys):
+    from feature_store.tables import write_codes
+
+    with store.stage() as st:
+        fill(st.path, seed=0)
+        write_codes(st.path / "item_codes.parquet", [1, 2, 3, 4], [[0, 0], [0, 1], [1, 1], [1, 0]])
+        old = st.publish(config={"quantizer": {"levels": 2, "seed": 0}}, metrics={"collision_rate": 0.5})
+    with store.stage() as st:
+        fill(st.path, seed=1)
+        write_codes(st.path / "item_codes.parquet", [2, 3, 4, 5], [[0, 1], [1, 0], [1, 0], [0, 0]])
+        new = st.publish(config={"quantizer": {"levels": 2, "seed": 1}}, metrics={"collision_rate": 0.25})
+    assert main(["store", "diff", "--store", str(store.root), "--version", old.id, "--json"]) == 0
+    diff = _last_json(capsys)
+    assert diff["new"] == new.id and diff["new_is_descendant"]
+    assert diff["config_changes"] == {"quantizer.seed": {"old": 0, "new": 1}}
+    assert diff["metric_changes"]["collision_rate"] == {"old": 0.5, "new": 0.25}
+    churn = diff["churn"]["item_codes.parquet"]
+    # common items 2, 3, 4: only item 3 changed (level 1: 1 -> 0)
+    assert churn["common_items"] == 3 and churn["rq_code_churn"] == pytest.approx(1 / 3)
+    assert churn["rq_level_churn"] == pytest.approx([0.0, 1 / 3])
