@@ -225,47 +225,62 @@ def lloyd_refine(x: np.ndarray, centroids: np.ndarray, *, max_iter: int, tol: fl
     return c, {"iterations": max_iter, "converged": False, "inertia": inertia}
 
 
-def kmeans_plus_plus(x: np.ndarray, k: int, *, seed: int, max_rows: int | None = None) -> np.ndarray:
-    """Greedy k-means++ seeding (D^2 sampling, best of 2 + ln k candidates per step, as scikit-learn does).
+def kmeans_plus_plus(x: np.ndarray, k: int, *, seed: int, max_rows: int | None = None,
+                     n_trials: int | None = None) -> np.ndarray:
+    """Greedy k-means++ seeding (D^2 sampling, best of ``n_trials`` candidates per step, as scikit-learn does).
 
     Args:
         x: (N, d) float32.
         k: number of centroids.
         seed: random seed.
-        max_rows: seed from a random subset of this many rows (k-means++ costs O(k N d)).
+        max_rows: seed from a random subset of this many rows (k-means++ costs O(k N d n_trials)).
+        n_trials: candidates per step (default 2 + ln k).
     Returns:
         (K, d) float32 initial centroids.
     """
+    import torch
+
     rng = np.random.default_rng(seed)
     if max_rows is not None and x.shape[0] > max_rows:
         x = x[np.sort(rng.choice(x.shape[0], size=max_rows, replace=False))]
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n = x.shape[0]
-    n_trials = 2 + int(math.log(k))
-    sq_norms = np.einsum("nd,nd->n", x, x)  # (N,)
-    centres = np.empty((k, x.shape[1]), dtype=np.float32)
-    first = int(rng.integers(n))
-    centres[0] = x[first]
-    closest = np.maximum(sq_norms - 2.0 * (x @ x[first]) + sq_norms[first], 0.0)  # (N,)
-    for i in range(1, k):
-        cumulative = np.cumsum(closest, dtype=np.float64)
-        if cumulative[-1] <= 0:  # fewer distinct points than centroids: repeat one
-            centres[i:] = x[rng.integers(n, size=k - i)]
-            break
-        cand = np.searchsorted(cumulative, rng.random(n_trials) * cumulative[-1], side="right")
-        cand = np.minimum(cand, n - 1)  # (T,)
-        dist = sq_norms[None, :] - 2.0 * (x[cand] @ x.T) + sq_norms[cand][:, None]  # (T, N)
-        np.minimum(dist, closest[None, :], out=dist)
-        np.maximum(dist, 0.0, out=dist)
-        best = int(np.argmin(dist.sum(axis=1)))
-        closest = dist[best]
-        centres[i] = x[cand[best]]
-    return centres
+    # torch for the per-step GEMMs: its thread pool is the one callers size (numpy's BLAS pool is not)
+    xt = as_tensor(x)  # (N, d)
+    n = xt.shape[0]
+    n_trials = n_trials or 2 + int(math.log(k))
+    sq_norms = (xt * xt).sum(dim=1)  # (N,)
+    chosen = np.empty(k, dtype=np.int64)
+    chosen[0] = int(rng.integers(n))
+    closest = (sq_norms - 2.0 * (xt @ xt[chosen[0]]) + sq_norms[chosen[0]]).clamp_min_(0.0)  # (N,)
+    with torch.no_grad():
+        for i in range(1, k):
+            cumulative = torch.cumsum(closest.double(), dim=0)
+            total = float(cumulative[-1])
+            if total <= 0:  # fewer distinct points than centroids: repeat some
+                chosen[i:] = rng.integers(n, size=k - i)
+                break
+            draws = torch.from_numpy(rng.random(n_trials) * total)
+            cand = torch.searchsorted(cumulative, draws, right=True).clamp_(max=n - 1)  # (T,)
+            dist = torch.addmm(sq_norms[cand][:, None] + sq_norms[None, :], xt[cand], xt.t(), alpha=-2.0)  # (T, N)
+            torch.minimum(dist, closest[None, :], out=dist).clamp_(min=0.0)
+            best = int(dist.sum(dim=1).argmin())
+            closest = dist[best].clone()
+            chosen[i] = int(cand[best])
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32)[chosen])
 
 
 def faiss_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, use_gpu: bool, nredo: int = 1,
                  max_points_per_centroid: int = 256, init: str = "k-means++") -> np.ndarray:
     """Cold-start centroids from faiss.Kmeans (GPU when asked and present), seeded by k-means++ or at random.
+
+    Args:
+        x: (N, d) float32 training rows.
+        k: centroids.
+        niter: faiss Lloyd iterations.
+        seed: seeds sampling and seeding.
+        use_gpu: run faiss k-means on the GPU.
+        nredo: faiss restarts (keeps the best).
+        max_points_per_centroid: faiss subsamples to k times this many rows.
+        init: 'k-means++' or 'random' (faiss's own: distinct random rows).
 
     Returns:
         (K, d) float32 centroids.
@@ -276,7 +291,12 @@ def faiss_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, use_gpu: bool,
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, gpu=bool(use_gpu), verbose=False, nredo=nredo,
                       max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
     if init == "k-means++":
-        start = kmeans_plus_plus(x, k, seed=seed, max_rows=min(x.shape[0], max(4 * k, 4096)))
+        # seeding costs O(k^2 rows-per-centroid trials d): greedy on 4 rows per centroid up to K = 1024, plain
+        # (one candidate) on 2 rows per centroid beyond, where Lloyd's own iterations dominate anyway
+        if k <= 1024:
+            start = kmeans_plus_plus(x, k, seed=seed, max_rows=max(4 * k, 4096))
+        else:
+            start = kmeans_plus_plus(x, k, seed=seed, max_rows=2 * k, n_trials=1)
         km.train(x, init_centroids=start)
     elif init == "random":
         km.train(x)

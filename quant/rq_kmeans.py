@@ -27,7 +27,8 @@ class RQKMeansConfig:
             ceil(N / K * (1 + balance_slack)) items, in training and (by default) in ``encode``.
         balance_slack: extra capacity share for balanced assignment.
         sample: train on this many rows drawn without replacement (None: all rows).
-        init: cold-start seeding of faiss k-means: 'k-means++' (on up to max(4K, 4096) rows) or 'random'.
+        init: cold-start seeding of faiss k-means: 'k-means++' (greedy on a subsample; see kmeans.faiss_kmeans)
+            or 'random'.
         niter: faiss k-means iterations for a cold start.
         nredo: faiss k-means restarts (the best is kept).
         refine_iter: most Lloyd iterations after the faiss start (or from warm-start codebooks).
