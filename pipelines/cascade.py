@@ -211,7 +211,8 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
            "codes": codes}
     if plan.unaligned:
         handler_u = encoder_handler(checkpoint=None, encoder_factory=functools.partial(
-            build_for_mode, "unaligned", enc_cfg), batch_size=plan.embed_batch_size, num_threads=plan.align.threads)
+            build_for_mode, "unaligned", enc_cfg), batch_size=plan.embed_batch_size, num_threads=plan.align.threads,
+            stage="embed_unaligned")
         emb_u = vi["items"] | "EmbedUnaligned" >> EmbedItems(handler_u, enc_cfg, plan.image_root, "embed_unaligned")
         codes_u = emb_u["embeddings"] | "QuantizeUnaligned" >> QuantizeItems(
             plan.quant, "quantize_unaligned", codebooks_file=str(staging / "codebooks_unaligned.safetensors"))
@@ -420,6 +421,9 @@ def run(argv=None, save_main_session: bool = True, test_pipeline=None) -> dict:
     """
     from pipelines.transforms.report import format_summary
 
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        # an import may have configured the root logger at WARNING first; a long job should show its progress
+        logging.getLogger().setLevel(logging.INFO)
     if isinstance(argv, argparse.Namespace):
         options = _options_from_namespace(argv)
     else:

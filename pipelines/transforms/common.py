@@ -30,13 +30,16 @@ def counter(stage: str, kind: str):
 
 
 @contextmanager
-def stage_timer(stage: str):
-    """Adds the wall time of the block to ``<stage>.msecs``."""
+def stage_timer(stage: str, part: str | None = None):
+    """Adds the wall time of the block to ``<stage>.msecs`` (and ``<stage>.msecs_<part>`` for a breakdown)."""
     t0 = time.perf_counter()
     try:
         yield
     finally:
-        counter(stage, "msecs").inc(int(round((time.perf_counter() - t0) * 1000)))
+        msecs = int(round((time.perf_counter() - t0) * 1000))
+        counter(stage, "msecs").inc(msecs)
+        if part:
+            counter(stage, f"msecs_{part}").inc(msecs)
 
 
 class _CountFn(beam.DoFn):
@@ -69,7 +72,10 @@ def read_stage_metrics(result) -> dict:
         entry = stages.setdefault(stage, {})
         entry[kind] = entry.get(kind, 0) + int(value or 0)
     out = {}
-    for stage, entry in stages.items():
+    for stage, entry in sorted(stages.items()):
         out[stage] = {"in": entry.get("in", 0), "out": entry.get("out", 0), "rejected": entry.get("rejected", 0),
                       "seconds": round(entry.get("msecs", 0) / 1000.0, 3)}
+        parts = {k[len("msecs_"):]: round(v / 1000.0, 3) for k, v in entry.items() if k.startswith("msecs_")}
+        if parts:
+            out[stage]["seconds_by_part"] = parts
     return out

@@ -30,25 +30,29 @@ class _ToItemInput(beam.DoFn):
         self.image_size, self.mean, self.std, self.load_images = image_size, mean, std, load_images
 
     def process(self, item):
+        with stage_timer(self.stage, "decode"):  # collect first: a yield runs the fused downstream steps
+            out = list(self._convert(item))
+        yield from out
+
+    def _convert(self, item):
         from pipelines.data.images import ImageError, load_image
         from pipelines.mllm.items import ItemInput, preprocess_image
 
         def clean(v):
             return None if v is None or (isinstance(v, float) and np.isnan(v)) or not str(v).strip() else str(v)
 
-        with stage_timer(self.stage):
-            image, uri = None, clean(item.get("image_uri"))
-            if uri is not None and self.load_images:
-                try:
-                    img = load_image(uri, Path(self.image_root) if self.image_root else None)
-                    image = preprocess_image(img, self.image_size, self.mean, self.std)
-                except (ImageError, OSError) as exc:
-                    # validation saw a readable file; it changed or decodes badly: embed text-only, record it
-                    yield beam.pvalue.TaggedOutput(DEAD, reject(
-                        self.stage, "items", getattr(exc, "reason", "corrupt_image"), row=item.get("_row"),
-                        item_id=item["item_id"], detail=str(exc), action="kept_text_only"))
-            yield ItemInput(item_id=int(item["item_id"]), title=clean(item.get("title")) or "",
-                            text=clean(item.get("text")), image=image)
+        image, uri = None, clean(item.get("image_uri"))
+        if uri is not None and self.load_images:
+            try:
+                img = load_image(uri, Path(self.image_root) if self.image_root else None)
+                image = preprocess_image(img, self.image_size, self.mean, self.std)
+            except (ImageError, OSError) as exc:
+                # validation saw a readable file; it changed or decodes badly: embed text-only, record it
+                yield beam.pvalue.TaggedOutput(DEAD, reject(
+                    self.stage, "items", getattr(exc, "reason", "corrupt_image"), row=item.get("_row"),
+                    item_id=item["item_id"], detail=str(exc), action="kept_text_only"))
+        yield ItemInput(item_id=int(item["item_id"]), title=clean(item.get("title")) or "",
+                        text=clean(item.get("text")), image=image)
 
 
 class _CheckFinite(beam.DoFn):
@@ -76,16 +80,36 @@ class PathUpdatingHandler(ItemEncoderModelHandler):
     """`pipelines.mllm.handler.ItemEncoderModelHandler` that takes its checkpoint path from the
     `model_metadata_pcoll` side input (RunInference calls `update_model_path` before loading the model)."""
 
+    stage = "embed"
+
     def update_model_path(self, model_path: Optional[str] = None):
         if model_path:
             self._checkpoint, self._factory = str(model_path), None
 
+    def load_model(self):
+        with stage_timer(self.stage, "load_model"):
+            return super().load_model()
+
+    def run_inference(self, batch, model, inference_args=None):
+        with stage_timer(self.stage, "model"):
+            return list(super().run_inference(batch, model, inference_args))
+
 
 def encoder_handler(checkpoint: Optional[str] = None, encoder_factory: Optional[Callable] = None,
-                    batch_size: int = 64, num_threads: Optional[int] = None):
-    """The encoder's RunInference handler, able to take its checkpoint path from a side input."""
-    return PathUpdatingHandler(checkpoint=checkpoint, encoder_factory=encoder_factory, min_batch_size=min(8, batch_size),
-                    max_batch_size=batch_size, num_threads=num_threads)
+                    batch_size: int = 64, num_threads: Optional[int] = None, stage: str = "embed"):
+    """The encoder's RunInference handler, able to take its checkpoint path from a side input.
+
+    Args:
+        checkpoint / encoder_factory: where the model comes from (see ItemEncoderModelHandler).
+        batch_size: most items per forward pass.
+        num_threads: torch threads per worker.
+        stage: counter prefix its load / inference time is added to.
+    """
+    handler = PathUpdatingHandler(checkpoint=checkpoint, encoder_factory=encoder_factory,
+                                  min_batch_size=min(8, batch_size), max_batch_size=batch_size,
+                                  num_threads=num_threads)
+    handler.stage = stage
+    return handler
 
 
 def model_metadata(path_pcoll, name: str):

@@ -12,6 +12,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from pipelines import pairs as P
+from pipelines.transforms.common import stage_timer
 
 _NS = "qarm.pairs"
 
@@ -50,7 +51,8 @@ def _fan_out_history(user_hist):
 
 def _swing_neighbours(item_users, cfg: P.PairConfig):
     item, users = item_users
-    nb = P.swing_row(item, users, cfg)
+    with stage_timer("mine_pairs", "swing"):
+        nb = P.swing_row(item, users, cfg)
     if len(nb.partners):
         yield item, nb
 
@@ -71,7 +73,8 @@ class _UserTriggers(beam.DoFn):
         rows = sorted(rows)
         items = np.asarray([i for _, i in rows], dtype=np.int64)
         ts = np.asarray([t for t, _ in rows], dtype=np.int64)
-        out, skipped = P.user_trigger_pairs(user, items, ts, neighbours, self.cfg)
+        with stage_timer("mine_pairs", "u2i"):
+            out, skipped = P.user_trigger_pairs(user, items, ts, neighbours, self.cfg)
         self.skipped.inc(skipped)
         yield from out
 

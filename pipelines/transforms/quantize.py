@@ -93,7 +93,7 @@ def fit_rq(sample, cfg: QuantConfig, stage: str, save_dir: Optional[str] = None,
     from feature_store.tables import write_codebooks
     from quant import RQKMeans, load_quantizer
 
-    with stage_timer(stage):
+    with stage_timer(stage, "fit"):
         ids, x = _stack(sample)
         if init_dir:
             q = load_quantizer(init_dir).warm_start(niter=cfg.rq_niter)
@@ -116,7 +116,7 @@ class _EncodeRQ(beam.DoFn):
     def process(self, batch, codebooks):
         from quant.rq_kmeans import residual_encode
 
-        with stage_timer(self.stage):
+        with stage_timer(self.stage, "rq"):
             ids = [k for k, _ in batch]
             x = np.stack([np.asarray(v, dtype=np.float32) for _, v in batch])
             codes = residual_encode(x, codebooks)
@@ -140,7 +140,7 @@ class _EncodeVQ(beam.DoFn):
 
     def process(self, batch, base):
         ids_base, x_base = base
-        with stage_timer(self.stage):
+        with stage_timer(self.stage, "vq"):
             index = self._shared.acquire(lambda: _VQIndex(ids_base, x_base, self.cfg.vq_index, self.cfg.vq_k,
                                                           self.cfg.seed))
             ids = np.asarray([k for k, _ in batch], dtype=np.int64)
@@ -172,13 +172,13 @@ class QuantizeItems(beam.PTransform):
         emb = emb | "CountIn" >> count(stage, "in")
         n_sample = cfg.fit_sample or 2 ** 62
         sample = (emb | "FitSample" >> beam.combiners.Top.Of(n_sample, key=lambda kv: -sample_key(kv[0], cfg.seed)))
-        codebooks = (sample | "FitRQ" >> beam.Map(fit_rq, cfg, f"{stage}_fit", self.save_dir, self.codebooks_file,
+        codebooks = (sample | "FitRQ" >> beam.Map(fit_rq, cfg, stage, self.save_dir, self.codebooks_file,
                                                    self.init_dir))
         batches = emb | "Batch" >> beam.BatchElements(min_batch_size=min(64, cfg.batch_size),
                                                       max_batch_size=cfg.batch_size)
-        rq = (batches | "EncodeRQ" >> beam.ParDo(_EncodeRQ(f"{stage}_rq"), beam.pvalue.AsSingleton(codebooks))
+        rq = (batches | "EncodeRQ" >> beam.ParDo(_EncodeRQ(stage), beam.pvalue.AsSingleton(codebooks))
               | "CountRQ" >> count(stage, "out"))
         base = emb | "CollectBase" >> beam.combiners.ToList() | "StackBase" >> beam.Map(_stack)
-        vq = batches | "EncodeVQ" >> beam.ParDo(_EncodeVQ(f"{stage}_vq", cfg, shared.Shared()),
+        vq = batches | "EncodeVQ" >> beam.ParDo(_EncodeVQ(stage, cfg, shared.Shared()),
                                                 beam.pvalue.AsSingleton(base))
         return {"rq": rq, "vq": vq, "codebooks": codebooks}

@@ -13,7 +13,7 @@ from typing import Optional
 
 import apache_beam as beam
 
-from pipelines.transforms.common import counter, count, reject
+from pipelines.transforms.common import counter, count, reject, stage_timer
 
 DEAD = "dead_letter"
 
@@ -49,6 +49,11 @@ class _CheckItem(beam.DoFn):
         self._rejected = counter("validate_items", "rejected")
 
     def process(self, item):
+        with stage_timer("validate_items"):  # collect first: a yield runs the fused downstream steps
+            out = list(self._check(item))
+        yield from out
+
+    def _check(self, item):
         from pipelines.data.images import ImageError, check_image
 
         item = dict(item)
@@ -123,6 +128,11 @@ class ValidateItems(beam.PTransform):
 
 class _CheckInteraction(beam.DoFn):
     def process(self, r):
+        with stage_timer("validate_interactions"):
+            out = list(self._check(r))
+        yield from out
+
+    def _check(self, r):
         row = r.get("_row")
         for name in ("user_id", "item_id", "ts"):
             if _missing_number(r.get(name)):

@@ -34,7 +34,7 @@ class WriteEmbeddings(beam.PTransform):
     def expand(self, emb):
         rows = (emb | "ToRow" >> beam.Map(lambda kv: {"item_id": int(kv[0]),
                                                      "embedding": np.asarray(kv[1], np.float32).tolist()})
-                | "Count" >> count(self.stage, "out"))
+                | "CountIn" >> count(self.stage, "in") | "Count" >> count(self.stage, "out"))
         return _write(rows, self.prefix, embeddings_schema(self.dim))
 
 
@@ -54,7 +54,8 @@ class WriteCodes(beam.PTransform):
 
     def expand(self, codes):
         rows = ({"rq": codes["rq"], "vq": codes["vq"]} | "JoinRqVq" >> beam.CoGroupByKey()
-                | "ToRow" >> beam.Map(_code_row) | "Count" >> count(self.stage, "out"))
+                | "ToRow" >> beam.Map(_code_row) | "CountIn" >> count(self.stage, "in")
+                | "Count" >> count(self.stage, "out"))
         return _write(rows, self.prefix, codes_schema())
 
 

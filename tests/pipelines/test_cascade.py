@@ -1,0 +1,151 @@
+"""End-to-end runs of the cascade job on a tiny synthetic dataset with the tiny encoder (DirectRunner)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from feature_store import FeatureStore
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--n-items", "48", "--n-users", "40", "--n-events", "1600", "--n-clusters", "4", "--image-size", "16",
+        "--encoder", "tiny", "--align_epochs", "1", "--align_batch_size", "32", "--rq_levels", "2", "--vq_k", "4",
+        "--torch_threads", "1", "--embed_batch_size", "32", "--seed", "0", "--runner", "DirectRunner"]
+
+
+def _run(argv):
+    from pipelines.cascade import run
+
+    return run(list(argv), save_main_session=False)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cascade")
+    argv = TINY + ["--data", str(base / "img"), "--store", str(base / "store")]
+    return base, argv, _run(argv)
+
+
+def test_publishes_a_contract_version(first_run):
+    from pipelines.mllm.checkpoint import load_encoder
+    from quant import load_quantizer
+
+    base, _, summary = first_run
+    store = FeatureStore(base / "store")
+    assert store.current_id() == summary["version"]
+    v = store.read()  # verifies every checksum and the manifest
+    ids, emb = v.embeddings()
+    assert ids.dtype == np.int64 and emb.dtype == np.float32 and emb.shape == (48, 16)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    codes = v.codes()
+    assert codes.item_ids.tolist() == ids.tolist()
+    books = v.codebooks()
+    sizes = [books[f"rq.level{lvl}"].shape[0] for lvl in range(2)]
+    assert codes.rq.shape == (48, 2) and (codes.rq >= 0).all() and (codes.rq < np.array(sizes)).all()
+    assert codes.vq.shape == (48, 4)
+    assert np.isin(codes.vq, ids).all() and not (codes.vq == ids[:, None]).any()
+    # the unaligned twin (ablation row f) has the same items
+    ids_u, emb_u = v.embeddings("item_embeddings_unaligned")
+    assert ids_u.tolist() == ids.tolist() and not np.allclose(emb_u, emb)
+    assert v.codes("item_codes_unaligned").rq.shape == (48, 2)
+    # the version carries what the retraining job warm-starts from
+    q = load_quantizer(v.path / "quantizer")
+    assert np.array_equal(q.encode(emb), codes.rq)
+    enc = load_encoder(v.path / "encoder")
+    assert enc.embed_dim == 16
+    m = v.manifest
+    assert m["extra"]["watermark"] > 1_500_000_000
+    assert m["config"]["pairs"]["history"] == 50 and m["config"]["quantizer"]["vq_k"] == 4
+    assert m["metrics"]["codes_aligned"]["items"] == 48
+    assert 0.0 <= m["metrics"]["codes_aligned"]["collision_rate"] <= 1.0
+    assert "recall@10" in m["metrics"]["heldout_aligned"] and "recall@10" in m["metrics"]["heldout_unaligned"]
+    # summary: per-stage counts line up
+    st = summary["stages"]
+    assert st["validate_items"]["in"] == st["validate_items"]["out"] == 48
+    assert st["embed"]["out"] == 48 and st["quantize"]["out"] == 48
+    assert st["mine_pairs"]["out"] == m["metrics"]["pairs"]["train"] + m["metrics"]["pairs"]["heldout"] > 0
+    assert summary["dead_letter_total"] == 0
+    json.dumps(summary)  # JSON-able for `--json`
+
+
+def test_rerun_is_idempotent(first_run):
+    base, argv, summary = first_run
+    again = _run(argv)
+    store = FeatureStore(base / "store")
+    assert again["version"] != summary["version"] and store.current_id() == again["version"]
+    assert again["config_sha256"] == summary["config_sha256"]
+    a, b = store.read(summary["version"]), store.read(again["version"])
+    for name in ("item_codes", "item_codes_unaligned"):
+        ca, cb = a.codes(name), b.codes(name)
+        assert np.array_equal(ca.rq, cb.rq) and np.array_equal(ca.vq, cb.vq)
+    assert np.array_equal(a.embeddings()[1], b.embeddings()[1])
+
+
+def test_failed_run_leaves_current(first_run, monkeypatch, tmp_path):
+    import pipelines.transforms.quantize as Q
+
+    base, argv, _ = first_run
+    store = FeatureStore(base / "store")
+    before, versions = store.current_id(), [v.id for v in store.list()]
+
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("injected failure in the RQ fit")
+
+    monkeypatch.setattr(Q, "fit_rq", broken_fit)
+    reuse = ["--align_checkpoint", str(store.read().path / "encoder"), "--skip_unaligned"]
+    with pytest.raises(Exception, match="injected failure"):
+        _run(argv + reuse)
+    assert store.current_id() == before
+    assert [v.id for v in store.list()] == versions
+    assert not any((base / "store" / ".staging").glob("*/item_codes.parquet"))
+
+
+def _bad_dataset(base: Path, first_base: Path):
+    """A generic dataset from the tiny synthetic one with one of each bad record injected."""
+    from pipelines.data import DataSpec, load_dataset
+
+    ds = load_dataset(DataSpec(n_items=48, n_users=40, n_events=1600, n_clusters=4, image_size=16,
+                               data=first_base / "img"))
+    folder = base / "generic"
+    shutil.copytree(ds.image_root, folder)
+    items = ds.items[["item_id", "title", "text", "image_uri"]].copy()
+    (folder / items.loc[3, "image_uri"]).write_bytes(b"\x89PNG broken")       # corrupt image -> text-only
+    items = pd.concat([items, items.iloc[[5]].assign(title="a duplicate")])  # duplicate id -> dropped
+    inter = ds.interactions[["user_id", "item_id", "ts", "label"]].copy()
+    inter = pd.concat([inter, pd.DataFrame({"user_id": [1], "item_id": [9999], "ts": [int(inter.ts.max())],
+                                            "label": [1.0]})])               # unknown item -> dropped
+    items.to_csv(folder / "items.csv", index=False)
+    inter.to_csv(folder / "interactions.csv", index=False)
+    return folder, int(ds.items.loc[7, "item_id"]), len(ds.items), len(ds.interactions)
+
+
+def test_bad_records_go_to_dead_letter(first_run, tmp_path, monkeypatch):
+    from pipelines.mllm.handler import ItemEncoderModelHandler
+
+    first_base, argv, _ = first_run
+    folder, nan_item, n_items, n_inter = _bad_dataset(tmp_path, first_base)
+    original = ItemEncoderModelHandler.run_inference
+
+    def nan_for_one(self, batch, model, inference_args=None):  # a model output gone bad for one item
+        return [(i, np.full_like(e, np.nan) if i == nan_item else e) for i, e in original(self, batch, model)]
+
+    monkeypatch.setattr(ItemEncoderModelHandler, "run_inference", nan_for_one)
+    store = FeatureStore(first_base / "store")
+    args = [a for a in TINY if a not in ("--n-items", "48")]
+    summary = _run(args + ["--dataset", "generic", "--items", str(folder / "items.csv"), "--interactions",
+                           str(folder / "interactions.csv"), "--store", str(tmp_path / "store"),
+                           "--align_checkpoint", str(store.read().path / "encoder"), "--skip_unaligned"])
+    assert summary["dead_letter"] == {"corrupt_image": 1, "duplicate_item": 1, "nan_embedding": 1,
+                                      "unknown_item": 1}
+    v = FeatureStore(tmp_path / "store").read()
+    ids, _ = v.embeddings()
+    assert len(ids) == n_items - 1 and nan_item not in ids.tolist()    # every other item arrives
+    assert len(v.codes()) == n_items - 1
+    assert summary["stages"]["validate_interactions"]["out"] == n_inter
+    dead = pd.read_parquet(v.path / "dead_letter.parquet")
+    assert set(dead.loc[dead.reason == "corrupt_image", "action"]) == {"kept_text_only"}
