@@ -33,6 +33,16 @@ def faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def resolve_faiss_gpu(setting) -> bool:
+    """'auto' -> whether faiss has a GPU; True without one is a clear error rather than a faiss crash."""
+    if setting == "auto":
+        return faiss_has_gpu()
+    if setting and not faiss_has_gpu():
+        raise ValueError("faiss_gpu=True but this faiss build sees no GPU (faiss-cpu is installed, or no CUDA "
+                         "device); use faiss_gpu='auto' or install the [gpu] extra")
+    return bool(setting)
+
+
 def as_tensor(a: np.ndarray):
     """float32 numpy -> CPU torch tensor sharing memory when possible (read-only arrays are copied, because
     torch cannot wrap them safely)."""

@@ -207,7 +207,7 @@ class RQKMeans(Quantizer):
         if self._init is not None and self._init[0].shape[1] != x.shape[1]:
             raise ValueError(f"init_codebooks have dimension {self._init[0].shape[1]}, data has {x.shape[1]}")
         device = kmeans.resolve_device(cfg.device)
-        use_gpu = kmeans.faiss_has_gpu() if cfg.faiss_gpu == "auto" else bool(cfg.faiss_gpu)
+        use_gpu = kmeans.resolve_faiss_gpu(cfg.faiss_gpu)
         rows = None
         if cfg.sample is not None and cfg.sample < x.shape[0]:
             if cfg.sample < kmax:

@@ -90,9 +90,9 @@ class VQNeighbors(Quantizer):
         return self.base.shape[0]
 
     def _use_gpu(self) -> bool:
-        from quant.kmeans import faiss_has_gpu
+        from quant.kmeans import resolve_faiss_gpu
 
-        return faiss_has_gpu() if self.config.faiss_gpu == "auto" else bool(self.config.faiss_gpu)
+        return resolve_faiss_gpu(self.config.faiss_gpu)
 
     def _build_index(self, x: np.ndarray):
         import faiss

@@ -81,3 +81,37 @@ def test_explicit_cuda_without_gpu_is_a_clear_error():
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="no CUDA GPU"):
         kmeans.resolve_device("cuda")
+
+
+def test_faiss_gpu_request_without_gpu_is_a_clear_error():
+    if kmeans.faiss_has_gpu():
+        pytest.skip("faiss sees a GPU")
+    from quant import RQKMeans, VQNeighbors
+
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="faiss_gpu=True but this faiss build sees no GPU"):
+        RQKMeans(levels=1, codebook_size=4, faiss_gpu=True).fit(x)
+    with pytest.raises(ValueError, match="sees no GPU"):
+        VQNeighbors(k=2, faiss_gpu=True).fit(x).encode(x)
+    assert kmeans.resolve_faiss_gpu("auto") is False
+
+
+@pytest.mark.skipif(not kmeans.faiss_has_gpu(), reason="faiss has no GPU here: GPU k-means / search not testable")
+def test_faiss_gpu_paths_match_cpu():
+    from quant import RQKMeans, VQNeighbors
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    gpu = RQKMeans(levels=2, codebook_size=16, faiss_gpu=True).fit(x)
+    assert gpu.fit_stats["faiss_gpu"]
+    np.testing.assert_array_equal(VQNeighbors(k=5, faiss_gpu=True).fit(x).encode(x),
+                                  VQNeighbors(k=5, faiss_gpu=False).fit(x).encode(x))
+
+
+def test_importing_quant_loads_no_heavy_modules():
+    import subprocess
+    import sys
+
+    code = "import quant, sys; print(sorted(m for m in ('torch', 'faiss', 'scipy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
