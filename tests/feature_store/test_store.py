@@ -385,3 +385,27 @@ def test_publish_waits_for_a_short_lock_holder(store, publish):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_concurrent_publishers_serialise_with_unique_sequence(store, publish):
+    publish(0)
+    writers = [_python("""
+        import sys
+        import numpy as np
+        from feature_store import FeatureStore, write_embeddings
+        store, wid = FeatureStore(sys.argv[1]), int(sys.argv[2])
+        for i in range(3):
+            with store.stage() as st:
+                write_embeddings(st.path / "item_embeddings.parquet", np.arange(5), np.full((5, 2), wid * 10 + i))
+                st.publish(config={"writer": wid, "i": i}, lock_timeout=60)
+    """, store.root, wid) for wid in range(3)]
+    for proc in writers:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    versions = store.list()
+    seqs = [int(VERSION_RE.match(v.id).group(1)) for v in versions]
+    assert seqs == list(range(1, 11))  # 1 + 3 x 3, no number taken twice
+    history = store.history()
+    assert [h["version"] for h in history] == [v.id for v in versions]  # CURRENT moved once per publish, in order
+    assert all(h["previous"] == prev["version"] for prev, h in zip(history, history[1:]))
+    assert {(v.config.get("writer"), v.config.get("i")) for v in map(store.read, [v.id for v in versions[1:]])} == \
+        {(w, i) for w in range(3) for i in range(3)}
