@@ -9,7 +9,7 @@ from pipelines.data.schema import DATASETS, IMAGE_CHECKS, DataSpec
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --dataset --data --items --interactions --mapping --map --id-maps --require-image --validate-images
-    --n-items --n-users --n-events --n-clusters --image-size --seed."""
+    --n-items --n-users --n-events --n-clusters --lookalike-share --image-size --seed."""
     g = parser.add_argument_group("data source")
     g.add_argument("--dataset", choices=DATASETS, default="synthetic",
                    help="synthetic (embedded, default), movielens (ml-latest-small + posters) or generic")
@@ -33,6 +33,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--n-users", type=int, default=DataSpec.n_users, help="synthetic: number of users")
     g.add_argument("--n-events", type=int, default=DataSpec.n_events, help="synthetic: number of impressions")
     g.add_argument("--n-clusters", type=int, default=DataSpec.n_clusters, help="synthetic: latent clusters")
+    g.add_argument("--lookalike-share", type=float, default=DataSpec.lookalike_share,
+                   help="synthetic: share of clusters in look-alike pairs (content alike, liked independently)")
     g.add_argument("--image-size", type=int, default=DataSpec.image_size, help="synthetic: image side (px)")
     g.add_argument("--seed", type=int, default=0, help="random seed (synthetic data and everything downstream)")
 
@@ -43,4 +45,4 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
                     mapping=args.mapping, column_map=tuple(args.column_map or ()), id_map_dir=args.id_map_dir,
                     require_image=bool(args.require_image), validate_images=args.validate_images,
                     n_items=args.n_items, n_users=args.n_users, n_events=args.n_events, n_clusters=args.n_clusters,
-                    image_size=args.image_size, seed=args.seed)
+                    lookalike_share=args.lookalike_share, image_size=args.image_size, seed=args.seed)

@@ -53,6 +53,8 @@ class DataSpec:
         validate_images: how hard to check each image: "exists" (stat), "header" (PIL open + verify, the
             default) or "decode" (full decode; slowest, catches truncated files).
         n_items, n_users, n_events, n_clusters: synthetic sizes.
+        lookalike_share: synthetic: share of clusters that come in look-alike pairs (same shape, colour and most
+            words; users like each independently), so content similarity is not behaviour similarity.
         image_size: synthetic image side in pixels.
         seed: synthetic generator seed (the whole dataset is a deterministic function of the spec).
     """
@@ -70,6 +72,7 @@ class DataSpec:
     n_users: int = 600
     n_events: int = 60000
     n_clusters: int = 16
+    lookalike_share: float = 0.5
     image_size: int = 64
     seed: int = 0
 
@@ -87,6 +90,8 @@ class DataSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"DataSpec.{name}: must be an int >= {low}, got {value!r}")
+        if not isinstance(self.lookalike_share, (int, float)) or not 0.0 <= self.lookalike_share <= 1.0:
+            raise ValueError(f"DataSpec.lookalike_share: must be in [0, 1], got {self.lookalike_share!r}")
         if self.dataset == "synthetic" and self.n_clusters > self.n_items:
             raise ValueError(f"DataSpec.n_clusters: {self.n_clusters} clusters need at least as many items "
                              f"(n_items={self.n_items})")

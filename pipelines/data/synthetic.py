@@ -7,6 +7,9 @@ Generative story (all from `spec.seed`):
   word from another cluster).
 - Items are released over time: a starting catalog, then a steady stream, so later periods contain items that
   never appeared earlier (the cold-start case content codes exist for).
+- Look-alike pairs (`lookalike_share` of the clusters): the second cluster of a pair copies the first's shape,
+  colour and most words, differing only in texture and a few words, while users like the two independently. A
+  generic content encoder sees one group where behaviour sees two: the headroom behaviour alignment can win.
 - Users like 1-3 clusters (popular clusters more often). A feed shows them fresh items, about half from liked
   clusters; the click probability is sigmoid(BASE + LIKE_WEIGHT * liked + item quality + user bias), so the
   cluster decides most of it while each item id is seen only a few dozen times.
@@ -21,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +32,12 @@ import pandas as pd
 
 from pipelines.data.io import atomic_write_json
 from pipelines.data.schema import DataSpec, Dataset
-from pipelines.data.synthetic_images import cluster_styles, render_item_image
+from pipelines.data.synthetic_images import TEXTURES, cluster_styles, render_item_image
 from pipelines.data.validate import RejectLog, finalize
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1          # bump when the generative story changes: invalidates image caches
+GENERATOR_VERSION = 2          # bump when the generative story changes: invalidates image caches
 START_TS = 1_600_000_000       # 2020-09-13, unix seconds
 SPAN_S = 90 * 24 * 3600        # events cover 90 days
 INITIAL_CATALOG = 0.35         # fraction of items available from the start; the rest arrive over time
@@ -45,6 +49,7 @@ LIKE_WEIGHT = 3.0              # added for a liked cluster (~69%): the cluster d
 ITEM_QUALITY_SD = 0.4          # per-item effect: what item ids alone can learn
 USER_BIAS_SD = 0.3
 CROSS_WORD_RATE = 0.12         # chance a title word comes from another cluster (text noise)
+LOOKALIKE_SHARED_WORDS = 5     # of a look-alike cluster's 8 words, this many are its twin's
 
 THEMES = (
     ("ocean", "coral", "tide", "reef", "harbor", "wave", "sailor", "lagoon"),
@@ -78,6 +83,24 @@ def _cluster_vocab(c: int, rng: np.random.Generator) -> tuple[str, ...]:
     return tuple("".join(rng.choice(syll, size=int(rng.integers(2, 4)))) for _ in range(8))
 
 
+def _make_lookalikes(styles: list, vocabs: list, share: float) -> tuple[list, list]:
+    """Turn the first `share` of the clusters into look-alike pairs (2j, 2j+1).
+
+    The second cluster of a pair copies the first's shape, hue, backdrop and LOOKALIKE_SHARED_WORDS of its words;
+    only its texture and its remaining words tell it apart. Users like the two independently, so surface content
+    says "same" where behaviour says "different": what a behaviour-aligned encoder can learn and a generic one
+    misses.
+    """
+    styles, vocabs = list(styles), list(vocabs)
+    for j in range(int(share * len(styles)) // 2):
+        a, b = 2 * j, 2 * j + 1
+        texture = styles[b].texture if styles[b].texture != styles[a].texture else \
+            TEXTURES[(TEXTURES.index(styles[a].texture) + 1) % len(TEXTURES)]
+        styles[b] = replace(styles[a], texture=texture, hue=(styles[a].hue + 0.015) % 1.0)
+        vocabs[b] = tuple(vocabs[a][:LOOKALIKE_SHARED_WORDS]) + tuple(vocabs[b][LOOKALIKE_SHARED_WORDS:])
+    return styles, vocabs
+
+
 def _colour_word(hue: float) -> str:
     return min(COLOUR_WORDS, key=lambda hw: min(abs(hue - hw[0]), 1 - abs(hue - hw[0])))[1]
 
@@ -86,6 +109,7 @@ def _make_items(spec: DataSpec, rng: np.random.Generator):
     n, k = spec.n_items, spec.n_clusters
     styles = cluster_styles(k, rng)
     vocabs = [_cluster_vocab(c, rng) for c in range(k)]
+    styles, vocabs = _make_lookalikes(styles, vocabs, spec.lookalike_share)
     # Every cluster gets items; the rest are assigned at random (mildly unequal cluster sizes).
     cluster = np.concatenate([np.arange(k), rng.integers(0, k, n - k)])
     rng.shuffle(cluster)
@@ -186,6 +210,7 @@ def _make_interactions(spec: DataSpec, items: pd.DataFrame, rng: np.random.Gener
 
 def _cache_key(spec: DataSpec) -> str:
     cfg = {"v": GENERATOR_VERSION, "n_items": spec.n_items, "n_clusters": spec.n_clusters,
+           "lookalike_share": spec.lookalike_share,
            "image_size": spec.image_size, "seed": spec.seed}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 

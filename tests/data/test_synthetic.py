@@ -122,3 +122,70 @@ def test_sizes_are_options_and_validated():
         DataSpec(dataset="synthetic", n_items=4, n_clusters=8)
     with pytest.raises(ValueError, match="n_events"):
         DataSpec(dataset="synthetic", n_events=0)
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 25, restarts: int = 4) -> np.ndarray:
+    """Plain Lloyd k-means (k-means++ init, best of a few restarts): cluster ids (N,)."""
+    best, best_cost = None, np.inf
+    for r in range(restarts):
+        rng = np.random.default_rng(seed + r)
+        centres = [x[rng.integers(len(x))]]
+        for _ in range(k - 1):
+            d = np.min(((x[:, None] - np.array(centres)[None]) ** 2).sum(-1), axis=1)
+            centres.append(x[rng.choice(len(x), p=d / d.sum())])
+        c = np.array(centres)
+        for _ in range(iters):
+            assign = ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)
+            c = np.stack([x[assign == j].mean(0) if (assign == j).any() else c[j] for j in range(k)])
+        cost = ((x - c[assign]) ** 2).sum()
+        if cost < best_cost:
+            best, best_cost = assign, cost
+    return best
+
+
+def test_content_codes_beat_item_ids_without_the_latent_label(synth):
+    """Codes learned from content alone (k-means over image thumbnails + title/text words), never the `cluster`
+    column, carry the click signal better than item ids: the effect QARM's codes are meant to capture."""
+    items = synth.items
+    thumbs = np.stack([np.asarray(load_image(u, synth.image_root).resize((6, 6))).ravel() / 255.0
+                       for u in items["image_uri"]])
+    words = (items["title"].str.lower() + " " + items["text"].fillna("").str.lower().str.rstrip(".")).str.split()
+    vocab = {w: j for j, w in enumerate(sorted({w for ws in words for w in ws}))}
+    bow = np.zeros((len(items), len(vocab)))
+    for i, ws in enumerate(words):
+        bow[i, [vocab[w] for w in ws]] = 1.0
+    feats = np.hstack([thumbs / np.linalg.norm(thumbs, axis=1, keepdims=True),
+                       bow / np.linalg.norm(bow, axis=1, keepdims=True)])
+    code = pd.Series(_kmeans(feats, 8), index=items["item_id"])
+    inter = synth.interactions.assign(code=lambda d: d["item_id"].map(code))
+    train, _, test = time_split(inter, "global", valid_frac=0.0, test_frac=0.2)
+    prior = train["label"].mean()
+
+    def smoothed(keys):
+        g = train.groupby(keys)["label"].agg(["sum", "count"])
+        return (g["sum"] + 5.0 * prior) / (g["count"] + 5.0)
+
+    y = test["label"].to_numpy()
+    auc_item = auc(y, test["item_id"].map(smoothed("item_id")).fillna(prior).to_numpy())
+    uc = pd.Series(list(zip(test["user_id"], test["code"]))).map(smoothed(["user_id", "code"]))
+    auc_code = auc(y, uc.fillna(prior).to_numpy())
+    print(f"held-out AUC: user x content code {auc_code:.3f}, item popularity {auc_item:.3f}")
+    assert auc_code > auc_item + 0.1, (auc_code, auc_item)
+
+
+def test_lookalike_clusters_look_alike_but_are_liked_independently(synth):
+    """SMALL has 8 clusters at lookalike_share 0.5: pairs (0, 1) and (2, 3) share shape, colour and most words."""
+    items = synth.items
+    thumbs = np.stack([np.asarray(load_image(u, synth.image_root).resize((6, 6))).ravel() / 255.0
+                       for u in items["image_uri"]])
+    centroid = np.stack([thumbs[items["cluster"].to_numpy() == c].mean(0) for c in range(8)])
+    dist = np.linalg.norm(centroid[:, None] - centroid[None], axis=-1)
+    for a, b in ((0, 1), (2, 3)):
+        others = [c for c in range(8) if c not in (a, b)]
+        assert dist[a, b] < dist[a, others].min(), (a, dist[a])
+    # Behaviour: a user's click rate on one twin says little about the other (independent likes).
+    inter = synth.interactions.merge(items[["item_id", "cluster"]], on="item_id")
+    rate = inter.groupby(["user_id", "cluster"])["label"].mean().unstack()
+    twin_corr = rate[0].corr(rate[1])
+    print(f"per-user click-rate correlation between look-alike clusters 0 and 1: {twin_corr:.3f}")
+    assert twin_corr < 0.35
