@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from feature_store import tables
 from feature_store.io import canonical_json, fsync_file, is_temp_name, sha256_file
-from feature_store.lock import StoreLockedError, read_holder, describe_holder
+from feature_store.lock import StoreLockedError, describe_holder, read_holder
 from feature_store.version import MANIFEST, StoreVersion, walk_files
 
 if TYPE_CHECKING:  # pragma: no cover

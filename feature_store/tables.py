@@ -92,12 +92,18 @@ def embeddings_schema(dim: int) -> pa.Schema:
     ])
 
 
-def codes_schema() -> pa.Schema:
-    """Arrow schema of item_codes.parquet (lengths L and K are checked per row, not in the type)."""
+def codes_schema(large: bool = False) -> pa.Schema:
+    """Arrow schema of item_codes.parquet (lengths L and K are checked per row, not in the type).
+
+    Args:
+        large: use large_list (64-bit offsets), needed once a column holds more than 2**31 - 1 values
+            (e.g. 100M items x K = 25); readers accept both.
+    """
+    list_type = pa.large_list if large else pa.list_
     return pa.schema([
         pa.field("item_id", pa.int64(), nullable=False),
-        pa.field("rq", pa.list_(pa.field("item", pa.int32(), nullable=False)), nullable=False),
-        pa.field("vq", pa.list_(pa.field("item", pa.int64(), nullable=False)), nullable=False),
+        pa.field("rq", list_type(pa.field("item", pa.int32(), nullable=False)), nullable=False),
+        pa.field("vq", list_type(pa.field("item", pa.int64(), nullable=False)), nullable=False),
     ])
 
 
@@ -151,9 +157,10 @@ def codes_table(item_ids, rq, vq=None) -> pa.Table:
         raise TableError(f"codes: column 'rq' row {row} (item_id {item_ids[row]}): negative code {rq[row].tolist()}")
     if rq.size and rq.max() > np.iinfo(np.int32).max:
         raise TableError("codes: column 'rq' has a code above int32 range")
-    rq_col = _fixed_rows_to_list(rq.astype(np.int32), pa.int32())
-    vq_col = _fixed_rows_to_list(vq.astype(np.int64), pa.int64())
-    return pa.Table.from_arrays([pa.array(item_ids, pa.int64()), rq_col, vq_col], schema=codes_schema())
+    large = max(rq.size, vq.size) > np.iinfo(np.int32).max
+    rq_col = _fixed_rows_to_list(rq.astype(np.int32), pa.int32(), large)
+    vq_col = _fixed_rows_to_list(vq.astype(np.int64), pa.int64(), large)
+    return pa.Table.from_arrays([pa.array(item_ids, pa.int64()), rq_col, vq_col], schema=codes_schema(large))
 
 
 def write_codes(path: str | os.PathLike, item_ids, rq, vq=None) -> Path:
@@ -286,11 +293,14 @@ def _as_ids(item_ids, path) -> np.ndarray:
     return ids.astype(np.int64, copy=False)
 
 
-def _fixed_rows_to_list(arr: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+def _fixed_rows_to_list(arr: np.ndarray, value_type: pa.DataType, large: bool = False):
+    """(N, W) matrix -> list array without a Python loop (offsets 0, W, 2W, ...)."""
     n, width = arr.shape
-    offsets = pa.array(np.arange(n + 1, dtype=np.int64) * width, type=pa.int32())
+    offsets = np.arange(n + 1, dtype=np.int64) * width
     values = pa.array(np.ascontiguousarray(arr).reshape(-1), type=value_type)
-    return pa.ListArray.from_arrays(offsets, values)
+    if large:
+        return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
 
 
 def _read_parquet(path: Path, columns: tuple[str, ...]) -> pa.Table:

@@ -131,3 +131,15 @@ def test_codebooks_round_trip_and_levels(tmp_path):
     path.write_bytes(b"\x00" * 20)
     with pytest.raises(TableError, match="not a readable safetensors"):
         read_codebooks(path)
+
+
+def test_large_list_layout_is_read_too(tmp_path):
+    from feature_store.tables import _fixed_rows_to_list, codes_schema
+
+    rq = np.array([[1, 2], [3, 4]], np.int32)
+    vq = np.array([[9], [8]], np.int64)
+    table = pa.Table.from_arrays([pa.array([2, 1], pa.int64()), _fixed_rows_to_list(rq, pa.int32(), large=True),
+                                  _fixed_rows_to_list(vq, pa.int64(), large=True)], schema=codes_schema(large=True))
+    pq.write_table(table, tmp_path / "item_codes.parquet")
+    codes = read_codes(tmp_path / "item_codes.parquet")
+    assert codes.item_ids.tolist() == [1, 2] and codes.rq.tolist() == [[3, 4], [1, 2]] and codes.vq.tolist() == [[8], [9]]
