@@ -1,0 +1,183 @@
+"""`qarm align`: mine behaviour pairs, align the item encoder, evaluate held-out pair retrieval vs unaligned.
+
+    qarm align --dataset movielens --data ../shared/data/movielens --require-image --mode side --out runs/a --json
+
+Writes into --out: checkpoints/ (the aligned encoder, `load_encoder(out)`), side_cache/ (side mode),
+item_embeddings.parquet and item_embeddings_unaligned.parquet (feature-store table format), pairs_train.parquet,
+pairs_heldout.parquet and align_result.json (everything printed, plus the configs).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipelines.mllm.config import EncoderConfig, registered_configs
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipelines.data import add_data_arguments
+
+    add_data_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, embeddings, result)")
+    parser.add_argument("--mode", choices=("full", "adapters", "side"), default="side")
+    parser.add_argument("--max-items", type=int, default=None,
+                        help="keep only the N items with most positive interactions (CPU-sized runs)")
+    e = parser.add_argument_group("encoder")
+    e.add_argument("--encoder", default="minilm-effnet", help=f"named config: {', '.join(registered_configs())}")
+    e.add_argument("--text-model", default=None, help="override the LM: hf:<local dir> (e.g. a Qwen2 folder)")
+    e.add_argument("--vision-model", default=None, help="override vision: timm:<name> | open_clip:<arch> | none")
+    e.add_argument("--vision-weights", default=None, help="vision weights file (.safetensors/.pth)")
+    e.add_argument("--embed-dim", type=int, default=64)
+    e.add_argument("--encoder-image-size", type=int, default=None, help="encoder input side in px (CPU: 128)")
+    e.add_argument("--image-grid", type=int, default=None, help="image tokens = grid x grid")
+    e.add_argument("--max-text-tokens", type=int, default=None)
+    t = parser.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=None, help="default: side 20, adapters 2, full 1")
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=None, help="default per mode (full 3e-5, adapters/side 1e-3)")
+    t.add_argument("--temperature", type=float, default=0.05)
+    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--warmup-steps", type=int, default=0)
+    t.add_argument("--sources", default="swing,u2i", help="pair sources to train on")
+    t.add_argument("--side-width", type=int, default=128)
+    t.add_argument("--layer-stride", type=int, default=2, help="side mode: cache every Nth backbone layer")
+    t.add_argument("--adapter-reduction", type=int, default=8)
+    t.add_argument("--init-checkpoint", type=Path, default=None, help="warm start (continual training)")
+    t.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
+    t.add_argument("--save-every", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None, help="torch threads")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--unaligned-seed", type=int, default=0, help="seed of the unaligned baseline's fixed map")
+    p = parser.add_argument_group("pairs")
+    p.add_argument("--swing-top-n", type=int, default=20)
+    p.add_argument("--min-support", type=int, default=2)
+    p.add_argument("--heldout-frac", type=float, default=0.1)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+
+
+DEFAULT_EPOCHS = {"side": 20, "adapters": 2, "full": 1}
+
+
+def encoder_config_from_args(args) -> EncoderConfig:
+    overrides = {"embed_dim": args.embed_dim, "seed": args.seed}
+    for flag, field in (("text_model", "text"), ("vision_model", "vision"), ("vision_weights", "vision_weights"),
+                        ("encoder_image_size", "image_size"), ("image_grid", "image_grid"),
+                        ("max_text_tokens", "max_text_tokens")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[field] = value
+    if args.vision_model is not None and args.vision_weights is None:
+        overrides["vision_weights"] = None  # the named config's weights belong to its own vision model
+    return EncoderConfig.named(args.encoder, **overrides)
+
+
+def cap_items(dataset, max_items: int):
+    """The ``max_items`` items with most positive interactions, and only the interactions on them."""
+    inter = dataset.interactions
+    pos = inter[inter["label"] > 0.5]
+    counts = pos["item_id"].value_counts()
+    keep = set(counts.index[:max_items].tolist())
+    items = dataset.items[dataset.items["item_id"].isin(keep)].reset_index(drop=True)
+    return SimpleNamespace(items=items, interactions=inter[inter["item_id"].isin(keep)].reset_index(drop=True),
+                           image_root=dataset.image_root)
+
+
+def _write_embeddings(path: Path, item_ids: np.ndarray, emb: np.ndarray) -> None:
+    from feature_store.tables import write_embeddings
+    write_embeddings(path, item_ids, emb)
+
+
+def _write_pairs(path: Path, pairs: pd.DataFrame) -> None:
+    from feature_store.io import atomic_write_parquet
+    atomic_write_parquet(path, pa.Table.from_pandas(pairs, preserve_index=False))
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from feature_store.io import atomic_write_json
+    from pipelines.data import data_spec_from_args, load_dataset
+    from pipelines.mllm.adapters import AdapterConfig
+    from pipelines.mllm.align import AlignConfig, embed_with_cache, train_alignment
+    from pipelines.mllm.embed import embed_catalog
+    from pipelines.mllm.evaluate import pair_retrieval
+    from pipelines.mllm.items import ItemCatalog
+    from pipelines.mllm.model_io import build_for_mode
+    from pipelines.mllm.side import SideConfig
+    from pipelines.pairs import PairConfig, mine_pairs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    dataset = load_dataset(data_spec_from_args(args))
+    if args.max_items:
+        dataset = cap_items(dataset, args.max_items)
+    enc_cfg = encoder_config_from_args(args)
+    pair_cfg = PairConfig(swing_top_n=args.swing_top_n, min_support=args.min_support,
+                          heldout_frac=args.heldout_frac, seed=args.seed)
+    pairs = mine_pairs(dataset.interactions, pair_cfg)
+    if len(pairs.heldout) == 0:
+        raise ValueError(f"no held-out pairs were mined from {len(dataset.interactions)} interactions "
+                         f"(heldout_frac={args.heldout_frac}); evaluation needs some")
+    align_cfg = AlignConfig(
+        mode=args.mode, epochs=args.epochs or DEFAULT_EPOCHS[args.mode], batch_size=args.batch_size, lr=args.lr,
+        temperature=args.temperature, seed=args.seed, max_steps=args.max_steps, warmup_steps=args.warmup_steps,
+        sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()), save_every=args.save_every,
+        resume=not args.no_resume, adapter=AdapterConfig(reduction=args.adapter_reduction),
+        side=SideConfig(width=args.side_width, layer_stride=args.layer_stride), num_threads=args.threads,
+        device=args.device, cache_batch_size=args.eval_batch_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    catalog = ItemCatalog.from_dataset(dataset, enc_cfg)
+    result = train_alignment(enc_cfg, dataset, pairs.train, align_cfg, out, init_checkpoint=args.init_checkpoint,
+                             catalog=catalog)
+
+    t0 = time.perf_counter()
+    unaligned = build_for_mode("unaligned", enc_cfg, unaligned_seed=args.unaligned_seed).to(args.device)
+    if result.cache is not None:  # side mode: both embeddings come from the cached backbone states
+        ids, emb = embed_with_cache(result.encoder, result.cache)
+        ids_u, emb_u = embed_with_cache(unaligned, result.cache)
+        modality = result.cache.stats
+    else:
+        ids, emb, modality = embed_catalog(result.encoder, dataset, args.eval_batch_size, catalog=catalog)
+        ids_u, emb_u, _ = embed_catalog(unaligned, dataset, args.eval_batch_size, catalog=catalog)
+    aligned_eval = pair_retrieval(ids, emb, pairs.heldout)
+    unaligned_eval = pair_retrieval(ids_u, emb_u, pairs.heldout)
+    eval_seconds = time.perf_counter() - t0
+    _write_embeddings(out / "item_embeddings.parquet", ids, emb)
+    _write_embeddings(out / "item_embeddings_unaligned.parquet", ids_u, emb_u)
+    _write_pairs(out / "pairs_train.parquet", pairs.train)
+    _write_pairs(out / "pairs_heldout.parquet", pairs.heldout)
+
+    summary = result.summary()
+    report = {
+        "mode": args.mode, "dataset": args.dataset, "n_items": int(len(dataset.items)),
+        "n_pairs_train": int(summary["pairs_used"]), "n_pairs_heldout": int(len(pairs.heldout)),
+        "n_heldout_queries": aligned_eval["n_queries"],
+        "recall@10_aligned": aligned_eval["recall@10"], "recall@10_unaligned": unaligned_eval["recall@10"],
+        "recall@50_aligned": aligned_eval["recall@50"], "recall@50_unaligned": unaligned_eval["recall@50"],
+        "mrr_aligned": aligned_eval["mrr"], "mrr_unaligned": unaligned_eval["mrr"],
+        "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
+        "trainable_share": summary["trainable_params"] / max(1, summary["total_params"]),
+        "seconds_per_epoch": summary["seconds_per_epoch"], "cache_seconds": summary["cache_seconds"],
+        "peak_rss_mb": summary["peak_memory_mb"] if args.device == "cpu" else None,
+        "peak_memory_mb": summary["peak_memory_mb"],
+        "steps": summary["steps"], "epochs": summary["epochs"], "loss_first": summary["loss_first"],
+        "loss_last": summary["loss_last"], "eval_seconds": eval_seconds,
+        "total_seconds": time.perf_counter() - t_start, "modality": modality,
+        "pairs": {**pairs.stats, **{k: v for k, v in summary.items() if k.startswith("pairs_")}},
+        "checkpoint": summary["checkpoint"], "out": str(out),
+    }
+    atomic_write_json(out / "align_result.json", {**report, "config": {
+        "encoder": enc_cfg.to_dict(), "align": align_cfg.to_dict(), "pairs": pair_cfg.to_dict(),
+        "unaligned_seed": args.unaligned_seed, "max_items": args.max_items}})
+    return report
