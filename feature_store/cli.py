@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", help="diff: the newer version (default CURRENT)")
     parser.add_argument("--keep", type=int, help="retain: number of newest versions to keep (CURRENT always kept)")
     parser.add_argument("--no-verify", action="store_true", help="show: skip checksum verification")
+    parser.add_argument("--verify", action="store_true", help="list: also verify every checksum of every version")
     parser.add_argument("--lock-timeout", type=float, default=0.0,
                         help="seconds to wait for a busy store lock before giving up (default: fail at once)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _list(store: FeatureStore, args) -> dict:
-    versions = store.list()
+    versions = store.list(verify=args.verify)
     current = store.current_id() if versions else None
     if not args.json:
         if not versions:
@@ -92,7 +93,8 @@ def _list(store: FeatureStore, args) -> dict:
             mark = "*" if v.current else " "
             status = f"  CORRUPT: {v.error}" if v.error else ""
             print(f"{mark} {v.id}  {v.created_at or '?':<25}  parent={v.parent or '-':<16}  items={rows}{status}")
-    result = {"store": str(store.root), "current": current, "count": len(versions)}
+    result = {"store": str(store.root), "current": current, "count": len(versions),
+              "corrupt": [v.id for v in versions if v.error]}
     if args.json:  # the human form printed the table above instead
         result["versions"] = [v.to_dict() for v in versions]
     return result

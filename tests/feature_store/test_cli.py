@@ -57,6 +57,8 @@ def test_errors_exit_codes(store, publish, capsys):
     assert not err["ok"] and "item_codes.parquet" in err["error"] and err["error_type"] == "CorruptVersionError"
     assert main(["store", "verify", "--store", root, "--json"]) == 1
     assert v1.id in _last_json(capsys)["corrupt"]
+    assert main(["store", "list", "--store", root, "--verify"]) == 0
+    assert f"* {v1.id}" in capsys.readouterr().out.split("CORRUPT")[0]
     assert main(["store", "rollback", "--store", root, "--json"]) == 2
     assert main(["store", "rollback", "--store", root, "--version", "v000042-deadbeef", "--json"]) == 1
     assert "not found" in _last_json(capsys)["error"]
