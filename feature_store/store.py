@@ -42,7 +42,7 @@ from feature_store.staging import (RESUME_PREFIX, RESUME_TTL_S, Staging, _Sealed
                                    newest_mtime, try_claim)
 from feature_store.version import (FORMAT, MANIFEST, VERSION_RE, CorruptVersionError, StoreVersion, VersionInfo,
                                    VersionNotFoundError, check_id, content_hash, load_manifest, verify_version,
-                                   walk_dirs)
+                                   walk_dirs, walk_files)
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,8 @@ class FeatureStore:
             "config": config,
         }
         atomic_write_json(src / MANIFEST, manifest)
+        for _, full in walk_files(src):
+            os.chmod(full, 0o444)  # versions are immutable: make accidental in-place edits fail loudly
         for directory in walk_dirs(src):
             fsync_dir(directory)
         dest = self.versions_dir / version_id

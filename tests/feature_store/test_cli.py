@@ -51,6 +51,7 @@ def test_list_show_rollback_retain_verify(store, publish, capsys):
 def test_errors_exit_codes(store, publish, capsys):
     v1 = publish(0)
     root = str(store.root)
+    os.chmod(v1.path / "item_codes.parquet", 0o644)  # published files are read-only
     (v1.path / "item_codes.parquet").write_bytes(b"garbage")
     assert main(["store", "show", "--store", root, "--json"]) == 1
     err = _last_json(capsys)

@@ -103,7 +103,14 @@ def test_publish_without_serving(store, publish):
     assert store.read(v2.id).id == v2.id
 
 
+def _writable(path: Path) -> Path:
+    """Published files are read-only (0444); tests that simulate damage make them writable first."""
+    os.chmod(path, 0o644)
+    return path
+
+
 def _corrupt_byte(path: Path, offset: int = 10) -> None:
+    _writable(path)
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -112,7 +119,7 @@ def _corrupt_byte(path: Path, offset: int = 10) -> None:
 def test_flipped_byte_is_detected(store, publish):
     v = publish(0)
     target = v.path / "item_codes.parquet"
-    os.chmod(target, 0o644)
+    assert target.stat().st_mode & 0o777 == 0o444  # published files are read-only
     _corrupt_byte(target)
     with pytest.raises(CorruptVersionError, match=r"item_codes\.parquet: sha256 .* does not match"):
         store.read()
@@ -126,7 +133,7 @@ def test_missing_truncated_and_extra_files_are_detected(store, publish):
     with pytest.raises(CorruptVersionError, match=r"codebooks\.safetensors: listed in the manifest .* but missing"):
         store.read(v.id)
     v2 = publish(1)
-    with open(v2.path / "item_embeddings.parquet", "r+b") as fh:
+    with open(_writable(v2.path / "item_embeddings.parquet"), "r+b") as fh:
         fh.truncate(100)
     with pytest.raises(CorruptVersionError, match="item_embeddings.parquet: size 100 bytes"):
         store.read(v2.id)
@@ -138,7 +145,7 @@ def test_missing_truncated_and_extra_files_are_detected(store, publish):
 
 def test_tampered_manifest_is_detected(store, publish):
     v = publish(0)
-    manifest_path = v.path / "manifest.json"
+    manifest_path = _writable(v.path / "manifest.json")
     m = json.loads(manifest_path.read_text())
     m["files"]["item_codes.parquet"]["sha256"] = "0" * 64
     manifest_path.write_text(json.dumps(m))
@@ -147,11 +154,11 @@ def test_tampered_manifest_is_detected(store, publish):
     v2 = publish(1)
     m = json.loads((v2.path / "manifest.json").read_text())
     m["config"]["seed"] = 99
-    (v2.path / "manifest.json").write_text(json.dumps(m))
+    _writable(v2.path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CorruptVersionError, match="config does not match config_sha256"):
         store.read(v2.id)
     v3 = publish(2)
-    (v3.path / "manifest.json").write_text("{not json")
+    _writable(v3.path / "manifest.json").write_text("{not json")
     with pytest.raises(CorruptVersionError, match="manifest is not valid JSON"):
         store.read(v3.id)
 
