@@ -28,6 +28,8 @@ file: `--items`, `--interactions`, and `--map items.item_id=sku`, `--map items.t
   catalog items first), and the maps are kept in `Dataset.id_maps` (save with `save_id_maps`; pass the folder
   back as `--id-maps` to extend rather than renumber on the next run).
 - No label column: every interaction is an implicit positive (label 1.0).
+- A table path may be a file, a folder of part files (a partitioned log: every .parquet/.csv/.tsv below it,
+  sorted by name) or a glob (`events/2024-*.parquet`); errors and rejects name the part file and its row.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from pipelines.data.io import DataError, parse_int64, read_table, to_float32, to_int64, to_unix_seconds
+from pipelines.data.io import (DataError, parse_int64, read_table, row_sources, to_float32, to_int64,
+                               to_unix_seconds)
 from pipelines.data.loader import load_id_maps
 from pipelines.data.schema import DataSpec, Dataset
 from pipelines.data.validate import RejectLog, finalize
@@ -183,15 +186,16 @@ def load_generic(spec: DataSpec) -> Dataset:
         id_maps["user_id"] = _dense_map(_raw_ids(inter_raw[ecols["user_id"]]), known_maps.get("user_id"))
 
     # Items.
+    item_src, item_rows = row_sources(items_raw)
     item_ids = _ids(items_raw, icols["item_id"], id_maps.get("item_id"), "item_id")
     missing = item_ids.isna().to_numpy()
-    rejects.add(items_path.name, np.flatnonzero(missing), "missing_value", "dropped", detail="empty item id")
+    rejects.add(item_src[missing], item_rows[missing], "missing_value", "dropped", detail="empty item id")
     items = pd.DataFrame({
         "item_id": item_ids,
         "title": _text_col(items_raw, icols["title"]),
         "text": _joined_text(items_raw, text_cols),
         "image_uri": _text_col(items_raw, icols["image_uri"]),
-        "row": np.arange(len(items_raw), dtype="int64"),
+        "row": item_rows, "_source": item_src,
     })
     _carry_attributes(items, items_raw, item_attrs, items_path)
     items = items.loc[~missing]
@@ -208,24 +212,26 @@ def load_generic(spec: DataSpec) -> Dataset:
         missing = missing | (label.isna().to_numpy() & ~label_bad)  # unmapped label values are bad_label
     raw_item = inter_raw[ecols["item_id"]].astype("string")
     raw_user = inter_raw[ecols["user_id"]].astype("string")
-    rows = np.arange(len(inter_raw), dtype="int64")
-    rejects.add(inter_path.name, rows[missing], "missing_value", "dropped", item_id=raw_item[missing],
+    src, rows = row_sources(inter_raw)
+    rejects.add(src[missing], rows[missing], "missing_value", "dropped", item_id=raw_item[missing],
                 user_id=raw_user[missing], detail="empty user id, item id, timestamp or label")
     bad_label = label_bad & ~missing
-    rejects.add(inter_path.name, rows[bad_label], "bad_label", "dropped", item_id=raw_item[bad_label],
+    rejects.add(src[bad_label], rows[bad_label], "bad_label", "dropped", item_id=raw_item[bad_label],
                 user_id=raw_user[bad_label], detail="label outside [0, 1], or not in interactions.label_values")
     unknown = unmapped & ~missing & ~bad_label
-    rejects.add(inter_path.name, rows[unknown], "unknown_item", "dropped", item_id=raw_item[unknown],
+    rejects.add(src[unknown], rows[unknown], "unknown_item", "dropped", item_id=raw_item[unknown],
                 user_id=raw_user[unknown], detail="item id not in the item catalog")
     keep = ~(missing | bad_label | unknown)
     interactions = pd.DataFrame({"user_id": users[keep].astype("int64").to_numpy(),
                                  "item_id": inter_items[keep].astype("int64").to_numpy(),
                                  "ts": ts[keep].astype("int64").to_numpy(),
-                                 "label": label[keep].to_numpy().astype("float32"), "row": rows[keep]})
+                                 "label": label[keep].to_numpy().astype("float32"), "row": rows[keep],
+                                 "_source": src[keep]})
     _carry_attributes(interactions, inter_raw.loc[keep], inter_attrs, inter_path)
 
     image_root = mapping.get("image_root")
-    image_root = Path(image_root) if image_root else (items_path.parent if items["image_uri"].notna().any() else None)
+    default_root = items_path if items_path.is_dir() else items_path.parent
+    image_root = Path(image_root) if image_root else (default_root if items["image_uri"].notna().any() else None)
     return finalize(items, interactions, spec=spec, name=f"generic:{items_path.name}", image_root=image_root,
                     rejects=rejects, items_source=items_path.name, interactions_source=inter_path.name,
                     id_maps=id_maps)

@@ -5,6 +5,7 @@ message adds the 1-based file line as well, which is what an editor shows.
 """
 from __future__ import annotations
 
+import glob
 import logging
 from pathlib import Path
 from typing import Iterable, Optional
@@ -47,19 +48,61 @@ def table_columns(path: Path) -> list[str]:
         raise DataError(f"{path}: unreadable {fmt} file: {exc}") from None
 
 
+def table_files(path: Path) -> list[Path]:
+    """The files behind a table path: the file itself, every table file in a folder (a partitioned log,
+    e.g. events/day=2024-01-01.parquet ...), or the matches of a glob pattern; sorted by name."""
+    path = Path(path)
+    if any(ch in str(path) for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"{path}: no file matches this pattern")
+        return files
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith((".", "_"))
+                       and _is_table(p))
+        if not files:
+            raise DataError(f"{path}: folder holds no .parquet / .csv / .tsv files")
+        return files
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    return [path]
+
+
+def _is_table(path: Path) -> bool:
+    try:
+        table_format(path)
+        return True
+    except DataError:
+        return False
+
+
 def read_table(path: Path, columns: Optional[Iterable[str]] = None,
                optional: Iterable[str] = ()) -> pd.DataFrame:
-    """Read a CSV/TSV/Parquet file. CSV cells are read as strings so that dtype errors can name the row.
+    """Read a CSV/TSV/Parquet table: one file, a folder of part files, or a glob. CSV cells are read as strings
+    so that dtype errors can name the row.
 
     Args:
         columns: required columns (None: read every column).
         optional: further columns read when present. With `columns` given, nothing else is read.
+    Returns:
+        The rows of every part in file order. `frame.attrs["parts"]` lists (file, format, first row, n rows), so
+        errors and rejects can name the part file and the row inside it (see `locate`).
     Raises:
-        DataError: the file is missing or unreadable, or lacks one of `columns` (named, with those present).
+        DataError: a file is missing or unreadable, or lacks one of `columns` (named, with those present).
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
+    files = table_files(path)
+    frames, parts, start = [], [], 0
+    for file in files:
+        frame = _read_one(file, columns, optional)
+        parts.append((str(file), table_format(file), start, len(frame)))
+        start += len(frame)
+        frames.append(frame)
+    frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    frame.attrs["parts"] = parts
+    return frame
+
+
+def _read_one(path: Path, columns: Optional[Iterable[str]], optional: Iterable[str]) -> pd.DataFrame:
     fmt = table_format(path)
     wanted = None
     if columns is not None:
@@ -71,20 +114,34 @@ def read_table(path: Path, columns: Optional[Iterable[str]] = None,
         wanted = columns + [c for c in dict.fromkeys(optional) if c in present and c not in columns]
     try:
         if fmt == "parquet":
-            frame = pq.read_table(path, columns=wanted).to_pandas()
-        else:
-            sep = "\t" if ".tsv" in path.name.lower() else ","
-            frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""], usecols=wanted)
+            return pq.read_table(path, columns=wanted).to_pandas()
+        sep = "\t" if ".tsv" in path.name.lower() else ","
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""], usecols=wanted)
     except (OSError, pa.ArrowException, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
             ValueError) as exc:
         raise DataError(f"{path}: unreadable {fmt} file: {exc}") from None
-    frame.attrs["source_path"] = str(path)
-    frame.attrs["source_format"] = fmt
-    return frame
 
 
-def _where(path: str, fmt: str, row: int) -> str:
-    return f"row {row} (line {row + 2})" if fmt == "csv" else f"row {row}"
+def locate(frame: pd.DataFrame, position: int) -> tuple[str, str, int]:
+    """(file, format, row inside that file) of the frame's row at `position` (0-based)."""
+    for file, fmt, start, n in frame.attrs.get("parts", [("<table>", "parquet", 0, len(frame))]):
+        if start <= position < start + n:
+            return file, fmt, position - start
+    raise IndexError(position)
+
+
+def row_sources(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: (part file name (N,) object, row inside that file (N,) int64), for the rejects table."""
+    parts = frame.attrs.get("parts", [("<table>", "parquet", 0, len(frame))])
+    names = np.concatenate([np.full(n, Path(file).name, dtype=object) for file, _, _, n in parts]) \
+        if parts else np.zeros(0, dtype=object)
+    rows = np.concatenate([np.arange(n, dtype=np.int64) for _, _, _, n in parts]) if parts else np.zeros(0, np.int64)
+    return names, rows
+
+
+def _where(frame: pd.DataFrame, position: int) -> tuple[str, str]:
+    file, fmt, row = locate(frame, position)
+    return file, (f"row {row} (line {row + 2})" if fmt == "csv" else f"row {row}")
 
 
 def _first_bad(mask: np.ndarray) -> int:
@@ -129,22 +186,21 @@ def to_int64(frame: pd.DataFrame, column: str, *, role: str = "") -> pd.Series:
     Raises:
         DataError naming file, column and the first row whose value is not an integer.
     """
-    path, fmt = frame.attrs.get("source_path", "<table>"), frame.attrs.get("source_format", "parquet")
     series = frame[column]
     label = f"column {column!r}" + (f" ({role})" if role else "")
     if pd.api.types.is_bool_dtype(series.dtype):
-        raise DataError(f"{path}: {label}: expected integers, got booleans")
+        raise DataError(f"{locate(frame, 0)[0]}: {label}: expected integers, got booleans")
     values, bad = parse_int64(series)
     if bad.any():
         row = _first_bad(bad)
-        raise DataError(f"{path}: {label} {_where(path, fmt, row)}: value {series.iloc[row]!r} is not an integer "
+        file, where = _where(frame, row)
+        raise DataError(f"{file}: {label} {where}: value {series.iloc[row]!r} is not an integer "
                         f"({int(bad.sum())} bad value(s) in this column)")
     return values
 
 
 def to_float32(frame: pd.DataFrame, column: str, *, role: str = "") -> pd.Series:
     """Column as float32 (NaN for missing). Raises DataError naming file, column and first non-numeric row."""
-    path, fmt = frame.attrs.get("source_path", "<table>"), frame.attrs.get("source_format", "parquet")
     series = frame[column]
     label = f"column {column!r}" + (f" ({role})" if role else "")
     if pd.api.types.is_bool_dtype(series.dtype):
@@ -153,7 +209,8 @@ def to_float32(frame: pd.DataFrame, column: str, *, role: str = "") -> pd.Series
     bad = numeric.isna().to_numpy() & series.notna().to_numpy()
     if bad.any():
         row = _first_bad(bad)
-        raise DataError(f"{path}: {label} {_where(path, fmt, row)}: value {series.iloc[row]!r} is not a number "
+        file, where = _where(frame, row)
+        raise DataError(f"{file}: {label} {where}: value {series.iloc[row]!r} is not a number "
                         f"({int(bad.sum())} bad value(s) in this column)")
     return numeric.astype("float32")
 
@@ -165,15 +222,16 @@ def _bool_text(value):
 
 
 def to_unix_seconds(frame: pd.DataFrame, column: str, *, fmt: str = "auto", role: str = "ts") -> pd.Series:
-    """Timestamps as nullable Int64 unix seconds.
+    """Timestamps as nullable Int64 unix seconds (empty cells stay <NA>: per-record rejects).
 
     Args:
         fmt: "unix" (seconds), "unix_ms" (milliseconds), "iso" (ISO-8601 dates / datetimes; naive ones are
-            taken as UTC) or "auto" (integers -> unix seconds, anything else -> ISO).
+            taken as UTC) or "auto": per value, numbers are unix seconds (milliseconds when the column's numbers
+            are beyond year 5000 as seconds) and anything else is parsed as ISO-8601, so partitions written in
+            different formats load together.
     Raises:
         DataError naming file, column and the first row that is neither.
     """
-    path, file_fmt = frame.attrs.get("source_path", "<table>"), frame.attrs.get("source_format", "parquet")
     series = frame[column]
     label = f"column {column!r} ({role})"
     if fmt not in ("auto", "unix", "unix_ms", "iso"):
@@ -181,29 +239,31 @@ def to_unix_seconds(frame: pd.DataFrame, column: str, *, fmt: str = "auto", role
     if pd.api.types.is_datetime64_any_dtype(series.dtype):
         parsed = series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
         return _datetime_to_seconds(parsed)
-    numeric = pd.to_numeric(series, errors="coerce")
-    looks_numeric = not (numeric.isna() & series.notna()).any()
-    if fmt in ("unix", "unix_ms") or (fmt == "auto" and looks_numeric):
-        bad = (numeric.isna() & series.notna()).to_numpy()
-        if bad.any():
-            row = _first_bad(bad)
-            raise DataError(f"{path}: {label} {_where(path, file_fmt, row)}: value {series.iloc[row]!r} is not a "
-                            f"unix timestamp")
-        values = numeric.astype("float64")
-        if fmt == "auto" and values.notna().any() and values.abs().median() > MS_THRESHOLD:
+    present = series.notna().to_numpy() & ~series.astype("string").str.strip().eq("").fillna(False).to_numpy(bool)
+    numeric = pd.to_numeric(series, errors="coerce").astype("float64")
+    is_num = numeric.notna().to_numpy() & present
+    out = pd.Series(pd.NA, index=series.index, dtype="Int64")
+    if fmt != "iso" and is_num.any():
+        values = numeric[is_num]
+        if fmt == "auto" and values.abs().median() > MS_THRESHOLD:
             log.info("%s: %s looks like unix milliseconds (median %.0f); converting to seconds "
-                     "(set ts_format: unix to keep them as seconds)", path, label, values.median())
+                     "(set ts_format: unix to keep them as seconds)", locate(frame, 0)[0], label, values.median())
             fmt = "unix_ms"
-        if fmt == "unix_ms":
-            values = values / 1000.0
-        return values.round().astype("Int64")
-    parsed = pd.to_datetime(series.astype("string"), errors="coerce", utc=True, format="ISO8601")
-    bad = (parsed.isna() & series.notna()).to_numpy()
+        out[is_num] = (values / 1000.0 if fmt == "unix_ms" else values).round().astype("int64")
+    if fmt in ("unix", "unix_ms"):
+        bad = present & ~is_num
+        what = "is not a unix timestamp"
+    else:
+        to_parse = present & (~is_num if fmt == "auto" else np.ones(len(series), bool))
+        parsed = pd.to_datetime(series[to_parse].astype("string"), errors="coerce", utc=True, format="ISO8601")
+        out[to_parse] = _datetime_to_seconds(parsed)
+        bad = present & out.isna().to_numpy()
+        what = "is not a unix timestamp or an ISO-8601 date" if fmt == "auto" else "is not an ISO-8601 date"
     if bad.any():
         row = _first_bad(bad)
-        raise DataError(f"{path}: {label} {_where(path, file_fmt, row)}: value {series.iloc[row]!r} is not a unix "
-                        f"timestamp or an ISO-8601 date")
-    return _datetime_to_seconds(parsed)
+        file, where = _where(frame, row)
+        raise DataError(f"{file}: {label} {where}: value {series.iloc[row]!r} {what}")
+    return out
 
 
 def _datetime_to_seconds(parsed: pd.Series) -> pd.Series:

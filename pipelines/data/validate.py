@@ -26,13 +26,14 @@ class RejectLog:
         self._parts: list[pd.DataFrame] = []
 
     def add(self, source: str, rows, reason: str, action: str, item_id=None, user_id=None, detail=None) -> None:
-        """Record rejects in bulk. `rows`, `item_id`, `user_id`, `detail` are scalars or same-length arrays."""
+        """Record rejects in bulk. `source`, `item_id`, `user_id`, `detail` are scalars or arrays as long as `rows`."""
         if reason not in REJECT_REASONS:
             raise ValueError(f"unknown reject reason {reason!r}; add it to schema.REJECT_REASONS")
         rows = np.atleast_1d(np.asarray(rows))
         n = len(rows)
         if n == 0:
             return
+        source = np.atleast_1d(np.asarray(source, dtype=object))
 
         def col(value):
             if value is None:
@@ -41,7 +42,7 @@ class RejectLog:
             return list(arr) if len(arr) == n else [arr[0]] * n
 
         self._parts.append(pd.DataFrame({
-            "source": [source] * n, "row": rows.astype("int64"), "item_id": col(item_id),
+            "source": list(source) if len(source) == n else [source[0]] * n, "row": rows.astype("int64"), "item_id": col(item_id),
             "user_id": col(user_id), "reason": [reason] * n, "detail": col(detail), "action": [action] * n,
         }))
 
@@ -81,11 +82,16 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
         items["row"] = np.arange(len(items), dtype="int64")
     if "row" not in interactions:
         interactions["row"] = np.arange(len(interactions), dtype="int64")
+    # Partitioned inputs carry the part file of each row in `_source`; single files use the given name.
+    if "_source" not in items:
+        items["_source"] = items_source
+    if "_source" not in interactions:
+        interactions["_source"] = interactions_source
 
     # Duplicate item ids: keep the first row, reject the rest.
     dup = items["item_id"].duplicated(keep="first")
     if dup.any():
-        rejects.add(items_source, items.loc[dup, "row"], "duplicate_item", "dropped", item_id=items.loc[dup, "item_id"],
+        rejects.add(items.loc[dup, "_source"], items.loc[dup, "row"], "duplicate_item", "dropped", item_id=items.loc[dup, "item_id"],
                     detail="item id already defined by an earlier row")
         items = items.loc[~dup]
 
@@ -94,18 +100,18 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
     if check_images:
         has_uri = items["image_uri"].notna()
         bad: list[tuple] = []  # (index, row, item_id, reason, detail)
-        checks = zip(items.index[has_uri], items.loc[has_uri, "row"], items.loc[has_uri, "item_id"],
-                     items.loc[has_uri, "image_uri"])
-        for idx, row_no, item_id, uri in tqdm(checks, total=int(has_uri.sum()), desc=f"{name}: checking images",
+        checks = zip(items.index[has_uri], items.loc[has_uri, "_source"], items.loc[has_uri, "row"],
+                     items.loc[has_uri, "item_id"], items.loc[has_uri, "image_uri"])
+        for idx, source, row_no, item_id, uri in tqdm(checks, total=int(has_uri.sum()), desc=f"{name}: checking images",
                                               disable=None, leave=False, mininterval=1.0):
             try:
                 check_image(uri, image_root, spec.validate_images)
             except ImageError as exc:
-                bad.append((idx, row_no, item_id, exc.reason, str(exc)))
+                bad.append((idx, source, row_no, item_id, exc.reason, str(exc)))
         if bad:
-            bad_frame = pd.DataFrame(bad, columns=["idx", "row", "item_id", "reason", "detail"])
+            bad_frame = pd.DataFrame(bad, columns=["idx", "source", "row", "item_id", "reason", "detail"])
             for reason, group in bad_frame.groupby("reason", sort=True):
-                rejects.add(items_source, group["row"], reason, "kept_text_only", item_id=group["item_id"],
+                rejects.add(group["source"], group["row"], reason, "kept_text_only", item_id=group["item_id"],
                             detail=group["detail"])
             items.loc[bad_frame["idx"].to_numpy(), "image_uri"] = None
 
@@ -114,9 +120,9 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
     if no_text.any():
         keep = no_text & items["image_uri"].notna()
         drop = no_text & items["image_uri"].isna()
-        rejects.add(items_source, items.loc[keep, "row"], "empty_text", "kept_image_only",
+        rejects.add(items.loc[keep, "_source"], items.loc[keep, "row"], "empty_text", "kept_image_only",
                     item_id=items.loc[keep, "item_id"], detail="no title and no text")
-        rejects.add(items_source, items.loc[drop, "row"], "empty_text", "dropped",
+        rejects.add(items.loc[drop, "_source"], items.loc[drop, "row"], "empty_text", "dropped",
                     item_id=items.loc[drop, "item_id"], detail="no title, no text and no usable image")
         items = items.loc[~drop]
     items["title"] = items["title"].fillna("").astype(str)
@@ -140,18 +146,18 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
         unknown = ~known
     if unknown.any():
         bad = interactions.loc[unknown]
-        rejects.add(interactions_source, bad["row"], "unknown_item", "dropped", item_id=bad["item_id"],
+        rejects.add(bad["_source"], bad["row"], "unknown_item", "dropped", item_id=bad["item_id"],
                     user_id=bad["user_id"], detail="item id not in the accepted item catalog")
     interactions = interactions.loc[known]
 
-    items = items.drop(columns="row").sort_values("item_id", kind="stable").reset_index(drop=True)
+    items = items.drop(columns=["row", "_source"]).sort_values("item_id", kind="stable").reset_index(drop=True)
     items["item_id"] = items["item_id"].astype("int64")
     # Nullable text columns hold str or None (object dtype), never NaN: consumers test `is None`.
     for col in ("text", "image_uri"):
         items[col] = pd.Series([None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v))
                                 else str(v) for v in items[col].tolist()], dtype=object)
     interactions = (interactions.sort_values(["ts", "user_id", "item_id", "row"], kind="stable")
-                    .drop(columns="row").reset_index(drop=True))
+                    .drop(columns=["row", "_source"]).reset_index(drop=True))
     interactions = interactions.astype({"user_id": "int64", "item_id": "int64", "ts": "int64", "label": "float32"})
     frame = rejects.frame()
     counts = {r: int(c) for r, c in frame["reason"].value_counts().sort_index().items()}

@@ -201,3 +201,33 @@ def test_event_type_labels(tmp_path):
     with pytest.raises(DataError, match="label_values"):
         load_dataset(DataSpec(dataset="generic", mapping=tmp_path / "m.yaml", items=tmp_path / "i.csv",
                               interactions=tmp_path / "r.csv"))
+
+
+def test_partitioned_log_folder_and_glob(tmp_path):
+    (tmp_path / "i.csv").write_text("item_id,title\n1,a\n2,b\n")
+    log = tmp_path / "events"
+    log.mkdir()
+    (log / "day=01.csv").write_text("user_id,item_id,ts\n1,1,10\n1,2,11\n")
+    pd.DataFrame({"user_id": [2, 2], "item_id": [2, 99], "ts": [20, 21]}).to_parquet(log / "day=02.parquet")
+    (log / "_SUCCESS").write_text("")            # marker files are not parts
+    spec = dict(dataset="generic", items=tmp_path / "i.csv")
+    ds = load_dataset(DataSpec(**spec, interactions=log))
+    assert len(ds.interactions) == 3
+    rej = ds.rejects.iloc[0]
+    assert (rej["reason"], rej["source"], rej["row"]) == ("unknown_item", "day=02.parquet", 1)
+    globbed = load_dataset(DataSpec(**spec, interactions=tmp_path / "events" / "*.csv"))
+    assert len(globbed.interactions) == 2
+    (log / "day=03.csv").write_text("user_id,item_id,ts\n3,1,30\n3,1,soon\n")
+    with pytest.raises(DataError, match=r"day=03\.csv: column 'ts' \(ts\) row 1 \(line 3\)"):
+        load_dataset(DataSpec(**spec, interactions=log))
+    (log / "day=03.csv").write_text("user_id,item,ts\n3,1,30\n")
+    with pytest.raises(DataError, match=r"day=03\.csv: missing column\(s\) \['item_id'\]"):
+        load_dataset(DataSpec(**spec, interactions=log))
+
+
+def test_auto_timestamps_mix_formats_per_value():
+    from pipelines.data.io import to_unix_seconds
+    frame = pd.DataFrame({"ts": ["1700000000", "2023-11-14T22:13:20Z", None, " "]})
+    assert to_unix_seconds(frame, "ts").tolist() == [1700000000, 1700000000, pd.NA, pd.NA]
+    with pytest.raises(DataError, match="is not a unix timestamp$"):
+        to_unix_seconds(frame, "ts", fmt="unix")
