@@ -101,6 +101,7 @@ class JobPlan:
     unaligned: bool = True
     init_quantizer: Optional[str] = None
     loader_rejects: tuple = field(default_factory=tuple)
+    align_hints: tuple = ()  # (name, value) Beam resource hints of the Align step
 
 
 # ------------------------------------------------------------------------------------------------ align stage
@@ -195,7 +196,8 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     aligned_path = (p | "AlignTrigger" >> beam.Create([None])
                     | "Align" >> beam.Map(align_stage, beam.pvalue.AsList(vi["items"]),
                                           beam.pvalue.AsList(pairs["train"]),
-                                          plan.align, plan.image_root, str(staging / "encoder"), plan.work_dir))
+                                          plan.align, plan.image_root, str(staging / "encoder"), plan.work_dir)
+                    .with_resource_hints(**dict(plan.align_hints)))
     # the path is also the side input, so RunInference loads the model only after the align stage wrote it
     handler = encoder_handler(checkpoint=str(staging / "encoder"), batch_size=plan.embed_batch_size,
                               num_threads=plan.align.threads)
@@ -276,7 +278,9 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds) -> Jo
                    require_image=bool(ds.spec.require_image) if ds.spec else False,
                    staging=str(staging), work_dir=str(work_dir), pairs=pairs, quant=quant, align=align,
                    embed_batch_size=opts.embed_batch_size, unaligned=not opts.skip_unaligned,
-                   init_quantizer=opts.init_quantizer, loader_rejects=loader_rejects)
+                   init_quantizer=opts.init_quantizer, loader_rejects=loader_rejects,
+                   align_hints=tuple((k, v) for k, v in (("min_ram", opts.align_min_ram),
+                                                         ("accelerator", opts.align_accelerator)) if v))
 
 
 def job_config(plan: JobPlan, spec, data_sha: str) -> dict:

@@ -58,6 +58,10 @@ def add_cascade_flags(parser) -> None:
     g.add_argument("--vq_index", choices=("flat", "ivf"), default="flat", help="faiss index for the VQ k-NN")
     g.add_argument("--embed_batch_size", type=int, default=64, help="items per RunInference batch")
     g.add_argument("--torch_threads", type=int, default=2, help="torch threads per worker")
+    g.add_argument("--align_min_ram", default=None,
+                   help="resource hint for the single align worker, e.g. 16GB (runners that honour hints: Dataflow)")
+    g.add_argument("--align_accelerator", default=None,
+                   help="accelerator hint for the align step, e.g. 'type:nvidia-tesla-t4;count:1;install-nvidia-driver'")
     g.add_argument("--skip_unaligned", action="store_true",
                    help="do not embed/quantize with the unaligned encoder (no *_unaligned tables; ablation row f "
                         "and the aligned-vs-unaligned recall need them)")
