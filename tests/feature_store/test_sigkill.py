@@ -44,7 +44,7 @@ def test_sigkill_at_random_moments_never_exposes_a_partial_version(tmp_path):
     seed_publish()  # the first one pays for lazy imports
     # Kill anywhere in the first few publishes of each writer; scaled to this disk's fsync speed, which varies
     # a lot on a shared machine, so that kills land both mid-publish and after completed ones.
-    window = min(1.0, max(0.3, 4 * seed_publish()))
+    window = min(0.6, max(0.2, 3 * seed_publish()))
     rnd = random.Random(publish_seed)
     seen_versions: set[str] = set()
     trials_with_abandoned_staging = 0

@@ -405,14 +405,14 @@ def test_concurrent_publishers_serialise_with_unique_sequence(store, publish):
             with store.stage() as st:
                 write_embeddings(st.path / "item_embeddings.parquet", np.arange(5), np.full((5, 2), wid * 10 + i))
                 st.publish(config={"writer": wid, "i": i}, lock_timeout=60)
-    """, store.root, wid) for wid in range(3)]
+    """, store.root, wid) for wid in range(2)]
     for proc in writers:
         assert proc.wait(timeout=120) == 0, proc.stderr.read()
     versions = store.list()
     seqs = [int(VERSION_RE.match(v.id).group(1)) for v in versions]
-    assert seqs == list(range(1, 11))  # 1 + 3 x 3, no number taken twice
+    assert seqs == list(range(1, 8))  # 1 + 2 x 3, no number taken twice
     history = store.history()
     assert [h["version"] for h in history] == [v.id for v in versions]  # CURRENT moved once per publish, in order
     assert all(h["previous"] == prev["version"] for prev, h in zip(history, history[1:]))
     assert {(v.config.get("writer"), v.config.get("i")) for v in map(store.read, [v.id for v in versions[1:]])} == \
-        {(w, i) for w in range(3) for i in range(3)}
+        {(w, i) for w in range(2) for i in range(3)}
