@@ -19,7 +19,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--items", type=Path, default=None, help="generic: item catalog (Parquet or CSV)")
     g.add_argument("--interactions", type=Path, default=None, help="generic: interaction log (Parquet or CSV)")
     g.add_argument("--mapping", type=Path, default=None,
-                   help="generic: JSON/YAML file mapping your columns onto the contract (see pipelines/data/generic.py)")
+                   help="generic: JSON/YAML file mapping your columns onto the contract "
+                        "(format: pipelines/data/generic.py)")
     g.add_argument("--map", dest="column_map", action="append", default=[], metavar="TABLE.FIELD=COLUMN",
                    help="generic: map one column, e.g. items.item_id=sku or interactions.ts=event_time "
                         "(repeatable; overrides the mapping file)")

@@ -18,7 +18,8 @@ Mapping file (JSON or YAML; every key optional; relative paths are relative to t
 
 Unmapped fields default to the contract names (a column called `item_id` needs no mapping); a column the mapping
 names must exist. `text` may list several columns: their non-empty values are joined with ". ". Flags override the
-file: `--items`, `--interactions`, and `--map items.item_id=sku`, `--map items.text=description,category`, `--map interactions.ts_format=iso`,
+file: `--items`, `--interactions`, and `--map items.item_id=sku`, `--map items.text=description,category`,
+`--map interactions.ts_format=iso`,
 `--map image_root=imgs`, `--map ids=string` (repeatable).
 
 - Timestamps: unix seconds, unix milliseconds, or ISO-8601 dates/datetimes (naive = UTC). With `auto`, integer

@@ -68,7 +68,8 @@ def load_movielens(spec: DataSpec) -> Dataset:
     missing = (user.isna() | item.isna() | ts.isna() | rating.isna()).to_numpy()
     if missing.any():
         rows = np.flatnonzero(missing)
-        rejects.add("ratings.csv", rows, "missing_value", "dropped", detail="empty userId, movieId, rating or timestamp")
+        rejects.add("ratings.csv", rows, "missing_value", "dropped",
+                    detail="empty userId, movieId, rating or timestamp")
     keep = ~missing
     interactions = pd.DataFrame({
         "user_id": user[keep].astype("int64").to_numpy(), "item_id": item[keep].astype("int64").to_numpy(),

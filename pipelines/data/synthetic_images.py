@@ -101,7 +101,8 @@ def _texture(texture: str, size: int, fg, fg2, rng: np.random.Generator) -> Imag
         sel = ((xx // period) + (yy // period)) % 2 == 0
     else:  # gradient
         t = (xx + yy) / (2.0 * size)
-        arr = (np.asarray(fg, float)[None, None] * (1 - t[..., None]) + np.asarray(fg2, float)[None, None] * t[..., None])
+        start, end = np.asarray(fg, float)[None, None], np.asarray(fg2, float)[None, None]
+        arr = start * (1 - t[..., None]) + end * t[..., None]
         return Image.fromarray(arr.astype(np.uint8), "RGB")
     arr = np.where(sel[..., None], np.asarray(fg2, np.uint8)[None, None], np.asarray(fg, np.uint8)[None, None])
     return Image.fromarray(arr.astype(np.uint8), "RGB")

@@ -42,7 +42,8 @@ class RejectLog:
             return list(arr) if len(arr) == n else [arr[0]] * n
 
         self._parts.append(pd.DataFrame({
-            "source": list(source) if len(source) == n else [source[0]] * n, "row": rows.astype("int64"), "item_id": col(item_id),
+            "source": list(source) if len(source) == n else [source[0]] * n, "row": rows.astype("int64"),
+            "item_id": col(item_id),
             "user_id": col(user_id), "reason": [reason] * n, "detail": col(detail), "action": [action] * n,
         }))
 
@@ -52,8 +53,15 @@ class RejectLog:
         out = pd.concat(self._parts, ignore_index=True)
         # Ids are kept as strings: a reject may carry a raw id that never got a dense int id.
         for c in ("item_id", "user_id", "detail"):
-            out[c] = out[c].map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+            out[c] = pd.Series([None if _is_missing(v) else str(v) for v in out[c].tolist()], dtype=object)
         return out[list(REJECT_COLUMNS)]
+
+
+def _is_missing(value) -> bool:
+    try:
+        return value is None or bool(pd.isna(value))
+    except (TypeError, ValueError):  # array-likes: never missing as a whole
+        return False
 
 
 def empty_rejects() -> pd.DataFrame:
@@ -88,10 +96,17 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
     if "_source" not in interactions:
         interactions["_source"] = interactions_source
 
+    # Rejects show the ids as the source wrote them (raw strings for string-id sources), not dense ids.
+    to_raw = {f: pd.Series(m["raw"].to_numpy(), index=m["id"].to_numpy()) for f, m in (id_maps or {}).items()}
+
+    def raw(field: str, ids: pd.Series):
+        return ids.map(to_raw[field]).to_numpy() if field in to_raw else ids.to_numpy()
+
     # Duplicate item ids: keep the first row, reject the rest.
     dup = items["item_id"].duplicated(keep="first")
     if dup.any():
-        rejects.add(items.loc[dup, "_source"], items.loc[dup, "row"], "duplicate_item", "dropped", item_id=items.loc[dup, "item_id"],
+        rejects.add(items.loc[dup, "_source"], items.loc[dup, "row"], "duplicate_item", "dropped",
+                    item_id=raw("item_id", items.loc[dup, "item_id"]),
                     detail="item id already defined by an earlier row")
         items = items.loc[~dup]
 
@@ -111,7 +126,8 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
         if bad:
             bad_frame = pd.DataFrame(bad, columns=["idx", "source", "row", "item_id", "reason", "detail"])
             for reason, group in bad_frame.groupby("reason", sort=True):
-                rejects.add(group["source"], group["row"], reason, "kept_text_only", item_id=group["item_id"],
+                rejects.add(group["source"], group["row"], reason, "kept_text_only",
+                            item_id=raw("item_id", group["item_id"]),
                             detail=group["detail"])
             items.loc[bad_frame["idx"].to_numpy(), "image_uri"] = None
 
@@ -121,9 +137,9 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
         keep = no_text & items["image_uri"].notna()
         drop = no_text & items["image_uri"].isna()
         rejects.add(items.loc[keep, "_source"], items.loc[keep, "row"], "empty_text", "kept_image_only",
-                    item_id=items.loc[keep, "item_id"], detail="no title and no text")
+                    item_id=raw("item_id", items.loc[keep, "item_id"]), detail="no title and no text")
         rejects.add(items.loc[drop, "_source"], items.loc[drop, "row"], "empty_text", "dropped",
-                    item_id=items.loc[drop, "item_id"], detail="no title, no text and no usable image")
+                    item_id=raw("item_id", items.loc[drop, "item_id"]), detail="no title, no text and no usable image")
         items = items.loc[~drop]
     items["title"] = items["title"].fillna("").astype(str)
     items["text"] = items["text"].where(~_blank(items["text"]), None)
@@ -146,8 +162,8 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
         unknown = ~known
     if unknown.any():
         bad = interactions.loc[unknown]
-        rejects.add(bad["_source"], bad["row"], "unknown_item", "dropped", item_id=bad["item_id"],
-                    user_id=bad["user_id"], detail="item id not in the accepted item catalog")
+        rejects.add(bad["_source"], bad["row"], "unknown_item", "dropped", item_id=raw("item_id", bad["item_id"]),
+                    user_id=raw("user_id", bad["user_id"]), detail="item id not in the accepted item catalog")
     interactions = interactions.loc[known]
 
     items = items.drop(columns=["row", "_source"]).sort_values("item_id", kind="stable").reset_index(drop=True)

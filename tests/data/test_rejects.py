@@ -39,6 +39,10 @@ def test_every_reason_is_counted_and_kept(catalog_dir):
     assert one("unknown_item", row=4)["source"] == "events.csv"
     assert one("missing_value")["row"] == 5
     assert one("bad_label")["user_id"] == "u3"
+    # every reject names the ids as the source wrote them (never the dense ids the loader made)
+    assert one("duplicate_item")["item_id"] == "A-1" and one("corrupt_image")["item_id"] == "D-4"
+    assert (one("unknown_item", row=4)["item_id"], one("unknown_item", row=4)["user_id"]) == ("F-6", "u2")
+    assert one("missing_value")["user_id"] is None
 
 
 def test_bad_images_demote_items_to_text_only(catalog_dir):
