@@ -142,7 +142,7 @@ class FeatureStore:
 
     def _publish_locked(self, staging: Staging, sealed: "_Sealed", *, set_current: bool) -> StoreVersion:
         self._sweep_locked()
-        current = self.current_id()
+        current = self._current_or_none()
         if staging.require_parent_current and current != staging.parent:
             raise StoreConflictError(f"CURRENT of {self.root} is {current} but this version was staged on "
                                      f"{staging.parent}; refusing to publish over a version this job did not see")
@@ -196,7 +196,7 @@ class FeatureStore:
         """
         with self.lock(timeout=lock_timeout, purpose=f"rollback to {version_id}"):
             self.read(version_id, verify=True)
-            previous = self.current_id()
+            previous = self._current_or_none()
             if previous != version_id:
                 self._set_current(version_id, action="rollback", previous=previous)
         return {"current": version_id, "previous": previous}
@@ -299,13 +299,21 @@ class FeatureStore:
             raise CorruptVersionError(f"{self.root / CURRENT_FILE}: not a version id: {text[:80]!r}")
         return text
 
+    def _current_or_none(self) -> str | None:
+        """CURRENT, or None when it is unreadable: list / rollback / publish must still work to repair it."""
+        try:
+            return self.current_id()
+        except CorruptVersionError as exc:
+            log.error("%s; treating the store as having no CURRENT until a rollback or publish", exc)
+            return None
+
     def list(self, verify: bool = False) -> list[VersionInfo]:
         """All published versions, oldest first. Staging folders and trash are never listed.
 
         Args:
             verify: also check every checksum (slow for big stores); failures show in ``VersionInfo.error``.
         """
-        current = self.current_id() if (self.root / CURRENT_FILE).exists() else None
+        current = self._current_or_none()
         out = []
         for version_id in self._version_ids():
             path = self.versions_dir / version_id

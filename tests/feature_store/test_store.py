@@ -416,3 +416,16 @@ def test_concurrent_publishers_serialise_with_unique_sequence(store, publish):
     assert all(h["previous"] == prev["version"] for prev, h in zip(history, history[1:]))
     assert {(v.config.get("writer"), v.config.get("i")) for v in map(store.read, [v.id for v in versions[1:]])} == \
         {(w, i) for w in range(2) for i in range(3)}
+
+
+def test_garbled_current_pointer_is_refused_and_repairable(store, publish):
+    v1, v2 = publish(0), publish(1)
+    (store.root / "CURRENT").write_text("rm -rf /\n")
+    with pytest.raises(CorruptVersionError, match="CURRENT: not a version id"):
+        store.read()
+    assert [v.current for v in store.list()] == [False, False]  # list still works, with no CURRENT marked
+    assert store.rollback(v1.id) == {"current": v1.id, "previous": None}  # the repair path works
+    assert store.read().id == v1.id
+    (store.root / "CURRENT").write_text("v000099-0123abcd\n")  # names a version that does not exist
+    with pytest.raises(CorruptVersionError, match="names v000099-0123abcd but .* does not exist"):
+        store.read()
