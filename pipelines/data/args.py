@@ -41,7 +41,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
-    """DataSpec from the flags added by `add_data_arguments` (raises ValueError naming a bad flag value)."""
+    """DataSpec from the flags added by `add_data_arguments` (raises ValueError naming a bad flag value).
+
+    Args:
+        args: an argparse Namespace, or anything with the same attributes, e.g. a Beam
+            `options.view_as(DataOptions)`: build specs through here so a new data flag is never dropped.
+    """
     return DataSpec(dataset=args.dataset, data=args.data, items=args.items, interactions=args.interactions,
                     mapping=args.mapping, column_map=tuple(args.column_map or ()), id_map_dir=args.id_map_dir,
                     require_image=bool(args.require_image), validate_images=args.validate_images,
