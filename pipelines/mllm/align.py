@@ -299,11 +299,12 @@ def train_alignment(encoder: Union[EncoderConfig, EncoderBase], dataset, pairs: 
         order = torch.from_numpy(np.random.default_rng(cfg.seed + epoch).permutation(len(train_pairs)))
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout
         t0 = time.perf_counter()
-        batch_idx = skip_batches
+        next_batch = skip_batches  # the first batch of this epoch not yet trained on
         for batch_idx in range(skip_batches, n_batches):
             if step >= total_steps:
                 break
             sel = order[batch_idx * cfg.batch_size:(batch_idx + 1) * cfg.batch_size]
+            next_batch = batch_idx + 1
             if len(sel) < 2:
                 continue
             left, right = left_all[sel], right_all[sel]
@@ -323,16 +324,15 @@ def train_alignment(encoder: Union[EncoderConfig, EncoderBase], dataset, pairs: 
             if step % cfg.log_every == 0:
                 log.info("align[%s] epoch %d step %d/%d loss %.4f (mean of last %d: %.4f)", cfg.mode, epoch, step,
                          total_steps, losses[-1], cfg.log_every, float(np.mean(losses[-cfg.log_every:])))
-            if out_dir is not None and cfg.save_every and step % cfg.save_every == 0 and batch_idx + 1 < n_batches:
-                last_ckpt = _save(out_dir, model, optimizer, meta, cfg, step, epoch, batch_idx + 1, losses,
+            if out_dir is not None and cfg.save_every and step % cfg.save_every == 0 and next_batch < n_batches:
+                last_ckpt = _save(out_dir, model, optimizer, meta, cfg, step, epoch, next_batch, losses,
                                   epoch_seconds)
         epoch_seconds.append(time.perf_counter() - t0)
         skip_batches = 0
         epochs_run = epoch + 1
         if out_dir is not None:
-            next_epoch, next_batch = (epoch + 1, 0) if batch_idx + 1 >= n_batches else (epoch, batch_idx + 1)
-            last_ckpt = _save(out_dir, model, optimizer, meta, cfg, step, next_epoch, next_batch, losses,
-                              epoch_seconds)
+            position = (epoch + 1, 0) if next_batch >= n_batches else (epoch, next_batch)
+            last_ckpt = _save(out_dir, model, optimizer, meta, cfg, step, *position, losses, epoch_seconds)
     bar.close()
     model.eval()
     trainable, total = count_params(model)

@@ -108,6 +108,10 @@ def build_cache(encoder: SideEncoder, catalog: ItemCatalog, item_ids: np.ndarray
 
 
 def save_cache(cache: StateCache, cache_dir: Path, shard_size: int = 4096) -> None:
+    """Write shards then the manifest; an older cache in the folder is invalidated first and its leftovers removed."""
+    manifest = cache_dir / "manifest.json"
+    if manifest.exists():
+        manifest.unlink()  # readers must never pair the old manifest with new shards
     shards = []
     for n, start in enumerate(range(0, len(cache), shard_size)):
         name = f"shard-{n:05d}.safetensors"
@@ -120,6 +124,10 @@ def save_cache(cache: StateCache, cache_dir: Path, shard_size: int = 4096) -> No
         "format": CACHE_FORMAT, "fingerprint": cache.fingerprint, "n_items": len(cache),
         "keys": sorted(cache.states), "shards": shards, "stats": cache.stats,
         "bytes": cache.nbytes()})
+    listed = {s["file"] for s in shards}
+    for stale in cache_dir.glob("shard-*.safetensors"):
+        if stale.name not in listed:
+            stale.unlink()
 
 
 def load_cache(cache_dir: Path, expect_fingerprint: Optional[str] = None) -> Optional[StateCache]:
