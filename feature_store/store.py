@@ -331,24 +331,38 @@ class FeatureStore:
     def read(self, version_id: str | None = None, *, verify: bool = True) -> StoreVersion:
         """Open a version (CURRENT by default), verifying its manifest and every file's sha256.
 
+        Reading CURRENT retries when CURRENT moves mid-read (a rollback, then a retain removed the version being
+        read), so a concurrent writer never makes a reader fail; use :meth:`pinned` for long reads.
+
         Raises:
             FileNotFoundError: empty store (no CURRENT). VersionNotFoundError: unknown id.
             CorruptVersionError: naming the missing, unexpected or altered file.
         """
-        if version_id is None:
-            version_id = self.current_id()
-            if version_id is None:
-                raise FileNotFoundError(f"feature store {self.root} has no CURRENT version; publish one first")
-            path = self.versions_dir / version_id
-            if not path.is_dir():
-                raise CorruptVersionError(f"{self.root / CURRENT_FILE} names {version_id} but {path} does not exist")
-        else:
+        if version_id is not None:
             check_id(version_id)
             path = self.versions_dir / version_id
             if not path.is_dir():
                 known = self._version_ids()
                 raise VersionNotFoundError(f"version {version_id} not found in {self.versions_dir}; "
                                            f"known: {known[-10:]}")
+            return self._open(path, verify)
+        for attempt in range(5):
+            current = self.current_id()
+            if current is None:
+                raise FileNotFoundError(f"feature store {self.root} has no CURRENT version; publish one first")
+            path = self.versions_dir / current
+            try:
+                if not path.is_dir():
+                    raise CorruptVersionError(f"{self.root / CURRENT_FILE} names {current} but {path} does not exist")
+                return self._open(path, verify)
+            except (CorruptVersionError, FileNotFoundError):
+                if attempt == 4 or self.current_id() == current:
+                    raise  # CURRENT did not move: the damage is real
+                log.info("CURRENT moved from %s while reading it; reading the new CURRENT", current)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _open(path: Path, verify: bool) -> StoreVersion:
         manifest = load_manifest(path)
         if verify:
             verify_version(path, manifest)

@@ -429,3 +429,23 @@ def test_garbled_current_pointer_is_refused_and_repairable(store, publish):
     (store.root / "CURRENT").write_text("v000099-0123abcd\n")  # names a version that does not exist
     with pytest.raises(CorruptVersionError, match="names v000099-0123abcd but .* does not exist"):
         store.read()
+
+
+def test_read_of_current_survives_a_concurrent_rollback_and_retain(store, publish, monkeypatch):
+    import feature_store.store as store_module
+
+    v1, v2 = publish(0), publish(1)
+    publish(2, set_current=False)  # a newer candidate, so retain(1) may drop v2 once it is not CURRENT
+    real_load = store_module.load_manifest
+    calls = []
+
+    def racing_load(path):
+        if not calls:  # another writer strikes between our CURRENT lookup and our read of the folder
+            calls.append(path.name)
+            store.rollback(v1.id)
+            assert store.retain(1) == [v2.id]  # v2 is no longer CURRENT, so it goes
+        return real_load(path)
+
+    monkeypatch.setattr(store_module, "load_manifest", racing_load)
+    assert store.read().id == v1.id  # retried on the new CURRENT instead of failing
+    assert calls == [v2.id]
