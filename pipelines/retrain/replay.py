@@ -74,6 +74,8 @@ def replay(dataset, store: Path, days: int, tail: float, flags: list[str], cfg_k
                "version": outcome.version, "parent": outcome.parent, "reasons": outcome.reasons,
                "new_interactions": s["new_interactions"], "new_items": s["new_items"],
                "churn_warm": s["churn_warm"].get("rq_code_churn"), "churn_cold": s["churn_cold"].get("rq_code_churn"),
+               "level_churn_warm": s["churn_warm"].get("rq_level_churn"),
+               "level_churn_cold": s["churn_cold"].get("rq_level_churn"),
                "continuity": s.get("continuity"), "seconds": s.get("seconds")}
         log.info("day %d: %s", day, json.dumps(row, default=str))
         report["days"].append(row)
