@@ -151,6 +151,15 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
         filtered["items_without_image"] = int(no_img.sum())
         items = items.loc[~no_img]
 
+    # Exact repeats of an event (same user, item, second and label) are double logging, not two events.
+    dup = interactions.duplicated(subset=["user_id", "item_id", "ts", "label"], keep="first")
+    if dup.any():
+        bad = interactions.loc[dup]
+        rejects.add(bad["_source"], bad["row"], "duplicate_interaction", "dropped",
+                    item_id=raw("item_id", bad["item_id"]), user_id=raw("user_id", bad["user_id"]),
+                    detail="same user, item, timestamp and label as an earlier row")
+        interactions = interactions.loc[~dup]
+
     # Interactions on items not in the accepted catalog.
     known = interactions["item_id"].isin(items["item_id"])
     if spec.require_image:

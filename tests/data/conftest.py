@@ -46,6 +46,8 @@ def catalog_dir(tmp_path) -> Path:
         "u3,E-5,2024-01-07,7\n"             # row 6: bad_label
         "u3,G-7,2024-01-08,0\n"             # row 7
         "u1,D-4,2024-01-01T09:00:00Z,0\n"   # row 8: earliest event
+        "u1,D-4,2024-01-01T09:00:00Z,0\n"   # row 9: duplicate_interaction (same as row 8)
+        "u1,D-4,2024-01-01T09:00:00Z,1\n"   # row 10: same second, other label: a distinct event, kept
     )
     (root / "mapping.yaml").write_text(
         "items:\n  path: items.csv\n  columns: {item_id: sku, title: name, text: description, image_uri: picture}\n"

@@ -13,7 +13,8 @@ def _load(catalog_dir, **kw):
 def test_every_reason_is_counted_and_kept(catalog_dir):
     ds = _load(catalog_dir)
     assert ds.reject_counts == {
-        "bad_label": 1, "corrupt_image": 1, "duplicate_item": 1, "empty_text": 2, "image_escapes_root": 1,
+        "bad_label": 1, "corrupt_image": 1, "duplicate_interaction": 1, "duplicate_item": 1, "empty_text": 2,
+        "image_escapes_root": 1,
         "missing_image": 1, "missing_value": 1, "unknown_item": 2,
     }
     assert set(ds.reject_counts) == set(REJECT_REASONS)  # the fixture injects every reason there is
@@ -43,6 +44,7 @@ def test_every_reason_is_counted_and_kept(catalog_dir):
     assert one("duplicate_item")["item_id"] == "A-1" and one("corrupt_image")["item_id"] == "D-4"
     assert (one("unknown_item", row=4)["item_id"], one("unknown_item", row=4)["user_id"]) == ("F-6", "u2")
     assert one("missing_value")["user_id"] is None
+    assert one("duplicate_interaction")["row"] == 9
 
 
 def test_bad_images_demote_items_to_text_only(catalog_dir):
@@ -72,7 +74,7 @@ def test_require_image_filters_without_calling_it_bad(catalog_dir):
     assert ds.filtered["items_without_image"] == 3
     # interactions on the text-only items (C-3, D-4, G-7) are filtered, not rejected as unknown
     assert ds.reject_counts["unknown_item"] == 2
-    assert ds.filtered["interactions_on_items_without_image"] == 3
+    assert ds.filtered["interactions_on_items_without_image"] == 4  # C-3, G-7 and D-4 twice
     assert len(ds.interactions) == 2
 
 
