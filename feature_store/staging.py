@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ from feature_store.version import MANIFEST, StoreVersion, walk_files
 
 if TYPE_CHECKING:  # pragma: no cover
     from feature_store.store import FeatureStore
+
+log = logging.getLogger(__name__)
 
 RESUME_PREFIX = "r-"
 RESUME_KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
@@ -131,6 +135,7 @@ def seal(src: Path, config: dict, metrics: dict, extra: dict, *, validate: bool)
         raise ValueError(f"publish: config / metrics / extra must be JSON-serialisable ({exc})") from None
     config_text = canonical_json(config)
     files, table_info, tensor_info = {}, {}, {}
+    t0 = time.perf_counter()
     for rel, full in walk_files(src):
         if full.is_symlink():
             raise ValueError(f"{full}: symbolic links cannot be published (a version must own its bytes); "
@@ -151,6 +156,9 @@ def seal(src: Path, config: dict, metrics: dict, extra: dict, *, validate: bool)
             tensor_info[rel] = safetensors_shapes(full)
     if not files:
         raise ValueError(f"staging folder {src} is empty; nothing to publish")
+    log.info("sealed %d file(s), %.1f MB in %.2fs (sha256 + fsync%s)", len(files),
+             sum(f["bytes"] for f in files.values()) / 1e6, time.perf_counter() - t0,
+             " + table validation" if validate else "")
     return _Sealed(config, config_text, metrics, extra, files, table_info, tensor_info)
 
 

@@ -7,13 +7,17 @@ hash and the parent, so an edited manifest is caught as surely as an edited file
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from feature_store import tables
 from feature_store.io import canonical_json, sha256_bytes, sha256_file
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "qarm.feature_store/1"
@@ -136,6 +140,8 @@ def verify_version(path: Path, manifest: dict) -> None:
     if sha256_bytes(canonical_json(manifest.get("config", {})).encode("utf-8")) != manifest["config_sha256"]:
         raise CorruptVersionError(f"{path / MANIFEST}: config does not match config_sha256 (the manifest was altered)")
     present = {rel for rel, _ in walk_files(path) if rel != MANIFEST}
+    total_mb = sum(info.get("bytes", 0) for info in files.values()) / 1e6
+    t0 = time.perf_counter()
     for rel in sorted(files):
         full = path / rel
         if rel not in present:
@@ -152,6 +158,9 @@ def verify_version(path: Path, manifest: dict) -> None:
     if unexpected:
         raise CorruptVersionError(f"{path / unexpected[0]}: not in the manifest of {path.name} "
                                   f"({len(unexpected)} unexpected file(s)); versions are immutable")
+    # Big versions take a while to hash: say so at INFO, small ones at DEBUG.
+    log.log(logging.INFO if total_mb > 256 else logging.DEBUG, "verified %s: %d file(s), %.1f MB in %.2fs",
+            path.name, len(files), total_mb, time.perf_counter() - t0)
 
 
 def load_manifest(path: Path) -> dict:
