@@ -162,6 +162,9 @@ class Dataset:
             "items_with_text": int(has_text.sum()),
             "ts_min": int(inter["ts"].min()) if len(inter) else None,
             "ts_max": int(inter["ts"].max()) if len(inter) else None,
+            "days": round((int(inter["ts"].max()) - int(inter["ts"].min())) / 86400, 1) if len(inter) else 0.0,
+            "events_per_user": _spread(inter.groupby("user_id").size()) if len(inter) else {},
+            "events_per_item": _spread(inter.groupby("item_id").size()) if len(inter) else {},
             "rejected": dict(self.reject_counts),
             "rejected_total": int(len(self.rejects)),
             "filtered": dict(self.filtered),
@@ -185,3 +188,10 @@ class Dataset:
             return None
         path = Path(uri)
         return path if path.is_absolute() or self.image_root is None else self.image_root / path
+
+
+def _spread(counts: pd.Series) -> dict:
+    """min / median / p90 / max of per-key counts (how sparse ids are)."""
+    q = counts.quantile([0.5, 0.9])
+    return {"min": int(counts.min()), "p50": round(float(q[0.5]), 1), "p90": round(float(q[0.9]), 1),
+            "max": int(counts.max())}

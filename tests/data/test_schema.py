@@ -58,3 +58,20 @@ def test_fingerprint_follows_content(tmp_path):
     assert a.fingerprint() == b.fingerprint() and len(a.fingerprint()) == 64
     b.interactions.loc[3, "label"] = 1.0 - b.interactions.loc[3, "label"]
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_stats_by_hand():
+    import pandas as pd
+
+    from pipelines.data.schema import Dataset
+    from pipelines.data.validate import empty_rejects
+    items = pd.DataFrame({"item_id": [1, 2, 3], "title": ["a", "", "c"], "text": [None, None, "x"],
+                          "image_uri": ["1.png", None, None]})
+    inter = pd.DataFrame({"user_id": [7, 7, 8, 7], "item_id": [1, 2, 1, 1], "ts": [0, 86400, 2 * 86400, 3 * 86400],
+                          "label": [1.0, 0.0, 1.0, 0.0]})
+    s = Dataset(items, inter, None, empty_rejects(), {}).stats()
+    assert (s["users"], s["items"], s["items_with_interactions"], s["interactions"], s["positives"]) == (2, 3, 2, 4, 2)
+    assert s["positive_rate"] == 0.5 and s["items_with_image"] == 1 and s["items_with_text"] == 2
+    assert s["days"] == 3.0
+    assert s["events_per_user"] == {"min": 1, "p50": 2.0, "p90": 2.8, "max": 3}   # counts 3, 1
+    assert s["events_per_item"] == {"min": 1, "p50": 2.0, "p90": 2.8, "max": 3}
