@@ -132,3 +132,26 @@ def test_remap_between_store_versions(store, fill):
     assert version_churn(old, new, mappings=res.mapping)["rq_code_churn"] == 0.0  # ...but no item lost its row
     partial = code_churn(old.codes(), new.codes(), mappings=[np.array([2, 0, -1])])
     assert partial["rq_code_churn"] == pytest.approx(1 / 3)  # item 2's new code 2 got a fresh row
+
+
+@pytest.mark.slow
+def test_remap_undoes_a_cold_refit_reshuffle_of_real_rq_kmeans_codes():
+    """Two RQ-Kmeans fits with different seeds number the same clusters differently: raw churn is high, but
+    after remapping almost every item keeps the learned level-0 row it had."""
+    quant = pytest.importorskip("quant")
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(12, 8)) * 4
+    x = (centers[rng.integers(0, 12, 1500)] + rng.normal(size=(1500, 8))).astype(np.float32)
+    old_q = quant.RQKMeans(levels=2, codebook_size=12, seed=0).fit(x)
+    new_q = quant.RQKMeans(levels=2, codebook_size=12, seed=1).fit(x)
+    ids = np.arange(1500)
+    old, new = _codes(ids, old_q.encode(x)), _codes(ids, new_q.encode(x))
+    tables = [rng.normal(size=(13, 4)).astype(np.float32) for _ in range(2)]  # K + 1 rows (unknown row)
+    raw = code_churn(old, new)["rq_level_churn"][0]
+    assert raw > 0.5  # different seeds: cluster ids reshuffled
+    for method in ("one_to_one", "items"):
+        res = remap_code_tables(old_q.codebooks, new_q.codebooks, tables, RemapConfig(method=method),
+                                old_codes=old, new_codes=new)
+        assert code_churn(old, new, res.mapping)["rq_level_churn"][0] < 0.15, method
+        assert res.levels[0]["share_matched"] == 1.0
+        np.testing.assert_array_equal(res.tables[0][-1], tables[0][-1])  # the unknown row is carried over
