@@ -449,3 +449,26 @@ def test_read_of_current_survives_a_concurrent_rollback_and_retain(store, publis
     monkeypatch.setattr(store_module, "load_manifest", racing_load)
     assert store.read().id == v1.id  # retried on the new CURRENT instead of failing
     assert calls == [v2.id]
+
+
+def test_lock_refuses_another_thread_of_the_same_process(store):
+    import threading
+
+    errors = []
+
+    def contender():
+        try:
+            with store.lock():
+                errors.append(None)
+        except StoreLockedError as exc:
+            errors.append(str(exc))
+
+    with store.lock(purpose="main thread job"):
+        thread = threading.Thread(target=contender)
+        thread.start()
+        thread.join(timeout=30)
+    assert errors and errors[0] is not None and "another thread of this process" in errors[0]
+    thread = threading.Thread(target=contender)  # released: now the other thread gets it
+    thread.start()
+    thread.join(timeout=30)
+    assert errors[1] is None
