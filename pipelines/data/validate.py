@@ -72,6 +72,26 @@ def _blank(series: pd.Series) -> pd.Series:
     return series.isna() | series.astype("string").str.strip().fillna("").eq("")
 
 
+def _bad_images(items: pd.DataFrame, image_root: Optional[Path], level: str, desc: str) -> pd.DataFrame:
+    """Check every item image; one row per unusable one (index = the item's index in `items`).
+
+    Returns:
+        DataFrame(source, row, item_id, reason, detail) indexed like `items`.
+    """
+    has_uri = items["image_uri"].notna()
+    bad, index = [], []
+    checks = zip(items.index[has_uri], items.loc[has_uri, "_source"], items.loc[has_uri, "row"],
+                 items.loc[has_uri, "item_id"], items.loc[has_uri, "image_uri"])
+    for idx, source, row_no, item_id, uri in tqdm(checks, total=int(has_uri.sum()), desc=desc, disable=None,
+                                                  leave=False, mininterval=1.0):
+        try:
+            check_image(uri, image_root, level)
+        except ImageError as exc:
+            index.append(idx)
+            bad.append((source, row_no, item_id, exc.reason, str(exc)))
+    return pd.DataFrame(bad, columns=["source", "row", "item_id", "reason", "detail"], index=index)
+
+
 def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec, name: str,
              image_root: Optional[Path], rejects: RejectLog, items_source: str, interactions_source: str,
              id_maps: Optional[dict] = None, check_images: bool = True) -> Dataset:
@@ -113,23 +133,11 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
     # Images: a bad image demotes the item to text-only, with the reason recorded.
     items["image_uri"] = items["image_uri"].where(~_blank(items["image_uri"]), None)
     if check_images:
-        has_uri = items["image_uri"].notna()
-        bad: list[tuple] = []  # (index, row, item_id, reason, detail)
-        checks = zip(items.index[has_uri], items.loc[has_uri, "_source"], items.loc[has_uri, "row"],
-                     items.loc[has_uri, "item_id"], items.loc[has_uri, "image_uri"])
-        for idx, source, row_no, item_id, uri in tqdm(checks, total=int(has_uri.sum()), desc=f"{name}: checking images",
-                                              disable=None, leave=False, mininterval=1.0):
-            try:
-                check_image(uri, image_root, spec.validate_images)
-            except ImageError as exc:
-                bad.append((idx, source, row_no, item_id, exc.reason, str(exc)))
-        if bad:
-            bad_frame = pd.DataFrame(bad, columns=["idx", "source", "row", "item_id", "reason", "detail"])
-            for reason, group in bad_frame.groupby("reason", sort=True):
-                rejects.add(group["source"], group["row"], reason, "kept_text_only",
-                            item_id=raw("item_id", group["item_id"]),
-                            detail=group["detail"])
-            items.loc[bad_frame["idx"].to_numpy(), "image_uri"] = None
+        bad_images = _bad_images(items, image_root, spec.validate_images, desc=f"{name}: checking images")
+        for reason, group in bad_images.groupby("reason", sort=True):
+            rejects.add(group["source"], group["row"], reason, "kept_text_only",
+                        item_id=raw("item_id", group["item_id"]), detail=group["detail"])
+        items.loc[bad_images.index, "image_uri"] = None
 
     # Empty text: an item with neither title nor text is usable only through its image.
     no_text = _blank(items["title"]) & _blank(items["text"])
@@ -139,7 +147,8 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
         rejects.add(items.loc[keep, "_source"], items.loc[keep, "row"], "empty_text", "kept_image_only",
                     item_id=raw("item_id", items.loc[keep, "item_id"]), detail="no title and no text")
         rejects.add(items.loc[drop, "_source"], items.loc[drop, "row"], "empty_text", "dropped",
-                    item_id=raw("item_id", items.loc[drop, "item_id"]), detail="no title, no text and no usable image")
+                    item_id=raw("item_id", items.loc[drop, "item_id"]),
+                    detail="no title, no text and no usable image")
         items = items.loc[~drop]
     items["title"] = items["title"].fillna("").astype(str)
     items["text"] = items["text"].where(~_blank(items["text"]), None)
@@ -179,8 +188,7 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
     items["item_id"] = items["item_id"].astype("int64")
     # Nullable text columns hold str or None (object dtype), never NaN: consumers test `is None`.
     for col in ("text", "image_uri"):
-        items[col] = pd.Series([None if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v))
-                                else str(v) for v in items[col].tolist()], dtype=object)
+        items[col] = pd.Series([None if _is_missing(v) else str(v) for v in items[col].tolist()], dtype=object)
     interactions = (interactions.sort_values(["ts", "user_id", "item_id", "row"], kind="stable")
                     .drop(columns=["row", "_source"]).reset_index(drop=True))
     interactions = interactions.astype({"user_id": "int64", "item_id": "int64", "ts": "int64", "label": "float32"})
