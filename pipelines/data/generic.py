@@ -79,6 +79,9 @@ def read_mapping(path: Optional[Path]) -> dict:
         if not isinstance(section, dict):
             raise DataError(f"{path}: '{table}' must be an object")
         _check_keys(section, allowed, f"{path}: {table}")
+        threshold = section.get("label_threshold")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            raise DataError(f"{path}: interactions.label_threshold must be a number, got {threshold!r}")
         values = section.get("label_values")
         if values is not None:
             if not isinstance(values, dict) or not values or not all(
@@ -112,7 +115,7 @@ def _check_keys(obj: dict, allowed: set, where: str) -> None:
         raise DataError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
 
 
-def apply_overrides(mapping: dict, overrides, base: Optional[Path] = None) -> dict:
+def apply_overrides(mapping: dict, overrides) -> dict:
     """Apply `--map KEY=VALUE` overrides (table.field=column, interactions.ts_format=..., image_root=..., ids=...)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in mapping.items()}
     for table in TABLE_KEYS:
@@ -123,7 +126,7 @@ def apply_overrides(mapping: dict, overrides, base: Optional[Path] = None) -> di
             raise DataError(f"--map {item!r}: expected KEY=VALUE, e.g. items.item_id=sku")
         key, value = (s.strip() for s in item.split("=", 1))
         if key in ("image_root", "ids"):
-            out[key] = str((base / value) if base is not None and key == "image_root" else value)
+            out[key] = value
             continue
         table, _, field = key.partition(".")
         if table not in TABLE_KEYS:
@@ -135,7 +138,10 @@ def apply_overrides(mapping: dict, overrides, base: Optional[Path] = None) -> di
         elif field in ("ts_format",) and table == "interactions":
             out[table][field] = value
         elif field == "label_threshold" and table == "interactions":
-            out[table][field] = float(value)
+            try:
+                out[table][field] = float(value)
+            except ValueError:
+                raise DataError(f"--map {item!r}: label_threshold must be a number") from None
         else:
             raise DataError(f"--map {item!r}: unknown field {field!r} for {table}; allowed: "
                             f"{list(fields) + (['ts_format', 'label_threshold'] if table == 'interactions' else [])}")
