@@ -119,7 +119,7 @@ class ResKMeansFSQConfig:
     sample: int | None = None
     niter: int = 20
     refine_iter: int = 25
-    tol: float = 1e-4
+    tol: float = 1e-3
     device: str = "auto"
 
     def __post_init__(self):

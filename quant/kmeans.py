@@ -12,8 +12,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# Rows per GEMM chunk are chosen so a (rows, K) score block stays near this many floats (cache friendly).
-_SCORE_BLOCK_FLOATS = 1 << 20
+# Rows per GEMM chunk are chosen so a (rows, K) score block stays near this many floats (1 MiB: fits L2, so the
+# argmax reads what the GEMM just wrote from cache).
+_SCORE_BLOCK_FLOATS = 1 << 18
 
 
 def resolve_device(device: str | None) -> str:
@@ -54,7 +55,8 @@ def as_tensor(a: np.ndarray):
     return torch.from_numpy(a)
 
 
-def _chunk_rows(k: int, chunk_rows: int | None) -> int:
+def chunk_rows_for(k: int, chunk_rows: int | None = None) -> int:
+    """Rows per GEMM block against k centroids (explicit chunk_rows wins)."""
     if chunk_rows:
         return int(chunk_rows)
     return int(min(65536, max(256, _SCORE_BLOCK_FLOATS // max(k, 1))))
@@ -87,7 +89,7 @@ def nearest_centroids(x: np.ndarray, centroids: np.ndarray, *, excluded: np.ndar
         neg_half_norm[torch.from_numpy(np.asarray(excluded, dtype=bool)).to(device)] = -math.inf
     ct = c.t().contiguous()  # (d, K)
     xt = as_tensor(x)
-    step = _chunk_rows(k, chunk_rows)
+    step = chunk_rows_for(k, chunk_rows)
     idx_out = torch.empty(n, dtype=torch.int64)
     best_out = torch.empty(n, dtype=torch.float32)
     buf = torch.empty((min(step, n), k), dtype=torch.float32, device=device)
@@ -202,7 +204,7 @@ def _assign_with_inertia(x, c, *, balanced, capacity, device) -> tuple[np.ndarra
     return a, float(dist.sum(dtype=np.float64))
 
 
-def lloyd_refine(x: np.ndarray, centroids: np.ndarray, *, max_iter: int, tol: float = 1e-4,
+def lloyd_refine(x: np.ndarray, centroids: np.ndarray, *, max_iter: int, tol: float = 1e-3,
                  balanced: bool = False, capacity: int | None = None,
                  device: str = "cpu") -> tuple[np.ndarray, dict]:
     """Lloyd iterations from ``centroids`` until converged: the assignment is stable, or one more step would lower

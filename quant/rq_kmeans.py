@@ -49,7 +49,7 @@ class RQKMeansConfig:
     niter: int = 20
     nredo: int = 1
     refine_iter: int = 25
-    tol: float = 1e-4
+    tol: float = 1e-3
     max_points_per_centroid: int = 256
     device: str = "auto"
     faiss_gpu: bool | str = "auto"
@@ -104,7 +104,7 @@ def residual_encode(x: np.ndarray, codebooks: list[np.ndarray], *, device: str =
 
     n = x.shape[0]
     kmax = max(c.shape[0] for c in codebooks)
-    step = chunk_rows or min(65536, max(256, (1 << 20) // kmax))
+    step = chunk_rows or kmeans.chunk_rows_for(kmax)
     cbs = [kmeans.as_tensor(c).to(device) for c in codebooks]
     cts = [c.t().contiguous() for c in cbs]  # (d, K)
     biases = [-0.5 * (c * c).sum(dim=1) for c in cbs]  # (K,)
