@@ -170,14 +170,14 @@ def load_generic(spec: DataSpec) -> Dataset:
     content = {"title": [icols["title"]], "text": text_cols, "image_uri": [icols["image_uri"]]}
     required = [c for f, cols in content.items() if f in explicit for c in cols]
     optional = [c for f, cols in content.items() if f not in explicit for c in cols]
-    items_raw = read_table(items_path, [icols["item_id"]] + required + item_attrs, optional=optional)
+    items_raw = _read(items_path, "items", [icols["item_id"]] + required + item_attrs, optional)
     if icols["title"] not in items_raw and not any(c in items_raw for c in text_cols):
         raise DataError(f"{items_path}: missing column(s) for item text: need {icols['title']!r} (title) or "
                         f"{text_cols[0]!r} (text); columns present: {list(items_raw.columns)}")
     needed = [ecols["user_id"], ecols["item_id"], ecols["ts"]]
     if "label" in mapping["interactions"]["columns"]:
         needed.append(ecols["label"])
-    inter_raw = read_table(inter_path, needed + inter_attrs, optional=[ecols["label"]])
+    inter_raw = _read(inter_path, "interactions", needed + inter_attrs, [ecols["label"]])
 
     ids_mode = mapping.get("ids", "auto")
     known_maps = load_id_maps(spec.id_map_dir) if spec.id_map_dir is not None else {}
@@ -242,6 +242,17 @@ def load_generic(spec: DataSpec) -> Dataset:
     return finalize(items, interactions, spec=spec, name=f"generic:{items_path.name}", image_root=image_root,
                     rejects=rejects, items_source=items_path.name, interactions_source=inter_path.name,
                     id_maps=id_maps)
+
+
+def _read(path: Path, table: str, columns: list, optional: list) -> pd.DataFrame:
+    try:
+        return read_table(path, columns, optional=optional)
+    except DataError as exc:
+        if "missing column" not in str(exc):
+            raise
+        raise DataError(f"{exc}. Map {table} columns onto the contract with --map {table}.FIELD=COLUMN or a "
+                        f"--mapping file (fields: {', '.join(ITEM_FIELDS if table == 'items' else INTERACTION_FIELDS)})"
+                        ) from None
 
 
 def _carry_attributes(out: pd.DataFrame, raw: pd.DataFrame, attrs: list, path: Path) -> None:
