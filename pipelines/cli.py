@@ -33,7 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-ranker": ("ranker.cli", "train the TorchRec ranker on a feature-store version"),
     "eval": ("ranker.ablation", "QARM Table-1-style ablation over ranker feature sets"),
     "retrain": ("pipelines.retrain", "the scheduled retraining job"),
-    "store": ("feature_store.cli", "list | show | rollback feature-store versions"),
+    "store": ("feature_store.cli",
+              "list | show | diff | rollback | retain | verify | cleanup | history of feature-store versions"),
 }
 
 
