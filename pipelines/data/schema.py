@@ -111,6 +111,18 @@ class DataSpec:
             raise ValueError("DataSpec: --dataset generic needs --items FILE and --interactions FILE "
                              "(or a --mapping file naming them)")
 
+    @classmethod
+    def from_dict(cls, config: dict) -> "DataSpec":
+        """Inverse of `to_dict` (e.g. the spec stored in a feature-store manifest). Unknown keys are an error."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"DataSpec.from_dict: unknown key(s) {unknown}; known: {sorted(known)}")
+        values = dict(config)
+        if "column_map" in values:
+            values["column_map"] = tuple(values["column_map"] or ())
+        return cls(**values)
+
     def to_dict(self) -> dict:
         """JSON-able form, stored next to artifacts so they record the data they came from."""
         out = {}

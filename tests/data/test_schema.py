@@ -34,6 +34,10 @@ def test_spec_is_frozen_and_serialisable():
     with pytest.raises(Exception):
         spec.seed = 3
     assert json.loads(json.dumps(spec.to_dict()))["data"] == "some/dir"
+    generic = DataSpec(dataset="generic", items="i.csv", interactions="e.csv", column_map=["items.item_id=sku"])
+    assert DataSpec.from_dict(json.loads(json.dumps(generic.to_dict()))) == generic
+    with pytest.raises(ValueError, match="unknown key"):
+        DataSpec.from_dict({"dataset": "synthetic", "n_itemz": 3})
 
 
 def test_flags_round_trip():
