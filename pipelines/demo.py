@@ -49,6 +49,7 @@ def _plots(version, metrics: dict, out: Path) -> dict:
         plt.close(fig)
         return str(atomic_write_bytes(out / name, buf.getvalue()))
 
+    out.mkdir(parents=True, exist_ok=True)
     files = {}
     names = [n for n in ("aligned", "unaligned") if metrics.get(f"codes_{n}")]
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -149,3 +149,17 @@ def test_bad_records_go_to_dead_letter(first_run, tmp_path, monkeypatch):
     assert summary["stages"]["validate_interactions"]["out"] == n_inter
     dead = pd.read_parquet(v.path / "dead_letter.parquet")
     assert set(dead.loc[dead.reason == "corrupt_image", "action"]) == {"kept_text_only"}
+
+
+def test_demo_report_from_published_version(first_run, tmp_path):
+    from pipelines.demo import _markdown, _plots
+
+    base, _, summary = first_run
+    version = FeatureStore(base / "store").read(summary["version"])
+    plots = _plots(version, summary["metrics"], tmp_path)
+    assert set(plots) == {"utilization", "items_per_code", "heldout_recall"}
+    for path in plots.values():
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = _markdown(summary, None, "The ranker ablation is not built yet.", plots)
+    assert summary["version"] in md and "| aligned | 48 |" in md and "| unaligned | 48 |" in md
+    assert "not built yet" in md and "![utilization](utilization.png)" in md
