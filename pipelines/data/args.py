@@ -15,7 +15,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                    help="synthetic (embedded, default), movielens (ml-latest-small + posters) or generic")
     g.add_argument("--data", type=Path, default=None,
                    help="movielens: folder with ml-latest-small/ and posters/; synthetic: where images are "
-                        "generated (default: a per-config cache folder); generic: base folder")
+                        "generated (default: $QARM_CACHE/synthetic or ~/.cache/qarm/synthetic, one folder per "
+                        "config); generic: base folder for relative --items / --interactions")
     g.add_argument("--items", type=Path, default=None, help="generic: item catalog (Parquet or CSV)")
     g.add_argument("--interactions", type=Path, default=None, help="generic: interaction log (Parquet or CSV)")
     g.add_argument("--mapping", type=Path, default=None,
