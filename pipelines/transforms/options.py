@@ -29,7 +29,7 @@ def add_cascade_flags(parser) -> None:
     g.add_argument("--work_dir", default=None,
                    help="scratch folder for the source snapshot and the unaligned encoder (default: a temp folder; "
                         "on a distributed runner a path every worker can read, e.g. gs://... or a shared mount)")
-    g.add_argument("--encoder", default="tiny", help="named encoder config (pipelines.mllm.config), e.g. "
+    g.add_argument("--encoder", default="minilm-effnet", help="named encoder config (pipelines.mllm.config), e.g. "
                                                      "minilm-effnet (real weights) or tiny (tests)")
     g.add_argument("--embed_dim", type=int, default=0, help="item embedding size (0: the encoder config's; QARM: 64)")
     g.add_argument("--encoder_image_size", type=int, default=0, help="encoder input pixels (0: the config's)")
