@@ -91,6 +91,10 @@ class DataSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"DataSpec.{name}: must be an int >= {low}, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"DataSpec.seed: must be an int >= 0, got {self.seed!r}")
+        if not isinstance(self.require_image, bool):
+            raise ValueError(f"DataSpec.require_image: must be a bool, got {self.require_image!r}")
         if not isinstance(self.lookalike_share, (int, float)) or not 0.0 <= self.lookalike_share <= 1.0:
             raise ValueError(f"DataSpec.lookalike_share: must be in [0, 1], got {self.lookalike_share!r}")
         if self.dataset == "synthetic" and self.n_clusters > self.n_items:

@@ -22,6 +22,9 @@ def test_defaults_are_the_embedded_synthetic_set():
     (dict(validate_images="maybe"), "validate_images"),
     (dict(n_users=0), "n_users"),
     (dict(image_size=2), "image_size"),
+    (dict(seed=-1), "seed"),
+    (dict(lookalike_share=1.5), "lookalike_share"),
+    (dict(dataset="synthetic", mapping="m.yaml"), "only apply to --dataset generic"),
 ])
 def test_bad_specs_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
