@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -87,12 +88,12 @@ class DataSpec:
         object.__setattr__(self, "column_map", tuple(self.column_map))
         if self.validate_images not in IMAGE_CHECKS:
             raise ValueError(f"DataSpec.validate_images: {self.validate_images!r} is not one of {IMAGE_CHECKS}")
-        for name, low in (("n_items", 1), ("n_users", 1), ("n_events", 1), ("n_clusters", 1), ("image_size", 8)):
+        for name, low in (("seed", 0), ("n_items", 1), ("n_users", 1), ("n_events", 1), ("n_clusters", 1),
+                          ("image_size", 8)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
                 raise ValueError(f"DataSpec.{name}: must be an int >= {low}, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"DataSpec.seed: must be an int >= 0, got {self.seed!r}")
+            object.__setattr__(self, name, int(value))  # numpy ints in, plain ints out (JSON-able)
         if not isinstance(self.require_image, bool):
             raise ValueError(f"DataSpec.require_image: must be a bool, got {self.require_image!r}")
         if not isinstance(self.lookalike_share, (int, float)) or not 0.0 <= self.lookalike_share <= 1.0:
