@@ -53,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--suffix-size", type=int, default=None,
                    help="suffix codebook size; error if a code is shared by more items (default: as needed)")
     m = parser.add_argument_group("metrics")
-    m.add_argument("--hr-queries", type=int, default=10000,
-                   help="items sampled as queries for hr@1 / hr@10 (against the whole catalog); 0 = all")
+    m.add_argument("--hr-queries", type=int, default=2000,
+                   help="items sampled as queries for hr@1 / hr@10, each ranked against the whole catalog "
+                        "(cost: queries x N x d); 0 = all")
 
 
 def _build(args, dim: int):

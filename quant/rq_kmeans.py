@@ -111,8 +111,14 @@ def residual_encode(x: np.ndarray, codebooks: list[np.ndarray], *, device: str =
     xt = kmeans.as_tensor(x)
     out = torch.empty((n, len(codebooks)), dtype=torch.int32)
     buf = torch.empty((min(step, n), kmax), dtype=torch.float32, device=device)
+    # progress for long encodes (about 10 log lines), silent for small ones
+    report_every = max(1, (n // step) // 10) if n * kmax * len(codebooks) >= 2 ** 31 else 0
+    t0 = time.perf_counter()
     with torch.no_grad():
-        for start in range(0, n, step):
+        for chunk, start in enumerate(range(0, n, step)):
+            if report_every and chunk and chunk % report_every == 0:
+                log.info("rq encode: %d/%d rows (%.0f%%), %.1fs", start, n, 100.0 * start / n,
+                         time.perf_counter() - t0)
             stop = min(start + step, n)
             rows = stop - start
             residual = xt[start:stop].to(device, copy=True)  # (rows, d)
