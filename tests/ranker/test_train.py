@@ -78,3 +78,31 @@ def test_items_without_codes_use_the_unknown_row_and_are_counted(world):
     expected = int((~items.has_codes[data.test.item]).sum())
     assert cov["without_codes"] == expected and expected > 0
     assert np.isfinite(result["test"]["auc"])
+
+
+def test_remap_rq_tables_carries_learned_rows(world, tmp_path):
+    from ranker.checkpoint import remap_rq_tables
+    from ranker.features import ItemFeatures
+    from ranker.model import embedding_tables
+
+    w, data = world
+    items = w.item_features()
+    fit(data, items, _cfg(features="rq", epochs=1), out_dir=tmp_path, progress=False)
+    model, cfg, _ = load_checkpoint(tmp_path / "ranker.pt", items=items, n_users=data.users.n_rows)
+    # new version: level-0 codes relabelled by a permutation (same clusters, new ids), level 1 unchanged
+    k0 = items.rq_sizes[0]
+    perm = np.random.default_rng(0).permutation(k0)  # old code c -> new code perm[c]
+    new_rq = w.rq.copy()
+    new_rq[:, 0] = perm[w.rq[:, 0]]
+    new_items = ItemFeatures.build(w.item_ids, code_item_ids=w.item_ids, rq=new_rq, vq=w.vq, rq_sizes=items.rq_sizes)
+    old_for_new = np.argsort(perm)  # new code j came from old code old_for_new[j]
+    new_model = remap_rq_tables(model, cfg, new_items, data.users.n_rows,
+                                [old_for_new, np.arange(items.rq_sizes[1])])
+    old_t, new_t = embedding_tables(model)["rq_l0"], embedding_tables(new_model)["rq_l0"]
+    assert torch.equal(new_t[perm[3]], old_t[3]) and torch.equal(new_t[-1], old_t[-1])
+    schema = build_schema(cfg, data.users.n_rows, items)
+    before = evaluate(model, data.valid, schema, items)["auc"]
+    after = evaluate(new_model, data.valid, build_schema(cfg, data.users.n_rows, new_items), new_items)["auc"]
+    assert after == pytest.approx(before, abs=1e-6)  # a pure relabelling changes nothing
+    with pytest.raises(ValueError, match="mappings"):
+        remap_rq_tables(model, cfg, new_items, data.users.n_rows, [old_for_new])
