@@ -42,7 +42,7 @@ def table_columns(path: Path) -> list[str]:
         if fmt == "parquet":
             return list(pq.read_schema(path).names)
         sep = "\t" if ".tsv" in Path(path).name.lower() else ","
-        return list(pd.read_csv(path, sep=sep, dtype=str, nrows=0).columns)
+        return list(pd.read_csv(path, sep=sep, dtype=str, nrows=0, encoding="utf-8-sig").columns)
     except (OSError, pa.ArrowException, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
             ValueError) as exc:
         raise DataError(f"{path}: unreadable {fmt} file: {exc}") from None
@@ -116,7 +116,8 @@ def _read_one(path: Path, columns: Optional[Iterable[str]], optional: Iterable[s
         if fmt == "parquet":
             return pq.read_table(path, columns=wanted).to_pandas()
         sep = "\t" if ".tsv" in path.name.lower() else ","
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""], usecols=wanted)
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""], usecols=wanted,
+                           encoding="utf-8-sig")  # utf-8-sig: a BOM written by spreadsheet tools is not part of a name
     except (OSError, pa.ArrowException, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
             ValueError) as exc:
         raise DataError(f"{path}: unreadable {fmt} file: {exc}") from None

@@ -231,3 +231,10 @@ def test_auto_timestamps_mix_formats_per_value():
     assert to_unix_seconds(frame, "ts").tolist() == [1700000000, 1700000000, pd.NA, pd.NA]
     with pytest.raises(DataError, match="is not a unix timestamp$"):
         to_unix_seconds(frame, "ts", fmt="unix")
+
+
+def test_csv_with_byte_order_mark(tmp_path):
+    (tmp_path / "i.csv").write_bytes("\ufeffitem_id,title\n1,Crème brûlée\n".encode("utf-8"))
+    (tmp_path / "r.csv").write_text("user_id,item_id,ts\n1,1,5\n")
+    ds = load_dataset(DataSpec(dataset="generic", items=tmp_path / "i.csv", interactions=tmp_path / "r.csv"))
+    assert ds.items["title"].tolist() == ["Crème brûlée"]
