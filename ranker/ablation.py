@@ -162,9 +162,9 @@ def run_ablation(store_root: Path, dataset, seeds: int, out_dir: Path, version: 
     if unknown:
         raise ValueError(f"unknown ablation rows {unknown}; choose from {list(FEATURE_SETS)}")
     base_cfg = base_cfg or RankerConfig()
-    if not hasattr(dataset, "interactions"):
-        from pipelines.data import load_dataset
+    from pipelines.data import DataSpec, load_dataset
 
+    if isinstance(dataset, DataSpec):  # (a DataSpec also has `items` / `interactions` fields: paths)
         dataset = load_dataset(dataset)
     catalog = dataset.items["item_id"].to_numpy()
     data = prepare_examples(dataset.interactions, catalog, base_cfg.history_len, split, base_cfg.negatives)

@@ -60,3 +60,19 @@ def test_train_ranker_cli_on_generic_data(tmp_path, capsys):
     code = qarm_main(["train-ranker", "--dataset", "generic", "--items", str(items), "--interactions", str(inter),
                       "--store", str(tmp_path / "nostore"), "--features", "rq", "--json"])
     assert code == 1
+
+
+def test_eval_cli_reads_a_data_spec_and_reports_rows(tmp_path, capsys):
+    world = toy_world(n_items=150, n_users=40, n_events=1500, seed=5)
+    items, inter = write_toy_files(world, tmp_path / "data")
+    publish_toy_version(world, tmp_path / "store")
+    code = qarm_main(["eval", "--dataset", "generic", "--items", str(items), "--interactions", str(inter),
+                      "--store", str(tmp_path / "store"), "--rows", "id,rq", "--seeds", "1", "--history-len", "4",
+                      "--epochs", "1", "--batch-size", "256", "--out", str(tmp_path / "ev"), "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["rows"]) == {"id", "rq"} and result["rows"]["rq"]["seeds"] == 1
+    assert (tmp_path / "ev" / "ablation.md").exists()
+    code = qarm_main(["eval", "--dataset", "generic", "--items", str(items), "--interactions", str(inter),
+                      "--store", str(tmp_path / "store"), "--rows", "id,bogus", "--json"])
+    assert code == 1
