@@ -33,6 +33,7 @@ REJECT_REASONS = (
     "unknown_item",        # interaction names an item not in the (accepted) catalog: dropped
     "missing_value",       # a required field (user, item, timestamp) is empty in this row: dropped
     "bad_label",           # label outside [0, 1] after mapping: dropped
+    "bad_timestamp",       # timestamp before 1970 (a default / sentinel value, not an event time): dropped
     "duplicate_interaction",  # same user, item, ts and label as an earlier row (double logging): dropped
 )
 

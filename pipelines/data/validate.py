@@ -160,6 +160,14 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
         filtered["items_without_image"] = int(no_img.sum())
         items = items.loc[~no_img]
 
+    # Negative unix times are sentinels (-1, "unknown") in logs, never event times.
+    early = interactions["ts"] < 0
+    if early.any():
+        bad = interactions.loc[early]
+        rejects.add(bad["_source"], bad["row"], "bad_timestamp", "dropped", item_id=raw("item_id", bad["item_id"]),
+                    user_id=raw("user_id", bad["user_id"]), detail="timestamp before 1970-01-01")
+        interactions = interactions.loc[~early]
+
     # Exact repeats of an event (same user, item, second and label) are double logging, not two events.
     dup = interactions.duplicated(subset=["user_id", "item_id", "ts", "label"], keep="first")
     if dup.any():

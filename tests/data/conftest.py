@@ -48,6 +48,7 @@ def catalog_dir(tmp_path) -> Path:
         "u1,D-4,2024-01-01T09:00:00Z,0\n"   # row 8: earliest event
         "u1,D-4,2024-01-01T09:00:00Z,0\n"   # row 9: duplicate_interaction (same as row 8)
         "u1,D-4,2024-01-01T09:00:00Z,1\n"   # row 10: same second, other label: a distinct event, kept
+        "u2,A-1,-1,1\n"                     # row 11: bad_timestamp (a -1 sentinel)
     )
     (root / "mapping.yaml").write_text(
         "items:\n  path: items.csv\n  columns: {item_id: sku, title: name, text: description, image_uri: picture}\n"

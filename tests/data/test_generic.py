@@ -29,7 +29,7 @@ def test_csv_with_yaml_mapping(catalog_dir):
     assert first["ts"] == int(pd.Timestamp("2024-01-01T09:00:00Z").timestamp()) and first["item_id"] == 3
     assert int(pd.Timestamp("2024-01-02", tz="UTC").timestamp()) in set(inter["ts"])
     assert set(inter["label"]) == {0.0, 1.0} and str(inter["label"].dtype) == "float32"
-    assert len(inter) == 6  # 11 rows - unknown x2 - missing user - bad label - duplicate
+    assert len(inter) == 6  # 12 rows - unknown x2 - missing user - bad label - duplicate - bad timestamp
 
 
 def test_parquet_with_flags_int_ids_and_implicit_positives(tmp_path):

@@ -13,7 +13,7 @@ def _load(catalog_dir, **kw):
 def test_every_reason_is_counted_and_kept(catalog_dir):
     ds = _load(catalog_dir)
     assert ds.reject_counts == {
-        "bad_label": 1, "corrupt_image": 1, "duplicate_interaction": 1, "duplicate_item": 1, "empty_text": 2,
+        "bad_label": 1, "bad_timestamp": 1, "corrupt_image": 1, "duplicate_interaction": 1, "duplicate_item": 1, "empty_text": 2,
         "image_escapes_root": 1,
         "missing_image": 1, "missing_value": 1, "unknown_item": 2,
     }
@@ -45,6 +45,7 @@ def test_every_reason_is_counted_and_kept(catalog_dir):
     assert (one("unknown_item", row=4)["item_id"], one("unknown_item", row=4)["user_id"]) == ("F-6", "u2")
     assert one("missing_value")["user_id"] is None
     assert one("duplicate_interaction")["row"] == 9
+    assert (one("bad_timestamp")["row"], one("bad_timestamp")["item_id"]) == (11, "A-1")
 
 
 def test_bad_images_demote_items_to_text_only(catalog_dir):
