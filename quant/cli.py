@@ -96,8 +96,15 @@ def _build(args, dim: int):
 
 
 def code_metrics(x: np.ndarray, codes: np.ndarray, x_hat: np.ndarray, codebook_sizes: list[int], *,
-                 hr_queries: int, seed: int) -> dict:
-    """The codebook metrics reported by the command and the benchmark."""
+                 hr_queries: int, seed: int, per_level: bool = True) -> dict:
+    """The codebook metrics the command reports.
+
+    Args:
+        x: (N, d) embeddings; codes: (N, L); x_hat: (N, d) decoded codes.
+        codebook_sizes: K per level.
+        hr_queries: items sampled as hr@k queries (0: all).
+        per_level: also utilization / entropy per level and prefix consistency (rq-style codes).
+    """
     from quant import metrics as M
 
     n = x.shape[0]
@@ -105,18 +112,20 @@ def code_metrics(x: np.ndarray, codes: np.ndarray, x_hat: np.ndarray, codebook_s
     if hr_queries and hr_queries < n:
         queries = np.sort(np.random.default_rng(seed).choice(n, size=hr_queries, replace=False))
     hits = M.hr_at_k(x, x_hat, (1, 10), queries=queries)
-    return {
+    out = {
         "collision_rate": M.collision_rate(codes),
         "items_per_code": M.items_per_code(codes),
         "max_items_per_code": M.max_items_per_code(codes),
-        "utilization": M.utilization(codes, codebook_sizes),
-        "entropy": M.entropy(codes, codebook_sizes),
         "rel_mse": M.rel_mse(x, x_hat),
         "hr@1": hits[1],
         "hr@10": hits[10],
         "hr_queries": int(n if queries is None else queries.size),
-        "prefix_consistency": M.prefix_consistency(x, codes),
     }
+    if per_level:
+        out["utilization"] = M.utilization(codes, codebook_sizes)
+        out["entropy"] = M.entropy(codes, codebook_sizes)
+        out["prefix_consistency"] = M.prefix_consistency(x, codes)
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -147,10 +156,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.method == "vq":
         levels, codebook_size = args.vq_k, n
         # one "level" of n_items codes: how many items serve as somebody's neighbour, and how evenly
-        metrics = code_metrics(x, codes, x_hat, [n] * args.vq_k, hr_queries=args.hr_queries, seed=args.seed)
+        metrics = code_metrics(x, codes, x_hat, [n] * args.vq_k, hr_queries=args.hr_queries, seed=args.seed,
+                               per_level=False)
         metrics["utilization"] = M.utilization(codes.reshape(-1, 1), n)
         metrics["entropy"] = M.entropy(codes.reshape(-1, 1), n)
-        metrics.pop("prefix_consistency")
         stored, column = item_ids[codes], "vq"  # neighbour rows -> neighbour item ids
     else:
         levels, codebook_size = args.levels, args.codebook_size

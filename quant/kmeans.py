@@ -205,8 +205,8 @@ def _assign_with_inertia(x, c, *, balanced, capacity, device) -> tuple[np.ndarra
 
 
 def lloyd_refine(x: np.ndarray, centroids: np.ndarray, *, max_iter: int, tol: float = 1e-3,
-                 balanced: bool = False, capacity: int | None = None,
-                 device: str = "cpu") -> tuple[np.ndarray, dict]:
+                 balanced: bool = False, capacity: int | None = None, device: str = "cpu",
+                 return_assignment: bool = False):
     """Lloyd iterations from ``centroids`` until converged: the assignment is stable, or one more step would lower
     the inertia (sum of squared distances) by less than ``tol`` of it; at most ``max_iter`` steps.
 
@@ -222,19 +222,24 @@ def lloyd_refine(x: np.ndarray, centroids: np.ndarray, *, max_iter: int, tol: fl
         balanced / capacity: size-constrained assignment with at most ``capacity`` rows per centroid.
 
     Returns:
-        (centroids (K, d) float32, stats {iterations, converged, inertia}).
+        (centroids (K, d) float32, stats {iterations, converged, inertia}), plus the rows' (N,) assignment to
+        the returned centroids when ``return_assignment``.
     """
     c = np.ascontiguousarray(centroids, dtype=np.float32)
     a, inertia = _assign_with_inertia(x, c, balanced=balanced, capacity=capacity, device=device)
+    stats = {"iterations": max_iter, "converged": False, "inertia": inertia}
     for it in range(1, max_iter + 1):
         c_new = centroid_means(x, a, c)
         a_new, inertia_new = _assign_with_inertia(x, c_new, balanced=balanced, capacity=capacity, device=device)
         if np.array_equal(a_new, a):  # c_new is the mean of its own assignment: a fixed point
-            return c_new, {"iterations": it, "converged": True, "inertia": inertia_new}
+            c, stats = c_new, {"iterations": it, "converged": True, "inertia": inertia_new}
+            break
         if inertia - inertia_new <= tol * inertia:
-            return c, {"iterations": it, "converged": True, "inertia": inertia}
+            stats = {"iterations": it, "converged": True, "inertia": inertia}
+            break
         c, a, inertia = c_new, a_new, inertia_new
-    return c, {"iterations": max_iter, "converged": False, "inertia": inertia}
+        stats["inertia"] = inertia
+    return (c, stats, a) if return_assignment else (c, stats)
 
 
 def kmeans_plus_plus(x: np.ndarray, k: int, *, seed: int, max_rows: int | None = None,

@@ -234,15 +234,15 @@ class RQKMeans(Quantizer):
                                             max_points_per_centroid=cfg.max_points_per_centroid)
             capacity = self._capacity(train.shape[0], k) if cfg.balanced else None
             if cfg.refine_iter > 0:
-                c, stats = kmeans.lloyd_refine(train, start, max_iter=cfg.refine_iter, tol=cfg.tol,
-                                               balanced=cfg.balanced,
-                                               capacity=capacity, device=device)
+                c, stats, assign = kmeans.lloyd_refine(train, start, max_iter=cfg.refine_iter, tol=cfg.tol,
+                                                       balanced=cfg.balanced, capacity=capacity, device=device,
+                                                       return_assignment=True)
             else:
                 c, stats = start, {"iterations": 0, "converged": False, "inertia": None}
-            if cfg.balanced:
-                assign = kmeans.balanced_assign(train, c, capacity, device=device)
-            else:
-                assign = kmeans.nearest_centroids(train, c, device=device)
+                if cfg.balanced:
+                    assign = kmeans.balanced_assign(train, c, capacity, device=device)
+                else:
+                    assign = kmeans.nearest_centroids(train, c, device=device)
             train -= c[assign]
             rel = float((train * train).sum()) / total_var
             stats.update(level=level, seconds=round(time.perf_counter() - t_level, 4), rel_mse=rel,

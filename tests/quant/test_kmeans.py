@@ -115,3 +115,12 @@ def test_importing_quant_loads_no_heavy_modules():
     code = "import quant, sys; print(sorted(m for m in ('torch', 'faiss', 'scipy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("max_iter", [1, 3, 200])
+def test_lloyd_returns_the_assignment_of_its_centroids(max_iter):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(1500, 6)).astype(np.float32)
+    c, stats, a = kmeans.lloyd_refine(x, x[:20].copy(), max_iter=max_iter, tol=0.0, return_assignment=True)
+    np.testing.assert_array_equal(a, kmeans.nearest_centroids(x, c))
+    assert stats["converged"] == (max_iter == 200)
