@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--swing-top-n", type=int, default=20)
     p.add_argument("--min-support", type=int, default=2)
     p.add_argument("--heldout-frac", type=float, default=0.1)
+    p.add_argument("--keep-seen-heldout", action="store_true",
+                   help="keep held-out pairs that also occur in training (default: drop them, test generalisation)")
     p.add_argument("--eval-batch-size", type=int, default=64)
 
 
@@ -123,7 +125,8 @@ def run(args: argparse.Namespace) -> dict:
         dataset = cap_items(dataset, args.max_items)
     enc_cfg = encoder_config_from_args(args)
     pair_cfg = PairConfig(swing_top_n=args.swing_top_n, min_support=args.min_support,
-                          heldout_frac=args.heldout_frac, seed=args.seed)
+                          heldout_frac=args.heldout_frac, seed=args.seed,
+                          heldout_drop_seen=not args.keep_seen_heldout)
     pairs = mine_pairs(dataset.interactions, pair_cfg)
     if len(pairs.heldout) == 0:
         raise ValueError(f"no held-out pairs were mined from {len(dataset.interactions)} interactions "
