@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> dict:
         device=args.device, cache_batch_size=args.eval_batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    catalog = ItemCatalog.from_dataset(dataset, enc_cfg)
+    # Side mode reads each image once (the cache build); the other modes re-read them every epoch.
+    catalog = ItemCatalog.from_dataset(dataset, enc_cfg, cache_images=args.mode != "side")
     result = train_alignment(enc_cfg, dataset, pairs.train, align_cfg, out, init_checkpoint=args.init_checkpoint,
                              catalog=catalog)
 

@@ -57,6 +57,6 @@ def embed_catalog(encoder: EncoderBase, dataset, batch_size: int = 64, progress:
         item_ids (N,) int64, embeddings (N, D) float32, stats dict (n_items, both, text_only, image_only,
         neither, image_errors {reason: count}).
     """
-    catalog = catalog or ItemCatalog.from_dataset(dataset, encoder.config)
+    catalog = catalog or ItemCatalog.from_dataset(dataset, encoder.config, cache_images=False)
     ids, emb, stats = embed_items(encoder, catalog, batch_size=batch_size, progress=progress)
     return ids, emb, stats.to_dict()

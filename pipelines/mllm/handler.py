@@ -91,7 +91,7 @@ class ItemEncoderModelHandler(ModelHandler[Any, tuple[int, np.ndarray], EncoderB
         rows["item_id"] = rows["item_id"].astype(np.int64)
         catalog = ItemCatalog(rows, Path(self._image_root) if self._image_root else None,
                               encoder.config.image_size, encoder.config.image_mean, encoder.config.image_std,
-                              load_images=encoder.config.has_vision)
+                              load_images=encoder.config.has_vision, cache_images=False)
         return catalog.inputs(rows["item_id"].tolist()), catalog
 
     def run_inference(self, batch: Sequence[Any], model: EncoderBase,

@@ -70,11 +70,21 @@ class ModalityStats:
                 "image_errors": dict(self.image_errors)}
 
 
-def preprocess_image(img: Image.Image, size: int, mean: tuple, std: tuple) -> torch.Tensor:
-    """PIL image -> (3, size, size) float32: center crop to square, bicubic resize, normalise."""
+def resize_image(img: Image.Image, size: int) -> torch.Tensor:
+    """PIL image -> (3, size, size) uint8: center crop to square, bicubic resize."""
     img = ImageOps.fit(img.convert("RGB"), (size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, S, S)
+
+
+def normalize_image(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """(3, S, S) uint8 -> float32 normalised with the backbone's mean / std."""
+    x = x.to(torch.float32) / 255.0
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def preprocess_image(img: Image.Image, size: int, mean: tuple, std: tuple) -> torch.Tensor:
+    """PIL image -> (3, size, size) float32, ready for the vision tower."""
+    return normalize_image(resize_image(img, size), mean, std)
 
 
 def _clean(value) -> Optional[str]:
@@ -92,10 +102,12 @@ class ItemCatalog:
         image_root: folder image_uri is relative to (or None when uris are absolute).
         image_size / mean / std: preprocessing of the encoder that will read the images.
         load_images: False encodes text only (images are still counted as skipped).
+        cache_images: keep decoded images (uint8, 3*S*S bytes each) for later epochs; off when each item is
+            read once (side-mode cache build, catalog embedding).
     """
 
     def __init__(self, items: pd.DataFrame, image_root: Optional[Path], image_size: int,
-                 mean: tuple, std: tuple, load_images: bool = True):
+                 mean: tuple, std: tuple, load_images: bool = True, cache_images: bool = True):
         missing = [c for c in ("item_id", "title") if c not in items.columns]
         if missing:
             raise ValueError(f"items table: missing column(s) {missing}; have {list(items.columns)}")
@@ -105,18 +117,20 @@ class ItemCatalog:
         self.items = items.reset_index(drop=True)
         self.image_root = Path(image_root) if image_root is not None else None
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
-        self.load_images = load_images
+        self.load_images, self.cache_images = load_images, cache_images
         self.row_of = {int(i): r for r, i in enumerate(self.items["item_id"].to_numpy())}
-        self._pixels: dict[int, Optional[torch.Tensor]] = {}
+        self._pixels: dict[int, Optional[torch.Tensor]] = {}  # item_id -> (3, S, S) uint8 or None
+        self._failed: set[int] = set()  # items whose image failed (counted once, not retried)
         self.image_errors: Counter = Counter()
         self._has_text = "text" in self.items.columns
         self._has_uri = "image_uri" in self.items.columns
 
     @classmethod
-    def from_dataset(cls, dataset, encoder_config, load_images: bool = True) -> "ItemCatalog":
+    def from_dataset(cls, dataset, encoder_config, load_images: bool = True,
+                     cache_images: bool = True) -> "ItemCatalog":
         return cls(dataset.items, getattr(dataset, "image_root", None), encoder_config.image_size,
                    encoder_config.image_mean, encoder_config.image_std,
-                   load_images=load_images and encoder_config.has_vision)
+                   load_images=load_images and encoder_config.has_vision, cache_images=cache_images)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -126,22 +140,26 @@ class ItemCatalog:
         return self.items["item_id"].to_numpy(dtype=np.int64)
 
     def pixels(self, item_id: int) -> Optional[torch.Tensor]:
-        """Preprocessed (3, S, S) image of an item, None when it has no usable image (counted once)."""
-        if item_id in self._pixels:
-            return self._pixels[item_id]
+        """Preprocessed (3, S, S) float image of an item, None when it has no usable image (counted once)."""
+        raw = self._pixels.get(item_id) if item_id in self._pixels else self._read(item_id)
+        return normalize_image(raw, self.mean, self.std) if raw is not None else None
+
+    def _read(self, item_id: int) -> Optional[torch.Tensor]:
         row = self.items.iloc[self.row_of[item_id]]
         uri = _clean(row["image_uri"]) if self._has_uri else None
         result = None
-        if uri is not None and self.load_images:
+        if uri is not None and self.load_images and item_id not in self._failed:
             try:
-                result = preprocess_image(_load_image(uri, self.image_root), self.image_size, self.mean, self.std)
+                result = resize_image(_load_image(uri, self.image_root), self.image_size)
             except (ValueError, OSError) as exc:
                 reason = getattr(exc, "reason", "corrupt_image" if not isinstance(exc, FileNotFoundError)
                                  else "missing_image")
+                self._failed.add(item_id)
                 self.image_errors[reason] += 1
                 if sum(self.image_errors.values()) <= MAX_LOGGED_IMAGE_WARNINGS:
                     log.warning("item %s: image unusable (%s), encoding text only: %s", item_id, reason, exc)
-        self._pixels[item_id] = result
+        if self.cache_images or result is None:
+            self._pixels[item_id] = result
         return result
 
     def inputs(self, item_ids: Iterable[int]) -> list[ItemInput]:
