@@ -198,6 +198,7 @@ def main(argv=None) -> int:
             ours.update(gemm_gflops=gflops, gemm_bound_encode_s=gemm_bound_s,
                         encode_vs_gemm_bound=ours["encode_s"] / gemm_bound_s)
             case["ours"] = ours
+            case["peak_rss_mib_after_ours"] = peak_rss_mib()  # before faiss runs: our own peak so far
             log.info("ours: fit %.2fs encode %.2fs rel_mse %.4f collisions %.4f (encode %.2fx GEMM bound)",
                      ours["fit_s"], ours["encode_s"], ours["rel_mse"], ours["collision_rate"],
                      ours["encode_vs_gemm_bound"])

@@ -117,7 +117,7 @@ class ResKMeansFSQConfig:
     seed: int = 0
     balanced: bool = False
     sample: int | None = None
-    niter: int = 20
+    niter: int = 10
     refine_iter: int = 25
     tol: float = 1e-3
     device: str = "auto"

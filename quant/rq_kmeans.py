@@ -46,7 +46,7 @@ class RQKMeansConfig:
     balance_slack: float = 0.0
     sample: int | None = None
     init: str = "k-means++"
-    niter: int = 20
+    niter: int = 10
     nredo: int = 1
     refine_iter: int = 25
     tol: float = 1e-3
