@@ -39,7 +39,7 @@ from pipelines.mllm.side import SideConfig, SideEncoder, build_side_encoder
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LR = {"full": 3e-5, "adapters": 1e-3, "side": 1e-3}
+DEFAULT_LR = {"full": 3e-4, "adapters": 1e-3, "side": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,10 @@ class AlignConfig:
         mode: full | adapters | side.
         epochs: passes over the training pairs.
         batch_size: pairs per step (in-batch negatives come from the other pairs).
-        lr: AdamW learning rate; None picks the mode's default (DEFAULT_LR).
+        lr: AdamW learning rate of new layers (projector, head, adapters, side network); None picks the mode's
+            default (DEFAULT_LR).
+        backbone_lr_scale: pretrained backbone weights (and their trainable norms) learn at lr * this: new layers
+            start random and need a larger step than weights that are already good.
         weight_decay: AdamW weight decay.
         temperature: InfoNCE temperature.
         seed: pair shuffling and dropout.
@@ -74,6 +77,7 @@ class AlignConfig:
     epochs: int = 1
     batch_size: int = 64
     lr: Optional[float] = None
+    backbone_lr_scale: float = 0.1
     weight_decay: float = 0.01
     temperature: float = 0.05
     seed: int = 0
@@ -108,6 +112,8 @@ class AlignConfig:
             raise ValueError("AlignConfig.batch_size must be >= 2 (in-batch negatives)")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"AlignConfig.lr must be > 0, got {self.lr}")
+        if not self.backbone_lr_scale > 0:
+            raise ValueError(f"AlignConfig.backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
         if not self.temperature > 0:
             raise ValueError(f"AlignConfig.temperature must be > 0, got {self.temperature}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -213,6 +219,20 @@ def _lr_at(step: int, cfg: AlignConfig) -> float:
     return cfg.learning_rate
 
 
+def _param_groups(model: EncoderBase, cfg: AlignConfig) -> list[dict]:
+    """Backbone weights at lr * backbone_lr_scale, new layers (and adapters inside backbones) at lr."""
+    backbone, new = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        in_backbone = name.startswith(("text.", "vision.", "extractor.")) and ".adapter." not in name
+        (backbone if in_backbone else new).append(p)
+    groups = [{"params": new, "lr_scale": 1.0}]
+    if backbone:
+        groups.append({"params": backbone, "lr_scale": cfg.backbone_lr_scale})
+    return [g for g in groups if g["params"]]
+
+
 def train_alignment(encoder: Union[EncoderConfig, EncoderBase], dataset, pairs: pd.DataFrame, cfg: AlignConfig,
                     out_dir: Optional[Path] = None, init_checkpoint: Optional[Path] = None,
                     catalog: Optional[ItemCatalog] = None) -> AlignResult:
@@ -264,7 +284,7 @@ def train_alignment(encoder: Union[EncoderConfig, EncoderBase], dataset, pairs: 
         log.info("side cache: %d items, %.1f MB, %.1fs", len(cache), cache.nbytes() / 2 ** 20, cache_seconds)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     meta = _meta(model, cfg, init_checkpoint)
     step, start_epoch, skip_batches, losses, epoch_seconds = 0, 0, 0, [], []
     resumed_from = 0
@@ -311,7 +331,7 @@ def train_alignment(encoder: Union[EncoderConfig, EncoderBase], dataset, pairs: 
             loss = _step(model, catalog, cache, left, right,
                          weight_all[sel] if weight_all is not None else None, cfg, device)
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, cfg)
+                group["lr"] = _lr_at(step, cfg) * group["lr_scale"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

@@ -43,7 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t = parser.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=None, help="default: side 20, adapters 2, full 1")
     t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=None, help="default per mode (full 3e-5, adapters/side 1e-3)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="learning rate of new layers; default per mode (full 3e-4, adapters/side 1e-3)")
+    t.add_argument("--backbone-lr-scale", type=float, default=0.1,
+                   help="pretrained backbone weights learn at lr * this (full mode; norms in adapters mode)")
     t.add_argument("--temperature", type=float, default=0.05)
     t.add_argument("--max-steps", type=int, default=None)
     t.add_argument("--warmup-steps", type=int, default=0)
@@ -133,6 +136,7 @@ def run(args: argparse.Namespace) -> dict:
                          f"(heldout_frac={args.heldout_frac}); evaluation needs some")
     align_cfg = AlignConfig(
         mode=args.mode, epochs=args.epochs or DEFAULT_EPOCHS[args.mode], batch_size=args.batch_size, lr=args.lr,
+        backbone_lr_scale=args.backbone_lr_scale,
         temperature=args.temperature, seed=args.seed, max_steps=args.max_steps, warmup_steps=args.warmup_steps,
         sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()), save_every=args.save_every,
         resume=not args.no_resume, adapter=AdapterConfig(reduction=args.adapter_reduction),
