@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--sample", type=int, default=None, help="train k-means on this many rows")
     q.add_argument("--balanced", action="store_true", help="size-constrained (balanced) k-means assignment")
-    q.add_argument("--niter", type=int, default=10, help="faiss k-means iterations before the converging Lloyd refinement")
+    q.add_argument("--niter", type=int, default=10,
+                   help="faiss k-means iterations before the converging Lloyd refinement")
     q.add_argument("--init-from", type=Path, default=None,
                    help="warm start from a saved rq-kmeans / res-kmeans-fsq quantizer folder (stable codes)")
     q.add_argument("--fsq-levels", default=None, help="FSQ bins per dimension, e.g. 4,4,4,4")

@@ -19,7 +19,8 @@ def planted_clusters(n: int, d: int, n_clusters: int, *, spread: float = 6.0, no
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
     """One BLAS/OpenMP thread for these tiny problems: on a shared 2-core box, spinning thread pools make small
-    torch steps ~30x slower. Module scope, so it is in place before module-scoped fixtures train anything; restored after each module."""
+    torch steps ~30x slower. Module scope, so it is in place before module-scoped fixtures train anything;
+    restored after each module."""
     import faiss
     import torch
 
