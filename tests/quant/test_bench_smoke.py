@@ -13,8 +13,8 @@ def test_bench_quantize_smoke(capsys):
     spec = importlib.util.spec_from_file_location("bench_quantize", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--sizes", "3000x16", "--configs", "2x16", "--sample", "3000", "--threads", "1", "--skip-movielens",
-                       "--json"]) == 0
+    assert bench.main(["--sizes", "3000x16", "--configs", "2x16", "--sample", "3000", "--threads", "1",
+                       "--skip-movielens", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     case = result["cases"][0]
     assert {"ours", "faiss", "speedup_total", "rel_mse_ratio"} <= case.keys()
