@@ -61,6 +61,13 @@ def summarize_runs(runs: dict, baseline: str = "id") -> dict:
                "logloss_std": float(losses.std(ddof=1)) if len(losses) > 1 else 0.0,
                "auc_per_seed": aucs.tolist(), "gauc_per_seed": gaucs.tolist(), "seeds": len(results),
                "best_epochs": [r["best_epoch"] for r in results]}
+        buckets = {}
+        for r in results:
+            for bucket, m in r.get("test_by_popularity", {}).items():
+                buckets.setdefault(bucket, {"auc": [], "n": m["n"]})["auc"].append(m["auc"])
+        if buckets:
+            row["auc_by_popularity"] = {b: {"auc_mean": float(np.nanmean(v["auc"])), "n": v["n"]}
+                                        for b, v in buckets.items()}
         if len(base) == len(aucs) and base:
             delta = (aucs - np.array(base)) * 100.0  # AUC points, paired by seed
             row["delta_auc_pt_mean"] = float(delta.mean())
@@ -80,6 +87,16 @@ def markdown_table(rows: dict, title: str = "") -> str:
         ref = f"{QARM_REFERENCE_PT[name]:+.2f}" if name in QARM_REFERENCE_PT else "—"
         lines.append(f"| {name} | {ROW_LABELS.get(name, name)} | {r['auc_mean']:.4f} ± {r['auc_std']:.4f} | "
                      f"{r['gauc_mean']:.4f} ± {r['gauc_std']:.4f} | {r['logloss_mean']:.4f} | {delta} | {ref} |")
+    buckets = [b for b in ("<5", "5-19", ">=20") if any(b in r.get("auc_by_popularity", {}) for r in rows.values())]
+    if buckets:
+        lines += ["", "Test AUC by the target item's training positives (mean over seeds; n = test rows):", "",
+                  "| row | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)]
+        for name, r in rows.items():
+            cells = [f"{r['auc_by_popularity'][b]['auc_mean']:.4f}" if b in r.get("auc_by_popularity", {}) else "—"
+                     for b in buckets]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        first = next(r for r in rows.values() if "auc_by_popularity" in r)
+        lines.append("| n | " + " | ".join(str(first["auc_by_popularity"].get(b, {}).get("n", "—")) for b in buckets) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -181,7 +198,8 @@ def run_ablation(store_root: Path, dataset, seeds: int, out_dir: Path, version: 
         "store": str(store_root), "store_version": version_id, "dataset": name, "seeds": seeds,
         "rows": summary, "skipped": skipped, "data": data.info, "coverage": coverage,
         "config": base_cfg.to_dict(), "split": dataclasses.asdict(split), "seconds": time.perf_counter() - t0,
-        "runs": {row: [{k: r[k] for k in ("test", "valid", "best_epoch", "history", "seconds")} for r in results]
+        "runs": {row: [{k: r.get(k) for k in ("test", "valid", "test_by_popularity", "best_epoch", "history", "seconds")}
+                       for r in results]
                  for row, results in runs.items()},
         "files": {k: str(out_dir / f"ablation.{k}") for k in ("json", "md", "png")},
     }

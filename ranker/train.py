@@ -221,6 +221,7 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
         "train_samples_per_s": samples / train_seconds if train_seconds > 0 else None,
         "valid": valid,
         "test": test,
+        "test_by_popularity": metrics_by_popularity(module, data, schema, items, cfg.eval_batch_size, ctx),
         "coverage": coverage_report(data, items),
         "checkpoint": str(ckpt_path) if ckpt_path else None,
     }
@@ -235,6 +236,24 @@ def _table_summary(schema: FeatureSchema) -> dict:
     out = {}
     for f in schema.features:
         out.setdefault(f.table, {"rows": f.rows, "features": []})["features"].append(f.name)
+    return out
+
+
+POPULARITY_BUCKETS = ((0, 5, "<5"), (5, 20, "5-19"), (20, None, ">=20"))
+
+
+def metrics_by_popularity(module, data: PreparedData, schema: FeatureSchema, items: ItemFeatures,
+                          batch_size: int, ctx: DistContext = DistContext()) -> dict:
+    """Test AUC / GAUC per bucket of the target item's training positives (where do codes help: tail items?)."""
+    logits = score(module, data.test, schema, items, batch_size, ctx)
+    pop = data.popularity[data.test.item]
+    out = {}
+    for lo, hi, name in POPULARITY_BUCKETS:
+        mask = (pop >= lo) & (pop < hi if hi is not None else True)
+        if mask.sum() == 0:
+            continue
+        m = ranking_metrics(data.test.user_id[mask], data.test.label[mask], logits[mask])
+        out[name] = {"auc": m["auc"], "gauc": m["gauc"], "n": m["n"]}
     return out
 
 

@@ -20,6 +20,11 @@ def test_summary_is_paired_by_seed():
     assert rows["id"]["auc_std"] == pytest.approx(0.0141421, rel=1e-4)  # sample std of (0.70, 0.72)
     assert rows["rq"]["delta_auc_pt_mean"] == pytest.approx(1.5)  # (1 + 2) / 2 points
     assert rows["rq"]["delta_auc_pt_std"] == pytest.approx(0.7071068, rel=1e-4)
+    runs["id"][0]["test_by_popularity"] = {"<5": {"auc": 0.5, "n": 4}, ">=20": {"auc": 0.9, "n": 6}}
+    runs["id"][1]["test_by_popularity"] = {"<5": {"auc": 0.7, "n": 4}, ">=20": {"auc": 0.8, "n": 6}}
+    rows = summarize_runs(runs)
+    assert rows["id"]["auc_by_popularity"]["<5"]["auc_mean"] == pytest.approx(0.6)
+    assert "| id | 0.6000 | 0.8500 |" in markdown_table(rows)
     md = markdown_table(rows)
     assert "| rq |" in md and "+1.50 ± 0.71" in md and "+0.10" in md
 
@@ -39,6 +44,7 @@ def test_run_ablation_on_a_toy_store(tmp_path):
         assert {"auc_mean", "auc_std", "gauc_mean", "gauc_std"} <= set(row) and row["seeds"] == 2
     assert rows["vq+rq"]["auc_mean"] > rows["id"]["auc_mean"] + 0.05
     assert rows["vq+rq"]["auc_mean"] > rows["vq+rq-unaligned"]["auc_mean"] + 0.05
+    assert set(rows["id"]["auc_by_popularity"]) <= {"<5", "5-19", ">=20"}
     saved = json.loads((tmp_path / "out" / "ablation.json").read_text())
     assert saved["rows"]["rq"]["auc_mean"] == pytest.approx(rows["rq"]["auc_mean"])
     assert (tmp_path / "out" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
