@@ -86,7 +86,7 @@ class RankerConfig:
     epochs: int = 8
     max_steps: int | None = None
     lr_dense: float = 1e-3
-    lr_sparse: float = 0.05
+    lr_sparse: float = 0.01
     weight_decay: float = 0.0
     dropout: float = 0.0
     patience: int = 2
