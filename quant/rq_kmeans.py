@@ -221,6 +221,11 @@ class RQKMeans(Quantizer):
             rng = np.random.default_rng(cfg.seed)
             rows = np.sort(rng.choice(x.shape[0], size=cfg.sample, replace=False))
         train = x[rows] if rows is not None else x.copy()  # (S, d), becomes the residual in place
+        if train.shape[0] < 39 * kmax:  # faiss's own threshold for a trustworthy k-means
+            log.warning("rq-kmeans trains on %d rows for codebook_size %d (%.1f per centroid, < 39): deeper "
+                        "levels fit the training residuals too closely, so codes of unseen rows degrade and "
+                        "collide; use a larger sample or smaller codebooks", train.shape[0], kmax,
+                        train.shape[0] / kmax)
         total_var = float(((train - train.mean(axis=0)) ** 2).sum()) or 1.0
         t0 = time.perf_counter()
         codebooks, level_stats = [], []
