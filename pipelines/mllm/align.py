@@ -79,7 +79,7 @@ class AlignConfig:
     lr: Optional[float] = None
     backbone_lr_scale: float = 0.1
     weight_decay: float = 0.01
-    temperature: float = 0.05
+    temperature: float = 0.1
     seed: int = 0
     max_steps: Optional[int] = None
     warmup_steps: int = 0

@@ -41,13 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--image-grid", type=int, default=None, help="image tokens = grid x grid")
     e.add_argument("--max-text-tokens", type=int, default=None)
     t = parser.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=None, help="default: side 20, adapters 2, full 1")
+    t.add_argument("--epochs", type=int, default=None, help="default: side 6, adapters 2, full 1")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=None,
                    help="learning rate of new layers; default per mode (full 3e-4, adapters/side 1e-3)")
     t.add_argument("--backbone-lr-scale", type=float, default=0.1,
                    help="pretrained backbone weights learn at lr * this (full mode; norms in adapters mode)")
-    t.add_argument("--temperature", type=float, default=0.05)
+    t.add_argument("--temperature", type=float, default=0.1)
     t.add_argument("--max-steps", type=int, default=None)
     t.add_argument("--warmup-steps", type=int, default=0)
     t.add_argument("--sources", default="swing,u2i", help="pair sources to train on")
@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=int, default=64)
 
 
-DEFAULT_EPOCHS = {"side": 20, "adapters": 2, "full": 1}
+DEFAULT_EPOCHS = {"side": 6, "adapters": 2, "full": 1}
 
 
 def encoder_config_from_args(args) -> EncoderConfig:
