@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         args.extra_args = unknown
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+                        stream=sys.stderr, force=True)
     try:
         result = module.run(args)
     except CommandExit as exc:

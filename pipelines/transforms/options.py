@@ -10,7 +10,7 @@ from pathlib import Path
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.data import DataSpec, add_data_arguments
+from pipelines.data import DataSpec, add_data_arguments, data_spec_from_args
 
 
 def add_data_flags(parser) -> None:
@@ -84,12 +84,8 @@ class CascadeOptions(PipelineOptions):
 
 
 def data_spec(options: PipelineOptions) -> DataSpec:
-    d = options.view_as(DataOptions)
-    return DataSpec(dataset=d.dataset, data=d.data, items=d.items, interactions=d.interactions, mapping=d.mapping,
-                    column_map=tuple(d.column_map or ()), id_map_dir=d.id_map_dir,
-                    require_image=bool(d.require_image), validate_images=d.validate_images, n_items=d.n_items,
-                    n_users=d.n_users, n_events=d.n_events, n_clusters=d.n_clusters, image_size=d.image_size,
-                    seed=d.seed)
+    """The job's DataSpec, built through `data_spec_from_args` so no data flag is ever dropped."""
+    return data_spec_from_args(options.view_as(DataOptions))
 
 
 def cli_parser_flags(parser: argparse.ArgumentParser) -> None:
