@@ -27,17 +27,21 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/qarm demo --out $(OUT)
 
+# Two workers (one per core); files stay whole on one worker so module fixtures are built once.
+PYTEST_WORKERS ?= 2
+
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS) tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 test-fast: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS) tests
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/quantize.py --json
 	HF_HUB_OFFLINE=1 $(PY) bench/align.py --json
 	HF_HUB_OFFLINE=1 $(PY) bench/pipeline.py --json
 	HF_HUB_OFFLINE=1 $(PY) bench/ranker.py --json
+	HF_HUB_OFFLINE=1 $(PY) bench/store.py --json
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(OUT)
