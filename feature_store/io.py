@@ -96,12 +96,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def canonical_json(obj: Any) -> str:
     """Deterministic JSON (sorted keys, no whitespace) used for hashing configs."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=json_default)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
     """Write ``obj`` as JSON atomically. numpy scalars / arrays are converted; keys keep insertion order."""
-    text = json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default)
+    text = json.dumps(obj, indent=indent, ensure_ascii=False, default=json_default)
     return atomic_write_text(path, text + "\n")
 
 
@@ -133,7 +133,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _json_default(obj: Any):
+def json_default(obj: Any):
     try:
         import numpy as np
 

@@ -21,6 +21,8 @@ import logging
 import sys
 from typing import Sequence
 
+from feature_store.io import json_default
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED, EXIT_LOCKED = 0, 1, 2, 3, 4
 
 # name -> (module, one-line help). Modules are imported lazily.
@@ -49,25 +51,12 @@ class CommandExit(Exception):
 
 def _print_result(result: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(result, default=_json_default, sort_keys=False), flush=True)
+        print(json.dumps(result, default=json_default, sort_keys=False), flush=True)
         return
     for key, value in result.items():
         if isinstance(value, (dict, list)):
-            value = json.dumps(value, default=_json_default)
+            value = json.dumps(value, default=json_default)
         print(f"{key}: {value}")
-
-
-def _json_default(obj):
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    return str(obj)
 
 
 def _top_parser() -> argparse.ArgumentParser:
