@@ -51,12 +51,20 @@ class CommandExit(Exception):
 
 def _print_result(result: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(result, default=json_default, sort_keys=False), flush=True)
+        print(json.dumps(result, default=_printable, sort_keys=False), flush=True)
         return
     for key, value in result.items():
         if isinstance(value, (dict, list)):
-            value = json.dumps(value, default=json_default)
+            value = json.dumps(value, default=_printable)
         print(f"{key}: {value}")
+
+
+def _printable(obj):
+    """JSON encoding for printed results: the store's encoder, and str() for anything else (never crash on print)."""
+    try:
+        return json_default(obj)
+    except TypeError:
+        return str(obj)
 
 
 def _top_parser() -> argparse.ArgumentParser:
