@@ -166,22 +166,17 @@ def _candidate_stage(parent, data_dir: Path, cfg: RetrainConfig):
     return run
 
 
-def _codebooks(version) -> list:
-    books = version.codebooks()
-    return [np.asarray(books[f"rq.level{lvl}"]) for lvl in range(sum(k.startswith("rq.level") for k in books))]
-
-
 def _stability_stage(parent, candidate, seed: int):
     """Churn of the warm-started codes vs a cold refit on the same candidate embeddings."""
 
     def run(out: Path) -> dict:
         from feature_store.remap import code_churn
-        from feature_store.tables import CodeTable
+        from feature_store.tables import CodeTable, codebook_levels
         from quant import RQKMeans
 
         new_codes = candidate.codes()
         warm = code_churn(parent.codes(), new_codes)
-        books = _codebooks(candidate)
+        books = codebook_levels(candidate.codebooks(as_numpy=True))
         ids, emb = candidate.embeddings()
         cold_q = RQKMeans(levels=len(books), codebook_size=int(books[0].shape[0]), seed=seed + 1).fit(emb)
         cold_codes = CodeTable(item_ids=ids, rq=cold_q.encode(emb).astype(np.int32),
