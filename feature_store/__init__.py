@@ -24,6 +24,7 @@ _EXPORTS = {
     "CodeTable": "tables", "TableError": "tables", "read_embeddings": "tables", "read_codes": "tables",
     "read_codebooks": "tables", "write_embeddings": "tables", "write_codes": "tables", "write_codebooks": "tables",
     "RemapConfig": "remap", "remap_code_tables": "remap", "code_churn": "remap",
+    "SplitConfig": "split", "time_split": "split", "split_labels": "split",
 }
 
 __all__ = sorted(_EXPORTS)

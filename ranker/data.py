@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.data.split import SplitConfig, time_split  # the project's one time split
+from feature_store.split import SplitConfig, time_split  # the project's one time split
 from ranker.config import NegativeConfig
 from ranker.examples import Examples, UserIndex, build_examples, sample_negatives
 from ranker.features import ItemFeatures

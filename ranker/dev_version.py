@@ -132,7 +132,7 @@ def build_dev_version(dataset, store_root: Path, cfg: DevVersionConfig = DevVers
     """Embed, align, quantize and publish. Returns {"version", "stats"}."""
     from feature_store import FeatureStore
     from feature_store.tables import write_codebooks, write_codes, write_embeddings
-    from pipelines.data.split import SplitConfig, time_split
+    from feature_store.split import SplitConfig, time_split
     from pipelines.pairs import PairConfig, mine_pairs
 
     items = dataset.items.sort_values("item_id")

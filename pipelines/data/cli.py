@@ -12,7 +12,7 @@ import logging
 
 from pipelines.data.args import add_data_arguments, data_spec_from_args
 from pipelines.data.loader import export_dataset, load_dataset, save_id_maps, write_rejects
-from pipelines.data.split import METHODS, SplitConfig, split_labels
+from feature_store.split import METHODS, SplitConfig, split_labels
 
 log = logging.getLogger(__name__)
 ACTIONS = ("stats", "export")

@@ -46,7 +46,7 @@ def continuity_report(parent, candidate, dataset, since: int, until: int, seed: 
         ranker_cfg: RankerConfig of the reference ranker (default: RQ codes, 3 epochs).
     """
     from feature_store.remap import RemapConfig, remap_code_tables
-    from pipelines.data.split import SplitConfig
+    from feature_store.split import SplitConfig
     from ranker.config import RankerConfig
     from ranker.data import item_features_from_version, prepare_examples
     from ranker.features import build_schema

@@ -49,7 +49,7 @@ def test_splits_reproduce_the_reference_baselines(posters):
     """../shared/data/movielens/SOURCE.md: poster subset, label rating >= 4, smoothed user + item mean rates."""
     import pandas as pd
 
-    from pipelines.data.split import time_split
+    from feature_store.split import time_split
 
     inter = posters.interactions
 

@@ -7,7 +7,7 @@ import pytest
 
 from pipelines.data import DataSpec, load_dataset
 from pipelines.data.images import load_image
-from pipelines.data.split import time_split
+from feature_store.split import time_split
 from pipelines.data.synthetic_images import render_item_image
 
 SMALL = dict(n_items=400, n_users=150, n_events=12000, n_clusters=8, image_size=24)

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.data.split import SplitConfig, global_cuts, time_split
+from feature_store.split import SplitConfig, global_cuts, time_split
 
 
 def _events(n=500, users=20, seed=0):
