@@ -128,7 +128,7 @@ def movielens_scale(args) -> dict:
     """About 3k items x 64, 3 x 256: the figures a MovieLens-sized catalog gets, with and without the suffix."""
     source = "synthetic clustered 3000 x 64"
     if args.movielens_embeddings:
-        from quant.tables import read_embeddings
+        from feature_store.tables import read_embeddings
 
         _, x = read_embeddings(args.movielens_embeddings)
         source = str(args.movielens_embeddings)

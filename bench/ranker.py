@@ -32,7 +32,7 @@ from ranker.batch import build_batch  # noqa: E402
 from ranker.config import RankerConfig  # noqa: E402
 from ranker.data import prepare_examples  # noqa: E402
 from ranker.features import build_schema, table_configs  # noqa: E402
-from ranker.toy import toy_world  # noqa: E402
+from pipelines.data.oracle import oracle_world  # noqa: E402
 
 
 class PlainSparseArch(nn.Module):
@@ -68,7 +68,7 @@ class PlainSparseArch(nn.Module):
 
 
 def make_batches(args, world_size: int = 1, rank: int = 0):
-    world = toy_world(n_items=args.items, n_users=args.users, n_events=args.events, sub_codes=64, seed=0)
+    world = oracle_world(n_items=args.items, n_users=args.users, n_events=args.events, sub_codes=64, seed=0)
     data = prepare_examples(world.interactions, world.item_ids, history_len=args.history_len)
     items = world.item_features()
     cfg = RankerConfig(features=args.features, history_len=args.history_len, embedding_dim=args.dim,

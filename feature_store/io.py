@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import uuid
 from contextlib import contextmanager
@@ -99,10 +100,35 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=json_default)
 
 
+def strict_json(obj: Any, default=None) -> Any:
+    """``obj`` as plain JSON values with NaN / inf replaced by None (strict parsers such as jq reject NaN).
+
+    Args:
+        obj: dicts, lists, tuples, scalars, numpy values, paths, dataclasses.
+        default: fallback converter for other types (default: :func:`json_default`, which raises TypeError).
+    """
+    default = default or json_default
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, dict):
+        return {str(k) if not isinstance(k, (str, int, float, bool)) else k: strict_json(v, default)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v, default) for v in obj]
+    return strict_json(default(obj), default)
+
+
+def dumps_strict(obj: Any, *, indent: int | None = None, default=None, **kwargs) -> str:
+    """``json.dumps`` of :func:`strict_json` (null, never NaN)."""
+    return json.dumps(strict_json(obj, default), indent=indent, ensure_ascii=False, allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
-    """Write ``obj`` as JSON atomically. numpy scalars / arrays are converted; keys keep insertion order."""
-    text = json.dumps(obj, indent=indent, ensure_ascii=False, default=json_default)
-    return atomic_write_text(path, text + "\n")
+    """Write ``obj`` as strict JSON atomically (NaN / inf become null). numpy scalars / arrays are converted;
+    keys keep insertion order."""
+    return atomic_write_text(path, dumps_strict(obj, indent=indent) + "\n")
 
 
 def atomic_write_parquet(path: str | os.PathLike, table, **write_options) -> Path:

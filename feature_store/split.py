@@ -130,3 +130,130 @@ def global_cuts(ts: np.ndarray, valid_frac: float, test_frac: float) -> tuple[in
         return int(ts[idx]) if idx < n else int(ts[-1]) + 1
 
     return cut(valid_frac + test_frac), cut(test_frac)
+
+
+# ----------------------------------------------------------------------------------------------- protocol
+# One protocol from pair mining to the ranker: a version records the split its behaviour-learned parts (pairs,
+# alignment, codebooks) were fitted under, and every consumer (ranker, ablation, retrieval) checks it against the
+# split it evaluates on before trusting the version's tables.
+
+PROTOCOL_VERSION = 1
+
+
+def interactions_fingerprint(interactions: pd.DataFrame) -> str:
+    """sha256 of the contract columns (user_id, item_id, ts, label) in ts order: the data a split is over."""
+    import hashlib
+
+    frame = interactions.sort_values(["ts", "user_id", "item_id"], kind="stable")
+    h = hashlib.sha256()
+    for col, dtype in (("user_id", np.int64), ("item_id", np.int64), ("ts", np.int64), ("label", np.float32)):
+        h.update(np.ascontiguousarray(frame[col].to_numpy(dtype=dtype)).tobytes())
+    return h.hexdigest()
+
+
+def protocol_record(interactions: pd.DataFrame, cfg: SplitConfig) -> dict:
+    """What a version stores under ``manifest["protocol"]``.
+
+    Returns:
+        {"version", "split": SplitConfig fields, "data_sha256", "events", "train_events", "train_max_ts",
+         "valid_start_ts" / "test_start_ts" (global cuts), "train_sha256"}: a per-user split is re-derived from
+        the split parameters and the data (``train_sha256`` confirms the re-derivation).
+    """
+    from dataclasses import asdict
+
+    part = split_labels(interactions, cfg)
+    train = interactions.loc[part == 0]
+    rec = {"version": PROTOCOL_VERSION, "split": asdict(cfg), "data_sha256": interactions_fingerprint(interactions),
+           "events": int(len(interactions)), "train_events": int(len(train)),
+           "train_max_ts": int(train["ts"].max()) if len(train) else None,
+           "train_sha256": interactions_fingerprint(train)}
+    if cfg.method == "global" and len(interactions):
+        rec["valid_start_ts"], rec["test_start_ts"] = global_cuts(interactions["ts"].to_numpy(), cfg.valid_frac,
+                                                                  cfg.test_frac)
+    return rec
+
+
+def behaviour_free_protocol(reason: str) -> dict:
+    """The record of a version that learned nothing from interactions (e.g. codes of a frozen encoder or test
+    fixtures): any split may use it."""
+    return {"version": PROTOCOL_VERSION, "behaviour_free": True, "reason": reason}
+
+
+def protocol_problems(recorded: dict | None, interactions: pd.DataFrame, cfg: SplitConfig) -> list[str]:
+    """Why a version built under ``recorded`` must not be evaluated with split ``cfg`` on ``interactions``
+    (empty list: it may).
+
+    A version is refused when it records no protocol, a different split, or training data that reaches past
+    this split's train portion: with a global cut, its last training event must be before this split's first
+    validation event; a per-user split must be re-derivable on the same data.
+    """
+    from dataclasses import asdict
+
+    if not recorded:
+        return ["the version records no protocol (manifest['protocol'] is missing): its pairs, alignment and "
+                "codebooks may have seen validation or test events"]
+    if recorded.get("behaviour_free"):
+        return []
+    problems = []
+    want = asdict(cfg)
+    have = recorded.get("split", {})
+    if have != want:
+        problems.append(f"built with split {_fmt(have)}, evaluated with split {_fmt(want)}")
+    if len(interactions) == 0:
+        return problems
+    if cfg.method == "global":
+        valid_start, _ = global_cuts(interactions["ts"].to_numpy(), cfg.valid_frac, cfg.test_frac)
+        last = recorded.get("train_max_ts")
+        if last is not None and last >= valid_start:
+            problems.append(f"its training data reaches ts {last}, at or past this split's first validation "
+                            f"event (ts {valid_start})")
+    elif recorded.get("data_sha256") != interactions_fingerprint(interactions):
+        problems.append("a per-user split over different data cannot be re-derived (data sha256 "
+                        f"{str(recorded.get('data_sha256'))[:12]} at build time vs "
+                        f"{interactions_fingerprint(interactions)[:12]} now)")
+    return problems
+
+
+def _fmt(split: dict) -> str:
+    if not split:
+        return "(none)"
+    method = split.get("method")
+    keys = {"global": ("valid_frac", "test_frac"), "user_last_n": ("n_valid", "n_test", "min_train"),
+            "user_last_frac": ("valid_frac", "test_frac", "min_train")}.get(method, tuple(split))
+    return f"{method}(" + ", ".join(f"{k}={split.get(k)}" for k in keys) + ")"
+
+
+class ProtocolMismatchError(ValueError):
+    """A store version built under another protocol than the one it is evaluated with."""
+
+
+def check_protocol(recorded: dict | None, interactions: pd.DataFrame, cfg: SplitConfig, version_id: str = "",
+                   allow_mismatch: bool = False) -> list[str]:
+    """Raise ProtocolMismatchError (naming both protocols) unless ``allow_mismatch``; returns the problems."""
+    problems = protocol_problems(recorded, interactions, cfg)
+    if problems and not allow_mismatch:
+        raise ProtocolMismatchError(
+            f"store version {version_id or '?'} does not match this evaluation's protocol: " + "; ".join(problems)
+            + ". Rebuild it with `qarm pipeline` and the same --split flags, or pass --allow-protocol-mismatch "
+              "(the report then says so).")
+    return problems
+
+
+def add_split_arguments(parser) -> None:
+    """The split flags every command of one protocol shares (`qarm pipeline`, `qarm eval`, `qarm train-ranker`,
+    `qarm distill`): --split --valid-frac --test-frac --n-valid --n-test --min-train."""
+    s = parser.add_argument_group("time split (one protocol from pair mining to the ranker)")
+    s.add_argument("--split", choices=METHODS, default="global",
+                   help="time split: global timestamp cuts, or each user's last fraction / last n events")
+    s.add_argument("--valid-frac", type=float, default=SplitConfig.valid_frac, help="global / user_last_frac")
+    s.add_argument("--test-frac", type=float, default=SplitConfig.test_frac, help="global / user_last_frac")
+    s.add_argument("--n-valid", type=int, default=SplitConfig.n_valid, help="user_last_n: valid events per user")
+    s.add_argument("--n-test", type=int, default=SplitConfig.n_test, help="user_last_n: test events per user")
+    s.add_argument("--min-train", type=int, default=SplitConfig.min_train,
+                   help="user_last_*: events a user keeps in train before any is held out")
+
+
+def split_from_args(args) -> SplitConfig:
+    """SplitConfig from the flags of :func:`add_split_arguments` (argparse Namespace or Beam options view)."""
+    return SplitConfig(method=args.split, valid_frac=float(args.valid_frac), test_frac=float(args.test_frac),
+                       n_valid=int(args.n_valid), n_test=int(args.n_test), min_train=int(args.min_train))

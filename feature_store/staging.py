@@ -75,7 +75,8 @@ class Staging:
             config: the settings that produced the version (stored with its sha256; ``encoder`` / ``quantizer``
                 entries are also surfaced at the top of the manifest).
             metrics: JSON-able figures (codebook metrics, recall, ...).
-            extra: anything else, e.g. ``{"watermark": max_ts}`` for the retraining job.
+            extra: anything else, e.g. ``{"watermark": max_ts}`` for the retraining job; ``extra["protocol"]``
+                (feature_store.split.protocol_record) is also the manifest's top-level ``protocol``.
             set_current: False publishes the version without serving it (a candidate for later rollback to).
             validate: read the contract tables (item_embeddings / item_codes*) back and check them.
             lock_timeout: seconds to wait if another writer holds the lock (a short admin operation such as

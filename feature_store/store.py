@@ -164,6 +164,8 @@ class FeatureStore:
             "config_sha256": config_sha,
             "encoder": config.get("encoder"),
             "quantizer": config.get("quantizer", config.get("quantizers")),
+            # the split its behaviour-learned parts were fitted under (feature_store.split.protocol_record)
+            "protocol": sealed.extra.get("protocol"),
             "rows": {rel: info["rows"] for rel, info in sealed.tables.items()},
             "tables": sealed.tables,
             "tensors": sealed.tensors,

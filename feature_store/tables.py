@@ -218,21 +218,29 @@ def codebook_levels(codebooks: Mapping[str, object], prefix: str = "rq") -> list
 # ----------------------------------------------------------------------------------------------- readers
 
 
-def read_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate item_embeddings.parquet.
+def read_embeddings(path: str | os.PathLike, *, id_column: str = "item_id",
+                    embedding_column: str = "embedding") -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate item_embeddings.parquet (or any Parquet with an id and a list<float> column).
 
+    Args:
+        path: the Parquet file.
+        id_column, embedding_column: column names (the contract's by default).
     Returns:
         item_ids: (N,) int64 ascending; emb: (N, d) float32.
     Raises:
         TableError naming the file, column and row on any contract violation.
     """
     path = Path(path)
-    table = _read_parquet(path, ("item_id", "embedding"))
-    item_ids = _id_column(table, path)
-    emb = _list_column_to_matrix(table, "embedding", path, item_ids, kind="float")
+    table = _read_parquet(path, (id_column, embedding_column))
+    if table.num_rows == 0:
+        raise TableError(f"{path}: empty table (0 rows)")
+    item_ids = _id_column(table, path, id_column)
+    emb = _list_column_to_matrix(table, embedding_column, path, item_ids, kind="float")
+    if emb.shape[1] == 0:
+        raise TableError(f"{path}: column '{embedding_column}' has dimension 0")
     emb = emb.astype(np.float32, copy=False)
-    _check_unique(item_ids, path)
-    _check_finite(emb, item_ids, path, "embedding")
+    _check_unique(item_ids, path, id_column)
+    _check_finite(emb, item_ids, path, embedding_column)
     order = np.argsort(item_ids, kind="stable")
     return item_ids[order], np.ascontiguousarray(emb[order])
 
@@ -319,13 +327,13 @@ def _read_parquet(path: Path, columns: tuple[str, ...]) -> pa.Table:
         raise TableError(f"{path}: cannot read columns {list(columns)} ({exc})") from exc
 
 
-def _id_column(table: pa.Table, path: Path) -> np.ndarray:
-    col = table.column("item_id")
+def _id_column(table: pa.Table, path: Path, name: str = "item_id") -> np.ndarray:
+    col = table.column(name)
     if not pa.types.is_integer(col.type):
-        raise TableError(f"{path}: column 'item_id' must be int64, got {col.type}")
+        raise TableError(f"{path}: column '{name}' must be int64, got {col.type}")
     if col.null_count:
         row = _first_null_row(col)
-        raise TableError(f"{path}: column 'item_id' row {row}: null item_id")
+        raise TableError(f"{path}: column '{name}' row {row}: null item_id")
     return col.to_numpy().astype(np.int64, copy=False)
 
 
@@ -366,14 +374,14 @@ def _list_column_to_matrix(table: pa.Table, name: str, path: Path, item_ids: np.
     return values.to_numpy(zero_copy_only=False).reshape(n, width)
 
 
-def _check_unique(item_ids: np.ndarray, path) -> None:
+def _check_unique(item_ids: np.ndarray, path, name: str = "item_id") -> None:
     if len(item_ids) < 2:
         return
     order = np.argsort(item_ids, kind="stable")
     dup = np.flatnonzero(item_ids[order][1:] == item_ids[order][:-1])
     if dup.size:
         rows = sorted(order[dup[0]: dup[0] + 2].tolist())
-        raise TableError(f"{path}: column 'item_id' rows {rows[0]} and {rows[1]}: duplicate item_id "
+        raise TableError(f"{path}: column '{name}' rows {rows[0]} and {rows[1]}: duplicate item_id "
                          f"{item_ids[rows[0]]} ({dup.size} duplicate(s) in total)")
 
 

@@ -1,16 +1,21 @@
-"""`qarm` console script: a thin dispatcher over the packages' command modules.
+"""`qarm` console script: a thin dispatcher over the command modules.
 
-Each subcommand lives in the package that owns it, as a module with two functions:
+Each subcommand is a module with two functions:
 
     add_arguments(parser: argparse.ArgumentParser) -> None
     run(args: argparse.Namespace) -> dict      # the machine-readable result
 
 The dispatcher imports only the chosen module (start-up stays fast, libraries stay side-effect free), prints a
-human summary, and with ``--json`` prints the result as one JSON line, always the last line of stdout.
-A command whose module does not exist yet exits 2 with "not built yet" instead of faking a result.
+human summary, and with ``--json`` prints the result as one strict-JSON line (null, never NaN), always the last
+line of stdout. Flags are hyphenated everywhere; the underscore spellings of the previous release still parse
+as hidden aliases (with a warning). Jobs that pass Beam options through (ACCEPTS_EXTRA_ARGS) refuse any flag that
+Beam does not know either.
 
-Exit codes: 0 ok, 1 error (bad input, failed job), 2 usage / not built, 3 rejected by a validation gate,
-4 another run holds the lock.
+Logging: our packages log INFO, third-party libraries (Beam, transformers, faiss, ...) WARNING; ``-v`` brings
+their INFO back.
+
+Exit codes: 0 ok, 1 error (bad input, failed job), 2 usage (unknown flag), 3 rejected by a validation gate,
+4 another run holds the lock (feature_store.StoreLockedError).
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ import logging
 import sys
 from typing import Sequence
 
-from feature_store.io import json_default
+from feature_store.io import dumps_strict, json_default
+from pipelines.flags import UnknownFlagError, add_underscore_aliases, check_beam_flags, warn_deprecated_spellings
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED, EXIT_LOCKED = 0, 1, 2, 3, 4
 
@@ -31,11 +37,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("pipelines.cascade", "the Beam batch job: sources to a published feature-store version"),
     "data": ("pipelines.data.cli", "inspect a data source (`qarm data stats`)"),
     "align": ("pipelines.mllm.cli", "align the multimodal item encoder to behaviour and evaluate it"),
-    "quantize": ("quant.cli", "quantize item embeddings into semantic-ID codes"),
-    "train-ranker": ("ranker.cli", "train the TorchRec ranker on a feature-store version"),
-    "eval": ("ranker.ablation", "QARM Table-1-style ablation over ranker feature sets"),
+    "quantize": ("pipelines.commands.quantize", "quantize item embeddings into semantic-ID codes"),
+    "train-ranker": ("pipelines.commands.train_ranker", "train the TorchRec ranker on a feature-store version"),
+    "eval": ("pipelines.commands.evaluate", "QARM Table-1-style ablation over ranker feature sets"),
     "retrain": ("pipelines.retrain", "the scheduled retraining job"),
-    "store": ("feature_store.cli",
+    "store": ("pipelines.commands.store",
               "list | show | diff | rollback | retain | verify | cleanup | history of feature-store versions"),
 }
 
@@ -51,7 +57,7 @@ class CommandExit(Exception):
 
 def _print_result(result: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(result, default=_printable, sort_keys=False), flush=True)
+        print(dumps_strict(result, default=_printable), flush=True)
         return
     for key, value in result.items():
         if isinstance(value, (dict, list)):
@@ -79,6 +85,29 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+QARM_LOGGERS = ("pipelines", "ranker", "quant", "feature_store", "__main__")
+NOISY_LOGGERS = ("apache_beam", "transformers", "faiss", "timm", "open_clip", "torch", "torchrec", "fbgemm_gpu",
+                 "urllib3", "matplotlib", "PIL", "filelock", "huggingface_hub", "absl", "numexpr", "root")
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """INFO for qarm's own packages; third-party loggers at WARNING unless ``verbose`` (``-v``)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    for name in QARM_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        try:  # transformers keeps its own verbosity switch (load reports go through it)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_warning()
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -89,31 +118,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         _top_parser().parse_args([name])  # prints the choices and exits 2
     module_name, help_ = COMMANDS[name]
     as_json = "--json" in rest
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
-            msg = f"qarm {name}: not built yet"
-            print(msg, file=sys.stderr)
-            if as_json:
-                _print_result({"command": name, "ok": False, "error": "not built yet"}, True)
-            return EXIT_USAGE
-        raise
+    module = importlib.import_module(module_name)  # a broken install fails loudly here, never "not built"
     parser = argparse.ArgumentParser(prog=f"qarm {name}", description=help_)
     module.add_arguments(parser)
     if not any(a.dest == "json" for a in parser._actions):
         parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    if not any(a.dest == "verbose" for a in parser._actions):
+        parser.add_argument("-v", "--verbose", action="store_true",
+                            help="third-party libraries log at INFO too (default: WARNING)")
+    aliases = add_underscore_aliases(parser)
     args, unknown = _parse(parser, module, rest)
+    configure_logging(getattr(args, "verbose", False))
+    warn_deprecated_spellings(rest, aliases)
+    try:
+        check_beam_flags(unknown)
+    except UnknownFlagError as exc:
+        print(f"qarm {name}: error: {exc}", file=sys.stderr)
+        if as_json:
+            _print_result({"command": name, "ok": False, "error": str(exc), "error_type": "UnknownFlagError"}, True)
+        return EXIT_USAGE
     if unknown:
         args.extra_args = unknown
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)
+    from feature_store.lock import StoreLockedError
+
     try:
         result = module.run(args)
     except CommandExit as exc:
         print(f"qarm {name}: {exc}", file=sys.stderr)
         _print_result({"command": name, "ok": False, "error": str(exc), **exc.result}, as_json)
         return exc.code
+    except StoreLockedError as exc:
+        print(f"qarm {name}: {exc}", file=sys.stderr)
+        _print_result({"command": name, "ok": False, "error": str(exc), "holder": exc.holder}, as_json)
+        return EXIT_LOCKED
     except (ValueError, FileNotFoundError, PermissionError, RuntimeError, KeyError) as exc:
         # Library errors carry the file / column / row in their message; show it, not a traceback.
         msg = str(exc) if not isinstance(exc, KeyError) else f"missing key {exc}"

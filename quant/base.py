@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from quant import _io
+from quant import artifact
 
 _REGISTRY: dict[str, type["Quantizer"]] = {}
 
@@ -123,7 +123,7 @@ class Quantizer:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``arrays.safetensors`` and ``quantizer.json`` (method, config, checksum) into ``directory``."""
         self._require_fitted()
-        return _io.save_artifact(directory, self.method, dataclasses.asdict(self.config), self._arrays(),
+        return artifact.save_artifact(directory, self.method, dataclasses.asdict(self.config), self._arrays(),
                                  self._extra())
 
     @classmethod
@@ -153,9 +153,9 @@ def load_quantizer(directory: str | os.PathLike) -> Quantizer:
     except ImportError:  # pragma: no cover - still being built
         pass
 
-    meta, arrays = _io.read_artifact(directory)
+    meta, arrays = artifact.read_artifact(directory)
     method = meta["method"]
     if method not in _REGISTRY:
-        raise ValueError(f"{Path(directory) / _io.CONFIG_NAME}: unknown quantizer method {method!r}; "
+        raise ValueError(f"{Path(directory) / artifact.CONFIG_NAME}: unknown quantizer method {method!r}; "
                          f"known: {sorted(_REGISTRY)}")
     return _REGISTRY[method]._from_saved(meta, arrays)

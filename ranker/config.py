@@ -12,16 +12,23 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-# feature set -> (knowledge parts added on top of ids, code table it reads)
+# feature set -> (knowledge parts added on top of ids, code table it reads). Every row differs from its
+# neighbours in one thing only: "cross" (dense counts of history items sharing the target's RQ prefix) is its
+# own row, "random" has vq+rq's table shapes with codes drawn at random per item (capacity without content),
+# "vq+rq-unaligned" has codes from the unaligned encoder (content without behaviour alignment).
 FEATURE_SETS: dict[str, tuple[frozenset, str | None]] = {
     "id": (frozenset(), None),
     "frozen": (frozenset({"frozen"}), None),
     "vq": (frozenset({"vq"}), "item_codes"),
     "rq": (frozenset({"rq"}), "item_codes"),
     "vq+rq": (frozenset({"vq", "rq"}), "item_codes"),
+    "vq+rq+cross": (frozenset({"vq", "rq", "cross"}), "item_codes"),
+    "vq+rq+frozen": (frozenset({"vq", "rq", "frozen"}), "item_codes"),
+    "random": (frozenset({"vq", "rq"}), "item_codes_random"),
     "vq+rq-unaligned": (frozenset({"vq", "rq"}), "item_codes_unaligned"),
 }
 ABLATION_ROWS: tuple[str, ...] = tuple(FEATURE_SETS)
+NEGATIVE_SAMPLERS = ("window", "live", "popularity", "uniform")
 
 
 @dataclass(frozen=True)
@@ -31,19 +38,26 @@ class NegativeConfig:
     Args:
         per_positive: negatives drawn per positive event; 0 disables sampling ("auto" in the
             trainer turns it on only when the data has a single label value).
-        sampler: "uniform" over the catalog or "popularity" (proportional to training positives).
+        sampler: where each window's negatives come from.
+            "window" (default): proportional to the item's positives *in that window* (train, valid, test
+                each their own), so negatives and positives share one cold/warm mix and a model cannot win by
+                scoring never-trained ids high (or low).
+            "live": uniform over the items with a positive in that window.
+            "popularity": proportional to *training* positives in every window (items new in a later window
+                are never negatives there: exploitable, kept for comparison).
+            "uniform": uniform over the whole catalog.
         seed: fixed so every ablation row sees exactly the same negatives.
     """
 
     per_positive: int = 4
-    sampler: str = "popularity"
+    sampler: str = "window"
     seed: int = 0
 
     def __post_init__(self):
         if self.per_positive < 0:
             raise ValueError(f"NegativeConfig.per_positive must be >= 0, got {self.per_positive}")
-        if self.sampler not in ("uniform", "popularity"):
-            raise ValueError(f"NegativeConfig.sampler must be 'uniform' or 'popularity', got {self.sampler!r}")
+        if self.sampler not in NEGATIVE_SAMPLERS:
+            raise ValueError(f"NegativeConfig.sampler must be one of {NEGATIVE_SAMPLERS}, got {self.sampler!r}")
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,6 @@ class RankerConfig:
             keeps the ablation rows comparable).
         history_len: last N positives of the user strictly before the event.
         attention: DIN-style target attention over the history (otherwise mean pooling).
-        cross_feature: dense counts of history items sharing the target's RQ prefix (rq rows only).
         code_init: "random" or "codebook" (RQ tables start from the codebook centroids, projected
             to embedding_dim by a fixed random orthogonal map when widths differ).
         use_user_id: include the user-id table (off helps when test users are mostly unseen).
@@ -78,7 +91,6 @@ class RankerConfig:
     embedding_dim: int = 16
     history_len: int = 20
     attention: bool = True
-    cross_feature: bool = True
     code_init: str = "random"
     use_user_id: bool = True
     over_arch: tuple[int, ...] = (128, 64)
@@ -123,7 +135,7 @@ class RankerConfig:
         object.__setattr__(self, "over_arch", tuple(self.over_arch))
 
     def uses(self, part: str) -> bool:
-        """Whether this feature set adds `part` ("frozen", "vq", "rq") on top of ids."""
+        """Whether this feature set adds `part` ("frozen", "vq", "rq", "cross") on top of ids."""
         return part in FEATURE_SETS[self.features][0]
 
     @property

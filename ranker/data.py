@@ -80,7 +80,10 @@ def prepare_examples(interactions: pd.DataFrame, catalog_ids: np.ndarray, histor
         raise ValueError("implicit-feedback data (all labels 1) needs sampled negatives: per_positive > 0")
     if implicit:
         for salt, name in enumerate(("train", "valid", "test")):
-            neg = sample_negatives(parts[name], catalog.n_rows, negatives, popularity, salt=salt)
+            counts = popularity
+            if negatives.sampler in ("window", "live"):  # this window's own item distribution
+                counts = np.bincount(parts[name].item[parts[name].label >= 0.5], minlength=catalog.n_rows)
+            neg = sample_negatives(parts[name], catalog.n_rows, negatives, counts, salt=salt)
             parts[name] = Examples.concat([parts[name], neg])
     info = {
         "implicit": implicit,
@@ -129,18 +132,40 @@ def item_features_from_version(version, catalog_ids: np.ndarray, code_table: str
     return ItemFeatures.build(catalog_ids, **kwargs)
 
 
-def load_store_items(store_root: Path, version_id: str | None, catalog_ids: np.ndarray) -> tuple[dict, str]:
-    """All ItemFeatures variants the ablation needs: {"item_codes": ..., "item_codes_unaligned": ... (if
-    present), "frozen": ...}, and the version id read."""
+def random_codes_like(codes: ItemFeatures, catalog_ids: np.ndarray, seed: int = 0) -> ItemFeatures:
+    """The `random` control: the same table shapes as `codes` (RQ levels and sizes, VQ width), with every coded
+    item's codes drawn uniformly at random (fixed seed). It has the capacity of the real codes and none of their
+    content, so a real-code row beating it shows the content, not the extra parameters, helps."""
+    rng = np.random.default_rng(seed)
+    rows = np.flatnonzero(codes.has_codes)
+    ids = codes.item_ids[rows - 1]  # row r holds catalog item r - 1 (row 0 is the unknown item)
+    rq = np.stack([rng.integers(0, k, len(rows)) for k in codes.rq_sizes], axis=1) if codes.rq_sizes else None
+    vq = ids[rng.integers(0, len(ids), (len(ids), codes.vq.shape[1]))] if codes.vq.shape[1] else None
+    return ItemFeatures.build(catalog_ids, code_item_ids=ids, rq=rq, vq=vq, rq_sizes=list(codes.rq_sizes),
+                              source="item_codes_random")
+
+
+def load_store_items(store_root: Path, version_id: str | None, catalog_ids: np.ndarray,
+                     random_seed: int = 0) -> tuple[dict, str]:
+    """Every ItemFeatures variant the ablation rows read, keyed like ``items_for`` asks for them:
+    "ids", "item_codes", "frozen", "item_codes+frozen", "item_codes_random" and, if the version has it,
+    "item_codes_unaligned"; plus the version id read."""
     from feature_store import FeatureStore
 
-    store = FeatureStore(store_root)
-    version = store.read(version_id)
-    out = {"item_codes": item_features_from_version(version, catalog_ids, "item_codes"),
-           "frozen": item_features_from_version(version, catalog_ids, None, need_frozen=True)}
+    version = FeatureStore(store_root).read(version_id)
+    return store_items(version, catalog_ids, random_seed), version.id
+
+
+def store_items(version, catalog_ids: np.ndarray, random_seed: int = 0) -> dict:
+    """See :func:`load_store_items` (for an already-read StoreVersion)."""
+    codes = item_features_from_version(version, catalog_ids, "item_codes")
+    out = {"ids": ItemFeatures.build(catalog_ids), "item_codes": codes,
+           "frozen": item_features_from_version(version, catalog_ids, None, need_frozen=True),
+           "item_codes+frozen": item_features_from_version(version, catalog_ids, "item_codes", need_frozen=True),
+           "item_codes_random": random_codes_like(codes, catalog_ids, random_seed)}
     if version.has("item_codes_unaligned"):
         out["item_codes_unaligned"] = item_features_from_version(version, catalog_ids, "item_codes_unaligned")
-    return out, version.id
+    return out
 
 
 def items_for(features_by_table: dict, feature_set: str) -> ItemFeatures:
@@ -148,7 +173,12 @@ def items_for(features_by_table: dict, feature_set: str) -> ItemFeatures:
     from ranker.config import FEATURE_SETS
 
     parts, table = FEATURE_SETS[feature_set]
-    key = "frozen" if "frozen" in parts else (table or "item_codes")
+    if not parts:
+        key = "ids"
+    elif "frozen" in parts:
+        key = f"{table}+frozen" if table else "frozen"
+    else:
+        key = table or "item_codes"
     if key not in features_by_table:
         raise FileNotFoundError(f"feature set {feature_set!r} needs the {key} table, which this store version lacks")
     return features_by_table[key]

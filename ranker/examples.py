@@ -164,7 +164,9 @@ def sample_negatives(positives: Examples, n_item_rows: int, cfg: NegativeConfig,
     Args:
         positives: events with label 1.
         n_item_rows: item rows incl. unknown row 0 (row 0 is never sampled).
-        popularity: (n_item_rows,) counts for the "popularity" sampler (training positives).
+        popularity: (n_item_rows,) positive counts per item row that the "popularity" / "window" samplers
+            weight by and the "live" sampler takes its support from (the caller passes the training window's
+            counts for "popularity", the sampled window's own counts for "window" / "live").
         salt: distinguishes splits so train and test draw different negatives.
     """
     k = cfg.per_positive
@@ -172,20 +174,23 @@ def sample_negatives(positives: Examples, n_item_rows: int, cfg: NegativeConfig,
         return positives.take(np.zeros(0, np.int64))
     rng = np.random.default_rng([cfg.seed, salt])
     n = len(positives) * k
-    if cfg.sampler == "popularity":
-        if popularity is None:
-            raise ValueError("popularity sampler needs item popularity counts")
-        weights = np.asarray(popularity, np.float64).copy()
-        weights[0] = 0.0
-        weights = weights + (weights[1:].sum() == 0)  # fall back to uniform on an empty train set
-        weights[0] = 0.0
-        items = rng.choice(n_item_rows, size=n, p=weights / weights.sum())
+    if cfg.sampler == "uniform":
+        weights = np.ones(n_item_rows, np.float64)
     else:
-        items = rng.integers(1, n_item_rows, size=n)
+        if popularity is None:
+            raise ValueError(f"the {cfg.sampler} sampler needs per-item positive counts")
+        weights = np.asarray(popularity, np.float64).copy()
+        if cfg.sampler == "live":
+            weights = (weights > 0).astype(np.float64)
+    weights[0] = 0.0
+    if weights.sum() == 0:  # an empty window: fall back to uniform over the catalog
+        weights[1:] = 1.0
+    p = weights / weights.sum()
+    items = rng.choice(n_item_rows, size=n, p=p)
     src = np.repeat(np.arange(len(positives)), k)
     clash = items == positives.item[src]
-    # re-draw collisions with the positive item once uniformly; a rare leftover is shifted by one row
-    items[clash] = rng.integers(1, n_item_rows, size=int(clash.sum()))
+    # re-draw collisions with the positive item from the same distribution; a rare leftover is shifted by one row
+    items[clash] = rng.choice(n_item_rows, size=int(clash.sum()), p=p)
     clash = items == positives.item[src]
     items[clash] = items[clash] % (n_item_rows - 1) + 1
     neg = positives.take(src)

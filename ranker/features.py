@@ -198,7 +198,7 @@ class FeatureSchema:
 def n_dense_features(cfg: RankerConfig, rq_levels: int) -> int:
     """Dense inputs: log1p(history length), log1p(user's prior events), smoothed prior positive rate,
     plus per RQ prefix length p: log1p(count) and share of history items sharing the target's prefix."""
-    cross = 2 * rq_levels if (cfg.uses("rq") and cfg.cross_feature and cfg.history_len > 0) else 0
+    cross = 2 * rq_levels if (cfg.uses("rq") and cfg.uses("cross") and cfg.history_len > 0) else 0
     return N_BASE_DENSE + cross
 
 

@@ -109,7 +109,8 @@ def _steps_per_epoch(n: int, batch_size: int, world: int) -> int:
 
 
 def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Path | None = None,
-        resume: bool = False, ctx: DistContext | None = None, progress: bool = True) -> dict:
+        resume: bool = False, ctx: DistContext | None = None, progress: bool = True,
+        return_test_scores: bool = False) -> dict:
     """Train one ranker, early-stop on validation AUC, score the test split.
 
     Args:
@@ -120,6 +121,8 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
         resume: continue from out_dir/ranker.pt.
         ctx: distributed context (default: from the environment).
         progress: tqdm bars on rank 0.
+        return_test_scores: add "test_scores", the (N_test,) logits of the restored best model (for paired
+            bootstrap intervals; not written to result.json).
     Returns:
         dict with config, schema tables, per-epoch validation metrics, best_epoch, valid / test metrics,
         unknown-item counts, throughput, checkpoint path.
@@ -229,6 +232,8 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
         from feature_store.io import atomic_write_json
 
         atomic_write_json(Path(out_dir) / "result.json", result)
+    if return_test_scores:
+        result["test_scores"] = score(module, data.test, schema, items, cfg.eval_batch_size, ctx)
     return result
 
 
@@ -263,25 +268,70 @@ def coverage_report(data: PreparedData, items: ItemFeatures) -> dict:
             "train_targets": items.coverage(data.train.item)}
 
 
+def train_on_tables(interactions, catalog_ids: np.ndarray, store_root: Path, version_id: str | None,
+                    cfg: RankerConfig, split, out_dir: Path | None = None, resume: bool = False,
+                    ctx: DistContext | None = None, allow_protocol_mismatch: bool = False) -> dict:
+    """Examples from contract interactions + a store version's tables, then :func:`fit`.
+
+    Args:
+        interactions: DataFrame user_id, item_id, ts, label (the contract).
+        catalog_ids: (N,) item vocabulary.
+        store_root / version_id: the feature-store version (None: CURRENT).
+        cfg: RankerConfig; split: feature_store.split.SplitConfig.
+        allow_protocol_mismatch: train on a version built under another split protocol (reported).
+    Returns:
+        fit()'s result plus "store_version", "protocol_problems" and "data" (example counts and shares).
+    Raises:
+        ProtocolMismatchError naming both protocols, unless allow_protocol_mismatch.
+    """
+    from feature_store import FeatureStore
+    from feature_store.split import check_protocol
+    from ranker.data import items_for, prepare_examples, store_items
+
+    version = FeatureStore(store_root).read(version_id)
+    problems = check_protocol(version.manifest.get("protocol"), interactions, split, version.id,
+                              allow_protocol_mismatch)
+    data = prepare_examples(interactions, catalog_ids, cfg.history_len, split, cfg.negatives)
+    items = store_items(version, catalog_ids)
+    result = fit(data, items_for(items, cfg.features), cfg, out_dir=out_dir, resume=resume, ctx=ctx)
+    return {"store_version": version.id, "protocol_problems": problems,
+            "data": {"items": int(len(catalog_ids)), "interactions": int(len(interactions)), **data.info}, **result}
+
+
 def main(argv: list | None = None) -> int:
-    """torchrun entry: `torchrun --nproc_per_node=2 -m ranker.train --store DIR --dataset ... --features vq+rq`."""
-    from ranker import cli
+    """torchrun entry over contract tables (as `qarm data export` writes them)::
+
+        torchrun --nproc_per_node=2 -m ranker.train --items DIR/items.parquet --interactions DIR/interactions.parquet \
+            --store STORE --features vq+rq --out runs/ranker
+    """
+    from feature_store.contract import read_interactions, read_item_ids
+    from ranker.args import add_ranker_arguments, config_from_args, split_from_args
 
     parser = argparse.ArgumentParser(prog="python -m ranker.train", description="train the TorchRec ranker")
-    cli.add_arguments(parser)
+    parser.add_argument("--items", type=Path, required=True, help="contract items Parquet (item_id, ...)")
+    parser.add_argument("--interactions", type=Path, required=True,
+                        help="contract interactions Parquet (user_id, item_id, ts, label)")
+    parser.add_argument("--seed", type=int, default=0, help="model seed")
+    add_ranker_arguments(parser)
+    parser.add_argument("--out", type=Path, default=None, help="folder for ranker.pt and result.json")
+    parser.add_argument("--resume", action="store_true", help="continue from --out/ranker.pt")
     args = parser.parse_args(argv)
     ctx = setup_distributed()
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
                         format=f"%(asctime)s rank{ctx.rank} %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        result = cli.run(args, ctx=ctx)
+        result = train_on_tables(read_interactions(args.interactions), read_item_ids(args.items), args.store,
+                                 args.version, config_from_args(args), split_from_args(args), out_dir=args.out,
+                                 resume=args.resume, ctx=ctx, allow_protocol_mismatch=args.allow_protocol_mismatch)
     finally:
         if ctx.distributed:
             import torch.distributed as dist
 
             dist.destroy_process_group()
     if ctx.is_main:
-        print(json.dumps({"command": "train-ranker", "ok": True, **result}, default=str), flush=True)
+        from feature_store.io import dumps_strict
+
+        print(dumps_strict({"command": "train-ranker", "ok": True, **result}, default=str), flush=True)
     return 0
 
 

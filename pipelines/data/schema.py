@@ -19,8 +19,8 @@ import pandas as pd
 DATASETS = ("synthetic", "movielens", "generic")
 IMAGE_CHECKS = ("exists", "header", "decode")
 
-ITEM_COLUMNS = ("item_id", "title", "text", "image_uri")
-INTERACTION_COLUMNS = ("user_id", "item_id", "ts", "label")
+from feature_store.contract import INTERACTION_COLUMNS, ITEM_COLUMNS  # noqa: F401 (re-exported)
+
 REJECT_COLUMNS = ("source", "row", "item_id", "user_id", "reason", "detail", "action")
 
 # Every per-record problem a source can report. Tests inject each one; `qarm data stats` counts them.

@@ -10,7 +10,10 @@ from pathlib import Path
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from feature_store.split import add_split_arguments
 from pipelines.data import DataSpec, add_data_arguments, data_spec_from_args
+from pipelines.flags import add_underscore_aliases
+from pipelines.mllm.model_io import MODES as ALIGN_MODES
 
 
 def add_data_flags(parser) -> None:
@@ -23,46 +26,52 @@ def add_data_flags(parser) -> None:
 
 
 def add_cascade_flags(parser) -> None:
-    """Every job flag of the cascade (store, encoder, alignment, pairs, quantization)."""
+    """Every job flag of the cascade (store, encoder, alignment, pairs, quantization), hyphenated; the underscore
+    spellings of the previous release are hidden aliases (pipelines.flags)."""
     g = parser.add_argument_group("cascade job")
     g.add_argument("--store", default=None, help="feature-store root the job publishes a version into (required)")
-    g.add_argument("--work_dir", default=None,
+    g.add_argument("--cascade-seed", type=int, default=None,
+                   help="seed of pair mining, alignment, the encoder's new layers and quantization (default: "
+                        "--seed); the data stays fixed when only this changes")
+    g.add_argument("--work-dir", default=None,
                    help="scratch folder for the source snapshot and the unaligned encoder (default: a temp folder; "
                         "on a distributed runner a path every worker can read, e.g. gs://... or a shared mount)")
     g.add_argument("--encoder", default="minilm-effnet", help="named encoder config (pipelines.mllm.config), e.g. "
                                                      "minilm-effnet (real weights) or tiny (tests)")
-    g.add_argument("--embed_dim", type=int, default=0, help="item embedding size (0: the encoder config's; QARM: 64)")
-    g.add_argument("--encoder_image_size", type=int, default=0, help="encoder input pixels (0: the config's)")
-    g.add_argument("--align_mode", choices=("full", "adapters", "side"), default="side",
+    g.add_argument("--embed-dim", type=int, default=0, help="item embedding size (0: the encoder config's; QARM: 64)")
+    g.add_argument("--encoder-image-size", type=int, default=0, help="encoder input pixels (0: the config's)")
+    g.add_argument("--align-mode", choices=ALIGN_MODES, default="side",
                    help="alignment mode: full fine-tuning, VIP5 adapters, or IISAN side network (default)")
-    g.add_argument("--align_epochs", type=int, default=2, help="alignment epochs")
-    g.add_argument("--align_batch_size", type=int, default=128, help="pairs per contrastive batch")
-    g.add_argument("--align_lr", type=float, default=None, help="alignment learning rate (default: the mode's)")
-    g.add_argument("--align_temperature", type=float, default=None, help="InfoNCE temperature (default: trainer's)")
-    g.add_argument("--align_checkpoint", default=None,
+    g.add_argument("--align-epochs", type=int, default=2, help="alignment epochs")
+    g.add_argument("--align-batch-size", type=int, default=128, help="pairs per contrastive batch")
+    g.add_argument("--align-lr", type=float, default=None, help="alignment learning rate (default: the mode's)")
+    g.add_argument("--align-temperature", type=float, default=None, help="InfoNCE temperature (default: trainer's)")
+    g.add_argument("--align-checkpoint", default=None,
                    help="reuse this aligned encoder checkpoint instead of training (skips the align stage)")
-    g.add_argument("--init_encoder", default=None,
+    g.add_argument("--init-encoder", default=None,
                    help="warm-start alignment from this encoder checkpoint (the retraining job passes the "
                         "previous version's encoder/)")
-    g.add_argument("--init_quantizer", default=None,
+    g.add_argument("--init-quantizer", default=None,
                    help="warm-start RQ codebooks from this saved quantizer (previous version's quantizer/)")
-    g.add_argument("--swing_top_n", type=int, default=20, help="Swing partners kept per item")
-    g.add_argument("--swing_alpha", type=float, default=1.0, help="Swing smoothing alpha")
-    g.add_argument("--min_support", type=int, default=2, help="minimum co-occurring users of a pair")
-    g.add_argument("--trigger_history", type=int, default=50, help="previous positives searched for a trigger")
-    g.add_argument("--heldout_frac", type=float, default=0.1, help="latest share of positives held out")
-    g.add_argument("--rq_levels", type=int, default=3, help="RQ levels")
-    g.add_argument("--rq_codebook_size", type=int, default=0, help="centroids per RQ level (0: auto ~sqrt(N))")
-    g.add_argument("--fit_sample", type=int, default=100_000, help="items the RQ codebooks are fitted on")
-    g.add_argument("--vq_k", type=int, default=25, help="neighbours in the VQ code (QARM: 25)")
-    g.add_argument("--vq_index", choices=("flat", "ivf"), default="flat", help="faiss index for the VQ k-NN")
-    g.add_argument("--embed_batch_size", type=int, default=64, help="items per RunInference batch")
-    g.add_argument("--torch_threads", type=int, default=2, help="torch threads per worker")
-    g.add_argument("--align_min_ram", default=None,
+    g.add_argument("--swing-top-n", type=int, default=20, help="Swing partners kept per item")
+    g.add_argument("--swing-alpha", type=float, default=1.0, help="Swing smoothing alpha")
+    g.add_argument("--min-support", type=int, default=2, help="minimum co-occurring users of a pair")
+    g.add_argument("--trigger-history", type=int, default=50, help="previous positives searched for a trigger")
+    g.add_argument("--heldout-frac", type=float, default=0.1,
+                   help="latest share of the *train portion's* positives whose pairs validate alignment (early "
+                        "stopping, defaults); the protocol's valid / test windows never reach pair mining")
+    g.add_argument("--rq-levels", type=int, default=3, help="RQ levels")
+    g.add_argument("--rq-codebook-size", type=int, default=0, help="centroids per RQ level (0: auto ~sqrt(N))")
+    g.add_argument("--fit-sample", type=int, default=100_000, help="items the RQ codebooks are fitted on")
+    g.add_argument("--vq-k", type=int, default=25, help="neighbours in the VQ code (QARM: 25)")
+    g.add_argument("--vq-index", choices=("flat", "ivf"), default="flat", help="faiss index for the VQ k-NN")
+    g.add_argument("--embed-batch-size", type=int, default=64, help="items per RunInference batch")
+    g.add_argument("--torch-threads", type=int, default=2, help="torch threads per worker")
+    g.add_argument("--align-min-ram", default=None,
                    help="resource hint for the single align worker, e.g. 16GB (runners that honour hints: Dataflow)")
-    g.add_argument("--align_accelerator", default=None,
+    g.add_argument("--align-accelerator", default=None,
                    help="accelerator hint for the align step, e.g. 'type:nvidia-tesla-t4;count:1;install-nvidia-driver'")
-    g.add_argument("--skip_unaligned", action="store_true",
+    g.add_argument("--skip-unaligned", action="store_true",
                    help="do not embed/quantize with the unaligned encoder (no *_unaligned tables; ablation row f "
                         "and the aligned-vs-unaligned recall need them)")
 
@@ -73,14 +82,17 @@ class DataOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         add_data_flags(parser)
+        add_underscore_aliases(parser)
 
 
 class CascadeOptions(PipelineOptions):
-    """Job flags of the cascade (see `add_cascade_flags`)."""
+    """Job flags of the cascade (see `add_cascade_flags`) and the protocol's split flags."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
         add_cascade_flags(parser)
+        add_split_arguments(parser)
+        add_underscore_aliases(parser)
 
 
 def data_spec(options: PipelineOptions) -> DataSpec:
@@ -92,3 +104,10 @@ def cli_parser_flags(parser: argparse.ArgumentParser) -> None:
     """`qarm pipeline` flags: the same definitions as the PipelineOptions classes."""
     add_data_flags(parser)
     add_cascade_flags(parser)
+    add_split_arguments(parser)
+
+
+def cascade_seed(options: PipelineOptions) -> int:
+    """The seed of every seeded cascade stage: --cascade-seed, else the data --seed."""
+    seed = options.view_as(CascadeOptions).cascade_seed
+    return int(data_spec(options).seed if seed is None else seed)

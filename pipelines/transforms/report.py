@@ -1,5 +1,5 @@
-"""Driver-side pieces of the cascade: source snapshot + fingerprint, held-out pair recall, codebook metrics of the
-staged tables, and the job summary. Pure functions over files and arrays (no Beam)."""
+"""Driver-side pieces of the cascade: source snapshot + fingerprint, codebook metrics of the staged tables, and the
+job summary. Pure functions over files and arrays (no Beam)."""
 from __future__ import annotations
 
 import hashlib
@@ -34,38 +34,6 @@ def fingerprint(*frames: pd.DataFrame) -> str:
         h.update(",".join(map(str, frame.columns)).encode())
         h.update(pd.util.hash_pandas_object(frame.reset_index(drop=True), index=False).to_numpy().tobytes())
     return h.hexdigest()
-
-
-def pair_recall(item_ids: np.ndarray, emb: np.ndarray, pairs: pd.DataFrame, ks=(10, 50),
-                chunk: int = 1024) -> dict:
-    """Held-out pair retrieval: each pair is queried both ways (left -> right, right -> left) over the whole
-    catalog by inner product (embeddings are L2-normalised), the query item excluded.
-
-    Returns {"recall@K": ..., "mrr": ..., "pairs_evaluated": n, "pairs_missing": m} (missing: an item without an
-    embedding, e.g. dropped as a bad record).
-    """
-    order = np.argsort(item_ids)
-    ids, x = item_ids[order], np.asarray(emb, np.float32)[order]
-    if len(pairs) == 0 or len(ids) == 0:
-        return {**{f"recall@{k}": None for k in ks}, "mrr": None, "pairs_evaluated": 0, "pairs_missing": len(pairs)}
-    q = np.concatenate([pairs["left"].to_numpy(), pairs["right"].to_numpy()]).astype(np.int64)
-    t = np.concatenate([pairs["right"].to_numpy(), pairs["left"].to_numpy()]).astype(np.int64)
-    qpos = np.clip(np.searchsorted(ids, q), 0, len(ids) - 1)
-    tpos = np.clip(np.searchsorted(ids, t), 0, len(ids) - 1)
-    ok = (ids[qpos] == q) & (ids[tpos] == t)
-    qpos, tpos = qpos[ok], tpos[ok]
-    ranks = np.empty(len(qpos), dtype=np.int64)
-    for s in range(0, len(qpos), chunk):
-        qs, ts = qpos[s:s + chunk], tpos[s:s + chunk]
-        scores = x[qs] @ x.T  # (c, N)
-        scores[np.arange(len(qs)), qs] = -np.inf
-        target = scores[np.arange(len(qs)), ts][:, None]
-        ranks[s:s + chunk] = (scores > target).sum(axis=1)  # 0 = best
-    out = {f"recall@{k}": float((ranks < k).mean()) if len(ranks) else None for k in ks}
-    out["mrr"] = float((1.0 / (ranks + 1)).mean()) if len(ranks) else None
-    out["pairs_evaluated"] = int(len(pairs) - (~ok[:len(pairs)] | ~ok[len(pairs):]).sum())
-    out["pairs_missing"] = int(len(pairs) - out["pairs_evaluated"])
-    return out
 
 
 def code_metrics(codes, codebook_sizes: list[int]) -> dict:

@@ -94,7 +94,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys, emb_file):
     # missing column
     pq.write_table(pa.table({"item_id": pa.array(ids), "vec": pa.array(x.tolist())}), tmp_path / "nocol.parquet")
     code, res, err = _run(capsys, "--embeddings", tmp_path / "nocol.parquet", *out)
-    assert code == 1 and "nocol.parquet" in res["error"] and "missing column 'embedding'" in res["error"]
+    assert code == 1 and "nocol.parquet" in res["error"] and "missing column(s) ['embedding']" in res["error"]
     # NaN row names the row and item id
     bad = x.copy()
     bad[17, 2] = np.nan
@@ -104,21 +104,21 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys, emb_file):
     ragged = pa.table({"item_id": pa.array([1, 2]), "embedding": pa.array([[0.1, 0.2], [0.3]], pa.list_(pa.float32()))})
     pq.write_table(ragged, tmp_path / "ragged.parquet")
     code, res, _ = _run(capsys, "--embeddings", tmp_path / "ragged.parquet", *out)
-    assert code == 1 and "row 1 (item_id 2) has 1 values" in res["error"]
+    assert code == 1 and "column 'embedding' row 1 (item_id 2): length 1 differs from row 0 length 2" in res["error"]
     # duplicate ids
     dup = ids.copy()
     dup[5] = dup[2]
     code, res, _ = _run(capsys, "--embeddings", _write(tmp_path / "dup.parquet", dup, x), *out)
-    assert code == 1 and "duplicate item_id 1006 (rows 2 and 5)" in res["error"]
+    assert code == 1 and "column 'item_id' rows 2 and 5: duplicate item_id 1006" in res["error"]
     # string ids
     pq.write_table(pa.table({"item_id": pa.array(["a"]), "embedding": pa.array([[0.1]])}), tmp_path / "s.parquet")
     code, res, _ = _run(capsys, "--embeddings", tmp_path / "s.parquet", *out)
-    assert code == 1 and "'item_id' must be an integer type" in res["error"]
+    assert code == 1 and "column 'item_id' must be int64, got string" in res["error"]
     # fewer items than K, empty input, missing file
     code, res, _ = _run(capsys, "--embeddings", _write(tmp_path / "few.parquet", ids[:3], x[:3], fixed=False), *out)
     assert code == 1 and "3 rows, need at least 4" in res["error"]
     code, res, _ = _run(capsys, "--embeddings", _write(tmp_path / "empty.parquet", ids[:0], x[:0]), *out)
-    assert code == 1 and "empty input" in res["error"]
+    assert code == 1 and "empty table (0 rows)" in res["error"]
     code, res, _ = _run(capsys, "--embeddings", tmp_path / "none.parquet", *out)
     assert code == 1 and "not found" in res["error"]
     # not parquet

@@ -5,12 +5,12 @@ from pathlib import Path
 
 from ranker.config import RankerConfig
 from ranker.data import prepare_examples
-from ranker.toy import toy_world
+from pipelines.data.oracle import oracle_world
 from ranker.train import fit
 
 
 def main(out_dir: str, sharding: str) -> None:
-    world = toy_world(n_items=200, n_users=60, n_events=2000, seed=1)
+    world = oracle_world(n_items=200, n_users=60, n_events=2000, seed=1)
     data = prepare_examples(world.interactions, world.item_ids, history_len=4)
     cfg = RankerConfig(features="vq+rq", history_len=4, epochs=2, max_steps=6, batch_size=64, sharding=sharding)
     result = fit(data, world.item_features(), cfg, out_dir=Path(out_dir), progress=False)

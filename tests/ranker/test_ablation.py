@@ -1,13 +1,14 @@
 import json
-from types import SimpleNamespace
 
-import pandas as pd
+import numpy as np
 import pytest
 
 from pipelines.cli import main as qarm_main
-from ranker.ablation import markdown_table, run_ablation, summarize_runs
-from ranker.config import RankerConfig
-from ranker.toy import publish_toy_version, toy_world, write_toy_files
+from pipelines.data.oracle import oracle_world, publish_world_version, write_world_files
+from ranker.data import random_codes_like
+from ranker.metrics import auc, gauc
+from ranker.report import markdown_table
+from ranker.stats import BootstrapConfig, PairedEvaluation, summarize_runs
 
 
 def test_summary_is_paired_by_seed():
@@ -20,65 +21,115 @@ def test_summary_is_paired_by_seed():
     assert rows["id"]["auc_std"] == pytest.approx(0.0141421, rel=1e-4)  # sample std of (0.70, 0.72)
     assert rows["rq"]["delta_auc_pt_mean"] == pytest.approx(1.5)  # (1 + 2) / 2 points
     assert rows["rq"]["delta_auc_pt_std"] == pytest.approx(0.7071068, rel=1e-4)
+    assert rows["rq"]["delta_gauc_pt_mean"] == pytest.approx(1.0)  # (0 + 2) / 2
     runs["id"][0]["test_by_popularity"] = {"<5": {"auc": 0.5, "n": 4}, ">=20": {"auc": 0.9, "n": 6}}
     runs["id"][1]["test_by_popularity"] = {"<5": {"auc": 0.7, "n": 4}, ">=20": {"auc": 0.8, "n": 6}}
     rows = summarize_runs(runs)
     assert rows["id"]["auc_by_popularity"]["<5"]["auc_mean"] == pytest.approx(0.6)
-    assert "| id | 0.6000 | 0.8500 |" in markdown_table(rows)
     md = markdown_table(rows)
-    assert "| rq |" in md and "+1.50 ± 0.71" in md and "+0.10" in md
+    assert "| id | 0.6000 | 0.8500 |" in md and "| rq |" in md and "+0.10" in md
+
+
+def test_pairs_map_every_run_to_its_baseline_seed():
+    base = [{"test": {"auc": a, "gauc": a, "logloss": 0.5}, "best_epoch": 0} for a in (0.60, 0.70)]
+    row = [{"test": {"auc": a, "gauc": a, "logloss": 0.5}, "best_epoch": 0} for a in (0.61, 0.72, 0.63, 0.74)]
+    rows = summarize_runs({"id": base, "vq": row}, pairs={"vq": [0, 1, 0, 1]})  # 2 cascades x 2 model seeds
+    assert rows["vq"]["delta_auc_pt_mean"] == pytest.approx(np.mean([1, 2, 3, 4]))
+
+
+def test_weighted_auc_with_unit_weights_is_the_plain_auc_and_gauc():
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 30, 600)
+    labels = (rng.random(600) < 0.4).astype(float)
+    scores = labels * 0.5 + rng.standard_normal(600)
+    scores[:50] = np.round(scores[:50])  # ties count one half in both
+    ev = PairedEvaluation(users, labels, BootstrapConfig(replicates=50))
+    ones = np.ones(len(ev.unique_users))
+    from ranker.stats import _metric_at
+
+    assert _metric_at(ev, scores, "auc", ones) == pytest.approx(auc(labels, scores), abs=1e-12)
+    assert _metric_at(ev, scores, "gauc", ones) == pytest.approx(gauc(users, labels, scores), abs=1e-12)
+    # doubling one user's weight = duplicating its events
+    w = ones.copy()
+    w[3] = 2.0
+    dup = users == ev.unique_users[3]
+    assert _metric_at(ev, scores, "auc", w) == pytest.approx(
+        auc(np.r_[labels, labels[dup]], np.r_[scores, scores[dup]]), abs=1e-12)
+
+
+def test_bootstrap_interval_separates_a_real_gain_from_none():
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(200), 10)
+    labels = (rng.random(2000) < 0.5).astype(float)
+    noise = [rng.standard_normal(2000) for _ in range(3)]
+    weak = [labels * 0.3 + n for n in noise]
+    strong = [labels * 1.0 + n for n in noise]
+    ev = PairedEvaluation(users, labels, BootstrapConfig(replicates=300, seed=0))
+    gain = ev.diff_ci(strong, weak, "gauc")
+    assert gain["ci95"][0] > 0 and gain["ci95"][0] <= gain["mean"] <= gain["ci95"][1]
+    same = ev.diff_ci(weak, weak, "auc")
+    assert same["mean"] == 0.0 and same["ci95"] == [0.0, 0.0]
+    reverse = ev.diff_ci(weak, strong, "auc")
+    assert reverse["ci95"][1] < 0
+
+
+def test_random_codes_keep_the_shapes_and_lose_the_content():
+    world = oracle_world(n_items=120, n_users=30, n_events=600, seed=3)
+    real = world.item_features()
+    rand = random_codes_like(real, world.item_ids, seed=0)
+    assert rand.rq_sizes == real.rq_sizes and rand.vq.shape == real.vq.shape
+    assert np.array_equal(rand.has_codes, real.has_codes)
+    assert (rand.rq[1:, 0] == real.rq[1:, 0]).mean() < 0.5  # level 0 of the real codes is the cluster
+    assert np.array_equal(random_codes_like(real, world.item_ids, seed=0).rq, rand.rq)
 
 
 @pytest.mark.slow
-def test_run_ablation_on_a_toy_store(tmp_path):
-    world = toy_world(n_items=400, n_users=100, n_events=5000, seed=2)
-    publish_toy_version(world, tmp_path / "store")
-    dataset = SimpleNamespace(items=pd.DataFrame({"item_id": world.item_ids}), interactions=world.interactions,
-                              name="toy")
-    cfg = RankerConfig(history_len=8, epochs=3, batch_size=256, patience=0)
-    report = run_ablation(tmp_path / "store", dataset, seeds=2, out_dir=tmp_path / "out", base_cfg=cfg,
-                          progress=False)
-    rows = report["rows"]
-    assert set(rows) == {"id", "frozen", "vq", "rq", "vq+rq", "vq+rq-unaligned"}
-    for row in rows.values():
-        assert {"auc_mean", "auc_std", "gauc_mean", "gauc_std"} <= set(row) and row["seeds"] == 2
-    assert rows["vq+rq"]["auc_mean"] > rows["id"]["auc_mean"] + 0.05
-    assert rows["vq+rq"]["auc_mean"] > rows["vq+rq-unaligned"]["auc_mean"] + 0.05
-    assert set(rows["id"]["auc_by_popularity"]) <= {"<5", "5-19", ">=20"}
-    saved = json.loads((tmp_path / "out" / "ablation.json").read_text())
-    assert saved["rows"]["rq"]["auc_mean"] == pytest.approx(rows["rq"]["auc_mean"])
-    assert (tmp_path / "out" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
-    assert "vq+rq-unaligned" in (tmp_path / "out" / "ablation.md").read_text()
+def test_eval_on_an_oracle_store_reports_every_row_with_intervals(tmp_path, capsys):
+    world = oracle_world(n_items=400, n_users=100, n_events=6000, seed=2)
+    items, inter = write_world_files(world, tmp_path / "data")
+    publish_world_version(world, tmp_path / "store")
+    code = qarm_main(["eval", "--dataset", "generic", "--items", str(items), "--interactions", str(inter),
+                      "--store", str(tmp_path / "store"), "--seeds", "2", "--history-len", "8", "--epochs", "3",
+                      "--batch-size", "256", "--patience", "0", "--bootstrap", "200", "--out", str(tmp_path / "ev"),
+                      "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = result["rows"]
+    assert set(rows) == {"id", "frozen", "vq", "rq", "vq+rq", "vq+rq+cross", "vq+rq+frozen", "random",
+                         "vq+rq-unaligned"}
+    assert rows["vq+rq"]["runs"] == 2
+    # oracle codes carry the clusters: their gain over ids is real, random codes of the same shapes gain less
+    assert rows["vq+rq"]["gauc_diff_ci95"][0] > 0
+    assert rows["vq+rq"]["gauc_mean"] > rows["random"]["gauc_mean"] + 0.02
+    assert rows["vq+rq"]["auc_mean"] > rows["vq+rq-unaligned"]["auc_mean"] + 0.02
+    saved = json.loads((tmp_path / "ev" / "ablation.json").read_text())
+    assert saved["rows"]["rq"]["auc_diff_ci95"] == rows["rq"]["auc_diff_ci95"]
+    assert (tmp_path / "ev" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "ev" / "ablation.md").read_text()
+    assert "ΔGAUC vs ids [95% CI]" in md and "**↑**" in md
 
 
 def test_train_ranker_cli_on_generic_data(tmp_path, capsys):
-    world = toy_world(n_items=150, n_users=40, n_events=1500, seed=4)
-    items, inter = write_toy_files(world, tmp_path / "data")
-    publish_toy_version(world, tmp_path / "store")
+    world = oracle_world(n_items=150, n_users=40, n_events=1500, seed=4)
+    items, inter = write_world_files(world, tmp_path / "data")
+    publish_world_version(world, tmp_path / "store")
     code = qarm_main(["train-ranker", "--dataset", "generic", "--items", str(items), "--interactions", str(inter),
                       "--store", str(tmp_path / "store"), "--features", "rq", "--history-len", "4", "--epochs", "1",
                       "--batch-size", "128", "--out", str(tmp_path / "run"), "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["ok"] and result["features"] == "rq" and 0.0 <= result["test"]["auc"] <= 1.0
+    assert result["ok"] and result["features"] == "rq" and result["protocol_problems"] == []
     assert (tmp_path / "run" / "ranker.pt").exists()
-    # a store without the unaligned table: the row fails with a message naming the table
     code = qarm_main(["train-ranker", "--dataset", "generic", "--items", str(items), "--interactions", str(inter),
                       "--store", str(tmp_path / "nostore"), "--features", "rq", "--json"])
     assert code == 1
 
 
-def test_eval_cli_reads_a_data_spec_and_reports_rows(tmp_path, capsys):
-    world = toy_world(n_items=150, n_users=40, n_events=1500, seed=5)
-    items, inter = write_toy_files(world, tmp_path / "data")
-    publish_toy_version(world, tmp_path / "store")
-    code = qarm_main(["eval", "--dataset", "generic", "--items", str(items), "--interactions", str(inter),
-                      "--store", str(tmp_path / "store"), "--rows", "id,rq", "--seeds", "1", "--history-len", "4",
-                      "--epochs", "1", "--batch-size", "256", "--out", str(tmp_path / "ev"), "--json"])
-    assert code == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(result["rows"]) == {"id", "rq"} and result["rows"]["rq"]["seeds"] == 1
-    assert (tmp_path / "ev" / "ablation.md").exists()
+def test_eval_cli_rejects_unknown_rows(tmp_path, capsys):
+    world = oracle_world(n_items=150, n_users=40, n_events=1500, seed=5)
+    items, inter = write_world_files(world, tmp_path / "data")
+    publish_world_version(world, tmp_path / "store")
     code = qarm_main(["eval", "--dataset", "generic", "--items", str(items), "--interactions", str(inter),
                       "--store", str(tmp_path / "store"), "--rows", "id,bogus", "--json"])
     assert code == 1
+    assert "bogus" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]

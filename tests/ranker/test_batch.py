@@ -61,7 +61,7 @@ def test_history_is_strictly_before_the_event():
 def test_kjt_layout_by_hand():
     items = _items()
     ex = build_examples(_events(), _events()[lambda d: d.label > 0], items, UserIndex.from_ids([7, 8]), history_len=2)
-    cfg = RankerConfig(features="vq+rq", history_len=2)
+    cfg = RankerConfig(features="vq+rq+cross", history_len=2)
     schema = build_schema(cfg, n_users=3, items=items)
     assert schema.seq_keys == ["item_id", "hist_item_id", "rq_l0", "hist_rq_l0", "rq_l1", "hist_rq_l1"]
     assert schema.bag_keys == ["user_id", "vq"]

@@ -9,7 +9,7 @@ import pytest
 from ranker.checkpoint import load_checkpoint
 from ranker.data import prepare_examples
 from ranker.features import build_schema
-from ranker.toy import toy_world
+from pipelines.data.oracle import oracle_world
 from ranker.train import evaluate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ def test_two_process_dmp_training(tmp_path, sharding):
     worker = json.loads((tmp_path / "worker.json").read_text())
     assert worker["world_size"] == 2 and worker["steps"] == 6
     # the checkpoint gathered from both ranks reproduces the distributed test AUC in one process
-    world = toy_world(n_items=200, n_users=60, n_events=2000, seed=1)
+    world = oracle_world(n_items=200, n_users=60, n_events=2000, seed=1)
     data = prepare_examples(world.interactions, world.item_ids, history_len=4)
     items = world.item_features()
     model, cfg, meta = load_checkpoint(tmp_path / "ranker.pt", items=items, n_users=data.users.n_rows)

@@ -7,14 +7,14 @@ from ranker.config import RankerConfig
 from ranker.data import prepare_examples
 from ranker.features import build_schema
 from ranker.model import embedding_tables
-from ranker.toy import toy_world
+from pipelines.data.oracle import oracle_world
 from ranker.train import attach_optimizers, build_train_model
 from ranker.distributed import DistContext
 
 
 @pytest.fixture(scope="module")
 def world():
-    w = toy_world(n_items=60, n_users=20, n_events=600, seed=3)
+    w = oracle_world(n_items=60, n_users=20, n_events=600, seed=3)
     return w, prepare_examples(w.interactions, w.item_ids, history_len=5)
 
 

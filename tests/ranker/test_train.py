@@ -6,13 +6,13 @@ from ranker.checkpoint import load_checkpoint
 from ranker.config import RankerConfig
 from ranker.data import prepare_examples
 from ranker.features import build_schema
-from ranker.toy import toy_world
+from pipelines.data.oracle import oracle_world
 from ranker.train import evaluate, fit
 
 
 @pytest.fixture(scope="module")
 def world():
-    w = toy_world(n_items=500, n_users=120, n_events=6000, seed=0)
+    w = oracle_world(n_items=500, n_users=60, n_events=12000, seed=0)
     return w, prepare_examples(w.interactions, w.item_ids, history_len=8)
 
 
@@ -25,8 +25,8 @@ def _cfg(**kw):
 def test_codes_beat_ids_when_codes_carry_the_signal(world):
     w, data = world
     items = w.item_features()
-    ids = fit(data, items, _cfg(features="id"), progress=False)
-    codes = fit(data, items, _cfg(features="vq+rq"), progress=False)
+    ids = fit(data, items, _cfg(features="id", epochs=6), progress=False)
+    codes = fit(data, items, _cfg(features="vq+rq", epochs=6), progress=False)
     assert codes["test"]["auc"] > ids["test"]["auc"] + 0.1
     assert codes["test"]["auc"] > 0.75
 

@@ -1,14 +1,15 @@
 """`qarm store list|show|diff|rollback|retain|verify|cleanup|history --store DIR [--json]`.
 
-Exit codes follow pipelines/cli.py: 1 for a corrupt version or bad input, 4 when another writer holds the lock.
+Exit codes follow pipelines/cli.py: 1 for a corrupt version or bad input, 2 for a missing action argument, 4 when
+another writer holds the lock (StoreLockedError, mapped by the dispatcher).
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from feature_store.lock import StoreLockedError
 from feature_store.store import FeatureStore
+from pipelines.cli import EXIT_ERROR, EXIT_USAGE, CommandExit
 
 ACTIONS = ("list", "show", "diff", "rollback", "retain", "verify", "cleanup", "history")
 
@@ -31,55 +32,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pipelines.cli import EXIT_ERROR, EXIT_LOCKED, EXIT_USAGE, CommandExit
-
     store = FeatureStore(args.store)
     if args.action not in ("list", "history", "cleanup") and not store.root.is_dir():
         raise FileNotFoundError(f"feature store not found: {store.root}")
-    try:
-        if args.action == "list":
-            return _list(store, args)
-        if args.action == "show":
-            version = store.read(args.version, verify=not args.no_verify)
-            result = {"store": str(store.root), "version": version.id, "current": version.id == store.current_id(),
-                      "verified": not args.no_verify, "path": str(version.path), "manifest": version.manifest}
-            if not args.json:  # the manifest is printed in full once; the summary lines stay short
-                print(json.dumps(version.manifest, indent=2, default=str))
-                result.pop("manifest")
-            return result
-        if args.action == "diff":
-            if not args.version:
-                raise CommandExit(EXIT_USAGE, "diff needs --version OLD [--to NEW]")
-            return {"store": str(store.root), **diff_versions(store.read(args.version), store.read(args.to))}
-        if args.action == "rollback":
-            if not args.version:
-                raise CommandExit(EXIT_USAGE, "rollback needs --version (see `qarm store list`)")
-            return {"store": str(store.root), **store.rollback(args.version, lock_timeout=args.lock_timeout)}
-        if args.action == "retain":
-            if args.keep is None:
-                raise CommandExit(EXIT_USAGE, "retain needs --keep N")
-            removed = store.retain(args.keep, lock_timeout=args.lock_timeout)
-            return {"store": str(store.root), "removed": removed, "kept": [v.id for v in store.list()],
-                    "current": store.current_id()}
-        if args.action == "verify":
-            ids = [args.version] if args.version else [v.id for v in store.list()]
-            corrupt = {}
-            for version_id in ids:
-                try:
-                    store.read(version_id, verify=True)
-                except RuntimeError as exc:  # CorruptVersionError
-                    corrupt[version_id] = str(exc)
-            result = {"store": str(store.root), "checked": len(ids), "corrupt": corrupt,
-                      "current": store.current_id()}
-            if corrupt:
-                raise CommandExit(EXIT_ERROR, f"{len(corrupt)} of {len(ids)} version(s) failed verification: "
-                                              f"{next(iter(corrupt.values()))}", result)
-            return result
-        if args.action == "cleanup":
-            return {"store": str(store.root), "removed": store.cleanup()}
-        return {"store": str(store.root), "history": store.history()}
-    except StoreLockedError as exc:
-        raise CommandExit(EXIT_LOCKED, str(exc), {"holder": exc.holder}) from exc
+    if args.action == "list":
+        return _list(store, args)
+    if args.action == "show":
+        version = store.read(args.version, verify=not args.no_verify)
+        result = {"store": str(store.root), "version": version.id, "current": version.id == store.current_id(),
+                  "verified": not args.no_verify, "path": str(version.path), "manifest": version.manifest}
+        if not args.json:  # the manifest is printed in full once; the summary lines stay short
+            print(json.dumps(version.manifest, indent=2, default=str))
+            result.pop("manifest")
+        return result
+    if args.action == "diff":
+        if not args.version:
+            raise CommandExit(EXIT_USAGE, "diff needs --version OLD [--to NEW]")
+        return {"store": str(store.root), **diff_versions(store.read(args.version), store.read(args.to))}
+    if args.action == "rollback":
+        if not args.version:
+            raise CommandExit(EXIT_USAGE, "rollback needs --version (see `qarm store list`)")
+        return {"store": str(store.root), **store.rollback(args.version, lock_timeout=args.lock_timeout)}
+    if args.action == "retain":
+        if args.keep is None:
+            raise CommandExit(EXIT_USAGE, "retain needs --keep N")
+        removed = store.retain(args.keep, lock_timeout=args.lock_timeout)
+        return {"store": str(store.root), "removed": removed, "kept": [v.id for v in store.list()],
+                "current": store.current_id()}
+    if args.action == "verify":
+        ids = [args.version] if args.version else [v.id for v in store.list()]
+        corrupt = {}
+        for version_id in ids:
+            try:
+                store.read(version_id, verify=True)
+            except RuntimeError as exc:  # CorruptVersionError
+                corrupt[version_id] = str(exc)
+        result = {"store": str(store.root), "checked": len(ids), "corrupt": corrupt,
+                  "current": store.current_id()}
+        if corrupt:
+            raise CommandExit(EXIT_ERROR, f"{len(corrupt)} of {len(ids)} version(s) failed verification: "
+                                          f"{next(iter(corrupt.values()))}", result)
+        return result
+    if args.action == "cleanup":
+        return {"store": str(store.root), "removed": store.cleanup()}
+    return {"store": str(store.root), "history": store.history()}
 
 
 def _list(store: FeatureStore, args) -> dict:

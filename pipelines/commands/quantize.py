@@ -132,8 +132,8 @@ def code_metrics(x: np.ndarray, codes: np.ndarray, x_hat: np.ndarray, codebook_s
 def run(args: argparse.Namespace) -> dict:
     from quant import resolve_collisions
     from quant import metrics as M
-    from quant._io import atomic_write_json
-    from quant.tables import read_embeddings, write_codes
+    from feature_store.io import atomic_write_json
+    from feature_store.tables import read_embeddings, write_codes
 
     if args.threads:
         import faiss
@@ -184,7 +184,10 @@ def run(args: argparse.Namespace) -> dict:
         result["levels_stored"] = stored.shape[1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_codes(out / "codes.parquet", item_ids, stored, column)
+    if column == "vq":  # the contract codes table; the unused column holds empty lists
+        write_codes(out / "codes.parquet", item_ids, np.zeros((n, 0), np.int32), stored)
+    else:
+        write_codes(out / "codes.parquet", item_ids, stored)
     quantizer.save(out / "quantizer")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k not in ("json", "extra_args")}

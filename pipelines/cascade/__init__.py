@@ -1,0 +1,27 @@
+"""The QARM batch job (`qarm pipeline`, `python -m pipelines.cascade`): sources -> a published feature-store version.
+
+One Beam pipeline, every step labelled::
+
+    ReadItems / ReadInteractions (Parquet snapshot of the loaded source, each event tagged with its protocol part)
+      -> ValidateItems / ValidateInteractions (bad records -> dead letter, merged with the loader's rejects)
+      -> TrainPortion (only the protocol's train events go on: nothing downstream sees valid / test)
+      -> MinePairs (Swing + trigger->target pairs; the latest train pairs validate alignment)
+      -> Align (one worker runs the trainer; --align-checkpoint reuses one)
+      -> EmbedAligned / EmbedUnaligned (RunInference + the encoder's PyTorch ModelHandler)
+      -> Quantize* (RQ fit on a hashed sample on one worker; encode in parallel, codebooks as side input;
+                    VQ = faiss k-NN in parallel batches)
+      -> Write* (beam.io.parquetio into the store's private staging folder)
+    then, in the driver: metrics on the protocol's valid / test windows and an atomic publish (manifest with
+    ``protocol``, checksums, CURRENT flipped). Any failure discards the staging folder: CURRENT stays where it was.
+
+Modules: plan (options -> JobPlan), align_stage, graph (the Beam graph), config (manifest config + hash),
+metrics (driver-side evaluation), job (driver + entry points).
+"""
+from pipelines.cascade.align_stage import align_stage
+from pipelines.cascade.graph import CODES_FILE, EMB_FILE, UNALIGNED, build_graph
+from pipelines.cascade.job import (ACCEPTS_EXTRA_ARGS, DEFAULT_RUNNER, add_arguments, main, options_from_namespace,
+                                   run, run_job)
+from pipelines.cascade.plan import AlignPlan, JobPlan, make_plan
+
+__all__ = ["ACCEPTS_EXTRA_ARGS", "DEFAULT_RUNNER", "AlignPlan", "JobPlan", "make_plan", "align_stage", "build_graph",
+           "run_job", "run", "main", "add_arguments", "options_from_namespace", "EMB_FILE", "CODES_FILE", "UNALIGNED"]

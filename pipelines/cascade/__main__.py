@@ -1,0 +1,4 @@
+"""`python -m pipelines.cascade FLAGS`."""
+from pipelines.cascade.job import main
+
+main()

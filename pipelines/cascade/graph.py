@@ -1,0 +1,101 @@
+"""The Beam graph of the cascade: every step labelled, heavy work as PTransforms over PCollections."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import apache_beam as beam
+
+from pipelines.cascade.align_stage import align_stage
+from pipelines.cascade.plan import JobPlan
+from pipelines.transforms.common import count
+
+EMB_FILE, CODES_FILE = "item_embeddings", "item_codes"
+UNALIGNED = "_unaligned"
+
+
+class TrainPortion(beam.PTransform):
+    """Validated interactions -> those in the protocol's train portion (``_part == 0`` in the source snapshot).
+
+    The part travels with the raw snapshot row; validated records keep ``_row``, so the two are joined by row
+    (a keyed shuffle: no worker holds the log).
+    """
+
+    def __init__(self, raw):
+        super().__init__()
+        self.raw = raw
+
+    def expand(self, validated):
+        parts = self.raw | "RowParts" >> beam.Map(lambda r: (int(r["_row"]), int(r["_part"])))
+        keyed = validated | "KeyByRow" >> beam.Map(lambda r: (int(r["_row"]), r))
+        return ({"part": parts, "event": keyed} | "JoinParts" >> beam.CoGroupByKey()
+                | "KeepTrain" >> beam.FlatMap(_train_events))
+
+
+def _train_events(keyed):
+    _, grouped = keyed
+    if list(grouped["part"]) == [0]:
+        yield from grouped["event"]
+
+
+def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
+    """Add every stage of the job to `p`. Returns the main PCollections (for tests and the retraining job)."""
+    from pipelines.mllm.config import EncoderConfig
+    from pipelines.mllm.model_io import build_for_mode
+    from pipelines.transforms.embed import EmbedItems, encoder_handler
+    from pipelines.transforms.pairs import MinePairs
+    from pipelines.transforms.quantize import QuantizeItems
+    from pipelines.transforms.validate import DEAD, ValidateInteractions, ValidateItems
+    from pipelines.transforms.write import WriteCodes, WriteEmbeddings, WriteRejects
+
+    staging = Path(plan.staging)
+    enc_cfg = EncoderConfig.from_dict(plan.align.encoder)
+    items = p | "ReadItems" >> beam.io.ReadFromParquet(plan.items_path)
+    interactions = p | "ReadInteractions" >> beam.io.ReadFromParquet(plan.interactions_path)
+    loader_rejects = p | "LoaderRejects" >> beam.Create(list(plan.loader_rejects))
+
+    vi = items | "ValidateItems" >> ValidateItems(plan.image_root, plan.image_check, plan.require_image)
+    vx = interactions | "ValidateInteractions" >> ValidateInteractions(vi["items"])
+    train = vx["interactions"] | "TrainPortion" >> TrainPortion(interactions)
+    pairs = (train | "CountPairsIn" >> count("mine_pairs", "in")
+             | "MinePairs" >> MinePairs(plan.pairs))
+    _ = ((pairs["train"], pairs["heldout"]) | "AllPairs" >> beam.Flatten()
+         | "CountPairsOut" >> count("mine_pairs", "out"))
+
+    aligned_path = (p | "AlignTrigger" >> beam.Create([None])
+                    | "Align" >> beam.Map(align_stage, beam.pvalue.AsList(vi["items"]),
+                                          beam.pvalue.AsList(pairs["train"]),
+                                          plan.align, plan.image_root, str(staging / "encoder"), plan.work_dir)
+                    .with_resource_hints(**dict(plan.align_hints)))
+    # the path is also the side input, so RunInference loads the model only after the align stage wrote it
+    handler = encoder_handler(checkpoint=str(staging / "encoder"), batch_size=plan.embed_batch_size,
+                              num_threads=plan.align.threads)
+    emb = vi["items"] | "EmbedAligned" >> EmbedItems(handler, enc_cfg, plan.image_root, "embed",
+                                                     model_path=aligned_path)
+    codes = emb["embeddings"] | "Quantize" >> QuantizeItems(
+        plan.quant, "quantize", save_dir=str(staging / "quantizer"),
+        codebooks_file=str(staging / "codebooks.safetensors"), init_dir=plan.init_quantizer)
+    _ = emb["embeddings"] | "WriteEmbeddings" >> WriteEmbeddings(str(staging / EMB_FILE), enc_cfg.embed_dim)
+    _ = codes | "WriteCodes" >> WriteCodes(str(staging / CODES_FILE))
+    dead = [loader_rejects, vi[DEAD], vx[DEAD], emb[DEAD]]
+    out = {"items": vi["items"], "interactions": vx["interactions"], "train": train, "pairs": pairs,
+           "embeddings": emb,
+           "codes": codes}
+    if plan.unaligned:
+        handler_u = encoder_handler(checkpoint=None, encoder_factory=functools.partial(
+            build_for_mode, "unaligned", enc_cfg), batch_size=plan.embed_batch_size, num_threads=plan.align.threads,
+            stage="embed_unaligned")
+        emb_u = vi["items"] | "EmbedUnaligned" >> EmbedItems(handler_u, enc_cfg, plan.image_root, "embed_unaligned")
+        codes_u = emb_u["embeddings"] | "QuantizeUnaligned" >> QuantizeItems(
+            plan.quant, "quantize_unaligned", codebooks_file=str(staging / "codebooks_unaligned.safetensors"))
+        _ = emb_u["embeddings"] | "WriteEmbeddingsUnaligned" >> WriteEmbeddings(
+            str(staging / (EMB_FILE + UNALIGNED)), enc_cfg.embed_dim, stage="write_unaligned")
+        _ = codes_u | "WriteCodesUnaligned" >> WriteCodes(str(staging / (CODES_FILE + UNALIGNED)),
+                                                          stage="write_unaligned")
+        # the unaligned embedder sees the same items; its image problems are already in the aligned dead letter
+        dead.append(emb_u[DEAD] | "OnlyUnalignedNaN" >> beam.Filter(lambda r: r["reason"] == "nan_embedding"))
+        out.update(embeddings_unaligned=emb_u, codes_unaligned=codes_u)
+    dead_all = tuple(dead) | "DeadLetter" >> beam.Flatten()
+    _ = dead_all | "WriteDeadLetter" >> WriteRejects(str(staging / "dead_letter"))
+    out["dead_letter"] = dead_all
+    return out

@@ -1,0 +1,141 @@
+"""The cascade's driver: load, plan, run the graph, evaluate the staged tables, publish atomically."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import apache_beam as beam
+import pandas as pd
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
+
+from pipelines.cascade.config import job_config
+from pipelines.cascade.graph import build_graph
+from pipelines.cascade.metrics import post_metrics
+from pipelines.cascade.plan import make_plan
+from pipelines.transforms.common import read_stage_metrics
+from pipelines.transforms.options import CascadeOptions, cli_parser_flags, data_spec
+
+log = logging.getLogger("pipelines.cascade")
+
+ACCEPTS_EXTRA_ARGS = True  # `qarm pipeline` passes unknown flags (Beam's own) through to PipelineOptions
+# The embedded default: runs in-process and needs no download. Beam 2.77's "DirectRunner" tries the Prism
+# runner first, which downloads a binary (impossible offline) before falling back.
+DEFAULT_RUNNER = "BundleBasedDirectRunner"
+
+
+def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipeline=None) -> dict:
+    """Run the whole job; returns the summary (per-stage counts/seconds, dead letter, metrics, version)."""
+    from feature_store import FeatureStore
+    from feature_store.split import protocol_record
+    from pipelines.data import load_dataset
+    from pipelines.transforms.report import fingerprint
+
+    t_job = time.perf_counter()
+    opts = options.view_as(CascadeOptions)
+    if not opts.store:
+        raise ValueError("--store DIR is required (the feature store the job publishes into)")
+    options.view_as(SetupOptions).save_main_session = save_main_session
+    std = options.view_as(StandardOptions)
+    if std.runner is None:
+        std.runner = DEFAULT_RUNNER
+    spec = data_spec(options)
+    t0 = time.perf_counter()
+    ds = load_dataset(spec)
+    stages = {"read_sources": {"in": int(len(ds.items) + len(ds.interactions) + len(ds.rejects)),
+                               "out": int(len(ds.items) + len(ds.interactions)), "rejected": int(len(ds.rejects)),
+                               "seconds": round(time.perf_counter() - t0, 3)}}
+    data_sha = fingerprint(ds.items, ds.interactions)
+    own_work = opts.work_dir is None
+    work_dir = Path(tempfile.mkdtemp(prefix="qarm-cascade-")) if own_work else Path(opts.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    store = FeatureStore(opts.store)
+    try:
+        with store.stage() as st:
+            plan = make_plan(options, st.path, work_dir, ds)
+            config = job_config(plan, spec, data_sha)
+            p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
+            graph = build_graph(p, plan)
+            heldout_file = work_dir / "heldout_pairs"
+            from pipelines.transforms.write import write_pairs
+            _ = graph["pairs"]["heldout"] | "WriteHeldoutPairs" >> write_pairs(str(heldout_file))
+            _ = graph["pairs"]["train"] | "WriteTrainPairs" >> write_pairs(str(work_dir / "train_pairs"))
+            t_run = time.perf_counter()
+            result = p.run()
+            state = result.wait_until_finish()
+            if str(state).split(".")[-1] not in ("DONE", "None"):
+                raise RuntimeError(f"pipeline ended in state {state}; nothing published")
+            pipeline_seconds = round(time.perf_counter() - t_run, 3)
+            stages.update(read_stage_metrics(result))
+            t_pub = time.perf_counter()
+            dead = pd.read_parquet(Path(st.path) / "dead_letter.parquet")
+            dead_counts = {str(k): int(v) for k, v in dead["reason"].value_counts().sort_index().items()}
+            heldout = pd.read_parquet(str(heldout_file) + ".parquet")
+            train_n = len(pd.read_parquet(str(work_dir / "train_pairs") + ".parquet"))
+            metrics = post_metrics(Path(st.path), plan, heldout, ds.interactions)
+            metrics["pairs"] = {"train": int(train_n), "align_valid": int(len(heldout))}
+            metrics["dead_letter"] = dead_counts
+            metrics["counts"] = {k: v for k, v in stages.items()}
+            watermark = int(ds.interactions["ts"].max()) if len(ds.interactions) else None
+            version = st.publish(config=config, metrics=metrics,
+                                 extra={"watermark": watermark, "dataset": ds.name,
+                                        "pipeline_seconds": pipeline_seconds,
+                                        "protocol": protocol_record(ds.interactions, plan.split)})
+            stages["publish"] = {"in": 1, "out": 1, "rejected": 0, "seconds": round(time.perf_counter() - t_pub, 3)}
+    finally:
+        if own_work:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    summary = {
+        "version": version.id, "store": str(Path(opts.store).resolve()), "config_sha256": version.manifest[
+            "config_sha256"], "watermark": watermark, "dataset": ds.name, "runner": str(std.runner),
+        "stages": stages, "dead_letter": dead_counts, "dead_letter_total": int(sum(dead_counts.values())),
+        "metrics": {k: v for k, v in metrics.items() if k not in ("counts", "dead_letter")},
+        "pipeline_seconds": pipeline_seconds, "seconds": round(time.perf_counter() - t_job, 3),
+    }
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`qarm pipeline` flags (Beam's own flags pass through as unknown args)."""
+    cli_parser_flags(parser)
+
+
+def options_from_namespace(args: argparse.Namespace) -> PipelineOptions:
+    values = {k: v for k, v in vars(args).items() if k not in ("json", "extra_args", "command")}
+    values = {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
+    return PipelineOptions(list(getattr(args, "extra_args", None) or []), **values)
+
+
+def run(argv=None, save_main_session: bool = True, test_pipeline=None) -> dict:
+    """Run the job.
+
+    Args:
+        argv: command-line flags (list), or the argparse Namespace of `qarm pipeline`.
+        save_main_session: pickle the main session for remote workers (Beam convention).
+        test_pipeline: a TestPipeline to build on instead of a new Pipeline.
+    Returns:
+        the job summary dict (also printed as JSON by `qarm pipeline --json`).
+    """
+    from pipelines.transforms.report import format_summary
+
+    if isinstance(argv, argparse.Namespace):
+        options = options_from_namespace(argv)
+    else:
+        options = PipelineOptions(argv)
+    summary = run_job(options, save_main_session=save_main_session, test_pipeline=test_pipeline)
+    log.info("job summary:\n%s", format_summary(summary))
+    return summary
+
+
+def main(argv=None) -> None:
+    """`python -m pipelines.cascade FLAGS`: Beam's own entry convention (flags hyphenated or Beam's)."""
+    from feature_store.io import dumps_strict
+    from pipelines.cli import configure_logging
+
+    configure_logging(verbose=False)
+    summary = run(argv)
+    print(dumps_strict(summary, default=str))

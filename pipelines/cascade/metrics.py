@@ -1,0 +1,69 @@
+"""What the driver measures on the staged tables before publishing: codebook quality, and alignment quality on
+the protocol's validation and test windows (which no behaviour-learned stage saw).
+
+- ``codes_<enc>``: codebook metrics of the RQ codes (aligned and unaligned encoder).
+- ``next_item_<window>_<enc>``: next-item retrieval of the window's positives from each user's previous positive.
+- ``coconsumption_<window>_<enc>``: Swing pairs mined *inside* the window only, retrieved over the catalog.
+- ``align_valid_<enc>``: the alignment's own validation pairs (later train-portion pairs, looked up in the
+  training graph): a training diagnostic, not evidence.
+
+The windows' events are read in the driver: a documented bound (they are the protocol's last valid_frac +
+test_frac of the log), while the train portion never is.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from feature_store.split import split_labels
+from pipelines.cascade.graph import CODES_FILE, EMB_FILE, UNALIGNED
+from pipelines.cascade.plan import JobPlan
+
+log = logging.getLogger("pipelines.cascade")
+
+WINDOWS = {"valid": 1, "test": 2}
+
+
+def window_pairs(interactions: pd.DataFrame, part: np.ndarray, window: int, plan: JobPlan) -> pd.DataFrame:
+    """Co-consumption pairs mined inside one window only (Swing over the window's positives)."""
+    from dataclasses import replace
+
+    from pipelines.pairs import swing_pairs
+
+    inside = interactions.loc[part == window]
+    if len(inside) == 0:
+        return pd.DataFrame(columns=["left", "right"])
+    return swing_pairs(inside, replace(plan.pairs, heldout_frac=0.0))
+
+
+def post_metrics(staging: Path, plan: JobPlan, align_valid: pd.DataFrame, interactions: pd.DataFrame) -> dict:
+    """Metrics of the staged version (see the module docstring)."""
+    from feature_store.tables import read_codes, read_embeddings
+    from pipelines.mllm.evaluate import pair_retrieval
+    from pipelines.mllm.next_item import next_item_queries, next_item_retrieval
+    from pipelines.transforms.report import code_metrics
+    from safetensors.numpy import load_file
+
+    part = split_labels(interactions, plan.split)
+    queries = {w: next_item_queries(interactions, part == code) for w, code in WINDOWS.items()}
+    pairs = {w: window_pairs(interactions, part, code, plan) for w, code in WINDOWS.items()}
+    metrics = {"windows": {w: {"events": int((part == code).sum()), "next_item_queries": int(len(queries[w])),
+                               "coconsumption_pairs": int(len(pairs[w]))} for w, code in WINDOWS.items()}}
+    for suffix, name in (("", "aligned"), (UNALIGNED, "unaligned")):
+        emb_file = staging / f"{EMB_FILE}{suffix}.parquet"
+        if not emb_file.exists():
+            continue
+        ids, emb = read_embeddings(emb_file)
+        codes = read_codes(staging / f"{CODES_FILE}{suffix}.parquet")
+        books = load_file(str(staging / f"codebooks{suffix}.safetensors"))
+        sizes = [books[f"rq.level{lvl}"].shape[0] for lvl in range(len(books))]
+        metrics[f"codes_{name}"] = code_metrics(codes, sizes)
+        metrics[f"align_valid_{name}"] = pair_retrieval(ids, emb, align_valid, ks=(10, 50))
+        for window in WINDOWS:
+            metrics[f"next_item_{window}_{name}"] = next_item_retrieval(ids, emb, queries[window], ks=(10, 50),
+                                                                        seed=plan.pairs.seed)
+            metrics[f"coconsumption_{window}_{name}"] = pair_retrieval(ids, emb, pairs[window], ks=(10, 50))
+    return metrics

@@ -1,0 +1,128 @@
+"""The cascade job's plan: every setting resolved in the driver before anything runs (configs validated, paths
+fixed, the protocol's split applied to the source snapshot)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from feature_store.split import SplitConfig, split_from_args, split_labels
+from pipelines.pairs import PairConfig
+from pipelines.transforms.options import CascadeOptions, cascade_seed, data_spec
+from pipelines.transforms.quantize import QuantConfig
+
+
+@dataclass(frozen=True)
+class AlignPlan:
+    """How the align stage gets its encoder.
+
+    Args:
+        encoder: the EncoderConfig (as a dict) the encoders are built from.
+        mode: full | adapters | side.
+        epochs, batch_size, lr, temperature: training settings (lr / temperature None: the trainer's defaults).
+        checkpoint: reuse this aligned checkpoint (skip training).
+        init_encoder: warm-start training from this checkpoint.
+        threads: torch threads of the single align worker.
+        seed: training seed.
+    """
+
+    encoder: dict
+    mode: str = "side"
+    epochs: int = 2
+    batch_size: int = 128
+    lr: Optional[float] = None
+    temperature: Optional[float] = None
+    checkpoint: Optional[str] = None
+    init_encoder: Optional[str] = None
+    threads: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        from pipelines.mllm.model_io import MODES
+
+        if self.mode not in MODES:
+            raise ValueError(f"AlignPlan.mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("epochs", "batch_size", "threads"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"AlignPlan.{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint and not Path(self.checkpoint).exists():
+            raise FileNotFoundError(f"--align-checkpoint {self.checkpoint}: no such checkpoint folder")
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything the graph needs, resolved in the driver (paths, configs)."""
+
+    items_path: str
+    interactions_path: str
+    image_root: Optional[str]
+    image_check: str
+    require_image: bool
+    staging: str
+    work_dir: str
+    pairs: PairConfig
+    quant: QuantConfig
+    align: AlignPlan
+    split: SplitConfig = SplitConfig()
+    embed_batch_size: int = 64
+    unaligned: bool = True
+    init_quantizer: Optional[str] = None
+    loader_rejects: tuple = field(default_factory=tuple)
+    align_hints: tuple = ()  # (name, value) Beam resource hints of the Align step
+
+
+def encoder_dict(opts: CascadeOptions, seed: int) -> dict:
+    from pipelines.mllm.checkpoint import read_meta
+    from pipelines.mllm.config import EncoderConfig
+
+    if opts.align_checkpoint:  # the checkpoint's own encoder config wins: it decides preprocessing and width
+        return dict(read_meta(Path(opts.align_checkpoint))["encoder"])
+    overrides = {"seed": seed}
+    if opts.embed_dim:
+        overrides["embed_dim"] = opts.embed_dim
+    if opts.encoder_image_size:
+        overrides["image_size"] = opts.encoder_image_size
+    return EncoderConfig.named(opts.encoder, **overrides).to_dict()
+
+
+def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds) -> JobPlan:
+    """Resolve options + the loaded dataset into a JobPlan (validates every config before anything runs)."""
+    from pipelines.transforms.report import snapshot
+    from pipelines.transforms.common import reject
+
+    opts = options.view_as(CascadeOptions)
+    seed = cascade_seed(options)
+    split = split_from_args(opts)
+    pairs = PairConfig(swing_top_n=opts.swing_top_n, swing_alpha=opts.swing_alpha, min_support=opts.min_support,
+                       history=opts.trigger_history, heldout_frac=opts.heldout_frac, seed=seed)
+    quant = QuantConfig(rq_levels=opts.rq_levels, rq_codebook_size=opts.rq_codebook_size,
+                        fit_sample=opts.fit_sample, vq_k=opts.vq_k, vq_index=opts.vq_index, seed=seed)
+    align = AlignPlan(encoder=encoder_dict(opts, seed), mode=opts.align_mode, epochs=opts.align_epochs,
+                      batch_size=opts.align_batch_size, lr=opts.align_lr, temperature=opts.align_temperature,
+                      checkpoint=opts.align_checkpoint, init_encoder=opts.init_encoder, threads=opts.torch_threads,
+                      seed=seed)
+    if opts.init_quantizer and not Path(opts.init_quantizer).exists():
+        raise FileNotFoundError(f"--init-quantizer {opts.init_quantizer}: no such folder")
+    items_path = snapshot(ds.items, work_dir / "items.parquet")
+    # the protocol's part of every event (0 train, 1 valid, 2 test): only train reaches pair mining / alignment
+    inter_path = snapshot(ds.interactions.assign(_part=split_labels(ds.interactions, split)),
+                          work_dir / "interactions.parquet")
+    loader_rejects = tuple(
+        reject("read_sources", str(r.source), str(r.reason), row=None if pd.isna(r.row) else r.row,
+               item_id=None if pd.isna(r.item_id) else r.item_id, user_id=None if pd.isna(r.user_id) else r.user_id,
+               detail=str(r.detail), action=str(getattr(r, "action", "dropped")))
+        for r in ds.rejects.itertuples(index=False))
+    return JobPlan(items_path=str(items_path), interactions_path=str(inter_path),
+                   image_root=str(ds.image_root) if ds.image_root else None,
+                   image_check=ds.spec.validate_images if ds.spec else "header",
+                   require_image=bool(ds.spec.require_image) if ds.spec else False,
+                   staging=str(staging), work_dir=str(work_dir), pairs=pairs, quant=quant, align=align, split=split,
+                   embed_batch_size=opts.embed_batch_size, unaligned=not opts.skip_unaligned,
+                   init_quantizer=opts.init_quantizer, loader_rejects=loader_rejects,
+                   align_hints=tuple((k, v) for k, v in (("min_ram", opts.align_min_ram),
+                                                         ("accelerator", opts.align_accelerator)) if v))
+
+

@@ -1,0 +1,100 @@
+"""The ablation report as a person reads it: a Markdown table and a PNG with the paired intervals.
+
+Pure formatting over the summary rows of `ranker.stats.summarize_runs`; no training, no statistics, no I/O.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+ROW_LABELS = {
+    "id": "(a) ids only",
+    "frozen": "(b) + frozen aligned embedding",
+    "vq": "(c) + VQ code",
+    "rq": "(d) + RQ code",
+    "vq+rq": "(e) + VQ and RQ codes",
+    "vq+rq-unaligned": "(f) + VQ and RQ codes, unaligned encoder",
+    "vq+rq+cross": "(g) + VQ and RQ codes + RQ-prefix cross feature",
+    "random": "(h) + random codes, vq+rq's table shapes (capacity control)",
+    "vq+rq+frozen": "(i) + VQ and RQ codes + frozen embedding",
+}
+QARM_REFERENCE_PT = {"frozen": 0.02, "vq": 0.11, "rq": 0.10, "vq+rq": 0.18}
+
+
+
+
+def _ci(row: dict, metric: str) -> str:
+    ci = row.get(f"{metric}_diff_ci95")
+    if not ci:
+        return "—"
+    mark = " **↑**" if ci[0] > 0 else (" **↓**" if ci[1] < 0 else "")
+    return f"{row[f'{metric}_diff']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]{mark}"
+
+
+def markdown_table(rows: dict, title: str = "", notes: tuple = ()) -> str:
+    """The ablation as Markdown: AUC / GAUC mean ± std, and each row's paired difference to ids with its
+    bootstrap 95% interval in AUC units (↑ / ↓ marks an interval that excludes zero).
+
+    Args:
+        rows: ranker.stats.summarize_runs output.
+        title: heading.
+        notes: lines printed under the heading (protocol, negatives, seeds).
+    """
+    lines = [f"### {title}", ""] if title else []
+    lines += [f"{n}" for n in notes] + ([""] if notes else [])
+    lines += ["| row | features | AUC | GAUC | logloss | ΔAUC vs ids [95% CI] | ΔGAUC vs ids [95% CI] | QARM ΔAUC (pt) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        ref = f"{QARM_REFERENCE_PT[name]:+.2f}" if name in QARM_REFERENCE_PT else "—"
+        lines.append(f"| {name} | {ROW_LABELS.get(name, name)} | {r['auc_mean']:.4f} ± {r['auc_std']:.4f} | "
+                     f"{r['gauc_mean']:.4f} ± {r['gauc_std']:.4f} | {r['logloss_mean']:.4f} | {_ci(r, 'auc')} | "
+                     f"{_ci(r, 'gauc')} | {ref} |")
+    buckets = [b for b in ("<5", "5-19", ">=20") if any(b in r.get("auc_by_popularity", {}) for r in rows.values())]
+    if buckets:
+        lines += ["", "Test AUC by the target item's training positives (mean over runs; n = test rows):", "",
+                  "| row | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)]
+        for name, r in rows.items():
+            cells = [f"{r['auc_by_popularity'][b]['auc_mean']:.4f}" if b in r.get("auc_by_popularity", {}) else "—"
+                     for b in buckets]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        first = next(r for r in rows.values() if "auc_by_popularity" in r)
+        lines.append("| n | " + " | ".join(str(first["auc_by_popularity"].get(b, {}).get("n", "—")) for b in buckets) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart_png(rows: dict, title: str, baseline: str = "id") -> bytes:
+    """PNG bytes: per row, the paired AUC and GAUC difference to the baseline with its 95% interval (rows
+    without an interval show mean ± std of the difference over runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in rows if n != baseline]
+    y = np.arange(len(names))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 2), sharey=True)
+    for ax, metric in zip(axes, ("auc", "gauc")):
+        for yi, name in zip(y, names):
+            r = rows[name]
+            if f"{metric}_diff_ci95" in r:
+                mean, (lo, hi) = r[f"{metric}_diff"], r[f"{metric}_diff_ci95"]
+            elif f"delta_{metric}_pt_mean" in r:
+                mean = r[f"delta_{metric}_pt_mean"] / 100.0
+                lo, hi = mean - r[f"delta_{metric}_pt_std"] / 100.0, mean + r[f"delta_{metric}_pt_std"] / 100.0
+            else:
+                continue
+            color = "#2a9d4b" if lo > 0 else ("#c0392b" if hi < 0 else "#6a8caf")
+            ax.errorbar(mean, yi, xerr=[[mean - lo], [hi - mean]], fmt="o", color=color, capsize=4)
+            ax.text(hi, yi, f"  {mean:+.4f}", va="center", fontsize=8)
+        ax.axvline(0.0, color="#555555", lw=1, ls="--")
+        ax.set_yticks(y, names)
+        ax.set_title(f"{metric.upper()} − {baseline} (95% paired bootstrap CI)")
+        ax.set_xlabel("difference in AUC units")
+    axes[0].invert_yaxis()
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
