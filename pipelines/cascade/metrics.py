@@ -34,9 +34,11 @@ def window_pairs(interactions: pd.DataFrame, part: np.ndarray, window: int, plan
     from pipelines.pairs import swing_pairs
 
     inside = interactions.loc[part == window]
-    if len(inside) == 0:
-        return pd.DataFrame(columns=["left", "right"])
-    return swing_pairs(inside, replace(plan.pairs, heldout_frac=0.0))
+    directed = swing_pairs(inside, replace(plan.pairs, heldout_frac=0.0)) if len(inside) else None
+    if directed is None or len(directed) == 0:
+        return pd.DataFrame({"left": np.zeros(0, np.int64), "right": np.zeros(0, np.int64)})
+    a, b = directed["item"].to_numpy(np.int64), directed["partner"].to_numpy(np.int64)
+    return pd.DataFrame({"left": np.minimum(a, b), "right": np.maximum(a, b)}).drop_duplicates(ignore_index=True)
 
 
 def post_metrics(staging: Path, plan: JobPlan, align_valid: pd.DataFrame, interactions: pd.DataFrame) -> dict:

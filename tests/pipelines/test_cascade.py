@@ -14,8 +14,8 @@ from feature_store import FeatureStore
 pytestmark = pytest.mark.slow
 
 TINY = ["--n-items", "48", "--n-users", "40", "--n-events", "1600", "--n-clusters", "4", "--image-size", "16",
-        "--encoder", "tiny", "--align_epochs", "1", "--align_batch_size", "32", "--rq_levels", "2", "--vq_k", "4",
-        "--torch_threads", "1", "--embed_batch_size", "32", "--seed", "0", "--runner", "DirectRunner"]
+        "--encoder", "tiny", "--align-epochs", "1", "--align-batch-size", "32", "--rq-levels", "2", "--vq-k", "4",
+        "--torch-threads", "1", "--embed-batch-size", "32", "--seed", "0"]
 
 
 def _run(argv):
@@ -63,14 +63,24 @@ def test_publishes_a_contract_version(first_run):
     assert m["config"]["pairs"]["history"] == 50 and m["config"]["quantizer"]["vq_k"] == 4
     assert m["metrics"]["codes_aligned"]["items"] == 48
     assert 0.0 <= m["metrics"]["codes_aligned"]["collision_rate"] <= 1.0
-    assert "recall@10" in m["metrics"]["heldout_aligned"] and "recall@10" in m["metrics"]["heldout_unaligned"]
+    for key in ("next_item_valid", "next_item_test", "coconsumption_test", "align_valid"):
+        assert "recall@10" in m["metrics"][f"{key}_aligned"] and "recall@10" in m["metrics"][f"{key}_unaligned"]
+    assert m["metrics"]["next_item_test_aligned"]["n_queries"] > 0
+    # the protocol: recorded, and only its train portion reached pair mining
+    protocol = m["protocol"]
+    assert protocol["split"]["method"] == "global" and protocol["train_max_ts"] < protocol["valid_start_ts"]
+    assert st_in(summary, "mine_pairs") == protocol["train_events"] < protocol["events"]
     # summary: per-stage counts line up
     st = summary["stages"]
     assert st["validate_items"]["in"] == st["validate_items"]["out"] == 48
     assert st["embed"]["out"] == 48 and st["quantize"]["out"] == 48
-    assert st["mine_pairs"]["out"] == m["metrics"]["pairs"]["train"] + m["metrics"]["pairs"]["heldout"] > 0
+    assert st["mine_pairs"]["out"] == m["metrics"]["pairs"]["train"] + m["metrics"]["pairs"]["align_valid"] > 0
     assert summary["dead_letter_total"] == 0
     json.dumps(summary)  # JSON-able for `--json`
+
+
+def st_in(summary, stage):
+    return summary["stages"][stage]["in"]
 
 
 def test_rerun_is_idempotent(first_run):
@@ -97,7 +107,7 @@ def test_failed_run_leaves_current(first_run, monkeypatch, tmp_path):
         raise RuntimeError("injected failure in the RQ fit")
 
     monkeypatch.setattr(Q, "fit_rq", broken_fit)
-    reuse = ["--align_checkpoint", str(store.read().path / "encoder"), "--skip_unaligned"]
+    reuse = ["--align-checkpoint", str(store.read().path / "encoder"), "--skip-unaligned"]
     with pytest.raises(Exception, match="injected failure"):
         _run(argv + reuse)
     assert store.current_id() == before
@@ -139,7 +149,7 @@ def test_bad_records_go_to_dead_letter(first_run, tmp_path, monkeypatch):
     args = [a for a in TINY if a not in ("--n-items", "48")]
     summary = _run(args + ["--dataset", "generic", "--items", str(folder / "items.csv"), "--interactions",
                            str(folder / "interactions.csv"), "--store", str(tmp_path / "store"),
-                           "--align_checkpoint", str(store.read().path / "encoder"), "--skip_unaligned"])
+                           "--align-checkpoint", str(store.read().path / "encoder"), "--skip-unaligned"])
     assert summary["dead_letter"] == {"corrupt_image": 1, "duplicate_item": 1, "nan_embedding": 1,
                                       "unknown_item": 1}
     v = FeatureStore(tmp_path / "store").read()
@@ -152,14 +162,14 @@ def test_bad_records_go_to_dead_letter(first_run, tmp_path, monkeypatch):
 
 
 def test_demo_report_from_published_version(first_run, tmp_path):
-    from pipelines.demo import _markdown, _plots
+    from pipelines.demo_report import markdown, write_plots
 
     base, _, summary = first_run
     version = FeatureStore(base / "store").read(summary["version"])
-    plots = _plots(version, summary["metrics"], tmp_path)
-    assert set(plots) == {"utilization", "items_per_code", "heldout_recall"}
+    plots = write_plots(version, summary["metrics"], tmp_path)
+    assert set(plots) == {"utilization", "items_per_code", "next_item_recall"}
     for path in plots.values():
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    md = _markdown(summary, None, "The ranker ablation is not built yet.", plots)
+    md = markdown(summary, None, "Skipped (--skip-ablation).", plots)
     assert summary["version"] in md and "| aligned | 48 |" in md and "| unaligned | 48 |" in md
-    assert "not built yet" in md and "![utilization](utilization.png)" in md
+    assert "| aligned | next item |" in md and "![utilization](utilization.png)" in md
