@@ -19,7 +19,7 @@ setup(
     install_requires=[
         "torch>=2.4", "torchvision", "tensordict", "torchmetrics", "pyre-extensions", "tqdm",
         "apache-beam>=2.60", "pyarrow<26", "transformers>=4.40", "open_clip_torch", "timm", "safetensors",
-        "numpy", "pandas", "pillow", "pyyaml", "matplotlib",
+        "numpy", "scipy", "pandas", "pillow", "pyyaml", "matplotlib",
     ],
     extras_require={
         "cpu": ["fbgemm-gpu-cpu==1.9.0", "faiss-cpu==1.15.1"],

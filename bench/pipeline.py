@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     print(f"embed stage ({e['encoder']}, {e['items']} items): torch loop {e['torch_items_per_s']} items/s, "
           f"Beam DirectRunner {e['beam_items_per_s']} items/s, Beam/torch time ratio {e['beam_overhead_ratio']} "
           f"(target <= 1.2: {'met' if e['meets_target'] else 'NOT met'})")
-    job = ["--encoder", args.job_encoder, "--align_epochs", "1", "--torch_threads", str(args.threads)]
+    job = ["--encoder", args.job_encoder, "--align-epochs", "1", "--torch-threads", str(args.threads)]
     runs = []
     if args.movielens:
         runs.append(("movielens-posters", ["--dataset", "movielens", "--data", str(args.movielens),

@@ -5,13 +5,9 @@ old one. The ranker's learned code-embedding table (one row per centroid and lev
 scrambled. :func:`remap_code_tables` builds the new table by giving every new centroid the learned row of the old
 centroid that means the same thing:
 
-- ``one_to_one`` (default): greedy one-to-one matching on centroid similarity. Exactly what "sort all
-  (new, old) pairs by similarity and take each pair whose two ends are still free" gives, computed in rounds of
-  *mutual* nearest neighbours (each round is one vectorised argmax over the still-free submatrix, and the best
-  remaining pair is always mutual, so every round makes progress). Greedy is a 1/2-approximation of the optimal
-  assignment; with a warm-started refit most centroids barely move, so the mutual pairs are the right pairs and
-  it needs few rounds. We do not run the Hungarian algorithm: it is O(K^3) (minutes at K = 4096 in numpy) and
-  scipy is not a dependency.
+- ``one_to_one`` (default): the optimal one-to-one matching on centroid similarity (maximum total similarity,
+  ``scipy.optimize.linear_sum_assignment``; a few seconds at K = 4096). With more new than old centroids the
+  extra new ones stay unmatched.
 - ``nearest``: every new centroid takes its nearest old centroid's row; rows may be shared (many-to-one).
 - ``items``: every new code takes the row of the old code most of its items had before (a vote over the items
   both versions share, joined on item_id); codes nobody voted for fall back to ``one_to_one``. This follows what
@@ -100,7 +96,7 @@ def remap_code_tables(old_codebooks: Sequence, new_codebooks: Sequence, old_tabl
     Returns:
         :class:`RemapResult`. Per-level statistics: ``share_matched`` (new rows that inherited an old row),
         ``mean_cosine`` / ``mean_l2`` between matched centroids, ``reused_old_rows`` (old rows copied more
-        than once; 0 for one-to-one), ``rounds`` (one-to-one rounds), ``voted`` (rows set by item votes).
+        than once; 0 for one-to-one), ``voted`` (rows set by item votes).
     """
     if not (len(old_codebooks) == len(new_codebooks) == len(old_tables)):
         raise ValueError(f"remap: level counts differ: old codebooks {len(old_codebooks)}, new codebooks "
@@ -118,11 +114,11 @@ def remap_code_tables(old_codebooks: Sequence, new_codebooks: Sequence, old_tabl
         _check_level(level, old_c, new_c, old_t)
         k_old, k_new = len(old_c), len(new_c)
         sim = _similarity(new_c, old_c, config.metric)  # (K_new, K_old), higher is closer
-        rounds, voted = 0, 0
+        voted = 0
         if config.method == "nearest":
             mapping = sim.argmax(axis=1).astype(np.int64)
         else:
-            mapping, rounds = greedy_one_to_one(sim)
+            mapping = optimal_one_to_one(sim)
         if config.method == "items":
             votes, _ = item_vote_mapping(old_codes, new_codes, level, k_new)
             voted = int((votes >= 0).sum())
@@ -144,35 +140,25 @@ def remap_code_tables(old_codebooks: Sequence, new_codebooks: Sequence, old_tabl
             "mean_cosine": float(_cosine_of_pairs(new_c, old_c, mapping)[matched].mean()) if matched.any() else None,
             "mean_l2": float(np.linalg.norm(new_c[matched] - old_c[used], axis=1).mean()) if matched.any() else None,
             "reused_old_rows": int(len(used) - len(np.unique(used))),
-            "rounds": rounds, "voted": voted,
+            "voted": voted,
         })
     return result
 
 
-def greedy_one_to_one(sim: np.ndarray) -> tuple[np.ndarray, int]:
-    """Greedy maximum-similarity one-to-one matching by rounds of mutual nearest neighbours.
+def optimal_one_to_one(sim: np.ndarray) -> np.ndarray:
+    """Maximum-total-similarity one-to-one matching.
 
     Args:
         sim: (R, C) similarity, higher is better.
     Returns:
-        mapping (R,) int64 column matched to each row or -1 (when R > C), and the number of rounds.
+        mapping (R,) int64 column matched to each row, or -1 for rows left over when R > C.
     """
-    n_rows, n_cols = sim.shape
-    mapping = np.full(n_rows, -1, np.int64)
-    free_rows, free_cols = np.arange(n_rows), np.arange(n_cols)
-    rounds = 0
-    while len(free_rows) and len(free_cols):
-        rounds += 1
-        # (r, c) still-free submatrix; the first round needs no copy
-        sub = sim if rounds == 1 else sim[np.ix_(free_rows, free_cols)]
-        best_col = sub.argmax(axis=1)  # (r,)
-        best_row = sub.argmax(axis=0)  # (c,)
-        mutual = best_row[best_col] == np.arange(len(free_rows))  # row i and its best column agree
-        mapping[free_rows[mutual]] = free_cols[best_col[mutual]]
-        keep_cols = np.ones(len(free_cols), bool)
-        keep_cols[best_col[mutual]] = False
-        free_rows, free_cols = free_rows[~mutual], free_cols[keep_cols]
-    return mapping, rounds
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(sim, maximize=True)
+    mapping = np.full(sim.shape[0], -1, np.int64)
+    mapping[rows] = cols
+    return mapping
 
 
 def item_vote_mapping(old_codes: CodeTable, new_codes: CodeTable, level: int, k_new: int

@@ -20,6 +20,7 @@ Exit codes: 0 ok, 1 error (bad input, failed job), 2 usage (unknown flag), 3 rej
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -108,6 +109,22 @@ def configure_logging(verbose: bool = False) -> None:
             pass
 
 
+@contextlib.contextmanager
+def _quiet_imports(verbose: bool):
+    """Import-time chatter of third-party packages (Beam's "apitools not found" on the root logger) stays out of
+    the way unless -v."""
+    root = logging.getLogger()
+    level = root.level
+    if not verbose:
+        root.setLevel(logging.ERROR)
+        if not root.handlers:
+            root.addHandler(logging.NullHandler())
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -118,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _top_parser().parse_args([name])  # prints the choices and exits 2
     module_name, help_ = COMMANDS[name]
     as_json = "--json" in rest
-    module = importlib.import_module(module_name)  # a broken install fails loudly here, never "not built"
+    verbose = "-v" in rest or "--verbose" in rest
+    with _quiet_imports(verbose):
+        module = importlib.import_module(module_name)  # a broken install fails loudly here, never "not built"
     parser = argparse.ArgumentParser(prog=f"qarm {name}", description=help_)
     module.add_arguments(parser)
     if not any(a.dest == "json" for a in parser._actions):

@@ -153,3 +153,63 @@ def test_every_built_command_follows_the_module_contract(name):
         positional, required = len(args.args), len(args.args) - len(args.defaults)
         # Callable as fn(x): e.g. Beam-style run(argv=None, save_main_session=True, test_pipeline=None) is fine.
         assert positional >= 1 and required <= 1, f"{path}: {fn} must be callable with one argument"
+
+
+def test_strict_json_prints_null_never_nan(monkeypatch, capsys):
+    import numpy as np
+
+    _fake_command(monkeypatch, "nanny", lambda args: {"recall": float("nan"), "inf": np.float32("inf"),
+                                                     "nested": [np.float64("nan"), 1.5]})
+    assert cli.main(["nanny", "--json"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "NaN" not in line and "Infinity" not in line
+    parsed = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}"))
+    assert parsed["recall"] is None and parsed["inf"] is None and parsed["nested"] == [None, 1.5]
+
+
+def test_a_flag_neither_qarm_nor_beam_knows_is_a_usage_error(capsys):
+    code = cli.main(["pipeline", "--store", "/nonexistent/never-used", "--align_epochz", "5", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "--align_epochz" in err
+    assert json.loads(out.strip().splitlines()[-1])["error_type"] == "UnknownFlagError"
+
+
+def test_beam_flags_pass_the_unknown_flag_check():
+    from pipelines.flags import UnknownFlagError, check_beam_flags
+
+    check_beam_flags(["--runner", "FlinkRunner", "--flink_master", "host:8081", "--direct_num_workers", "2",
+                      "--environment_type", "LOOPBACK"])
+    with pytest.raises(UnknownFlagError, match="--bogus_flag"):
+        check_beam_flags(["--runner", "FlinkRunner", "--bogus_flag", "1"])
+
+
+def test_old_underscore_spelling_is_a_hidden_alias(caplog):
+    import argparse
+
+    from pipelines.flags import add_underscore_aliases, warn_deprecated_spellings
+    from pipelines.transforms.options import cli_parser_flags
+
+    parser = argparse.ArgumentParser(prog="qarm pipeline")
+    cli_parser_flags(parser)
+    aliases = add_underscore_aliases(parser)
+    assert parser.parse_args(["--align_epochs", "5"]).align_epochs == 5
+    assert parser.parse_args(["--align-epochs", "6"]).align_epochs == 6
+    help_text = parser.format_help()
+    assert "--align-epochs" in help_text and "--align_epochs" not in help_text
+    with caplog.at_level("WARNING", logger="pipelines.flags"):
+        warn_deprecated_spellings(["--align_epochs=5"], aliases)
+    assert "use --align-epochs" in caplog.text
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_command_speaks_hyphens_and_shows_its_groups(command):
+    import argparse
+    import importlib
+
+    module = importlib.import_module(cli.COMMANDS[command][0])
+    parser = argparse.ArgumentParser(prog=f"qarm {command}")
+    module.add_arguments(parser)
+    flags = [f for a in parser._actions for f in a.option_strings if f.startswith("--")]
+    assert flags and not [f for f in flags if "_" in f], f"qarm {command}: underscore flags"
+    if len(flags) > 8:  # commands with many flags group them under headings
+        assert len(parser._action_groups) > 2

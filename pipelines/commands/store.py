@@ -20,14 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--version vs --to (default CURRENT): config, rows, metrics and code churn; rollback: "
                              "point CURRENT at --version; retain: keep the newest --keep; verify: check every "
                              "checksum; cleanup: sweep crashed writers' leftovers; history: CURRENT changes")
-    parser.add_argument("--store", required=True, help="feature-store root directory")
-    parser.add_argument("--version", help="version id (show / diff / rollback / verify)")
-    parser.add_argument("--to", help="diff: the newer version (default CURRENT)")
-    parser.add_argument("--keep", type=int, help="retain: number of newest versions to keep (CURRENT always kept)")
-    parser.add_argument("--no-verify", action="store_true", help="show: skip checksum verification")
-    parser.add_argument("--verify", action="store_true", help="list: also verify every checksum of every version")
-    parser.add_argument("--lock-timeout", type=float, default=0.0,
-                        help="seconds to wait for a busy store lock before giving up (default: fail at once)")
+    g = parser.add_argument_group("store")
+    g.add_argument("--store", required=True, help="feature-store root directory")
+    g.add_argument("--version", help="version id (show / diff / rollback / verify)")
+    g.add_argument("--lock-timeout", type=float, default=0.0,
+                   help="seconds to wait for a busy store lock before giving up (default: fail at once)")
+    a = parser.add_argument_group("action options")
+    a.add_argument("--to", help="diff: the newer version (default CURRENT)")
+    a.add_argument("--keep", type=int, help="retain: number of newest versions to keep (CURRENT always kept)")
+    a.add_argument("--no-verify", action="store_true", help="show: skip checksum verification")
+    a.add_argument("--verify", action="store_true", help="list: also verify every checksum of every version")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
 

@@ -135,23 +135,23 @@ def _cascade_flags(parent, data_dir: Path, cfg: RetrainConfig, candidate_store: 
     enc, align, quant = pcfg.get("encoder", {}), pcfg.get("align", {}), pcfg.get("quantizer", {})
     flags = ["--dataset", "generic", "--mapping", str(data_dir / "mapping.json"), "--store", str(candidate_store),
              "--seed", str(cfg.seed), "--runner", "DirectRunner",
-             "--align_mode", str(align.get("mode", "side")), "--align_epochs", str(cfg.align_epochs)]
+             "--align-mode", str(align.get("mode", "side")), "--align-epochs", str(cfg.align_epochs)]
     if enc.get("name"):
         flags += ["--encoder", str(enc["name"])]
     if enc.get("embed_dim"):
-        flags += ["--embed_dim", str(enc["embed_dim"])]
+        flags += ["--embed-dim", str(enc["embed_dim"])]
     if enc.get("image_size"):
-        flags += ["--encoder_image_size", str(enc["image_size"])]
-    for key, flag in (("rq_levels", "--rq_levels"), ("rq_codebook_size", "--rq_codebook_size"),
-                      ("vq_k", "--vq_k"), ("fit_sample", "--fit_sample")):
+        flags += ["--encoder-image-size", str(enc["image_size"])]
+    for key, flag in (("rq_levels", "--rq-levels"), ("rq_codebook_size", "--rq-codebook-size"),
+                      ("vq_k", "--vq-k"), ("fit_sample", "--fit-sample")):
         if quant.get(key):
             flags += [flag, str(quant[key])]
     if cfg.warm_start:
-        for folder, flag in (("encoder", "--init_encoder"), ("quantizer", "--init_quantizer")):
+        for folder, flag in (("encoder", "--init-encoder"), ("quantizer", "--init-quantizer")):
             if (parent.path / folder).is_dir():
                 flags += [flag, str(parent.path / folder)]
     if cfg.skip_unaligned:
-        flags.append("--skip_unaligned")
+        flags.append("--skip-unaligned")
     return flags + list(cfg.extra_flags)
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from feature_store.remap import RemapConfig, code_churn, greedy_one_to_one, item_vote_mapping, remap_code_tables
+from feature_store.remap import RemapConfig, code_churn, optimal_one_to_one, item_vote_mapping, remap_code_tables
 from feature_store.tables import CodeTable
 
 
@@ -43,21 +43,20 @@ def test_one_to_one_vs_nearest_when_two_new_centroids_want_the_same_old_one():
     assert mean_init.tables[0][1, 0] == pytest.approx(1.5)
 
 
-def test_greedy_matches_sorted_pairs_greedy():
+def test_one_to_one_is_the_optimal_assignment():
+    import itertools
+
     rng = np.random.default_rng(0)
-    sim = rng.normal(size=(30, 25))
-    mapping, rounds = greedy_one_to_one(sim)
-    # reference: sort all pairs, take each pair whose row and column are both free
-    ref = np.full(30, -1)
-    used_r, used_c = set(), set()
-    for flat in np.argsort(-sim, axis=None):
-        r, c = divmod(int(flat), 25)
-        if r not in used_r and c not in used_c:
-            ref[r] = c
-            used_r.add(r)
-            used_c.add(c)
+    sim = rng.normal(size=(6, 5))
+    mapping = optimal_one_to_one(sim)
+    # reference: every way to give 5 of the 6 rows a distinct column
+    best = max(itertools.permutations(range(6), 5), key=lambda rows: sum(sim[r, c] for c, r in enumerate(rows)))
+    ref = np.full(6, -1)
+    for c, r in enumerate(best):
+        ref[r] = c
     assert mapping.tolist() == ref.tolist()
-    assert (mapping >= 0).sum() == 25 and rounds >= 1
+    # a case where greedy (take the best pair first) is not optimal: 0.9 + 0.1 < 0.8 + 0.8
+    assert optimal_one_to_one(np.array([[0.9, 0.8], [0.8, 0.1]])).tolist() == [1, 0]
 
 
 def test_min_cosine_threshold_and_validation():

@@ -173,3 +173,21 @@ def test_demo_report_from_published_version(first_run, tmp_path):
     md = markdown(summary, None, "Skipped (--skip-ablation).", plots)
     assert summary["version"] in md and "| aligned | 48 |" in md and "| unaligned | 48 |" in md
     assert "| aligned | next item |" in md and "![utilization](utilization.png)" in md
+
+
+def test_command_line_job_log_is_for_people(tmp_path):
+    """`qarm pipeline` from a shell: no Beam INFO / Prism download attempt / loader chatter, our stage lines only."""
+    import os
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "pipelines.cli", "pipeline", *TINY, "--skip-unaligned", "--data", str(tmp_path / "i"),
+            "--store", str(tmp_path / "store"), "--json"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2],
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    err = out.stderr
+    for noise in ("prism", "Prism", "apitools", "apache_beam", "INFO root", "faiss.loader", "Loading faiss"):
+        assert noise not in err, noise
+    assert "INFO pipelines.cascade" in err and "published:" in err
+    assert json.loads(out.stdout.strip().splitlines()[-1])["ok"] is True

@@ -20,7 +20,7 @@ RUNNERS = {
     "DataflowRunner": ["--runner", "DataflowRunner", "--project", "qarm-test-project", "--region", "us-central1",
                        "--temp_location", "gs://qarm-test-bucket/tmp", "--staging_location",
                        "gs://qarm-test-bucket/staging", "--machine_type", "n1-standard-8",
-                       "--align_min_ram", "16GB"],
+                       "--align-min-ram", "16GB"],
 }
 STEPS = ("ReadItems", "ReadInteractions", "ValidateItems", "ValidateInteractions", "MinePairs", "Align",
          "EmbedAligned", "EmbedUnaligned", "Quantize", "QuantizeUnaligned", "WriteEmbeddings", "WriteCodes",
@@ -40,7 +40,7 @@ def test_graph_builds_for_runner(runner, dataset, tmp_path):
     from pipelines.cascade import build_graph, make_plan
     from pipelines.transforms.options import CascadeOptions, DataOptions
 
-    argv = RUNNERS[runner] + JOB + ["--store", str(tmp_path / "store"), "--work_dir", str(tmp_path / "work")]
+    argv = RUNNERS[runner] + JOB + ["--store", str(tmp_path / "store"), "--work-dir", str(tmp_path / "work")]
     options = PipelineOptions(argv)
     assert options.view_as(StandardOptions).runner == runner
     assert options.view_as(SetupOptions).setup_file.endswith("setup.py")

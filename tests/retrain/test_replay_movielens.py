@@ -32,8 +32,8 @@ def test_movielens_daily_replay(movielens_dir, tmp_path):
     top = ds.interactions["item_id"].value_counts().index[:600]
     ds = dataclasses.replace(ds, items=ds.items[ds.items["item_id"].isin(top)].reset_index(drop=True),
                              interactions=ds.interactions[ds.interactions["item_id"].isin(top)].reset_index(drop=True))
-    flags = ["--encoder", "tiny", "--encoder_image_size", "32", "--rq_codebook_size", "32", "--vq_k", "10",
-             "--align_epochs", "1", "--skip_unaligned"]
+    flags = ["--encoder", "tiny", "--encoder-image-size", "32", "--rq-codebook-size", "32", "--vq-k", "10",
+             "--align-epochs", "1", "--skip-unaligned"]
     report = replay(ds, tmp_path / "store", days=2, tail=0.04, flags=flags,
                     cfg_kwargs={"align_epochs": 1, "skip_unaligned": True})
     days = report["days"]

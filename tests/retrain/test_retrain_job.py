@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 DATA_FLAGS = ["--dataset", "synthetic", "--n-items", "240", "--n-users", "60", "--n-events", "5000",
               "--n-clusters", "6"]
-JOB_FLAGS = ["--encoder", "tiny", "--rq_codebook_size", "12", "--align_epochs", "1", "--vq_k", "5"]
+JOB_FLAGS = ["--encoder", "tiny", "--rq-codebook-size", "12", "--align-epochs", "1", "--vq-k", "5"]
 
 
 def _last_json(capsys) -> dict:
