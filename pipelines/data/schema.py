@@ -3,7 +3,8 @@
 Contract (../shared/DESIGN.md):
     items:        item_id int64 (unique), title str, text str|None, image_uri str|None, + attribute columns
     interactions: user_id int64, item_id int64, ts int64 (unix seconds), label float32 (1 = positive), sorted by ts
-    rejects:      source, row, item_id, user_id, reason, detail, action  (one row per bad record)
+    rejects:      source, row, item_id, user_id (raw ids as text), item_dense_id, user_dense_id (Int64, where the
+                  loader made one), reason, detail, action  (one row per bad record)
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ IMAGE_CHECKS = ("exists", "header", "decode")
 
 ITEM_COLUMNS = ("item_id", "title", "text", "image_uri")
 INTERACTION_COLUMNS = ("user_id", "item_id", "ts", "label")
-REJECT_COLUMNS = ("source", "row", "item_id", "user_id", "reason", "detail", "action")
+REJECT_COLUMNS = ("source", "row", "item_id", "user_id", "item_dense_id", "user_dense_id", "reason", "detail", "action")
 
 # Every per-record problem a source can report. Tests inject each one; `qarm data stats` counts them.
 REJECT_REASONS = (

@@ -8,6 +8,8 @@ contract's (`pipelines.data.schema.REJECT_REASONS`).
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -22,8 +24,60 @@ def _blank(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
 
 
-def _missing_number(value) -> bool:
-    return value is None or (isinstance(value, float) and not math.isfinite(value))
+_INT_TEXT = re.compile(r"[+-]?\d+(?:\.0*)?")
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def parse_int(value):
+    """(int or None, bad): the same rule as the loader's `pipelines.data.io.parse_int64`, for one value.
+
+    Empty (None, NaN, blank text) is (None, False); integers, integral floats and integer text ("12", " 12 ",
+    "12.0") parse; anything else ("1.5", "abc", a bool, out of int64 range) is (None, True).
+    """
+    if _blank(value):
+        return None, False
+    if isinstance(value, bool):
+        return None, True
+    if isinstance(value, numbers.Integral):
+        v = int(value)
+    elif isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            return None, True
+        v = int(value)
+    elif isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        v = int(value.strip().split(".")[0])
+    else:
+        return None, True
+    return (v, False) if _INT64[0] <= v <= _INT64[1] else (None, True)
+
+
+def parse_float(value):
+    """(float or None, bad) for a label: numbers and numeric text ("true" / "false" are 1 / 0, as in the loader).
+
+    Empty is (None, False); NaN is (None, True) (a label computed into NaN is a bad label, not a missing one)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None, False
+    if isinstance(value, bool):
+        return float(value), False
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "false"):
+            return float(text == "true"), False
+        try:
+            value = float(text)
+        except ValueError:
+            return None, True
+    if not isinstance(value, numbers.Real):
+        return None, True
+    value = float(value)
+    return (value, False) if math.isfinite(value) else (None, True)
+
+
+def _ids(r: dict) -> dict:
+    """Reject id fields of a record: raw ids (``_raw_item_id`` / ``_raw_user_id`` when the record carries them,
+    else the ids it holds, which are the raw ones for integer-id sources) and the dense int ids where known."""
+    return {"item_id": r.get("_raw_item_id", r.get("item_id")), "user_id": r.get("_raw_user_id", r.get("user_id")),
+            "item_dense_id": r.get("item_id"), "user_dense_id": r.get("user_id")}
 
 
 class _SplitDuplicates(beam.DoFn):
@@ -34,9 +88,10 @@ class _SplitDuplicates(beam.DoFn):
         rows = sorted(rows, key=lambda r: (r.get("_row") is None, r.get("_row") or 0))
         yield rows[0]
         for r in rows[1:]:
+            raw = _ids(r)["item_id"]
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_items", "items", "duplicate_item", row=r.get("_row"), item_id=item_id,
-                detail=f"item_id {item_id} already defined at row {rows[0].get('_row')}"))
+                "validate_items", "items", "duplicate_item", row=r.get("_row"), item_id=raw, item_dense_id=item_id,
+                detail=f"item_id {raw} already defined at row {rows[0].get('_row')}"))
 
 
 class _CheckItem(beam.DoFn):
@@ -57,7 +112,8 @@ class _CheckItem(beam.DoFn):
         from pipelines.data.images import ImageError, check_image
 
         item = dict(item)
-        row, item_id = item.get("_row"), item.get("item_id")
+        row, ids = item.get("_row"), _ids(item)
+        ids = {"item_id": ids["item_id"], "item_dense_id": ids["item_dense_id"]}
         has_image = not _blank(item.get("image_uri"))
         if has_image:
             try:
@@ -66,7 +122,7 @@ class _CheckItem(beam.DoFn):
             except ImageError as exc:
                 action = "dropped" if self.require_image else "kept_text_only"
                 yield beam.pvalue.TaggedOutput(DEAD, reject(
-                    "validate_items", "items", exc.reason, row=row, item_id=item_id, detail=str(exc), action=action))
+                    "validate_items", "items", exc.reason, row=row, **ids, detail=str(exc), action=action))
                 if self.require_image:
                     self._rejected.inc()
                     return
@@ -74,12 +130,12 @@ class _CheckItem(beam.DoFn):
         elif self.require_image:
             self._rejected.inc()
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_items", "items", "missing_image", row=row, item_id=item_id, detail="no image_uri"))
+                "validate_items", "items", "missing_image", row=row, **ids, detail="no image_uri"))
             return
         if _blank(item.get("title")) and _blank(item.get("text")):
             action = "kept_image_only" if has_image else "dropped"
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_items", "items", "empty_text", row=row, item_id=item_id, detail="no title and no text",
+                "validate_items", "items", "empty_text", row=row, **ids, detail="no title and no text",
                 action=action))
             if not has_image:
                 self._rejected.inc()
@@ -87,12 +143,16 @@ class _CheckItem(beam.DoFn):
         yield item
 
 
-def _null_id(item):
-    if _missing_number(item.get("item_id")):
-        yield beam.pvalue.TaggedOutput(DEAD, reject("validate_items", "items", "missing_value", row=item.get("_row"),
-                                                    detail="item_id is empty"))
+def _check_id(item):
+    """An empty item id is a missing_value, one that is not an integer a bad_id (as in the loader)."""
+    value, bad = parse_int(item.get("item_id"))
+    if value is None:
+        raw = item.get("_raw_item_id", item.get("item_id"))
+        yield beam.pvalue.TaggedOutput(DEAD, reject(
+            "validate_items", "items", "bad_id" if bad else "missing_value", row=item.get("_row"),
+            item_id=raw if bad else None, detail=f"item_id {raw!r} is not an integer" if bad else "item_id is empty"))
     else:
-        yield item
+        yield {**item, "item_id": value}
 
 
 class ValidateItems(beam.PTransform):
@@ -113,7 +173,7 @@ class ValidateItems(beam.PTransform):
 
     def expand(self, items):
         counted = items | "CountItemsIn" >> count("validate_items", "in")
-        ids = counted | "CheckItemId" >> beam.FlatMap(_null_id).with_outputs(DEAD, main="ok")
+        ids = counted | "CheckItemId" >> beam.FlatMap(_check_id).with_outputs(DEAD, main="ok")
         dedup = (ids.ok | "KeyByItemId" >> beam.Map(lambda r: (int(r["item_id"]), r))
                  | "GroupByItemId" >> beam.GroupByKey()
                  | "DropDuplicateIds" >> beam.ParDo(_SplitDuplicates()).with_outputs(DEAD, main="ok"))
@@ -133,22 +193,40 @@ class _CheckInteraction(beam.DoFn):
         yield from out
 
     def _check(self, r):
+        """One reason per bad record, in the loader's order: missing_value, bad_id, bad_timestamp, bad_label."""
         row = r.get("_row")
-        for name in ("user_id", "item_id", "ts"):
-            if _missing_number(r.get(name)):
+        parsed = {name: parse_int(r.get(name)) for name in ("user_id", "item_id", "ts")}
+        ids = _ids(r)  # a dense id that is not an integer is left out by `reject`
+        label, label_bad = parse_float(r.get("label"))
+        for name, (value, bad) in [*parsed.items(), ("label", (label, label_bad))]:
+            if value is None and not bad:
                 yield beam.pvalue.TaggedOutput(DEAD, reject(
-                    "validate_interactions", "interactions", "missing_value", row=row,
-                    item_id=None if _missing_number(r.get("item_id")) else r["item_id"],
-                    user_id=None if _missing_number(r.get("user_id")) else r["user_id"], detail=f"{name} is empty"))
+                    "validate_interactions", "interactions", "missing_value", row=row, **ids,
+                    detail=f"{name} is empty"))
                 return
-        label = r.get("label")
-        if _missing_number(label) or not 0.0 <= float(label) <= 1.0:
+        for name, reason, what in (("user_id", "bad_id", "is not an integer"), ("item_id", "bad_id", "is not an integer"),
+                                   ("ts", "bad_timestamp", "is not a unix timestamp")):
+            if parsed[name][1]:
+                yield beam.pvalue.TaggedOutput(DEAD, reject(
+                    "validate_interactions", "interactions", reason, row=row, **ids,
+                    detail=f"{name} {r.get(name)!r} {what}"))
+                return
+        if parsed["ts"][0] < 0:  # the loader's rule: negative unix times are sentinels, never event times
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_interactions", "interactions", "bad_label", row=row, item_id=r["item_id"],
-                user_id=r["user_id"], detail=f"label {label!r} not in [0, 1]"))
+                "validate_interactions", "interactions", "bad_timestamp", row=row, **ids,
+                detail=f"timestamp {parsed['ts'][0]} before 1970-01-01"))
             return
-        yield {"user_id": int(r["user_id"]), "item_id": int(r["item_id"]), "ts": int(r["ts"]),
-               "label": float(label), "_row": row}
+        if label is None or not 0.0 <= label <= 1.0:
+            yield beam.pvalue.TaggedOutput(DEAD, reject(
+                "validate_interactions", "interactions", "bad_label", row=row, **ids,
+                detail=f"label {r.get('label')!r} " + ("is not a number" if label_bad else "not in [0, 1]")))
+            return
+        out = {"user_id": parsed["user_id"][0], "item_id": parsed["item_id"][0], "ts": parsed["ts"][0],
+               "label": label, "_row": row}
+        for key in ("_raw_item_id", "_raw_user_id"):
+            if key in r:
+                out[key] = r[key]
+        yield out
 
 
 def _join_known(keyed):
@@ -159,8 +237,8 @@ def _join_known(keyed):
             yield r
         else:
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_interactions", "interactions", "unknown_item", row=r.get("_row"), item_id=item_id,
-                user_id=r["user_id"], detail=f"item_id {item_id} is not in the validated catalog"))
+                "validate_interactions", "interactions", "unknown_item", row=r.get("_row"), **_ids(r),
+                detail=f"item_id {_ids(r)['item_id']} is not in the validated catalog"))
 
 
 class ValidateInteractions(beam.PTransform):

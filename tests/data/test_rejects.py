@@ -19,7 +19,8 @@ def test_every_reason_is_counted_and_kept(catalog_dir):
     }
     assert set(ds.reject_counts) == set(REJECT_REASONS)  # the fixture injects every reason there is
     rej = ds.rejects
-    assert list(rej.columns) == ["source", "row", "item_id", "user_id", "reason", "detail", "action"]
+    assert list(rej.columns) == ["source", "row", "item_id", "user_id", "item_dense_id", "user_dense_id", "reason",
+                                 "detail", "action"]
 
     def one(reason, **match):
         sel = rej[rej["reason"] == reason]
