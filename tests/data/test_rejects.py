@@ -1,9 +1,12 @@
 """Every per-record problem is counted by reason, kept in `rejects`, and never crashes the load."""
 from __future__ import annotations
 
-import pandas as pd
+import json
 
-from pipelines.data import REJECT_REASONS, DataSpec, load_dataset, write_rejects
+import pandas as pd
+import pytest
+
+from pipelines.data import REJECT_REASONS, DataError, DataSpec, load_dataset, write_rejects
 
 
 def _load(catalog_dir, **kw):
@@ -87,11 +90,49 @@ def test_decode_level_catches_truncated_image(catalog_dir):
     assert ds.reject_counts["corrupt_image"] == 2  # broken.png and the truncated a.png
 
 
-def test_write_rejects_is_parquet_with_summary(catalog_dir, tmp_path):
+@pytest.mark.parametrize("name", ["rejects.parquet", "rej.csv", "rej.jsonl"])
+def test_write_rejects_in_the_format_the_extension_names(catalog_dir, tmp_path, name):
+    """Issue 10 bug 3: `--rejects rej.csv` wrote Parquet bytes under a .csv name."""
     ds = _load(catalog_dir)
-    out = write_rejects(ds, tmp_path / "out" / "rejects.parquet")
-    back = pd.read_parquet(out)
+    out = write_rejects(ds, tmp_path / "out" / name)
+    data = out.read_bytes()
+    if name.endswith(".parquet"):
+        assert data[:4] == b"PAR1"
+        back = pd.read_parquet(out)
+    elif name.endswith(".csv"):
+        assert data[:4] != b"PAR1" and data.decode().splitlines()[0] == ",".join(ds.rejects.columns)
+        back = pd.read_csv(out, dtype=str, keep_default_na=False, na_values=[""])
+    else:
+        rows = [json.loads(line) for line in data.decode().splitlines()]  # strict JSON: null, never NaN
+        back = pd.DataFrame(rows)
+        assert rows[0].keys() == set(ds.rejects.columns)
     assert len(back) == len(ds.rejects) and set(back["reason"]) == set(ds.reject_counts)
-    assert (tmp_path / "out" / "rejects.json").exists()
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
+    assert sorted(back["item_id"].dropna()) == sorted(ds.rejects["item_id"].dropna())  # raw string ids survive
+    summary = tmp_path / "out" / (name.rsplit(".", 1)[0] + ".summary.json")
+    assert json.loads(summary.read_text())["counts"] == ds.reject_counts and summary != out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([name, summary.name])  # no temp files
     assert out.stat().st_mode & 0o044  # readable by others, like a plain write (not mkstemp's 0600)
+
+
+@pytest.mark.parametrize("name", ["rej.txt", "rej", "rej.json", "rej.summary.json"])
+def test_write_rejects_refuses_other_extensions(catalog_dir, tmp_path, name):
+    ds = _load(catalog_dir)
+    with pytest.raises(DataError, match=r"unsupported extension.*\.csv.*\.parquet.*\.jsonl"):
+        write_rejects(ds, tmp_path / name)
+    assert not list(tmp_path.glob("rej*"))  # nothing written
+
+
+def test_data_stats_cli_writes_csv_rejects(catalog_dir, tmp_path, capsys):
+    from pipelines import cli
+
+    out = tmp_path / "rej.csv"
+    assert cli.main(["data", "stats", "--dataset", "generic", "--mapping", str(catalog_dir / "mapping.yaml"),
+                     "--rejects", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["rejects_file"] == str(out)
+    assert pd.read_csv(out)["reason"].value_counts().to_dict() == result["rejected"]
+    assert (tmp_path / "rej.summary.json").exists()
+    # a bad extension is refused up front, with a usage error
+    assert cli.main(["data", "stats", "--dataset", "generic", "--mapping", str(catalog_dir / "mapping.yaml"),
+                     "--rejects", str(tmp_path / "rej.xlsx"), "--json"]) != 0
+    assert not (tmp_path / "rej.xlsx").exists()
