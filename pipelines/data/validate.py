@@ -1,7 +1,9 @@
 """Shared record-level validation: every source hands its contract-shaped tables to `finalize`.
 
-Whole-file problems (missing column, wrong dtype, unreadable file) are errors raised by the readers. Record-level
-problems are not errors: each bad record becomes one row of `rejects` with a reason, and the rest loads.
+Whole-file problems (missing column, unreadable file) are errors raised by the readers. Record-level problems are
+not errors: each bad record becomes one row of `rejects` with a reason, and the rest loads. A value that does not
+parse (an id that is not an integer, a timestamp `notadate`, a label `abc`) is a record-level problem too, up to
+`DataSpec.max_bad_fraction` of a table's rows: past that the file is probably the wrong one, and it is an error.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipelines.data.images import ImageError, check_image
+from pipelines.data.io import DataError
 from pipelines.data.schema import REJECT_COLUMNS, REJECT_REASONS, DataSpec, Dataset
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,56 @@ class RejectLog:
         for c in ("item_dense_id", "user_dense_id"):
             out[c] = pd.array([None if _is_missing(v) else int(v) for v in out[c].tolist()], dtype="Int64")
         return out[list(REJECT_COLUMNS)]
+
+
+PARSE_REASONS = ("bad_id", "bad_timestamp", "bad_label")  # the reasons of values that do not parse
+
+
+def reject_unparsed(rejects: RejectLog, unparsed: list, *, src: np.ndarray, rows: np.ndarray,
+                    max_bad_fraction: float, what: str, skip: Optional[np.ndarray] = None,
+                    ids: Optional[dict] = None) -> np.ndarray:
+    """Reject the rows of one table that hold a value that does not parse, or fail past the share the user allows.
+
+    A row gets one reason: that of the first column in `unparsed` (ids, then timestamp, then label) whose cell
+    does not parse; the detail names the column and the value. Rows in `skip` (already rejected, e.g. for a
+    missing value) are neither rejected again nor counted.
+
+    Args:
+        unparsed: `pipelines.data.io.Unparsed` of each parsed column, in precedence order.
+        src, rows: (N,) part file name and row in it, per row (`row_sources`).
+        max_bad_fraction: the most rows (share of N) that may be rejected here (`DataSpec.max_bad_fraction`).
+        what: the table, for the error ("interactions", "items").
+        ids: per-row arrays for the rejects' id columns (item_id, user_id, item_dense_id, user_dense_id).
+    Returns:
+        (N,) bool, True for the rows rejected here.
+    Raises:
+        DataError: more than `max_bad_fraction` of the rows do not parse; names each column's file, count and
+            first offending rows and values.
+    """
+    n = len(src)
+    taken = np.zeros(n, bool) if skip is None else np.asarray(skip, bool).copy()
+    masks = []
+    for u in unparsed:
+        mask = u.mask & ~taken
+        taken |= mask
+        masks.append(mask)
+    bad = np.logical_or.reduce(masks) if masks else np.zeros(n, bool)
+    total = int(bad.sum())
+    if n and total > max_bad_fraction * n:
+        columns = "\n  ".join(u.describe() for u in unparsed if u.count)
+        raise DataError(f"{what}: {total} of {n} rows ({total / n:.2%}) hold a value that does not parse, more "
+                        f"than --max-bad-fraction {max_bad_fraction:g} allows (below it such rows are rejected as "
+                        f"{' / '.join(PARSE_REASONS)}):\n  {columns}")
+    for u, mask in zip(unparsed, masks):
+        if mask.any():
+            idx = np.flatnonzero(mask)
+            rejects.add(src[mask], rows[mask], u.reason, "dropped", detail=[u.detail(int(i)) for i in idx],
+                        **{k: np.asarray(v, dtype=object)[mask] for k, v in (ids or {}).items()})
+    if total:
+        log.warning("%s: rejected %d of %d rows (%.3f%%) whose values do not parse (%s)", what, total, n,
+                    100.0 * total / n, ", ".join(f"{u.label}: {int(m.sum())}" for u, m in zip(unparsed, masks)
+                                                 if m.any()))
+    return bad
 
 
 def _is_missing(value) -> bool:

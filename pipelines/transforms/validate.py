@@ -18,6 +18,9 @@ import apache_beam as beam
 from pipelines.transforms.common import counter, count, reject, stage_timer
 
 DEAD = "dead_letter"
+# Marks dead letters of values that do not parse (not of values out of range: a -1 timestamp sentinel, a label of
+# 3): only those count towards max_bad_fraction, as in the loader. WriteRejects keeps REJECT_FIELDS only.
+UNPARSED = "_unparsed"
 
 
 def _blank(value) -> bool:
@@ -148,11 +151,43 @@ def _check_id(item):
     value, bad = parse_int(item.get("item_id"))
     if value is None:
         raw = item.get("_raw_item_id", item.get("item_id"))
-        yield beam.pvalue.TaggedOutput(DEAD, reject(
+        yield beam.pvalue.TaggedOutput(DEAD, {**reject(
             "validate_items", "items", "bad_id" if bad else "missing_value", row=item.get("_row"),
-            item_id=raw if bad else None, detail=f"item_id {raw!r} is not an integer" if bad else "item_id is empty"))
+            item_id=raw if bad else None, detail=f"item_id {raw!r} is not an integer" if bad else "item_id is empty"),
+            UNPARSED: bad})
     else:
         yield {**item, "item_id": value}
+
+
+
+
+def _check_share(n_in, n_bad, first, stage: str, max_bad_fraction: float):
+    if n_in and n_bad > max_bad_fraction * n_in:
+        from pipelines.data.io import DataError
+
+        examples = "; ".join(f"{r['reason']} {r['source']} row {r['row']}: {r['detail']}" for r in first)
+        raise DataError(f"{stage}: {n_bad} of {n_in} records ({n_bad / n_in:.2%}) hold a value that does not parse, "
+                        f"more than --max-bad-fraction {max_bad_fraction:g} allows; first: {examples}")
+    return n_bad
+
+
+class _FailPastBadShare(beam.PTransform):
+    """(records in, dead letters) -> the count of parse rejects; raises DataError (failing the job) when they are
+    more than `max_bad_fraction` of the records, as the loader does (`DataSpec.max_bad_fraction`)."""
+
+    def __init__(self, stage: str, max_bad_fraction: float, label: str | None = None):
+        super().__init__(label)
+        self.stage, self.max_bad_fraction = stage, float(max_bad_fraction)
+
+    def expand(self, pcolls):
+        records, dead = pcolls
+        n_in = records | "CountRecords" >> beam.combiners.Count.Globally()
+        bad = dead | "ParseRejects" >> beam.Filter(lambda r: r.get(UNPARSED, False))
+        n_bad = bad | "CountParseRejects" >> beam.combiners.Count.Globally()
+        first = bad | "FirstParseRejects" >> beam.combiners.Top.Smallest(
+            5, key=lambda r: (r["row"] is None, r["row"] or 0))
+        return n_in | "CheckBadShare" >> beam.Map(_check_share, beam.pvalue.AsSingleton(n_bad),
+                                                  beam.pvalue.AsSingleton(first), self.stage, self.max_bad_fraction)
 
 
 class ValidateItems(beam.PTransform):
@@ -162,14 +197,17 @@ class ValidateItems(beam.PTransform):
         image_root: folder relative image uris resolve against (None: uris must be absolute).
         image_check: "exists" | "header" | "decode" (see `pipelines.data.images.check_image`).
         require_image: drop (instead of keeping text-only) items without a usable image.
+        max_bad_fraction: when set, fail the job if more than this share of the items have an id that does not
+            parse (bad_id), like the loader (`DataSpec.max_bad_fraction`); None: only reject them.
     """
 
     def __init__(self, image_root: Optional[str], image_check: str = "header", require_image: bool = False,
-                 label: str | None = None):
+                 max_bad_fraction: Optional[float] = None, label: str | None = None):
         super().__init__(label)
         self.image_root = None if image_root is None else str(image_root)
         self.image_check = image_check
         self.require_image = require_image
+        self.max_bad_fraction = max_bad_fraction
 
     def expand(self, items):
         counted = items | "CountItemsIn" >> count("validate_items", "in")
@@ -183,6 +221,8 @@ class ValidateItems(beam.PTransform):
         dropped = (ids[DEAD], dedup[DEAD]) | "FlattenDroppedIds" >> beam.Flatten()
         _ = dropped | "CountDroppedItems" >> count("validate_items", "rejected")
         valid = checked.ok | "CountItemsOut" >> count("validate_items", "out")
+        if self.max_bad_fraction is not None:
+            _ = (counted, ids[DEAD]) | "FailPastBadShare" >> _FailPastBadShare("validate_items", self.max_bad_fraction)
         return {"items": valid, DEAD: dead}
 
 
@@ -207,9 +247,9 @@ class _CheckInteraction(beam.DoFn):
         for name, reason, what in (("user_id", "bad_id", "is not an integer"), ("item_id", "bad_id", "is not an integer"),
                                    ("ts", "bad_timestamp", "is not a unix timestamp")):
             if parsed[name][1]:
-                yield beam.pvalue.TaggedOutput(DEAD, reject(
+                yield beam.pvalue.TaggedOutput(DEAD, {**reject(
                     "validate_interactions", "interactions", reason, row=row, **ids,
-                    detail=f"{name} {r.get(name)!r} {what}"))
+                    detail=f"{name} {r.get(name)!r} {what}"), UNPARSED: True})
                 return
         if parsed["ts"][0] < 0:  # the loader's rule: negative unix times are sentinels, never event times
             yield beam.pvalue.TaggedOutput(DEAD, reject(
@@ -217,9 +257,10 @@ class _CheckInteraction(beam.DoFn):
                 detail=f"timestamp {parsed['ts'][0]} before 1970-01-01"))
             return
         if label is None or not 0.0 <= label <= 1.0:
-            yield beam.pvalue.TaggedOutput(DEAD, reject(
+            yield beam.pvalue.TaggedOutput(DEAD, {**reject(
                 "validate_interactions", "interactions", "bad_label", row=row, **ids,
-                detail=f"label {r.get('label')!r} " + ("is not a number" if label_bad else "not in [0, 1]")))
+                detail=f"label {r.get('label')!r} " + ("is not a number" if label_bad else "not in [0, 1]")),
+                UNPARSED: label_bad})
             return
         out = {"user_id": parsed["user_id"][0], "item_id": parsed["item_id"][0], "ts": parsed["ts"][0],
                "label": label, "_row": row}
@@ -245,12 +286,14 @@ class ValidateInteractions(beam.PTransform):
     """interactions (dicts) + valid items -> {"interactions": valid, "dead_letter": rejects}.
 
     Unknown items are found with a CoGroupByKey against the validated catalog (scales with the catalog; no side
-    input holding every id).
+    input holding every id). Values that do not parse are rejected as the loader rejects them (bad_id,
+    bad_timestamp, bad_label); with `max_bad_fraction` set, more than that share of them fails the job.
     """
 
-    def __init__(self, items, label: str | None = None):
+    def __init__(self, items, max_bad_fraction: Optional[float] = None, label: str | None = None):
         super().__init__(label)
         self.items = items
+        self.max_bad_fraction = max_bad_fraction
 
     def expand(self, interactions):
         counted = interactions | "CountInteractionsIn" >> count("validate_interactions", "in")
@@ -262,6 +305,9 @@ class ValidateInteractions(beam.PTransform):
         dead = (checked[DEAD], joined[DEAD]) | "FlattenInteractionRejects" >> beam.Flatten()
         _ = dead | "CountInteractionRejects" >> count("validate_interactions", "rejected")
         valid = joined.ok | "CountInteractionsOut" >> count("validate_interactions", "out")
+        if self.max_bad_fraction is not None:
+            _ = ((counted, checked[DEAD])
+                 | "FailPastBadShare" >> _FailPastBadShare("validate_interactions", self.max_bad_fraction))
         return {"interactions": valid, DEAD: dead}
 
 

@@ -210,3 +210,41 @@ def test_validation_rejects_keep_raw_string_ids():
                     equal_to([("duplicate_item", "art-a", 0, None, None)]), label="Items")
         assert_that(vx[DEAD] | "X" >> beam.Map(lambda r: tuple(r[k] for k in fields)),
                     equal_to([("unknown_item", "art-z", 7, "acde5020f1", 3)]), label="Events")
+
+
+def _events_with_unparseable_values():
+    return [
+        {"user_id": 10, "item_id": 1, "ts": 100, "label": 1.0, "_row": 0},
+        {"user_id": 10, "item_id": 2, "ts": "notadate", "label": 1.0, "_row": 1},   # bad_timestamp
+        {"user_id": 11, "item_id": 1, "ts": 300, "label": "abc", "_row": 2},        # bad_label
+        {"user_id": "u7", "item_id": 2, "ts": 400, "label": 0.0, "_row": 3},        # bad_id
+        {"user_id": 12, "item_id": 2, "ts": "500", "label": "1", "_row": 4},        # text that parses: kept
+        {"user_id": 12, "item_id": 1, "ts": -1, "label": 1.0, "_row": 5},           # sentinel time: bad_timestamp
+    ]
+
+
+def test_validation_rejects_unparseable_values_like_the_loader():
+    """Issue 10 bug 2, job side: the DoFns give the loader's reasons (bad_id / bad_timestamp / bad_label)."""
+    items = [_item(1), _item(2), {**_item(3), "item_id": "x9", "_row": 3}]
+    with TestPipeline() as p:
+        vi = p | "Items" >> beam.Create(items) | "VI" >> ValidateItems(None, "exists", max_bad_fraction=0.5)
+        vx = (p | "Events" >> beam.Create(_events_with_unparseable_values())
+              | "VX" >> ValidateInteractions(vi["items"], max_bad_fraction=0.9))
+        assert_that(vi[DEAD] | "I" >> beam.Map(lambda r: (r["reason"], r["row"], r["item_id"], r["item_dense_id"])),
+                    equal_to([("bad_id", 3, "x9", None)]), label="Items")
+        assert_that(vx["interactions"] | "Ok" >> beam.Map(lambda r: (r["_row"], r["ts"], r["label"])),
+                    equal_to([(0, 100, 1.0), (4, 500, 1.0)]), label="Valid")
+        assert_that(vx[DEAD] | "X" >> beam.Map(lambda r: (r["reason"], r["row"], r["detail"])),
+                    equal_to([("bad_timestamp", 1, "ts 'notadate' is not a unix timestamp"),
+                              ("bad_label", 2, "label 'abc' is not a number"),
+                              ("bad_id", 3, "user_id 'u7' is not an integer"),
+                              ("bad_timestamp", 5, "timestamp -1 before 1970-01-01")]), label="Dead")
+
+
+def test_validation_fails_past_the_bad_share():
+    with pytest.raises(Exception, match=r"validate_interactions: 3 of 6 records \(50.00%\).*--max-bad-fraction "
+                                        r"0.001.*bad_timestamp interactions row 1: ts 'notadate'"):
+        with TestPipeline() as p:
+            items = p | "Items" >> beam.Create([_item(1), _item(2)])
+            _ = (p | "Events" >> beam.Create(_events_with_unparseable_values())
+                 | ValidateInteractions(items, max_bad_fraction=0.001))
