@@ -29,6 +29,10 @@ file: `--items`, `--interactions`, and `--map items.item_id=sku`, `--map items.t
   catalog items first), and the maps are kept in `Dataset.id_maps` (save with `save_id_maps`; pass the folder
   back as `--id-maps` to extend rather than renumber on the next run).
 - No label column: every interaction is an implicit positive (label 1.0).
+- A value that does not parse (timestamp `notadate`, label `abc`, an id that is not an integer with `ids: int`)
+  rejects its row (bad_timestamp / bad_label / bad_id, with file, row, column and value); more than
+  `--max-bad-fraction` (default 0.001) of a table's rows like that is an error naming them. A missing column
+  or an unreadable file is always an error.
 - A table path may be a file, a folder of part files (a partitioned log: every .parquet/.csv/.tsv below it,
   sorted by name) or a glob (`events/2024-*.parquet`); errors and rejects name the part file and its row.
 """
