@@ -4,7 +4,9 @@ DistributedModelParallel (gloo + table_wise on CPU, nccl on GPU).
 Embedding tables are updated by Adagrad applied in backward (TorchRec's fused optimizer once sharded);
 dense parameters by Adam. Early stopping on validation AUC restores the best epoch before the test split
 is scored. Checkpoints (ranker.pt) load with `torch.load(..., weights_only=True)`; `resume=True`
-continues from the last one.
+continues from the last one: it holds the best epoch's and the latest epoch's weights, both optimizers'
+state (the embedding Adagrad too) and the RNG state, and the data order is a function of (seed, epoch), so
+resuming after epoch k reproduces the uninterrupted run.
 
 Example:
     >>> result = fit(data, items, RankerConfig(features="vq+rq", epochs=3), out_dir=Path("runs/r1"))
@@ -25,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from ranker.batch import build_batch
-from ranker.checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
+from ranker.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, load_sparse_optimizer_state, read_checkpoint,
+                               save_checkpoint, sparse_optimizer_state)
 from ranker.config import RankerConfig
 from ranker.data import PreparedData
 from ranker.distributed import (DistContext, all_gather_rows, full_state_dict, load_full_state, local_snapshot,
@@ -136,6 +139,7 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
     schema = build_schema(cfg, data.users.n_rows, items)
     train_model = build_train_model(cfg, schema, items)
     start_epoch, history, best = 0, [], {"auc": -1.0, "epoch": -1}
+    steps_before = 0  # optimizer steps of the epochs a resumed run already has (max_steps counts them)
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir else None
     if out_dir is not None and ctx.is_main and not resume:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -149,18 +153,35 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
                         if k not in _RESUMABLE_KEYS and saved.get(k) != wanted.get(k))
         if differ:
             raise ValueError(f"--resume: {ckpt_path} was trained with a different config ({', '.join(differ)})")
-        train_model.load_state_dict(ckpt["model"])
+        if ckpt["meta"].get("checkpoint_format", 1) < CHECKPOINT_FORMAT and ctx.is_main:
+            log.warning("--resume: %s predates resumable checkpoints (no latest weights, embedding optimizer or "
+                        "RNG state): training continues, but will not match an uninterrupted run", ckpt_path)
+        train_model.load_state_dict(ckpt["last"])  # the latest epoch's weights ("model" holds the best one)
         start_epoch = ckpt["meta"]["epoch"] + 1
         history, best = ckpt["meta"]["history"], ckpt["meta"]["best"]
+        steps_before = int(ckpt["meta"].get("steps_total", 0))
     module, dense_opt = attach_optimizers(train_model, cfg, ctx)
-    if ckpt is not None and ckpt["dense_optimizer"]:
-        dense_opt.load_state_dict(ckpt["dense_optimizer"])
-    best_snapshot = local_snapshot(module)
+    best_full = None  # rank 0: full weights of the best epoch, written as the checkpoint's "model"
+    if ckpt is not None:
+        if ckpt["dense_optimizer"]:
+            dense_opt.load_state_dict(ckpt["dense_optimizer"])
+        load_sparse_optimizer_state(module, ckpt["sparse_optimizer"])
+        _set_rng_state(ckpt["rng"], ctx)
+        load_full_state(module, ckpt["model"])   # the best epoch so far, as this rank's snapshot ...
+        best_snapshot = local_snapshot(module)
+        load_full_state(module, ckpt["last"])    # ... then back to where training stopped
+        best_full = ckpt["model"] if ctx.is_main else None
+    else:
+        best_snapshot = local_snapshot(module)
+        if ckpt_path is not None:  # the best until an epoch improves on it (as best_snapshot)
+            best_full = full_state_dict(module, ctx)
     steps = _steps_per_epoch(len(data.train), cfg.batch_size, ctx.world_size)
     total_steps, samples, train_seconds = 0, 0, 0.0
     stopped_early = False
     module.train()
     for epoch in range(start_epoch, cfg.epochs):
+        if cfg.max_steps and steps_before + total_steps >= cfg.max_steps:
+            break
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(data.train))
         bar = tqdm(range(steps), desc=f"{cfg.features} epoch {epoch}", disable=not (progress and ctx.is_main),
                    leave=False, mininterval=2.0)
@@ -177,7 +198,7 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
             samples += len(idx) * ctx.world_size
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-            if cfg.max_steps and total_steps >= cfg.max_steps:
+            if cfg.max_steps and steps_before + total_steps >= cfg.max_steps:
                 break
         train_seconds += time.perf_counter() - t0
         valid = evaluate(module, data.valid, schema, items, cfg.eval_batch_size, ctx)
@@ -192,26 +213,27 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
             best = {"auc": float(valid["auc"]), "epoch": epoch}
             best_snapshot = local_snapshot(module)
         if ckpt_path is not None:
+            # every rank joins the gathers; rank 0 writes: best weights, latest weights, both optimizers, RNG
             state = full_state_dict(module, ctx)
+            sparse = sparse_optimizer_state(module, ctx)
+            rng = _rng_state(ctx)
             if ctx.is_main:
+                if improved:
+                    best_full = state
                 meta = {"config": cfg.to_dict(), "epoch": epoch, "history": history, "best": best,
-                        "tables": _table_summary(schema)}
-                save_checkpoint(ckpt_path, state, dense_opt.state_dict(), meta)
-        if cfg.max_steps and total_steps >= cfg.max_steps:
+                        "tables": _table_summary(schema), "restored_best": True,
+                        "steps_total": steps_before + total_steps, "checkpoint_format": CHECKPOINT_FORMAT}
+                save_checkpoint(ckpt_path, best_full, dense_opt.state_dict(), meta, last_state=state,
+                                sparse_optimizer_state=sparse, rng_state=rng)
+        if cfg.max_steps and steps_before + total_steps >= cfg.max_steps:
             break
         if cfg.patience and epoch - best["epoch"] >= cfg.patience:
             stopped_early = True
             break
+    # the checkpoint's "model" already holds the best epoch's weights, so loading it reproduces `test`
     restore_snapshot(module, best_snapshot)
     valid = evaluate(module, data.valid, schema, items, cfg.eval_batch_size, ctx)
     test = evaluate(module, data.test, schema, items, cfg.eval_batch_size, ctx)
-    if ckpt_path is not None:
-        # the file ends holding the best epoch's weights, so loading it reproduces `test`
-        state = full_state_dict(module, ctx)
-        if ctx.is_main:
-            meta = {"config": cfg.to_dict(), "epoch": history[-1]["epoch"] if history else -1, "history": history,
-                    "best": best, "tables": _table_summary(schema), "restored_best": True}
-            save_checkpoint(ckpt_path, state, dense_opt.state_dict(), meta)
     result = {
         "features": cfg.features,
         "config": cfg.to_dict(),
@@ -235,6 +257,34 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
     if return_test_scores:
         result["test_scores"] = score(module, data.test, schema, items, cfg.eval_batch_size, ctx)
     return result
+
+
+def _rng_state(ctx: DistContext) -> dict | None:
+    """Every rank's torch RNG state (dropout draws from it), stacked on rank 0: {"torch": (world, S) uint8, "cuda":
+    (world, S') uint8 on GPU}. Every rank must call it."""
+    local = {"torch": torch.get_rng_state()}
+    if ctx.device.type == "cuda":
+        local["cuda"] = torch.cuda.get_rng_state(ctx.device).cpu()
+    gathered = [local]
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        gathered = [None] * ctx.world_size
+        dist.all_gather_object(gathered, local)
+    return {k: torch.stack([g[k] for g in gathered]) for k in local} if ctx.is_main else None
+
+
+def _set_rng_state(state: dict, ctx: DistContext) -> None:
+    if not state:
+        return
+    rows = state["torch"]
+    row = ctx.rank if rows.shape[0] == ctx.world_size else 0
+    if rows.shape[0] != ctx.world_size and ctx.is_main:
+        log.warning("--resume: checkpoint RNG state is from %d rank(s), this run has %d: dropout draws will differ "
+                    "from an uninterrupted run", rows.shape[0], ctx.world_size)
+    torch.set_rng_state(rows[row].clone())
+    if "cuda" in state and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][min(row, state["cuda"].shape[0] - 1)].clone(), ctx.device)
 
 
 def _table_summary(schema: FeatureSchema) -> dict:

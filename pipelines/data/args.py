@@ -9,7 +9,7 @@ from pipelines.data.schema import DATASETS, IMAGE_CHECKS, DataSpec
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --dataset --data --items --interactions --mapping --map --id-maps --require-image --validate-images
-    --n-items --n-users --n-events --n-clusters --lookalike-share --image-size --seed."""
+    --max-bad-fraction --n-items --n-users --n-events --n-clusters --lookalike-share --image-size --seed."""
     g = parser.add_argument_group("data source")
     g.add_argument("--dataset", choices=DATASETS, default="synthetic",
                    help="synthetic (embedded, default), movielens (ml-latest-small + posters) or generic")
@@ -31,6 +31,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                    help="keep only items with a valid image and the interactions on them")
     g.add_argument("--validate-images", choices=IMAGE_CHECKS, default="header",
                    help="image check per item: exists, header (default) or decode")
+    g.add_argument("--max-bad-fraction", type=float, default=DataSpec.max_bad_fraction,
+                   help="largest share of a table's rows whose id, timestamp or label does not parse: below it "
+                        "they are rejected (bad_id / bad_timestamp / bad_label), above it the load fails "
+                        f"(default {DataSpec.max_bad_fraction:g})")
     g.add_argument("--n-items", type=int, default=DataSpec.n_items, help="synthetic: number of items")
     g.add_argument("--n-users", type=int, default=DataSpec.n_users, help="synthetic: number of users")
     g.add_argument("--n-events", type=int, default=DataSpec.n_events, help="synthetic: number of impressions")
@@ -52,4 +56,5 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
                     mapping=args.mapping, column_map=tuple(args.column_map or ()), id_map_dir=args.id_map_dir,
                     require_image=bool(args.require_image), validate_images=args.validate_images,
                     n_items=args.n_items, n_users=args.n_users, n_events=args.n_events, n_clusters=args.n_clusters,
-                    lookalike_share=args.lookalike_share, image_size=args.image_size, seed=args.seed)
+                    lookalike_share=args.lookalike_share, image_size=args.image_size, seed=args.seed,
+                    max_bad_fraction=args.max_bad_fraction)

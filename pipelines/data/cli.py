@@ -11,7 +11,7 @@ import argparse
 import logging
 
 from pipelines.data.args import add_data_arguments, data_spec_from_args
-from pipelines.data.loader import export_dataset, load_dataset, save_id_maps, write_rejects
+from pipelines.data.loader import export_dataset, load_dataset, rejects_format, save_id_maps, write_rejects
 from feature_store.split import METHODS, SplitConfig, split_labels
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=str, default=None, help="export: output folder")
     add_data_arguments(parser)
     parser.add_argument("--rejects", type=str, default=None,
-                        help="write the rejected records (Parquet, with a .json summary beside it)")
+                        help="write the rejected records to this file, in the format its extension names (.csv, "
+                             ".parquet or .jsonl), with the reason counts in <name>.summary.json beside it")
     parser.add_argument("--save-id-maps", type=str, default=None,
                         help="write the string->int id maps (generic sources with string ids) to this folder")
     parser.add_argument("--split", choices=METHODS, default=None,
@@ -36,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     if args.action == "export" and not args.out:
         raise ValueError("qarm data export needs --out DIR")
+    if args.rejects:
+        rejects_format(args.rejects)  # refuse a bad extension before the load, not after it
     spec = data_spec_from_args(args)
     ds = load_dataset(spec)
     result = ds.stats()

@@ -29,6 +29,10 @@ file: `--items`, `--interactions`, and `--map items.item_id=sku`, `--map items.t
   catalog items first), and the maps are kept in `Dataset.id_maps` (save with `save_id_maps`; pass the folder
   back as `--id-maps` to extend rather than renumber on the next run).
 - No label column: every interaction is an implicit positive (label 1.0).
+- A value that does not parse (timestamp `notadate`, label `abc`, an id that is not an integer with `ids: int`)
+  rejects its row (bad_timestamp / bad_label / bad_id, with file, row, column and value); more than
+  `--max-bad-fraction` (default 0.001) of a table's rows like that is an error naming them. A missing column
+  or an unreadable file is always an error.
 - A table path may be a file, a folder of part files (a partitioned log: every .parquet/.csv/.tsv below it,
   sorted by name) or a glob (`events/2024-*.parquet`); errors and rejects name the part file and its row.
 """
@@ -41,11 +45,11 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from pipelines.data.io import (DataError, parse_int64, read_table, row_sources, to_float32, to_int64,
-                               to_unix_seconds)
+from pipelines.data.io import (DataError, Unparsed, float32_column, int64_column, parse_int64, read_table,
+                               row_sources, unix_seconds_column)
 from pipelines.data.loader import load_id_maps
 from pipelines.data.schema import DataSpec, Dataset
-from pipelines.data.validate import RejectLog, finalize
+from pipelines.data.validate import RejectLog, finalize, reject_unparsed
 
 ITEM_FIELDS = ("item_id", "title", "text", "image_uri")
 INTERACTION_FIELDS = ("user_id", "item_id", "ts", "label")
@@ -192,11 +196,15 @@ def load_generic(spec: DataSpec) -> Dataset:
     if user_is_str:
         id_maps["user_id"] = _dense_map(_raw_ids(inter_raw[ecols["user_id"]]), known_maps.get("user_id"))
 
-    # Items.
+    # Items. A value that does not parse is a per-record reject, up to spec.max_bad_fraction of the rows.
     item_src, item_rows = row_sources(items_raw)
-    item_ids = _ids(items_raw, icols["item_id"], id_maps.get("item_id"), "item_id")
-    missing = item_ids.isna().to_numpy()
+    item_ids, _, item_unparsed = _ids(items_raw, icols["item_id"], id_maps.get("item_id"), "item_id")
+    missing = item_ids.isna().to_numpy() & ~item_unparsed.mask
     rejects.add(item_src[missing], item_rows[missing], "missing_value", "dropped", detail="empty item id")
+    unparsed = reject_unparsed(rejects, [item_unparsed], src=item_src, rows=item_rows,
+                               max_bad_fraction=spec.max_bad_fraction, what=f"{items_path} (items)", skip=missing,
+                               ids={"item_id": items_raw[icols["item_id"]].astype("string").to_numpy()})
+    drop = missing | unparsed
     items = pd.DataFrame({
         "item_id": item_ids,
         "title": _text_col(items_raw, icols["title"]),
@@ -205,30 +213,38 @@ def load_generic(spec: DataSpec) -> Dataset:
         "row": item_rows, "_source": item_src,
     })
     _carry_attributes(items, items_raw, item_attrs, items_path)
-    items = items.loc[~missing]
+    items = items.loc[~drop]
     items["item_id"] = items["item_id"].astype("int64")
 
-    # Interactions.
-    users = _ids(inter_raw, ecols["user_id"], id_maps.get("user_id"), "user_id")
-    inter_items, unmapped = _ids(inter_raw, ecols["item_id"], id_maps.get("item_id"), "item_id", keep_unmapped=True,
-                                 strict=ids_mode == "int")
-    ts = to_unix_seconds(inter_raw, ecols["ts"], fmt=mapping["interactions"].get("ts_format", "auto"))
-    label, label_bad = _labels(inter_raw, ecols["label"], mapping["interactions"])
-    missing = (users.isna() | ts.isna() | (inter_items.isna() & ~unmapped)).to_numpy()
-    if ecols["label"] in inter_raw:
-        missing = missing | (label.isna().to_numpy() & ~label_bad)  # unmapped label values are bad_label
+    # Interactions: one reason per row, in order missing_value, bad_id, bad_timestamp, bad_label, unknown_item.
+    users, _, user_unparsed = _ids(inter_raw, ecols["user_id"], id_maps.get("user_id"), "user_id")
+    inter_items, unmapped, item_unparsed = _ids(inter_raw, ecols["item_id"], id_maps.get("item_id"), "item_id",
+                                                keep_unmapped=True, strict=ids_mode == "int")
+    ts, ts_unparsed = unix_seconds_column(inter_raw, ecols["ts"],
+                                          fmt=mapping["interactions"].get("ts_format", "auto"))
+    label, label_bad, label_unparsed = _labels(inter_raw, ecols["label"], mapping["interactions"])
+    missing = ((users.isna().to_numpy() & ~user_unparsed.mask) | (ts.isna().to_numpy() & ~ts_unparsed.mask)
+               | (inter_items.isna().to_numpy() & ~unmapped & ~item_unparsed.mask))
+    if ecols["label"] in inter_raw:  # unmapped label values are bad_label
+        missing = missing | (label.isna().to_numpy() & ~label_bad & ~label_unparsed.mask)
     raw_item = inter_raw[ecols["item_id"]].astype("string")
     raw_user = inter_raw[ecols["user_id"]].astype("string")
+    ids = {"item_id": raw_item.to_numpy(), "user_id": raw_user.to_numpy(),
+           "item_dense_id": _dense(inter_items), "user_dense_id": _dense(users)}
+
+    def add(mask, reason, detail):
+        rejects.add(src[mask], rows[mask], reason, "dropped", detail=detail, **{k: v[mask] for k, v in ids.items()})
+
     src, rows = row_sources(inter_raw)
-    rejects.add(src[missing], rows[missing], "missing_value", "dropped", item_id=raw_item[missing],
-                user_id=raw_user[missing], detail="empty user id, item id, timestamp or label")
-    bad_label = label_bad & ~missing
-    rejects.add(src[bad_label], rows[bad_label], "bad_label", "dropped", item_id=raw_item[bad_label],
-                user_id=raw_user[bad_label], detail="label outside [0, 1], or not in interactions.label_values")
-    unknown = unmapped & ~missing & ~bad_label
-    rejects.add(src[unknown], rows[unknown], "unknown_item", "dropped", item_id=raw_item[unknown],
-                user_id=raw_user[unknown], detail="item id not in the item catalog")
-    keep = ~(missing | bad_label | unknown)
+    add(missing, "missing_value", "empty user id, item id, timestamp or label")
+    unparsed = reject_unparsed(rejects, [user_unparsed, item_unparsed, ts_unparsed, label_unparsed], src=src,
+                               rows=rows, max_bad_fraction=spec.max_bad_fraction,
+                               what=f"{inter_path} (interactions)", skip=missing, ids=ids)
+    bad_label = label_bad & ~missing & ~unparsed
+    add(bad_label, "bad_label", "label outside [0, 1], or not in interactions.label_values")
+    unknown = unmapped & ~missing & ~unparsed & ~bad_label
+    add(unknown, "unknown_item", "item id not in the item catalog")
+    keep = ~(missing | unparsed | bad_label | unknown)
     interactions = pd.DataFrame({"user_id": users[keep].astype("int64").to_numpy(),
                                  "item_id": inter_items[keep].astype("int64").to_numpy(),
                                  "ts": ts[keep].astype("int64").to_numpy(),
@@ -274,13 +290,12 @@ def _raw_ids(series: pd.Series) -> pd.Series:
 
 
 def _ids_are_strings(columns, mode: str) -> bool:
-    if mode == "string":
-        return True
+    """ids: string -> True; int -> False (cells that are not integers are bad_id rejects); auto -> any non-integer."""
+    if mode in ("string", "int"):
+        return mode == "string"
     for frame, col in columns:
         _, not_int = parse_int64(frame[col])
         if not_int.any():
-            if mode == "int":
-                to_int64(frame, col)  # raises, naming file, column and row
             return True
     return False
 
@@ -298,21 +313,29 @@ def _ids(frame: pd.DataFrame, col: str, id_map: Optional[pd.DataFrame], role: st
          strict: bool = True):
     """Ids as nullable Int64: integers as they are, or through `id_map` for string ids.
 
-    With keep_unmapped, also returns a mask of non-empty ids that have no int id (absent from the map, or, for
-    integer ids with strict=False, not an integer): unknown items."""
+    Returns:
+        (ids Int64, unmapped (N,) bool, Unparsed): `unmapped` (with keep_unmapped) marks non-empty ids that have
+        no int id (absent from the map, or, for integer ids with strict=False, not an integer): unknown items.
+        `Unparsed` marks integer-id cells that are not integers (strict): bad_id rejects.
+    """
+    none = np.zeros(len(frame), bool)
     if id_map is None:
         if keep_unmapped and not strict:
-            return parse_int64(frame[col])
-        out = to_int64(frame, col, role=role)
-        return (out, np.zeros(len(out), bool)) if keep_unmapped else out
+            out, not_int = parse_int64(frame[col])
+            return out, not_int, Unparsed(frame, col, role, none, "", "bad_id")
+        out, unparsed = int64_column(frame, col, role=role)
+        return out, none, unparsed
     raw = frame[col].astype("string").str.strip()
     lookup = pd.Series(id_map["id"].to_numpy(), index=id_map["raw"].to_numpy())
     out = raw.map(lookup).astype("Int64")
     out[raw.isna() | raw.eq("")] = pd.NA
-    if keep_unmapped:
-        unmapped = (out.isna() & raw.notna() & raw.ne("")).to_numpy()
-        return out, unmapped
-    return out
+    unmapped = (out.isna() & raw.notna() & raw.ne("")).to_numpy() if keep_unmapped else none
+    return out, unmapped, Unparsed(frame, col, role, none, "", "bad_id")
+
+
+def _dense(ids: pd.Series) -> np.ndarray:
+    """(N,) object: the dense int id, or None where there is none (for the rejects' *_dense_id columns)."""
+    return np.array([None if pd.isna(v) else int(v) for v in ids.tolist()], dtype=object)
 
 
 def _text_col(frame: pd.DataFrame, col: str) -> pd.Series:
@@ -333,9 +356,12 @@ def _joined_text(frame: pd.DataFrame, cols: list) -> pd.Series:
 
 
 def _labels(frame: pd.DataFrame, col: str, section: dict):
-    """(label float32 series, out-of-range mask). No label column -> implicit positives."""
+    """(label float32 series, out-of-range / unmapped mask, Unparsed: cells that are not numbers).
+    No label column -> implicit positives."""
+    none = np.zeros(len(frame), bool)
     if col not in frame:
-        return pd.Series(np.ones(len(frame), np.float32), index=frame.index), np.zeros(len(frame), bool)
+        return (pd.Series(np.ones(len(frame), np.float32), index=frame.index), none,
+                Unparsed(frame, col, "label", none, "", "bad_label"))
     values = section.get("label_values")
     if values is not None:
         # Keys are compared as text: YAML may parse `1: 1` as ints while a CSV cell is the string "1".
@@ -343,10 +369,10 @@ def _labels(frame: pd.DataFrame, col: str, section: dict):
         raw = frame[col].astype("string").str.strip()
         mapped = raw.map(lookup).astype("Float32").astype("float32")
         bad = (raw.notna() & raw.ne("") & mapped.isna()).fillna(False).to_numpy(dtype=bool)
-        return mapped, bad
-    value = to_float32(frame, col, role="label")
+        return mapped, bad, Unparsed(frame, col, "label", none, "", "bad_label")
+    value, unparsed = float32_column(frame, col, role="label")
     threshold = section.get("label_threshold")
     if threshold is not None:
-        return value.where(value.isna(), (value >= float(threshold)).astype("float32")), np.zeros(len(frame), bool)
+        return value.where(value.isna(), (value >= float(threshold)).astype("float32")), none, unparsed
     bad = (value.notna() & ((value < 0) | (value > 1))).to_numpy()
-    return value, bad
+    return value, bad, unparsed

@@ -149,6 +149,49 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+class Unparsed:
+    """The cells of one column that are present but do not parse (a per-record problem, not a file error).
+
+    Args:
+        frame: the table read by `read_table` (its parts name the file and row of each cell).
+        column: source column name; role: contract field it feeds ("ts", "label", "user_id", ...).
+        mask: (N,) bool, True where the cell did not parse; what: why, e.g. "is not an integer".
+        reason: the reject reason these rows get (schema.REJECT_REASONS: bad_id, bad_timestamp, bad_label).
+    """
+
+    def __init__(self, frame: pd.DataFrame, column: str, role: str, mask: np.ndarray, what: str, reason: str):
+        self.frame, self.column, self.role, self.what, self.reason = frame, column, role, what, reason
+        self.mask = np.asarray(mask, dtype=bool)
+
+    @property
+    def count(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def label(self) -> str:
+        return f"column {self.column!r}" + (f" ({self.role})" if self.role else "")
+
+    def value(self, position: int):
+        return self.frame[self.column].iloc[position]
+
+    def detail(self, position: int) -> str:
+        """The rejects table's detail for one bad row: column, value and why."""
+        return f"{self.label}: value {self.value(position)!r} {self.what}"
+
+    def describe(self, examples: int = 5) -> str:
+        """'<file>: column 'ts' (ts) row 1 (line 3): value 'x' <what>; N bad value(s) ... first: ...'."""
+        positions = np.flatnonzero(self.mask)
+        file, where = _where(self.frame, int(positions[0]))
+        first = ", ".join(f"{Path(f).name} {w} {self.value(int(i))!r}"
+                          for i in positions[:examples] for f, w in [_where(self.frame, int(i))])
+        return (f"{file}: {self.label} {where}: value {self.value(int(positions[0]))!r} {self.what} "
+                f"({self.count} bad value(s) in this column; first: {first})")
+
+    def raise_if_any(self) -> None:
+        if self.count:
+            raise DataError(self.describe())
+
+
 INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -181,39 +224,47 @@ def parse_int64(series: pd.Series) -> tuple[pd.Series, np.ndarray]:
     return out, ~ok & ~blank
 
 
-def to_int64(frame: pd.DataFrame, column: str, *, role: str = "") -> pd.Series:
-    """Column as nullable Int64 (missing cells stay <NA>: they are per-record rejects, not file errors).
+def int64_column(frame: pd.DataFrame, column: str, *, role: str = "") -> tuple[pd.Series, Unparsed]:
+    """Column as nullable Int64 plus its unparseable cells (<NA> in the values; missing cells are <NA> too,
+    but not in `Unparsed`: they are missing values).
 
     Raises:
-        DataError naming file, column and the first row whose value is not an integer.
+        DataError: a boolean column (a wrong column, not a bad cell).
     """
     series = frame[column]
     label = f"column {column!r}" + (f" ({role})" if role else "")
     if pd.api.types.is_bool_dtype(series.dtype):
         raise DataError(f"{locate(frame, 0)[0]}: {label}: expected integers, got booleans")
     values, bad = parse_int64(series)
-    if bad.any():
-        row = _first_bad(bad)
-        file, where = _where(frame, row)
-        raise DataError(f"{file}: {label} {where}: value {series.iloc[row]!r} is not an integer "
-                        f"({int(bad.sum())} bad value(s) in this column)")
+    return values, Unparsed(frame, column, role, bad, "is not an integer", "bad_id")
+
+
+def to_int64(frame: pd.DataFrame, column: str, *, role: str = "") -> pd.Series:
+    """Column as nullable Int64 (missing cells stay <NA>: they are per-record rejects, not file errors).
+
+    Raises:
+        DataError naming file, column and the first row whose value is not an integer.
+    """
+    values, bad = int64_column(frame, column, role=role)
+    bad.raise_if_any()
     return values
+
+
+def float32_column(frame: pd.DataFrame, column: str, *, role: str = "") -> tuple[pd.Series, Unparsed]:
+    """Column as float32 (NaN for missing and for unparseable cells) plus its unparseable cells."""
+    series = frame[column]
+    if pd.api.types.is_bool_dtype(series.dtype):
+        return series.astype("float32"), Unparsed(frame, column, role, np.zeros(len(series), bool), "", "bad_label")
+    numeric = pd.to_numeric(series.map(_bool_text) if series.dtype == object else series, errors="coerce")
+    bad = numeric.isna().to_numpy() & series.notna().to_numpy()
+    return numeric.astype("float32"), Unparsed(frame, column, role, bad, "is not a number", "bad_label")
 
 
 def to_float32(frame: pd.DataFrame, column: str, *, role: str = "") -> pd.Series:
     """Column as float32 (NaN for missing). Raises DataError naming file, column and first non-numeric row."""
-    series = frame[column]
-    label = f"column {column!r}" + (f" ({role})" if role else "")
-    if pd.api.types.is_bool_dtype(series.dtype):
-        return series.astype("float32")
-    numeric = pd.to_numeric(series.map(_bool_text) if series.dtype == object else series, errors="coerce")
-    bad = numeric.isna().to_numpy() & series.notna().to_numpy()
-    if bad.any():
-        row = _first_bad(bad)
-        file, where = _where(frame, row)
-        raise DataError(f"{file}: {label} {where}: value {series.iloc[row]!r} is not a number "
-                        f"({int(bad.sum())} bad value(s) in this column)")
-    return numeric.astype("float32")
+    values, bad = float32_column(frame, column, role=role)
+    bad.raise_if_any()
+    return values
 
 
 def _bool_text(value):
@@ -222,8 +273,9 @@ def _bool_text(value):
     return value
 
 
-def to_unix_seconds(frame: pd.DataFrame, column: str, *, fmt: str = "auto", role: str = "ts") -> pd.Series:
-    """Timestamps as nullable Int64 unix seconds (empty cells stay <NA>: per-record rejects).
+def unix_seconds_column(frame: pd.DataFrame, column: str, *, fmt: str = "auto",
+                        role: str = "ts") -> tuple[pd.Series, Unparsed]:
+    """Timestamps as nullable Int64 unix seconds (empty and unparseable cells are <NA>), plus the unparseable cells.
 
     Args:
         fmt: "unix" (seconds), "unix_ms" (milliseconds), "iso" (ISO-8601 dates / datetimes; naive ones are
@@ -231,7 +283,7 @@ def to_unix_seconds(frame: pd.DataFrame, column: str, *, fmt: str = "auto", role
             are beyond year 5000 as seconds) and anything else is parsed as ISO-8601, so partitions written in
             different formats load together.
     Raises:
-        DataError naming file, column and the first row that is neither.
+        DataError: an unknown `fmt`.
     """
     series = frame[column]
     label = f"column {column!r} ({role})"
@@ -239,7 +291,8 @@ def to_unix_seconds(frame: pd.DataFrame, column: str, *, fmt: str = "auto", role
         raise DataError(f"timestamp format {fmt!r} is not one of auto, unix, unix_ms, iso")
     if pd.api.types.is_datetime64_any_dtype(series.dtype):
         parsed = series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
-        return _datetime_to_seconds(parsed)
+        return _datetime_to_seconds(parsed), Unparsed(frame, column, role, np.zeros(len(series), bool), "",
+                                                       "bad_timestamp")
     present = series.notna().to_numpy() & ~series.astype("string").str.strip().eq("").fillna(False).to_numpy(bool)
     numeric = pd.to_numeric(series, errors="coerce").astype("float64")
     is_num = numeric.notna().to_numpy() & present
@@ -260,11 +313,17 @@ def to_unix_seconds(frame: pd.DataFrame, column: str, *, fmt: str = "auto", role
         out[to_parse] = _datetime_to_seconds(parsed)
         bad = present & out.isna().to_numpy()
         what = "is not a unix timestamp or an ISO-8601 date" if fmt == "auto" else "is not an ISO-8601 date"
-    if bad.any():
-        row = _first_bad(bad)
+    return out, Unparsed(frame, column, role, bad, what, "bad_timestamp")
+
+
+def to_unix_seconds(frame: pd.DataFrame, column: str, *, fmt: str = "auto", role: str = "ts") -> pd.Series:
+    """`unix_seconds_column` that raises DataError naming file, column and the first row that does not parse."""
+    values, bad = unix_seconds_column(frame, column, fmt=fmt, role=role)
+    if bad.count:
+        row = _first_bad(bad.mask)
         file, where = _where(frame, row)
-        raise DataError(f"{file}: {label} {where}: value {series.iloc[row]!r} {what}")
-    return out
+        raise DataError(f"{file}: {bad.label} {where}: value {frame[column].iloc[row]!r} {bad.what}")
+    return values
 
 
 def _datetime_to_seconds(parsed: pd.Series) -> pd.Series:

@@ -1,12 +1,14 @@
 """`load_dataset(spec)`: one entry point over every source; plus writing rejects and id maps."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pandas as pd
 
-from pipelines.data.io import atomic_write_json, atomic_write_parquet
+from feature_store.io import json_default
+from pipelines.data.io import DataError, atomic_write_bytes, atomic_write_json, atomic_write_parquet
 from pipelines.data.schema import INTERACTION_COLUMNS, ITEM_COLUMNS, DataSpec, Dataset
 
 log = logging.getLogger(__name__)
@@ -33,13 +35,46 @@ def load_dataset(spec: DataSpec) -> Dataset:
     return ds
 
 
-def write_rejects(dataset: Dataset, path: Path) -> Path:
-    """Write the rejects table as Parquet (atomically), with the reason counts in a JSON sidecar."""
+REJECT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
+
+
+def rejects_format(path: Path) -> str:
+    """The format a rejects path's extension names: csv, parquet or jsonl (DataError for anything else)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in REJECT_FORMATS:
+        raise DataError(f"--rejects {path}: unsupported extension {suffix or '(none)'!r}; name the file "
+                        f"{' / '.join('*' + s for s in REJECT_FORMATS)} to choose the format")
+    return REJECT_FORMATS[suffix]
+
+
+def rejects_summary_path(path: Path) -> Path:
+    """`<name>.summary.json` beside the rejects file (rej.csv -> rej.summary.json): never the rejects file itself,
+    whose extension can only be one of REJECT_FORMATS."""
     path = Path(path)
-    atomic_write_parquet(path, dataset.rejects)
-    atomic_write_json(path.with_suffix(".json"), {"dataset": dataset.name, "counts": dataset.reject_counts,
-                                                  "total": int(len(dataset.rejects)),
-                                                  "spec": dataset.spec.to_dict() if dataset.spec else None})
+    return path.with_name(f"{path.stem}.summary.json")
+
+
+def write_rejects(dataset: Dataset, path: Path) -> Path:
+    """Write the rejects table in the format its extension names (.csv, .parquet, .jsonl), atomically, with the
+    reason counts in a `<name>.summary.json` sidecar (see `rejects_summary_path`).
+
+    Raises:
+        DataError: any other extension (checked before anything is written).
+    """
+    path = Path(path)
+    fmt = rejects_format(path)
+    frame = dataset.rejects
+    if fmt == "parquet":
+        atomic_write_parquet(path, frame)
+    elif fmt == "csv":
+        atomic_write_bytes(path, frame.to_csv(index=False).encode("utf-8"))
+    else:
+        rows = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+        text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False, default=json_default) + "\n" for r in rows)
+        atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_json(rejects_summary_path(path), {
+        "dataset": dataset.name, "file": path.name, "format": fmt, "counts": dataset.reject_counts,
+        "total": int(len(frame)), "spec": dataset.spec.to_dict() if dataset.spec else None})
     return path
 
 
@@ -72,7 +107,7 @@ def load_id_maps(folder: Path) -> dict[str, pd.DataFrame]:
 def export_dataset(dataset: Dataset, folder: Path) -> dict:
     """Write a loaded dataset in contract form, readable back with `--dataset generic --mapping <folder>/mapping.json`.
 
-    Files (each written atomically): items.parquet, interactions.parquet, rejects.parquet (+ .json),
+    Files (each written atomically): items.parquet, interactions.parquet, rejects.parquet (+ rejects.summary.json),
     id_maps/*.parquet (string-id sources), mapping.json (columns, attributes, absolute image root), stats.json
     (figures + the DataSpec that produced them).
     Returns:

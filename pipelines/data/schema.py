@@ -3,7 +3,8 @@
 Contract (../shared/DESIGN.md):
     items:        item_id int64 (unique), title str, text str|None, image_uri str|None, + attribute columns
     interactions: user_id int64, item_id int64, ts int64 (unix seconds), label float32 (1 = positive), sorted by ts
-    rejects:      source, row, item_id, user_id, reason, detail, action  (one row per bad record)
+    rejects:      source, row, item_id, user_id (raw ids as text), item_dense_id, user_dense_id (Int64, where the
+                  loader made one), reason, detail, action  (one row per bad record)
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ IMAGE_CHECKS = ("exists", "header", "decode")
 
 from feature_store.contract import INTERACTION_COLUMNS, ITEM_COLUMNS  # noqa: F401 (re-exported)
 
-REJECT_COLUMNS = ("source", "row", "item_id", "user_id", "reason", "detail", "action")
+REJECT_COLUMNS = ("source", "row", "item_id", "user_id", "item_dense_id", "user_dense_id", "reason", "detail", "action")
 
 # Every per-record problem a source can report. Tests inject each one; `qarm data stats` counts them.
 REJECT_REASONS = (
@@ -32,8 +33,9 @@ REJECT_REASONS = (
     "image_escapes_root",  # image_uri resolves outside the image root: item kept text-only
     "unknown_item",        # interaction names an item not in the (accepted) catalog: dropped
     "missing_value",       # a required field (user, item, timestamp) is empty in this row: dropped
-    "bad_label",           # label outside [0, 1] after mapping: dropped
-    "bad_timestamp",       # timestamp before 1970 (a default / sentinel value, not an event time): dropped
+    "bad_label",           # label not a number, or outside [0, 1] after mapping: dropped
+    "bad_timestamp",       # timestamp that does not parse, or before 1970 (a sentinel, not an event time): dropped
+    "bad_id",              # user / item id that is not an integer where ids are integers: dropped
     "duplicate_interaction",  # same user, item, ts and label as an earlier row (double logging): dropped
 )
 
@@ -60,6 +62,8 @@ class DataSpec:
             words; users like each independently), so content similarity is not behaviour similarity.
         image_size: synthetic image side in pixels.
         seed: synthetic generator seed (the whole dataset is a deterministic function of the spec).
+        max_bad_fraction: the largest share of a table's rows whose values may fail to parse (bad_id,
+            bad_timestamp, bad_label rejects) before the load fails with an error naming file, column and rows.
     """
 
     dataset: str = "synthetic"
@@ -78,6 +82,7 @@ class DataSpec:
     lookalike_share: float = 0.5
     image_size: int = 64
     seed: int = 0
+    max_bad_fraction: float = 0.001
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -97,6 +102,11 @@ class DataSpec:
             object.__setattr__(self, name, int(value))  # numpy ints in, plain ints out (JSON-able)
         if not isinstance(self.require_image, bool):
             raise ValueError(f"DataSpec.require_image: must be a bool, got {self.require_image!r}")
+        if (isinstance(self.max_bad_fraction, bool) or not isinstance(self.max_bad_fraction, (int, float))
+                or not 0.0 <= self.max_bad_fraction <= 1.0):
+            raise ValueError(f"DataSpec.max_bad_fraction (--max-bad-fraction): must be in [0, 1], "
+                             f"got {self.max_bad_fraction!r}")
+        object.__setattr__(self, "max_bad_fraction", float(self.max_bad_fraction))
         if not isinstance(self.lookalike_share, (int, float)) or not 0.0 <= self.lookalike_share <= 1.0:
             raise ValueError(f"DataSpec.lookalike_share: must be in [0, 1], got {self.lookalike_share!r}")
         if self.dataset == "synthetic" and self.n_clusters > self.n_items:

@@ -1,7 +1,9 @@
 """Shared record-level validation: every source hands its contract-shaped tables to `finalize`.
 
-Whole-file problems (missing column, wrong dtype, unreadable file) are errors raised by the readers. Record-level
-problems are not errors: each bad record becomes one row of `rejects` with a reason, and the rest loads.
+Whole-file problems (missing column, unreadable file) are errors raised by the readers. Record-level problems are
+not errors: each bad record becomes one row of `rejects` with a reason, and the rest loads. A value that does not
+parse (an id that is not an integer, a timestamp `notadate`, a label `abc`) is a record-level problem too, up to
+`DataSpec.max_bad_fraction` of a table's rows: past that the file is probably the wrong one, and it is an error.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipelines.data.images import ImageError, check_image
+from pipelines.data.io import DataError
 from pipelines.data.schema import REJECT_COLUMNS, REJECT_REASONS, DataSpec, Dataset
 
 log = logging.getLogger(__name__)
@@ -25,8 +28,12 @@ class RejectLog:
     def __init__(self):
         self._parts: list[pd.DataFrame] = []
 
-    def add(self, source: str, rows, reason: str, action: str, item_id=None, user_id=None, detail=None) -> None:
-        """Record rejects in bulk. `source`, `item_id`, `user_id`, `detail` are scalars or arrays as long as `rows`."""
+    def add(self, source: str, rows, reason: str, action: str, item_id=None, user_id=None, detail=None,
+            item_dense_id=None, user_dense_id=None) -> None:
+        """Record rejects in bulk. `source`, the ids and `detail` are scalars or arrays as long as `rows`.
+
+        `item_id` / `user_id` are the ids as the source wrote them; `item_dense_id` / `user_dense_id` the int64 ids
+        the loader gave them, where it did."""
         if reason not in REJECT_REASONS:
             raise ValueError(f"unknown reject reason {reason!r}; add it to schema.REJECT_REASONS")
         rows = np.atleast_1d(np.asarray(rows))
@@ -44,7 +51,8 @@ class RejectLog:
         self._parts.append(pd.DataFrame({
             "source": list(source) if len(source) == n else [source[0]] * n, "row": rows.astype("int64"),
             "item_id": col(item_id),
-            "user_id": col(user_id), "reason": [reason] * n, "detail": col(detail), "action": [action] * n,
+            "user_id": col(user_id), "item_dense_id": col(item_dense_id), "user_dense_id": col(user_dense_id),
+            "reason": [reason] * n, "detail": col(detail), "action": [action] * n,
         }))
 
     def frame(self) -> pd.DataFrame:
@@ -54,7 +62,59 @@ class RejectLog:
         # Ids are kept as strings: a reject may carry a raw id that never got a dense int id.
         for c in ("item_id", "user_id", "detail"):
             out[c] = pd.Series([None if _is_missing(v) else str(v) for v in out[c].tolist()], dtype=object)
+        for c in ("item_dense_id", "user_dense_id"):
+            out[c] = pd.array([None if _is_missing(v) else int(v) for v in out[c].tolist()], dtype="Int64")
         return out[list(REJECT_COLUMNS)]
+
+
+PARSE_REASONS = ("bad_id", "bad_timestamp", "bad_label")  # the reasons of values that do not parse
+
+
+def reject_unparsed(rejects: RejectLog, unparsed: list, *, src: np.ndarray, rows: np.ndarray,
+                    max_bad_fraction: float, what: str, skip: Optional[np.ndarray] = None,
+                    ids: Optional[dict] = None) -> np.ndarray:
+    """Reject the rows of one table that hold a value that does not parse, or fail past the share the user allows.
+
+    A row gets one reason: that of the first column in `unparsed` (ids, then timestamp, then label) whose cell
+    does not parse; the detail names the column and the value. Rows in `skip` (already rejected, e.g. for a
+    missing value) are neither rejected again nor counted.
+
+    Args:
+        unparsed: `pipelines.data.io.Unparsed` of each parsed column, in precedence order.
+        src, rows: (N,) part file name and row in it, per row (`row_sources`).
+        max_bad_fraction: the most rows (share of N) that may be rejected here (`DataSpec.max_bad_fraction`).
+        what: the table, for the error ("interactions", "items").
+        ids: per-row arrays for the rejects' id columns (item_id, user_id, item_dense_id, user_dense_id).
+    Returns:
+        (N,) bool, True for the rows rejected here.
+    Raises:
+        DataError: more than `max_bad_fraction` of the rows do not parse; names each column's file, count and
+            first offending rows and values.
+    """
+    n = len(src)
+    taken = np.zeros(n, bool) if skip is None else np.asarray(skip, bool).copy()
+    masks = []
+    for u in unparsed:
+        mask = u.mask & ~taken
+        taken |= mask
+        masks.append(mask)
+    bad = np.logical_or.reduce(masks) if masks else np.zeros(n, bool)
+    total = int(bad.sum())
+    if n and total > max_bad_fraction * n:
+        columns = "\n  ".join(u.describe() for u in unparsed if u.count)
+        raise DataError(f"{what}: {total} of {n} rows ({total / n:.2%}) hold a value that does not parse, more "
+                        f"than --max-bad-fraction {max_bad_fraction:g} allows (below it such rows are rejected as "
+                        f"{' / '.join(PARSE_REASONS)}):\n  {columns}")
+    for u, mask in zip(unparsed, masks):
+        if mask.any():
+            idx = np.flatnonzero(mask)
+            rejects.add(src[mask], rows[mask], u.reason, "dropped", detail=[u.detail(int(i)) for i in idx],
+                        **{k: np.asarray(v, dtype=object)[mask] for k, v in (ids or {}).items()})
+    if total:
+        log.warning("%s: rejected %d of %d rows (%.3f%%) whose values do not parse (%s)", what, total, n,
+                    100.0 * total / n, ", ".join(f"{u.label}: {int(m.sum())}" for u, m in zip(unparsed, masks)
+                                                 if m.any()))
+    return bad
 
 
 def _is_missing(value) -> bool:
@@ -65,7 +125,8 @@ def _is_missing(value) -> bool:
 
 
 def empty_rejects() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype="int64" if c == "row" else "object") for c in REJECT_COLUMNS})
+    dtypes = {"row": "int64", "item_dense_id": "Int64", "user_dense_id": "Int64"}
+    return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, "object")) for c in REJECT_COLUMNS})
 
 
 def _blank(series: pd.Series) -> pd.Series:
@@ -119,14 +180,17 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
     # Rejects show the ids as the source wrote them (raw strings for string-id sources), not dense ids.
     to_raw = {f: pd.Series(m["raw"].to_numpy(), index=m["id"].to_numpy()) for f, m in (id_maps or {}).items()}
 
-    def raw(field: str, ids: pd.Series):
-        return ids.map(to_raw[field]).to_numpy() if field in to_raw else ids.to_numpy()
+    def raw(field: str, ids: pd.Series) -> dict:
+        """Reject id columns of dense `ids`: {field: raw ids, field's dense column: the dense ids}."""
+        dense = ids.to_numpy()
+        raw_ids = ids.map(to_raw[field]).to_numpy() if field in to_raw else dense
+        return {field: raw_ids, field.replace("_id", "_dense_id"): dense}
 
     # Duplicate item ids: keep the first row, reject the rest.
     dup = items["item_id"].duplicated(keep="first")
     if dup.any():
         rejects.add(items.loc[dup, "_source"], items.loc[dup, "row"], "duplicate_item", "dropped",
-                    item_id=raw("item_id", items.loc[dup, "item_id"]),
+                    **raw("item_id", items.loc[dup, "item_id"]),
                     detail="item id already defined by an earlier row")
         items = items.loc[~dup]
 
@@ -136,7 +200,7 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
         bad_images = _bad_images(items, image_root, spec.validate_images, desc=f"{name}: checking images")
         for reason, group in bad_images.groupby("reason", sort=True):
             rejects.add(group["source"], group["row"], reason, "kept_text_only",
-                        item_id=raw("item_id", group["item_id"]), detail=group["detail"])
+                        **raw("item_id", group["item_id"]), detail=group["detail"])
         items.loc[bad_images.index, "image_uri"] = None
 
     # Empty text: an item with neither title nor text is usable only through its image.
@@ -145,9 +209,9 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
         keep = no_text & items["image_uri"].notna()
         drop = no_text & items["image_uri"].isna()
         rejects.add(items.loc[keep, "_source"], items.loc[keep, "row"], "empty_text", "kept_image_only",
-                    item_id=raw("item_id", items.loc[keep, "item_id"]), detail="no title and no text")
+                    **raw("item_id", items.loc[keep, "item_id"]), detail="no title and no text")
         rejects.add(items.loc[drop, "_source"], items.loc[drop, "row"], "empty_text", "dropped",
-                    item_id=raw("item_id", items.loc[drop, "item_id"]),
+                    **raw("item_id", items.loc[drop, "item_id"]),
                     detail="no title, no text and no usable image")
         items = items.loc[~drop]
     items["title"] = items["title"].fillna("").astype(str)
@@ -164,8 +228,8 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
     early = interactions["ts"] < 0
     if early.any():
         bad = interactions.loc[early]
-        rejects.add(bad["_source"], bad["row"], "bad_timestamp", "dropped", item_id=raw("item_id", bad["item_id"]),
-                    user_id=raw("user_id", bad["user_id"]), detail="timestamp before 1970-01-01")
+        rejects.add(bad["_source"], bad["row"], "bad_timestamp", "dropped", **raw("item_id", bad["item_id"]),
+                    **raw("user_id", bad["user_id"]), detail="timestamp before 1970-01-01")
         interactions = interactions.loc[~early]
 
     # Exact repeats of an event (same user, item, second and label) are double logging, not two events.
@@ -173,7 +237,7 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
     if dup.any():
         bad = interactions.loc[dup]
         rejects.add(bad["_source"], bad["row"], "duplicate_interaction", "dropped",
-                    item_id=raw("item_id", bad["item_id"]), user_id=raw("user_id", bad["user_id"]),
+                    **raw("item_id", bad["item_id"]), **raw("user_id", bad["user_id"]),
                     detail="same user, item, timestamp and label as an earlier row")
         interactions = interactions.loc[~dup]
 
@@ -188,8 +252,8 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
         unknown = ~known
     if unknown.any():
         bad = interactions.loc[unknown]
-        rejects.add(bad["_source"], bad["row"], "unknown_item", "dropped", item_id=raw("item_id", bad["item_id"]),
-                    user_id=raw("user_id", bad["user_id"]), detail="item id not in the accepted item catalog")
+        rejects.add(bad["_source"], bad["row"], "unknown_item", "dropped", **raw("item_id", bad["item_id"]),
+                    **raw("user_id", bad["user_id"]), detail="item id not in the accepted item catalog")
     interactions = interactions.loc[known]
 
     items = items.drop(columns=["row", "_source"]).sort_values("item_id", kind="stable").reset_index(drop=True)

@@ -50,7 +50,8 @@ class _ToItemInput(beam.DoFn):
                 # validation saw a readable file; it changed or decodes badly: embed text-only, record it
                 yield beam.pvalue.TaggedOutput(DEAD, reject(
                     self.stage, "items", getattr(exc, "reason", "corrupt_image"), row=item.get("_row"),
-                    item_id=item["item_id"], detail=str(exc), action="kept_text_only"))
+                    item_id=item.get("_raw_item_id", item["item_id"]), item_dense_id=item["item_id"], detail=str(exc),
+                    action="kept_text_only"))
         yield ItemInput(item_id=int(item["item_id"]), title=clean(item.get("title")) or "",
                         text=clean(item.get("text")), image=image)
 
@@ -70,7 +71,7 @@ class _CheckFinite(beam.DoFn):
         if not np.isfinite(vec).all():
             self._rejected.inc()
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                self.stage, "items", "nan_embedding", item_id=item_id,
+                self.stage, "items", "nan_embedding", item_id=item_id, item_dense_id=item_id,
                 detail=f"{int((~np.isfinite(vec)).sum())} of {vec.size} values are NaN/inf"))
             return
         yield int(item_id), vec

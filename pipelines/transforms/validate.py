@@ -8,6 +8,8 @@ contract's (`pipelines.data.schema.REJECT_REASONS`).
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -16,14 +18,69 @@ import apache_beam as beam
 from pipelines.transforms.common import counter, count, reject, stage_timer
 
 DEAD = "dead_letter"
+# Marks dead letters of values that do not parse (not of values out of range: a -1 timestamp sentinel, a label of
+# 3): only those count towards max_bad_fraction, as in the loader. WriteRejects keeps REJECT_FIELDS only.
+UNPARSED = "_unparsed"
 
 
 def _blank(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
 
 
-def _missing_number(value) -> bool:
-    return value is None or (isinstance(value, float) and not math.isfinite(value))
+_INT_TEXT = re.compile(r"[+-]?\d+(?:\.0*)?")
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def parse_int(value):
+    """(int or None, bad): the same rule as the loader's `pipelines.data.io.parse_int64`, for one value.
+
+    Empty (None, NaN, blank text) is (None, False); integers, integral floats and integer text ("12", " 12 ",
+    "12.0") parse; anything else ("1.5", "abc", a bool, out of int64 range) is (None, True).
+    """
+    if _blank(value):
+        return None, False
+    if isinstance(value, bool):
+        return None, True
+    if isinstance(value, numbers.Integral):
+        v = int(value)
+    elif isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            return None, True
+        v = int(value)
+    elif isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        v = int(value.strip().split(".")[0])
+    else:
+        return None, True
+    return (v, False) if _INT64[0] <= v <= _INT64[1] else (None, True)
+
+
+def parse_float(value):
+    """(float or None, bad) for a label: numbers and numeric text ("true" / "false" are 1 / 0, as in the loader).
+
+    Empty is (None, False); NaN is (None, True) (a label computed into NaN is a bad label, not a missing one)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None, False
+    if isinstance(value, bool):
+        return float(value), False
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "false"):
+            return float(text == "true"), False
+        try:
+            value = float(text)
+        except ValueError:
+            return None, True
+    if not isinstance(value, numbers.Real):
+        return None, True
+    value = float(value)
+    return (value, False) if math.isfinite(value) else (None, True)
+
+
+def _ids(r: dict) -> dict:
+    """Reject id fields of a record: raw ids (``_raw_item_id`` / ``_raw_user_id`` when the record carries them,
+    else the ids it holds, which are the raw ones for integer-id sources) and the dense int ids where known."""
+    return {"item_id": r.get("_raw_item_id", r.get("item_id")), "user_id": r.get("_raw_user_id", r.get("user_id")),
+            "item_dense_id": r.get("item_id"), "user_dense_id": r.get("user_id")}
 
 
 class _SplitDuplicates(beam.DoFn):
@@ -34,9 +91,10 @@ class _SplitDuplicates(beam.DoFn):
         rows = sorted(rows, key=lambda r: (r.get("_row") is None, r.get("_row") or 0))
         yield rows[0]
         for r in rows[1:]:
+            raw = _ids(r)["item_id"]
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_items", "items", "duplicate_item", row=r.get("_row"), item_id=item_id,
-                detail=f"item_id {item_id} already defined at row {rows[0].get('_row')}"))
+                "validate_items", "items", "duplicate_item", row=r.get("_row"), item_id=raw, item_dense_id=item_id,
+                detail=f"item_id {raw} already defined at row {rows[0].get('_row')}"))
 
 
 class _CheckItem(beam.DoFn):
@@ -57,7 +115,8 @@ class _CheckItem(beam.DoFn):
         from pipelines.data.images import ImageError, check_image
 
         item = dict(item)
-        row, item_id = item.get("_row"), item.get("item_id")
+        row, ids = item.get("_row"), _ids(item)
+        ids = {"item_id": ids["item_id"], "item_dense_id": ids["item_dense_id"]}
         has_image = not _blank(item.get("image_uri"))
         if has_image:
             try:
@@ -66,7 +125,7 @@ class _CheckItem(beam.DoFn):
             except ImageError as exc:
                 action = "dropped" if self.require_image else "kept_text_only"
                 yield beam.pvalue.TaggedOutput(DEAD, reject(
-                    "validate_items", "items", exc.reason, row=row, item_id=item_id, detail=str(exc), action=action))
+                    "validate_items", "items", exc.reason, row=row, **ids, detail=str(exc), action=action))
                 if self.require_image:
                     self._rejected.inc()
                     return
@@ -74,12 +133,12 @@ class _CheckItem(beam.DoFn):
         elif self.require_image:
             self._rejected.inc()
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_items", "items", "missing_image", row=row, item_id=item_id, detail="no image_uri"))
+                "validate_items", "items", "missing_image", row=row, **ids, detail="no image_uri"))
             return
         if _blank(item.get("title")) and _blank(item.get("text")):
             action = "kept_image_only" if has_image else "dropped"
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_items", "items", "empty_text", row=row, item_id=item_id, detail="no title and no text",
+                "validate_items", "items", "empty_text", row=row, **ids, detail="no title and no text",
                 action=action))
             if not has_image:
                 self._rejected.inc()
@@ -87,12 +146,48 @@ class _CheckItem(beam.DoFn):
         yield item
 
 
-def _null_id(item):
-    if _missing_number(item.get("item_id")):
-        yield beam.pvalue.TaggedOutput(DEAD, reject("validate_items", "items", "missing_value", row=item.get("_row"),
-                                                    detail="item_id is empty"))
+def _check_id(item):
+    """An empty item id is a missing_value, one that is not an integer a bad_id (as in the loader)."""
+    value, bad = parse_int(item.get("item_id"))
+    if value is None:
+        raw = item.get("_raw_item_id", item.get("item_id"))
+        yield beam.pvalue.TaggedOutput(DEAD, {**reject(
+            "validate_items", "items", "bad_id" if bad else "missing_value", row=item.get("_row"),
+            item_id=raw if bad else None, detail=f"item_id {raw!r} is not an integer" if bad else "item_id is empty"),
+            UNPARSED: bad})
     else:
-        yield item
+        yield {**item, "item_id": value}
+
+
+
+
+def _check_share(n_in, n_bad, first, stage: str, max_bad_fraction: float):
+    if n_in and n_bad > max_bad_fraction * n_in:
+        from pipelines.data.io import DataError
+
+        examples = "; ".join(f"{r['reason']} {r['source']} row {r['row']}: {r['detail']}" for r in first)
+        raise DataError(f"{stage}: {n_bad} of {n_in} records ({n_bad / n_in:.2%}) hold a value that does not parse, "
+                        f"more than --max-bad-fraction {max_bad_fraction:g} allows; first: {examples}")
+    return n_bad
+
+
+class _FailPastBadShare(beam.PTransform):
+    """(records in, dead letters) -> the count of parse rejects; raises DataError (failing the job) when they are
+    more than `max_bad_fraction` of the records, as the loader does (`DataSpec.max_bad_fraction`)."""
+
+    def __init__(self, stage: str, max_bad_fraction: float, label: str | None = None):
+        super().__init__(label)
+        self.stage, self.max_bad_fraction = stage, float(max_bad_fraction)
+
+    def expand(self, pcolls):
+        records, dead = pcolls
+        n_in = records | "CountRecords" >> beam.combiners.Count.Globally()
+        bad = dead | "ParseRejects" >> beam.Filter(lambda r: r.get(UNPARSED, False))
+        n_bad = bad | "CountParseRejects" >> beam.combiners.Count.Globally()
+        first = bad | "FirstParseRejects" >> beam.combiners.Top.Smallest(
+            5, key=lambda r: (r["row"] is None, r["row"] or 0))
+        return n_in | "CheckBadShare" >> beam.Map(_check_share, beam.pvalue.AsSingleton(n_bad),
+                                                  beam.pvalue.AsSingleton(first), self.stage, self.max_bad_fraction)
 
 
 class ValidateItems(beam.PTransform):
@@ -102,18 +197,21 @@ class ValidateItems(beam.PTransform):
         image_root: folder relative image uris resolve against (None: uris must be absolute).
         image_check: "exists" | "header" | "decode" (see `pipelines.data.images.check_image`).
         require_image: drop (instead of keeping text-only) items without a usable image.
+        max_bad_fraction: when set, fail the job if more than this share of the items have an id that does not
+            parse (bad_id), like the loader (`DataSpec.max_bad_fraction`); None: only reject them.
     """
 
     def __init__(self, image_root: Optional[str], image_check: str = "header", require_image: bool = False,
-                 label: str | None = None):
+                 max_bad_fraction: Optional[float] = None, label: str | None = None):
         super().__init__(label)
         self.image_root = None if image_root is None else str(image_root)
         self.image_check = image_check
         self.require_image = require_image
+        self.max_bad_fraction = max_bad_fraction
 
     def expand(self, items):
         counted = items | "CountItemsIn" >> count("validate_items", "in")
-        ids = counted | "CheckItemId" >> beam.FlatMap(_null_id).with_outputs(DEAD, main="ok")
+        ids = counted | "CheckItemId" >> beam.FlatMap(_check_id).with_outputs(DEAD, main="ok")
         dedup = (ids.ok | "KeyByItemId" >> beam.Map(lambda r: (int(r["item_id"]), r))
                  | "GroupByItemId" >> beam.GroupByKey()
                  | "DropDuplicateIds" >> beam.ParDo(_SplitDuplicates()).with_outputs(DEAD, main="ok"))
@@ -123,6 +221,8 @@ class ValidateItems(beam.PTransform):
         dropped = (ids[DEAD], dedup[DEAD]) | "FlattenDroppedIds" >> beam.Flatten()
         _ = dropped | "CountDroppedItems" >> count("validate_items", "rejected")
         valid = checked.ok | "CountItemsOut" >> count("validate_items", "out")
+        if self.max_bad_fraction is not None:
+            _ = (counted, ids[DEAD]) | "FailPastBadShare" >> _FailPastBadShare("validate_items", self.max_bad_fraction)
         return {"items": valid, DEAD: dead}
 
 
@@ -133,22 +233,41 @@ class _CheckInteraction(beam.DoFn):
         yield from out
 
     def _check(self, r):
+        """One reason per bad record, in the loader's order: missing_value, bad_id, bad_timestamp, bad_label."""
         row = r.get("_row")
-        for name in ("user_id", "item_id", "ts"):
-            if _missing_number(r.get(name)):
+        parsed = {name: parse_int(r.get(name)) for name in ("user_id", "item_id", "ts")}
+        ids = _ids(r)  # a dense id that is not an integer is left out by `reject`
+        label, label_bad = parse_float(r.get("label"))
+        for name, (value, bad) in [*parsed.items(), ("label", (label, label_bad))]:
+            if value is None and not bad:
                 yield beam.pvalue.TaggedOutput(DEAD, reject(
-                    "validate_interactions", "interactions", "missing_value", row=row,
-                    item_id=None if _missing_number(r.get("item_id")) else r["item_id"],
-                    user_id=None if _missing_number(r.get("user_id")) else r["user_id"], detail=f"{name} is empty"))
+                    "validate_interactions", "interactions", "missing_value", row=row, **ids,
+                    detail=f"{name} is empty"))
                 return
-        label = r.get("label")
-        if _missing_number(label) or not 0.0 <= float(label) <= 1.0:
+        for name, reason, what in (("user_id", "bad_id", "is not an integer"), ("item_id", "bad_id", "is not an integer"),
+                                   ("ts", "bad_timestamp", "is not a unix timestamp")):
+            if parsed[name][1]:
+                yield beam.pvalue.TaggedOutput(DEAD, {**reject(
+                    "validate_interactions", "interactions", reason, row=row, **ids,
+                    detail=f"{name} {r.get(name)!r} {what}"), UNPARSED: True})
+                return
+        if parsed["ts"][0] < 0:  # the loader's rule: negative unix times are sentinels, never event times
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_interactions", "interactions", "bad_label", row=row, item_id=r["item_id"],
-                user_id=r["user_id"], detail=f"label {label!r} not in [0, 1]"))
+                "validate_interactions", "interactions", "bad_timestamp", row=row, **ids,
+                detail=f"timestamp {parsed['ts'][0]} before 1970-01-01"))
             return
-        yield {"user_id": int(r["user_id"]), "item_id": int(r["item_id"]), "ts": int(r["ts"]),
-               "label": float(label), "_row": row}
+        if label is None or not 0.0 <= label <= 1.0:
+            yield beam.pvalue.TaggedOutput(DEAD, {**reject(
+                "validate_interactions", "interactions", "bad_label", row=row, **ids,
+                detail=f"label {r.get('label')!r} " + ("is not a number" if label_bad else "not in [0, 1]")),
+                UNPARSED: label_bad})
+            return
+        out = {"user_id": parsed["user_id"][0], "item_id": parsed["item_id"][0], "ts": parsed["ts"][0],
+               "label": label, "_row": row}
+        for key in ("_raw_item_id", "_raw_user_id"):
+            if key in r:
+                out[key] = r[key]
+        yield out
 
 
 def _join_known(keyed):
@@ -159,20 +278,22 @@ def _join_known(keyed):
             yield r
         else:
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_interactions", "interactions", "unknown_item", row=r.get("_row"), item_id=item_id,
-                user_id=r["user_id"], detail=f"item_id {item_id} is not in the validated catalog"))
+                "validate_interactions", "interactions", "unknown_item", row=r.get("_row"), **_ids(r),
+                detail=f"item_id {_ids(r)['item_id']} is not in the validated catalog"))
 
 
 class ValidateInteractions(beam.PTransform):
     """interactions (dicts) + valid items -> {"interactions": valid, "dead_letter": rejects}.
 
     Unknown items are found with a CoGroupByKey against the validated catalog (scales with the catalog; no side
-    input holding every id).
+    input holding every id). Values that do not parse are rejected as the loader rejects them (bad_id,
+    bad_timestamp, bad_label); with `max_bad_fraction` set, more than that share of them fails the job.
     """
 
-    def __init__(self, items, label: str | None = None):
+    def __init__(self, items, max_bad_fraction: Optional[float] = None, label: str | None = None):
         super().__init__(label)
         self.items = items
+        self.max_bad_fraction = max_bad_fraction
 
     def expand(self, interactions):
         counted = interactions | "CountInteractionsIn" >> count("validate_interactions", "in")
@@ -184,6 +305,9 @@ class ValidateInteractions(beam.PTransform):
         dead = (checked[DEAD], joined[DEAD]) | "FlattenInteractionRejects" >> beam.Flatten()
         _ = dead | "CountInteractionRejects" >> count("validate_interactions", "rejected")
         valid = joined.ok | "CountInteractionsOut" >> count("validate_interactions", "out")
+        if self.max_bad_fraction is not None:
+            _ = ((counted, checked[DEAD])
+                 | "FailPastBadShare" >> _FailPastBadShare("validate_interactions", self.max_bad_fraction))
         return {"interactions": valid, DEAD: dead}
 
 

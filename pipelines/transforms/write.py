@@ -13,7 +13,9 @@ from pipelines.transforms.common import REJECT_FIELDS, count
 
 REJECTS_SCHEMA = pa.schema([
     pa.field("stage", pa.string()), pa.field("source", pa.string()), pa.field("row", pa.int64()),
-    pa.field("item_id", pa.int64()), pa.field("user_id", pa.int64()), pa.field("reason", pa.string()),
+    # raw ids as the source wrote them (text), and the dense int64 ids where known
+    pa.field("item_id", pa.string()), pa.field("user_id", pa.string()),
+    pa.field("item_dense_id", pa.int64()), pa.field("user_dense_id", pa.int64()), pa.field("reason", pa.string()),
     pa.field("detail", pa.string()), pa.field("action", pa.string()),
 ])
 
@@ -60,7 +62,8 @@ class WriteCodes(beam.PTransform):
 
 
 class WriteRejects(beam.PTransform):
-    """dead-letter records -> ``<prefix>.parquet`` (stage, source, row, item_id, user_id, reason, detail, action)."""
+    """dead-letter records -> ``<prefix>.parquet`` (`REJECT_FIELDS`: stage, source, row, item_id / user_id as raw
+    text, item_dense_id / user_dense_id int64 where known, reason, detail, action)."""
 
     def __init__(self, prefix: str, label: str | None = None):
         super().__init__(label)

@@ -100,7 +100,7 @@ def test_bad_timestamp_names_row(tmp_path):
 def test_ids_int_mode_rejects_string_id_with_row(tmp_path):
     (tmp_path / "i.csv").write_text("item_id,title\n1,a\nx7,b\n")
     (tmp_path / "r.csv").write_text("user_id,item_id,ts\n1,1,5\n")
-    with pytest.raises(DataError, match=r"i\.csv: column 'item_id' row 1 .*'x7'"):
+    with pytest.raises(DataError, match=r"i\.csv: column 'item_id' \(item_id\) row 1 .*'x7'"):
         load_dataset(DataSpec(dataset="generic", items=tmp_path / "i.csv", interactions=tmp_path / "r.csv",
                               column_map=("ids=int",)))
 

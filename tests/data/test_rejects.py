@@ -1,9 +1,12 @@
 """Every per-record problem is counted by reason, kept in `rejects`, and never crashes the load."""
 from __future__ import annotations
 
-import pandas as pd
+import json
 
-from pipelines.data import REJECT_REASONS, DataSpec, load_dataset, write_rejects
+import pandas as pd
+import pytest
+
+from pipelines.data import REJECT_REASONS, DataError, DataSpec, load_dataset, write_rejects
 
 
 def _load(catalog_dir, **kw):
@@ -17,9 +20,12 @@ def test_every_reason_is_counted_and_kept(catalog_dir):
         "image_escapes_root": 1,
         "missing_image": 1, "missing_value": 1, "unknown_item": 2,
     }
-    assert set(ds.reject_counts) == set(REJECT_REASONS)  # the fixture injects every reason there is
+    # the fixture injects every reason there is but bad_id (string ids cannot be "not an integer"): see
+    # test_unparseable_values_are_rejects_below_the_share for that one
+    assert set(ds.reject_counts) == set(REJECT_REASONS) - {"bad_id"}
     rej = ds.rejects
-    assert list(rej.columns) == ["source", "row", "item_id", "user_id", "reason", "detail", "action"]
+    assert list(rej.columns) == ["source", "row", "item_id", "user_id", "item_dense_id", "user_dense_id", "reason",
+                                 "detail", "action"]
 
     def one(reason, **match):
         sel = rej[rej["reason"] == reason]
@@ -86,11 +92,157 @@ def test_decode_level_catches_truncated_image(catalog_dir):
     assert ds.reject_counts["corrupt_image"] == 2  # broken.png and the truncated a.png
 
 
-def test_write_rejects_is_parquet_with_summary(catalog_dir, tmp_path):
+@pytest.mark.parametrize("name", ["rejects.parquet", "rej.csv", "rej.jsonl"])
+def test_write_rejects_in_the_format_the_extension_names(catalog_dir, tmp_path, name):
+    """Issue 10 bug 3: `--rejects rej.csv` wrote Parquet bytes under a .csv name."""
     ds = _load(catalog_dir)
-    out = write_rejects(ds, tmp_path / "out" / "rejects.parquet")
-    back = pd.read_parquet(out)
+    out = write_rejects(ds, tmp_path / "out" / name)
+    data = out.read_bytes()
+    if name.endswith(".parquet"):
+        assert data[:4] == b"PAR1"
+        back = pd.read_parquet(out)
+    elif name.endswith(".csv"):
+        assert data[:4] != b"PAR1" and data.decode().splitlines()[0] == ",".join(ds.rejects.columns)
+        back = pd.read_csv(out, dtype=str, keep_default_na=False, na_values=[""])
+    else:
+        rows = [json.loads(line) for line in data.decode().splitlines()]  # strict JSON: null, never NaN
+        back = pd.DataFrame(rows)
+        assert rows[0].keys() == set(ds.rejects.columns)
     assert len(back) == len(ds.rejects) and set(back["reason"]) == set(ds.reject_counts)
-    assert (tmp_path / "out" / "rejects.json").exists()
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
+    assert sorted(back["item_id"].dropna()) == sorted(ds.rejects["item_id"].dropna())  # raw string ids survive
+    summary = tmp_path / "out" / (name.rsplit(".", 1)[0] + ".summary.json")
+    assert json.loads(summary.read_text())["counts"] == ds.reject_counts and summary != out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([name, summary.name])  # no temp files
     assert out.stat().st_mode & 0o044  # readable by others, like a plain write (not mkstemp's 0600)
+
+
+@pytest.mark.parametrize("name", ["rej.txt", "rej", "rej.json", "rej.summary.json"])
+def test_write_rejects_refuses_other_extensions(catalog_dir, tmp_path, name):
+    ds = _load(catalog_dir)
+    with pytest.raises(DataError, match=r"unsupported extension.*\.csv.*\.parquet.*\.jsonl"):
+        write_rejects(ds, tmp_path / name)
+    assert not list(tmp_path.glob("rej*"))  # nothing written
+
+
+def test_data_stats_cli_writes_csv_rejects(catalog_dir, tmp_path, capsys):
+    from pipelines import cli
+
+    out = tmp_path / "rej.csv"
+    assert cli.main(["data", "stats", "--dataset", "generic", "--mapping", str(catalog_dir / "mapping.yaml"),
+                     "--rejects", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["rejects_file"] == str(out)
+    assert pd.read_csv(out)["reason"].value_counts().to_dict() == result["rejected"]
+    assert (tmp_path / "rej.summary.json").exists()
+    # a bad extension is refused up front, with a usage error
+    assert cli.main(["data", "stats", "--dataset", "generic", "--mapping", str(catalog_dir / "mapping.yaml"),
+                     "--rejects", str(tmp_path / "rej.xlsx"), "--json"]) != 0
+    assert not (tmp_path / "rej.xlsx").exists()
+
+
+def _log_with_unparseable_values(folder):
+    """10 interactions; rows 2, 4, 6, 7 hold a value that does not parse (ids are integers: `ids: int`)."""
+    folder.mkdir(exist_ok=True)
+    (folder / "items.csv").write_text("item_id,title\n1,a\n2,b\n3,c\n")
+    (folder / "events.csv").write_text(
+        "user_id,item_id,ts,label\n"
+        "10,1,100,1\n10,2,200,0\n"
+        "11,1,notadate,1\n"       # row 2: bad_timestamp
+        "11,2,300,1\n"
+        "12,3,400,abc\n"          # row 4: bad_label
+        "12,1,500,1\n"
+        "u7,2,600,1\n"            # row 6: bad_id (user)
+        "13,x9,700,0\n"           # row 7: bad_id (item)
+        "13,3,800,1\n14,1,900,0\n")
+    return DataSpec(dataset="generic", items=folder / "items.csv", interactions=folder / "events.csv",
+                    column_map=("ids=int",))
+
+
+def test_unparseable_values_are_rejects_below_the_share(tmp_path):
+    """Issue 10 bug 2: one unparseable value aborted the whole load; below the share it is a per-record reject."""
+    import dataclasses
+
+    spec = dataclasses.replace(_log_with_unparseable_values(tmp_path), max_bad_fraction=0.5)
+    ds = load_dataset(spec)
+    assert ds.reject_counts == {"bad_id": 2, "bad_label": 1, "bad_timestamp": 1}
+    assert len(ds.interactions) == 6 and sorted(ds.interactions["ts"]) == [100, 200, 300, 500, 800, 900]
+    rej = ds.rejects.set_index("row")
+    assert set(rej["source"]) == {"events.csv"}
+    assert (rej.loc[2, "reason"], rej.loc[2, "detail"]) == ("bad_timestamp", "column 'ts' (ts): value 'notadate' "
+                                                            "is not a unix timestamp or an ISO-8601 date")
+    assert rej.loc[4, "reason"] == "bad_label" and "'abc' is not a number" in rej.loc[4, "detail"]
+    assert rej.loc[6, "reason"] == "bad_id" and "column 'user_id'" in rej.loc[6, "detail"]
+    assert (rej.loc[6, "user_id"], rej.loc[6, "item_id"], rej.loc[6, "item_dense_id"]) == ("u7", "2", 2)
+    assert rej.loc[7, "reason"] == "bad_id" and "'x9'" in rej.loc[7, "detail"]
+    assert pd.isna(rej.loc[7, "item_dense_id"]) and rej.loc[7, "user_dense_id"] == 13
+
+
+def test_past_the_share_the_load_fails_naming_file_column_count_and_rows(tmp_path):
+    spec = _log_with_unparseable_values(tmp_path)          # default --max-bad-fraction 0.001; 4 of 10 rows are bad
+    with pytest.raises(DataError) as err:
+        load_dataset(spec)
+    msg = str(err.value)
+    assert "4 of 10 rows (40.00%)" in msg and "--max-bad-fraction 0.001" in msg
+    assert "events.csv: column 'ts' (ts) row 2 (line 4): value 'notadate'" in msg
+    assert "column 'label' (label) row 4 (line 6): value 'abc'" in msg
+    assert "column 'user_id' (user_id) row 6 (line 8): value 'u7'" in msg and "'x9'" in msg
+    import dataclasses
+    with pytest.raises(DataError, match=r"(?s)2 of 3 rows .*items.csv: column 'item_id' \(item_id\) row 1 .*"
+                                        r"2 bad value\(s\) in this column; first: items.csv row 1 \(line 3\) 'x', "
+                                        r"items.csv row 2 \(line 4\) 'y'"):
+        (tmp_path / "items.csv").write_text("item_id,title\n1,a\nx,b\ny,c\n")
+        load_dataset(dataclasses.replace(spec, max_bad_fraction=0.5))
+
+
+def test_one_bad_value_in_a_long_log_is_rejected_at_the_default_share(tmp_path):
+    (tmp_path / "i.csv").write_text("item_id,title\n1,a\n2,b\n")
+    rows = [f"{u},{1 + u % 2},{1000 + u},1" for u in range(2000)]
+    rows[1234] = "1234,1,notadate,1"
+    (tmp_path / "r.csv").write_text("user_id,item_id,ts,label\n" + "\n".join(rows) + "\n")
+    ds = load_dataset(DataSpec(dataset="generic", items=tmp_path / "i.csv", interactions=tmp_path / "r.csv"))
+    assert ds.reject_counts == {"bad_timestamp": 1} and len(ds.interactions) == 1999   # 1 / 2000 <= 0.001
+    assert ds.rejects.iloc[0]["row"] == 1234 and "'notadate'" in ds.rejects.iloc[0]["detail"]
+
+
+def test_missing_column_and_wrong_file_stay_hard_errors(tmp_path):
+    import dataclasses
+
+    spec = dataclasses.replace(_log_with_unparseable_values(tmp_path), max_bad_fraction=1.0)
+    (tmp_path / "events.csv").write_text("user_id,item_id,label\n1,1,1\n")
+    with pytest.raises(DataError, match=r"events\.csv: missing column\(s\) \['ts'\]"):
+        load_dataset(spec)
+    (tmp_path / "events.csv").write_bytes(b"PAR1 not really")
+    (tmp_path / "items.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(DataError, match=r"items\.parquet: unreadable parquet"):
+        load_dataset(dataclasses.replace(spec, items=tmp_path / "items.parquet"))
+
+
+def test_max_bad_fraction_flag_reaches_the_spec():
+    import argparse
+
+    from pipelines.data import add_data_arguments, data_spec_from_args
+
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    assert data_spec_from_args(parser.parse_args([])).max_bad_fraction == 0.001
+    assert data_spec_from_args(parser.parse_args(["--max-bad-fraction", "0.05"])).max_bad_fraction == 0.05
+    with pytest.raises(ValueError, match="max_bad_fraction.*must be in \\[0, 1\\]"):
+        data_spec_from_args(parser.parse_args(["--max-bad-fraction", "1.5"]))
+    assert DataSpec.from_dict(DataSpec(max_bad_fraction=0.2).to_dict()).max_bad_fraction == 0.2
+
+
+def test_movielens_unparseable_values_are_rejects_too(tmp_path):
+    ml = tmp_path / "ml-latest-small"
+    ml.mkdir()
+    (ml / "movies.csv").write_text("movieId,title,genres\n1,A (1999),Drama\n2,B (2000),Comedy\nzz,C (2001),Drama\n")
+    (ml / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,100\n1,2,five,200\n2,1,3.0,notadate\n"
+                                    "2,2,5.0,300\n")
+    with pytest.raises(DataError, match=r"movies\.csv \(items\): 1 of 3 rows"):
+        load_dataset(DataSpec(dataset="movielens", data=tmp_path))
+    ds = load_dataset(DataSpec(dataset="movielens", data=tmp_path, max_bad_fraction=0.5))
+    assert ds.reject_counts == {"bad_id": 1, "bad_label": 1, "bad_timestamp": 1}
+    rej = ds.rejects.set_index(["source", "row"])
+    assert rej.loc[("ratings.csv", 1), "reason"] == "bad_label" and "'five'" in rej.loc[("ratings.csv", 1), "detail"]
+    assert rej.loc[("ratings.csv", 2), "reason"] == "bad_timestamp"
+    assert rej.loc[("movies.csv", 2), "item_id"] == "zz"
+    assert len(ds.interactions) == 2

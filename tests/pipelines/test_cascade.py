@@ -191,3 +191,33 @@ def test_command_line_job_log_is_for_people(tmp_path):
         assert noise not in err, noise
     assert "INFO pipelines.cascade" in err and "published:" in err
     assert json.loads(out.stdout.strip().splitlines()[-1])["ok"] is True
+
+
+def test_string_id_source_with_a_repeat_purchase_runs(first_run, tmp_path):
+    """Issue 10 bug 1 end to end: `qarm pipeline --dataset generic` with `ids: string` crashed on the first loader
+    reject (int('cust-…')); the repeat row now reaches the dead letter under its raw string ids."""
+    from pipelines.data import DataSpec, load_dataset
+
+    first_base, _, _ = first_run
+    ds = load_dataset(DataSpec(n_items=48, n_users=40, n_events=1600, n_clusters=4, image_size=16,
+                               data=first_base / "img"))
+    folder = tmp_path / "shop"
+    shutil.copytree(ds.image_root, folder)
+    items = ds.items[["item_id", "title", "text", "image_uri"]].assign(item_id=lambda f: "art-" + f.item_id.astype(str))
+    inter = ds.interactions[["user_id", "item_id", "ts", "label"]].assign(
+        user_id=lambda f: "cust-" + f.user_id.astype(str), item_id=lambda f: "art-" + f.item_id.astype(str))
+    inter = pd.concat([inter, inter.iloc[[10]]])                              # a repeat purchase row
+    items.to_csv(folder / "items.csv", index=False)
+    inter.to_csv(folder / "interactions.csv", index=False)
+    (folder / "m.json").write_text(json.dumps({"items": {"path": "items.csv"},
+                                               "interactions": {"path": "interactions.csv"}, "ids": "string"}))
+    store = FeatureStore(first_base / "store")
+    args = [a for a in TINY if a not in ("--n-items", "48")]
+    summary = _run(args + ["--dataset", "generic", "--mapping", str(folder / "m.json"), "--store",
+                           str(tmp_path / "store"), "--align-checkpoint", str(store.read().path / "encoder"),
+                           "--skip-unaligned"])
+    assert summary["dead_letter"] == {"duplicate_interaction": 1}
+    dead = pd.read_parquet(FeatureStore(tmp_path / "store").read().path / "dead_letter.parquet")
+    row = inter.iloc[10]
+    assert dead[["user_id", "item_id", "reason"]].values.tolist() == [[row.user_id, row.item_id,
+                                                                       "duplicate_interaction"]]

@@ -41,10 +41,12 @@ def test_validate_items_dead_letters(images):
         assert_that(out["items"] | "Ids" >> beam.Map(lambda r: (r["item_id"], r["image_uri"], r["title"])),
                     equal_to([(1, "ok.png", "t"), (2, None, "t"), (3, None, "t"), (5, "ok.png", " ")]),
                     label="Valid")
-        assert_that(out[DEAD] | "Reasons" >> beam.Map(lambda r: (r["reason"], r["item_id"], r["action"])),
-                    equal_to([("corrupt_image", 2, "kept_text_only"), ("missing_image", 3, "kept_text_only"),
-                              ("empty_text", 4, "dropped"), ("empty_text", 5, "kept_image_only"),
-                              ("duplicate_item", 1, "dropped"), ("missing_value", None, "dropped")]),
+        # rejects carry the id as text (the raw id) and the dense int id where known
+        assert_that(out[DEAD] | "Reasons" >> beam.Map(lambda r: (r["reason"], r["item_id"], r["item_dense_id"],
+                                                                 r["action"])),
+                    equal_to([("corrupt_image", "2", 2, "kept_text_only"), ("missing_image", "3", 3, "kept_text_only"),
+                              ("empty_text", "4", 4, "dropped"), ("empty_text", "5", 5, "kept_image_only"),
+                              ("duplicate_item", "1", 1, "dropped"), ("missing_value", None, None, "dropped")]),
                     label="Dead")
 
 
@@ -107,8 +109,8 @@ def test_embed_items_rejects_non_finite(images):
         out = p | beam.Create(items) | EmbedItems(_FakeHandler(), cfg, str(images), "embed")
         assert_that(out["embeddings"] | beam.Map(lambda kv: (kv[0], int(np.argmax(kv[1])))),
                     equal_to([(1, 1), (2, 2)]), label="Emb")
-        assert_that(out[DEAD] | beam.Map(lambda r: (r["reason"], r["item_id"])),
-                    equal_to([("nan_embedding", 13), ("corrupt_image", 2)]), label="Dead")
+        assert_that(out[DEAD] | beam.Map(lambda r: (r["reason"], r["item_id"], r["item_dense_id"])),
+                    equal_to([("nan_embedding", "13", 13), ("corrupt_image", "2", 2)]), label="Dead")
 
 
 def test_quantize_items_matches_library():
@@ -148,3 +150,101 @@ def test_writers_produce_store_tables(tmp_path):
     assert ids.tolist() == [2, 5, 9] and x[:, 0].tolist() == [2.0, 5.0, 9.0]
     codes = read_codes(tmp_path / "item_codes.parquet")
     assert codes.rq.tolist() == [[2, 1], [5, 1], [9, 1]] and codes.vq.tolist() == [[3, 4], [6, 7], [10, 11]]
+
+
+def _string_id_shop(tmp_path):
+    """A generic source with string ids (`ids: string`) and one repeat purchase (a duplicate_interaction reject)."""
+    (tmp_path / "articles.csv").write_text("article,name\nart-a,Red shirt\nart-b,Blue shirt\n")
+    (tmp_path / "purchases.csv").write_text(
+        "customer,article,day\n"
+        "acde5020f1,art-a,2024-01-01\n"
+        "acde5020f1,art-b,2024-01-02\n"
+        "acde5020f1,art-b,2024-01-02\n"      # row 2: same customer, article, day -> duplicate_interaction
+        "ffee0001aa,art-a,2024-01-03\n")
+    (tmp_path / "m.json").write_text(
+        '{"items": {"path": "articles.csv", "columns": {"item_id": "article", "title": "name"}},'
+        ' "interactions": {"path": "purchases.csv", "columns": {"user_id": "customer", "item_id": "article",'
+        ' "ts": "day"}}, "ids": "string"}')
+    return tmp_path / "m.json"
+
+
+def test_loader_rejects_with_string_ids_reach_the_dead_letter(tmp_path):
+    """Issue 10 bug 1: `qarm pipeline --dataset generic` crashed with int('acde5020f1') on any loader reject."""
+    import pandas as pd
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.cascade import make_plan
+    from pipelines.data import DataSpec, load_dataset
+    from pipelines.transforms.write import WriteRejects
+
+    mapping = _string_id_shop(tmp_path)
+    ds = load_dataset(DataSpec(dataset="generic", mapping=mapping))
+    assert ds.reject_counts == {"duplicate_interaction": 1}
+    options = PipelineOptions(["--dataset", "generic", "--mapping", str(mapping), "--encoder", "tiny",
+                               "--store", str(tmp_path / "store")])
+    (tmp_path / "work").mkdir()
+    plan = make_plan(options, tmp_path / "staging", tmp_path / "work", ds)   # raised ValueError before the fix
+    (dup,) = plan.loader_rejects
+    dense_user = int(ds.id_maps["user_id"].set_index("raw").loc["acde5020f1", "id"])
+    dense_item = int(ds.id_maps["item_id"].set_index("raw").loc["art-b", "id"])
+    assert (dup["user_id"], dup["item_id"], dup["row"]) == ("acde5020f1", "art-b", 2)
+    with TestPipeline() as p:
+        _ = p | beam.Create(list(plan.loader_rejects)) | WriteRejects(str(tmp_path / "dead_letter"))
+    back = pd.read_parquet(tmp_path / "dead_letter.parquet")
+    assert back[["user_id", "item_id", "reason"]].values.tolist() == [["acde5020f1", "art-b", "duplicate_interaction"]]
+    # the loader's rejects table carries the dense ids too, where the loader made them
+    row = ds.rejects.iloc[0]
+    assert (row["user_dense_id"], row["item_dense_id"]) == (dense_user, dense_item)
+
+
+def test_validation_rejects_keep_raw_string_ids():
+    """Records that carry their raw ids (string-id sources) are rejected under those, with the dense ids beside."""
+    items = [_item(0), {**_item(0, row=5), "_raw_item_id": "art-a"}]
+    events = [{"user_id": 3, "item_id": 7, "ts": 5, "label": 1.0, "_row": 0, "_raw_user_id": "acde5020f1",
+               "_raw_item_id": "art-z"}]                                   # unknown item
+    with TestPipeline() as p:
+        vi = p | "Items" >> beam.Create(items) | "VI" >> ValidateItems(None, "exists")
+        vx = p | "Events" >> beam.Create(events) | "VX" >> ValidateInteractions(vi["items"])
+        fields = ("reason", "item_id", "item_dense_id", "user_id", "user_dense_id")
+        assert_that(vi[DEAD] | "I" >> beam.Map(lambda r: tuple(r[k] for k in fields)),
+                    equal_to([("duplicate_item", "art-a", 0, None, None)]), label="Items")
+        assert_that(vx[DEAD] | "X" >> beam.Map(lambda r: tuple(r[k] for k in fields)),
+                    equal_to([("unknown_item", "art-z", 7, "acde5020f1", 3)]), label="Events")
+
+
+def _events_with_unparseable_values():
+    return [
+        {"user_id": 10, "item_id": 1, "ts": 100, "label": 1.0, "_row": 0},
+        {"user_id": 10, "item_id": 2, "ts": "notadate", "label": 1.0, "_row": 1},   # bad_timestamp
+        {"user_id": 11, "item_id": 1, "ts": 300, "label": "abc", "_row": 2},        # bad_label
+        {"user_id": "u7", "item_id": 2, "ts": 400, "label": 0.0, "_row": 3},        # bad_id
+        {"user_id": 12, "item_id": 2, "ts": "500", "label": "1", "_row": 4},        # text that parses: kept
+        {"user_id": 12, "item_id": 1, "ts": -1, "label": 1.0, "_row": 5},           # sentinel time: bad_timestamp
+    ]
+
+
+def test_validation_rejects_unparseable_values_like_the_loader():
+    """Issue 10 bug 2, job side: the DoFns give the loader's reasons (bad_id / bad_timestamp / bad_label)."""
+    items = [_item(1), _item(2), {**_item(3), "item_id": "x9", "_row": 3}]
+    with TestPipeline() as p:
+        vi = p | "Items" >> beam.Create(items) | "VI" >> ValidateItems(None, "exists", max_bad_fraction=0.5)
+        vx = (p | "Events" >> beam.Create(_events_with_unparseable_values())
+              | "VX" >> ValidateInteractions(vi["items"], max_bad_fraction=0.9))
+        assert_that(vi[DEAD] | "I" >> beam.Map(lambda r: (r["reason"], r["row"], r["item_id"], r["item_dense_id"])),
+                    equal_to([("bad_id", 3, "x9", None)]), label="Items")
+        assert_that(vx["interactions"] | "Ok" >> beam.Map(lambda r: (r["_row"], r["ts"], r["label"])),
+                    equal_to([(0, 100, 1.0), (4, 500, 1.0)]), label="Valid")
+        assert_that(vx[DEAD] | "X" >> beam.Map(lambda r: (r["reason"], r["row"], r["detail"])),
+                    equal_to([("bad_timestamp", 1, "ts 'notadate' is not a unix timestamp"),
+                              ("bad_label", 2, "label 'abc' is not a number"),
+                              ("bad_id", 3, "user_id 'u7' is not an integer"),
+                              ("bad_timestamp", 5, "timestamp -1 before 1970-01-01")]), label="Dead")
+
+
+def test_validation_fails_past_the_bad_share():
+    with pytest.raises(Exception, match=r"validate_interactions: 3 of 6 records \(50.00%\).*--max-bad-fraction "
+                                        r"0.001.*bad_timestamp interactions row 1: ts 'notadate'"):
+        with TestPipeline() as p:
+            items = p | "Items" >> beam.Create([_item(1), _item(2)])
+            _ = (p | "Events" >> beam.Create(_events_with_unparseable_values())
+                 | ValidateInteractions(items, max_bad_fraction=0.001))

@@ -106,3 +106,117 @@ def test_remap_rq_tables_carries_learned_rows(world, tmp_path):
     assert after == pytest.approx(before, abs=1e-6)  # a pure relabelling changes nothing
     with pytest.raises(ValueError, match="mappings"):
         remap_rq_tables(model, cfg, new_items, data.users.n_rows, [old_for_new])
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+def _kill_after_epochs(monkeypatch, k: int):
+    """Make fit() die like a killed job: the validation pass of epoch k (0-based) raises, so the checkpoint on
+    disk is the one written after epoch k - 1 and nothing of epoch k survives."""
+    import ranker.train as train
+
+    calls = {"n": 0}
+    original = train.evaluate
+
+    def evaluate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == k + 1:
+            raise _Killed(f"killed during epoch {k}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+
+
+def _weights(path):
+    raw = torch.load(path, weights_only=True)
+    return raw["model"], raw["last"]
+
+
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_resume_after_epoch_k_reproduces_the_uninterrupted_run(world, tmp_path, monkeypatch, how):
+    """Issue 10 bug 4: the resumed run restored the latest weights as 'best' and lost the embedding Adagrad state
+    (and the dropout RNG), so it drifted from the uninterrupted run."""
+    w, data = world
+    items = w.item_features()
+    cfg = _cfg(features="vq+rq", epochs=4, dropout=0.3, lr_sparse=0.3, lr_dense=0.02)
+    full = fit(data, items, cfg, out_dir=tmp_path / "full", progress=False)
+
+    part = tmp_path / "part"
+    if how == "killed":
+        with monkeypatch.context() as m:
+            _kill_after_epochs(m, 2)
+            with pytest.raises(_Killed):
+                fit(data, items, cfg, out_dir=part, progress=False)
+    else:  # a shorter run that ends normally after epoch 1 (restores its best epoch), then is extended
+        fit(data, items, _cfg(features="vq+rq", epochs=2, dropout=0.3, lr_sparse=0.3, lr_dense=0.02),
+            out_dir=part, progress=False)
+    resumed = fit(data, items, cfg, out_dir=part, resume=True, progress=False)
+
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3]
+    assert resumed["steps"] == full["steps"] // 2      # only epochs 2 and 3 ran after the resume
+    for a, b in zip(resumed["history"], full["history"]):
+        assert a["epoch"] == b["epoch"] and a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["valid_auc"] == pytest.approx(b["valid_auc"], abs=1e-6)
+    assert resumed["best_epoch"] == full["best_epoch"]
+    for split in ("valid", "test"):
+        for key in ("auc", "gauc", "logloss"):
+            assert resumed[split][key] == pytest.approx(full[split][key], abs=1e-6), (split, key)
+    (best_a, last_a), (best_b, last_b) = _weights(part / "ranker.pt"), _weights(tmp_path / "full" / "ranker.pt")
+    assert set(best_a) == set(best_b)
+    for name in best_a:
+        torch.testing.assert_close(best_a[name], best_b[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(last_a[name], last_b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpoint_keeps_the_best_epoch_apart_from_the_latest(world, tmp_path):
+    w, data = world
+    items = w.item_features()
+    # a sparse learning rate this high overfits after the first epochs: the best epoch is not the last
+    result = fit(data, items, _cfg(features="id", epochs=5, lr_dense=0.05, lr_sparse=2.0), out_dir=tmp_path,
+                 progress=False)
+    aucs = [h["valid_auc"] for h in result["history"]]
+    assert result["best_epoch"] == int(np.argmax(aucs)) and result["best_epoch"] < 4, aucs
+    raw = torch.load(tmp_path / "ranker.pt", weights_only=True)
+    assert set(raw) >= {"model", "last", "dense_optimizer", "sparse_optimizer", "rng"}
+    differs = [n for n in raw["model"] if not torch.equal(raw["model"][n], raw["last"][n])]
+    assert differs  # best-epoch weights are not the latest ones
+    state = raw["sparse_optimizer"]["params"]
+    assert state and all(float(s["state"][0]["sum"].abs().sum()) > 0 for s in state.values())  # Adagrad sums kept
+    model, cfg, meta = load_checkpoint(tmp_path / "ranker.pt", items=items, n_users=data.users.n_rows)
+    again = evaluate(model, data.valid, build_schema(cfg, data.users.n_rows, items), items)
+    assert again["auc"] == pytest.approx(max(aucs), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_resume_matches_the_uninterrupted_run(tmp_path):
+    """Under torchrun + DMP the embedding state lives in TorchRec's fused optimizer, sharded across ranks: it is
+    gathered into the checkpoint and scattered back on resume, so a resumed run still matches."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).with_name("dist_resume_worker.py")), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "worker.json").read_text())
+    full, resumed = out["full"], out["resumed"]
+    assert full["world_size"] == 2 and resumed["steps"] * 3 == full["steps"] * 2
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2] and resumed["best_epoch"] == full["best_epoch"]
+    for a, b in zip(resumed["history"], full["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["valid_auc"] == pytest.approx(b["valid_auc"], abs=1e-6)
+    for split in ("valid", "test"):
+        assert resumed[split]["auc"] == pytest.approx(full[split]["auc"], abs=1e-6)
+        assert resumed[split]["logloss"] == pytest.approx(full[split]["logloss"], abs=1e-6)
+    a = torch.load(tmp_path / "part" / "ranker.pt", weights_only=True)
+    b = torch.load(tmp_path / "full" / "ranker.pt", weights_only=True)
+    for name in b["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert a["sparse_optimizer"]["kind"] == "fused" and a["rng"]["torch"].shape[0] == 2
