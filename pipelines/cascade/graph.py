@@ -54,8 +54,10 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     interactions = p | "ReadInteractions" >> beam.io.ReadFromParquet(plan.interactions_path)
     loader_rejects = p | "LoaderRejects" >> beam.Create(list(plan.loader_rejects))
 
-    vi = items | "ValidateItems" >> ValidateItems(plan.image_root, plan.image_check, plan.require_image)
-    vx = interactions | "ValidateInteractions" >> ValidateInteractions(vi["items"])
+    vi = items | "ValidateItems" >> ValidateItems(plan.image_root, plan.image_check, plan.require_image,
+                                                  max_bad_fraction=plan.max_bad_fraction)
+    vx = interactions | "ValidateInteractions" >> ValidateInteractions(vi["items"],
+                                                                       max_bad_fraction=plan.max_bad_fraction)
     train = vx["interactions"] | "TrainPortion" >> TrainPortion(interactions)
     pairs = (train | "CountPairsIn" >> count("mine_pairs", "in")
              | "MinePairs" >> MinePairs(plan.pairs))

@@ -67,6 +67,7 @@ class JobPlan:
     quant: QuantConfig
     align: AlignPlan
     split: SplitConfig = SplitConfig()
+    max_bad_fraction: Optional[float] = None  # the loader's share limit, checked again on the workers
     embed_batch_size: int = 64
     unaligned: bool = True
     init_quantizer: Optional[str] = None
@@ -88,6 +89,19 @@ def encoder_dict(opts: CascadeOptions, seed: int) -> dict:
     return EncoderConfig.named(opts.encoder, **overrides).to_dict()
 
 
+def with_raw_ids(frame: pd.DataFrame, id_maps: dict, fields: tuple) -> pd.DataFrame:
+    """Add ``_raw_<field>`` (the source's own string id) for string-id sources, so job-stage rejects name records
+    the way the user's files do. The id maps are the documented driver-side bound of string-id sources."""
+    out = frame
+    for name in fields:
+        table = (id_maps or {}).get(name)
+        if table is None:
+            continue
+        raw = pd.Series(table["raw"].to_numpy(), index=table["id"].to_numpy())
+        out = out.assign(**{f"_raw_{name}": raw.reindex(frame[name].to_numpy()).to_numpy()})
+    return out
+
+
 def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds) -> JobPlan:
     """Resolve options + the loaded dataset into a JobPlan (validates every config before anything runs)."""
     from pipelines.transforms.report import snapshot
@@ -106,20 +120,25 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds) -> Jo
                       seed=seed)
     if opts.init_quantizer and not Path(opts.init_quantizer).exists():
         raise FileNotFoundError(f"--init-quantizer {opts.init_quantizer}: no such folder")
-    items_path = snapshot(ds.items, work_dir / "items.parquet")
+    items_path = snapshot(with_raw_ids(ds.items, ds.id_maps, ("item_id",)), work_dir / "items.parquet")
     # the protocol's part of every event (0 train, 1 valid, 2 test): only train reaches pair mining / alignment
-    inter_path = snapshot(ds.interactions.assign(_part=split_labels(ds.interactions, split)),
-                          work_dir / "interactions.parquet")
+    inter_path = snapshot(with_raw_ids(ds.interactions, ds.id_maps, ("user_id", "item_id"))
+                          .assign(_part=split_labels(ds.interactions, split)), work_dir / "interactions.parquet")
+    def known(value):
+        return None if value is None or pd.isna(value) else value
+
     loader_rejects = tuple(
-        reject("read_sources", str(r.source), str(r.reason), row=None if pd.isna(r.row) else r.row,
-               item_id=None if pd.isna(r.item_id) else r.item_id, user_id=None if pd.isna(r.user_id) else r.user_id,
-               detail=str(r.detail), action=str(getattr(r, "action", "dropped")))
+        reject("read_sources", str(r.source), str(r.reason), row=known(r.row), item_id=known(r.item_id),
+               user_id=known(r.user_id), item_dense_id=known(getattr(r, "item_dense_id", None)),
+               user_dense_id=known(getattr(r, "user_dense_id", None)), detail=str(r.detail),
+               action=str(getattr(r, "action", "dropped")))
         for r in ds.rejects.itertuples(index=False))
     return JobPlan(items_path=str(items_path), interactions_path=str(inter_path),
                    image_root=str(ds.image_root) if ds.image_root else None,
                    image_check=ds.spec.validate_images if ds.spec else "header",
                    require_image=bool(ds.spec.require_image) if ds.spec else False,
                    staging=str(staging), work_dir=str(work_dir), pairs=pairs, quant=quant, align=align, split=split,
+                   max_bad_fraction=ds.spec.max_bad_fraction if ds.spec else None,
                    embed_batch_size=opts.embed_batch_size, unaligned=not opts.skip_unaligned,
                    init_quantizer=opts.init_quantizer, loader_rejects=loader_rejects,
                    align_hints=tuple((k, v) for k, v in (("min_ram", opts.align_min_ram),
