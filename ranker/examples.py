@@ -189,10 +189,16 @@ def sample_negatives(positives: Examples, n_item_rows: int, cfg: NegativeConfig,
     items = rng.choice(n_item_rows, size=n, p=p)
     src = np.repeat(np.arange(len(positives)), k)
     clash = items == positives.item[src]
-    # re-draw collisions with the positive item from the same distribution; a rare leftover is shifted by one row
+    # re-draw collisions with the positive item from the same distribution; a rare leftover takes the next item
+    # of the distribution's support (so negatives never leave the window's items), or the next row if the
+    # support is that single item
     items[clash] = rng.choice(n_item_rows, size=int(clash.sum()), p=p)
     clash = items == positives.item[src]
-    items[clash] = items[clash] % (n_item_rows - 1) + 1
+    support = np.flatnonzero(p > 0)
+    if len(support) > 1:
+        items[clash] = support[(np.searchsorted(support, items[clash]) + 1) % len(support)]
+    else:
+        items[clash] = items[clash] % (n_item_rows - 1) + 1
     neg = positives.take(src)
     neg.item = items.astype(np.int64)
     neg.label = np.zeros(n, np.float32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipelines.data.schema import DATASETS, IMAGE_CHECKS, DataSpec
+from pipelines.data.schema import DATASETS, IMAGE_CHECKS, PRESET_SIZES, PRESETS, DataSpec
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,9 +35,17 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                    help="largest share of a table's rows whose id, timestamp or label does not parse: below it "
                         "they are rejected (bad_id / bad_timestamp / bad_label), above it the load fails "
                         f"(default {DataSpec.max_bad_fraction:g})")
-    g.add_argument("--n-items", type=int, default=DataSpec.n_items, help="synthetic: number of items")
-    g.add_argument("--n-users", type=int, default=DataSpec.n_users, help="synthetic: number of users")
-    g.add_argument("--n-events", type=int, default=DataSpec.n_events, help="synthetic: number of impressions")
+    g.add_argument("--preset", choices=PRESETS, default="default",
+                   help="synthetic: default (impression log, 0/1 labels) or sparse (a purchase-like implicit log: "
+                        "~4 events per user, a long tail of items bought once or twice, repeats, new items "
+                        "dominating later windows)")
+    g.add_argument("--n-items", type=int, default=None,
+                   help="synthetic: number of items (default: the preset's, 2000 / sparse 4000)")
+    g.add_argument("--n-users", type=int, default=None,
+                   help="synthetic: number of users (default: the preset's, 600 / sparse 1000)")
+    g.add_argument("--n-events", type=int, default=None,
+                   help="synthetic: logged events (default: the preset's, 60000 impressions / sparse 4500 "
+                        "purchases)")
     g.add_argument("--n-clusters", type=int, default=DataSpec.n_clusters, help="synthetic: latent clusters")
     g.add_argument("--lookalike-share", type=float, default=DataSpec.lookalike_share,
                    help="synthetic: share of clusters in look-alike pairs (content alike, liked independently)")
@@ -52,9 +60,13 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
         args: an argparse Namespace, or anything with the same attributes, e.g. a Beam
             `options.view_as(DataOptions)`: build specs through here so a new data flag is never dropped.
     """
+    preset = getattr(args, "preset", None) or "default"
+    sizes = {k: (getattr(args, k, None) if getattr(args, k, None) is not None else PRESET_SIZES[preset][k])
+             for k in ("n_items", "n_users", "n_events")}
     return DataSpec(dataset=args.dataset, data=args.data, items=args.items, interactions=args.interactions,
                     mapping=args.mapping, column_map=tuple(args.column_map or ()), id_map_dir=args.id_map_dir,
                     require_image=bool(args.require_image), validate_images=args.validate_images,
-                    n_items=args.n_items, n_users=args.n_users, n_events=args.n_events, n_clusters=args.n_clusters,
+                    n_items=sizes["n_items"], n_users=sizes["n_users"], n_events=sizes["n_events"],
+                    n_clusters=args.n_clusters, preset=preset,
                     lookalike_share=args.lookalike_share, image_size=args.image_size, seed=args.seed,
                     max_bad_fraction=args.max_bad_fraction)

@@ -18,6 +18,10 @@ from typing import Optional
 import pandas as pd
 
 DATASETS = ("synthetic", "movielens", "generic")
+PRESETS = ("default", "sparse")
+# sizes a preset uses when --n-items / --n-users / --n-events are not given
+PRESET_SIZES = {"default": {"n_items": 2000, "n_users": 600, "n_events": 60000},
+                "sparse": {"n_items": 4000, "n_users": 1000, "n_events": 4500}}
 IMAGE_CHECKS = ("exists", "header", "decode")
 
 from feature_store.contract import INTERACTION_COLUMNS, ITEM_COLUMNS  # noqa: F401 (re-exported)
@@ -64,6 +68,10 @@ class DataSpec:
         seed: synthetic generator seed (the whole dataset is a deterministic function of the spec).
         max_bad_fraction: the largest share of a table's rows whose values may fail to parse (bad_id,
             bad_timestamp, bad_label rejects) before the load fails with an error naming file, column and rows.
+        preset: synthetic: the shape of the generated world. "default": an impression log with 0/1 labels and
+            dozens of events per item; "sparse": shaped like a small shop's purchase log (implicit positives
+            only, about 4 events per user, most items bought once or twice, repeat purchases, new items
+            dominating later windows). ``n_items`` / ``n_users`` / ``n_events`` count what is logged either way.
     """
 
     dataset: str = "synthetic"
@@ -83,10 +91,16 @@ class DataSpec:
     image_size: int = 64
     seed: int = 0
     max_bad_fraction: float = 0.001
+    preset: str = "default"
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"DataSpec.dataset: {self.dataset!r} is not one of {DATASETS}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"DataSpec.preset (--preset): {self.preset!r} is not one of {PRESETS}")
+        if self.preset != "default" and self.dataset != "synthetic":
+            raise ValueError(f"DataSpec.preset: --preset {self.preset} shapes the synthetic data only "
+                             f"(got --dataset {self.dataset})")
         for name in ("data", "items", "interactions", "mapping", "id_map_dir"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):

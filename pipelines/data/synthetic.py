@@ -14,6 +14,13 @@ Generative story (all from `spec.seed`):
   clusters; the click probability is sigmoid(BASE + LIKE_WEIGHT * liked + item quality + user bias), so the
   cluster decides most of it while each item id is seen only a few dozen times.
 
+Presets (`DataSpec.preset`, `--preset`): "default" is the impression log above. "sparse" is shaped like a small
+shop's purchase log, where content codes are supposed to matter most and ids alone have little to learn from:
+only the clicks are logged (implicit positives, label 1), users are many and light (about 4 events each, a
+heavy-tailed activity), most items are bought once or twice, 10% of events repeat an earlier purchase of the same
+user, and the catalog keeps arriving with feeds favouring items days old, so later windows are dominated by items
+that earlier windows never saw.
+
 The latent cluster id is in `items["cluster"]` for tests and diagnostics; models must not use it as a feature.
 """
 from __future__ import annotations
@@ -24,7 +31,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +112,22 @@ def _colour_word(hue: float) -> str:
     return min(COLOUR_WORDS, key=lambda hw: min(abs(hue - hw[0]), 1 - abs(hue - hw[0])))[1]
 
 
+@dataclass(frozen=True)
+class WorldShape:
+    """The knobs a preset turns (see the module docstring)."""
+
+    initial_catalog: float = INITIAL_CATALOG
+    freshness_s: int = FRESHNESS_S
+    activity_sigma: float = 0.8
+    implicit: bool = False
+    repeat_rate: float = 0.0
+
+
+SHAPES = {"default": WorldShape(),
+          "sparse": WorldShape(initial_catalog=0.1, freshness_s=3 * 24 * 3600, activity_sigma=1.0, implicit=True,
+                               repeat_rate=0.1)}
+
+
 def _make_items(spec: DataSpec, rng: np.random.Generator):
     n, k = spec.n_items, spec.n_clusters
     styles = cluster_styles(k, rng)
@@ -113,7 +136,7 @@ def _make_items(spec: DataSpec, rng: np.random.Generator):
     # Every cluster gets items; the rest are assigned at random (mildly unequal cluster sizes).
     cluster = np.concatenate([np.arange(k), rng.integers(0, k, n - k)])
     rng.shuffle(cluster)
-    n_initial = max(1, int(round(INITIAL_CATALOG * n)))
+    n_initial = max(1, int(round(SHAPES[spec.preset].initial_catalog * n)))
     release = np.concatenate([np.full(n_initial, START_TS, dtype=np.int64),
                               np.sort(START_TS + rng.integers(0, int(RELEASE_END * SPAN_S), n - n_initial))])
     titles, texts = _make_texts(cluster, styles, vocabs, rng)
@@ -159,6 +182,27 @@ def _make_texts(cluster: np.ndarray, styles, vocabs, rng: np.random.Generator) -
 
 
 def _make_interactions(spec: DataSpec, items: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
+    shape = SHAPES[spec.preset]
+    if not shape.implicit:
+        return _impressions(spec, items, rng, shape, spec.n_events)
+    # implicit: simulate enough impressions, log only the clicks, then add repeat purchases
+    n_fresh = int(round(spec.n_events * (1.0 - shape.repeat_rate)))
+    log = _impressions(spec, items, rng, shape, max(4 * n_fresh, 100))
+    clicks = log[log["label"] >= 0.5]
+    while len(clicks) < n_fresh:  # a world with a low click rate: simulate more
+        log = _impressions(spec, items, rng, shape, 2 * len(log))
+        clicks = log[log["label"] >= 0.5]
+    clicks = clicks.iloc[np.sort(rng.choice(len(clicks), n_fresh, replace=False))]
+    n_repeat = spec.n_events - n_fresh
+    src = clicks.iloc[rng.integers(0, len(clicks), n_repeat)]
+    later = np.minimum(src["ts"].to_numpy() + rng.integers(3600, 30 * 24 * 3600, n_repeat), START_TS + SPAN_S - 1)
+    repeats = src.assign(ts=later.astype(np.int64))
+    out = pd.concat([clicks, repeats], ignore_index=True).assign(label=np.float32(1.0))
+    return out.sort_values("ts", kind="stable").reset_index(drop=True)
+
+
+def _impressions(spec: DataSpec, items: pd.DataFrame, rng: np.random.Generator, shape: WorldShape,
+                 n_events: int) -> pd.DataFrame:
     n_users, k = spec.n_users, spec.n_clusters
     cluster = items["cluster"].to_numpy()
     release = items["release_ts"].to_numpy()
@@ -172,20 +216,20 @@ def _make_interactions(spec: DataSpec, items: pd.DataFrame, rng: np.random.Gener
         liked_pad[u, : n_liked[u]] = np.flatnonzero(liked[u])
     quality = rng.normal(0, ITEM_QUALITY_SD, len(items))
     user_bias = rng.normal(0, USER_BIAS_SD, n_users)
-    activity = rng.lognormal(0, 0.8, n_users)
+    activity = rng.lognormal(0, shape.activity_sigma, n_users)
     activity /= activity.sum()
 
-    ts = np.sort(START_TS + rng.integers(0, SPAN_S, spec.n_events))
-    users = rng.choice(n_users, size=spec.n_events, p=activity)
-    shown = np.empty(spec.n_events, dtype=np.int64)
+    ts = np.sort(START_TS + rng.integers(0, SPAN_S, n_events))
+    users = rng.choice(n_users, size=n_events, p=activity)
+    shown = np.empty(n_events, dtype=np.int64)
     n_periods = 60
     edges = np.searchsorted(ts, START_TS + np.linspace(0, SPAN_S, n_periods + 1)[1:-1])
-    for lo, hi in zip(np.r_[0, edges], np.r_[edges, spec.n_events]):
+    for lo, hi in zip(np.r_[0, edges], np.r_[edges, n_events]):
         if lo == hi:
             continue
         now = ts[hi - 1]
         avail = np.flatnonzero(release <= now)
-        fresh = 1.0 / (1.0 + (now - release[avail]) / FRESHNESS_S)
+        fresh = 1.0 / (1.0 + (now - release[avail]) / shape.freshness_s)
         from_liked = rng.random(hi - lo) < LIKED_EXPOSURE
         # Random feed slots: any available item, fresher ones more often.
         rand_idx = np.flatnonzero(~from_liked) + lo
@@ -203,13 +247,14 @@ def _make_interactions(spec: DataSpec, items: pd.DataFrame, rng: np.random.Gener
             w = fresh[cluster[avail] == c]
             shown[slots] = rng.choice(pool, size=len(slots), p=w / w.sum())
     logit = BASE_LOGIT + LIKE_WEIGHT * liked[users, cluster[shown]] + quality[shown] + user_bias[users]
-    label = (rng.random(spec.n_events) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+    label = (rng.random(n_events) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
     return pd.DataFrame({"user_id": users.astype(np.int64), "item_id": shown, "ts": ts.astype(np.int64),
                          "label": label})
 
 
 def _cache_key(spec: DataSpec) -> str:
     cfg = {"v": GENERATOR_VERSION, "n_items": spec.n_items, "n_clusters": spec.n_clusters,
+           **({"preset": spec.preset} if spec.preset != "default" else {}),
            "lookalike_share": spec.lookalike_share,
            "image_size": spec.image_size, "seed": spec.seed}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]

@@ -189,3 +189,38 @@ def test_lookalike_clusters_look_alike_but_are_liked_independently(synth):
     twin_corr = rate[0].corr(rate[1])
     print(f"per-user click-rate correlation between look-alike clusters 0 and 1: {twin_corr:.3f}")
     assert twin_corr < 0.35
+
+
+def test_sparse_preset_is_shaped_like_a_small_purchase_log(tmp_path):
+    from feature_store.split import SplitConfig, split_labels
+
+    ds = load_dataset(DataSpec(dataset="synthetic", preset="sparse", n_items=4000, n_users=1000, n_events=4500,
+                               data=tmp_path))
+    x = ds.interactions
+    assert set(x["label"].unique()) == {1.0}                               # implicit positives only
+    per_user = x.groupby("user_id").size()
+    assert 2 <= per_user.median() <= 5                                      # ~4 events per user
+    per_item = x.groupby("item_id").size()
+    assert (per_item <= 2).mean() > 0.6                                     # a long tail bought once or twice
+    assert 0.05 < x.duplicated(["user_id", "item_id"]).mean() < 0.2         # repeat purchases
+    part = split_labels(x, SplitConfig())
+    unseen = ~x.loc[part == 2, "item_id"].isin(set(x.loc[part == 0, "item_id"]))
+    assert unseen.mean() > 0.4                                              # new items dominate later windows
+    default = load_dataset(DataSpec(dataset="synthetic", n_items=400, n_users=100, n_events=4000, data=tmp_path))
+    assert default.interactions["label"].nunique() == 2
+
+
+def test_preset_is_a_data_flag_with_its_own_sizes():
+    import argparse
+
+    from pipelines.data import add_data_arguments, data_spec_from_args
+
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    spec = data_spec_from_args(parser.parse_args(["--preset", "sparse"]))
+    assert (spec.preset, spec.n_items, spec.n_users, spec.n_events) == ("sparse", 4000, 1000, 4500)
+    spec = data_spec_from_args(parser.parse_args(["--preset", "sparse", "--n-items", "300"]))
+    assert spec.n_items == 300
+    assert data_spec_from_args(parser.parse_args([])).n_events == 60000
+    with pytest.raises(ValueError, match="synthetic data only"):
+        DataSpec(dataset="movielens", data="x", preset="sparse")
