@@ -52,6 +52,8 @@ def beam_flag_parser() -> argparse.ArgumentParser:
     """A parser that knows every option of every PipelineOptions subclass (what Beam itself would accept)."""
     from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
+    import pipelines.transforms.options  # noqa: F401  (the cascade's own options: jobs that pass flags on to it)
+
     parser = _BeamArgumentParser(allow_abbrev=False)
     seen = {}
     for cls in PipelineOptions.__subclasses__():

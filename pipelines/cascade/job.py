@@ -23,9 +23,10 @@ from pipelines.transforms.options import CascadeOptions, cli_parser_flags, data_
 log = logging.getLogger("pipelines.cascade")
 
 ACCEPTS_EXTRA_ARGS = True  # `qarm pipeline` passes unknown flags (Beam's own) through to PipelineOptions
-# The embedded default: runs in-process and needs no download. Beam 2.77's "DirectRunner" tries the Prism
-# runner first, which downloads a binary (impossible offline) before falling back.
-DEFAULT_RUNNER = "BundleBasedDirectRunner"
+# The embedded default: what the DirectRunner runs for batch pipelines, in-process, no download. Beam 2.77's
+# "DirectRunner" first tries the Prism runner, which downloads a binary (impossible offline) before falling back;
+# the legacy BundleBasedDirectRunner trips over a GroupByKey fed by a side-input check.
+DEFAULT_RUNNER = "FnApiRunner"
 
 
 def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipeline=None) -> dict:

@@ -7,13 +7,13 @@ import torch.distributed as dist
 
 from ranker.config import RankerConfig
 from ranker.data import prepare_examples
-from ranker.toy import toy_world
+from pipelines.data.oracle import oracle_world
 from ranker.train import fit
 
 
 def main(out_dir: str) -> None:
     out = Path(out_dir)
-    world = toy_world(n_items=200, n_users=60, n_events=2000, seed=1)
+    world = oracle_world(n_items=200, n_users=60, n_events=2000, seed=1)
     data = prepare_examples(world.interactions, world.item_ids, history_len=4)
     items = world.item_features()
 

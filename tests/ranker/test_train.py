@@ -174,7 +174,7 @@ def test_checkpoint_keeps_the_best_epoch_apart_from_the_latest(world, tmp_path):
     w, data = world
     items = w.item_features()
     # a sparse learning rate this high overfits after the first epochs: the best epoch is not the last
-    result = fit(data, items, _cfg(features="id", epochs=5, lr_dense=0.05, lr_sparse=2.0), out_dir=tmp_path,
+    result = fit(data, items, _cfg(features="vq+rq", epochs=5, lr_dense=0.05, lr_sparse=2.0), out_dir=tmp_path,
                  progress=False)
     aucs = [h["valid_auc"] for h in result["history"]]
     assert result["best_epoch"] == int(np.argmax(aucs)) and result["best_epoch"] < 4, aucs
