@@ -438,7 +438,7 @@ def _validate(model: nn.Module, embed: Callable, item_ids: np.ndarray, valid: pd
               batch: int = 256) -> dict:
     was_training = model.training
     model.eval()
-    emb = torch.cat([embed(torch.from_numpy(item_ids[s:s + batch])).float().cpu()
+    emb = torch.cat([embed(torch.tensor(item_ids[s:s + batch])).float().cpu()
                      for s in range(0, len(item_ids), batch)]).numpy()
     model.train(was_training)
     out = pair_retrieval(item_ids, emb, valid, ks=(10,))

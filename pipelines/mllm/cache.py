@@ -155,11 +155,18 @@ def build_cache(encoder: SideEncoder, catalog: ItemCatalog, item_ids: np.ndarray
     kept: dict[str, list[torch.Tensor]] = {}  # memory-only cache
     shards: list[dict] = []
 
-    def flush():
-        part = {k: torch.cat(v).contiguous() for k, v in pending.items()}
-        ids = np.concatenate(pending_ids)
+    def flush(n: int):
+        """Write the first n pending rows as one shard; keep the rest pending."""
+        merged = {k: torch.cat(v) for k, v in pending.items()}
+        all_ids = np.concatenate(pending_ids)
+        part = {k: v[:n].contiguous() for k, v in merged.items()}
+        ids = all_ids[:n]
         pending.clear()
         pending_ids.clear()
+        if len(all_ids) > n:
+            for k, v in merged.items():
+                pending[k] = [v[n:]]
+            pending_ids.append(all_ids[n:])
         if cache_dir is None:
             for k, v in part.items():
                 kept.setdefault(k, []).append(v)
@@ -184,12 +191,12 @@ def build_cache(encoder: SideEncoder, catalog: ItemCatalog, item_ids: np.ndarray
                 pending.setdefault(k, []).append(v.float().cpu())
             pending_ids.append(chunk)
             n_pending += len(chunk)
-            if n_pending >= shard_size:
-                flush()
-                n_pending = 0
+            while n_pending >= shard_size:
+                flush(shard_size)
+                n_pending -= shard_size
             st.update(len(chunk))
         if n_pending:
-            flush()
+            flush(n_pending)
         stats.image_errors = catalog.image_errors - errors_before
         seconds = st.seconds
         total_bytes = sum(s.get("bytes", 0) for s in shards) if cache_dir is not None else \
