@@ -551,7 +551,7 @@ def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candi
         epochs_run = epoch + 1
         if valid is not None and next_batch >= n_batches:
             figures = {"epoch": epoch, **_validate(model, embed, valid_items, valid),
-                       "loss": float(np.mean(losses[-n_batches:])), "temperature": float(loss_fn.temperature)}
+                       "loss": float(np.mean(losses[-n_batches:])), "temperature": loss_fn.current()}
             history.append(figures)
             log.info("align[%s] epoch %d validation %s", cfg.mode, epoch, figures)
             if figures[cfg.valid_metric] > best_score:
@@ -587,7 +587,7 @@ def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candi
                        seconds_per_epoch=per_epoch, cache_seconds=cache_seconds, trainable_params=trainable,
                        total_params=total, peak_memory_mb=peak_memory_mb(cfg.device), checkpoint=last_ckpt,
                        pair_stats=pair_stats, cache=cache, resumed_from_step=resumed_from, valid=history,
-                       best_epoch=best_epoch, temperature=float(loss_fn.temperature), stopped_early=stopped)
+                       best_epoch=best_epoch, temperature=loss_fn.current(), stopped_early=stopped)
 
 
 def _seconds_per_epoch(epoch_seconds: list, steps_this_run: int, n_batches: int) -> float:
@@ -601,7 +601,7 @@ def _save(out_dir: Path, state: dict, optimizer, meta, cfg: AlignConfig, step, e
           epoch_seconds, history, loss_fn: ContrastiveLoss, stopped: bool) -> Path:
     trainer = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "losses": losses,
                "epoch_seconds": epoch_seconds, "valid": history, "stopped": stopped,
-               "log_scale": float(loss_fn.log_scale), "temperature": float(loss_fn.temperature)}
+               "log_scale": float(loss_fn.log_scale.detach()), "temperature": loss_fn.current()}
     return save_checkpoint(out_dir, step, {**meta, "step": step}, state, optimizer.state_dict(), trainer,
                            keep=cfg.keep_checkpoints)
 

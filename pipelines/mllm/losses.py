@@ -58,7 +58,7 @@ class PositiveGraph:
         return len(self.keys)  # directed edges (2 per undirected pair)
 
     def _node(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.searchsorted(self._items_t, ids.cpu()).clamp_max(len(self._items_t) - 1)
+        pos = torch.searchsorted(self._items_t, ids.cpu().contiguous()).clamp_max(len(self._items_t) - 1)
         return pos, self._items_t[pos] == ids.cpu()
 
     def connected(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -141,7 +141,11 @@ class ContrastiveLoss(nn.Module):
 
     @property
     def temperature(self) -> torch.Tensor:
+        """0-dim tensor (differentiable when learned)."""
         return 1.0 / self.log_scale.clamp(0.0, math.log(1.0 / self.min_temperature)).exp()
+
+    def current(self) -> float:
+        return float(self.temperature.detach())
 
     def forward(self, left: torch.Tensor, right: torch.Tensor, masks: Optional[tuple] = None,
                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -246,9 +246,25 @@ class HFTokenizer:
 
 
 def _is_decoder(config) -> bool:
+    """Causal (decoder-only) LM? Pooling follows: decoders pool their last valid token.
+
+    The ``is_decoder`` flag, an architecture name of a causal LM (``*ForCausalLM``, GPT-2's ``*LMHeadModel``),
+    or a model type transformers lists for causal but not masked language modelling (GPT-2 style configs built
+    without ``architectures``).
+    """
     if getattr(config, "is_decoder", False):
         return True
-    return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (getattr(config, "architectures", None) or [])):
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    except ImportError:  # pragma: no cover - layout of older transformers
+        return False
+    model_type = getattr(config, "model_type", None)
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 class TextTower(nn.Module):
