@@ -9,6 +9,13 @@ positive). Each mode runs in its own process (``--worker MODE``) so its peak RSS
     .venv/bin/python bench/align.py --json                                   # synthetic, a few minutes on CPU
     .venv/bin/python bench/align.py --dataset movielens --data ../shared/data/movielens --max-items 300 --json
 
+``--stages`` instead times the side-mode job's MLLM stages on the dataset, before and after issue 12: before, the
+job built the side cache, then ran the backbones again for the aligned embedding (RunInference) and once more for
+the unaligned one; after, the cache is the only pass and every embedding (aligned, unaligned, text, image) comes
+from it. Both paths run here on the same trained side network:
+
+    .venv/bin/python bench/align.py --stages --dataset movielens --max-items 0 --json
+
 Protocol: global time split (valid 10%, test 10%); pairs are mined on the train window only, the latest 10% of
 them (by time) are held as validation pairs (reported, not used to stop: every mode runs exactly ``--steps``
 optimizer steps); next-item queries come from the test window.
@@ -44,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stages", action="store_true", help="time the side job's stages (one pass vs three)")
+    p.add_argument("--side-epochs", type=int, default=6, help="--stages: side training epochs")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
@@ -126,6 +135,53 @@ def worker(args) -> dict:
     return row
 
 
+def stages(args) -> dict:
+    """Side-mode job stages, seconds: one backbone pass (now) against three (before issue 12)."""
+    import torch
+
+    from feature_store.split import time_split
+    from pipelines.mllm.align import AlignConfig, split_valid_pairs, train_side
+    from pipelines.mllm.config import EncoderConfig
+    from pipelines.mllm.embed import embed_catalog
+    from pipelines.mllm.items import ItemCatalog
+    from pipelines.mllm.model_io import build_for_mode
+    from pipelines.mllm.onepass import build_mllm_cache, embed_from_cache
+    from pipelines.pairs import PairConfig, mine_pairs
+
+    torch.set_num_threads(args.threads)
+    ds = _load(args)
+    train_i, _, _ = time_split(ds.interactions, "global", valid_frac=0.1, test_frac=0.1)
+    train_pairs, valid_pairs = split_valid_pairs(mine_pairs(train_i, PairConfig(heldout_frac=0.0)).train, 0.1)
+    enc_cfg = EncoderConfig.named(args.encoder, image_size=args.encoder_image_size, seed=args.seed)
+    side_encoder = build_for_mode("side", enc_cfg)
+    catalog = ItemCatalog.from_dataset(ds, enc_cfg, cache_images=False)
+    t = {}
+    t0 = time.perf_counter()
+    cache = build_mllm_cache(side_encoder, catalog, progress=False)
+    t["cache"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = train_side(cache, train_pairs, valid_pairs,
+                        AlignConfig(mode="side", epochs=args.side_epochs, batch_size=128, progress=False,
+                                    temperature=args.temperature, seed=args.seed), model=side_encoder)
+    t["train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    embed_from_cache(result.encoder, cache, progress=False)
+    t["embed_from_cache"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    embed_catalog(result.encoder, ds, batch_size=64, progress=False)
+    t["embed_aligned_pass"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    embed_catalog(build_for_mode("unaligned", enc_cfg), ds, batch_size=64, progress=False)
+    t["embed_unaligned_pass"] = time.perf_counter() - t0
+    before = t["cache"] + t["train"] + t["embed_aligned_pass"] + t["embed_unaligned_pass"]
+    after = t["cache"] + t["train"] + t["embed_from_cache"]
+    return {"bench": "align-stages", "dataset": args.dataset, "n_items": int(len(ds.items)),
+            "encoder": args.encoder, "image_size": args.encoder_image_size, "threads": args.threads,
+            "seconds": t, "before_seconds": before, "after_seconds": after, "speedup": before / after,
+            "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+            "cache_bytes_per_item": cache.bytes_per_item(), "cache_mb": cache.nbytes() / 2 ** 20}
+
+
 def run_mode(mode: str, argv: list) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", mode]
     print(f"[bench/align] {mode} ...", file=sys.stderr, flush=True)
@@ -153,6 +209,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(_clean(worker(args))))
+        return 0
+    if args.stages:
+        report = stages(args)
+        print(f"{report['n_items']} items, {args.encoder} @ {args.encoder_image_size}px, {args.threads} thread(s)")
+        for name, secs in report["seconds"].items():
+            print(f"  {name:<22} {secs:8.1f} s")
+        print(f"before (cache + train + aligned pass + unaligned pass): {report['before_seconds']:.1f} s; "
+              f"after (cache + train + embed from cache): {report['after_seconds']:.1f} s "
+              f"({report['speedup']:.2f}x); cache {report['cache_bytes_per_item']:.0f} bytes/item")
+        if args.json:
+            print(json.dumps(_clean(report)))
         return 0
     passthrough = [a for a in argv if a != "--json"]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -7,7 +7,7 @@
     write_embedding_tables(out, folder)                                         # item_embeddings*.parquet
 
 Memory: the build streams shards (one shard of ``shard_size`` items in memory); ``train_side`` holds the cache
-(``cache.bytes_per_item()`` x items: 14.5 KB/item pooled for minilm-effnet, 60 MB for 4,116 items);
+(``cache.bytes_per_item()`` x items: 19.5 KB/item pooled for minilm-effnet, 80 MB for 4,116 items);
 ``embed_from_cache`` holds one shard plus the (N, D) float32 outputs (4 x 256 bytes per item at D = 64).
 """
 from __future__ import annotations

@@ -13,8 +13,8 @@ The frozen MLLM runs once per item: vision tower -> projected image tokens -> la
 
 Pooled is the default because memory says so: bytes per item are ``4 * (3 * L * H + sum(C_k))`` pooled against
 ``4 * L * (G + T) * H`` more for tokens (``cache_bytes_per_item``): MiniLM + efficientnet-lite0 with stride 2
-(L = 3, H = 384, G + T = 9 + 32) is 14.5 KB pooled vs 203 KB with tokens per item, 60 MB vs 0.8 GB for the
-4,116-item photo catalog and 14 GB vs 190 GB for a million items. Token-level states pay only where the side
+(L = 3, H = 384, kept vision widths 24 + 112 + 1280, G + T = 9 + 32) is 19.5 KB pooled vs 209 KB with tokens per
+item, 80 MB vs 0.86 GB for the 4,116-item photo catalog and 19.5 GB vs 209 GB for a million items. Token-level states pay only where the side
 network must weigh individual tokens (long texts, many image tokens); on short titles the three segment pools
 carry what matters. The positions of the image tokens and of the text are known, so the segment pools keep the
 modality split that a whole-sequence pool would lose.
