@@ -16,6 +16,12 @@ from it. Both paths run here on the same trained side network:
 
     .venv/bin/python bench/align.py --stages --dataset movielens --max-items 0 --json
 
+``--sweep`` chooses side-mode defaults on the validation pairs from one cache (temperature, learned temperature,
+graph vs batch masking, epochs by early stopping), then reports the chosen setting's next-item recall@10 on the test
+window once:
+
+    .venv/bin/python bench/align.py --sweep --dataset movielens --max-items 0 --cache-dir /tmp/ml-side-cache --json
+
 Protocol: global time split (valid 10%, test 10%); pairs are mined on the train window only, the latest 10% of
 them (by time) are held as validation pairs (reported, not used to stop: every mode runs exactly ``--steps``
 optimizer steps); next-item queries come from the test window.
@@ -53,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", action="store_true", help="time the side job's stages (one pass vs three)")
     p.add_argument("--side-epochs", type=int, default=6, help="--stages: side training epochs")
+    p.add_argument("--sweep", action="store_true", help="choose side defaults on validation pairs")
+    p.add_argument("--cache-dir", type=Path, default=None, help="--sweep: side cache folder (reused when it fits)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
@@ -182,6 +190,53 @@ def stages(args) -> dict:
             "cache_bytes_per_item": cache.bytes_per_item(), "cache_mb": cache.nbytes() / 2 ** 20}
 
 
+def sweep(args) -> dict:
+    """Side-mode settings compared on validation pairs (one cache); the best one evaluated once on test."""
+    import numpy as np
+    import torch
+
+    from feature_store.split import time_split
+    from pipelines.mllm.align import AlignConfig, split_valid_pairs, train_side
+    from pipelines.mllm.config import EncoderConfig
+    from pipelines.mllm.evaluate import next_item_queries, next_item_recall
+    from pipelines.mllm.items import ItemCatalog
+    from pipelines.mllm.onepass import build_mllm_cache, embed_from_cache
+    from pipelines.pairs import PairConfig, mine_pairs
+
+    torch.set_num_threads(args.threads)
+    ds = _load(args)
+    train_i, _, test_i = time_split(ds.interactions, "global", valid_frac=0.1, test_frac=0.1)
+    train_pairs, valid_pairs = split_valid_pairs(mine_pairs(train_i, PairConfig(heldout_frac=0.0)).train, 0.1)
+    enc_cfg = EncoderConfig.named(args.encoder, image_size=args.encoder_image_size, seed=args.seed)
+    cache = build_mllm_cache(enc_cfg, ItemCatalog.from_dataset(ds, enc_cfg, cache_images=False),
+                             cache_dir=args.cache_dir, progress=False)
+    grid = [dict(temperature=t, mask=m) for t in (0.05, 0.1, 0.2) for m in ("graph", "batch")]
+    grid.append(dict(temperature=0.1, mask="graph", learn_temperature=True))
+    rows = []
+    for setting in grid:
+        cfg = AlignConfig(mode="side", epochs=20, patience=3, batch_size=128, seed=args.seed, progress=False,
+                          **setting)
+        result = train_side(cache, train_pairs, valid_pairs, cfg)
+        best = result.valid[result.best_epoch]
+        rows.append({**setting, "valid_recall@10": best["recall@10"], "valid_mrr": best["mrr"],
+                     "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                     "temperature_final": result.temperature, "model": result.encoder})
+        print(f"[sweep] {setting}: valid R@10 {best['recall@10']:.4f} mrr {best['mrr']:.4f} "
+              f"best epoch {result.best_epoch}", file=sys.stderr, flush=True)
+    chosen = max(rows, key=lambda r: (r["valid_recall@10"], r["valid_mrr"]))
+    pos = ds.interactions[ds.interactions["label"] > 0.5].reset_index(drop=True)
+    test_mask = pos["ts"].to_numpy() >= (test_i["ts"].min() if len(test_i) else np.inf)
+    queries = next_item_queries(pos, test_mask)
+    tables = embed_from_cache(chosen["model"], cache, progress=False)
+    test = {k: next_item_recall(*tables[k], queries, k=10)["recall@10"] for k in ("aligned", "unaligned")}
+    for r in rows:
+        r.pop("model")
+    return {"bench": "align-sweep", "dataset": args.dataset, "n_items": int(len(ds.items)),
+            "n_pairs_train": int(len(train_pairs)), "n_pairs_valid": int(len(valid_pairs)), "settings": rows,
+            "chosen": {k: v for k, v in chosen.items() if k != "model"},
+            "test_next_item_recall@10": test, "n_test_queries": int(len(queries))}
+
+
 def run_mode(mode: str, argv: list) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", mode]
     print(f"[bench/align] {mode} ...", file=sys.stderr, flush=True)
@@ -209,6 +264,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(_clean(worker(args))))
+        return 0
+    if args.sweep:
+        report = sweep(args)
+        for r in report["settings"]:
+            print(f"  T={r['temperature']:<5} mask={r['mask']:<5} learned={r.get('learn_temperature', False)!s:<5} "
+                  f"valid R@10 {r['valid_recall@10']:.4f}  mrr {r['valid_mrr']:.4f}  best epoch {r['best_epoch']}")
+        print(f"chosen {report['chosen']}; test next-item R@10 {report['test_next_item_recall@10']}")
+        if args.json:
+            print(json.dumps(_clean(report)))
         return 0
     if args.stages:
         report = stages(args)
