@@ -12,6 +12,7 @@ def job_config(plan: JobPlan, spec, data_sha: str) -> dict:
     """The config stored in the manifest; its hash is the job's identity (no paths of this run in it)."""
     align = asdict(plan.align)
     align.pop("threads")
+    align.pop("cache_dir")  # a path of this run: the cache is identified by its content fingerprint
     for key in ("checkpoint", "init_encoder"):  # a reused checkpoint is identified by its content, not its path
         if align[key]:
             align[key] = dir_sha(Path(align[key]))

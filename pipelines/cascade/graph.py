@@ -6,7 +6,7 @@ from pathlib import Path
 
 import apache_beam as beam
 
-from pipelines.cascade.align_stage import align_stage
+from pipelines.cascade.align_stage import ONEPASS_DIR, align_stage, one_pass
 from pipelines.cascade.plan import JobPlan
 from pipelines.transforms.common import count
 
@@ -30,6 +30,44 @@ class TrainPortion(beam.PTransform):
         keyed = validated | "KeyByRow" >> beam.Map(lambda r: (int(r["_row"]), r))
         return ({"part": parts, "event": keyed} | "JoinParts" >> beam.CoGroupByKey()
                 | "KeepTrain" >> beam.FlatMap(_train_events))
+
+
+class ReadEmbeddingTable(beam.PTransform):
+    """The align stage's done signal -> (item_id, (d,) float32) rows of the `kind` table it wrote from its one
+    backbone pass, and the items whose embedding was not finite to the dead letter (reason nan_embedding): the
+    same outputs as EmbedItems.
+
+    One worker reads the table: the align stage that wrote it held the whole side cache already (its documented
+    bound); quantization and writing fan out again from here.
+    """
+
+    def __init__(self, folder: Path, kind: str, stage: str):
+        super().__init__()
+        self.folder, self.kind, self.stage = str(folder), kind, stage
+
+    def expand(self, done):
+        from pipelines.transforms.validate import DEAD
+
+        rows = done | "ReadTable" >> beam.FlatMap(_table_rows, self.folder, self.kind, self.stage).with_outputs(
+            DEAD, main="ok")
+        emb = rows.ok | "CountOut" >> count(self.stage, "out")
+        return {"embeddings": emb, DEAD: rows[DEAD]}
+
+
+def _table_rows(_, folder: str, kind: str, stage: str):
+    import json
+
+    from feature_store.tables import read_embeddings
+    from pipelines.cascade.align_stage import NONFINITE
+    from pipelines.mllm.onepass import TABLE_NAMES
+    from pipelines.transforms.common import reject
+    from pipelines.transforms.validate import DEAD
+
+    ids, emb = read_embeddings(Path(folder) / TABLE_NAMES[kind])
+    yield from zip(ids.tolist(), emb)
+    for item_id in json.loads((Path(folder) / NONFINITE).read_text()).get(kind, []):
+        yield beam.pvalue.TaggedOutput(DEAD, reject(stage, "items", "nan_embedding", item_id=item_id,
+                                                    item_dense_id=item_id, detail=f"non-finite {kind} embedding"))
 
 
 def _train_events(keyed):
@@ -67,13 +105,19 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     aligned_path = (p | "AlignTrigger" >> beam.Create([None])
                     | "Align" >> beam.Map(align_stage, beam.pvalue.AsList(vi["items"]),
                                           beam.pvalue.AsList(pairs["train"]),
-                                          plan.align, plan.image_root, str(staging / "encoder"), plan.work_dir)
+                                          plan.align, plan.image_root, str(staging / "encoder"), plan.work_dir,
+                                          beam.pvalue.AsList(pairs["heldout"]))
                     .with_resource_hints(**dict(plan.align_hints)))
-    # the path is also the side input, so RunInference loads the model only after the align stage wrote it
-    handler = encoder_handler(checkpoint=str(staging / "encoder"), batch_size=plan.embed_batch_size,
-                              num_threads=plan.align.threads)
-    emb = vi["items"] | "EmbedAligned" >> EmbedItems(handler, enc_cfg, plan.image_root, "embed",
-                                                     model_path=aligned_path)
+    onepass = one_pass(plan.align)
+    if onepass:  # the align stage embedded every item from its one backbone pass
+        emb = aligned_path | "ReadAligned" >> ReadEmbeddingTable(Path(plan.work_dir) / ONEPASS_DIR, "aligned",
+                                                                 "embed")
+    else:
+        # the path is also the side input, so RunInference loads the model only after the align stage wrote it
+        handler = encoder_handler(checkpoint=str(staging / "encoder"), batch_size=plan.embed_batch_size,
+                                  num_threads=plan.align.threads)
+        emb = vi["items"] | "EmbedAligned" >> EmbedItems(handler, enc_cfg, plan.image_root, "embed",
+                                                         model_path=aligned_path)
     codes = emb["embeddings"] | "Quantize" >> QuantizeItems(
         plan.quant, "quantize", save_dir=str(staging / "quantizer"),
         codebooks_file=str(staging / "codebooks.safetensors"), init_dir=plan.init_quantizer)
@@ -84,10 +128,15 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
            "embeddings": emb,
            "codes": codes}
     if plan.unaligned:
-        handler_u = encoder_handler(checkpoint=None, encoder_factory=functools.partial(
-            build_for_mode, "unaligned", enc_cfg), batch_size=plan.embed_batch_size, num_threads=plan.align.threads,
-            stage="embed_unaligned")
-        emb_u = vi["items"] | "EmbedUnaligned" >> EmbedItems(handler_u, enc_cfg, plan.image_root, "embed_unaligned")
+        if onepass:  # the frozen MLLM's pooled output, from the same cache
+            emb_u = aligned_path | "ReadUnaligned" >> ReadEmbeddingTable(Path(plan.work_dir) / ONEPASS_DIR, "unaligned",
+                                                                         "embed_unaligned")
+        else:
+            handler_u = encoder_handler(checkpoint=None, encoder_factory=functools.partial(
+                build_for_mode, "unaligned", enc_cfg), batch_size=plan.embed_batch_size,
+                num_threads=plan.align.threads, stage="embed_unaligned")
+            emb_u = vi["items"] | "EmbedUnaligned" >> EmbedItems(handler_u, enc_cfg, plan.image_root,
+                                                                 "embed_unaligned")
         codes_u = emb_u["embeddings"] | "QuantizeUnaligned" >> QuantizeItems(
             plan.quant, "quantize_unaligned", codebooks_file=str(staging / "codebooks_unaligned.safetensors"))
         _ = emb_u["embeddings"] | "WriteEmbeddingsUnaligned" >> WriteEmbeddings(

@@ -44,13 +44,13 @@ def window_pairs(interactions: pd.DataFrame, part: np.ndarray, window: int, plan
 def post_metrics(staging: Path, plan: JobPlan, align_valid: pd.DataFrame, interactions: pd.DataFrame) -> dict:
     """Metrics of the staged version (see the module docstring)."""
     from feature_store.tables import read_codes, read_embeddings
-    from pipelines.mllm.evaluate import pair_retrieval
-    from pipelines.mllm.next_item import next_item_queries, next_item_retrieval
+    from pipelines.mllm.evaluate import next_item_queries, next_item_recall, pair_retrieval
     from pipelines.transforms.report import code_metrics
     from safetensors.numpy import load_file
 
     part = split_labels(interactions, plan.split)
-    queries = {w: next_item_queries(interactions, part == code) for w, code in WINDOWS.items()}
+    positive = interactions["label"].to_numpy() >= plan.pairs.positive_label
+    queries = {w: next_item_queries(interactions[positive], (part == code)[positive]) for w, code in WINDOWS.items()}
     pairs = {w: window_pairs(interactions, part, code, plan) for w, code in WINDOWS.items()}
     metrics = {"windows": {w: {"events": int((part == code).sum()), "next_item_queries": int(len(queries[w])),
                                "coconsumption_pairs": int(len(pairs[w]))} for w, code in WINDOWS.items()}}
@@ -65,7 +65,6 @@ def post_metrics(staging: Path, plan: JobPlan, align_valid: pd.DataFrame, intera
         metrics[f"codes_{name}"] = code_metrics(codes, sizes)
         metrics[f"align_valid_{name}"] = pair_retrieval(ids, emb, align_valid, ks=(10, 50))
         for window in WINDOWS:
-            metrics[f"next_item_{window}_{name}"] = next_item_retrieval(ids, emb, queries[window], ks=(10, 50),
-                                                                        seed=plan.pairs.seed)
+            metrics[f"next_item_{window}_{name}"] = next_item_recall(ids, emb, queries[window], k=(10, 50))
             metrics[f"coconsumption_{window}_{name}"] = pair_retrieval(ids, emb, pairs[window], ks=(10, 50))
     return metrics

@@ -27,6 +27,9 @@ class AlignPlan:
         init_encoder: warm-start training from this checkpoint.
         threads: torch threads of the single align worker.
         seed: training seed.
+        cache_dir: side mode: the frozen MLLM's hidden-state cache (reused when its fingerprint matches; default
+            a folder in the work dir).
+        layer_stride: side mode: keep every k-th backbone layer (group layer-dropping).
     """
 
     encoder: dict
@@ -39,6 +42,8 @@ class AlignPlan:
     init_encoder: Optional[str] = None
     threads: int = 2
     seed: int = 0
+    cache_dir: Optional[str] = None
+    layer_stride: int = 2
 
     def __post_init__(self):
         from pipelines.mllm.model_io import MODES
@@ -117,7 +122,7 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds) -> Jo
     align = AlignPlan(encoder=encoder_dict(opts, seed), mode=opts.align_mode, epochs=opts.align_epochs,
                       batch_size=opts.align_batch_size, lr=opts.align_lr, temperature=opts.align_temperature,
                       checkpoint=opts.align_checkpoint, init_encoder=opts.init_encoder, threads=opts.torch_threads,
-                      seed=seed)
+                      seed=seed, cache_dir=opts.side_cache_dir, layer_stride=opts.side_layer_stride)
     if opts.init_quantizer and not Path(opts.init_quantizer).exists():
         raise FileNotFoundError(f"--init-quantizer {opts.init_quantizer}: no such folder")
     items_path = snapshot(with_raw_ids(ds.items, ds.id_maps, ("item_id",)), work_dir / "items.parquet")

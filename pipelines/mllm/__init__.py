@@ -4,7 +4,8 @@
     enc = build_encoder(EncoderConfig.named("minilm-effnet"))     # or "tiny" for tests
     emb = enc(enc.collate([ItemInput(item_id, title, text, image)]))   # (B, D) L2-normalised
 
-Heavy pieces (training, Beam handler) live in submodules and are imported on use.
+Heavy pieces (training, Beam handler) live in submodules and are imported on use. The side-mode job API (one
+backbone pass: cache -> side network -> every embedding) is ``pipelines.mllm.onepass``.
 """
 from pipelines.mllm.checkpoint import load_encoder
 from pipelines.mllm.config import EncoderConfig, register_config, registered_configs

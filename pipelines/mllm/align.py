@@ -1,15 +1,19 @@
 """Item alignment: contrastive training of the item encoder on behaviour-derived item pairs.
 
-Three modes share one loop:
+Four modes share one loop:
 - ``full``: every weight of the MLLM trains;
 - ``adapters`` (VIP5): frozen backbones, bottleneck adapters + layer norms + projector + head train;
-- ``side`` (IISAN): frozen backbones run once over the catalog into a hidden-state cache; only the side network
-  trains, on the cache, so an epoch costs a few small matrix products per batch.
+- ``side`` (IISAN-Versa over the MLLM, the default): the frozen MLLM runs once over the catalog into a
+  hidden-state cache (side_mllm.py); only the side network trains, on the cache;
+- ``side-towers``: the earlier late-fusion side network over the towers run separately (side.py).
 
-Each step takes a batch of pairs, encodes each distinct item once, and applies symmetric in-batch InfoNCE with
-in-batch false negatives masked (an item repeated in the batch is never its own negative). Checkpoints store
-their config and the optimizer state; a run restarted with the same ``out_dir`` resumes where it stopped, and
-``init_checkpoint`` warm-starts from a previous run (continual retraining on new pairs).
+Each step takes a batch of pairs, encodes each distinct item once, and applies symmetric in-batch InfoNCE. False
+negatives are masked against the whole known-positive graph of the training pairs (``mask="graph"``; ``"batch"``
+masks only pairs inside the batch). The temperature is fixed or learned (``learn_temperature``). With validation
+pairs (later in time than the training pairs, still before the protocol's train cut: ``split_valid_pairs``)
+every epoch ends with a validation retrieval; training stops after ``patience`` epochs without improvement and
+the best epoch's weights are restored. Checkpoints store their config and the optimizer state; a run restarted
+with the same ``out_dir`` resumes where it stopped, and ``init_checkpoint`` warm-starts from a previous run.
 """
 from __future__ import annotations
 
@@ -20,11 +24,12 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from pipelines.mllm.adapters import AdapterConfig, add_adapters
@@ -32,14 +37,18 @@ from pipelines.mllm.cache import StateCache, build_cache
 from pipelines.mllm.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from pipelines.mllm.config import EncoderConfig
 from pipelines.mllm.encoder import EncoderBase, ItemEncoder, count_params
+from pipelines.mllm.evaluate import pair_retrieval
 from pipelines.mllm.items import ItemCatalog
-from pipelines.mllm.losses import false_negative_mask, symmetric_info_nce
-from pipelines.mllm.model_io import MODES, build_for_meta, build_for_mode, load_state, saved_state
-from pipelines.mllm.side import SideConfig, SideEncoder, build_side_encoder
+from pipelines.mllm.losses import ContrastiveLoss, PositiveGraph, false_negative_mask
+from pipelines.mllm.model_io import MODES, SIDE_MODES, build_for_meta, build_for_mode, load_state, saved_state
+from pipelines.mllm.progress import on_terminal
+from pipelines.mllm.side import SideConfig, SideEncoder, SideHeadOnly, towers_side_network
+from pipelines.mllm.side_mllm import MLLMStateExtractor, build_mllm_side_encoder, mllm_side_network
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LR = {"full": 3e-4, "adapters": 1e-3, "side": 1e-3}
+DEFAULT_LR = {"full": 3e-4, "adapters": 1e-3, "side": 1e-3, "side-towers": 1e-3}
+VALID_METRICS = ("recall@10", "mrr")
 
 
 @dataclass(frozen=True)
@@ -47,21 +56,27 @@ class AlignConfig:
     """Alignment training options.
 
     Args:
-        mode: full | adapters | side.
-        epochs: passes over the training pairs.
+        mode: full | adapters | side | side-towers.
+        epochs: passes over the training pairs (an upper bound when validation pairs stop training early).
         batch_size: pairs per step (in-batch negatives come from the other pairs).
         lr: AdamW learning rate of new layers (projector, head, adapters, side network); None picks the mode's
             default (DEFAULT_LR).
-        backbone_lr_scale: pretrained backbone weights (and their trainable norms) learn at lr * this: new layers
-            start random and need a larger step than weights that are already good.
+        backbone_lr_scale: pretrained backbone weights (and their trainable norms) learn at lr * this.
         weight_decay: AdamW weight decay.
-        temperature: InfoNCE temperature.
+        temperature: InfoNCE temperature (the initial one with ``learn_temperature``).
+        learn_temperature: learn the temperature (CLIP logit scale, clamped to [0.01, 1]).
+        mask: "graph" masks every known positive of the training pairs, "batch" only pairs in the batch.
         seed: pair shuffling and dropout.
         max_steps: stop after this many optimizer steps in total (None: run all epochs).
         warmup_steps: linear learning-rate warm-up.
         grad_clip: max gradient norm (0 disables).
         use_pair_weights: weight each pair's loss by its ``weight`` column.
         sources: which pair sources to train on.
+        patience: with validation pairs, stop after this many epochs without improvement (None: never stop).
+        restore_best: with validation pairs, end with the best epoch's weights.
+        valid_metric: "recall@10" or "mrr" of validation-pair retrieval.
+        valid_max_items: full / adapters: validation ranks among the validation items plus a seeded sample of
+            the catalog up to this many (side modes rank among the whole cached catalog).
         log_every: log the running loss every this many steps.
         save_every: also checkpoint every this many steps (epoch ends always checkpoint); 0 disables.
         resume: continue from ``out_dir``'s latest checkpoint when one exists.
@@ -70,7 +85,7 @@ class AlignConfig:
         cache_batch_size: items per backbone pass when building the side cache.
         num_threads: torch threads (None leaves the default).
         device: "cpu" or "cuda".
-        progress: tqdm bars.
+        progress: tqdm bars on a terminal (one log line per stage otherwise).
     """
 
     mode: str = "side"
@@ -80,12 +95,18 @@ class AlignConfig:
     backbone_lr_scale: float = 0.1
     weight_decay: float = 0.01
     temperature: float = 0.1
+    learn_temperature: bool = False
+    mask: str = "graph"
     seed: int = 0
     max_steps: Optional[int] = None
     warmup_steps: int = 0
     grad_clip: float = 1.0
     use_pair_weights: bool = False
     sources: tuple = ("swing", "u2i")
+    patience: Optional[int] = 2
+    restore_best: bool = True
+    valid_metric: str = "recall@10"
+    valid_max_items: int = 4096
     log_every: int = 20
     save_every: int = 0
     resume: bool = True
@@ -105,7 +126,7 @@ class AlignConfig:
             object.__setattr__(self, "adapter", AdapterConfig(**self.adapter))
         if isinstance(self.side, dict):
             object.__setattr__(self, "side", SideConfig(**self.side))
-        for name in ("epochs", "batch_size", "log_every", "keep_checkpoints", "cache_batch_size"):
+        for name in ("epochs", "batch_size", "log_every", "keep_checkpoints", "cache_batch_size", "valid_max_items"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"AlignConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:
@@ -116,8 +137,14 @@ class AlignConfig:
             raise ValueError(f"AlignConfig.backbone_lr_scale must be > 0, got {self.backbone_lr_scale}")
         if not self.temperature > 0:
             raise ValueError(f"AlignConfig.temperature must be > 0, got {self.temperature}")
+        if self.mask not in ("graph", "batch"):
+            raise ValueError(f"AlignConfig.mask must be graph|batch, got {self.mask!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"AlignConfig.max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"AlignConfig.patience must be >= 1 or None, got {self.patience}")
+        if self.valid_metric not in VALID_METRICS:
+            raise ValueError(f"AlignConfig.valid_metric must be one of {VALID_METRICS}, got {self.valid_metric!r}")
         if self.warmup_steps < 0 or self.save_every < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("AlignConfig: warmup_steps, save_every, grad_clip, weight_decay must be >= 0")
         if not self.sources or any(s not in ("swing", "u2i") for s in self.sources):
@@ -139,9 +166,14 @@ class AlignConfig:
 
 @dataclass
 class AlignResult:
-    """What training produced. ``cache`` is the side-mode hidden-state cache (reuse it to embed the catalog)."""
+    """What training produced.
 
-    encoder: EncoderBase
+    ``encoder``: the trained encoder (SideEncoder in side modes, or SideHeadOnly from ``train_side`` without
+    backbones); ``cache``: the side-mode hidden-state cache (``embed_from_cache`` reads every embedding from it);
+    ``valid``: per-epoch validation figures; ``best_epoch``: the epoch whose weights the encoder holds.
+    """
+
+    encoder: nn.Module
     mode: str
     steps: int
     epochs_run: int
@@ -155,6 +187,10 @@ class AlignResult:
     pair_stats: dict
     cache: Optional[StateCache] = None
     resumed_from_step: int = 0
+    valid: list = field(default_factory=list)
+    best_epoch: Optional[int] = None
+    temperature: float = float("nan")
+    stopped_early: bool = False
 
     def summary(self) -> dict:
         first = float(np.mean(self.losses[: max(1, len(self.losses) // 10)])) if self.losses else float("nan")
@@ -163,7 +199,9 @@ class AlignResult:
                 "loss_last": last, "seconds_per_epoch": self.seconds_per_epoch, "cache_seconds": self.cache_seconds,
                 "trainable_params": self.trainable_params, "total_params": self.total_params,
                 "peak_memory_mb": self.peak_memory_mb, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
-                "resumed_from_step": self.resumed_from_step, **{f"pairs_{k}": v for k, v in self.pair_stats.items()}}
+                "resumed_from_step": self.resumed_from_step, "valid": self.valid, "best_epoch": self.best_epoch,
+                "temperature": self.temperature, "stopped_early": self.stopped_early,
+                **{f"pairs_{k}": v for k, v in self.pair_stats.items()}}
 
 
 def peak_memory_mb(device: str = "cpu") -> float:
@@ -192,13 +230,50 @@ def prepare_pairs(pairs: pd.DataFrame, known_items: set, sources: tuple) -> tupl
     return kept, stats
 
 
+def split_valid_pairs(pairs: pd.DataFrame, valid_frac: float = 0.1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hold out the latest ``valid_frac`` of the training pairs by ``ts`` as the validation slice.
+
+    Every pair mined from the protocol's train portion lies before its train cut, so the slice is later in time
+    than what the model trains on and earlier than the test window. Pairs tied with the cut timestamp all go to
+    validation (no timestamp is split); a validation pair that repeats a training pair (either order) is dropped,
+    so validation measures unseen pairs.
+
+    Returns:
+        (train, valid) DataFrames with the input's columns.
+    """
+    if "ts" not in pairs.columns:
+        raise ValueError(f"split_valid_pairs: pairs need a ts column; have {list(pairs.columns)}")
+    if not 0.0 <= valid_frac < 1.0:
+        raise ValueError(f"split_valid_pairs: valid_frac must be in [0, 1), got {valid_frac}")
+    if valid_frac == 0 or len(pairs) < 2:
+        return pairs.reset_index(drop=True), pairs.iloc[:0].reset_index(drop=True)
+    ts = pairs["ts"].to_numpy(np.int64)
+    cut = np.sort(ts)[int(math.floor((1 - valid_frac) * (len(ts) - 1)))]
+    is_valid = ts >= cut
+    if is_valid.all():  # every pair shares one timestamp: nothing is later than anything
+        return pairs.reset_index(drop=True), pairs.iloc[:0].reset_index(drop=True)
+    train, valid = pairs[~is_valid], pairs[is_valid]
+    seen = set(zip(train["left"].to_numpy(), train["right"].to_numpy()))
+    seen |= {(b, a) for a, b in seen}
+    fresh = [(a, b) not in seen for a, b in zip(valid["left"].to_numpy(), valid["right"].to_numpy())]
+    return train.reset_index(drop=True), valid[np.asarray(fresh, dtype=bool)].reset_index(drop=True)
+
+
 def _prepare_encoder(encoder: Union[EncoderConfig, EncoderBase], cfg: AlignConfig) -> EncoderBase:
     if isinstance(encoder, EncoderConfig):
         return build_for_mode(cfg.mode, encoder, cfg.adapter, cfg.side)
     if cfg.mode == "side":
-        if isinstance(encoder, SideEncoder):
+        if isinstance(encoder, SideEncoder) and isinstance(encoder.extractor, MLLMStateExtractor):
             return encoder
-        return build_side_encoder(encoder.config, cfg.side, encoder.vision, encoder.text)
+        if not isinstance(encoder, ItemEncoder):
+            raise ValueError(f"mode side needs an ItemEncoder (the MLLM) or its SideEncoder, got "
+                             f"{type(encoder).__name__}")
+        return build_mllm_side_encoder(encoder.config, cfg.side, mllm=encoder)
+    if cfg.mode == "side-towers":
+        if isinstance(encoder, SideEncoder) and not isinstance(encoder.extractor, MLLMStateExtractor):
+            return encoder
+        from pipelines.mllm.side import build_towers_side_encoder
+        return build_towers_side_encoder(encoder.config, cfg.side, encoder.vision, encoder.text)
     if not isinstance(encoder, ItemEncoder):
         raise ValueError(f"mode {cfg.mode} needs an ItemEncoder, got {type(encoder).__name__}")
     if cfg.mode == "adapters" and not any("adapter" in n for n, _ in encoder.named_modules()):
@@ -206,10 +281,10 @@ def _prepare_encoder(encoder: Union[EncoderConfig, EncoderBase], cfg: AlignConfi
     return encoder
 
 
-def _meta(encoder: EncoderBase, cfg: AlignConfig, init_checkpoint: Optional[Path]) -> dict:
-    return {"mode": cfg.mode, "encoder": encoder.config.to_dict(),
+def _meta(config: EncoderConfig, cfg: AlignConfig, init_checkpoint: Optional[Path]) -> dict:
+    return {"mode": cfg.mode, "encoder": config.to_dict(),
             "adapter": cfg.adapter.to_dict() if cfg.mode == "adapters" else None,
-            "side": cfg.side.to_dict() if cfg.mode == "side" else None,
+            "side": cfg.side.to_dict() if cfg.mode in SIDE_MODES else None,
             "align": cfg.to_dict(), "init_checkpoint": str(init_checkpoint) if init_checkpoint else None}
 
 
@@ -219,8 +294,9 @@ def _lr_at(step: int, cfg: AlignConfig) -> float:
     return cfg.learning_rate
 
 
-def _param_groups(model: EncoderBase, cfg: AlignConfig) -> list[dict]:
-    """Backbone weights at lr * backbone_lr_scale, new layers (and adapters inside backbones) at lr."""
+def _param_groups(model: nn.Module, loss: ContrastiveLoss, cfg: AlignConfig) -> list[dict]:
+    """Backbone weights at lr * backbone_lr_scale, new layers (and adapters inside backbones) at lr; a learned
+    temperature at lr without weight decay (decay would pull it towards 1)."""
     backbone, new = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -230,12 +306,25 @@ def _param_groups(model: EncoderBase, cfg: AlignConfig) -> list[dict]:
     groups = [{"params": new, "lr_scale": 1.0}]
     if backbone:
         groups.append({"params": backbone, "lr_scale": cfg.backbone_lr_scale})
+    if cfg.learn_temperature:
+        groups.append({"params": [loss.log_scale], "lr_scale": 1.0, "weight_decay": 0.0})
     return [g for g in groups if g["params"]]
+
+
+def _warm_start(cfg: AlignConfig, init_checkpoint: Path):
+    meta, state, _, _ = read_checkpoint(Path(init_checkpoint))
+    if meta["mode"] != cfg.mode:
+        raise ValueError(f"init checkpoint {init_checkpoint} was trained in mode {meta['mode']!r}, not {cfg.mode!r}")
+    # The architecture comes from the checkpoint, so record its adapter / side settings, not the defaults.
+    cfg = dataclasses.replace(cfg, adapter=AdapterConfig(**meta["adapter"]) if meta.get("adapter") else cfg.adapter,
+                              side=SideConfig(**meta["side"]) if meta.get("side") else cfg.side)
+    log.info("warm start from %s (trained %s steps)", init_checkpoint, meta.get("step"))
+    return cfg, meta, state
 
 
 def train_alignment(encoder: Union[EncoderConfig, EncoderBase], dataset, pairs: pd.DataFrame, cfg: AlignConfig,
                     out_dir: Optional[Path] = None, init_checkpoint: Optional[Path] = None,
-                    catalog: Optional[ItemCatalog] = None) -> AlignResult:
+                    catalog: Optional[ItemCatalog] = None, valid_pairs: Optional[pd.DataFrame] = None) -> AlignResult:
     """Train the encoder on item pairs.
 
     Args:
@@ -247,47 +336,141 @@ def train_alignment(encoder: Union[EncoderConfig, EncoderBase], dataset, pairs: 
         out_dir: checkpoints (and the side cache under ``out_dir/side_cache``); None trains without saving.
         init_checkpoint: warm start from this checkpoint's weights (its mode must equal ``cfg.mode``).
         catalog: reuse an ItemCatalog (decoded images) across calls.
+        valid_pairs: validation pairs (``split_valid_pairs``) for early stopping; None trains all epochs.
     Returns:
-        AlignResult (the encoder is left in eval mode).
+        AlignResult (the encoder is left in eval mode). Side modes run the backbones exactly once per item (the
+        cache build) and return the cache in ``result.cache``.
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out_dir = Path(out_dir) if out_dir is not None else None
+    init_state = None
     if init_checkpoint is not None:
-        meta, state, _, _ = read_checkpoint(Path(init_checkpoint))
-        if meta["mode"] != cfg.mode:
-            raise ValueError(f"init checkpoint {init_checkpoint} was trained in mode {meta['mode']!r}, "
-                             f"not {cfg.mode!r}")
-        # The architecture comes from the checkpoint, so record its adapter / side settings, not the defaults.
-        cfg = dataclasses.replace(cfg, adapter=AdapterConfig(**meta["adapter"]) if meta.get("adapter") else cfg.adapter,
-                                  side=SideConfig(**meta["side"]) if meta.get("side") else cfg.side)
+        cfg, meta, init_state = _warm_start(cfg, init_checkpoint)
         model = build_for_meta(meta)
-        load_state(model, state, meta, source=init_checkpoint)
-        log.info("warm start from %s (trained %s steps)", init_checkpoint, meta.get("step"))
+        load_state(model, init_state, meta, source=init_checkpoint)
     else:
         model = _prepare_encoder(encoder, cfg)
     device = torch.device(cfg.device)
     model.to(device)
     catalog = catalog or ItemCatalog.from_dataset(dataset, model.config)
-    train_pairs, pair_stats = prepare_pairs(pairs, set(catalog.item_ids.tolist()), cfg.sources)
-    if len(train_pairs) < 2:
-        raise ValueError(f"alignment needs at least 2 usable training pairs, have {len(train_pairs)} ({pair_stats})")
-    log.info("align %s: %d training pairs (%s)", cfg.mode, len(train_pairs), pair_stats)
-
-    cache, cache_seconds = None, 0.0
-    if cfg.mode == "side":
-        t0 = time.perf_counter()
+    if cfg.mode in SIDE_MODES:
         cache = build_cache(model, catalog, catalog.item_ids, out_dir / "side_cache" if out_dir else None,
                             batch_size=cfg.cache_batch_size, progress=cfg.progress)
-        cache_seconds = time.perf_counter() - t0
-        cache.states = {k: v.to(device) for k, v in cache.states.items()}
-        log.info("side cache: %d items, %.1f MB, %.1fs", len(cache), cache.nbytes() / 2 ** 20, cache_seconds)
+        return train_side(cache, pairs, valid_pairs, cfg, out_dir, init_checkpoint=init_checkpoint, model=model)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    meta = _meta(model, cfg, init_checkpoint)
-    step, start_epoch, skip_batches, losses, epoch_seconds = 0, 0, 0, [], []
-    resumed_from = 0
+    known = set(catalog.item_ids.tolist())
+
+    def embed(ids: torch.Tensor) -> torch.Tensor:
+        return model(model.collate(catalog.inputs(ids.tolist())).to(device))
+
+    def candidates(valid: pd.DataFrame) -> np.ndarray:
+        ids = np.unique(np.concatenate([valid["left"].to_numpy(np.int64), valid["right"].to_numpy(np.int64)]))
+        rest = np.setdiff1d(catalog.item_ids, ids)
+        n_more = max(0, min(len(rest), cfg.valid_max_items - len(ids)))
+        extra = np.random.default_rng(cfg.seed).choice(rest, size=n_more, replace=False) if n_more else rest[:0]
+        return np.sort(np.concatenate([ids, extra]))
+
+    return _fit(model, model.config, embed, candidates, known, pairs, valid_pairs, cfg, out_dir, init_checkpoint,
+                cache=None, cache_seconds=0.0)
+
+
+def train_side(cache: StateCache, train_pairs: pd.DataFrame, valid_pairs: Optional[pd.DataFrame],
+               cfg: AlignConfig, out_dir: Optional[Path] = None, init_checkpoint: Optional[Path] = None,
+               model: Optional[nn.Module] = None) -> AlignResult:
+    """Train a side network straight from a hidden-state cache (no backbone is built or run).
+
+    Args:
+        cache: from ``build_mllm_cache`` / ``build_cache`` (its manifest's layout and encoder config decide the
+            side network's shape); held in memory while training (bytes_per_item x items).
+        train_pairs / valid_pairs: DataFrames with left, right (item ids) [, source, ts, weight]; valid may be
+            None or empty (no early stopping).
+        cfg: AlignConfig with mode side (an ``mllm`` cache) or side-towers (a ``towers`` cache).
+        out_dir: checkpoints (``load_encoder(out_dir)`` then rebuilds the backbones from the encoder config).
+        init_checkpoint: warm start from a checkpoint of the same mode.
+        model: train this SideEncoder's head instead of a fresh SideHeadOnly (``train_alignment`` passes its own).
+    Returns:
+        AlignResult; ``encoder`` is a SideEncoder when ``model`` was given, else a SideHeadOnly (forward_states).
+    """
+    if cfg.mode not in SIDE_MODES:
+        raise ValueError(f"train_side: mode must be one of {SIDE_MODES}, got {cfg.mode!r}")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    kind = cache.layout.get("kind")
+    if (cfg.mode == "side") != (kind == "mllm"):
+        raise ValueError(f"train_side: a {kind!r} cache cannot train mode {cfg.mode!r} (side needs an mllm cache, "
+                         "side-towers a towers cache)")
+    if cache.encoder_config is None:
+        raise ValueError("train_side: the cache carries no encoder config (build it with build_mllm_cache)")
+    encoder_config = EncoderConfig.from_dict(cache.encoder_config)
+    if model is None:
+        side = cfg.side
+        if init_checkpoint is not None:
+            cfg, meta, state = _warm_start(cfg, init_checkpoint)
+            side = cfg.side
+        build = mllm_side_network if cfg.mode == "side" else towers_side_network
+        model = SideHeadOnly(encoder_config, build(cache.layout, encoder_config, side))
+        if init_checkpoint is not None:
+            load_state(model, state, meta, source=init_checkpoint)
+    elif init_checkpoint is not None:
+        cfg = _warm_start(cfg, init_checkpoint)[0]
+    device = torch.device(cfg.device)
+    model.to(device)
+    if cache.built:
+        log.info("side cache: %d items, %.1f MB (%.0f bytes/item)", len(cache), cache.nbytes() / 2 ** 20,
+                 cache.bytes_per_item())
+    cache.to(device)
+
+    def embed(ids: torch.Tensor) -> torch.Tensor:
+        return model.forward_states(cache.gather(ids.tolist()))
+
+    return _fit(model, encoder_config, embed, lambda _valid: cache.item_ids, set(cache.item_ids.tolist()),
+                train_pairs, valid_pairs, cfg, out_dir, init_checkpoint, cache=cache,
+                cache_seconds=_cache_seconds(cache))
+
+
+def _cache_seconds(cache: StateCache) -> float:
+    return float(cache.stats.get("seconds", 0.0)) if cache.built else 0.0
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, embed: Callable, item_ids: np.ndarray, valid: pd.DataFrame,
+              batch: int = 256) -> dict:
+    was_training = model.training
+    model.eval()
+    emb = torch.cat([embed(torch.tensor(item_ids[s:s + batch])).float().cpu()
+                     for s in range(0, len(item_ids), batch)]).numpy()
+    model.train(was_training)
+    out = pair_retrieval(item_ids, emb, valid, ks=(10,))
+    return {"recall@10": out["recall@10"], "mrr": out["mrr"], "n_queries": out["n_queries"]}
+
+
+def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candidates: Callable, known: set,
+         pairs: pd.DataFrame, valid_pairs: Optional[pd.DataFrame], cfg: AlignConfig, out_dir: Optional[Path],
+         init_checkpoint: Optional[Path], cache: Optional[StateCache], cache_seconds: float) -> AlignResult:
+    """The training loop shared by every mode. ``embed(ids (U,)) -> (U, D)`` encodes items with gradient."""
+    device = torch.device(cfg.device)
+    train_pairs, pair_stats = prepare_pairs(pairs, known, cfg.sources)
+    if len(train_pairs) < 2:
+        raise ValueError(f"alignment needs at least 2 usable training pairs, have {len(train_pairs)} ({pair_stats})")
+    valid = None
+    if valid_pairs is not None and len(valid_pairs):
+        valid, vstats = prepare_pairs(valid_pairs, known, cfg.sources)
+        pair_stats.update({f"valid_{k}": v for k, v in vstats.items()})
+        valid = valid if len(valid) else None
+    valid_items = candidates(valid) if valid is not None else None
+    log.info("align %s: %d training pairs, %s validation pairs (%s)", cfg.mode, len(train_pairs),
+             len(valid) if valid is not None else 0, pair_stats)
+    graph = PositiveGraph.from_pairs(train_pairs) if cfg.mask == "graph" else None
+    loss_fn = ContrastiveLoss(cfg.temperature, cfg.learn_temperature).to(device)
+
+    params = [p for p in model.parameters() if p.requires_grad] + \
+        ([loss_fn.log_scale] if cfg.learn_temperature else [])
+    optimizer = torch.optim.AdamW(_param_groups(model, loss_fn, cfg), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    meta = _meta(encoder_config, cfg, init_checkpoint)
+    step, start_epoch, skip_batches, losses, epoch_seconds, history = 0, 0, 0, [], [], []
+    resumed_from, stopped = 0, False
     ckpt = latest_checkpoint(out_dir) if (out_dir is not None and cfg.resume) else None
     if ckpt is not None:
         old_meta, state, opt_state, trainer = read_checkpoint(ckpt)
@@ -299,7 +482,10 @@ def train_alignment(encoder: Union[EncoderConfig, EncoderBase], dataset, pairs: 
             optimizer.load_state_dict(opt_state)
         step, start_epoch = int(trainer["step"]), int(trainer["epoch"])
         skip_batches, losses = int(trainer["batch_in_epoch"]), list(trainer.get("losses", []))
-        epoch_seconds = list(trainer.get("epoch_seconds", []))
+        epoch_seconds, history = list(trainer.get("epoch_seconds", [])), list(trainer.get("valid", []))
+        stopped = bool(trainer.get("stopped", False))
+        if "log_scale" in trainer:
+            loss_fn.log_scale.data.fill_(float(trainer["log_scale"]))
         resumed_from = step
         log.info("resuming from %s at step %d (epoch %d, batch %d)", ckpt, step, start_epoch, skip_batches)
 
@@ -311,10 +497,16 @@ def train_alignment(encoder: Union[EncoderConfig, EncoderBase], dataset, pairs: 
         if cfg.use_pair_weights and "weight" in train_pairs.columns else None
     last_ckpt = ckpt
     epochs_run = start_epoch
-    bar = tqdm(total=total_steps, initial=step, desc=f"align[{cfg.mode}]", unit="step", disable=not cfg.progress)
+    best_score = max((h[cfg.valid_metric] for h in history), default=-1.0)
+    best_epoch = next((h["epoch"] for h in history if h[cfg.valid_metric] == best_score), None)
+    best_state, since_best = None, (len(history) - 1 - best_epoch) if best_epoch is not None else 0
+    bar = tqdm(total=total_steps, initial=step, desc=f"align[{cfg.mode}]", unit="step",
+               disable=not (cfg.progress and on_terminal()))
+    state_of = (lambda: saved_state(model, "side")) if isinstance(model, SideHeadOnly) else \
+        (lambda: saved_state(model, cfg.mode))
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
-        if step >= total_steps:
+        if step >= total_steps or stopped:
             break
         order = torch.from_numpy(np.random.default_rng(cfg.seed + epoch).permutation(len(train_pairs)))
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout
@@ -328,8 +520,15 @@ def train_alignment(encoder: Union[EncoderConfig, EncoderBase], dataset, pairs: 
             if len(sel) < 2:
                 continue
             left, right = left_all[sel], right_all[sel]
-            loss = _step(model, catalog, cache, left, right,
-                         weight_all[sel] if weight_all is not None else None, cfg, device)
+            # Encode each distinct item of the batch once; pairs index into the unique embeddings.
+            unique, inverse = torch.unique(torch.cat([left, right]), return_inverse=True)
+            emb = embed(unique)  # (U, D)
+            n = len(left)
+            masks = graph.masks(left, right) if graph is not None else \
+                (false_negative_mask(left, right), None)
+            masks = tuple(m.to(device) if m is not None else None for m in masks)
+            loss = loss_fn(emb[inverse[:n]], emb[inverse[n:]], masks,
+                           weight_all[sel].to(device) if weight_all is not None else None)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, cfg) * group["lr_scale"]
             optimizer.zero_grad(set_to_none=True)
@@ -345,23 +544,50 @@ def train_alignment(encoder: Union[EncoderConfig, EncoderBase], dataset, pairs: 
                 log.info("align[%s] epoch %d step %d/%d loss %.4f (mean of last %d: %.4f)", cfg.mode, epoch, step,
                          total_steps, losses[-1], cfg.log_every, float(np.mean(losses[-cfg.log_every:])))
             if out_dir is not None and cfg.save_every and step % cfg.save_every == 0 and next_batch < n_batches:
-                last_ckpt = _save(out_dir, model, optimizer, meta, cfg, step, epoch, next_batch, losses,
-                                  epoch_seconds)
+                last_ckpt = _save(out_dir, state_of(), optimizer, meta, cfg, step, epoch, next_batch, losses,
+                                  epoch_seconds, history, loss_fn, False)
         epoch_seconds.append(time.perf_counter() - t0)
         skip_batches = 0
         epochs_run = epoch + 1
+        if valid is not None and next_batch >= n_batches:
+            figures = {"epoch": epoch, **_validate(model, embed, valid_items, valid),
+                       "loss": float(np.mean(losses[-n_batches:])), "temperature": loss_fn.current()}
+            history.append(figures)
+            log.info("align[%s] epoch %d validation %s", cfg.mode, epoch, figures)
+            if figures[cfg.valid_metric] > best_score:
+                best_score, best_epoch, since_best = figures[cfg.valid_metric], epoch, 0
+                best_state = {k: v.detach().clone() for k, v in state_of().items()}
+            else:
+                since_best += 1
+                if cfg.patience is not None and since_best >= cfg.patience:
+                    stopped = True
+                    log.info("align[%s] early stop after epoch %d: best %s %.4f at epoch %d", cfg.mode, epoch,
+                             cfg.valid_metric, best_score, best_epoch)
         if out_dir is not None:
             position = (epoch + 1, 0) if next_batch >= n_batches else (epoch, next_batch)
-            last_ckpt = _save(out_dir, model, optimizer, meta, cfg, step, *position, losses, epoch_seconds)
+            last_ckpt = _save(out_dir, state_of(), optimizer, meta, cfg, step, *position, losses, epoch_seconds,
+                              history, loss_fn, stopped)
+        if stopped:
+            break
     bar.close()
+    if valid is not None and cfg.restore_best and best_state is not None and best_epoch != epochs_run - 1:
+        model.load_state_dict(best_state, strict=False)
+        log.info("align[%s] restored the weights of epoch %d (best validation %s %.4f)", cfg.mode, best_epoch,
+                 cfg.valid_metric, best_score)
+        if out_dir is not None:  # the checkpoint others load holds the restored weights
+            last_ckpt = _save(out_dir, state_of(), optimizer, {**meta, "best_epoch": best_epoch}, cfg, step,
+                              epochs_run, 0, losses, epoch_seconds, history, loss_fn, True)
     model.eval()
     trainable, total = count_params(model)
+    if cache is not None and isinstance(model, SideEncoder):
+        total = sum(p.numel() for p in model.parameters())
     # A partial epoch (max_steps) is scaled to a full one so modes compare per epoch.
     per_epoch = _seconds_per_epoch(epoch_seconds, step - resumed_from, n_batches)
     return AlignResult(encoder=model, mode=cfg.mode, steps=step, epochs_run=epochs_run, losses=losses,
                        seconds_per_epoch=per_epoch, cache_seconds=cache_seconds, trainable_params=trainable,
                        total_params=total, peak_memory_mb=peak_memory_mb(cfg.device), checkpoint=last_ckpt,
-                       pair_stats=pair_stats, cache=cache, resumed_from_step=resumed_from)
+                       pair_stats=pair_stats, cache=cache, resumed_from_step=resumed_from, valid=history,
+                       best_epoch=best_epoch, temperature=loss_fn.current(), stopped_early=stopped)
 
 
 def _seconds_per_epoch(epoch_seconds: list, steps_this_run: int, n_batches: int) -> float:
@@ -371,36 +597,23 @@ def _seconds_per_epoch(epoch_seconds: list, steps_this_run: int, n_batches: int)
     return run_seconds / steps_this_run * n_batches
 
 
-def _step(model: EncoderBase, catalog: ItemCatalog, cache: Optional[StateCache], left: torch.Tensor,
-          right: torch.Tensor, weights: Optional[torch.Tensor], cfg: AlignConfig, device) -> torch.Tensor:
-    # Encode each distinct item of the batch once; pairs index into the unique embeddings.
-    unique, inverse = torch.unique(torch.cat([left, right]), return_inverse=True)
-    if cache is not None:
-        emb = model.forward_states(cache.gather(unique.tolist()))  # (U, D)
-    else:
-        batch = model.collate(catalog.inputs(unique.tolist())).to(device)
-        emb = model(batch)  # (U, D)
-    n = len(left)
-    left_emb, right_emb = emb[inverse[:n]], emb[inverse[n:]]  # (B, D) each
-    mask = false_negative_mask(left.to(device), right.to(device))
-    return symmetric_info_nce(left_emb, right_emb, cfg.temperature, mask,
-                              weights.to(device) if weights is not None else None)
-
-
-def _save(out_dir: Path, model, optimizer, meta, cfg: AlignConfig, step, epoch, batch_in_epoch, losses,
-          epoch_seconds) -> Path:
+def _save(out_dir: Path, state: dict, optimizer, meta, cfg: AlignConfig, step, epoch, batch_in_epoch, losses,
+          epoch_seconds, history, loss_fn: ContrastiveLoss, stopped: bool) -> Path:
     trainer = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "losses": losses,
-               "epoch_seconds": epoch_seconds}
-    return save_checkpoint(out_dir, step, {**meta, "step": step}, saved_state(model, cfg.mode),
-                           optimizer.state_dict(), trainer, keep=cfg.keep_checkpoints)
+               "epoch_seconds": epoch_seconds, "valid": history, "stopped": stopped,
+               "log_scale": float(loss_fn.log_scale.detach()), "temperature": loss_fn.current()}
+    return save_checkpoint(out_dir, step, {**meta, "step": step}, state, optimizer.state_dict(), trainer,
+                           keep=cfg.keep_checkpoints)
 
 
 @torch.no_grad()
-def embed_with_cache(encoder: SideEncoder, cache: StateCache, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Embed every cached item through the side head without running the backbones again."""
+def embed_with_cache(encoder, cache: StateCache, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Embed every cached item through a side head (SideEncoder / SideHeadOnly / any ``forward_states``)."""
     encoder.eval()
-    out = []
-    for start in range(0, len(cache), batch_size):
-        ids = cache.item_ids[start:start + batch_size]
-        out.append(encoder.forward_states(cache.gather(ids)).float().cpu())
-    return cache.item_ids, torch.cat(out).numpy()
+    ids_out, out = [], []
+    for ids, states in cache.iter_shards():
+        for start in range(0, len(ids), batch_size):
+            part = {k: v[start:start + batch_size] for k, v in states.items()}
+            out.append(encoder.forward_states(part).float().cpu())
+        ids_out.append(ids)
+    return np.concatenate(ids_out), torch.cat(out).numpy()

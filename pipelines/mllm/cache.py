@@ -2,12 +2,18 @@
 
 Layout::
 
-    cache_dir/manifest.json              fingerprint, keys, shard list, modality stats
+    cache_dir/manifest.json              format, fingerprint, layout, encoder config, keys, shard list, stats
     cache_dir/shard-00000.safetensors    item_ids (n,) + every state key for those n items
 
-Shards are written atomically and the manifest last, so a half-built cache has no manifest and is rebuilt. The
-fingerprint covers the encoder config, the kept layers and the item set: a cache built for other backbones,
-another image size or other items is never reused by mistake.
+The build streams: a shard is written as soon as ``shard_size`` items are encoded, so building holds one shard
+(plus one batch) in memory, never the catalog. Shards are written atomically and the manifest last, so a
+half-built cache has no manifest and is rebuilt. The fingerprint covers the encoder config, the state layout
+(kept layers, widths) and the item set: a cache built for other backbones, another image size or other items is
+never reused by mistake.
+
+Memory when reading: ``StateCache.states`` loads every shard (training needs random access to any item of a
+pair: bytes_per_item x n_items, see side_mllm.cache_bytes_per_item); ``StateCache.iter_shards`` holds one shard
+at a time (embedding the catalog).
 """
 from __future__ import annotations
 
@@ -15,48 +21,82 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from feature_store.io import atomic_path, atomic_write_json
 from pipelines.mllm.items import ItemCatalog, ModalityStats
+from pipelines.mllm.progress import stage
 from pipelines.mllm.side import SideEncoder, States
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = "qarm-side-cache/1"
+CACHE_FORMAT = "qarm-side-cache/2"
 
 
 def cache_fingerprint(encoder: SideEncoder, item_ids: np.ndarray) -> str:
-    ex = encoder.extractor
-    payload = {"encoder": encoder.config.fingerprint(), "text_layers": ex.text_layers,
-               "vision_layers": ex.vision_layers,
+    payload = {"encoder": encoder.config.fingerprint(), "layout": encoder.extractor.layout(),
                "items": hashlib.sha256(np.ascontiguousarray(item_ids, dtype=np.int64).tobytes()).hexdigest()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
 class StateCache:
-    """Hidden states of N items held in memory, row-aligned with ``item_ids``.
+    """Hidden states of N items, row-aligned with ``item_ids``; in memory, or read lazily from ``cache_dir``.
 
     Args:
         item_ids: (N,) int64.
-        states: key -> (N, ...) tensor (see side.StateExtractor).
+        states: key -> (N, ...) tensor (see side_mllm.MLLMStateExtractor / side.StateExtractor), or None to read
+            the shards of ``cache_dir`` on first use.
+        stats: modality counts of the build (n_items, both, text_only, image_only, neither, image_errors).
+        layout: the extractor's layout (kind "mllm" | "towers", kept layers, widths).
+        encoder_config: the EncoderConfig dict the states came from.
+        cache_dir: the folder holding the shards (None: memory only).
     """
 
-    def __init__(self, item_ids: np.ndarray, states: States, stats: Optional[dict] = None,
-                 fingerprint: str = "", built: bool = False):
+    def __init__(self, item_ids: np.ndarray, states: Optional[States], stats: Optional[dict] = None,
+                 fingerprint: str = "", built: bool = False, layout: Optional[dict] = None,
+                 encoder_config: Optional[dict] = None, cache_dir: Optional[Path] = None,
+                 shards: Optional[list] = None):
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
-        self.states = states
+        self._states = states
         self.stats = stats or {}
         self.fingerprint = fingerprint
         self.built = built  # False when loaded from disk
+        self.layout = layout or {}
+        self.encoder_config = encoder_config
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.shards = shards or []
         self._row = {int(i): r for r, i in enumerate(self.item_ids)}
 
     def __len__(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def states(self) -> States:
+        """Every item's states (loads all shards on first use: the documented in-memory bound)."""
+        if self._states is None:
+            parts: dict[str, list[torch.Tensor]] = {}
+            for _, st in self.iter_shards():
+                for k, v in st.items():
+                    parts.setdefault(k, []).append(v)
+            self._states = {k: torch.cat(v) for k, v in parts.items()}
+        return self._states
+
+    @states.setter
+    def states(self, value: States) -> None:
+        self._states = value
+
+    def iter_shards(self) -> Iterator[tuple[np.ndarray, States]]:
+        """(item_ids (n,), states key -> (n, ...)) one shard at a time, in item order."""
+        if self._states is not None or self.cache_dir is None:
+            step = max(1, self.shards[0]["n"]) if self.shards else max(1, len(self))
+            for start in range(0, len(self), step):
+                yield self.item_ids[start:start + step], {k: v[start:start + step] for k, v in self.states.items()}
+            return
+        for shard in self.shards:
+            yield _read_shard(self.cache_dir, shard)
 
     def rows(self, ids) -> torch.Tensor:
         try:
@@ -70,7 +110,16 @@ class StateCache:
         return {k: v.index_select(0, idx) for k, v in self.states.items()}
 
     def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.states.values())
+        if self._states is None:
+            return sum(int(s.get("bytes", 0)) for s in self.shards)
+        return sum(v.numel() * v.element_size() for v in self._states.values())
+
+    def bytes_per_item(self) -> float:
+        return self.nbytes() / max(1, len(self))
+
+    def to(self, device) -> "StateCache":
+        self._states = {k: v.to(device) for k, v in self.states.items()}
+        return self
 
 
 def build_cache(encoder: SideEncoder, catalog: ItemCatalog, item_ids: np.ndarray, cache_dir: Optional[Path],
@@ -78,81 +127,141 @@ def build_cache(encoder: SideEncoder, catalog: ItemCatalog, item_ids: np.ndarray
     """Run the frozen backbones once over ``item_ids`` (reusing a matching cache in ``cache_dir``).
 
     Args:
-        cache_dir: where to store shards; None keeps the cache in memory only.
-        shard_size: items per safetensors shard.
+        encoder: a SideEncoder; ``encoder.extractor(batch)`` is the one backbone pass per batch.
+        cache_dir: where to stream shards; None keeps the cache in memory only.
+        shard_size: items per safetensors shard (the build's memory bound with cache_dir set).
+    Returns:
+        a StateCache (lazy over the shards when written to disk; ``built`` says whether the backbones ran).
     """
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"build_cache: batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
     item_ids = np.asarray(item_ids, dtype=np.int64)
     fingerprint = cache_fingerprint(encoder, item_ids)
     if cache_dir is not None:
+        cache_dir = Path(cache_dir)
         existing = load_cache(cache_dir, expect_fingerprint=fingerprint)
         if existing is not None:
             log.info("side cache: reusing %s (%d items)", cache_dir, len(existing))
             return existing
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        manifest = cache_dir / "manifest.json"
+        if manifest.exists():
+            manifest.unlink()  # readers must never pair the old manifest with new shards
     encoder.eval()
     stats = ModalityStats()
     errors_before = catalog.image_errors.copy()
-    chunks: dict[str, list[torch.Tensor]] = {}
-    for start in tqdm(range(0, len(item_ids), batch_size), desc="side cache", unit="batch", disable=not progress):
-        batch = encoder.collate(catalog.inputs(item_ids[start:start + batch_size]))
-        for t, i in zip(batch.has_text.tolist(), batch.has_image.tolist()):
-            stats.add(t, i)
-        for k, v in encoder.extractor(batch.to(encoder.device())).items():
-            chunks.setdefault(k, []).append(v.float().cpu())
-    states = {k: torch.cat(v) for k, v in chunks.items()}
-    stats.image_errors = catalog.image_errors - errors_before
-    cache = StateCache(item_ids, states, stats.to_dict(), fingerprint, built=True)
-    if cache_dir is not None:
-        save_cache(cache, Path(cache_dir), shard_size)
-    return cache
+    pending: dict[str, list[torch.Tensor]] = {}
+    pending_ids: list[np.ndarray] = []
+    kept: dict[str, list[torch.Tensor]] = {}  # memory-only cache
+    shards: list[dict] = []
 
-
-def save_cache(cache: StateCache, cache_dir: Path, shard_size: int = 4096) -> None:
-    """Write shards then the manifest; an older cache in the folder is invalidated first and its leftovers removed."""
-    manifest = cache_dir / "manifest.json"
-    if manifest.exists():
-        manifest.unlink()  # readers must never pair the old manifest with new shards
-    shards = []
-    for n, start in enumerate(range(0, len(cache), shard_size)):
-        name = f"shard-{n:05d}.safetensors"
-        part = {k: v[start:start + shard_size].contiguous() for k, v in cache.states.items()}
-        part["item_ids"] = torch.from_numpy(cache.item_ids[start:start + shard_size].copy())
+    def flush(n: int):
+        """Write the first n pending rows as one shard; keep the rest pending."""
+        merged = {k: torch.cat(v) for k, v in pending.items()}
+        all_ids = np.concatenate(pending_ids)
+        part = {k: v[:n].contiguous() for k, v in merged.items()}
+        ids = all_ids[:n]
+        pending.clear()
+        pending_ids.clear()
+        if len(all_ids) > n:
+            for k, v in merged.items():
+                pending[k] = [v[n:]]
+            pending_ids.append(all_ids[n:])
+        if cache_dir is None:
+            for k, v in part.items():
+                kept.setdefault(k, []).append(v)
+            shards.append({"file": None, "n": int(len(ids))})
+            return
+        name = f"shard-{len(shards):05d}.safetensors"
+        nbytes = sum(v.numel() * v.element_size() for v in part.values())
+        part["item_ids"] = torch.from_numpy(ids.copy())
         with atomic_path(cache_dir / name) as tmp:
             save_file(part, str(tmp))
-        shards.append({"file": name, "n": int(len(part["item_ids"]))})
+        shards.append({"file": name, "n": int(len(ids)), "bytes": int(nbytes), "keys": sorted(k for k in part
+                                                                                          if k != "item_ids")})
+
+    with stage("side cache", len(item_ids), progress=progress) as st:
+        n_pending = 0
+        for start in range(0, len(item_ids), batch_size):
+            chunk = item_ids[start:start + batch_size]
+            batch = encoder.collate(catalog.inputs(chunk))
+            for t, i in zip(batch.has_text.tolist(), batch.has_image.tolist()):
+                stats.add(t, i)
+            for k, v in encoder.extractor(batch.to(encoder.device())).items():
+                pending.setdefault(k, []).append(v.float().cpu())
+            pending_ids.append(chunk)
+            n_pending += len(chunk)
+            while n_pending >= shard_size:
+                flush(shard_size)
+                n_pending -= shard_size
+            st.update(len(chunk))
+        if n_pending:
+            flush(n_pending)
+        stats.image_errors = catalog.image_errors - errors_before
+        seconds = st.seconds
+        total_bytes = sum(s.get("bytes", 0) for s in shards) if cache_dir is not None else \
+            sum(v.numel() * v.element_size() for vs in kept.values() for v in vs)
+        st.extra = {"MB": round(total_bytes / 2 ** 20, 1), "bytes_per_item": int(total_bytes / max(1, len(item_ids)))}
+    layout = encoder.extractor.layout()
+    config = encoder.config.to_dict()
+    stats = {**stats.to_dict(), "seconds": round(seconds, 3)}
+    if cache_dir is None:
+        states = {k: torch.cat(v) for k, v in kept.items()}
+        return StateCache(item_ids, states, stats, fingerprint, built=True, layout=layout,
+                          encoder_config=config, shards=shards)
+    keys = sorted(shards[0]["keys"]) if shards else []
     atomic_write_json(cache_dir / "manifest.json", {
-        "format": CACHE_FORMAT, "fingerprint": cache.fingerprint, "n_items": len(cache),
-        "keys": sorted(cache.states), "shards": shards, "stats": cache.stats,
-        "bytes": cache.nbytes()})
+        "format": CACHE_FORMAT, "fingerprint": fingerprint, "n_items": int(len(item_ids)), "keys": keys,
+        "layout": layout, "encoder": config, "shards": shards, "stats": stats,
+        "bytes": int(total_bytes)})
     listed = {s["file"] for s in shards}
     for stale in cache_dir.glob("shard-*.safetensors"):
         if stale.name not in listed:
             stale.unlink()
+    return StateCache(item_ids, None, stats, fingerprint, built=True, layout=layout,
+                      encoder_config=config, cache_dir=cache_dir, shards=shards)
+
+
+def _read_shard(cache_dir: Path, shard: dict) -> tuple[np.ndarray, States]:
+    path = Path(cache_dir) / shard["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"side cache {cache_dir}: shard {shard['file']} listed in the manifest is missing")
+    tensors = load_file(str(path))
+    ids = tensors.pop("item_ids").numpy()
+    if len(ids) != shard["n"]:
+        raise ValueError(f"side cache {path}: {len(ids)} rows, manifest says {shard['n']}")
+    return ids, tensors
 
 
 def load_cache(cache_dir: Path, expect_fingerprint: Optional[str] = None) -> Optional[StateCache]:
-    """The cache in ``cache_dir``, or None when absent, incomplete or built for something else."""
+    """The cache in ``cache_dir`` (lazy: shards are read on use), or None when absent, incomplete or built for
+    something else. Missing shards raise FileNotFoundError naming the shard."""
     manifest_path = Path(cache_dir) / "manifest.json"
     if not manifest_path.is_file():
         return None
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected {CACHE_FORMAT!r}")
+        log.info("side cache %s has format %r, expected %r; rebuilding", cache_dir, manifest.get("format"),
+                 CACHE_FORMAT)
+        return None if expect_fingerprint is not None else _bad_format(manifest_path, manifest)
     if expect_fingerprint is not None and manifest["fingerprint"] != expect_fingerprint:
         log.info("side cache %s was built for other backbones/items; rebuilding", cache_dir)
         return None
-    parts: dict[str, list[torch.Tensor]] = {}
+    ids = []
     for shard in manifest["shards"]:
         path = Path(cache_dir) / shard["file"]
         if not path.is_file():
             raise FileNotFoundError(f"side cache {cache_dir}: shard {shard['file']} listed in the manifest is missing")
-        tensors = load_file(str(path))
-        if len(tensors["item_ids"]) != shard["n"]:
-            raise ValueError(f"side cache {path}: {len(tensors['item_ids'])} rows, manifest says {shard['n']}")
-        for k, v in tensors.items():
-            parts.setdefault(k, []).append(v)
-    item_ids = torch.cat(parts.pop("item_ids")).numpy()
-    states = {k: torch.cat(v) for k, v in parts.items()}
-    if sorted(states) != manifest["keys"]:
-        raise ValueError(f"side cache {cache_dir}: keys {sorted(states)} differ from manifest {manifest['keys']}")
-    return StateCache(item_ids, states, manifest.get("stats"), manifest["fingerprint"], built=False)
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            if sorted(k for k in f.keys() if k != "item_ids") != manifest["keys"]:
+                raise ValueError(f"side cache {path}: keys differ from the manifest {manifest['keys']}")
+            ids.append(f.get_tensor("item_ids").numpy())
+    item_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    return StateCache(item_ids, None, manifest.get("stats"), manifest["fingerprint"], built=False,
+                      layout=manifest.get("layout"), encoder_config=manifest.get("encoder"),
+                      cache_dir=Path(cache_dir), shards=manifest["shards"])
+
+
+def _bad_format(path: Path, manifest: dict):
+    raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {CACHE_FORMAT!r}")

@@ -2,9 +2,13 @@
 
     qarm align --dataset movielens --data ../shared/data/movielens --require-image --mode side --out runs/a --json
 
-Writes into --out: checkpoints/ (the aligned encoder, `load_encoder(out)`), side_cache/ (side mode),
-item_embeddings.parquet and item_embeddings_unaligned.parquet (feature-store table format), pairs_train.parquet,
-pairs_heldout.parquet and align_result.json (everything printed, plus the configs).
+Writes into --out: checkpoints/ (the aligned encoder, `load_encoder(out)`), side_cache/ (side modes),
+item_embeddings.parquet and item_embeddings_unaligned.parquet (feature-store table format; side mode also
+item_embeddings_text.parquet / item_embeddings_image.parquet, all from the one backbone pass), pairs_train.parquet,
+pairs_valid.parquet, pairs_heldout.parquet and align_result.json (everything printed, plus the configs).
+
+The validation slice (--valid-frac, the latest training pairs by time) drives early stopping (--patience) and is
+where defaults are chosen; the held-out pairs (after the pair miner's cut) are only reported.
 """
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_data_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, embeddings, result)")
-    parser.add_argument("--mode", choices=("full", "adapters", "side"), default="side")
+    parser.add_argument("--mode", choices=("full", "adapters", "side", "side-towers"), default="side",
+                        help="side: side network over the frozen MLLM's states (default); side-towers: the late-"
+                             "fusion side network over the separately run towers")
     parser.add_argument("--max-items", type=int, default=None,
                         help="keep only the N items with most positive interactions (CPU-sized runs)")
     e = parser.add_argument_group("encoder")
@@ -48,11 +54,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--backbone-lr-scale", type=float, default=0.1,
                    help="pretrained backbone weights learn at lr * this (full mode; norms in adapters mode)")
     t.add_argument("--temperature", type=float, default=0.1)
+    t.add_argument("--learn-temperature", action="store_true", help="learn the InfoNCE temperature")
+    t.add_argument("--mask", choices=("graph", "batch"), default="graph",
+                   help="false negatives masked against every known training positive (graph) or the batch only")
+    t.add_argument("--valid-frac", type=float, default=0.1,
+                   help="latest share of training pairs (by time) kept for validation / early stopping; 0 = none")
+    t.add_argument("--patience", type=int, default=2, help="epochs without validation improvement before stopping")
+    t.add_argument("--token-states", action="store_true",
+                   help="side mode: cache token-level LM states (memory: see the align_result cache bytes)")
     t.add_argument("--max-steps", type=int, default=None)
     t.add_argument("--warmup-steps", type=int, default=0)
     t.add_argument("--sources", default="swing,u2i", help="pair sources to train on")
     t.add_argument("--side-width", type=int, default=128)
-    t.add_argument("--layer-stride", type=int, default=2, help="side mode: cache every Nth backbone layer")
+    t.add_argument("--layer-stride", type=int, default=2, help="side modes: cache every Nth backbone layer")
     t.add_argument("--adapter-reduction", type=int, default=8)
     t.add_argument("--init-checkpoint", type=Path, default=None, help="warm start (continual training)")
     t.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
@@ -69,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=int, default=64)
 
 
-DEFAULT_EPOCHS = {"side": 6, "adapters": 2, "full": 1}
+DEFAULT_EPOCHS = {"side": 6, "side-towers": 6, "adapters": 2, "full": 1}
 
 
 def encoder_config_from_args(args) -> EncoderConfig:
@@ -112,11 +126,12 @@ def run(args: argparse.Namespace) -> dict:
     from feature_store.io import atomic_write_json
     from pipelines.data import data_spec_from_args, load_dataset
     from pipelines.mllm.adapters import AdapterConfig
-    from pipelines.mllm.align import AlignConfig, embed_with_cache, train_alignment
+    from pipelines.mllm.align import AlignConfig, embed_with_cache, split_valid_pairs, train_alignment
     from pipelines.mllm.embed import embed_catalog
     from pipelines.mllm.evaluate import pair_retrieval
     from pipelines.mllm.items import ItemCatalog
     from pipelines.mllm.model_io import build_for_mode
+    from pipelines.mllm.onepass import embed_from_cache, write_embedding_tables
     from pipelines.mllm.side import SideConfig
     from pipelines.pairs import PairConfig, mine_pairs
 
@@ -137,25 +152,36 @@ def run(args: argparse.Namespace) -> dict:
     align_cfg = AlignConfig(
         mode=args.mode, epochs=args.epochs or DEFAULT_EPOCHS[args.mode], batch_size=args.batch_size, lr=args.lr,
         backbone_lr_scale=args.backbone_lr_scale,
-        temperature=args.temperature, seed=args.seed, max_steps=args.max_steps, warmup_steps=args.warmup_steps,
+        temperature=args.temperature, learn_temperature=args.learn_temperature, mask=args.mask,
+        patience=args.patience, seed=args.seed, max_steps=args.max_steps, warmup_steps=args.warmup_steps,
         sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()), save_every=args.save_every,
         resume=not args.no_resume, adapter=AdapterConfig(reduction=args.adapter_reduction),
-        side=SideConfig(width=args.side_width, layer_stride=args.layer_stride), num_threads=args.threads,
+        side=SideConfig(width=args.side_width, layer_stride=args.layer_stride, token_states=args.token_states),
+        num_threads=args.threads,
         device=args.device, cache_batch_size=args.eval_batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # Side mode reads each image once (the cache build); the other modes re-read them every epoch.
-    catalog = ItemCatalog.from_dataset(dataset, enc_cfg, cache_images=args.mode != "side")
-    result = train_alignment(enc_cfg, dataset, pairs.train, align_cfg, out, init_checkpoint=args.init_checkpoint,
-                             catalog=catalog)
+    train_pairs, valid_pairs = split_valid_pairs(pairs.train, args.valid_frac)
+    # Side modes read each image once (the cache build); the other modes re-read them every epoch.
+    catalog = ItemCatalog.from_dataset(dataset, enc_cfg, cache_images=args.mode not in ("side", "side-towers"))
+    result = train_alignment(enc_cfg, dataset, train_pairs, align_cfg, out, init_checkpoint=args.init_checkpoint,
+                             catalog=catalog, valid_pairs=valid_pairs)
 
     t0 = time.perf_counter()
-    unaligned = build_for_mode("unaligned", enc_cfg, unaligned_seed=args.unaligned_seed).to(args.device)
-    if result.cache is not None:  # side mode: both embeddings come from the cached backbone states
+    extra_tables = {}
+    if args.mode == "side":  # every embedding from the one backbone pass (the cache)
+        tables = embed_from_cache(result.encoder, result.cache, unaligned_seed=args.unaligned_seed,
+                                  progress=align_cfg.progress)
+        (ids, emb), (ids_u, emb_u) = tables["aligned"], tables["unaligned"]
+        extra_tables = {k: v for k, v in tables.items() if k in ("text", "image")}
+        modality = result.cache.stats
+    elif result.cache is not None:  # side-towers: aligned from the cache, unaligned needs the MLLM pass
         ids, emb = embed_with_cache(result.encoder, result.cache)
-        ids_u, emb_u = embed_with_cache(unaligned, result.cache)
+        unaligned = build_for_mode("unaligned", enc_cfg, unaligned_seed=args.unaligned_seed).to(args.device)
+        ids_u, emb_u, _ = embed_catalog(unaligned, dataset, args.eval_batch_size, catalog=catalog)
         modality = result.cache.stats
     else:
+        unaligned = build_for_mode("unaligned", enc_cfg, unaligned_seed=args.unaligned_seed).to(args.device)
         ids, emb, modality = embed_catalog(result.encoder, dataset, args.eval_batch_size, catalog=catalog)
         ids_u, emb_u, _ = embed_catalog(unaligned, dataset, args.eval_batch_size, catalog=catalog)
     aligned_eval = pair_retrieval(ids, emb, pairs.heldout)
@@ -163,13 +189,18 @@ def run(args: argparse.Namespace) -> dict:
     eval_seconds = time.perf_counter() - t0
     _write_embeddings(out / "item_embeddings.parquet", ids, emb)
     _write_embeddings(out / "item_embeddings_unaligned.parquet", ids_u, emb_u)
-    _write_pairs(out / "pairs_train.parquet", pairs.train)
+    write_embedding_tables(extra_tables, out)
+    _write_pairs(out / "pairs_train.parquet", train_pairs)
+    _write_pairs(out / "pairs_valid.parquet", valid_pairs)
     _write_pairs(out / "pairs_heldout.parquet", pairs.heldout)
 
     summary = result.summary()
     report = {
         "mode": args.mode, "dataset": args.dataset, "n_items": int(len(dataset.items)),
-        "n_pairs_train": int(summary["pairs_used"]), "n_pairs_heldout": int(len(pairs.heldout)),
+        "n_pairs_train": int(summary["pairs_used"]), "n_pairs_valid": int(len(valid_pairs)),
+        "n_pairs_heldout": int(len(pairs.heldout)), "valid": summary["valid"], "best_epoch": summary["best_epoch"],
+        "stopped_early": summary["stopped_early"], "temperature": summary["temperature"],
+        "cache_bytes_per_item": result.cache.bytes_per_item() if result.cache is not None else None,
         "n_heldout_queries": aligned_eval["n_queries"],
         "recall@10_aligned": aligned_eval["recall@10"], "recall@10_unaligned": unaligned_eval["recall@10"],
         "recall@50_aligned": aligned_eval["recall@50"], "recall@50_unaligned": unaligned_eval["recall@50"],
@@ -187,5 +218,6 @@ def run(args: argparse.Namespace) -> dict:
     }
     atomic_write_json(out / "align_result.json", {**report, "config": {
         "encoder": enc_cfg.to_dict(), "align": align_cfg.to_dict(), "pairs": pair_cfg.to_dict(),
-        "unaligned_seed": args.unaligned_seed, "max_items": args.max_items}})
+        "unaligned_seed": args.unaligned_seed, "max_items": args.max_items,
+        "valid_frac": args.valid_frac}})
     return report

@@ -113,21 +113,31 @@ class ItemEncoder(EncoderBase):
                 self.projector = None
             self.head = nn.Linear(hidden, config.embed_dim)
 
-    def forward(self, batch: ItemBatch) -> torch.Tensor:
-        """Args:
+    def fused_inputs(self, batch: ItemBatch, vision_states: bool = False):
+        """The LM's input sequence ``[image tokens; text tokens]`` (one vision pass).
+
+        Args:
             batch: from ``collate``.
+            vision_states: also return the vision tower's per-layer pooled states (from the same vision pass).
         Returns:
-            (B, D) float32, unit L2 norm.
+            embeds (B, G + T, H), mask (B, G + T) int (1 = attend; G = image_grid**2, 0 without a vision tower),
+            and with ``vision_states`` a list of (B, C_l) per vision layer (zeros for items without an image),
+            else None.
         """
         text_embeds = self.text.embed_tokens(batch.input_ids)  # (B, T, H)
         mask = batch.text_mask.clone()  # (B, T)
+        layers = None
         if self.vision is not None:
             n_img = self.config.image_grid ** 2
             img_tokens = text_embeds.new_zeros(len(batch), n_img, text_embeds.shape[-1])  # (B, G, H)
+            if vision_states:
+                layers = [text_embeds.new_zeros(len(batch), w) for w in self.vision.layer_widths]
             sel = batch.has_image.nonzero(as_tuple=True)[0]
             if len(sel):
-                tokens, _ = self.vision(batch.pixels[sel], self.config.image_grid)  # (b, G, C)
+                tokens, per_layer = self.vision(batch.pixels[sel], self.config.image_grid)  # (b, G, C)
                 img_tokens = img_tokens.index_copy(0, sel, self.projector(tokens).to(img_tokens.dtype))
+                if vision_states:
+                    layers = [z.index_copy(0, sel, v.to(z.dtype)) for z, v in zip(layers, per_layer)]
             img_mask = batch.has_image.to(mask.dtype).unsqueeze(1).expand(-1, n_img)  # (B, G)
             embeds = torch.cat([img_tokens, text_embeds], dim=1)  # (B, G + T, H)
             mask = torch.cat([img_mask, mask], dim=1)
@@ -137,6 +147,19 @@ class ItemEncoder(EncoderBase):
         if empty.any():
             mask = mask.clone()
             mask[empty, -batch.text_mask.shape[1]] = 1
+        return embeds, mask, layers
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.config.image_grid ** 2 if self.vision is not None else 0
+
+    def forward(self, batch: ItemBatch) -> torch.Tensor:
+        """Args:
+            batch: from ``collate``.
+        Returns:
+            (B, D) float32, unit L2 norm.
+        """
+        embeds, mask, _ = self.fused_inputs(batch)
         hidden, _ = self.text(embeds, mask)  # (B, G + T, H)
         pooled = self.text.pool(hidden, mask)  # (B, H)
         return F.normalize(self.head(pooled), dim=-1)

@@ -1,4 +1,9 @@
-"""IISAN / IISAN-Versa decoupled side network over frozen, layer-dropped backbone hidden states.
+"""Shared pieces of the side networks, and the late-fusion ``side-towers`` mode.
+
+``side`` (the default, side_mllm.py) runs the side network over the MLLM's own hidden states; ``side-towers``
+(this file) is the earlier IISAN variant over the text and vision towers run separately, fused late.
+
+IISAN / IISAN-Versa decoupled side network over frozen, layer-dropped backbone hidden states.
 
 The backbones (text LM, vision tower) run once per item with no gradient; the pooled hidden state of every
 ``layer_stride``-th layer (counted from the top, so the last layer is always kept: "group layer-dropping") is all
@@ -34,12 +39,15 @@ class SideConfig:
         layer_stride: keep every ``layer_stride``-th backbone layer (from the top); 1 keeps all.
         reduction: bottleneck reduction inside each SAN block.
         dropout: dropout inside SAN blocks (training only).
+        token_states: ``side`` mode: also cache the language model's token-level states of every kept layer
+            and pool them with a learned attention query (memory: see side_mllm.cache_bytes_per_item).
     """
 
     width: int = 128
     layer_stride: int = 2
     reduction: int = 2
     dropout: float = 0.1
+    token_states: bool = False
 
     def __post_init__(self):
         if self.width <= 0 or self.layer_stride <= 0 or self.reduction <= 0:
@@ -75,6 +83,11 @@ class StateExtractor(nn.Module):
         self.vision_widths = [vision.layer_widths[i] for i in self.vision_layers] if vision is not None else []
         for p in self.parameters():
             p.requires_grad_(False)
+
+    def layout(self) -> dict:
+        """What the cached states look like (stored in the cache manifest; the side network is built from it)."""
+        return {"kind": "towers", "text_width": self.text.hidden_size, "text_layers": self.text_layers,
+                "vision_layers": self.vision_layers, "vision_widths": self.vision_widths}
 
     @torch.no_grad()
     def forward(self, batch: ItemBatch) -> States:
@@ -166,27 +179,6 @@ class SideNetwork(nn.Module):
         return F.normalize(self.head(fused), dim=-1)
 
 
-class RandomProjectionHead(nn.Module):
-    """The unaligned baseline: top-layer text and vision states, each L2-normalised, concatenated, times a fixed
-    seeded Gaussian matrix (Johnson-Lindenstrauss: cosine geometry approximately kept), L2-normalised.
-    A missing modality contributes zeros. Nothing here trains.
-    """
-
-    def __init__(self, text_width: int, vision_width: int, embed_dim: int, seed: int):
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.register_buffer("projection", torch.randn(text_width + vision_width, embed_dim, generator=gen)
-                             / embed_dim ** 0.5)  # (Ht + Cv, D)
-        self.vision_width = vision_width
-
-    def forward(self, states: States) -> torch.Tensor:
-        parts = [F.normalize(states["text"][:, -1], dim=-1) * states["text_present"][:, None]]
-        if self.vision_width:
-            top = max(int(k.split(".")[1]) for k in states if k.startswith("vision.") and k[7:].isdigit())
-            parts.append(F.normalize(states[f"vision.{top}"], dim=-1) * states["vision_present"][:, None])
-        return F.normalize(torch.cat(parts, dim=1) @ self.projection, dim=-1)
-
-
 class SideEncoder(EncoderBase):
     """Frozen backbones + a head over their cached-able states (a SideNetwork, or the unaligned projection).
 
@@ -207,19 +199,34 @@ class SideEncoder(EncoderBase):
         return self.head(self.extractor(batch))
 
 
-def build_side_encoder(config: EncoderConfig, side: SideConfig, vision: Optional[VisionTower],
-                       text: TextTower) -> SideEncoder:
-    extractor = StateExtractor(config, vision, text, side.layer_stride)
+class SideHeadOnly(nn.Module):
+    """A side network without its backbones: what ``train_side`` trains straight from a cache.
+
+    ``forward_states(states) -> (B, D)``; ``head`` is the side network (same state-dict keys as SideEncoder's).
+    """
+
+    def __init__(self, config: EncoderConfig, head: nn.Module):
+        super().__init__()
+        self.config, self.head = config, head
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    def forward_states(self, states: States) -> torch.Tensor:
+        return self.head(states)
+
+
+def towers_side_network(layout: dict, config: EncoderConfig, side: SideConfig) -> SideNetwork:
+    """The late-fusion side network for a ``towers`` cache layout (seeded by the encoder config)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        net = SideNetwork(text.hidden_size, len(extractor.text_layers), extractor.vision_widths,
-                          config.embed_dim, side)
-    return SideEncoder(config, extractor, net)
+        return SideNetwork(layout["text_width"], len(layout["text_layers"]), list(layout["vision_widths"]),
+                           config.embed_dim, side)
 
 
-def build_unaligned_encoder(config: EncoderConfig, vision: Optional[VisionTower], text: TextTower,
-                            seed: int = 0) -> SideEncoder:
-    """Pretrained backbones, no behaviour training, reduced to ``config.embed_dim`` by a fixed seeded map."""
-    extractor = StateExtractor(config, vision, text, layer_stride=1 << 30)  # top layers only
-    head = RandomProjectionHead(text.hidden_size, vision.width if vision is not None else 0, config.embed_dim, seed)
-    return SideEncoder(config, extractor, head)
+def build_towers_side_encoder(config: EncoderConfig, side: SideConfig, vision: Optional[VisionTower],
+                              text: TextTower) -> SideEncoder:
+    """``side-towers`` mode: frozen towers run separately + the late-fusion side network."""
+    extractor = StateExtractor(config, vision, text, side.layer_stride)
+    return SideEncoder(config, extractor, towers_side_network(extractor.layout(), config, side))

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -172,6 +173,29 @@ def build_vision_tower(cfg: EncoderConfig) -> Optional[VisionTower]:
 
 
 # ------------------------------------------------------------------------------------------------------ text
+@contextmanager
+def quiet_transformers():
+    """Hide transformers' load reports and weight-loading bars (below WARNING by default).
+
+    ``QARM_VERBOSE_LOAD=1`` shows them. Levels are restored afterwards, so a caller's own settings survive.
+    """
+    if os.environ.get("QARM_VERBOSE_LOAD") == "1":
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class HashTokenizer:
     """Word-level hashing tokenizer for the tiny config: no vocabulary file, stable across processes (crc32).
 
@@ -205,7 +229,8 @@ class HFTokenizer:
 
     def __init__(self, path: str):
         from transformers import AutoTokenizer
-        self.tok = AutoTokenizer.from_pretrained(path)
+        with quiet_transformers():
+            self.tok = AutoTokenizer.from_pretrained(path)
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token or self.tok.unk_token
         self.tok.padding_side = "right"
@@ -221,9 +246,25 @@ class HFTokenizer:
 
 
 def _is_decoder(config) -> bool:
+    """Causal (decoder-only) LM? Pooling follows: decoders pool their last valid token.
+
+    The ``is_decoder`` flag, an architecture name of a causal LM (``*ForCausalLM``, GPT-2's ``*LMHeadModel``),
+    or a model type transformers lists for causal but not masked language modelling (GPT-2 style configs built
+    without ``architectures``).
+    """
     if getattr(config, "is_decoder", False):
         return True
-    return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (getattr(config, "architectures", None) or [])):
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    except ImportError:  # pragma: no cover - layout of older transformers
+        return False
+    model_type = getattr(config, "model_type", None)
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 class TextTower(nn.Module):
@@ -297,7 +338,10 @@ def build_text_tower(cfg: EncoderConfig) -> TextTower:
     from transformers import AutoConfig, AutoModel
 
     path = _resolve_text_path(cfg.text)
-    config = AutoConfig.from_pretrained(path)
-    kwargs = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "xlm-roberta") else {}
-    lm = AutoModel.from_pretrained(path, **kwargs)
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(path)
+        kwargs = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "xlm-roberta") else {}
+        lm = AutoModel.from_pretrained(path, **kwargs)
+    log.info("language model %s: %s, %d layers, width %d", path, type(lm).__name__, config.num_hidden_layers,
+             config.hidden_size)
     return TextTower(lm, HFTokenizer(path), cfg.pooling)

@@ -42,7 +42,13 @@ def add_cascade_flags(parser) -> None:
     g.add_argument("--encoder-image-size", type=int, default=0, help="encoder input pixels (0: the config's)")
     g.add_argument("--align-mode", choices=ALIGN_MODES, default="side",
                    help="alignment mode: full fine-tuning, VIP5 adapters, or IISAN side network (default)")
-    g.add_argument("--align-epochs", type=int, default=2, help="alignment epochs")
+    g.add_argument("--align-epochs", type=int, default=6,
+                   help="alignment epochs at most (early stopping on the validation pairs, patience 2)")
+    g.add_argument("--side-cache-dir", default=None,
+                   help="side mode: folder of the frozen MLLM's hidden-state cache, reused by later runs over the "
+                        "same items and encoder (default: inside --work-dir)")
+    g.add_argument("--side-layer-stride", type=int, default=2,
+                   help="side mode: keep every k-th backbone layer (IISAN group layer-dropping)")
     g.add_argument("--align-batch-size", type=int, default=128, help="pairs per contrastive batch")
     g.add_argument("--align-lr", type=float, default=None, help="alignment learning rate (default: the mode's)")
     g.add_argument("--align-temperature", type=float, default=None, help="InfoNCE temperature (default: trainer's)")

@@ -1,14 +1,9 @@
-"""Fixtures for mllm tests: a tiny clustered catalog with images, and pairs within clusters."""
+"""Fixtures for mllm tests: pipelines.data's synthetic world, small (96 items in 4 latent clusters, rendered
+images), its mined behaviour pairs, and a validation slice split off by time."""
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from synth import make_dataset, make_pairs  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -20,8 +15,20 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
+def synthetic_world(folder, n_items: int = 96, seed: int = 0):
+    """(dataset, train pairs, validation pairs) from the one synthetic source (pipelines.data.synthetic)."""
+    from pipelines.data import load_dataset
+    from pipelines.data.schema import DataSpec
+    from pipelines.mllm.align import split_valid_pairs
+    from pipelines.pairs import PairConfig, mine_pairs
+
+    ds = load_dataset(DataSpec(dataset="synthetic", data=str(folder), n_items=n_items, n_users=80, n_events=5000,
+                               n_clusters=4, image_size=32, seed=seed))
+    pairs = mine_pairs(ds.interactions, PairConfig(heldout_frac=0.0, min_support=2))
+    train, valid = split_valid_pairs(pairs.train, 0.2)
+    return ds, train, valid
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    ds = make_dataset(tmp_path_factory.mktemp("mllm_items"))
-    train, heldout = make_pairs(ds)
-    return ds, train, heldout
+    return synthetic_world(tmp_path_factory.mktemp("mllm_synthetic"))

@@ -10,9 +10,13 @@ from pipelines.mllm import EncoderConfig, ItemInput, build_encoder
 from pipelines.mllm.embed import embed_catalog
 from pipelines.mllm.model_io import build_for_mode
 from pipelines.mllm.towers import HashTokenizer, TextTower
-from synth import TinyDataset
+from types import SimpleNamespace
 
 TINY = EncoderConfig.named("tiny")
+
+
+def TinyDataset(items, interactions, image_root):  # noqa: N802  (an items-only dataset view)
+    return SimpleNamespace(items=items, interactions=interactions, image_root=image_root)
 
 
 def test_tiny_encoder_embeds_unit_vectors_reproducibly():
@@ -52,7 +56,7 @@ def _items_frame(tmp_path):
     })
 
 
-@pytest.mark.parametrize("mode", ["full", "side"])
+@pytest.mark.parametrize("mode", ["full", "side", "side-towers"])
 def test_missing_modalities_and_broken_images_are_counted_not_fatal(tmp_path, caplog, mode):
     ds = TinyDataset(_items_frame(tmp_path), None, tmp_path)
     enc = build_for_mode(mode, TINY)

@@ -64,3 +64,21 @@ def test_pair_retrieval_both_directions_and_skips_unknown_items():
     # 10->11 rank1, 11->10 rank1, 10->12 rank2, 12->10 rank2 (11 is closer to 12 than 10 is)
     assert out["recall@1"] == 0.5
     assert out["mrr"] == pytest.approx(0.75)
+
+
+def test_next_item_queries_and_recall_by_hand():
+    from pipelines.mllm.evaluate import next_item_queries, next_item_recall
+
+    pos = pd.DataFrame({"user_id": [1, 1, 1, 2, 2, 3], "item_id": [10, 11, 12, 12, 12, 10],
+                        "ts": [1, 2, 3, 1, 2, 5]})
+    test = np.array([False, True, True, False, True, True])
+    queries = next_item_queries(pos, test)
+    # user 1: 10 -> 11, 11 -> 12; user 2 repeats 12 (left out); user 3 has no earlier positive
+    assert queries.values.tolist() == [[10, 11], [11, 12]]
+    ids = np.array([10, 11, 12, 13])
+    emb = np.array([[1, 0], [0.8, 0.6], [0, 1], [0.6, 0.8]], dtype=np.float32)
+    # 10 -> 11: 11 is the nearest other item (rank 1); 11 -> 12: 13 (0.96) and 10 (0.8) beat 12 (0.6): rank 3
+    assert next_item_recall(ids, emb, queries, k=1)["recall@1"] == 0.5
+    assert next_item_recall(ids, emb, queries, k=3)["recall@3"] == 1.0
+    out = next_item_recall(ids[:2], emb[:2], queries, k=1)
+    assert out["n_skipped"] == 1 and out["n_queries"] == 1
