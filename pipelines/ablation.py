@@ -62,9 +62,12 @@ def run_cascades(job_args: argparse.Namespace, n: int, out_dir: Path) -> list[tu
     from pipelines.cascade import options_from_namespace, run_job
 
     done = []
+    # the frozen MLLM's cache does not depend on the seed: one backbone pass serves every cascade
+    cache_dir = job_args.side_cache_dir or str(out_dir / "cascades" / "side_cache")
     for seed in range(n):
         store = out_dir / "cascades" / f"seed-{seed}" / "store"
-        args = argparse.Namespace(**{**vars(job_args), "store": str(store), "cascade_seed": seed})
+        args = argparse.Namespace(**{**vars(job_args), "store": str(store), "cascade_seed": seed,
+                                     "side_cache_dir": cache_dir})
         log.info("ablation: cascade seed %d of %d into %s", seed + 1, n, store)
         summary = run_job(options_from_namespace(args), save_main_session=False)
         done.append((seed, store, summary["version"]))
