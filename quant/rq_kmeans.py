@@ -229,6 +229,10 @@ class RQKMeans(Quantizer):
         total_var = float(((train - train.mean(axis=0)) ** 2).sum()) or 1.0
         t0 = time.perf_counter()
         codebooks, level_stats = [], []
+        from tqdm import tqdm
+
+        # a bar on a terminal (disable=None turns it off otherwise); the per-level log line is the non-TTY progress
+        bar = tqdm(total=cfg.levels, desc="rq-kmeans levels", disable=None, leave=False)
         for level, k in enumerate(cfg.codebook_sizes):
             t_level = time.perf_counter()
             if self._init is not None:
@@ -257,6 +261,8 @@ class RQKMeans(Quantizer):
             log.info("rq-kmeans level %d/%d: K=%d, %d Lloyd iters (converged=%s), used %d, rel_mse %.4f, %.2fs",
                      level + 1, cfg.levels, k, stats["iterations"], stats["converged"], stats["used"], rel,
                      stats["seconds"])
+            bar.update(1)
+        bar.close()
         self.codebooks = codebooks
         self.fit_stats = {"train_rows": int(train.shape[0]), "n_rows": int(x.shape[0]),
                           "warm_start": self._init is not None, "faiss_gpu": use_gpu, "device": device,
