@@ -119,7 +119,11 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds) -> Jo
                        history=opts.trigger_history, heldout_frac=opts.heldout_frac, seed=seed)
     quant = QuantConfig(rq_levels=opts.rq_levels, rq_codebook_size=opts.rq_codebook_size,
                         fit_sample=opts.fit_sample, vq_k=opts.vq_k, vq_index=opts.vq_index, seed=seed)
-    align = AlignPlan(encoder=encoder_dict(opts, seed), mode=opts.align_mode, epochs=opts.align_epochs,
+    # side mode: the frozen MLLM (with its seeded projector: no pretrained one loads offline) is the fixed
+    # "pretrained" model, so it keeps the data seed and its cache serves every cascade seed; the side network,
+    # pairs, quantizers and the unaligned map take the cascade seed
+    encoder_seed = data_spec(options).seed if opts.align_mode == "side" else seed
+    align = AlignPlan(encoder=encoder_dict(opts, encoder_seed), mode=opts.align_mode, epochs=opts.align_epochs,
                       batch_size=opts.align_batch_size, lr=opts.align_lr, temperature=opts.align_temperature,
                       checkpoint=opts.align_checkpoint, init_encoder=opts.init_encoder, threads=opts.torch_threads,
                       seed=seed, cache_dir=opts.side_cache_dir, layer_stride=opts.side_layer_stride)

@@ -221,3 +221,23 @@ def test_string_id_source_with_a_repeat_purchase_runs(first_run, tmp_path):
     row = inter.iloc[10]
     assert dead[["user_id", "item_id", "reason"]].values.tolist() == [[row.user_id, row.item_id,
                                                                        "duplicate_interaction"]]
+
+
+def test_cascade_seeds_share_one_backbone_pass(first_run, tmp_path):
+    """The frozen MLLM's cache does not depend on the cascade seed: a second seed reuses it, and its seeded
+    stages (pairs, side network, quantizers) still give other codes."""
+    base, argv, _ = first_run
+    cache = tmp_path / "side_cache"
+    runs = []
+    for seed in (0, 1):
+        store = tmp_path / f"store{seed}"
+        args = [a for a in argv if a not in ("--store",)]
+        args = args[:args.index(str(base / "store"))] + args[args.index(str(base / "store")) + 1:]
+        runs.append(_run(args + ["--store", str(store), "--cascade-seed", str(seed), "--side-cache-dir", str(cache)]))
+        if seed == 0:
+            built = (cache / "manifest.json").stat().st_mtime_ns
+    assert (cache / "manifest.json").stat().st_mtime_ns == built  # not rebuilt for seed 1
+    a = FeatureStore(tmp_path / "store0").read()
+    b = FeatureStore(tmp_path / "store1").read()
+    assert a.config["encoder"] == b.config["encoder"]
+    assert not np.array_equal(a.embeddings()[1], b.embeddings()[1])
