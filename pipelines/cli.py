@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-ranker": ("ranker.cli", "train the TorchRec ranker on a feature-store version"),
     "eval": ("ranker.ablation", "QARM Table-1-style ablation over ranker feature sets"),
     "retrain": ("pipelines.retrain", "the scheduled retraining job"),
+    "distill": ("pipelines.distill", "PromptMM-style retrieval distillation: teacher, student and KD rows"),
+    "retrieve": ("pipelines.retrieve", "top-K retrieval candidates per user for a window (Parquet)"),
     "store": ("feature_store.cli",
               "list | show | diff | rollback | retain | verify | cleanup | history of feature-store versions"),
 }
