@@ -90,6 +90,8 @@ class DistillConfig:
             the observed label teaches less); "confidence" — the same with exp(-entropy) of the modality's
             candidate distribution (no label needed); "uniform" — all 1.
         refresh_every: with prompts, the teacher's top-K candidate lists are recomputed every this many epochs.
+        kd_rows: the KD terms use at most this many (random) rows of each training batch (cost bound: a KD step
+            touches kd_rows × (1 + topk + samples) candidates per teacher part).
     """
 
     listwise: bool = False
@@ -104,6 +106,7 @@ class DistillConfig:
     prompt_lr: float = 0.01
     prompt_task_weight: float = 1.0
     refresh_every: int = 5
+    kd_rows: int = 256
 
     def __post_init__(self):
         if self.reliability not in RELIABILITY:
@@ -113,7 +116,7 @@ class DistillConfig:
         for name in ("kd_weight", "modality_weight", "prompt_task_weight", "samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DistillConfig.{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("topk", "refresh_every"):
+        for name in ("topk", "refresh_every", "kd_rows"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"DistillConfig.{name}: must be > 0, got {getattr(self, name)}")
         if not self.prompt_lr > 0:

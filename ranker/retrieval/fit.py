@@ -255,6 +255,9 @@ def fit_student(data: RetrievalData, cfg: RetrievalConfig = RetrievalConfig(),
         loss = _task_loss(s_pos, s_neg, pos, neg, cfg) + cfg.l2 * _l2(u, e_pos)
         if t is None:
             return loss
+        if len(users) > distill.kd_rows:                                   # KD on a random subset of rows
+            sub = torch.randperm(len(users), generator=gen_kd)[: distill.kd_rows]
+            users, pos, u = users[sub], pos[sub], u[sub]
         rand = torch.randint(0, n_items, (len(users), distill.samples), generator=gen_kd)
         cand = torch.cat([pos.unsqueeze(1), state["topk"][users], rand], 1)   # (B, C)
         s_cand = torch.einsum("bd,bcd->bc", u, model.item_embed(cand))      # (B, C)
