@@ -32,6 +32,9 @@ def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=_R.epochs, help="most epochs (early stopping on valid)")
     g.add_argument("--batch-size", type=int, default=_R.batch_size)
     g.add_argument("--lr", type=float, default=_R.lr)
+    g.add_argument("--teacher-lr", type=float, default=_R.teacher_lr)
+    g.add_argument("--teacher-graph", action="store_true",
+                   help="teacher user modality vectors add the mean content of the user's training positives")
     g.add_argument("--l2", type=float, default=_R.l2, help="L2 on the batch's embedding rows")
     g.add_argument("--tower-hidden", type=int, default=_R.tower_hidden, help="teacher projection tower width")
     g.add_argument("--modality-loss-weight", type=float, default=_R.modality_loss_weight)
@@ -57,7 +60,8 @@ def split_from_args(args) -> SplitConfig:
 
 def config_from_args(args, seed: int | None = None) -> RetrievalConfig:
     return RetrievalConfig(dim=args.dim, loss=args.loss, negatives=args.negatives, epochs=args.epochs,
-                           batch_size=args.batch_size, lr=args.lr, l2=args.l2, tower_hidden=args.tower_hidden,
+                           batch_size=args.batch_size, lr=args.lr, teacher_lr=args.teacher_lr,
+                           teacher_graph=args.teacher_graph, l2=args.l2, tower_hidden=args.tower_hidden,
                            modality_loss_weight=args.modality_loss_weight, eval_every=args.eval_every,
                            patience=args.patience, seed=args.seed if seed is None else seed)
 

@@ -23,11 +23,14 @@ class RetrievalConfig:
         negatives: sampled-softmax negatives per batch.
         epochs: most epochs; training stops early when valid Recall@20 has not improved for `patience`
             evaluations (every `eval_every` epochs); the best-on-valid state is kept.
-        batch_size, lr: Adam on all parameters.
+        batch_size, lr: Adam on all parameters (lr: the student's).
+        teacher_lr: the teacher's Adam learning rate.
         l2: L2 penalty on the embedding rows used in a batch (per row, mean over the batch).
         init_std: normal init of id embeddings.
         use_codes: the student adds the item's RQ code embeddings (one table per level) to its id embedding.
         tower_hidden: hidden width of each teacher projection tower (in_dim -> hidden -> dim).
+        teacher_graph: the teacher's per-modality user vector adds the user's content profile, the mean of h_m over
+            its training positives (one-hop graph aggregation); off = free per-modality user embeddings only.
         modality_loss_weight: the teacher also trains each modality score alone with this weight, so every
             per-modality score is a recommender in its own right (needed by the per-modality KD).
         eval_k: K of the early-stopping metric (Recall@K on valid).
@@ -39,14 +42,16 @@ class RetrievalConfig:
     negatives: int = 256
     epochs: int = 60
     batch_size: int = 1024
-    lr: float = 0.005
+    lr: float = 0.01
+    teacher_lr: float = 0.002
     l2: float = 1e-4
     init_std: float = 0.05
     use_codes: bool = False
     tower_hidden: int = 128
+    teacher_graph: bool = False
     modality_loss_weight: float = 0.5
-    eval_every: int = 3
-    patience: int = 4
+    eval_every: int = 1
+    patience: int = 5
     eval_k: int = 20
     seed: int = 0
 
@@ -56,7 +61,7 @@ class RetrievalConfig:
         for name in ("dim", "negatives", "epochs", "batch_size", "tower_hidden", "eval_every", "eval_k"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"RetrievalConfig.{name}: must be > 0, got {getattr(self, name)}")
-        for name in ("lr", "init_std"):
+        for name in ("lr", "teacher_lr", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"RetrievalConfig.{name}: must be > 0, got {getattr(self, name)}")
         for name in ("l2", "modality_loss_weight", "patience"):
@@ -97,9 +102,9 @@ class DistillConfig:
     listwise: bool = False
     modality: bool = False
     prompt: bool = False
-    temperature: float = 1.0
+    temperature: float = 2.0
     kd_weight: float = 1.0
-    modality_weight: float = 1.0
+    modality_weight: float = 3.0
     topk: int = 50
     samples: int = 50
     reliability: str = "label"

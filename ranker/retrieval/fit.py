@@ -150,8 +150,11 @@ def _l2(*tensors) -> torch.Tensor:
 
 def build_teacher(data: RetrievalData, feats: ItemFeatures, cfg: RetrievalConfig) -> TeacherArch:
     torch.manual_seed(cfg.seed)
-    return TeacherArch(data.n_users, data.n_items, feats.modalities, dim=cfg.dim, hidden=cfg.tower_hidden,
-                       init_std=cfg.init_std, use_prompts=True)
+    t = TeacherArch(data.n_users, data.n_items, feats.modalities, dim=cfg.dim, hidden=cfg.tower_hidden,
+                    init_std=cfg.init_std, use_prompts=True)
+    if cfg.teacher_graph:
+        t.set_graph(data.pairs["train"][:, 0], data.pairs["train"][:, 1])
+    return t
 
 
 def fit_teacher(data: RetrievalData, feats: ItemFeatures, cfg: RetrievalConfig = RetrievalConfig(),
@@ -165,17 +168,21 @@ def fit_teacher(data: RetrievalData, feats: ItemFeatures, cfg: RetrievalConfig =
 
     def step(users, pos, gen):
         neg = _negatives(cfg, len(users), n_items, gen)                    # (S,) or (B,)
-        rows, inv = torch.unique(torch.cat([pos, neg]), return_inverse=True)
-        it = model.item_parts(rows)
-        ut = model.user_tables(users)
-        pos_i, neg_i = inv[: len(pos)], inv[len(pos):]
+        if cfg.teacher_graph:                                              # profiles need every item's h_m
+            it = model.item_tables()
+            pos_i, neg_i = pos, neg
+        else:                                                              # towers on the batch's items only
+            rows, inv = torch.unique(torch.cat([pos, neg]), return_inverse=True)
+            it = model.item_parts(rows)
+            pos_i, neg_i = inv[: len(pos)], inv[len(pos):]
+        ut = model.user_tables(users, it)
         parts = {p: _pos_neg(ut[p], it[p], pos_i, neg_i, cfg) for p in ut}
         total = _task_loss(sum(v[0] for v in parts.values()), sum(v[1] for v in parts.values()), pos, neg, cfg)
         mod = [_task_loss(parts[m][0], parts[m][1], pos, neg, cfg) for m in model.names]
         loss = total + (w_m * sum(mod) / len(mod) if mod and w_m else 0.0)
         return loss + cfg.l2 * _l2(*ut.values(), it["id"][pos_i])
 
-    return _train_loop(model, [{"params": params, "lr": cfg.lr}], step, data, cfg, "teacher", progress=progress)
+    return _train_loop(model, [{"params": params, "lr": cfg.teacher_lr}], step, data, cfg, "teacher", progress=progress)
 
 
 def _negatives(cfg: RetrievalConfig, batch: int, n_items: int, gen) -> torch.Tensor:
@@ -232,7 +239,7 @@ def fit_student(data: RetrievalData, cfg: RetrievalConfig = RetrievalConfig(),
             for p in t.prompt.parameters():
                 p.requires_grad_(True)
             groups.append({"params": list(t.prompt.parameters()), "lr": distill.prompt_lr})
-    state = {"topk": None, "tables": None}
+    state = {"topk": None, "tables": None, "users": None}
     listwise, modality = distill.effective_listwise, distill.modality
     gen_kd = torch.Generator().manual_seed(cfg.seed + 7919)
 
@@ -244,6 +251,7 @@ def fit_student(data: RetrievalData, cfg: RetrievalConfig = RetrievalConfig(),
         if not distill.prompt and state["tables"] is None:
             with torch.no_grad():
                 state["tables"] = t.item_tables()
+                state["users"] = t.user_tables(torch.arange(data.n_users), state["tables"])
 
     def step(users, pos, gen):
         neg = _negatives(cfg, len(users), n_items, gen)
@@ -261,13 +269,13 @@ def fit_student(data: RetrievalData, cfg: RetrievalConfig = RetrievalConfig(),
         rand = torch.randint(0, n_items, (len(users), distill.samples), generator=gen_kd)
         cand = torch.cat([pos.unsqueeze(1), state["topk"][users], rand], 1)   # (B, C)
         s_cand = torch.einsum("bd,bcd->bc", u, model.item_embed(cand))      # (B, C)
-        if distill.prompt:
-            rows, inv = torch.unique(torch.cat([cand.reshape(-1), neg]), return_inverse=True)
-            it = t.item_parts(rows)
-            cand_i, neg_i = inv[: cand.numel()].view_as(cand), inv[cand.numel():]
+        if distill.prompt:                                                 # teacher forward with prompt grads
+            it = t.item_tables()
+            ut = t.user_tables(users, it)
         else:
-            it, cand_i, neg_i = state["tables"], cand, neg
-        ut = t.user_tables(users)
+            it = state["tables"]
+            ut = {p: v[users] for p, v in state["users"].items()}
+        cand_i, neg_i = cand, neg
         parts = {p: torch.einsum("bd,bcd->bc", ut[p], it[p][cand_i]) for p in ut}   # (B, C) each
         t_total = sum(parts.values())
         tau = distill.temperature

@@ -143,16 +143,32 @@ class TeacherArch(nn.Module):
         """{"id": (N, d), m: (N, d)} — every item vector part (one tower pass over the catalog)."""
         return self.item_parts(torch.arange(self.n_items))
 
-    def user_tables(self, users: torch.Tensor) -> dict:
+    def set_graph(self, users: np.ndarray, items: np.ndarray) -> None:
+        """Content profiles: each user's modality vector gains the mean of h_m over its training positives
+        (a one-hop user-item graph aggregation, as in VBPR / MMGCN-style teachers). users, items: (P,) rows."""
+        u = torch.as_tensor(users, dtype=torch.long)
+        deg = torch.bincount(u, minlength=self.user.table.num_embeddings).clamp_min(1).float()
+        vals = 1.0 / deg[u]
+        self._graph = torch.sparse_coo_tensor(torch.stack([u, torch.as_tensor(items, dtype=torch.long)]), vals,
+                                              (self.user.table.num_embeddings, self.n_items)).coalesce()
+
+    def user_tables(self, users: torch.Tensor, item_tables: dict | None = None) -> dict:
+        """{"id": (B, d), m: (B, d)}. With a graph (set_graph) the modality parts add the user's content profile,
+        computed from the full item tables (item_tables(), recomputed if None)."""
         out = {"id": self.user(users)}
+        graph = getattr(self, "_graph", None)
+        if graph is not None and self.names and item_tables is None:
+            item_tables = self.item_tables()
         for m in self.names:
             out[m] = self.user_m[m](users)
+            if graph is not None:
+                out[m] = out[m] + torch.sparse.mm(graph, item_tables[m])[users]
         return out
 
     def score_parts(self, users: torch.Tensor, items: torch.Tensor, item_tables: dict | None = None) -> dict:
         """users (B,), items (B, C) -> {part: (B, C)}; item_tables from item_tables() (recomputed if None)."""
         it = item_tables if item_tables is not None else self.item_tables()
-        ut = self.user_tables(users)
+        ut = self.user_tables(users, it)
         return {p: torch.einsum("bd,bcd->bc", ut[p], it[p][items]) for p in ut}
 
     def score(self, users: torch.Tensor, items: torch.Tensor, item_tables: dict | None = None) -> torch.Tensor:
@@ -160,7 +176,8 @@ class TeacherArch(nn.Module):
 
     def serving_vectors(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenated parts: <[u, u_m...], [e_i, h_m(i)...]> = the total score. (B, d(1+M)), (N, d(1+M))."""
-        it, ut = self.item_tables(), self.user_tables(users)
+        it = self.item_tables()
+        ut = self.user_tables(users, it)
         return torch.cat([ut[p] for p in ut], 1), torch.cat([it[p] for p in ut], 1)
 
     def frozen_parameters(self):
