@@ -49,17 +49,17 @@ class ItemIndex:
         scores, rows = self.index.search(q, kk)                           # (U, kk)
         if not extra:
             return _pad(rows[:, :k], scores[:, :k], k)
-        out_r = np.full((len(q), k), -1, dtype=np.int64)
-        out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
-        for u in range(len(q)):
-            ex = exclude[u]
-            if ex:
-                keep = ~np.isin(rows[u], np.fromiter(ex, dtype=np.int64, count=len(ex)))
-                r, s = rows[u][keep][:k], scores[u][keep][:k]
-            else:
-                r, s = rows[u][:k], scores[u][:k]
-            out_r[u, : len(r)], out_s[u, : len(s)] = r, s
-        return out_r, out_s
+        # Vectorised exclusion: drop (user, item) pairs found in the exclusion sets, keep the first k per row.
+        n = np.int64(max(self.ntotal, 1))
+        ex_codes = np.fromiter((u * n + i for u, ex in enumerate(exclude) for i in ex), dtype=np.int64)
+        codes = np.arange(len(q), dtype=np.int64)[:, None] * n + rows
+        keep = (rows >= 0) & ~np.isin(codes, ex_codes)
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]          # kept columns first, in rank order
+        out_r = np.take_along_axis(rows, order, 1).astype(np.int64)
+        out_s = np.take_along_axis(scores, order, 1)
+        kept = np.take_along_axis(keep, order, 1)
+        out_r[~kept], out_s[~kept] = -1, -np.inf
+        return _pad(out_r, out_s, k)
 
 
 def _pad(rows, scores, k):
