@@ -106,7 +106,7 @@ def _train_loop(model, groups, step_fn, data: RetrievalData, cfg: RetrievalConfi
         raise ValueError("no training positives in the train window: nothing to learn from")
     rank, world = _dist()
     key = f"recall@{cfg.eval_k}"
-    best, best_state, best_epoch, bad, history = -1.0, None, -1, 0, []
+    best, best_state, best_epoch, bad, history = -float("inf"), None, -1, 0, []
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
         if on_epoch is not None:
@@ -266,6 +266,7 @@ def fit_student(data: RetrievalData, cfg: RetrievalConfig = RetrievalConfig(),
         if len(users) > distill.kd_rows:                                   # KD on a random subset of rows
             sub = torch.randperm(len(users), generator=gen_kd)[: distill.kd_rows]
             users, pos, u = users[sub], pos[sub], u[sub]
+            neg = neg[sub] if cfg.loss == "bpr" else neg                   # bpr: one negative per row
         rand = torch.randint(0, n_items, (len(users), distill.samples), generator=gen_kd)
         cand = torch.cat([pos.unsqueeze(1), state["topk"][users], rand], 1)   # (B, C)
         s_cand = torch.einsum("bd,bcd->bc", u, model.item_embed(cand))      # (B, C)

@@ -182,3 +182,12 @@ def test_distilled_student_beats_plain_student_on_synthetic_default(tmp_path):
         d = fit_student(data, cfg, DistillConfig(listwise=True, modality=True), teacher=teacher)
         distilled.append(evaluate(d.model, data, "test")["recall@20"])
     assert np.mean(distilled) > np.mean(plain), (plain, distilled)
+
+
+def test_bpr_student_with_every_kd_part():
+    data, cfg, teacher = _teacher()
+    cfg = cfg.replace(loss="bpr", epochs=2)
+    res = fit_student(data, cfg, DistillConfig(listwise=True, modality=True, prompt=True, topk=8, samples=8,
+                                               kd_rows=16), teacher=teacher)
+    assert res.config["loss"] == "bpr" and res.config["distill"]["prompt"] is True
+    assert res.valid["recall@20"] is not None
