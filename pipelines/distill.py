@@ -43,6 +43,8 @@ def load_inputs(args):
     from ranker.retrieval.data import check_protocol, load_item_features, prepare_retrieval_data
 
     torch.set_num_threads(max(1, args.threads))
+    for noisy in ("faiss", "matplotlib"):                  # third-party log noise below WARNING
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     split = split_from_args(args)
     version = FeatureStore(args.store).read(args.version)
     # Refuse a version of another protocol before loading any data.

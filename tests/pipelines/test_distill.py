@@ -125,3 +125,24 @@ def test_train_entry_on_contract_parquet(world_files, tmp_path):
     bad = world.interactions.drop(columns=["ts"])
     bad.to_parquet(tmp_path / "bad.parquet")
     assert main(["--interactions", str(tmp_path / "bad.parquet"), *args[2:]]) == 1
+
+
+@pytest.mark.slow
+def test_train_entry_under_torchrun(world_files, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, world, _, _ = world_files
+    store, _ = _store(tmp_path, world)
+    world.interactions.to_parquet(tmp_path / "inter.parquet")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "ranker.retrieval.train",
+           "--interactions", str(tmp_path / "inter.parquet"), "--store", str(store), "--kd", "listwise",
+           "--epochs", "2", "--dim", "8", "--tower-hidden", "8", "--negatives", "16", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["world_size"] == 2 and result["test"]["recall@20"] is not None
