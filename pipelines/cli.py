@@ -42,6 +42,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-ranker": ("pipelines.commands.train_ranker", "train the TorchRec ranker on a feature-store version"),
     "eval": ("pipelines.commands.evaluate", "QARM Table-1-style ablation over ranker feature sets"),
     "retrain": ("pipelines.retrain", "the scheduled retraining job"),
+    "distill": ("pipelines.distill", "PromptMM-style retrieval distillation: teacher, student and KD rows"),
+    "retrieve": ("pipelines.retrieve", "top-K retrieval candidates per user for a window (Parquet)"),
     "store": ("pipelines.commands.store",
               "list | show | diff | rollback | retain | verify | cleanup | history of feature-store versions"),
 }
