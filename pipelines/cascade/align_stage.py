@@ -119,7 +119,7 @@ def _side_one_pass(items, train_pairs, valid_pairs, plan: AlignPlan, image_root:
     catalog = ItemCatalog.from_dataset(_dataset_view(items, image_root), enc_cfg, cache_images=False)
     cache_dir = Path(plan.cache_dir) if plan.cache_dir else work_dir / "side_cache"
     t0 = time.perf_counter()
-    with stage_timer("align", "cache"):
+    with stage_timer("align", "cache", total=False):
         cache = build_mllm_cache(enc_cfg, catalog, side=SideConfig(layer_stride=plan.layer_stride),
                                  cache_dir=cache_dir, progress=False)
     log.info("align: side cache of %d items %s in %.1fs (%s)", len(cache),
@@ -129,11 +129,11 @@ def _side_one_pass(items, train_pairs, valid_pairs, plan: AlignPlan, image_root:
                       num_threads=plan.threads, progress=False, resume=False, side=SideConfig(layer_stride=plan.layer_stride),
                       **extra)
     train_dir = work_dir / "align"
-    with stage_timer("align", "train"):
+    with stage_timer("align", "train", total=False):
         result = train_side(cache, _pair_frame(train_pairs), _pair_frame(valid_pairs) if valid_pairs else None, cfg,
                             train_dir, init_checkpoint=Path(plan.init_encoder) if plan.init_encoder else None)
     log.info("align: %s", result.summary())
-    with stage_timer("align", "embed"):
+    with stage_timer("align", "embed", total=False):
         tables = embed_from_cache(result.encoder, cache, unaligned_seed=plan.seed, progress=False)
         finite, bad = {}, {}
         for kind, (ids, emb) in tables.items():  # a non-finite row goes to the dead letter, not into a table
