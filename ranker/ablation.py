@@ -29,7 +29,8 @@ def check_rows(rows: tuple) -> tuple:
 
 
 def run_rows(data: PreparedData, items_by_table: dict, base_cfg: RankerConfig, seeds: int,
-             rows: tuple = ABLATION_ROWS, progress: bool = True, tag: str = "") -> tuple[dict, dict]:
+             rows: tuple = ABLATION_ROWS, progress: bool = True, tag: str = "",
+             score_examples=None) -> tuple[dict, dict]:
     """Train every (row, seed) and keep each run's test scores for the paired intervals.
 
     Args:
@@ -39,6 +40,7 @@ def run_rows(data: PreparedData, items_by_table: dict, base_cfg: RankerConfig, s
         seeds: model seeds per row.
         rows: subset of ABLATION_ROWS.
         tag: prefix of the progress log lines (e.g. the cascade seed).
+        score_examples: Examples every run also scores (retrieved candidates to re-rank): "extra_scores".
     Returns:
         ({row: [fit result with "test_scores", ...]}, {row: reason} for rows the version cannot serve)
     """
@@ -58,7 +60,7 @@ def run_rows(data: PreparedData, items_by_table: dict, base_cfg: RankerConfig, s
         for seed in range(seeds):
             cfg = RankerConfig.from_dict({**base_cfg.to_dict(), "features": name, "seed": base_cfg.seed + seed})
             t0 = time.perf_counter()
-            result = fit(data, items, cfg, progress=progress, return_test_scores=True)
+            result = fit(data, items, cfg, progress=progress, return_test_scores=True, score_examples=score_examples)
             result["seconds"] = time.perf_counter() - t0
             log.info("ablation %s%-16s seed %d: test auc %.4f gauc %.4f (%d epochs, %.0fs)", tag, name, cfg.seed,
                      result["test"]["auc"], result["test"]["gauc"], len(result["history"]), result["seconds"])

@@ -132,6 +132,28 @@ def item_features_from_version(version, catalog_ids: np.ndarray, code_table: str
     return ItemFeatures.build(catalog_ids, **kwargs)
 
 
+def candidate_examples(data: PreparedData, interactions: pd.DataFrame, candidates: pd.DataFrame,
+                       history_len: int) -> Examples:
+    """Retrieved (user, item) candidates as ranker examples at the moment the user's test window begins: the
+    history is every positive before that user's first test event, as for the test events themselves.
+
+    Args:
+        data: the ablation's examples (user index, catalog).
+        interactions: the contract log the examples were built from.
+        candidates: user_id, item_id (e.g. `qarm retrieve` output); users without a test event are dropped.
+    Returns:
+        Examples in the order of the kept candidate rows (label 0: the ranker only scores them).
+    """
+    first = pd.Series(data.test.ts, index=data.test.user_id).groupby(level=0).min()
+    kept = candidates[candidates["user_id"].isin(first.index)]
+    events = pd.DataFrame({"user_id": kept["user_id"].to_numpy(np.int64), "item_id": kept["item_id"].to_numpy(np.int64),
+                           "ts": first.reindex(kept["user_id"].to_numpy()).to_numpy(np.int64),
+                           "label": np.zeros(len(kept), np.float32)})
+    positives = interactions[interactions["label"] >= 0.5]
+    return build_examples(events, positives, ItemFeatures.build(data.catalog_ids), data.users, history_len,
+                          name="candidates", log=interactions)
+
+
 def random_codes_like(codes: ItemFeatures, catalog_ids: np.ndarray, seed: int = 0) -> ItemFeatures:
     """The `random` control: the same table shapes as `codes` (RQ levels and sizes, VQ width), with every coded
     item's codes drawn uniformly at random (fixed seed). It has the capacity of the real codes and none of their

@@ -98,3 +98,18 @@ def bar_chart_png(rows: dict, title: str, baseline: str = "id") -> bytes:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def cascade_table(cascade: dict) -> str:
+    """Retrieval alone vs retrieval + each ranker row re-ranking its candidates (Recall@K / NDCG@K)."""
+    k = cascade["k"]
+    lines = [f"Cascade on the test window: retrieval's top candidates re-ranked by each row, Recall@{k} / NDCG@{k} "
+             f"({cascade.get('users')} users, {cascade.get('candidates_per_user')} candidates each; candidate "
+             f"recall {cascade.get('candidate_recall', float('nan')):.4f}):", "",
+             f"| pipeline | Recall@{k} | NDCG@{k} |", "|---|---|---|"]
+    ret = cascade.get("retrieval", {})
+    lines.append(f"| retrieval alone | {ret.get(f'recall@{k}', float('nan')):.4f} | {ret.get(f'ndcg@{k}', float('nan')):.4f} |")
+    for row, r in cascade["rows"].items():
+        lines.append(f"| retrieval + ranker ({row}) | {r[f'recall@{k}_mean']:.4f} ± {r[f'recall@{k}_std']:.4f} | "
+                     f"{r[f'ndcg@{k}_mean']:.4f} ± {r[f'ndcg@{k}_std']:.4f} |")
+    return "\n".join(lines) + "\n"

@@ -113,7 +113,7 @@ def _steps_per_epoch(n: int, batch_size: int, world: int) -> int:
 
 def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Path | None = None,
         resume: bool = False, ctx: DistContext | None = None, progress: bool = True,
-        return_test_scores: bool = False) -> dict:
+        return_test_scores: bool = False, score_examples: Examples | None = None) -> dict:
     """Train one ranker, early-stop on validation AUC, score the test split.
 
     Args:
@@ -126,6 +126,7 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
         progress: tqdm bars on rank 0.
         return_test_scores: add "test_scores", the (N_test,) logits of the restored best model (for paired
             bootstrap intervals; not written to result.json).
+        score_examples: also score these (e.g. retrieved candidates to re-rank): "extra_scores" (M,) logits.
     Returns:
         dict with config, schema tables, per-epoch validation metrics, best_epoch, valid / test metrics,
         unknown-item counts, throughput, checkpoint path.
@@ -256,6 +257,8 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
         atomic_write_json(Path(out_dir) / "result.json", result)
     if return_test_scores:
         result["test_scores"] = score(module, data.test, schema, items, cfg.eval_batch_size, ctx)
+    if score_examples is not None:
+        result["extra_scores"] = score(module, score_examples, schema, items, cfg.eval_batch_size, ctx)
     return result
 
 

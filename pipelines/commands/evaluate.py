@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "under --out (0: evaluate --store's version)")
     g.add_argument("--rows", default=",".join(ABLATION_ROWS), help="comma-separated subset of rows")
     g.add_argument("--bootstrap", type=int, default=BootstrapConfig.replicates, help="bootstrap replicates")
+    g.add_argument("--rerank-candidates", type=Path, default=None,
+                   help="a `qarm retrieve` Parquet of the test window: report the cascade (retrieval + each row "
+                        "re-ranking) next to retrieval alone")
+    g.add_argument("--rerank-k", type=int, default=20, help="length of the re-ranked list (Recall@K / NDCG@K)")
     g.add_argument("--out", type=Path, default=Path("runs/ablation"), help="report folder")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
@@ -42,7 +46,9 @@ def run(args: argparse.Namespace) -> dict:
     plan = EvalPlan(rows=tuple(r.strip() for r in args.rows.split(",") if r.strip()), seeds=args.seeds,
                     cascade_seeds=args.cascade_seeds, split=split_from_args(args),
                     bootstrap=BootstrapConfig(replicates=args.bootstrap, seed=args.seed),
-                    allow_protocol_mismatch=args.allow_protocol_mismatch)
+                    allow_protocol_mismatch=args.allow_protocol_mismatch,
+                    rerank_candidates=str(args.rerank_candidates) if args.rerank_candidates else None,
+                    rerank_k=args.rerank_k)
     if plan.cascade_seeds:
         versions = run_cascades(_job_args(args), plan.cascade_seeds, Path(args.out))
     elif args.store:
@@ -53,7 +59,7 @@ def run(args: argparse.Namespace) -> dict:
     report = run_eval(dataset, plan, config_from_args(args, features="id"), Path(args.out), versions)
     print(report["table"])
     return {k: report[k] for k in ("dataset", "seeds", "cascade_seeds", "cascades", "protocol_mismatch", "rows",
-                                   "skipped", "files")}
+                                   "cascade", "skipped", "files")}
 
 
 def _job_args(args: argparse.Namespace) -> argparse.Namespace:
