@@ -1,4 +1,10 @@
-"""The validation gate: a new version is published only when it is at least as usable as its parent."""
+"""The validation gate: a new version is published only when it is at least as usable as its parent.
+
+Every comparison with the parent is made on one held-out set: the retrain window's tail (events the candidate's
+alignment and codebooks never saw). Ranking quality: the remapped reference ranker's AUC / GAUC on the tail right
+after the switch against the parent ranker's on the same events; retrieval: next-item recall@10 on the tail's
+positives of the parent's and the candidate's embeddings, both scored here on the same queries.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,20 +20,27 @@ class GateConfig:
         max_recall_drop: the candidate's held-out pair recall@10 may be at most this much (absolute) below the
             parent's.
         max_churn: highest allowed share of carried-over items whose RQ code changed (None: not checked).
+        max_auc_drop: the remapped ranker's held-out-tail AUC may be at most this much (absolute) below the parent
+            ranker's on the same events (None: not checked).
+        max_gauc_drop: the same for GAUC (None: not checked).
     """
 
     max_collision_rate: float = 0.5
     min_utilization: float = 0.05
     max_recall_drop: float = 0.05
     max_churn: float | None = None
+    max_auc_drop: float | None = 0.005
+    max_gauc_drop: float | None = 0.01
 
     def __post_init__(self) -> None:
         for name in ("max_collision_rate", "min_utilization", "max_recall_drop"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"GateConfig.{name} must be in [0, 1], got {value}")
-        if self.max_churn is not None and not 0.0 <= self.max_churn <= 1.0:
-            raise ValueError(f"GateConfig.max_churn must be in [0, 1], got {self.max_churn}")
+        for name in ("max_churn", "max_auc_drop", "max_gauc_drop"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"GateConfig.{name} must be in [0, 1], got {value}")
 
 
 def check_gate(candidate: dict, parent: dict | None, cfg: GateConfig) -> list[str]:
@@ -35,8 +48,9 @@ def check_gate(candidate: dict, parent: dict | None, cfg: GateConfig) -> list[st
 
     Args:
         candidate: metrics of the new version: collision_rate, utilization (list per level),
-            recall@10_aligned, optionally churn.
-        parent: the parent's manifest metrics, or None for a first version.
+            recall@10_aligned, optionally churn, auc and gauc (the remapped ranker on the held-out tail).
+        parent: the parent's metrics *on the same held-out set*: recall@10_aligned, auc, gauc (None: first
+            version). A metric missing on either side is not compared.
     """
     reasons = []
     collision = candidate.get("collision_rate")
@@ -49,6 +63,11 @@ def check_gate(candidate: dict, parent: dict | None, cfg: GateConfig) -> list[st
     if recall is not None and parent_recall is not None and recall < parent_recall - cfg.max_recall_drop:
         reasons.append(f"held-out recall@10 {recall:.4f} fell more than {cfg.max_recall_drop} below the "
                        f"parent's {parent_recall:.4f}")
+    for key, tol in (("auc", cfg.max_auc_drop), ("gauc", cfg.max_gauc_drop)):
+        cand, par = candidate.get(key), (parent or {}).get(key)
+        if tol is not None and cand is not None and par is not None and cand < par - tol:
+            reasons.append(f"held-out-tail {key.upper()} {cand:.4f} of the remapped ranker fell more than {tol} "
+                           f"below the parent's {par:.4f} on the same events")
     churn = candidate.get("churn")
     if cfg.max_churn is not None and churn is not None and churn > cfg.max_churn:
         reasons.append(f"code churn {churn:.4f} > max {cfg.max_churn}")
