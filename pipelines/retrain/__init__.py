@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="allowed AUC drop of the remapped ranker vs the parent's on the held-out tail")
     gate.add_argument("--max-gauc-drop", type=float, default=GateConfig.max_gauc_drop,
                       help="allowed GAUC drop of the remapped ranker vs the parent's on the held-out tail")
+    gate.add_argument("--ranking-rule", choices=("point", "ci"), default=GateConfig.ranking_rule,
+                      help="point: refuse an observed drop beyond the tolerance; ci: only when the paired 95%% "
+                           "interval of the difference lies wholly below it")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -95,7 +98,8 @@ def config_from_args(args: argparse.Namespace, **overrides):
 
     gate = GateConfig(max_collision_rate=args.max_collision_rate, min_utilization=args.min_utilization,
                       max_recall_drop=args.max_recall_drop, max_churn=args.max_churn,
-                      max_auc_drop=args.max_auc_drop, max_gauc_drop=args.max_gauc_drop)
+                      max_auc_drop=args.max_auc_drop, max_gauc_drop=args.max_gauc_drop,
+                      ranking_rule=args.ranking_rule)
     refit = None if args.refit_drift is not None and args.refit_drift < 0 else args.refit_drift
     kwargs = dict(since=args.since, until=args.until, window_days=args.window_days, holdout_frac=args.holdout_frac,
                   warm_start=not args.cold, refresh_encoder_every=args.refresh_encoder_every,

@@ -53,7 +53,8 @@ def _split(inter, valid_after: int, test_after: int):
 
 
 def continuity_report(parent, candidate, dataset, since: int, tail_start: int, until: int, seed: int = 0,
-                      ranker_cfg=None, work_dir: Path | None = None, remap_method: str = "warm") -> dict:
+                      ranker_cfg=None, work_dir: Path | None = None, remap_method: str = "warm",
+                      bootstrap: int = 500) -> dict:
     """Scores of the five variants on the held-out tail (see the module docstring).
 
     Args:
@@ -62,14 +63,19 @@ def continuity_report(parent, candidate, dataset, since: int, tail_start: int, u
         since: the parent's watermark; tail_start: events after it are the held-out tail.
         ranker_cfg: RankerConfig of the reference ranker (default: RQ codes, 3 epochs).
         remap_method: ``feature_store.remap`` method of the remapped variant.
+        bootstrap: replicates of the paired (by user) bootstrap of each variant's difference to ``before``.
     Returns:
-        {variant: {"auc", "gauc", "logloss", "n", ...}, "test_events", "remap", "ranker"} or {"skipped": why}.
+        {variant: {"auc", "gauc", "logloss", "n", "vs_before": {"auc": {"mean", "ci95"}, "gauc": ...}},
+        "test_events", "test_users", "remap", "ranker"} or {"skipped": why}.
     """
     from feature_store.remap import RemapConfig, remap_code_tables
     from ranker.config import RankerConfig
     from ranker.data import item_features_from_version, prepare_examples
     from ranker.features import build_schema
-    from ranker.train import build_train_model, evaluate, fit
+    from ranker.metrics import ranking_metrics
+    from ranker.model import RankerModel, RankerTrain
+    from ranker.stats import BootstrapConfig, PairedEvaluation
+    from ranker.train import build_train_model, fit, score
 
     cfg = ranker_cfg or RankerConfig(features="rq", epochs=3, patience=1, seed=seed)
     inter = dataset.interactions[dataset.interactions["ts"] <= until].reset_index(drop=True)
@@ -85,7 +91,7 @@ def continuity_report(parent, candidate, dataset, since: int, tail_start: int, u
         return {"skipped": f"codebook sizes changed {old_items.rq_sizes} -> {new_items.rq_sizes}"}
     # the parent ranker: trained on events up to `since`, early-stopped on (since, tail_start], scored on the tail
     data = prepare_examples(inter, catalog, cfg.history_len, _split(inter, since, tail_start), cfg.negatives)
-    from ranker.checkpoint import load_checkpoint
+    from ranker.checkpoint import load_checkpoint, remap_rq_tables
 
     result = fit(data, old_items, cfg, out_dir=work_dir / "parent" if work_dir else None, progress=False)
     if result.get("checkpoint"):
@@ -102,22 +108,42 @@ def continuity_report(parent, candidate, dataset, since: int, tail_start: int, u
     fresh_model = build_train_model(RankerConfig.from_dict({**cfg.to_dict(), "seed": cfg.seed + 7}), new_schema,
                                     new_items).model
     fresh_rows = [w.detach().numpy() for _, w in sorted(_rq_tables(fresh_model).items())]
-    report = {"test_events": int(len(data.test)), "ranker": {"features": cfg.features, "epochs": cfg.epochs,
-                                                             "best_epoch": result.get("best_epoch")},
-              "remap": {"method": remap_method, **remapped.summary()},
-              "before": evaluate(model, data.test, old_schema, old_items),
-              "remapped": evaluate(_with_rows(model, remapped.tables), data.test, new_schema, new_items),
-              "stale": evaluate(model, data.test, new_schema, new_items),
-              "fresh": evaluate(_with_rows(model, fresh_rows), data.test, new_schema, new_items)}
+
+    def scored(module, schema, items, examples):
+        if isinstance(module, RankerModel):
+            module = RankerTrain(module)
+        return score(module, examples, schema, items, cfg.eval_batch_size)
+
+    scores = {
+        "before": scored(model, old_schema, old_items, data.test),
+        # the ranker's own warm start (ranker.checkpoint.remap_rq_tables) with the remap's row mapping
+        "remapped": scored(remap_rq_tables(model, cfg, new_items, data.users.n_rows, remapped.mapping), new_schema,
+                           new_items, data.test),
+        "stale": scored(model, new_schema, new_items, data.test),
+        "fresh": scored(_with_rows(model, fresh_rows), new_schema, new_items, data.test),
+    }
     # scratch: everything before the tail, the new codes (valid: the last tenth before the tail)
     before_tail = ts[ts <= tail_start]
     valid_after = int(np.quantile(before_tail, 0.9, method="lower"))
     data_s = prepare_examples(inter, catalog, cfg.history_len, _split(inter, valid_after, tail_start), cfg.negatives)
-    scratch = fit(data_s, new_items, RankerConfig.from_dict({**cfg.to_dict(), "seed": cfg.seed + 1}),
-                  out_dir=work_dir / "scratch" if work_dir else None, progress=False)
-    report["scratch"] = scratch["test"]
+    if not (np.array_equal(data_s.test.user_id, data.test.user_id) and np.array_equal(data_s.test.label,
+                                                                                       data.test.label)):
+        raise RuntimeError("continuity: the scratch ranker's tail events differ from the parent ranker's")
+    scratch_cfg = RankerConfig.from_dict({**cfg.to_dict(), "seed": cfg.seed + 1})
+    scratch = fit(data_s, new_items, scratch_cfg, out_dir=work_dir / "scratch" if work_dir else None,
+                  progress=False, return_test_scores=True)
+    scores["scratch"] = scratch["test_scores"]
+    users, labels = data.test.user_id, data.test.label
+    paired = PairedEvaluation(users, labels, BootstrapConfig(replicates=bootstrap, seed=seed))
+    report = {"test_events": int(len(data.test)), "test_users": int(len(np.unique(users))),
+              "ranker": {"features": cfg.features, "epochs": cfg.epochs, "best_epoch": result.get("best_epoch")},
+              "remap": {"method": remap_method, **remapped.summary()}}
     for name in VARIANTS:
-        report[name] = {k: report[name].get(k) for k in ("auc", "gauc", "logloss", "n")}
+        m = ranking_metrics(users, labels, scores[name])
+        report[name] = {k: m.get(k) for k in ("auc", "gauc", "logloss", "n")}
+        if name != "before":  # paired (by user) bootstrap interval of the difference to `before`
+            report[name]["vs_before"] = {metric: paired.diff_ci([scores[name]], [scores["before"]], metric)
+                                         for metric in ("auc", "gauc")}
     log.info("continuity (held-out tail, %d events): auc before %.4f | remapped %.4f | stale %.4f | fresh %.4f | "
              "scratch %.4f", report["test_events"], *[report[v]["auc"] for v in VARIANTS])
     return report

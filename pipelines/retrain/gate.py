@@ -23,6 +23,9 @@ class GateConfig:
         max_auc_drop: the remapped ranker's held-out-tail AUC may be at most this much (absolute) below the parent
             ranker's on the same events (None: not checked).
         max_gauc_drop: the same for GAUC (None: not checked).
+        ranking_rule: "point": refuse when the observed drop exceeds the tolerance; "ci": only when the whole
+            paired (by user) 95% bootstrap interval of the difference lies below minus the tolerance (a small
+            tail is noisy: "point" refuses by chance, "ci" only on evidence).
     """
 
     max_collision_rate: float = 0.5
@@ -31,12 +34,15 @@ class GateConfig:
     max_churn: float | None = None
     max_auc_drop: float | None = 0.005
     max_gauc_drop: float | None = 0.01
+    ranking_rule: str = "point"
 
     def __post_init__(self) -> None:
         for name in ("max_collision_rate", "min_utilization", "max_recall_drop"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"GateConfig.{name} must be in [0, 1], got {value}")
+        if self.ranking_rule not in ("point", "ci"):
+            raise ValueError(f"GateConfig.ranking_rule must be 'point' or 'ci', got {self.ranking_rule!r}")
         for name in ("max_churn", "max_auc_drop", "max_gauc_drop"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -48,7 +54,8 @@ def check_gate(candidate: dict, parent: dict | None, cfg: GateConfig) -> list[st
 
     Args:
         candidate: metrics of the new version: collision_rate, utilization (list per level),
-            recall@10_aligned, optionally churn, auc and gauc (the remapped ranker on the held-out tail).
+            recall@10_aligned, optionally churn, auc and gauc (the remapped ranker on the held-out tail) and
+            auc_diff_ci / gauc_diff_ci ([lo, hi] of remapped - parent, for ``ranking_rule="ci"``).
         parent: the parent's metrics *on the same held-out set*: recall@10_aligned, auc, gauc (None: first
             version). A metric missing on either side is not compared.
     """
@@ -65,9 +72,16 @@ def check_gate(candidate: dict, parent: dict | None, cfg: GateConfig) -> list[st
                        f"parent's {parent_recall:.4f}")
     for key, tol in (("auc", cfg.max_auc_drop), ("gauc", cfg.max_gauc_drop)):
         cand, par = candidate.get(key), (parent or {}).get(key)
-        if tol is not None and cand is not None and par is not None and cand < par - tol:
+        if tol is None or cand is None or par is None:
+            continue
+        if cfg.ranking_rule == "point" and cand < par - tol:
             reasons.append(f"held-out-tail {key.upper()} {cand:.4f} of the remapped ranker fell more than {tol} "
                            f"below the parent's {par:.4f} on the same events")
+        ci = candidate.get(f"{key}_diff_ci")
+        if cfg.ranking_rule == "ci" and ci is not None and ci[1] < -tol:
+            reasons.append(f"held-out-tail {key.upper()} {cand:.4f} of the remapped ranker is below the parent's "
+                           f"{par:.4f} on the same events beyond {tol}: paired 95% interval of the difference "
+                           f"[{ci[0]:.4f}, {ci[1]:.4f}]")
     churn = candidate.get("churn")
     if cfg.max_churn is not None and churn is not None and churn > cfg.max_churn:
         reasons.append(f"code churn {churn:.4f} > max {cfg.max_churn}")

@@ -339,6 +339,8 @@ def gate_views(final_summary: dict, stability: dict, recall: dict, continuity: O
     cand = {"collision_rate": codes.get("collision_rate"), "utilization": codes.get("utilization"),
             "recall@10_aligned": recall.get("candidate", {}).get("recall@10"), "churn": churn,
             "auc": cont.get("remapped", {}).get("auc"), "gauc": cont.get("remapped", {}).get("gauc")}
+    for key in ("auc", "gauc"):
+        cand[f"{key}_diff_ci"] = ((cont.get("remapped") or {}).get("vs_before") or {}).get(key, {}).get("ci95")
     par = {"recall@10_aligned": recall.get("parent", {}).get("recall@10"),
            "auc": cont.get("before", {}).get("auc"), "gauc": cont.get("before", {}).get("gauc")}
     return cand, par
