@@ -80,7 +80,7 @@ class RetrainConfig:
     window_days: float = 365.0
     holdout_frac: float = 0.2
     warm_start: bool = True
-    refresh_encoder_every: int = 1
+    refresh_encoder_every: int = 0
     align_epochs: int = 1
     align_lr: Optional[float] = None
     cascade_valid_frac: float = 0.02
@@ -380,29 +380,44 @@ def retrain(store_root: Path, dataset, cfg: RetrainConfig, work_root: Optional[P
         runner = StageRunner(workdir)
         window = runner.run("window", window_inputs, window_fn)
         cand_cfg = {k: v for k, v in work_cfg.items() if k not in ("stability", "remap_method", "ranker_gate")}
-        cand = runner.run("candidate", {"window": window_inputs, "config": cand_cfg, "refresh": refresh},
-                          _candidate_stage(parent, runner.path("window"), cfg, refresh))
-        candidate = FeatureStore(runner.path("candidate") / "store").read(cand["version"])
-        stability = runner.run("stability", {"candidate": cand["version"], "stability": work_cfg["stability"],
-                                             "seed": cfg.seed},
-                               _stability_stage(parent, candidate, dataset, window, cfg))
-        final = FeatureStore(runner.path("stability") / "store").read(stability["final_version"])
-        recall = tail_recall(parent, final, dataset, window, cfg.seed)
-        continuity_report = None
-        if cfg.ranker_gate:
-            from pipelines.retrain.continuity import continuity_stage
 
-            continuity_report = runner.run("continuity", {"final": final.id, "seed": cfg.seed,
-                                                          "remap": cfg.remap_method},
-                                           continuity_stage(parent, final, dataset, window, cfg.seed,
-                                                            cfg.remap_method))
-        gate_view, parent_view = gate_views(final.metrics, stability, recall, continuity_report)
-        reasons = check_gate(gate_view, parent_view, cfg.gate)
+        def build(refresh: bool, suffix: str = ""):
+            cand = runner.run("candidate" + suffix, {"window": window_inputs, "config": cand_cfg, "refresh": refresh},
+                              _candidate_stage(parent, runner.path("window"), cfg, refresh))
+            candidate = FeatureStore(runner.path("candidate" + suffix) / "store").read(cand["version"])
+            stability = runner.run("stability" + suffix, {"candidate": cand["version"],
+                                                          "stability": work_cfg["stability"], "seed": cfg.seed},
+                                   _stability_stage(parent, candidate, dataset, window, cfg))
+            final = FeatureStore(runner.path("stability" + suffix) / "store").read(stability["final_version"])
+            recall = tail_recall(parent, final, dataset, window, cfg.seed)
+            continuity_report = None
+            if cfg.ranker_gate:
+                from pipelines.retrain.continuity import continuity_stage
+
+                continuity_report = runner.run("continuity" + suffix, {"final": final.id, "seed": cfg.seed,
+                                                                       "remap": cfg.remap_method},
+                                               continuity_stage(parent, final, dataset, window, cfg.seed,
+                                                                cfg.remap_method))
+            gate_view, parent_view = gate_views(final.metrics, stability, recall, continuity_report)
+            return final, stability, recall, continuity_report, gate_view, parent_view, check_gate(
+                gate_view, parent_view, cfg.gate)
+
+        final, stability, recall, continuity_report, gate_view, parent_view, reasons = build(refresh)
+        refused_refresh = None
+        if reasons and refresh and cfg.warm_start and cfg.refresh_encoder_every != 1:
+            # a scheduled encoder refresh the gate refused: publish the frozen-encoder version of the same day
+            # instead (new items still get codes); the refresh is due again on the next run
+            log.warning("gate refused the encoder refresh (%s); trying the frozen encoder", "; ".join(reasons))
+            refused_refresh = {"reasons": reasons, "candidate": gate_view, "churn_groups": stability["groups"],
+                               "continuity": continuity_report}
+            refresh = False
+            final, stability, recall, continuity_report, gate_view, parent_view, reasons = build(False, "-frozen")
         summary = {"parent": parent.id, "since": window["since"], "until": window["until"],
                    "tail_start": window["tail_start"], "tail_interactions": window["tail_interactions"],
                    "new_interactions": window["new_interactions"], "new_items": window["new_items"],
                    "window_interactions": window["window_interactions"],
                    "encoder_refreshed": refresh, "versions_since_refresh": since_refresh,
+                   "refused_refresh": refused_refresh,
                    "candidate": gate_view, "parent_on_tail": parent_view, "tail_recall": recall,
                    "codes": stability["codes"], "churn_groups": stability["groups"],
                    "churn_groups_warm_refit": stability["groups_warm_refit"], "churn_published": stability["published"],

@@ -81,6 +81,7 @@ def day_row(day: int, since: int, until: int, outcome) -> dict:
             "parent": outcome.parent, "gate": "published" if outcome.published else "refused",
             "reasons": outcome.reasons, "new_interactions": s["new_interactions"], "new_items": s["new_items"],
             "tail_interactions": s.get("tail_interactions"), "encoder_refreshed": s.get("encoder_refreshed"),
+            "refresh_refused": (s.get("refused_refresh") or {}).get("reasons"),
             "codes_refit": (s.get("codes") or {}).get("refit"), "drift": (s.get("codes") or {}).get("drift"),
             "moved_share": (s.get("codes") or {}).get("moved_share"),
             "churn_unchanged": (groups.get("unchanged") or {}).get("code_churn"),

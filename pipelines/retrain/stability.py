@@ -36,7 +36,7 @@ class StabilityConfig:
     """
 
     move_threshold: float = 0.1
-    refit_drift: float | None = 0.25
+    refit_drift: float | None = 2.0
 
     def __post_init__(self):
         if self.move_threshold < 0:
