@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--since", type=int, default=None, help="take interactions after this unix ts (default: the "
                                                           "parent's watermark)")
     g.add_argument("--until", type=int, default=None, help="... up to this unix ts (default: the newest)")
-    g.add_argument("--window-days", type=float, default=365.0, help="pair-mining window before --until")
+    g.add_argument("--window-days", type=float, default=365.0, help="pair-mining window (days) before the held-out tail")
     g.add_argument("--holdout-frac", type=float, default=RetrainConfig.holdout_frac,
                    help="last share of the new events kept out of alignment and fitting: the held-out tail the "
                         "gate compares candidate and parent on")
@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gate.add_argument("--max-collision-rate", type=float, default=0.5)
     gate.add_argument("--min-utilization", type=float, default=0.05)
     gate.add_argument("--max-recall-drop", type=float, default=0.05,
-                      help="allowed absolute drop of held-out pair recall@10 against the parent")
+                      help="allowed absolute drop of next-item recall@10 on the held-out tail, the parent's and "
+                           "the candidate's encoder scored on the same queries")
     gate.add_argument("--max-churn", type=float, default=None,
                       help="highest allowed full-code churn of the parent's items (share)")
     gate.add_argument("--max-auc-drop", type=float, default=GateConfig.max_auc_drop,

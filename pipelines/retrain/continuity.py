@@ -144,6 +144,9 @@ def continuity_report(parent, candidate, dataset, since: int, tail_start: int, u
         if name != "before":  # paired (by user) bootstrap interval of the difference to `before`
             report[name]["vs_before"] = {metric: paired.diff_ci([scores[name]], [scores["before"]], metric)
                                          for metric in ("auc", "gauc")}
+    for other in ("fresh", "scratch"):  # does carrying the rows over beat a restart, on the same users?
+        report["remapped"][f"vs_{other}"] = {metric: paired.diff_ci([scores["remapped"]], [scores[other]], metric)
+                                             for metric in ("auc", "gauc")}
     log.info("continuity (held-out tail, %d events): auc before %.4f | remapped %.4f | stale %.4f | fresh %.4f | "
              "scratch %.4f", report["test_events"], *[report[v]["auc"] for v in VARIANTS])
     return report

@@ -17,9 +17,9 @@ class GateConfig:
     Args:
         max_collision_rate: highest allowed share of items whose full RQ code is shared with another item.
         min_utilization: lowest allowed share of centroids used, per RQ level.
-        max_recall_drop: the candidate's held-out pair recall@10 may be at most this much (absolute) below the
-            parent's.
-        max_churn: highest allowed share of carried-over items whose RQ code changed (None: not checked).
+        max_recall_drop: the candidate encoder's next-item recall@10 on the held-out tail may be at most this much
+            (absolute) below the parent encoder's on the same queries.
+        max_churn: highest allowed share of the parent's items whose full RQ code changed (None: not checked).
         max_auc_drop: the remapped ranker's held-out-tail AUC may be at most this much (absolute) below the parent
             ranker's on the same events (None: not checked).
         max_gauc_drop: the same for GAUC (None: not checked).
@@ -68,7 +68,7 @@ def check_gate(candidate: dict, parent: dict | None, cfg: GateConfig) -> list[st
             reasons.append(f"utilization of level {level} {used:.4f} < min {cfg.min_utilization}")
     recall, parent_recall = candidate.get("recall@10_aligned"), (parent or {}).get("recall@10_aligned")
     if recall is not None and parent_recall is not None and recall < parent_recall - cfg.max_recall_drop:
-        reasons.append(f"held-out recall@10 {recall:.4f} fell more than {cfg.max_recall_drop} below the "
+        reasons.append(f"held-out-tail next-item recall@10 {recall:.4f} fell more than {cfg.max_recall_drop} below the "
                        f"parent's {parent_recall:.4f}")
     for key, tol in (("auc", cfg.max_auc_drop), ("gauc", cfg.max_gauc_drop)):
         cand, par = candidate.get(key), (parent or {}).get(key)

@@ -92,6 +92,8 @@ def day_row(day: int, since: int, until: int, outcome) -> dict:
             "churn_unchanged_warm_refit": ((s.get("churn_groups_warm_refit") or {}).get("unchanged") or {}).get(
                 "code_churn"),
             **auc, **gauc,
+            **{f"auc_remapped_vs_{o}_ci": (((cont.get("remapped") or {}).get(f"vs_{o}") or {}).get("auc") or {}).get(
+                "ci95") for o in ("before", "fresh", "scratch")},
             "recall10_parent": ((s.get("tail_recall") or {}).get("parent") or {}).get("recall@10"),
             "recall10_candidate": ((s.get("tail_recall") or {}).get("candidate") or {}).get("recall@10"),
             "churn_warm": s["churn_warm"].get("rq_code_churn"), "churn_cold": s["churn_cold"].get("rq_code_churn"),
