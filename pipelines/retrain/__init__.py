@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pipelines.retrain.gate import GateConfig
     from pipelines.retrain.job import RetrainConfig
     from pipelines.retrain.stability import StabilityConfig
+    # the extra flags go to the candidate's cascade run: register its PipelineOptions so the dispatcher's
+    # unknown-flag check (pipelines.flags.check_beam_flags) knows them in a fresh process too
+    from pipelines.transforms import options as _cascade_options  # noqa: F401
 
     add_data_arguments(parser)
     g = parser.add_argument_group("retraining")
@@ -25,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--since", type=int, default=None, help="take interactions after this unix ts (default: the "
                                                           "parent's watermark)")
     g.add_argument("--until", type=int, default=None, help="... up to this unix ts (default: the newest)")
-    g.add_argument("--window-days", type=float, default=365.0, help="pair-mining window (days) before the held-out tail")
+    g.add_argument("--window-days", type=float, default=365.0,
+                   help="pair-mining window (days) before the held-out tail")
     g.add_argument("--holdout-frac", type=float, default=RetrainConfig.holdout_frac,
                    help="last share of the new events kept out of alignment and fitting: the held-out tail the "
                         "gate compares candidate and parent on")

@@ -77,9 +77,10 @@ def day_row(day: int, since: int, until: int, outcome) -> dict:
     cont = s.get("continuity") or {}
     auc = {f"auc_{v}": (cont.get(v) or {}).get("auc") for v in ("before", "remapped", "stale", "fresh", "scratch")}
     gauc = {f"gauc_{v}": (cont.get(v) or {}).get("gauc") for v in ("before", "remapped", "stale", "fresh", "scratch")}
-    return {"day": day, "since": s.get("since", since), "until": until, "published": outcome.published, "version": outcome.version,
-            "parent": outcome.parent, "gate": "published" if outcome.published else "refused",
-            "reasons": outcome.reasons, "new_interactions": s["new_interactions"], "new_items": s["new_items"],
+    return {"day": day, "since": s.get("since", since), "until": until, "published": outcome.published,
+            "version": outcome.version, "parent": outcome.parent,
+            "gate": "published" if outcome.published else "refused", "reasons": outcome.reasons,
+            "new_interactions": s["new_interactions"], "new_items": s["new_items"],
             "tail_interactions": s.get("tail_interactions"), "encoder_refreshed": s.get("encoder_refreshed"),
             "refresh_refused": (s.get("refused_refresh") or {}).get("reasons"),
             "codes_refit": (s.get("codes") or {}).get("refit"), "drift": (s.get("codes") or {}).get("drift"),
@@ -145,6 +146,36 @@ COLUMNS = (("day", "day"), ("gate", "gate"), ("enc", "encoder_refreshed"), ("ref
            ("R@10 cand.", "recall10_candidate"))
 
 
+SEED_FIELDS = ("churn_unchanged", "churn_touched", "churn_new", "auc_before", "auc_remapped", "auc_stale", "auc_fresh",
+               "auc_scratch", "gauc_before", "gauc_remapped", "recall10_parent", "recall10_candidate")
+
+
+def combine_seeds(runs: list[dict], seeds: list[int]) -> dict:
+    """One report from replays that differ only by seed: per day, each field's mean over seeds, plus its std
+    and a 95% t-interval of the mean (``<field>_std``, ``<field>_ci95``); ``gate`` is "published" when every seed
+    published that day, else "refused k/n"; ``runs`` keeps every seed's own report."""
+    from scipy import stats
+
+    days = []
+    for rows in zip(*[r["days"] for r in runs]):
+        day = {"day": rows[0]["day"], "seeds": list(seeds), "published": all(r["published"] for r in rows),
+               "reasons": [r["reasons"] for r in rows],
+               "encoder_refreshed": [r.get("encoder_refreshed") for r in rows],
+               "codes_refit": [r.get("codes_refit") for r in rows]}
+        refused = sum(not r["published"] for r in rows)
+        day["gate"] = "published" if not refused else f"refused {refused}/{len(rows)}"
+        for key in SEED_FIELDS:
+            vals = np.array([r.get(key) for r in rows if r.get(key) is not None], np.float64)
+            mean = float(vals.mean()) if len(vals) else None
+            std = float(vals.std(ddof=1)) if len(vals) > 1 else None
+            half = float(stats.t.ppf(0.975, len(vals) - 1) * std / np.sqrt(len(vals))) if std is not None else None
+            day[key], day[f"{key}_std"] = mean, std
+            day[f"{key}_ci95"] = [mean - half, mean + half] if half is not None else None
+        days.append(day)
+    return {"seeds": list(seeds), "days": days, "refused_days": [d["day"] for d in days if not d["published"]],
+            "runs": runs}
+
+
 def markdown_table(days: list[dict]) -> str:
     """The per-day table (churn by group, AUC right after the switch, gate) as Markdown."""
     def fmt(v):
@@ -169,7 +200,7 @@ def plot(days: list[dict], path: Path) -> Path:
     x = [d["day"] for d in days]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("churn_unchanged", "unchanged"), ("churn_touched", "touched"),
-                       ("churn_unchanged_warm_refit", "unchanged, warm refit as is")):
+                       ("churn_unchanged_warm_refit", "unchanged, had the cascade's warm refit been published")):
         a.plot(x, [np.nan if d.get(key) is None else d[key] for d in days], marker="o", label=label)
     a.axhline(0.1, color="grey", ls=":", lw=1, label="10% target (unchanged)")
     a.set(xlabel="replay day", ylabel="full-code churn vs parent", title="code churn by item group", ylim=(-0.02, 1.02))
@@ -180,6 +211,8 @@ def plot(days: list[dict], path: Path) -> Path:
         if not d["published"]:
             b.axvline(d["day"], color="red", alpha=0.2, lw=8)
     b.set(xlabel="replay day (red: refused)", ylabel="AUC on the held-out tail", title="ranker right after the switch")
+    for axis in (a, b):
+        axis.set_xticks(x)
     b.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
@@ -206,6 +239,9 @@ def main(argv=None) -> int:
                    help="keep only the N most-interacted items and their events (a smaller replay; 0: all)")
     r.add_argument("--whole-catalog", action="store_true",
                    help="every version sees the whole catalog (default: only items interacted with by its day's end)")
+    r.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="replay once per seed (stores <store>/seed-<s>) and report mean, std and a 95%% t-interval "
+                        "per day (default: one replay with --seed)")
     r.add_argument("--json", action="store_true")
     args, flags = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -214,11 +250,16 @@ def main(argv=None) -> int:
     dataset = load_dataset(data_spec_from_args(args))
     if args.top_items:
         dataset = top_items(dataset, args.top_items)
-    cfg = config_from_args(args)
-    kwargs = {k: v for k, v in cfg.__dict__.items() if k not in ("since", "until", "extra_flags")}
-    boot_flags = ["--skip-unaligned"] if cfg.skip_unaligned else []
-    report = replay(dataset, args.store, args.days, args.tail, flags + ["--seed", str(args.seed)], kwargs,
-                    bootstrap_flags=boot_flags, grow_catalog=not args.whole_catalog)
+    seeds = args.seeds or [args.seed]
+    runs = []
+    for seed in seeds:
+        cfg = config_from_args(args, seed=seed)
+        kwargs = {k: v for k, v in cfg.__dict__.items() if k not in ("since", "until", "extra_flags")}
+        boot_flags = ["--skip-unaligned"] if cfg.skip_unaligned else []
+        store = Path(args.store) / f"seed-{seed}" if len(seeds) > 1 else Path(args.store)
+        runs.append(replay(dataset, store, args.days, args.tail, flags + ["--seed", str(seed)], kwargs,
+                           bootstrap_flags=boot_flags, grow_catalog=not args.whole_catalog))
+    report = runs[0] if len(runs) == 1 else combine_seeds(runs, seeds)
     out = args.out or Path(args.store) / "replay"
     out.mkdir(parents=True, exist_ok=True)
     from feature_store.io import atomic_write_json, atomic_write_bytes

@@ -114,3 +114,20 @@ def test_ci_rule_refuses_only_when_the_whole_interval_is_below_the_tolerance():
     clear = {"auc": 0.78, "auc_diff_ci": [-0.03, -0.01]}
     reasons = check_gate(clear, parent, GateConfig(max_auc_drop=0.005, max_gauc_drop=None, ranking_rule="ci"))
     assert len(reasons) == 1 and "[-0.0300, -0.0100]" in reasons[0]
+
+
+def test_replay_seeds_combine_into_mean_std_and_t_interval():
+    from pipelines.retrain.replay import combine_seeds
+
+    def run(auc, published):
+        return {"days": [{"day": 1, "published": published, "reasons": [], "auc_remapped": auc,
+                          "churn_unchanged": 0.0}]}
+
+    out = combine_seeds([run(0.70, True), run(0.80, False)], [0, 1])
+    day = out["days"][0]
+    assert day["auc_remapped"] == pytest.approx(0.75)
+    assert day["auc_remapped_std"] == pytest.approx(0.0707107, rel=1e-5)
+    # t(0.975, 1) = 12.7062: half width 12.7062 * 0.0707107 / sqrt(2) = 0.63531
+    assert day["auc_remapped_ci95"] == pytest.approx([0.75 - 0.63531, 0.75 + 0.63531], rel=1e-4)
+    assert day["gate"] == "refused 1/2" and out["refused_days"] == [1]
+    assert day["auc_fresh"] is None and day["churn_unchanged_std"] == 0.0
