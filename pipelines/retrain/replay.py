@@ -244,7 +244,7 @@ def main(argv=None) -> int:
                         "per day (default: one replay with --seed)")
     r.add_argument("--json", action="store_true")
     args, flags = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("apache_beam", "faiss", "transformers", "timm", "matplotlib", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     dataset = load_dataset(data_spec_from_args(args))
