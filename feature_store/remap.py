@@ -13,6 +13,11 @@ centroid that means the same thing:
   both versions share, joined on item_id); codes nobody voted for fall back to ``one_to_one``. This follows what
   the ranker actually learned (rows are trained by the items that carry the code), and is the better choice for
   residual levels > 0, whose centroids only mean something relative to the level above.
+- ``warm``: for codebooks warm-started from the old ones (new centroid j began as old centroid j). Code j
+  *survives* and keeps its own learned row j when old centroid j is still new centroid j's nearest old
+  centroid; every other new code takes the row of its items' previous code (the ``items`` vote) when
+  ``old_codes`` / ``new_codes`` are given, else of its nearest old centroid. Identical codebooks map to the
+  identity.
 
 Matches worse than ``min_cosine`` and new centroids left without a partner get a fresh row (``unmatched_init``).
 Rows past the codebook size (a padding / unknown row some rankers keep at index K) are carried over unchanged.
@@ -26,7 +31,7 @@ import numpy as np
 
 from feature_store.tables import CodeTable
 
-METHODS = ("one_to_one", "nearest", "items")
+METHODS = ("one_to_one", "nearest", "items", "warm")
 METRICS = ("l2", "cosine")
 INITS = ("mean", "normal", "zeros")
 
@@ -36,7 +41,7 @@ class RemapConfig:
     """How to match new centroids to old ones.
 
     Args:
-        method: "one_to_one" | "nearest" | "items" (see the module docstring).
+        method: "one_to_one" | "nearest" | "items" | "warm" (see the module docstring).
         metric: similarity used for matching: "l2" (the k-means metric) or "cosine".
         min_cosine: matches whose centroid cosine is below this get a fresh row instead (None: keep all).
         unmatched_init: fresh rows: "mean" of the old rows, "normal" with the old rows' std, or "zeros".
@@ -96,7 +101,8 @@ def remap_code_tables(old_codebooks: Sequence, new_codebooks: Sequence, old_tabl
     Returns:
         :class:`RemapResult`. Per-level statistics: ``share_matched`` (new rows that inherited an old row),
         ``mean_cosine`` / ``mean_l2`` between matched centroids, ``reused_old_rows`` (old rows copied more
-        than once; 0 for one-to-one), ``voted`` (rows set by item votes).
+        than once; 0 for one-to-one), ``voted`` (rows set by item votes), ``survived`` (``warm``: rows kept
+        as their own).
     """
     if not (len(old_codebooks) == len(new_codebooks) == len(old_tables)):
         raise ValueError(f"remap: level counts differ: old codebooks {len(old_codebooks)}, new codebooks "
@@ -114,11 +120,22 @@ def remap_code_tables(old_codebooks: Sequence, new_codebooks: Sequence, old_tabl
         _check_level(level, old_c, new_c, old_t)
         k_old, k_new = len(old_c), len(new_c)
         sim = _similarity(new_c, old_c, config.metric)  # (K_new, K_old), higher is closer
-        voted = 0
-        if config.method == "nearest":
+        voted = survived = 0
+        if config.method in ("nearest", "warm"):
             mapping = sim.argmax(axis=1).astype(np.int64)
         else:
             mapping = optimal_one_to_one(sim)
+        if config.method == "warm":
+            own = np.arange(k_new) < k_old
+            survive = np.zeros(k_new, bool)
+            survive[own] = mapping[own] == np.arange(k_new)[own]
+            if old_codes is not None and new_codes is not None:
+                votes, _ = item_vote_mapping(old_codes, new_codes, level, k_new)
+                use_vote = ~survive & (votes >= 0)
+                voted = int(use_vote.sum())
+                mapping = np.where(use_vote, votes, mapping)
+            mapping = np.where(survive, np.arange(k_new), mapping)
+            survived = int(survive.sum())
         if config.method == "items":
             votes, _ = item_vote_mapping(old_codes, new_codes, level, k_new)
             voted = int((votes >= 0).sum())
@@ -141,6 +158,7 @@ def remap_code_tables(old_codebooks: Sequence, new_codebooks: Sequence, old_tabl
             "mean_l2": float(np.linalg.norm(new_c[matched] - old_c[used], axis=1).mean()) if matched.any() else None,
             "reused_old_rows": int(len(used) - len(np.unique(used))),
             "voted": voted,
+            "survived": survived,
         })
     return result
 

@@ -154,3 +154,31 @@ def test_remap_undoes_a_cold_refit_reshuffle_of_real_rq_kmeans_codes():
         assert code_churn(old, new, res.mapping)["rq_level_churn"][0] < 0.15, method
         assert res.levels[0]["share_matched"] == 1.0
         np.testing.assert_array_equal(res.tables[0][-1], tables[0][-1])  # the unknown row is carried over
+
+
+def test_warm_keeps_surviving_rows_and_sends_the_others_to_their_items_previous_codes():
+    old_c = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], np.float32)
+    # code 0 stayed, code 1 drifted onto old centroid 2's place, code 2 moved next to old centroid 1
+    new_c = np.array([[0.5, 0.0], [0.0, 9.0], [9.5, 0.5]], np.float32)
+    old_t = np.array([[1.0], [2.0], [3.0], [-1.0]], np.float32)
+    # without item codes: code 0 survives (own row), codes 1 and 2 take their nearest old centroid's row
+    plain = remap_code_tables([old_c], [new_c], [old_t], RemapConfig(method="warm"))
+    assert plain.mapping[0].tolist() == [0, 2, 1]
+    assert plain.levels[0]["survived"] == 1
+    assert plain.tables[0][:, 0].tolist() == [1.0, 3.0, 2.0, -1.0]
+    # with item codes: new code 1's items all had old code 0 -> vote wins over the centroid
+    old_codes = _codes([1, 2, 3], [[0], [0], [1]])
+    new_codes = _codes([1, 2, 3], [[1], [1], [2]])
+    voted = remap_code_tables([old_c], [new_c], [old_t], RemapConfig(method="warm"), old_codes=old_codes,
+                              new_codes=new_codes)
+    assert voted.mapping[0].tolist() == [0, 0, 1]
+    assert voted.levels[0]["voted"] == 2 and voted.levels[0]["survived"] == 1
+
+
+def test_warm_on_identical_codebooks_is_the_identity():
+    rng = np.random.default_rng(1)
+    c = rng.normal(size=(8, 4)).astype(np.float32)
+    t = rng.normal(size=(9, 3)).astype(np.float32)
+    result = remap_code_tables([c], [c.copy()], [t], RemapConfig(method="warm"))
+    assert result.mapping[0].tolist() == list(range(8))
+    np.testing.assert_array_equal(result.tables[0], t)

@@ -110,3 +110,28 @@ def test_killed_run_then_gate_rejection_then_publish_resume_their_stages(world, 
     assert main(_retrain_args(world)) == EXIT_OK
     assert _last_json(capsys)["status"] == "up-to-date"
     assert store.current_id() == new.id
+
+
+def test_a_candidate_that_ranks_worse_than_its_parent_on_the_tail_is_refused(world, capsys):
+    """The ranking gate (issue 15 point 4): a cold rebuild scrambles every code, so the parent ranker switched to
+    the new codes scores below itself on the held-out tail; exit 3, CURRENT unchanged, the tail never exported."""
+    import pandas as pd
+
+    store = FeatureStore(world["store"])
+    before = store.current_id()
+    work = world["root"] / "work-cold"
+    # --since: the same new events whichever version is CURRENT when this test runs
+    code = main(_retrain_args(world, "--work-dir", str(work), "--since", str(world["bounds"][0]), "--cold",
+                              "--max-auc-drop", "0.005"))
+    out = _last_json(capsys)
+    assert code == EXIT_REJECTED, out
+    assert any("AUC" in r and "remapped ranker" in r for r in out["gate"]["reasons"]), out["gate"]
+    assert out["candidate"]["auc"] < out["parent_on_tail"]["auc"] - 0.005
+    assert store.current_id() == before
+    # both sides were measured on the same held-out events, which no learning stage saw
+    cont = out["continuity"]
+    assert cont["before"]["n"] == cont["remapped"]["n"] == cont["scratch"]["n"] == cont["test_events"] > 0
+    assert out["tail_recall"]["parent"]["n_queries"] == out["tail_recall"]["candidate"]["n_queries"]
+    exported = pd.read_parquet(next(work.glob("run-*/window/interactions.parquet")))
+    assert exported["ts"].max() <= out["tail_start"] < out["until"]
+    assert out["tail_interactions"] > 0

@@ -74,3 +74,60 @@ def test_gate_names_every_failed_threshold():
 def test_gate_config_validates():
     with pytest.raises(ValueError, match="max_collision_rate"):
         GateConfig(max_collision_rate=2.0)
+
+
+def test_gate_refuses_a_ranking_drop_beyond_the_tolerance_on_the_same_events():
+    parent = {"auc": 0.800, "gauc": 0.700}
+    within = {"auc": 0.796, "gauc": 0.695}
+    assert check_gate(within, parent, GateConfig(max_auc_drop=0.005, max_gauc_drop=0.01)) == []
+    beyond = {"auc": 0.790, "gauc": 0.695}
+    reasons = check_gate(beyond, parent, GateConfig(max_auc_drop=0.005, max_gauc_drop=0.01))
+    assert len(reasons) == 1 and "AUC 0.7900" in reasons[0] and "0.8000" in reasons[0]
+    assert check_gate(beyond, parent, GateConfig(max_auc_drop=None, max_gauc_drop=None)) == []
+    with pytest.raises(ValueError, match="max_auc_drop"):
+        GateConfig(max_auc_drop=-0.1)
+
+
+def test_encoder_refresh_is_counted_in_the_store_history():
+    from types import SimpleNamespace
+
+    from pipelines.retrain.job import RetrainConfig, refresh_due, versions_since_refresh
+
+    chain = {"v0": SimpleNamespace(id="v0", parent=None, config={}),  # the cascade's first version
+             "v1": SimpleNamespace(id="v1", parent="v0", config={"retrain": {"encoder_refreshed": False}}),
+             "v2": SimpleNamespace(id="v2", parent="v1", config={"retrain": {"encoder_refreshed": False}})}
+    store = SimpleNamespace(read=lambda vid, verify=False: chain[vid])
+    assert versions_since_refresh(store, chain["v0"]) == 1
+    assert versions_since_refresh(store, chain["v2"]) == 3
+    assert refresh_due(RetrainConfig(refresh_encoder_every=3), 3)
+    assert not refresh_due(RetrainConfig(refresh_encoder_every=3), 2)
+    assert not refresh_due(RetrainConfig(refresh_encoder_every=0), 99)
+    assert refresh_due(RetrainConfig(refresh_encoder_every=1), 1)
+    assert refresh_due(RetrainConfig(refresh_encoder_every=0, warm_start=False), 1)
+
+
+def test_ci_rule_refuses_only_when_the_whole_interval_is_below_the_tolerance():
+    parent = {"auc": 0.80}
+    noisy = {"auc": 0.78, "auc_diff_ci": [-0.06, 0.02]}  # observed drop 0.02, interval straddles zero
+    assert check_gate(noisy, parent, GateConfig(max_auc_drop=0.005, max_gauc_drop=None, ranking_rule="ci")) == []
+    assert len(check_gate(noisy, parent, GateConfig(max_auc_drop=0.005, max_gauc_drop=None))) == 1
+    clear = {"auc": 0.78, "auc_diff_ci": [-0.03, -0.01]}
+    reasons = check_gate(clear, parent, GateConfig(max_auc_drop=0.005, max_gauc_drop=None, ranking_rule="ci"))
+    assert len(reasons) == 1 and "[-0.0300, -0.0100]" in reasons[0]
+
+
+def test_replay_seeds_combine_into_mean_std_and_t_interval():
+    from pipelines.retrain.replay import combine_seeds
+
+    def run(auc, published):
+        return {"days": [{"day": 1, "published": published, "reasons": [], "auc_remapped": auc,
+                          "churn_unchanged": 0.0}]}
+
+    out = combine_seeds([run(0.70, True), run(0.80, False)], [0, 1])
+    day = out["days"][0]
+    assert day["auc_remapped"] == pytest.approx(0.75)
+    assert day["auc_remapped_std"] == pytest.approx(0.0707107, rel=1e-5)
+    # t(0.975, 1) = 12.7062: half width 12.7062 * 0.0707107 / sqrt(2) = 0.63531
+    assert day["auc_remapped_ci95"] == pytest.approx([0.75 - 0.63531, 0.75 + 0.63531], rel=1e-4)
+    assert day["gate"] == "refused 1/2" and out["refused_days"] == [1]
+    assert day["auc_fresh"] is None and day["churn_unchanged_std"] == 0.0
