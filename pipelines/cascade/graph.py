@@ -59,10 +59,21 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     vx = interactions | "ValidateInteractions" >> ValidateInteractions(vi["items"],
                                                                        max_bad_fraction=plan.max_bad_fraction)
     train = vx["interactions"] | "TrainPortion" >> TrainPortion(interactions)
+    emb_u = None
+    if plan.unaligned:  # behaviour-free, so it may feed pair mining (the trigger fallback) without a cycle
+        handler_u = encoder_handler(checkpoint=None, encoder_factory=functools.partial(
+            build_for_mode, "unaligned", enc_cfg), batch_size=plan.embed_batch_size, num_threads=plan.align.threads,
+            stage="embed_unaligned")
+        emb_u = vi["items"] | "EmbedUnaligned" >> EmbedItems(handler_u, enc_cfg, plan.image_root, "embed_unaligned")
+    fallback = None
+    if emb_u is not None and plan.pairs.trigger_fallback == "encoder":
+        from pipelines.collab import normalise
+
+        fallback = emb_u["embeddings"] | "FallbackVectors" >> beam.Map(lambda kv: (int(kv[0]), normalise(kv[1])))
     pairs = (train | "CountPairsIn" >> count("mine_pairs", "in")
-             | "MinePairs" >> MinePairs(plan.pairs))
-    _ = ((pairs["train"], pairs["heldout"]) | "AllPairs" >> beam.Flatten()
-         | "CountPairsOut" >> count("mine_pairs", "out"))
+             | "MinePairs" >> MinePairs(plan.pairs, encoder=fallback))
+    _ = pairs["train"] | "CountPairsOut" >> count("mine_pairs", "out")
+    _ = pairs["heldout"] | "CountHeldoutPairsOut" >> count("mine_pairs", "out")
 
     aligned_path = (p | "AlignTrigger" >> beam.Create([None])
                     | "Align" >> beam.Map(align_stage, beam.pvalue.AsList(vi["items"]),
@@ -76,7 +87,8 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
                                                      model_path=aligned_path)
     codes = emb["embeddings"] | "Quantize" >> QuantizeItems(
         plan.quant, "quantize", save_dir=str(staging / "quantizer"),
-        codebooks_file=str(staging / "codebooks.safetensors"), init_dir=plan.init_quantizer)
+        codebooks_file=str(staging / "codebooks.safetensors"), init_dir=plan.init_quantizer,
+        ivf_file=str(Path(plan.work_dir) / "vq_ivf.safetensors"))
     _ = emb["embeddings"] | "WriteEmbeddings" >> WriteEmbeddings(str(staging / EMB_FILE), enc_cfg.embed_dim)
     _ = codes | "WriteCodes" >> WriteCodes(str(staging / CODES_FILE))
     dead = [loader_rejects, vi[DEAD], vx[DEAD], emb[DEAD]]
@@ -84,12 +96,9 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
            "embeddings": emb,
            "codes": codes}
     if plan.unaligned:
-        handler_u = encoder_handler(checkpoint=None, encoder_factory=functools.partial(
-            build_for_mode, "unaligned", enc_cfg), batch_size=plan.embed_batch_size, num_threads=plan.align.threads,
-            stage="embed_unaligned")
-        emb_u = vi["items"] | "EmbedUnaligned" >> EmbedItems(handler_u, enc_cfg, plan.image_root, "embed_unaligned")
         codes_u = emb_u["embeddings"] | "QuantizeUnaligned" >> QuantizeItems(
-            plan.quant, "quantize_unaligned", codebooks_file=str(staging / "codebooks_unaligned.safetensors"))
+            plan.quant, "quantize_unaligned", codebooks_file=str(staging / "codebooks_unaligned.safetensors"),
+            ivf_file=str(Path(plan.work_dir) / "vq_ivf_unaligned.safetensors"))
         _ = emb_u["embeddings"] | "WriteEmbeddingsUnaligned" >> WriteEmbeddings(
             str(staging / (EMB_FILE + UNALIGNED)), enc_cfg.embed_dim, stage="write_unaligned")
         _ = codes_u | "WriteCodesUnaligned" >> WriteCodes(str(staging / (CODES_FILE + UNALIGNED)),

@@ -110,10 +110,18 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds) -> Jo
     opts = options.view_as(CascadeOptions)
     seed = cascade_seed(options)
     split = split_from_args(opts)
+    from pipelines.collab import CollabConfig
+
     pairs = PairConfig(swing_top_n=opts.swing_top_n, swing_alpha=opts.swing_alpha, min_support=opts.min_support,
-                       history=opts.trigger_history, heldout_frac=opts.heldout_frac, seed=seed)
+                       history=opts.trigger_history, heldout_frac=opts.heldout_frac, seed=seed,
+                       swing_max_users=opts.swing_max_users, swing_max_history=opts.swing_max_history,
+                       trigger_similarity=opts.trigger_similarity,
+                       trigger_fallback=opts.trigger_fallback if not opts.skip_unaligned else "none",
+                       collab=CollabConfig(dim=opts.collab_dim, iterations=opts.collab_iterations, reg=opts.collab_reg,
+                                           alpha=opts.collab_alpha, min_count=opts.collab_min_count, seed=seed))
     quant = QuantConfig(rq_levels=opts.rq_levels, rq_codebook_size=opts.rq_codebook_size,
-                        fit_sample=opts.fit_sample, vq_k=opts.vq_k, vq_index=opts.vq_index, seed=seed)
+                        fit_sample=opts.fit_sample, vq_k=opts.vq_k, vq_index=opts.vq_index,
+                        vq_gather_max=opts.vq_gather_max, vq_nlist=opts.vq_nlist, vq_nprobe=opts.vq_nprobe, seed=seed)
     align = AlignPlan(encoder=encoder_dict(opts, seed), mode=opts.align_mode, epochs=opts.align_epochs,
                       batch_size=opts.align_batch_size, lr=opts.align_lr, temperature=opts.align_temperature,
                       checkpoint=opts.align_checkpoint, init_encoder=opts.init_encoder, threads=opts.torch_threads,
