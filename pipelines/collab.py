@@ -81,8 +81,12 @@ def zero_acc(dim: int) -> list:
 
 
 def add_term(acc: list, v: np.ndarray) -> list:
-    outer, q = gram_term(v)
-    acc[0] += outer
+    return add_fixed(acc, to_fixed(v))
+
+
+def add_fixed(acc: list, q: np.ndarray) -> list:
+    """Add one already fixed-point vector (`to_fixed`) to an accumulator (the Beam path converts once per key)."""
+    acc[0] += np.multiply.outer(q, q)
     acc[1] += q
     acc[2] += 1
     return acc

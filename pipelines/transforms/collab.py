@@ -15,7 +15,7 @@ from pipelines.transforms.common import stage_timer
 
 
 class _SumTerms(beam.CombineFn):
-    """Exact fixed-point sums of outer products and vectors (order independent)."""
+    """Exact fixed-point sums of outer products and vectors (order independent); inputs are `to_fixed` vectors."""
 
     def __init__(self, dim: int):
         self.dim = dim
@@ -23,8 +23,8 @@ class _SumTerms(beam.CombineFn):
     def create_accumulator(self):
         return C.zero_acc(self.dim)
 
-    def add_input(self, acc, vector):
-        return C.add_term(acc, vector)
+    def add_input(self, acc, fixed):
+        return C.add_fixed(acc, fixed)
 
     def merge_accumulators(self, accs):
         return C.merge_accs(accs, self.dim)
@@ -39,9 +39,9 @@ def _fan_out(keyed, side: str):
     vecs = list(grouped["vec"])
     if not vecs:
         return
-    vec = vecs[0]
+    fixed = C.to_fixed(vecs[0])  # once per key, not per event
     for other in grouped["ev"]:
-        yield other, vec
+        yield other, fixed
 
 
 def _solve(kv, gram, cfg: C.CollabConfig):
@@ -52,7 +52,8 @@ def _solve(kv, gram, cfg: C.CollabConfig):
 
 def _half_sweep(name: str, events_by_src, vectors, cfg: C.CollabConfig):
     """Solve every key of the other side given `vectors` (keyed by this side). events_by_src: (src, dst)."""
-    gram = vectors | f"{name}Gram" >> beam.Values() | f"{name}GramSum" >> beam.CombineGlobally(_SumTerms(cfg.dim))
+    gram = (vectors | f"{name}Gram" >> beam.Map(lambda kv: C.to_fixed(kv[1]))
+            | f"{name}GramSum" >> beam.CombineGlobally(_SumTerms(cfg.dim)))
     return ({"ev": events_by_src, "vec": vectors} | f"{name}Join" >> beam.CoGroupByKey()
             | f"{name}FanOut" >> beam.FlatMap(_fan_out, "ev")
             | f"{name}Sums" >> beam.CombinePerKey(_SumTerms(cfg.dim))
