@@ -11,13 +11,21 @@ from pipelines.cascade.plan import JobPlan
 from pipelines.transforms.common import count
 
 EMB_FILE, CODES_FILE = "item_embeddings", "item_codes"
+PROTOCOL_COUNTS = "protocol_counts.json"  # in the work dir: the workers' protocol counts, checked by the driver
+
+
+def _write_json(record: dict, path: str) -> str:
+    from feature_store.io import atomic_write_json
+
+    atomic_write_json(path, record)
+    return path
 UNALIGNED = "_unaligned"
 
 
 class TrainPortion(beam.PTransform):
-    """Validated interactions -> those in the protocol's train portion (``_part == 0`` in the source snapshot).
+    """Validated interactions -> those in the protocol's train portion (``_part == 0``).
 
-    The part travels with the raw snapshot row; validated records keep ``_row``, so the two are joined by row
+    The part travels with the raw source row (`pipelines.transforms.protocol.ProtocolParts` sets it); validated records keep ``_row``, so the two are joined by row
     (a keyed shuffle: no worker holds the log).
     """
 
@@ -44,6 +52,7 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     from pipelines.mllm.model_io import build_for_mode
     from pipelines.transforms.embed import EmbedItems, encoder_handler
     from pipelines.transforms.pairs import MinePairs
+    from pipelines.transforms.protocol import ProtocolParts, ProtocolSummary
     from pipelines.transforms.quantize import QuantizeItems
     from pipelines.transforms.validate import DEAD, ValidateInteractions, ValidateItems
     from pipelines.transforms.write import WriteCodes, WriteEmbeddings, WriteRejects
@@ -58,7 +67,11 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
                                                   max_bad_fraction=plan.max_bad_fraction)
     vx = interactions | "ValidateInteractions" >> ValidateInteractions(vi["items"],
                                                                        max_bad_fraction=plan.max_bad_fraction)
-    train = vx["interactions"] | "TrainPortion" >> TrainPortion(interactions)
+    # the protocol's part of every source row, on the workers (= feature_store.split.split_labels)
+    parted = interactions | "ProtocolParts" >> ProtocolParts(plan.split)
+    _ = (parted | "ProtocolSummary" >> ProtocolSummary()
+         | "WriteProtocolCounts" >> beam.Map(_write_json, str(Path(plan.work_dir) / PROTOCOL_COUNTS)))
+    train = vx["interactions"] | "TrainPortion" >> TrainPortion(parted)
     emb_u = None
     if plan.unaligned:  # behaviour-free, so it may feed pair mining (the trigger fallback) without a cycle
         handler_u = encoder_handler(checkpoint=None, encoder_factory=functools.partial(

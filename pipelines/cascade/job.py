@@ -82,10 +82,12 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
             metrics["dead_letter"] = dead_counts
             metrics["counts"] = {k: v for k, v in stages.items()}
             watermark = int(ds.interactions["ts"].max()) if len(ds.interactions) else None
+            protocol = protocol_record(ds.interactions, plan.split)
+            check_protocol_counts(work_dir, protocol)
             version = st.publish(config=config, metrics=metrics,
                                  extra={"watermark": watermark, "dataset": ds.name,
                                         "pipeline_seconds": pipeline_seconds,
-                                        "protocol": protocol_record(ds.interactions, plan.split)})
+                                        "protocol": protocol})
             stages["publish"] = {"in": 1, "out": 1, "rejected": 0, "seconds": round(time.perf_counter() - t_pub, 3)}
     finally:
         if own_work:
@@ -98,6 +100,21 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
         "pipeline_seconds": pipeline_seconds, "seconds": round(time.perf_counter() - t_job, 3),
     }
     return summary
+
+
+def check_protocol_counts(work_dir: Path, protocol: dict) -> None:
+    """The workers' protocol parts must give the driver's protocol record (same events, train events, last train
+    ts); a mismatch means the job trained on another split than the manifest would record: nothing is published."""
+    from pipelines.cascade.graph import PROTOCOL_COUNTS
+
+    path = Path(work_dir) / PROTOCOL_COUNTS
+    if not path.exists():  # an empty source: nothing was counted
+        return
+    got = json.loads(path.read_text())
+    want = {k: protocol[k] for k in ("events", "train_events", "train_max_ts")}
+    if got != want:
+        raise RuntimeError(f"protocol parts computed on the workers {got} differ from the protocol record {want}; "
+                           "nothing published")
 
 
 def trigger_counts(result, plan) -> dict:

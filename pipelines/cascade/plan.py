@@ -9,7 +9,7 @@ from typing import Optional
 import pandas as pd
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from feature_store.split import SplitConfig, split_from_args, split_labels
+from feature_store.split import SplitConfig, split_from_args
 from pipelines.pairs import PairConfig
 from pipelines.transforms.options import CascadeOptions, cascade_seed, data_spec
 from pipelines.transforms.quantize import QuantConfig
@@ -129,9 +129,9 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds) -> Jo
     if opts.init_quantizer and not Path(opts.init_quantizer).exists():
         raise FileNotFoundError(f"--init-quantizer {opts.init_quantizer}: no such folder")
     items_path = snapshot(with_raw_ids(ds.items, ds.id_maps, ("item_id",)), work_dir / "items.parquet")
-    # the protocol's part of every event (0 train, 1 valid, 2 test): only train reaches pair mining / alignment
-    inter_path = snapshot(with_raw_ids(ds.interactions, ds.id_maps, ("user_id", "item_id"))
-                          .assign(_part=split_labels(ds.interactions, split)), work_dir / "interactions.parquet")
+    # the protocol's part of every event (0 train, 1 valid, 2 test) is computed in the pipeline (ProtocolParts)
+    inter_path = snapshot(with_raw_ids(ds.interactions, ds.id_maps, ("user_id", "item_id")),
+                          work_dir / "interactions.parquet")
     def known(value):
         return None if value is None or pd.isna(value) else value
 
