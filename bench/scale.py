@@ -243,6 +243,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--collab-iterations", type=int, default=4)
     ap.add_argument("--vq-gather-max", type=int, default=200_000)
     ap.add_argument("--hot-item-users", type=int, default=0, help="add one item consumed by this many users")
+    ap.add_argument("--stages", default=",".join(STAGES), help="stages to run, in order (later ones need earlier)")
     ap.add_argument("--embed-items", type=int, default=4096, help="items of the real-encoder embed comparison (0: skip)")
     ap.add_argument("--embed-encoder", default="minilm-effnet", help="encoder of the embed comparison")
     ap.add_argument("--timeout", type=int, default=7200, help="seconds per stage process")
@@ -271,7 +272,7 @@ def main(argv=None) -> dict:
         entry = {"data": data, "generate_seconds": round(time.perf_counter() - t0, 2), "stages": {}}
         print(f"[{n} items] {data['users']} users, {data['events']} events (generated in "
               f"{entry['generate_seconds']} s)", flush=True)
-        for stage in STAGES:
+        for stage in [s for s in STAGES if s in args.stages.split(",")]:
             r = stage_process(stage, work, args, args.timeout)
             entry["stages"][stage] = r
             print(f"[{n} items] {stage:<14} " + (f"{r['seconds']:>9.1f} s  peak RSS {r['peak_rss_mb']:>8.1f} MB"

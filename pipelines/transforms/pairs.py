@@ -100,7 +100,8 @@ class _Prepared:
         self.neighbours = (
             self.train_positives
             | "KeyByUser" >> beam.Map(lambda r: (r[0], (r[2], r[1])))
-            | "GroupTrainHistories" >> beam.GroupByKey()
+            # a Top combine, not a GroupByKey: no worker holds more than swing_max_history of one user
+            | "RecentPerUser" >> beam.combiners.Top.PerKey(cfg.swing_max_history)
             | "CapHistories" >> beam.Map(_cap_history, cfg.swing_max_history)
             | "FanOutByItem" >> beam.FlatMap(_fan_out_history, cfg.seed)
             | "SampleUsersPerItem" >> beam.combiners.Top.PerKey(cfg.swing_max_users, key=lambda v: (-v[0], -v[1]))
