@@ -11,6 +11,7 @@ from pipelines.cascade.plan import JobPlan
 from pipelines.transforms.common import count
 
 EMB_FILE, CODES_FILE = "item_embeddings", "item_codes"
+UNALIGNED = "_unaligned"
 PROTOCOL_COUNTS = "protocol_counts.json"  # in the work dir: the workers' protocol counts, checked by the driver
 
 
@@ -19,14 +20,13 @@ def _write_json(record: dict, path: str) -> str:
 
     atomic_write_json(path, record)
     return path
-UNALIGNED = "_unaligned"
 
 
 class TrainPortion(beam.PTransform):
     """Validated interactions -> those in the protocol's train portion (``_part == 0``).
 
-    The part travels with the raw source row (`pipelines.transforms.protocol.ProtocolParts` sets it); validated records keep ``_row``, so the two are joined by row
-    (a keyed shuffle: no worker holds the log).
+    The part travels with the raw source row (`pipelines.transforms.protocol.ProtocolParts` sets it); validated
+    records keep ``_row``, so the two are joined by row (a keyed shuffle: no worker holds the log).
     """
 
     def __init__(self, raw):
