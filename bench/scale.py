@@ -19,6 +19,7 @@ encoder against a bare torch loop over the same model and items (``--embed-items
     .venv/bin/python bench/scale.py --sizes 10000,100000 --json
     .venv/bin/python bench/scale.py --sizes 10000,100000,1000000 --json          # the issue's table
     .venv/bin/python bench/scale.py --sizes 2000 --embed-items 0 --json          # quick
+    .venv/bin/python bench/scale.py --sizes 0 --embed-items 4096 --json          # the embed comparison only
 """
 from __future__ import annotations
 
@@ -265,7 +266,7 @@ def main(argv=None) -> dict:
     result = {"bench": "scale", "cpu_count": os.cpu_count(), "runner": args.runner, "workers": args.workers,
               "job_encoder": args.job_encoder, "trigger_similarity": args.trigger_similarity,
               "swing_max_users": args.swing_max_users, "hot_item_users": args.hot_item_users, "sizes": {}}
-    for n in [int(s) for s in args.sizes.split(",") if s.strip()]:
+    for n in [int(s) for s in args.sizes.split(",") if s.strip() and int(s) > 0]:
         work = root / f"n{n}"
         t0 = time.perf_counter()
         data = generate(n, work, hot_item_users=args.hot_item_users)
