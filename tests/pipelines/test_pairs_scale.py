@@ -161,26 +161,3 @@ def test_beam_pairs_equal_pandas_with_fallback(similarity):
         assert_that(out["heldout"], equal_to([tuple(r) for r in ps.heldout.itertuples(index=False)]),
                     label="Heldout")
 
-
-@pytest.mark.parametrize("method", ["global", "user_last_n", "user_last_frac"])
-def test_protocol_parts_on_workers_equal_split_labels(method):
-    from feature_store.split import SplitConfig, protocol_record, split_labels
-    from pipelines.transforms.protocol import ProtocolParts, ProtocolSummary
-
-    rng = np.random.default_rng(4)
-    n = 700
-    log = pd.DataFrame({"user_id": rng.integers(0, 30, n), "item_id": rng.integers(0, 50, n),
-                        "ts": 1_600_000_000 + rng.integers(0, 20, n) * 43_200,  # many ties, several days
-                        "label": np.ones(n, np.float32)})
-    cfg = {"global": SplitConfig("global", 0.15, 0.1), "user_last_n": SplitConfig("user_last_n", n_valid=2, n_test=1),
-           "user_last_frac": SplitConfig("user_last_frac", 0.2, 0.25, min_train=2)}[method]
-    part = split_labels(log, cfg)
-    rec = protocol_record(log, cfg)
-    rows = [{"user_id": int(r.user_id), "ts": int(r.ts), "_row": i} for i, r in enumerate(log.itertuples())]
-    with TestPipeline() as p:
-        parted = p | beam.Create(rows) | ProtocolParts(cfg)
-        assert_that(parted | beam.Map(lambda r: (r["_row"], r["_part"])),
-                    equal_to(list(enumerate(part.tolist()))), label="Parts")
-        assert_that(parted | ProtocolSummary(),
-                    equal_to([{k: rec[k] for k in ("events", "train_events", "train_max_ts")}]), label="Record")
-    assert len(set(part.tolist())) == 3
