@@ -2,10 +2,13 @@
 
 One Beam pipeline, every step labelled::
 
-    ReadItems / ReadInteractions (Parquet snapshot of the loaded source, each event tagged with its protocol part)
+    ReadItems / ReadInteractions (Parquet snapshot of the loaded source)
       -> ValidateItems / ValidateInteractions (bad records -> dead letter, merged with the loader's rejects)
+      -> ProtocolParts (each event's protocol part, computed on the workers; the driver checks the counts)
       -> TrainPortion (only the protocol's train events go on: nothing downstream sees valid / test)
-      -> MinePairs (Swing + trigger->target pairs; the latest train pairs validate alignment)
+      -> EmbedUnaligned (pre-trained encoder: the unaligned tables and the trigger fallback)
+      -> MinePairs (capped Swing + trigger->target pairs by the collaborative model's similarity; the latest
+                    train pairs validate alignment)
       -> Align (one worker runs the trainer; --align-checkpoint reuses one)
       -> EmbedAligned / EmbedUnaligned (RunInference + the encoder's PyTorch ModelHandler)
       -> Quantize* (RQ fit on a hashed sample on one worker; encode in parallel, codebooks as side input;

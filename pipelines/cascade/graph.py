@@ -12,13 +12,21 @@ from pipelines.transforms.common import count
 
 EMB_FILE, CODES_FILE = "item_embeddings", "item_codes"
 UNALIGNED = "_unaligned"
+PROTOCOL_COUNTS = "protocol_counts.json"  # in the work dir: the workers' protocol counts, checked by the driver
+
+
+def _write_json(record: dict, path: str) -> str:
+    from feature_store.io import atomic_write_json
+
+    atomic_write_json(path, record)
+    return path
 
 
 class TrainPortion(beam.PTransform):
-    """Validated interactions -> those in the protocol's train portion (``_part == 0`` in the source snapshot).
+    """Validated interactions -> those in the protocol's train portion (``_part == 0``).
 
-    The part travels with the raw snapshot row; validated records keep ``_row``, so the two are joined by row
-    (a keyed shuffle: no worker holds the log).
+    The part travels with the raw source row (`pipelines.transforms.protocol.ProtocolParts` sets it); validated
+    records keep ``_row``, so the two are joined by row (a keyed shuffle: no worker holds the log).
     """
 
     def __init__(self, raw):
@@ -82,6 +90,7 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     from pipelines.mllm.model_io import build_for_mode
     from pipelines.transforms.embed import EmbedItems, encoder_handler
     from pipelines.transforms.pairs import MinePairs
+    from pipelines.transforms.protocol import ProtocolParts, ProtocolSummary
     from pipelines.transforms.quantize import QuantizeItems
     from pipelines.transforms.validate import DEAD, ValidateInteractions, ValidateItems
     from pipelines.transforms.write import WriteCodes, WriteEmbeddings, WriteRejects
@@ -96,11 +105,27 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
                                                   max_bad_fraction=plan.max_bad_fraction)
     vx = interactions | "ValidateInteractions" >> ValidateInteractions(vi["items"],
                                                                        max_bad_fraction=plan.max_bad_fraction)
-    train = vx["interactions"] | "TrainPortion" >> TrainPortion(interactions)
+    # the protocol's part of every source row, on the workers (= feature_store.split.split_labels)
+    parted = interactions | "ProtocolParts" >> ProtocolParts(plan.split)
+    _ = (parted | "ProtocolSummary" >> ProtocolSummary()
+         | "WriteProtocolCounts" >> beam.Map(_write_json, str(Path(plan.work_dir) / PROTOCOL_COUNTS)))
+    train = vx["interactions"] | "TrainPortion" >> TrainPortion(parted)
+    emb_u = None
+    onepass = one_pass(plan.align)
+    if plan.unaligned and not onepass:  # behaviour-free, so it may feed pair mining (the trigger fallback)
+        handler_u = encoder_handler(checkpoint=None, encoder_factory=functools.partial(
+            build_for_mode, "unaligned", enc_cfg), batch_size=plan.embed_batch_size, num_threads=plan.align.threads,
+            stage="embed_unaligned")
+        emb_u = vi["items"] | "EmbedUnaligned" >> EmbedItems(handler_u, enc_cfg, plan.image_root, "embed_unaligned")
+    fallback = None
+    if emb_u is not None and plan.pairs.trigger_fallback == "encoder":
+        from pipelines.collab import normalise
+
+        fallback = emb_u["embeddings"] | "FallbackVectors" >> beam.Map(lambda kv: (int(kv[0]), normalise(kv[1])))
     pairs = (train | "CountPairsIn" >> count("mine_pairs", "in")
-             | "MinePairs" >> MinePairs(plan.pairs))
-    _ = ((pairs["train"], pairs["heldout"]) | "AllPairs" >> beam.Flatten()
-         | "CountPairsOut" >> count("mine_pairs", "out"))
+             | "MinePairs" >> MinePairs(plan.pairs, encoder=fallback))
+    _ = pairs["train"] | "CountPairsOut" >> count("mine_pairs", "out")
+    _ = pairs["heldout"] | "CountHeldoutPairsOut" >> count("mine_pairs", "out")
 
     aligned_path = (p | "AlignTrigger" >> beam.Create([None])
                     | "Align" >> beam.Map(align_stage, beam.pvalue.AsList(vi["items"]),
@@ -108,7 +133,6 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
                                           plan.align, plan.image_root, str(staging / "encoder"), plan.work_dir,
                                           beam.pvalue.AsList(pairs["heldout"]))
                     .with_resource_hints(**dict(plan.align_hints)))
-    onepass = one_pass(plan.align)
     if onepass:  # the align stage embedded every item from its one backbone pass
         emb = aligned_path | "ReadAligned" >> ReadEmbeddingTable(Path(plan.work_dir) / ONEPASS_DIR, "aligned",
                                                                  "embed")
@@ -120,7 +144,8 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
                                                          model_path=aligned_path)
     codes = emb["embeddings"] | "Quantize" >> QuantizeItems(
         plan.quant, "quantize", save_dir=str(staging / "quantizer"),
-        codebooks_file=str(staging / "codebooks.safetensors"), init_dir=plan.init_quantizer)
+        codebooks_file=str(staging / "codebooks.safetensors"), init_dir=plan.init_quantizer,
+        ivf_file=str(Path(plan.work_dir) / "vq_ivf.safetensors"))
     _ = emb["embeddings"] | "WriteEmbeddings" >> WriteEmbeddings(str(staging / EMB_FILE), enc_cfg.embed_dim)
     _ = codes | "WriteCodes" >> WriteCodes(str(staging / CODES_FILE))
     dead = [loader_rejects, vi[DEAD], vx[DEAD], emb[DEAD]]
@@ -128,17 +153,12 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
            "embeddings": emb,
            "codes": codes}
     if plan.unaligned:
-        if onepass:  # the frozen MLLM's pooled output, from the same cache
+        if onepass:  # the frozen MLLM's pooled output, from the align stage's one backbone pass
             emb_u = aligned_path | "ReadUnaligned" >> ReadEmbeddingTable(Path(plan.work_dir) / ONEPASS_DIR, "unaligned",
                                                                          "embed_unaligned")
-        else:
-            handler_u = encoder_handler(checkpoint=None, encoder_factory=functools.partial(
-                build_for_mode, "unaligned", enc_cfg), batch_size=plan.embed_batch_size,
-                num_threads=plan.align.threads, stage="embed_unaligned")
-            emb_u = vi["items"] | "EmbedUnaligned" >> EmbedItems(handler_u, enc_cfg, plan.image_root,
-                                                                 "embed_unaligned")
         codes_u = emb_u["embeddings"] | "QuantizeUnaligned" >> QuantizeItems(
-            plan.quant, "quantize_unaligned", codebooks_file=str(staging / "codebooks_unaligned.safetensors"))
+            plan.quant, "quantize_unaligned", codebooks_file=str(staging / "codebooks_unaligned.safetensors"),
+            ivf_file=str(Path(plan.work_dir) / "vq_ivf_unaligned.safetensors"))
         _ = emb_u["embeddings"] | "WriteEmbeddingsUnaligned" >> WriteEmbeddings(
             str(staging / (EMB_FILE + UNALIGNED)), enc_cfg.embed_dim, stage="write_unaligned")
         _ = codes_u | "WriteCodesUnaligned" >> WriteCodes(str(staging / (CODES_FILE + UNALIGNED)),

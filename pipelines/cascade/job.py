@@ -17,7 +17,7 @@ from pipelines.cascade.config import job_config
 from pipelines.cascade.graph import build_graph
 from pipelines.cascade.metrics import post_metrics
 from pipelines.cascade.plan import make_plan
-from pipelines.transforms.common import read_stage_metrics
+from pipelines.transforms.common import read_counters, read_stage_metrics
 from pipelines.transforms.options import CascadeOptions, cli_parser_flags, data_spec
 
 log = logging.getLogger("pipelines.cascade")
@@ -79,13 +79,16 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
             train_n = len(pd.read_parquet(str(work_dir / "train_pairs") + ".parquet"))
             metrics = post_metrics(Path(st.path), plan, heldout, ds.interactions)
             metrics["pairs"] = {"train": int(train_n), "align_valid": int(len(heldout))}
+            metrics["triggers"] = trigger_counts(result, plan)
             metrics["dead_letter"] = dead_counts
             metrics["counts"] = {k: v for k, v in stages.items()}
             watermark = int(ds.interactions["ts"].max()) if len(ds.interactions) else None
+            protocol = protocol_record(ds.interactions, plan.split)
+            check_protocol_counts(work_dir, protocol)
             version = st.publish(config=config, metrics=metrics,
                                  extra={"watermark": watermark, "dataset": ds.name,
                                         "pipeline_seconds": pipeline_seconds,
-                                        "protocol": protocol_record(ds.interactions, plan.split)})
+                                        "protocol": protocol})
             stages["publish"] = {"in": 1, "out": 1, "rejected": 0, "seconds": round(time.perf_counter() - t_pub, 3)}
     finally:
         if own_work:
@@ -98,6 +101,31 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
         "pipeline_seconds": pipeline_seconds, "seconds": round(time.perf_counter() - t_job, 3),
     }
     return summary
+
+
+def check_protocol_counts(work_dir: Path, protocol: dict) -> None:
+    """The workers' protocol parts must give the driver's protocol record (same events, train events, last train
+    ts); a mismatch means the job trained on another split than the manifest would record: nothing is published."""
+    from pipelines.cascade.graph import PROTOCOL_COUNTS
+
+    path = Path(work_dir) / PROTOCOL_COUNTS
+    if not path.exists():  # an empty source: nothing was counted
+        return
+    got = json.loads(path.read_text())
+    want = {k: protocol[k] for k in ("events", "train_events", "train_max_ts")}
+    if got != want:
+        raise RuntimeError(f"protocol parts computed on the workers {got} differ from the protocol record {want}; "
+                           "nothing published")
+
+
+def trigger_counts(result, plan) -> dict:
+    """Targets of the train portion by where their trigger came from (collab | swing | encoder | none)."""
+    from pipelines.pairs import TRIGGER_SOURCES
+
+    got = read_counters(result, "qarm.pairs")
+    counts = {s: int(got.get(f"trigger_{s}", 0)) for s in TRIGGER_SOURCES}
+    return {"similarity": plan.pairs.trigger_similarity, "fallback": plan.pairs.trigger_fallback,
+            "targets": int(sum(counts.values())), "by_source": counts}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ from typing import Optional
 import pandas as pd
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from feature_store.split import SplitConfig, split_from_args, split_labels
+from feature_store.split import SplitConfig, split_from_args
 from pipelines.pairs import PairConfig
 from pipelines.transforms.options import CascadeOptions, cascade_seed, data_spec
 from pipelines.transforms.quantize import QuantConfig
@@ -115,10 +115,22 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds) -> Jo
     opts = options.view_as(CascadeOptions)
     seed = cascade_seed(options)
     split = split_from_args(opts)
+    from pipelines.collab import CollabConfig
+
     pairs = PairConfig(swing_top_n=opts.swing_top_n, swing_alpha=opts.swing_alpha, min_support=opts.min_support,
-                       history=opts.trigger_history, heldout_frac=opts.heldout_frac, seed=seed)
+                       history=opts.trigger_history, heldout_frac=opts.heldout_frac, seed=seed,
+                       swing_max_users=opts.swing_max_users, swing_max_history=opts.swing_max_history,
+                       trigger_similarity=opts.trigger_similarity,
+                       # the encoder fallback needs the unaligned embedding *before* pair mining: a RunInference pass;
+                       # the one-pass side mode has it only after the align stage, so it goes without
+                       trigger_fallback=("none" if opts.skip_unaligned or (opts.align_mode == "side"
+                                                                            and not opts.align_checkpoint)
+                                         else opts.trigger_fallback),
+                       collab=CollabConfig(dim=opts.collab_dim, iterations=opts.collab_iterations, reg=opts.collab_reg,
+                                           alpha=opts.collab_alpha, min_count=opts.collab_min_count, seed=seed))
     quant = QuantConfig(rq_levels=opts.rq_levels, rq_codebook_size=opts.rq_codebook_size,
-                        fit_sample=opts.fit_sample, vq_k=opts.vq_k, vq_index=opts.vq_index, seed=seed)
+                        fit_sample=opts.fit_sample, vq_k=opts.vq_k, vq_index=opts.vq_index,
+                        vq_gather_max=opts.vq_gather_max, vq_nlist=opts.vq_nlist, vq_nprobe=opts.vq_nprobe, seed=seed)
     # side mode: the frozen MLLM (with its seeded projector: no pretrained one loads offline) is the fixed
     # "pretrained" model, so it keeps the data seed and its cache serves every cascade seed; the side network,
     # pairs, quantizers and the unaligned map take the cascade seed
@@ -130,9 +142,9 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds) -> Jo
     if opts.init_quantizer and not Path(opts.init_quantizer).exists():
         raise FileNotFoundError(f"--init-quantizer {opts.init_quantizer}: no such folder")
     items_path = snapshot(with_raw_ids(ds.items, ds.id_maps, ("item_id",)), work_dir / "items.parquet")
-    # the protocol's part of every event (0 train, 1 valid, 2 test): only train reaches pair mining / alignment
-    inter_path = snapshot(with_raw_ids(ds.interactions, ds.id_maps, ("user_id", "item_id"))
-                          .assign(_part=split_labels(ds.interactions, split)), work_dir / "interactions.parquet")
+    # the protocol's part of every event (0 train, 1 valid, 2 test) is computed in the pipeline (ProtocolParts)
+    inter_path = snapshot(with_raw_ids(ds.interactions, ds.id_maps, ("user_id", "item_id")),
+                          work_dir / "interactions.parquet")
     def known(value):
         return None if value is None or pd.isna(value) else value
 

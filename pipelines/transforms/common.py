@@ -110,3 +110,14 @@ def read_stage_metrics(result) -> dict:
         if parts:
             out[stage]["seconds_by_part"] = parts
     return out
+
+
+def read_counters(result, namespace: str) -> dict:
+    """{counter name: committed (else attempted) value} of one Beam metrics namespace of a finished result."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    out: dict[str, int] = {}
+    for c in result.metrics().query(MetricsFilter().with_namespace(namespace))["counters"]:
+        value = c.committed if c.committed is not None else c.attempted
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value or 0)
+    return out

@@ -63,6 +63,23 @@ def add_cascade_flags(parser) -> None:
     g.add_argument("--swing-alpha", type=float, default=1.0, help="Swing smoothing alpha")
     g.add_argument("--min-support", type=int, default=2, help="minimum co-occurring users of a pair")
     g.add_argument("--trigger-history", type=int, default=50, help="previous positives searched for a trigger")
+    g.add_argument("--trigger-similarity", choices=("collab", "swing"), default="collab",
+                   help="similarity that picks each target's trigger among the user's last positives: the item "
+                        "vectors of a collaborative model fitted on the train portion (collab, QARM's choice) or "
+                        "Swing neighbours; targets it cannot score fall back to the pre-trained encoder")
+    g.add_argument("--trigger-fallback", choices=("encoder", "none"), default="encoder",
+                   help="fallback similarity for targets the trigger similarity cannot score (encoder: the "
+                        "unaligned encoder's vectors; needs the unaligned embeddings, so none with --skip-unaligned)")
+    g.add_argument("--swing-max-users", type=int, default=1000,
+                   help="users per item Swing sees (a fixed-seed sample above it): bounds one item's cost")
+    g.add_argument("--swing-max-history", type=int, default=200,
+                   help="most recent positives per user Swing sees: bounds one user's fan-out")
+    g.add_argument("--collab-dim", type=int, default=32, help="factor size of the collaborative model (iALS)")
+    g.add_argument("--collab-iterations", type=int, default=4, help="ALS sweeps of the collaborative model")
+    g.add_argument("--collab-reg", type=float, default=0.1, help="L2 regularisation of the collaborative model")
+    g.add_argument("--collab-alpha", type=float, default=10.0, help="confidence 1 + alpha of an observed positive")
+    g.add_argument("--collab-min-count", type=int, default=2,
+                   help="items with fewer train positives get no collaborative vector (fallback for them)")
     g.add_argument("--heldout-frac", type=float, default=0.1,
                    help="latest share of the *train portion's* positives whose pairs validate alignment (early "
                         "stopping, defaults); the protocol's valid / test windows never reach pair mining")
@@ -71,6 +88,11 @@ def add_cascade_flags(parser) -> None:
     g.add_argument("--fit-sample", type=int, default=100_000, help="items the RQ codebooks are fitted on")
     g.add_argument("--vq-k", type=int, default=25, help="neighbours in the VQ code (QARM: 25)")
     g.add_argument("--vq-index", choices=("flat", "ivf"), default="flat", help="faiss index for the VQ k-NN")
+    g.add_argument("--vq-gather-max", type=int, default=200_000,
+                   help="largest catalog whose VQ base is gathered into each worker (exact k-NN); above it the "
+                        "k-NN is a distributed IVF search (coarse centroids fitted on --fit-sample items)")
+    g.add_argument("--vq-nlist", type=int, default=0, help="IVF lists of the distributed k-NN (0: ~4 sqrt(N))")
+    g.add_argument("--vq-nprobe", type=int, default=16, help="IVF lists each query searches (distributed k-NN)")
     g.add_argument("--embed-batch-size", type=int, default=64, help="items per RunInference batch")
     g.add_argument("--torch-threads", type=int, default=2, help="torch threads per worker")
     g.add_argument("--align-min-ram", default=None,

@@ -32,7 +32,10 @@ class QuantConfig:
         fit_sample: items the codebooks are fitted on (the rest are only encoded); 0 = all.
         rq_niter: faiss k-means iterations per level.
         vq_k: neighbours in the VQ code (QARM: 25).
-        vq_index: "flat" (exact) or "ivf" (large catalogs).
+        vq_index: "flat" (exact) or "ivf": the faiss index every worker builds over the gathered base.
+        vq_gather_max: largest catalog whose base is gathered into each worker (N x d float32: 200k x 64 is
+            51 MB); larger catalogs use the distributed IVF search (`pipelines.transforms.vq.DistributedKNN`).
+        vq_nlist, vq_nprobe: cells (0: about 4 sqrt(N)) and cells probed per query of the distributed search.
         seed: k-means and sample seed.
         batch_size: items per encode / search batch.
     """
@@ -43,6 +46,9 @@ class QuantConfig:
     rq_niter: int = 20
     vq_k: int = 25
     vq_index: str = "flat"
+    vq_gather_max: int = 200_000
+    vq_nlist: int = 0
+    vq_nprobe: int = 16
     seed: int = 0
     batch_size: int = 1024
 
@@ -50,6 +56,8 @@ class QuantConfig:
         for name in ("rq_levels", "vq_k", "rq_niter", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"QuantConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.vq_gather_max < 0 or self.vq_nlist < 0 or self.vq_nprobe < 1:
+            raise ValueError("QuantConfig.vq_gather_max and vq_nlist must be >= 0, vq_nprobe >= 1")
         if self.rq_codebook_size < 0 or self.fit_sample < 0:
             raise ValueError("QuantConfig.rq_codebook_size and fit_sample must be >= 0")
         if self.vq_index not in ("flat", "ivf"):
@@ -162,10 +170,11 @@ class QuantizeItems(beam.PTransform):
     """
 
     def __init__(self, cfg: QuantConfig, stage: str = "quantize", save_dir: Optional[str] = None,
-                 codebooks_file: Optional[str] = None, init_dir: Optional[str] = None, label: str | None = None):
+                 codebooks_file: Optional[str] = None, init_dir: Optional[str] = None,
+                 ivf_file: Optional[str] = None, label: str | None = None):
         super().__init__(label)
         self.cfg, self.stage = cfg, stage
-        self.save_dir, self.codebooks_file, self.init_dir = save_dir, codebooks_file, init_dir
+        self.save_dir, self.codebooks_file, self.init_dir, self.ivf_file = save_dir, codebooks_file, init_dir, ivf_file
 
     def expand(self, emb):
         cfg, stage = self.cfg, self.stage
@@ -178,7 +187,21 @@ class QuantizeItems(beam.PTransform):
                                                       max_batch_size=cfg.batch_size)
         rq = (batches | "EncodeRQ" >> beam.ParDo(_EncodeRQ(stage), beam.pvalue.AsSingleton(codebooks))
               | "CountRQ" >> count(stage, "out"))
-        base = emb | "CollectBase" >> beam.combiners.ToList() | "StackBase" >> beam.Map(_stack)
-        vq = batches | "EncodeVQ" >> beam.ParDo(_EncodeVQ(stage, cfg, shared.Shared()),
-                                                beam.pvalue.AsSingleton(base))
+        # VQ: gather the base into each worker up to vq_gather_max items (exact faiss search), else the
+        # distributed IVF search; decided in the pipeline from the item count, so the driver needs no count
+        from pipelines.transforms.vq import DistributedKNN
+
+        n_items = emb | "CountItems" >> beam.combiners.Count.Globally()
+        n_side = beam.pvalue.AsSingleton(n_items)
+        small = emb | "IfGathered" >> beam.Filter(lambda _, n, m: n <= m, n_side, cfg.vq_gather_max)
+        large = emb | "IfDistributed" >> beam.Filter(lambda _, n, m: n > m, n_side, cfg.vq_gather_max)
+        base = small | "CollectBase" >> beam.combiners.ToList() | "StackBase" >> beam.Map(_stack)
+        vq_small = (small | "BatchGathered" >> beam.BatchElements(min_batch_size=min(64, cfg.batch_size),
+                                                                    max_batch_size=cfg.batch_size)
+                    | "EncodeVQ" >> beam.ParDo(_EncodeVQ(stage, cfg, shared.Shared()), beam.pvalue.AsSingleton(base)))
+        active = n_items | "UseDistributed" >> beam.Map(lambda n, m: n > m, cfg.vq_gather_max)
+        vq_large = large | "DistributedVQ" >> DistributedKNN(
+            cfg.vq_k, sample, n_items, nlist=cfg.vq_nlist, nprobe=cfg.vq_nprobe, seed=cfg.seed, stage=stage,
+            active=active, centroids_file=self.ivf_file)
+        vq = (vq_small, vq_large) | "VQCodes" >> beam.Flatten()
         return {"rq": rq, "vq": vq, "codebooks": codebooks}

@@ -63,5 +63,9 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{stage:<24}{s.get('in', 0):>10}{s.get('out', 0):>10}{s.get('rejected', 0):>10}"
                      f"{s.get('seconds', 0):>10.2f}")
     lines.append(f"dead letter: {json.dumps(summary.get('dead_letter', {}))}")
+    trig = (summary.get("metrics") or {}).get("triggers")
+    if trig:
+        lines.append(f"triggers ({trig['similarity']}, fallback {trig['fallback']}): "
+                     + ", ".join(f"{k} {v}" for k, v in trig["by_source"].items()) + f" of {trig['targets']} targets")
     lines.append(f"published: {summary.get('version')} (store {summary.get('store')})")
     return "\n".join(lines)

@@ -171,6 +171,29 @@ def _check_share(n_in, n_bad, first, stage: str, max_bad_fraction: float):
     return n_bad
 
 
+def _row_key(r):
+    return (r["row"] is None, r["row"] or 0)
+
+
+class _FirstRows(beam.CombineFn):
+    """The n records with the smallest row numbers (rows without a number last)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, acc, r):
+        return sorted(acc + [r], key=_row_key)[: self.n]
+
+    def merge_accumulators(self, accs):
+        return sorted([r for a in accs for r in a], key=_row_key)[: self.n]
+
+    def extract_output(self, acc):
+        return acc
+
+
 class _FailPastBadShare(beam.PTransform):
     """(records in, dead letters) -> the count of parse rejects; raises DataError (failing the job) when they are
     more than `max_bad_fraction` of the records, as the loader does (`DataSpec.max_bad_fraction`)."""
@@ -184,8 +207,9 @@ class _FailPastBadShare(beam.PTransform):
         n_in = records | "CountRecords" >> beam.combiners.Count.Globally()
         bad = dead | "ParseRejects" >> beam.Filter(lambda r: r.get(UNPARSED, False))
         n_bad = bad | "CountParseRejects" >> beam.combiners.Count.Globally()
-        first = bad | "FirstParseRejects" >> beam.combiners.Top.Smallest(
-            5, key=lambda r: (r["row"] is None, r["row"] or 0))
+        # a plain CombineFn: Beam's Top combiner trips the BundleBasedDirectRunner's GroupByKey (elements after
+        # completion) in this graph
+        first = bad | "FirstParseRejects" >> beam.CombineGlobally(_FirstRows(5))
         return n_in | "CheckBadShare" >> beam.Map(_check_share, beam.pvalue.AsSingleton(n_bad),
                                                   beam.pvalue.AsSingleton(first), self.stage, self.max_bad_fraction)
 

@@ -76,6 +76,10 @@ def test_publishes_a_contract_version(first_run):
     assert st["embed"]["out"] == 48 and st["quantize"]["out"] == 48
     assert st["mine_pairs"]["out"] == m["metrics"]["pairs"]["train"] + m["metrics"]["pairs"]["align_valid"] > 0
     assert summary["dead_letter_total"] == 0
+    # every train-portion target got its trigger from a counted source; the default is the collaborative model
+    trig = m["metrics"]["triggers"]
+    assert trig["similarity"] == "collab" and trig["by_source"]["collab"] > 0
+    assert sum(trig["by_source"].values()) == trig["targets"] > 0 and summary["metrics"]["triggers"] == trig
     json.dumps(summary)  # JSON-able for `--json`
 
 
