@@ -39,7 +39,7 @@ def load_inputs(args):
 
     from feature_store import FeatureStore
     from pipelines.data import data_spec_from_args, load_dataset
-    from ranker.retrieval.args import split_from_args
+    from feature_store.split import split_from_args
     from feature_store.split import check_protocol
     from ranker.retrieval.data import load_item_features, prepare_retrieval_data
 

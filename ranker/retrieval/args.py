@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from feature_store.split import SplitConfig
+from feature_store.split import add_split_arguments
 from ranker.retrieval.config import LOSSES, RELIABILITY, DistillConfig, RetrievalConfig
 
 _R, _D = RetrievalConfig(), DistillConfig()
@@ -12,16 +12,10 @@ _R, _D = RetrievalConfig(), DistillConfig()
 
 def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
     """--store --version --split ... --allow-protocol-mismatch, model / training flags, distillation flags."""
-    st = parser.add_argument_group("store and split")
+    st = parser.add_argument_group("store")
     st.add_argument("--store", type=Path, required=True, help="feature-store root")
     st.add_argument("--version", default=None, help="version id (default: CURRENT)")
-    st.add_argument("--split", choices=("global", "user_last_frac", "user_last_n"), default="global",
-                    help="the protocol's time split (must match the version's recorded protocol)")
-    st.add_argument("--valid-frac", type=float, default=0.1)
-    st.add_argument("--test-frac", type=float, default=0.1)
-    st.add_argument("--n-valid", type=int, default=1)
-    st.add_argument("--n-test", type=int, default=1)
-    st.add_argument("--min-train", type=int, default=0)
+    add_split_arguments(parser)  # must match the version's recorded protocol
     st.add_argument("--allow-protocol-mismatch", action="store_true",
                     help="use a version built under another split protocol anyway (its upstream stages saw "
                          "interactions this split treats as valid / test: leakage)")
@@ -52,10 +46,6 @@ def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--prompt-lr", type=float, default=_D.prompt_lr)
     d.add_argument("--prompt-task-weight", type=float, default=_D.prompt_task_weight)
 
-
-def split_from_args(args) -> SplitConfig:
-    return SplitConfig(method=args.split, valid_frac=args.valid_frac, test_frac=args.test_frac,
-                       n_valid=args.n_valid, n_test=args.n_test, min_train=args.min_train)
 
 
 def config_from_args(args, seed: int | None = None) -> RetrievalConfig:

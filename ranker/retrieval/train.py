@@ -71,7 +71,8 @@ def main(argv=None) -> int:
 
     from feature_store import FeatureStore
     from feature_store.io import atomic_write_bytes, atomic_write_json
-    from ranker.retrieval.args import config_from_args, distill_from_args, split_from_args
+    from feature_store.split import split_from_args
+    from ranker.retrieval.args import config_from_args, distill_from_args
     from feature_store.split import check_protocol
     from ranker.retrieval.data import load_item_features, prepare_retrieval_data
     from ranker.retrieval.fit import evaluate, fit_student, fit_teacher
