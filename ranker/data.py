@@ -163,8 +163,9 @@ def random_codes_like(codes: ItemFeatures, catalog_ids: np.ndarray, seed: int = 
     ids = codes.item_ids[rows - 1]  # row r holds catalog item r - 1 (row 0 is the unknown item)
     rq = np.stack([rng.integers(0, k, len(rows)) for k in codes.rq_sizes], axis=1) if codes.rq_sizes else None
     vq = ids[rng.integers(0, len(ids), (len(ids), codes.vq.shape[1]))] if codes.vq.shape[1] else None
+    # the same centroids (so --code-init codebook starts the rows alike), assigned to items at random
     return ItemFeatures.build(catalog_ids, code_item_ids=ids, rq=rq, vq=vq, rq_sizes=list(codes.rq_sizes),
-                              source="item_codes_random")
+                              codebooks=codes.codebooks, source="item_codes_random")
 
 
 def load_store_items(store_root: Path, version_id: str | None, catalog_ids: np.ndarray,

@@ -309,19 +309,19 @@ def tail_recall(parent, candidate, dataset, window: dict, seed: int) -> dict:
     Queries and targets are restricted to items both versions embed, and both encoders rank only those items,
     so the two figures differ only by the embeddings (issue: each side measured on its own set is not comparable).
     """
-    from pipelines.mllm.next_item import next_item_queries, next_item_retrieval
+    from pipelines.mllm.evaluate import next_item_queries, next_item_recall
 
     inter = dataset.interactions[dataset.interactions["ts"] <= window["until"]].reset_index(drop=True)
+    positive = (inter["label"] >= 0.5).to_numpy()
     p_ids, p_emb = parent.embeddings()
     c_ids, c_emb = candidate.embeddings()
     common = np.intersect1d(p_ids, c_ids)
-    queries = next_item_queries(inter, (inter["ts"] > window["tail_start"]).to_numpy())
-    ok = queries["target"].isin(common) & queries["queries"].map(lambda q: bool(np.isin(list(q), common).all()))
-    queries = queries[ok.to_numpy()]
+    queries = next_item_queries(inter[positive], (inter["ts"] > window["tail_start"]).to_numpy()[positive])
+    queries = queries[(queries["target"].isin(common) & queries["query"].isin(common)).to_numpy()]
     out = {}
     for name, ids, emb in (("parent", p_ids, p_emb), ("candidate", c_ids, c_emb)):
         keep = np.isin(ids, common)
-        out[name] = next_item_retrieval(ids[keep], emb[keep], queries, ks=(10, 50), seed=seed)
+        out[name] = next_item_recall(ids[keep], emb[keep], queries, k=(10, 50))
     return out
 
 

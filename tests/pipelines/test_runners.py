@@ -22,8 +22,10 @@ RUNNERS = {
                        "gs://qarm-test-bucket/staging", "--machine_type", "n1-standard-8",
                        "--align-min-ram", "16GB"],
 }
+# side mode (the default) embeds every item from the align stage's one backbone pass: ReadAligned / ReadUnaligned
+# instead of the two RunInference steps (EmbedAligned / EmbedUnaligned) of full / adapters
 STEPS = ("ReadItems", "ReadInteractions", "ValidateItems", "ValidateInteractions", "MinePairs", "Align",
-         "EmbedAligned", "EmbedUnaligned", "Quantize", "QuantizeUnaligned", "WriteEmbeddings", "WriteCodes",
+         "ReadAligned", "ReadUnaligned", "Quantize", "QuantizeUnaligned", "WriteEmbeddings", "WriteCodes",
          "WriteDeadLetter")
 
 

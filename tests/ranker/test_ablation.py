@@ -81,6 +81,8 @@ def test_random_codes_keep_the_shapes_and_lose_the_content():
     assert np.array_equal(rand.has_codes, real.has_codes)
     assert (rand.rq[1:, 0] == real.rq[1:, 0]).mean() < 0.5  # level 0 of the real codes is the cluster
     assert np.array_equal(random_codes_like(real, world.item_ids, seed=0).rq, rand.rq)
+    # --code-init codebook starts the random control's rows from the same centroids (only the assignment is random)
+    assert all(np.array_equal(a, b) for a, b in zip(rand.codebooks, real.codebooks))
 
 
 @pytest.mark.slow

@@ -112,11 +112,28 @@ def test_killed_run_then_gate_rejection_then_publish_resume_their_stages(world, 
     assert store.current_id() == new.id
 
 
-def test_a_candidate_that_ranks_worse_than_its_parent_on_the_tail_is_refused(world, capsys):
-    """The ranking gate (issue 15 point 4): a cold rebuild scrambles every code, so the parent ranker switched to
-    the new codes scores below itself on the held-out tail; exit 3, CURRENT unchanged, the tail never exported."""
+def test_a_candidate_that_ranks_worse_than_its_parent_on_the_tail_is_refused(world, capsys, monkeypatch):
+    """The ranking gate (issue 15 point 4): a cold rebuild whose carry-over loses what the ranker learned (its code
+    rows scrambled) scores below the parent on the held-out tail; exit 3, CURRENT unchanged, the tail never
+    exported. (A warm remap of the same cold rebuild keeps the rows' meaning and passes: scrambling is what makes
+    the candidate worse, not the rebuild itself.)"""
     import pandas as pd
+    import torch
 
+    import ranker.checkpoint
+    from ranker.model import embedding_tables
+
+    original = ranker.checkpoint.remap_rq_tables
+
+    def scrambled(*args, **kwargs):
+        model = original(*args, **kwargs)
+        g = torch.Generator().manual_seed(0)
+        for name, table in embedding_tables(model).items():
+            if name.startswith("rq_l"):
+                table.data.copy_(table.data[torch.randperm(table.shape[0], generator=g)])
+        return model
+
+    monkeypatch.setattr(ranker.checkpoint, "remap_rq_tables", scrambled)
     store = FeatureStore(world["store"])
     before = store.current_id()
     work = world["root"] / "work-cold"
