@@ -109,19 +109,21 @@ def run_eval(dataset, plan: EvalPlan, base_cfg: RankerConfig, out_dir: Path,
     extra = rerank.examples if rerank else None
     store_rows = tuple(r for r in plan.rows if r not in STORE_FREE_ROWS)
     free_rows = tuple(r for r in plan.rows if r in STORE_FREE_ROWS)
-    runs, skipped, pairs, cascades = {}, {}, {}, []
+    runs, skipped, pairs, cascades, checked = {}, {}, {}, [], []
+    for cascade_seed, root, version_id in versions:  # refuse another protocol before training anything
+        version = FeatureStore(root).read(version_id)
+        problems = check_protocol(version.manifest.get("protocol"), interactions, plan.split, version.id,
+                                  plan.allow_protocol_mismatch)
+        cascades.append({"cascade_seed": cascade_seed, "store": str(root), "version": version.id,
+                         "protocol": version.manifest.get("protocol"), "protocol_problems": problems})
+        checked.append((cascade_seed, version))
     if free_rows:
         from ranker.features import ItemFeatures
 
         free, _ = run_rows(data, {"ids": ItemFeatures.build(catalog)}, base_cfg, plan.seeds, free_rows,
                            progress=False, tag="(no store) ", score_examples=extra)
         runs.update(free)
-    for cascade_seed, root, version_id in versions:
-        version = FeatureStore(root).read(version_id)
-        problems = check_protocol(version.manifest.get("protocol"), interactions, plan.split, version.id,
-                                  plan.allow_protocol_mismatch)
-        cascades.append({"cascade_seed": cascade_seed, "store": str(root), "version": version.id,
-                         "protocol": version.manifest.get("protocol"), "protocol_problems": problems})
+    for cascade_seed, version in checked:
         items = store_items(version, catalog, random_seed=cascade_seed or 0)
         tag = f"cascade {cascade_seed} " if cascade_seed is not None else ""
         got, missing = run_rows(data, items, base_cfg, plan.seeds, store_rows, progress=False, tag=tag,
