@@ -143,24 +143,33 @@ def worker(args) -> dict:
     return row
 
 
+def _side_setup(args):
+    """What --stages and --sweep share: the data, the global split, train / validation pairs from the train
+    window, the encoder config. Returns (dataset, test interactions, train pairs, valid pairs, EncoderConfig)."""
+    from feature_store.split import time_split
+    from pipelines.mllm.align import split_valid_pairs
+    from pipelines.mllm.config import EncoderConfig
+    from pipelines.pairs import PairConfig, mine_pairs
+
+    ds = _load(args)
+    train_i, _, test_i = time_split(ds.interactions, "global", valid_frac=0.1, test_frac=0.1)
+    train_pairs, valid_pairs = split_valid_pairs(mine_pairs(train_i, PairConfig(heldout_frac=0.0)).train, 0.1)
+    enc_cfg = EncoderConfig.named(args.encoder, image_size=args.encoder_image_size, seed=args.seed)
+    return ds, test_i, train_pairs, valid_pairs, enc_cfg
+
+
 def stages(args) -> dict:
     """Side-mode job stages, seconds: one backbone pass (now) against three (before issue 12)."""
     import torch
 
-    from feature_store.split import time_split
-    from pipelines.mllm.align import AlignConfig, split_valid_pairs, train_side
-    from pipelines.mllm.config import EncoderConfig
+    from pipelines.mllm.align import AlignConfig, train_side
     from pipelines.mllm.embed import embed_catalog
     from pipelines.mllm.items import ItemCatalog
     from pipelines.mllm.model_io import build_for_mode
     from pipelines.mllm.onepass import build_mllm_cache, embed_from_cache
-    from pipelines.pairs import PairConfig, mine_pairs
 
     torch.set_num_threads(args.threads)
-    ds = _load(args)
-    train_i, _, _ = time_split(ds.interactions, "global", valid_frac=0.1, test_frac=0.1)
-    train_pairs, valid_pairs = split_valid_pairs(mine_pairs(train_i, PairConfig(heldout_frac=0.0)).train, 0.1)
-    enc_cfg = EncoderConfig.named(args.encoder, image_size=args.encoder_image_size, seed=args.seed)
+    ds, _, train_pairs, valid_pairs, enc_cfg = _side_setup(args)
     side_encoder = build_for_mode("side", enc_cfg)
     catalog = ItemCatalog.from_dataset(ds, enc_cfg, cache_images=False)
     t = {}
@@ -195,19 +204,13 @@ def sweep(args) -> dict:
     import numpy as np
     import torch
 
-    from feature_store.split import time_split
-    from pipelines.mllm.align import AlignConfig, split_valid_pairs, train_side
-    from pipelines.mllm.config import EncoderConfig
+    from pipelines.mllm.align import AlignConfig, train_side
     from pipelines.mllm.evaluate import next_item_queries, next_item_recall
     from pipelines.mllm.items import ItemCatalog
     from pipelines.mllm.onepass import build_mllm_cache, embed_from_cache
-    from pipelines.pairs import PairConfig, mine_pairs
 
     torch.set_num_threads(args.threads)
-    ds = _load(args)
-    train_i, _, test_i = time_split(ds.interactions, "global", valid_frac=0.1, test_frac=0.1)
-    train_pairs, valid_pairs = split_valid_pairs(mine_pairs(train_i, PairConfig(heldout_frac=0.0)).train, 0.1)
-    enc_cfg = EncoderConfig.named(args.encoder, image_size=args.encoder_image_size, seed=args.seed)
+    ds, test_i, train_pairs, valid_pairs, enc_cfg = _side_setup(args)
     cache = build_mllm_cache(enc_cfg, ItemCatalog.from_dataset(ds, enc_cfg, cache_images=False),
                              cache_dir=args.cache_dir, progress=False)
     grid = [dict(temperature=t, mask=m) for t in (0.05, 0.1, 0.2) for m in ("graph", "batch")]
