@@ -36,6 +36,7 @@ from pipelines.mllm.adapters import AdapterConfig, add_adapters
 from pipelines.mllm.cache import StateCache, build_cache
 from pipelines.mllm.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from pipelines.mllm.config import EncoderConfig
+from pipelines.mllm.distributed import Communicator, forward_module
 from pipelines.mllm.encoder import EncoderBase, ItemEncoder, count_params
 from pipelines.mllm.evaluate import pair_retrieval
 from pipelines.mllm.items import ItemCatalog
@@ -324,7 +325,8 @@ def _warm_start(cfg: AlignConfig, init_checkpoint: Path):
 
 def train_alignment(encoder: Union[EncoderConfig, EncoderBase], dataset, pairs: pd.DataFrame, cfg: AlignConfig,
                     out_dir: Optional[Path] = None, init_checkpoint: Optional[Path] = None,
-                    catalog: Optional[ItemCatalog] = None, valid_pairs: Optional[pd.DataFrame] = None) -> AlignResult:
+                    catalog: Optional[ItemCatalog] = None, valid_pairs: Optional[pd.DataFrame] = None,
+                    comm: Optional[Communicator] = None) -> AlignResult:
     """Train the encoder on item pairs.
 
     Args:
@@ -337,6 +339,8 @@ def train_alignment(encoder: Union[EncoderConfig, EncoderBase], dataset, pairs: 
         init_checkpoint: warm start from this checkpoint's weights (its mode must equal ``cfg.mode``).
         catalog: reuse an ItemCatalog (decoded images) across calls.
         valid_pairs: validation pairs (``split_valid_pairs``) for early stopping; None trains all epochs.
+        comm: data-parallel training (pipelines.mllm.distributed; None: one process). ``cfg.batch_size`` is the
+            global batch; every rank encodes its slice.
     Returns:
         AlignResult (the encoder is left in eval mode). Side modes run the backbones exactly once per item (the
         cache build) and return the cache in ``result.cache``.
@@ -357,7 +361,8 @@ def train_alignment(encoder: Union[EncoderConfig, EncoderBase], dataset, pairs: 
     if cfg.mode in SIDE_MODES:
         cache = build_cache(model, catalog, catalog.item_ids, out_dir / "side_cache" if out_dir else None,
                             batch_size=cfg.cache_batch_size, progress=cfg.progress)
-        return train_side(cache, pairs, valid_pairs, cfg, out_dir, init_checkpoint=init_checkpoint, model=model)
+        return train_side(cache, pairs, valid_pairs, cfg, out_dir, init_checkpoint=init_checkpoint, model=model,
+                          comm=comm)
 
     known = set(catalog.item_ids.tolist())
 
@@ -372,12 +377,12 @@ def train_alignment(encoder: Union[EncoderConfig, EncoderBase], dataset, pairs: 
         return np.sort(np.concatenate([ids, extra]))
 
     return _fit(model, model.config, embed, candidates, known, pairs, valid_pairs, cfg, out_dir, init_checkpoint,
-                cache=None, cache_seconds=0.0)
+                cache=None, cache_seconds=0.0, comm=comm)
 
 
 def train_side(cache: StateCache, train_pairs: pd.DataFrame, valid_pairs: Optional[pd.DataFrame],
                cfg: AlignConfig, out_dir: Optional[Path] = None, init_checkpoint: Optional[Path] = None,
-               model: Optional[nn.Module] = None) -> AlignResult:
+               model: Optional[nn.Module] = None, comm: Optional[Communicator] = None) -> AlignResult:
     """Train a side network straight from a hidden-state cache (no backbone is built or run).
 
     Args:
@@ -389,6 +394,7 @@ def train_side(cache: StateCache, train_pairs: pd.DataFrame, valid_pairs: Option
         out_dir: checkpoints (``load_encoder(out_dir)`` then rebuilds the backbones from the encoder config).
         init_checkpoint: warm start from a checkpoint of the same mode.
         model: train this SideEncoder's head instead of a fresh SideHeadOnly (``train_alignment`` passes its own).
+        comm: data-parallel training (``pipelines.mllm.distributed``); every rank holds the cache.
     Returns:
         AlignResult; ``encoder`` is a SideEncoder when ``model`` was given, else a SideHeadOnly (forward_states).
     """
@@ -426,7 +432,7 @@ def train_side(cache: StateCache, train_pairs: pd.DataFrame, valid_pairs: Option
 
     return _fit(model, encoder_config, embed, lambda _valid: cache.item_ids, set(cache.item_ids.tolist()),
                 train_pairs, valid_pairs, cfg, out_dir, init_checkpoint, cache=cache,
-                cache_seconds=_cache_seconds(cache))
+                cache_seconds=_cache_seconds(cache), comm=comm)
 
 
 def _cache_seconds(cache: StateCache) -> float:
@@ -447,9 +453,16 @@ def _validate(model: nn.Module, embed: Callable, item_ids: np.ndarray, valid: pd
 
 def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candidates: Callable, known: set,
          pairs: pd.DataFrame, valid_pairs: Optional[pd.DataFrame], cfg: AlignConfig, out_dir: Optional[Path],
-         init_checkpoint: Optional[Path], cache: Optional[StateCache], cache_seconds: float) -> AlignResult:
-    """The training loop shared by every mode. ``embed(ids (U,)) -> (U, D)`` encodes items with gradient."""
+         init_checkpoint: Optional[Path], cache: Optional[StateCache], cache_seconds: float,
+         comm: Optional[Communicator] = None) -> AlignResult:
+    """The training loop shared by every mode. ``embed(ids (U,)) -> (U, D)`` encodes items with gradient.
+
+    With a distributed ``comm`` every rank runs this loop on the same global batches, encodes its slice of each
+    and gathers the rest (pipelines.mllm.distributed); validation runs on every rank (same result, so the early
+    stop agrees without a broadcast) and only rank 0 writes checkpoints."""
+    comm = comm or Communicator()
     device = torch.device(cfg.device)
+    step_embed = forward_module(model, embed, comm)  # DDP-wrapped when distributed
     train_pairs, pair_stats = prepare_pairs(pairs, known, cfg.sources)
     if len(train_pairs) < 2:
         raise ValueError(f"alignment needs at least 2 usable training pairs, have {len(train_pairs)} ({pair_stats})")
@@ -501,15 +514,16 @@ def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candi
     best_epoch = next((h["epoch"] for h in history if h[cfg.valid_metric] == best_score), None)
     best_state, since_best = None, (len(history) - 1 - best_epoch) if best_epoch is not None else 0
     bar = tqdm(total=total_steps, initial=step, desc=f"align[{cfg.mode}]", unit="step",
-               disable=not (cfg.progress and on_terminal()))
+               disable=not (cfg.progress and on_terminal() and comm.is_main))
     state_of = (lambda: saved_state(model, "side")) if isinstance(model, SideHeadOnly) else \
         (lambda: saved_state(model, cfg.mode))
+    saving = out_dir is not None and comm.is_main
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         if step >= total_steps or stopped:
             break
         order = torch.from_numpy(np.random.default_rng(cfg.seed + epoch).permutation(len(train_pairs)))
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout
+        torch.manual_seed(cfg.seed * 1000 + epoch + 7919 * comm.rank)  # dropout: its own masks per rank
         t0 = time.perf_counter()
         next_batch = skip_batches  # the first batch of this epoch not yet trained on
         for batch_idx in range(skip_batches, n_batches):
@@ -517,18 +531,20 @@ def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candi
                 break
             sel = order[batch_idx * cfg.batch_size:(batch_idx + 1) * cfg.batch_size]
             next_batch = batch_idx + 1
-            if len(sel) < 2:
+            if len(sel) < max(2, comm.world_size):  # every rank needs a row of the batch
                 continue
-            left, right = left_all[sel], right_all[sel]
-            # Encode each distinct item of the batch once; pairs index into the unique embeddings.
-            unique, inverse = torch.unique(torch.cat([left, right]), return_inverse=True)
-            emb = embed(unique)  # (U, D)
+            left, right = left_all[sel], right_all[sel]  # (n,) the global batch
             n = len(left)
+            mine = comm.local_slice(n)
+            # Encode each distinct item of this rank's slice once; pairs index into the unique embeddings.
+            unique, inverse = torch.unique(torch.cat([left[mine], right[mine]]), return_inverse=True)
+            emb = step_embed(unique)  # (U, D)
+            m = mine.stop - mine.start
+            emb_left, emb_right = comm.gather(emb[inverse[:m]], n), comm.gather(emb[inverse[m:]], n)  # (n, D)
             masks = graph.masks(left, right) if graph is not None else \
                 (false_negative_mask(left, right), None)
-            masks = tuple(m.to(device) if m is not None else None for m in masks)
-            loss = loss_fn(emb[inverse[:n]], emb[inverse[n:]], masks,
-                           weight_all[sel].to(device) if weight_all is not None else None)
+            masks = tuple(mk.to(device) if mk is not None else None for mk in masks)
+            loss = loss_fn(emb_left, emb_right, masks, weight_all[sel].to(device) if weight_all is not None else None)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, cfg) * group["lr_scale"]
             optimizer.zero_grad(set_to_none=True)
@@ -543,7 +559,7 @@ def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candi
             if step % cfg.log_every == 0:
                 log.info("align[%s] epoch %d step %d/%d loss %.4f (mean of last %d: %.4f)", cfg.mode, epoch, step,
                          total_steps, losses[-1], cfg.log_every, float(np.mean(losses[-cfg.log_every:])))
-            if out_dir is not None and cfg.save_every and step % cfg.save_every == 0 and next_batch < n_batches:
+            if saving and cfg.save_every and step % cfg.save_every == 0 and next_batch < n_batches:
                 last_ckpt = _save(out_dir, state_of(), optimizer, meta, cfg, step, epoch, next_batch, losses,
                                   epoch_seconds, history, loss_fn, False)
         epoch_seconds.append(time.perf_counter() - t0)
@@ -563,7 +579,7 @@ def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candi
                     stopped = True
                     log.info("align[%s] early stop after epoch %d: best %s %.4f at epoch %d", cfg.mode, epoch,
                              cfg.valid_metric, best_score, best_epoch)
-        if out_dir is not None:
+        if saving:
             position = (epoch + 1, 0) if next_batch >= n_batches else (epoch, next_batch)
             last_ckpt = _save(out_dir, state_of(), optimizer, meta, cfg, step, *position, losses, epoch_seconds,
                               history, loss_fn, stopped)
@@ -574,7 +590,7 @@ def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candi
         model.load_state_dict(best_state, strict=False)
         log.info("align[%s] restored the weights of epoch %d (best validation %s %.4f)", cfg.mode, best_epoch,
                  cfg.valid_metric, best_score)
-        if out_dir is not None:  # the checkpoint others load holds the restored weights
+        if saving:  # the checkpoint others load holds the restored weights
             last_ckpt = _save(out_dir, state_of(), optimizer, {**meta, "best_epoch": best_epoch}, cfg, step,
                               epochs_run, 0, losses, epoch_seconds, history, loss_fn, True)
     model.eval()
