@@ -12,6 +12,7 @@ from pipelines.transforms.common import count
 
 EMB_FILE, CODES_FILE = "item_embeddings", "item_codes"
 UNALIGNED = "_unaligned"
+TRAIN_PAIRS, HELDOUT_PAIRS = "train_pairs", "heldout_pairs"  # <work_dir>/<name>.parquet: the trainer's inputs
 PROTOCOL_COUNTS = "protocol_counts.json"  # in the work dir: the workers' protocol counts, checked by the driver
 
 
@@ -93,7 +94,7 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     from pipelines.transforms.protocol import ProtocolParts, ProtocolSummary
     from pipelines.transforms.quantize import QuantizeItems
     from pipelines.transforms.validate import DEAD, ValidateInteractions, ValidateItems
-    from pipelines.transforms.write import WriteCodes, WriteEmbeddings, WriteRejects
+    from pipelines.transforms.write import WriteCodes, WriteEmbeddings, WriteRejects, write_pairs
 
     staging = Path(plan.staging)
     enc_cfg = EncoderConfig.from_dict(plan.align.encoder)
@@ -127,11 +128,14 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     _ = pairs["train"] | "CountPairsOut" >> count("mine_pairs", "out")
     _ = pairs["heldout"] | "CountHeldoutPairsOut" >> count("mine_pairs", "out")
 
+    # the trainer reads the pairs from files (no worker gets them as a side input): only file names travel
+    train_files = pairs["train"] | "WriteTrainPairs" >> write_pairs(str(Path(plan.work_dir) / TRAIN_PAIRS))
+    heldout_files = pairs["heldout"] | "WriteHeldoutPairs" >> write_pairs(str(Path(plan.work_dir) / HELDOUT_PAIRS))
     aligned_path = (p | "AlignTrigger" >> beam.Create([None])
                     | "Align" >> beam.Map(align_stage, beam.pvalue.AsList(vi["items"]),
-                                          beam.pvalue.AsList(pairs["train"]),
+                                          beam.pvalue.AsList(train_files),
                                           plan.align, plan.image_root, str(staging / "encoder"), plan.work_dir,
-                                          beam.pvalue.AsList(pairs["heldout"]))
+                                          beam.pvalue.AsList(heldout_files))
                     .with_resource_hints(**dict(plan.align_hints)))
     if onepass:  # the align stage embedded every item from its one backbone pass
         emb = aligned_path | "ReadAligned" >> ReadEmbeddingTable(Path(plan.work_dir) / ONEPASS_DIR, "aligned",

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import apache_beam as beam
 import pandas as pd
+import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 from pipelines.cascade.config import job_config
-from pipelines.cascade.graph import build_graph
+from pipelines.cascade.graph import HELDOUT_PAIRS, TRAIN_PAIRS, build_graph
 from pipelines.cascade.metrics import post_metrics
 from pipelines.cascade.plan import make_plan
 from pipelines.transforms.common import read_counters, read_stage_metrics
@@ -60,11 +61,7 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
             plan = make_plan(options, st.path, work_dir, ds)
             config = job_config(plan, spec, data_sha)
             p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
-            graph = build_graph(p, plan)
-            heldout_file = work_dir / "heldout_pairs"
-            from pipelines.transforms.write import write_pairs
-            _ = graph["pairs"]["heldout"] | "WriteHeldoutPairs" >> write_pairs(str(heldout_file))
-            _ = graph["pairs"]["train"] | "WriteTrainPairs" >> write_pairs(str(work_dir / "train_pairs"))
+            build_graph(p, plan)
             t_run = time.perf_counter()
             result = p.run()
             state = result.wait_until_finish()
@@ -75,8 +72,8 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
             t_pub = time.perf_counter()
             dead = pd.read_parquet(Path(st.path) / "dead_letter.parquet")
             dead_counts = {str(k): int(v) for k, v in dead["reason"].value_counts().sort_index().items()}
-            heldout = pd.read_parquet(str(heldout_file) + ".parquet")
-            train_n = len(pd.read_parquet(str(work_dir / "train_pairs") + ".parquet"))
+            heldout = pd.read_parquet(work_dir / f"{HELDOUT_PAIRS}.parquet")
+            train_n = pq.ParquetFile(work_dir / f"{TRAIN_PAIRS}.parquet").metadata.num_rows
             metrics = post_metrics(Path(st.path), plan, heldout, ds.interactions)
             metrics["pairs"] = {"train": int(train_n), "align_valid": int(len(heldout))}
             metrics["triggers"] = trigger_counts(result, plan)

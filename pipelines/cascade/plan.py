@@ -30,6 +30,9 @@ class AlignPlan:
         cache_dir: side mode: the frozen MLLM's hidden-state cache (reused when its fingerprint matches; default
             a folder in the work dir).
         layer_stride: side mode: keep every k-th backbone layer (group layer-dropping).
+        side_dropout: side mode: dropout inside the side network while training.
+        nproc: trainer processes (data-parallel, torch.distributed.run on the align worker); 1 trains in the
+            worker itself. ``threads`` are shared out among them.
     """
 
     encoder: dict
@@ -44,13 +47,15 @@ class AlignPlan:
     seed: int = 0
     cache_dir: Optional[str] = None
     layer_stride: int = 2
+    side_dropout: float = 0.1
+    nproc: int = 1
 
     def __post_init__(self):
         from pipelines.mllm.model_io import MODES
 
         if self.mode not in MODES:
             raise ValueError(f"AlignPlan.mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("epochs", "batch_size", "threads"):
+        for name in ("epochs", "batch_size", "threads", "nproc"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"AlignPlan.{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint and not Path(self.checkpoint).exists():
@@ -138,7 +143,8 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds) -> Jo
     align = AlignPlan(encoder=encoder_dict(opts, encoder_seed), mode=opts.align_mode, epochs=opts.align_epochs,
                       batch_size=opts.align_batch_size, lr=opts.align_lr, temperature=opts.align_temperature,
                       checkpoint=opts.align_checkpoint, init_encoder=opts.init_encoder, threads=opts.torch_threads,
-                      seed=seed, cache_dir=opts.side_cache_dir, layer_stride=opts.side_layer_stride)
+                      seed=seed, cache_dir=opts.side_cache_dir, layer_stride=opts.side_layer_stride,
+                      side_dropout=opts.side_dropout, nproc=opts.align_nproc)
     if opts.init_quantizer and not Path(opts.init_quantizer).exists():
         raise FileNotFoundError(f"--init-quantizer {opts.init_quantizer}: no such folder")
     items_path = snapshot(with_raw_ids(ds.items, ds.id_maps, ("item_id",)), work_dir / "items.parquet")

@@ -410,14 +410,10 @@ def train_side(cache: StateCache, train_pairs: pd.DataFrame, valid_pairs: Option
         raise ValueError("train_side: the cache carries no encoder config (build it with build_mllm_cache)")
     encoder_config = EncoderConfig.from_dict(cache.encoder_config)
     if model is None:
-        side = cfg.side
         if init_checkpoint is not None:
-            cfg, meta, state = _warm_start(cfg, init_checkpoint)
-            side = cfg.side
-        build = mllm_side_network if cfg.mode == "side" else towers_side_network
-        model = SideHeadOnly(encoder_config, build(cache.layout, encoder_config, side))
-        if init_checkpoint is not None:
-            load_state(model, state, meta, source=init_checkpoint)
+            cfg, model = load_side_head(cache, init_checkpoint, cfg)
+        else:
+            model = _side_head(cache, encoder_config, cfg)
     elif init_checkpoint is not None:
         cfg = _warm_start(cfg, init_checkpoint)[0]
     device = torch.device(cfg.device)
@@ -433,6 +429,27 @@ def train_side(cache: StateCache, train_pairs: pd.DataFrame, valid_pairs: Option
     return _fit(model, encoder_config, embed, lambda _valid: cache.item_ids, set(cache.item_ids.tolist()),
                 train_pairs, valid_pairs, cfg, out_dir, init_checkpoint, cache=cache,
                 cache_seconds=_cache_seconds(cache), comm=comm)
+
+
+def _side_head(cache: StateCache, encoder_config: EncoderConfig, cfg: AlignConfig) -> SideHeadOnly:
+    build = mllm_side_network if cfg.mode == "side" else towers_side_network
+    return SideHeadOnly(encoder_config, build(cache.layout, encoder_config, cfg.side))
+
+
+def load_side_head(cache: StateCache, checkpoint: Path, cfg: Optional[AlignConfig] = None
+                   ) -> tuple[AlignConfig, SideHeadOnly]:
+    """The side network of a side-mode checkpoint over ``cache`` (no backbone built): for warm starts and for
+    embedding from the cache after a trainer run in another process.
+
+    Returns:
+        (cfg with the checkpoint's side settings, the SideHeadOnly with its weights, in eval mode).
+    """
+    meta = read_checkpoint(Path(checkpoint))[0]
+    cfg = cfg or AlignConfig(mode=meta["mode"], progress=False)
+    cfg, meta, state = _warm_start(cfg, checkpoint)
+    model = _side_head(cache, EncoderConfig.from_dict(cache.encoder_config), cfg)
+    load_state(model, state, meta, source=checkpoint)
+    return cfg, model.eval()
 
 
 def _cache_seconds(cache: StateCache) -> float:

@@ -49,9 +49,15 @@ def add_cascade_flags(parser) -> None:
                         "same items and encoder (default: inside --work-dir)")
     g.add_argument("--side-layer-stride", type=int, default=2,
                    help="side mode: keep every k-th backbone layer (IISAN group layer-dropping)")
+    g.add_argument("--side-dropout", type=float, default=0.1,
+                   help="side mode: dropout inside the side network's blocks while training")
     g.add_argument("--align-batch-size", type=int, default=128, help="pairs per contrastive batch")
     g.add_argument("--align-lr", type=float, default=None, help="alignment learning rate (default: the mode's)")
     g.add_argument("--align-temperature", type=float, default=None, help="InfoNCE temperature (default: trainer's)")
+    g.add_argument("--align-nproc", type=int, default=1,
+                   help="alignment trainer processes on the align worker (data-parallel: DDP over gloo on CPU, "
+                        "nccl on GPU, in-batch negatives gathered across them; --align-batch-size is the global "
+                        "batch); 1 trains in the worker")
     g.add_argument("--align-checkpoint", default=None,
                    help="reuse this aligned encoder checkpoint instead of training (skips the align stage)")
     g.add_argument("--init-encoder", default=None,

@@ -57,3 +57,23 @@ def test_multi_worker_runner_publishes_the_same_codes(in_process, runner):
     assert got.manifest["metrics"]["triggers"] == ref.manifest["metrics"]["triggers"]
     assert got.manifest["config_sha256"] == ref.manifest["config_sha256"]
     assert got.manifest["protocol"] == ref.manifest["protocol"]
+
+
+def test_data_parallel_alignment_inside_the_job_matches_one_trainer(in_process):
+    """--align-nproc 2: the Align step launches 2 gloo trainer processes over the pair files and the side cache;
+    with dropout off they train the same side network as one process (same global batch), so the published
+    embeddings agree to float tolerance."""
+    import json
+
+    base, _, _ = in_process
+    runs = {}
+    for nproc in (1, 2):
+        name = f"align_nproc_{nproc}"
+        _, runs[nproc] = _publish(base, name, ["--align-nproc", str(nproc), "--side-dropout", "0"])
+        result = json.loads((base / name / "work" / "align" / "result.json").read_text())
+        assert result["world_size"] == nproc
+    ids_1, emb_1 = runs[1].embeddings()
+    ids_2, emb_2 = runs[2].embeddings()
+    assert np.array_equal(ids_1, ids_2)
+    np.testing.assert_allclose(emb_2, emb_1, rtol=1e-3, atol=1e-4)
+    assert runs[1].manifest["metrics"]["pairs"] == runs[2].manifest["metrics"]["pairs"]
