@@ -1,10 +1,11 @@
 """The align stage: train (or reuse) the aligned item encoder on the mined train pairs.
 
-Side mode (the default) is one backbone pass per job: the frozen MLLM runs once per item into a sharded
-hidden-state cache (reused across runs when its fingerprint matches, e.g. the cascade seeds of `qarm eval`), the
-side network trains on the cache, and every embedding the version needs (aligned, unaligned, text-only,
-image-only) is read from the same cache (pipelines.mllm.onepass). full / adapters keep their own passes
-(RunInference over the trained checkpoint). Training itself is `pipelines.mllm.shard_trainer` over the files the
+Side mode (the default) is one backbone pass per job: the workers run the frozen MLLM once per item into a
+sharded hidden-state cache (pipelines.transforms.side_cache.BuildSideCache; shards reused across runs when their
+fingerprint matches, e.g. the cascade seeds of `qarm eval`), the side network trains on the cache
+(`align_on_cache`), and the workers read every embedding the version needs (aligned, unaligned, text-only,
+image-only) from the same cache (EmbedFromCache). full / adapters keep their own passes (RunInference over the
+trained checkpoint; `align_stage`). Training itself is `pipelines.mllm.shard_trainer` over the files the
 graph wrote (pair Parquet files, the cache or an items table): in this worker, or `--align-nproc` data-parallel
 processes on its machine (torch.distributed.run; gloo on CPU, nccl on GPU).
 """
@@ -33,19 +34,15 @@ def _dataset_view(items: list[dict], image_root: Optional[str]):
     return SimpleNamespace(items=frame, image_root=Path(image_root) if image_root else None, name="cascade")
 
 
-ONEPASS_DIR = "onepass"  # work_dir/onepass/item_embeddings{,_unaligned}.parquet: read back by the graph
-MODALITY_TABLES = ("text", "image")  # written straight into the staged version
-NONFINITE = "nonfinite.json"  # {kind: [item ids whose embedding was not finite]}
-
-
 def one_pass(plan: AlignPlan) -> bool:
-    """Whether this job embeds from the side cache (trained here) instead of running RunInference."""
+    """Whether this job embeds from the side cache (BuildSideCache / EmbedFromCache) instead of running
+    RunInference."""
     return plan.mode == "side" and not plan.checkpoint
 
 
 def align_stage(_, items, train_files, plan: AlignPlan, image_root: Optional[str], out_dir: str,
                 work_dir: str, valid_files=()):
-    """Align step: train (or reuse) the aligned encoder and copy its checkpoint to `out_dir`.
+    """Align step of full / adapters / a reused checkpoint: train (or reuse) the encoder, copy it to `out_dir`.
 
     The trainer is its own program over files (pipelines.mllm.shard_trainer): the pairs come as the Parquet files
     the graph wrote, the items as the side cache (side mode) or an items table; with ``plan.nproc`` > 1 it runs
@@ -69,9 +66,6 @@ def align_stage(_, items, train_files, plan: AlignPlan, image_root: Optional[str
         if plan.checkpoint:
             source = resolve_checkpoint(Path(plan.checkpoint))
             log.info("align: reusing checkpoint %s", source)
-        elif one_pass(plan):
-            source = _side_one_pass(items, train_files, valid_files, plan, image_root, Path(out_dir).parent,
-                                    Path(work_dir))
         else:
             inputs = Path(work_dir) / TRAINER_INPUT
             inputs.mkdir(parents=True, exist_ok=True)
@@ -81,13 +75,17 @@ def align_stage(_, items, train_files, plan: AlignPlan, image_root: Optional[str
             train_dir = _run_trainer(plan, _align_config(plan), train_files, valid_files, Path(work_dir),
                                      items_file=items_file, image_root=image_root)
             source = resolve_checkpoint(train_dir)
-        # the version keeps the weights and their config, not optimizer state or caches
-        Path(out_dir).mkdir(parents=True, exist_ok=False)
-        for name in ("config.json", "model.safetensors", "trainer_state.json"):
-            if (source / name).is_file():
-                shutil.copy2(source / name, Path(out_dir) / name)
+        _copy_checkpoint(source, Path(out_dir))
         counter("align", "out").inc(1)
     return out_dir
+
+
+def _copy_checkpoint(source: Path, out_dir: Path) -> None:
+    """The version keeps the weights and their config, not optimizer state or caches."""
+    out_dir.mkdir(parents=True, exist_ok=False)
+    for name in ("config.json", "model.safetensors", "trainer_state.json"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, out_dir / name)
 
 
 TRAINER_INPUT = "align_input"  # work_dir/align_input: the trainer's config / encoder / items files
@@ -143,47 +141,21 @@ def _run_trainer(plan: AlignPlan, cfg, train_files, valid_files, work_dir: Path,
     return train_dir
 
 
-def _side_one_pass(items, train_files, valid_files, plan: AlignPlan, image_root: Optional[str], staging: Path,
-                   work_dir: Path) -> Path:
-    """Cache the frozen MLLM once, train the side network on it, write every embedding from the same cache.
-
-    Returns the checkpoint folder (copied into the version by the caller)."""
-    import time
-
-    import numpy as np
-    import torch
-
-    from feature_store.io import atomic_write_json
-    from pipelines.mllm.align import load_side_head
+def align_on_cache(_, cache_dir: str, train_files, plan: AlignPlan, out_dir: str, work_dir: str, valid_files=()):
+    """Align step of side mode: train the side network on the hidden-state cache BuildSideCache wrote (the
+    trainer reads the cache and the pair files; no item or pair travels as a side input). Copies the checkpoint
+    to `out_dir` and returns it (EmbedFromCache loads it once per worker)."""
     from pipelines.mllm.checkpoint import resolve_checkpoint
-    from pipelines.mllm.config import EncoderConfig
-    from pipelines.mllm.items import ItemCatalog
-    from pipelines.mllm.onepass import build_mllm_cache, embed_from_cache, write_embedding_tables
-    from pipelines.mllm.side import SideConfig
 
-    torch.set_num_threads(plan.threads)
-    enc_cfg = EncoderConfig.from_dict(plan.encoder)
-    catalog = ItemCatalog.from_dataset(_dataset_view(items, image_root), enc_cfg, cache_images=False)
-    cache_dir = Path(plan.cache_dir) if plan.cache_dir else work_dir / "side_cache"
-    t0 = time.perf_counter()
-    with stage_timer("align", "cache", total=False):
-        cache = build_mllm_cache(enc_cfg, catalog, side=SideConfig(layer_stride=plan.layer_stride),
-                                 cache_dir=cache_dir, progress=False)
-    log.info("align: side cache of %d items %s in %.1fs (%s)", len(cache),
-             "built" if getattr(cache, "built", True) else "reused", time.perf_counter() - t0, cache_dir)
-    with stage_timer("align", "train", total=False):
-        train_dir = _run_trainer(plan, _align_config(plan, "side"), train_files, valid_files, work_dir,
-                                 cache_dir=cache_dir)
-    torch.set_num_threads(plan.threads)
-    _, head = load_side_head(cache, resolve_checkpoint(train_dir))
-    with stage_timer("align", "embed", total=False):
-        tables = embed_from_cache(head, cache, unaligned_seed=plan.seed, progress=False)
-        finite, bad = {}, {}
-        for kind, (ids, emb) in tables.items():  # a non-finite row goes to the dead letter, not into a table
-            ok = np.isfinite(emb).all(axis=1)
-            finite[kind], bad[kind] = (ids[ok], emb[ok]), ids[~ok].tolist()
-        write_embedding_tables({k: v for k, v in finite.items() if k in ("aligned", "unaligned")},
-                               work_dir / ONEPASS_DIR)
-        write_embedding_tables({k: v for k, v in finite.items() if k in MODALITY_TABLES}, staging)
-        atomic_write_json(work_dir / ONEPASS_DIR / NONFINITE, bad)
-    return resolve_checkpoint(train_dir)
+    with stage_timer("align"):
+        counter("align", "in").inc(_rows(train_files))
+        train_dir = _run_trainer(plan, _align_config(plan, "side"), train_files, valid_files, Path(work_dir),
+                                 cache_dir=Path(cache_dir))
+        _copy_checkpoint(resolve_checkpoint(train_dir), Path(out_dir))
+        counter("align", "out").inc(1)
+    return out_dir
+
+
+def side_cache_dir(plan: AlignPlan, work_dir: str) -> str:
+    """Where side mode's hidden-state cache lives (reused across runs when its shards match)."""
+    return str(plan.cache_dir) if plan.cache_dir else str(Path(work_dir) / "side_cache")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import apache_beam as beam
 
-from pipelines.cascade.align_stage import ONEPASS_DIR, align_stage, one_pass
+from pipelines.cascade.align_stage import align_on_cache, align_stage, one_pass, side_cache_dir
 from pipelines.cascade.plan import JobPlan
 from pipelines.transforms.common import count
 
@@ -41,44 +41,6 @@ class TrainPortion(beam.PTransform):
                 | "KeepTrain" >> beam.FlatMap(_train_events))
 
 
-class ReadEmbeddingTable(beam.PTransform):
-    """The align stage's done signal -> (item_id, (d,) float32) rows of the `kind` table it wrote from its one
-    backbone pass, and the items whose embedding was not finite to the dead letter (reason nan_embedding): the
-    same outputs as EmbedItems.
-
-    One worker reads the table: the align stage that wrote it held the whole side cache already (its documented
-    bound); quantization and writing fan out again from here.
-    """
-
-    def __init__(self, folder: Path, kind: str, stage: str):
-        super().__init__()
-        self.folder, self.kind, self.stage = str(folder), kind, stage
-
-    def expand(self, done):
-        from pipelines.transforms.validate import DEAD
-
-        rows = done | "ReadTable" >> beam.FlatMap(_table_rows, self.folder, self.kind, self.stage).with_outputs(
-            DEAD, main="ok")
-        emb = rows.ok | "CountOut" >> count(self.stage, "out")
-        return {"embeddings": emb, DEAD: rows[DEAD]}
-
-
-def _table_rows(_, folder: str, kind: str, stage: str):
-    import json
-
-    from feature_store.tables import read_embeddings
-    from pipelines.cascade.align_stage import NONFINITE
-    from pipelines.mllm.onepass import TABLE_NAMES
-    from pipelines.transforms.common import reject
-    from pipelines.transforms.validate import DEAD
-
-    ids, emb = read_embeddings(Path(folder) / TABLE_NAMES[kind])
-    yield from zip(ids.tolist(), emb)
-    for item_id in json.loads((Path(folder) / NONFINITE).read_text()).get(kind, []):
-        yield beam.pvalue.TaggedOutput(DEAD, reject(stage, "items", "nan_embedding", item_id=item_id,
-                                                    item_dense_id=item_id, detail=f"non-finite {kind} embedding"))
-
-
 def _train_events(keyed):
     _, grouped = keyed
     if list(grouped["part"]) == [0]:
@@ -93,6 +55,7 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     from pipelines.transforms.pairs import MinePairs
     from pipelines.transforms.protocol import ProtocolParts, ProtocolSummary
     from pipelines.transforms.quantize import QuantizeItems
+    from pipelines.transforms.side_cache import BuildSideCache, EmbedFromCache
     from pipelines.transforms.validate import DEAD, ValidateInteractions, ValidateItems
     from pipelines.transforms.write import WriteCodes, WriteEmbeddings, WriteRejects, write_pairs
 
@@ -131,16 +94,32 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     # the trainer reads the pairs from files (no worker gets them as a side input): only file names travel
     train_files = pairs["train"] | "WriteTrainPairs" >> write_pairs(str(Path(plan.work_dir) / TRAIN_PAIRS))
     heldout_files = pairs["heldout"] | "WriteHeldoutPairs" >> write_pairs(str(Path(plan.work_dir) / HELDOUT_PAIRS))
-    aligned_path = (p | "AlignTrigger" >> beam.Create([None])
-                    | "Align" >> beam.Map(align_stage, beam.pvalue.AsList(vi["items"]),
-                                          beam.pvalue.AsList(train_files),
-                                          plan.align, plan.image_root, str(staging / "encoder"), plan.work_dir,
-                                          beam.pvalue.AsList(heldout_files))
-                    .with_resource_hints(**dict(plan.align_hints)))
-    if onepass:  # the align stage embedded every item from its one backbone pass
-        emb = aligned_path | "ReadAligned" >> ReadEmbeddingTable(Path(plan.work_dir) / ONEPASS_DIR, "aligned",
-                                                                 "embed")
+    if onepass:  # one backbone pass on the workers; Align trains on its cache; every embedding comes from it
+        cache_dir = side_cache_dir(plan.align, plan.work_dir)
+        cache_done = vi["items"] | "BuildSideCache" >> BuildSideCache(
+            plan.align.encoder, plan.align.layer_stride, plan.image_root, cache_dir,
+            shard_size=plan.side_cache_shard_size, batch_size=plan.embed_batch_size, threads=plan.align.threads)
+        aligned_path = (p | "AlignTrigger" >> beam.Create([None])
+                        | "Align" >> beam.Map(align_on_cache, beam.pvalue.AsSingleton(cache_done),
+                                              beam.pvalue.AsList(train_files), plan.align, str(staging / "encoder"),
+                                              plan.work_dir, beam.pvalue.AsList(heldout_files))
+                        .with_resource_hints(**dict(plan.align_hints)))
+        kinds = ("aligned", "text") + (("image",) if enc_cfg.has_vision else ()) + \
+            (("unaligned",) if plan.unaligned else ())
+        from_cache = cache_done | "EmbedFromCache" >> EmbedFromCache(
+            cache_dir, aligned_path, kinds, unaligned_seed=plan.align.seed, threads=plan.align.threads)
+        emb = {"embeddings": from_cache["aligned"], DEAD: from_cache[DEAD]}
+        for kind in kinds:  # the modality tables go straight into the version
+            if kind in ("text", "image"):
+                _ = from_cache[kind] | f"WriteEmbeddings{kind.title()}" >> WriteEmbeddings(
+                    str(staging / f"{EMB_FILE}_{kind}"), enc_cfg.embed_dim, stage=f"write_{kind}")
     else:
+        aligned_path = (p | "AlignTrigger" >> beam.Create([None])
+                        | "Align" >> beam.Map(align_stage, beam.pvalue.AsList(vi["items"]),
+                                              beam.pvalue.AsList(train_files),
+                                              plan.align, plan.image_root, str(staging / "encoder"), plan.work_dir,
+                                              beam.pvalue.AsList(heldout_files))
+                        .with_resource_hints(**dict(plan.align_hints)))
         # the path is also the side input, so RunInference loads the model only after the align stage wrote it
         handler = encoder_handler(checkpoint=str(staging / "encoder"), batch_size=plan.embed_batch_size,
                                   num_threads=plan.align.threads)
@@ -157,9 +136,8 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
            "embeddings": emb,
            "codes": codes}
     if plan.unaligned:
-        if onepass:  # the frozen MLLM's pooled output, from the align stage's one backbone pass
-            emb_u = aligned_path | "ReadUnaligned" >> ReadEmbeddingTable(Path(plan.work_dir) / ONEPASS_DIR, "unaligned",
-                                                                         "embed_unaligned")
+        if onepass:  # the frozen MLLM's pooled output, from the same cache
+            emb_u = {"embeddings": from_cache["unaligned"], DEAD: from_cache[DEAD]}
         codes_u = emb_u["embeddings"] | "QuantizeUnaligned" >> QuantizeItems(
             plan.quant, "quantize_unaligned", codebooks_file=str(staging / "codebooks_unaligned.safetensors"),
             ivf_file=str(Path(plan.work_dir) / "vq_ivf_unaligned.safetensors"))
@@ -168,7 +146,8 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
         _ = codes_u | "WriteCodesUnaligned" >> WriteCodes(str(staging / (CODES_FILE + UNALIGNED)),
                                                           stage="write_unaligned")
         # the unaligned embedder sees the same items; its image problems are already in the aligned dead letter
-        dead.append(emb_u[DEAD] | "OnlyUnalignedNaN" >> beam.Filter(lambda r: r["reason"] == "nan_embedding"))
+        if not onepass:  # (one pass: EmbedFromCache's dead letter, already listed, holds both kinds)
+            dead.append(emb_u[DEAD] | "OnlyUnalignedNaN" >> beam.Filter(lambda r: r["reason"] == "nan_embedding"))
         out.update(embeddings_unaligned=emb_u, codes_unaligned=codes_u)
     dead_all = tuple(dead) | "DeadLetter" >> beam.Flatten()
     _ = dead_all | "WriteDeadLetter" >> WriteRejects(str(staging / "dead_letter"))

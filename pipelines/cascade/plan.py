@@ -83,6 +83,7 @@ class JobPlan:
     init_quantizer: Optional[str] = None
     loader_rejects: tuple = field(default_factory=tuple)
     align_hints: tuple = ()  # (name, value) Beam resource hints of the Align step
+    side_cache_shard_size: int = 4096  # items per hidden-state cache shard: one worker's unit of the backbone pass
 
 
 def encoder_dict(opts: CascadeOptions, seed: int) -> dict:
@@ -169,6 +170,7 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds) -> Jo
                    embed_batch_size=opts.embed_batch_size, unaligned=not opts.skip_unaligned,
                    init_quantizer=opts.init_quantizer, loader_rejects=loader_rejects,
                    align_hints=tuple((k, v) for k, v in (("min_ram", opts.align_min_ram),
-                                                         ("accelerator", opts.align_accelerator)) if v))
+                                                         ("accelerator", opts.align_accelerator)) if v),
+                   side_cache_shard_size=opts.side_cache_shard_size)
 
 

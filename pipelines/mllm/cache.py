@@ -96,7 +96,7 @@ class StateCache:
                 yield self.item_ids[start:start + step], {k: v[start:start + step] for k, v in self.states.items()}
             return
         for shard in self.shards:
-            yield _read_shard(self.cache_dir, shard)
+            yield read_shard(self.cache_dir, shard)
 
     def rows(self, ids) -> torch.Tensor:
         try:
@@ -120,6 +120,63 @@ class StateCache:
     def to(self, device) -> "StateCache":
         self._states = {k: v.to(device) for k, v in self.states.items()}
         return self
+
+
+def extract_states(encoder: SideEncoder, catalog: ItemCatalog, item_ids: np.ndarray, batch_size: int = 64,
+                   on_batch=None) -> tuple[States, ModalityStats]:
+    """The frozen backbones over ``item_ids`` (one pass, ``batch_size`` items at a time).
+
+    Returns:
+        (key -> (n, ...) float32 CPU tensors row-aligned with item_ids, the modality counts of these items).
+    """
+    encoder.eval()
+    stats = ModalityStats()
+    errors_before = catalog.image_errors.copy()
+    parts: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for start in range(0, len(item_ids), batch_size):
+            chunk = item_ids[start:start + batch_size]
+            batch = encoder.collate(catalog.inputs(chunk))
+            for t, i in zip(batch.has_text.tolist(), batch.has_image.tolist()):
+                stats.add(t, i)
+            for k, v in encoder.extractor(batch.to(encoder.device())).items():
+                parts.setdefault(k, []).append(v.float().cpu())
+            if on_batch is not None:
+                on_batch(len(chunk))
+    stats.image_errors = catalog.image_errors - errors_before
+    return {k: torch.cat(v).contiguous() for k, v in parts.items()}, stats
+
+
+def write_shard(cache_dir: Path, name: str, item_ids: np.ndarray, states: States,
+                metadata: Optional[dict] = None) -> dict:
+    """One safetensors shard (atomic); returns its manifest entry (file, n, bytes, keys).
+
+    Args:
+        metadata: small JSON-able facts stored in the safetensors header (e.g. the shard's modality counts).
+    """
+    nbytes = sum(v.numel() * v.element_size() for v in states.values())
+    tensors = {**states, "item_ids": torch.from_numpy(np.array(item_ids, dtype=np.int64))}
+    header = {"qarm": json.dumps(metadata, sort_keys=True)} if metadata else None
+    with atomic_path(Path(cache_dir) / name) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return {"file": name, "n": int(len(item_ids)), "bytes": int(nbytes), "keys": sorted(states)}
+
+
+def write_manifest(cache_dir: Path, shards: list[dict], fingerprint: str, layout: dict, encoder_config: dict,
+                   stats: dict) -> dict:
+    """The manifest, written last (atomic): a cache without one is incomplete. Shard files it does not list are
+    removed (a cache folder holds one catalog's states)."""
+    keys = sorted(shards[0]["keys"]) if shards else []
+    manifest = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "n_items": int(sum(s["n"] for s in shards)),
+                "keys": keys, "layout": layout, "encoder": encoder_config,
+                "shards": [{k: s[k] for k in ("file", "n", "bytes", "keys")} for s in shards], "stats": stats,
+                "bytes": int(sum(s.get("bytes", 0) for s in shards))}
+    atomic_write_json(Path(cache_dir) / "manifest.json", manifest)
+    listed = {s["file"] for s in shards}
+    for stale in Path(cache_dir).glob("shard-*.safetensors"):
+        if stale.name not in listed:
+            stale.unlink()
+    return manifest
 
 
 def build_cache(encoder: SideEncoder, catalog: ItemCatalog, item_ids: np.ndarray, cache_dir: Optional[Path],
@@ -147,82 +204,50 @@ def build_cache(encoder: SideEncoder, catalog: ItemCatalog, item_ids: np.ndarray
         manifest = cache_dir / "manifest.json"
         if manifest.exists():
             manifest.unlink()  # readers must never pair the old manifest with new shards
-    encoder.eval()
-    stats = ModalityStats()
-    errors_before = catalog.image_errors.copy()
-    pending: dict[str, list[torch.Tensor]] = {}
-    pending_ids: list[np.ndarray] = []
+    total = ModalityStats()
     kept: dict[str, list[torch.Tensor]] = {}  # memory-only cache
     shards: list[dict] = []
-
-    def flush(n: int):
-        """Write the first n pending rows as one shard; keep the rest pending."""
-        merged = {k: torch.cat(v) for k, v in pending.items()}
-        all_ids = np.concatenate(pending_ids)
-        part = {k: v[:n].contiguous() for k, v in merged.items()}
-        ids = all_ids[:n]
-        pending.clear()
-        pending_ids.clear()
-        if len(all_ids) > n:
-            for k, v in merged.items():
-                pending[k] = [v[n:]]
-            pending_ids.append(all_ids[n:])
-        if cache_dir is None:
-            for k, v in part.items():
-                kept.setdefault(k, []).append(v)
-            shards.append({"file": None, "n": int(len(ids))})
-            return
-        name = f"shard-{len(shards):05d}.safetensors"
-        nbytes = sum(v.numel() * v.element_size() for v in part.values())
-        part["item_ids"] = torch.from_numpy(ids.copy())
-        with atomic_path(cache_dir / name) as tmp:
-            save_file(part, str(tmp))
-        shards.append({"file": name, "n": int(len(ids)), "bytes": int(nbytes), "keys": sorted(k for k in part
-                                                                                          if k != "item_ids")})
-
     with stage("side cache", len(item_ids), progress=progress) as st:
-        n_pending = 0
-        for start in range(0, len(item_ids), batch_size):
-            chunk = item_ids[start:start + batch_size]
-            batch = encoder.collate(catalog.inputs(chunk))
-            for t, i in zip(batch.has_text.tolist(), batch.has_image.tolist()):
-                stats.add(t, i)
-            for k, v in encoder.extractor(batch.to(encoder.device())).items():
-                pending.setdefault(k, []).append(v.float().cpu())
-            pending_ids.append(chunk)
-            n_pending += len(chunk)
-            while n_pending >= shard_size:
-                flush(shard_size)
-                n_pending -= shard_size
-            st.update(len(chunk))
-        if n_pending:
-            flush(n_pending)
-        stats.image_errors = catalog.image_errors - errors_before
+        for start in range(0, len(item_ids), shard_size):  # one shard in memory at a time
+            ids = item_ids[start:start + shard_size]
+            states, counts = extract_states(encoder, catalog, ids, batch_size, on_batch=st.update)
+            total.merge(counts)
+            if cache_dir is None:
+                for k, v in states.items():
+                    kept.setdefault(k, []).append(v)
+                shards.append({"file": None, "n": int(len(ids))})
+            else:
+                shards.append(write_shard(cache_dir, f"shard-{len(shards):05d}.safetensors", ids, states))
         seconds = st.seconds
         total_bytes = sum(s.get("bytes", 0) for s in shards) if cache_dir is not None else \
             sum(v.numel() * v.element_size() for vs in kept.values() for v in vs)
         st.extra = {"MB": round(total_bytes / 2 ** 20, 1), "bytes_per_item": int(total_bytes / max(1, len(item_ids)))}
     layout = encoder.extractor.layout()
     config = encoder.config.to_dict()
-    stats = {**stats.to_dict(), "seconds": round(seconds, 3)}
+    stats = {**total.to_dict(), "seconds": round(seconds, 3)}
     if cache_dir is None:
         states = {k: torch.cat(v) for k, v in kept.items()}
         return StateCache(item_ids, states, stats, fingerprint, built=True, layout=layout,
                           encoder_config=config, shards=shards)
-    keys = sorted(shards[0]["keys"]) if shards else []
-    atomic_write_json(cache_dir / "manifest.json", {
-        "format": CACHE_FORMAT, "fingerprint": fingerprint, "n_items": int(len(item_ids)), "keys": keys,
-        "layout": layout, "encoder": config, "shards": shards, "stats": stats,
-        "bytes": int(total_bytes)})
-    listed = {s["file"] for s in shards}
-    for stale in cache_dir.glob("shard-*.safetensors"):
-        if stale.name not in listed:
-            stale.unlink()
+    write_manifest(cache_dir, shards, fingerprint, layout, config, stats)
     return StateCache(item_ids, None, stats, fingerprint, built=True, layout=layout,
                       encoder_config=config, cache_dir=cache_dir, shards=shards)
 
 
-def _read_shard(cache_dir: Path, shard: dict) -> tuple[np.ndarray, States]:
+def shard_header(path: Path) -> Optional[tuple[np.ndarray, list[str], dict]]:
+    """(item_ids, state keys, metadata) of a shard file, or None when it is absent or unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("qarm", "{}"))
+            return f.get_tensor("item_ids").numpy(), sorted(k for k in f.keys() if k != "item_ids"), meta
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError):
+        return None
+
+
+def read_shard(cache_dir: Path, shard: dict) -> tuple[np.ndarray, States]:
+    """(item_ids (n,), states) of one manifest entry."""
     path = Path(cache_dir) / shard["file"]
     if not path.is_file():
         raise FileNotFoundError(f"side cache {cache_dir}: shard {shard['file']} listed in the manifest is missing")

@@ -64,6 +64,18 @@ class ModalityStats:
         else:
             self.neither += 1
 
+    def merge(self, other: "ModalityStats") -> "ModalityStats":
+        """Add another part's counts (shards built on different workers)."""
+        for name in ("n_items", "both", "text_only", "image_only", "neither"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.image_errors.update(other.image_errors)
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModalityStats":
+        return cls(**{k: d[k] for k in ("n_items", "both", "text_only", "image_only", "neither")},
+                   image_errors=Counter(d.get("image_errors", {})))
+
     def to_dict(self) -> dict[str, Any]:
         return {"n_items": self.n_items, "both": self.both, "text_only": self.text_only,
                 "image_only": self.image_only, "neither": self.neither,

@@ -81,6 +81,23 @@ def embed_from_cache(side_model, cache: StateCache, unaligned_seed: int = 0, bat
     if layout.get("kind") != "mllm":
         raise ValueError(f"embed_from_cache: needs a side (mllm) cache, got layout kind {layout.get('kind')!r}")
     config = EncoderConfig.from_dict(cache.encoder_config)
+    heads = cache_heads(side_model, layout, config, unaligned_seed)
+    device = next(side_model.parameters()).device if side_model is not None else torch.device("cpu")
+    ids_parts, out = [], {k: [] for k in heads}
+    with stage("embed from cache", len(cache), progress=progress) as st:
+        for ids, states in cache.iter_shards():
+            for name, emb in embed_states(heads, states, batch_size, device).items():
+                out[name].append(emb)
+            st.update(len(ids))
+            ids_parts.append(ids)
+        st.extra = {"embeddings": ",".join(heads)}
+    ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
+    return {name: (ids, np.concatenate(parts) if parts else np.zeros((0, config.embed_dim), np.float32))
+            for name, parts in out.items()}
+
+
+def cache_heads(side_model, layout: dict, config: EncoderConfig, unaligned_seed: int = 0) -> dict:
+    """kind -> module mapping cached states to that embedding (see ``embed_from_cache``)."""
     heads: dict[str, torch.nn.Module] = {}
     if side_model is not None:
         side_model.eval()
@@ -90,22 +107,23 @@ def embed_from_cache(side_model, cache: StateCache, unaligned_seed: int = 0, bat
     if layout["vision_widths"]:
         heads["image"] = ModalityHead("image", layout, config.embed_dim, unaligned_seed)
     device = next(side_model.parameters()).device if side_model is not None else torch.device("cpu")
-    for name, head in heads.items():
+    for head in heads.values():
         if isinstance(head, torch.nn.Module):
             head.to(device)
-    ids_parts, out = [], {k: [] for k in heads}
-    with stage("embed from cache", len(cache), progress=progress) as st:
-        for ids, states in cache.iter_shards():
-            for start in range(0, len(ids), batch_size):
-                part = {k: v[start:start + batch_size].to(device) for k, v in states.items()}
-                for name, head in heads.items():
-                    out[name].append(head(part).float().cpu())
-                st.update(len(ids[start:start + batch_size]))
-            ids_parts.append(ids)
-        st.extra = {"embeddings": ",".join(heads)}
-    ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
-    return {name: (ids, torch.cat(parts).numpy() if parts else np.zeros((0, config.embed_dim), np.float32))
-            for name, parts in out.items()}
+    return heads
+
+
+@torch.no_grad()
+def embed_states(heads: dict, states: dict, batch_size: int = 4096, device="cpu") -> dict[str, np.ndarray]:
+    """One shard's states (key -> (n, ...)) -> kind -> (n, D) float32 embeddings (heads from ``cache_heads``, on
+    ``device``)."""
+    n = len(next(iter(states.values()))) if states else 0
+    out = {k: [] for k in heads}
+    for start in range(0, n, batch_size):
+        part = {k: v[start:start + batch_size].to(device) for k, v in states.items()}
+        for name, head in heads.items():
+            out[name].append(head(part).float().cpu())
+    return {k: torch.cat(v).numpy() if v else np.zeros((0, 0), np.float32) for k, v in out.items()}
 
 
 def write_embedding_tables(embeddings: dict, folder: Path) -> dict[str, Path]:

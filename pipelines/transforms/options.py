@@ -49,6 +49,9 @@ def add_cascade_flags(parser) -> None:
                         "same items and encoder (default: inside --work-dir)")
     g.add_argument("--side-layer-stride", type=int, default=2,
                    help="side mode: keep every k-th backbone layer (IISAN group layer-dropping)")
+    g.add_argument("--side-cache-shard-size", type=int, default=4096,
+                   help="side mode: items per hidden-state cache shard (one worker runs the frozen MLLM over one "
+                        "shard; a shard is ~19.5 KB x this for minilm-effnet)")
     g.add_argument("--side-dropout", type=float, default=0.1,
                    help="side mode: dropout inside the side network's blocks while training")
     g.add_argument("--align-batch-size", type=int, default=128, help="pairs per contrastive batch")

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 TINY = ["--n-items", "48", "--n-users", "40", "--n-events", "1600", "--n-clusters", "4", "--image-size", "16",
         "--encoder", "tiny", "--align-epochs", "1", "--align-batch-size", "32", "--rq-levels", "2", "--vq-k", "4",
-        "--torch-threads", "1", "--embed-batch-size", "32", "--seed", "0"]
+        "--torch-threads", "1", "--embed-batch-size", "32", "--seed", "0",
+        "--side-cache-shard-size", "16"]  # 3 cache shards: the backbone pass and the embedding fan out
 RUNNERS = {
     "fnapi_2_processes": ["--runner", "FnApiRunner", "--direct_num_workers", "2",
                           "--direct_running_mode", "multi_processing"],
@@ -52,6 +53,9 @@ def test_multi_worker_runner_publishes_the_same_codes(in_process, runner):
     ids_a, emb_a = ref.embeddings()
     ids_b, emb_b = got.embeddings()
     assert np.array_equal(ids_a, ids_b) and np.array_equal(emb_a, emb_b)
+    for kind in ("text", "image"):  # the modality tables, embedded shard by shard from the same cache
+        table = f"item_embeddings_{kind}"
+        assert np.array_equal(ref.embeddings(table)[1], got.embeddings(table)[1]), kind
     # the same pairs reached alignment, and the counts per trigger source agree
     assert got.manifest["metrics"]["pairs"] == ref.manifest["metrics"]["pairs"]
     assert got.manifest["metrics"]["triggers"] == ref.manifest["metrics"]["triggers"]

@@ -22,10 +22,10 @@ RUNNERS = {
                        "gs://qarm-test-bucket/staging", "--machine_type", "n1-standard-8",
                        "--align-min-ram", "16GB"],
 }
-# side mode (the default) embeds every item from the align stage's one backbone pass: ReadAligned / ReadUnaligned
-# instead of the two RunInference steps (EmbedAligned / EmbedUnaligned) of full / adapters
-STEPS = ("ReadItems", "ReadInteractions", "ValidateItems", "ValidateInteractions", "MinePairs", "Align",
-         "ReadAligned", "ReadUnaligned", "Quantize", "QuantizeUnaligned", "WriteEmbeddings", "WriteCodes",
+# side mode (the default) runs the frozen MLLM once on the workers (BuildSideCache) and embeds every item from that
+# cache (EmbedFromCache) instead of the two RunInference steps (EmbedAligned / EmbedUnaligned) of full / adapters
+STEPS = ("ReadItems", "ReadInteractions", "ValidateItems", "ValidateInteractions", "MinePairs", "WriteTrainPairs",
+         "BuildSideCache", "Align", "EmbedFromCache", "Quantize", "QuantizeUnaligned", "WriteEmbeddings", "WriteCodes",
          "WriteDeadLetter")
 
 

@@ -1,0 +1,229 @@
+"""The side mode's one backbone pass, on the workers: the frozen MLLM's hidden-state cache built shard by shard,
+and every embedding of the version read back from it shard by shard.
+
+    items -> BuildSideCache -> cache folder (safetensors shards + manifest)  -> Align (the trainer reads the cache)
+    cache folder + aligned checkpoint -> EmbedFromCache -> aligned / unaligned / text / image (item_id, (D,)) rows
+
+Shards: items go to ``ceil(N / shard_size)`` buckets by a seeded hash of the item id (the same buckets on any
+runner); each bucket is one GroupByKey value (``shard_size`` item records), encoded by one worker whose DoFn built
+the frozen MLLM once in ``setup``. A shard file is named by the fingerprint of the encoder, the state layout and
+its item ids, so a rerun over the same catalog and encoder (another cascade seed, a retry after a crash) reuses
+every shard it finds instead of running the backbones again. The manifest is written last, by one worker, from the
+shards' small records; it is the only whole-catalog object (one entry per shard).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import apache_beam as beam
+import numpy as np
+
+from pipelines.transforms.common import counter, count, reject, stage_timer
+
+log = logging.getLogger(__name__)
+DEAD = "dead_letter"
+KINDS = ("aligned", "unaligned", "text", "image")
+STAGE_OF = {"aligned": "embed", "unaligned": "embed_unaligned", "text": "embed_text", "image": "embed_image"}
+
+
+def shard_of(item_id: int, n_shards: int) -> int:
+    """Bucket of an item: a hash, not id ranges, so sparse raw ids still fill the buckets evenly."""
+    digest = hashlib.blake2b(int(item_id).to_bytes(8, "little", signed=True), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % max(1, n_shards)
+
+
+def _key_by_shard(item: dict, n_items: int, shard_size: int):
+    n_shards = -(-int(n_items) // shard_size)
+    return shard_of(int(item["item_id"]), n_shards), item
+
+
+class _ExtractShard(beam.DoFn):
+    """(bucket, item dicts) -> the shard's manifest record, after writing (or finding) its safetensors file."""
+
+    def __init__(self, encoder: dict, layer_stride: int, image_root: Optional[str], cache_dir: str,
+                 batch_size: int, threads: int):
+        self.encoder_dict, self.layer_stride, self.image_root = encoder, layer_stride, image_root
+        self.cache_dir, self.batch_size, self.threads = cache_dir, batch_size, threads
+        self._encoder = None
+
+    def setup(self):
+        import torch
+
+        from pipelines.mllm.config import EncoderConfig
+        from pipelines.mllm.side import SideConfig
+        from pipelines.mllm.side_mllm import build_mllm_side_encoder
+
+        torch.set_num_threads(self.threads)
+        self._config = EncoderConfig.from_dict(self.encoder_dict)
+        self._encoder = build_mllm_side_encoder(self._config, SideConfig(layer_stride=self.layer_stride)).eval()
+        Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
+
+    def process(self, keyed):
+        import pandas as pd
+
+        from pipelines.mllm.cache import cache_fingerprint, extract_states, shard_header, write_shard
+        from pipelines.mllm.items import ItemCatalog
+
+        _, items = keyed
+        frame = pd.DataFrame(list(items)).drop(columns=["_row"], errors="ignore")
+        frame = frame.sort_values("item_id").reset_index(drop=True)
+        ids = frame["item_id"].to_numpy(np.int64)
+        fingerprint = cache_fingerprint(self._encoder, ids)
+        name = f"shard-{fingerprint}.safetensors"
+        path = Path(self.cache_dir) / name
+        found = shard_header(path) if path.is_file() else None
+        if found is not None and np.array_equal(found[0], ids):
+            counter("side_cache", "reused").inc(len(ids))
+            _, keys, meta = found
+            yield {"file": name, "n": int(len(ids)), "bytes": int(meta.get("bytes", 0)), "keys": keys,
+                   **{k: meta[k] for k in ("stats", "layout", "encoder")}}
+            return
+        with stage_timer("side_cache"):
+            catalog = ItemCatalog(frame, Path(self.image_root) if self.image_root else None, self._config.image_size,
+                                  self._config.image_mean, self._config.image_std,
+                                  load_images=self._config.has_vision, cache_images=False)
+            states, stats = extract_states(self._encoder, catalog, ids, self.batch_size)
+            meta = {"stats": stats.to_dict(), "layout": self._encoder.extractor.layout(),
+                    "encoder": self._config.to_dict()}
+            record = write_shard(Path(self.cache_dir), name, ids, states, metadata=meta)
+            meta["bytes"] = record["bytes"]
+        counter("side_cache", "out").inc(len(ids))
+        yield {**record, **meta}
+
+
+def _write_manifest(shards: list, cache_dir: str) -> str:
+    """All shard records -> manifest.json (kept as it is when it already lists exactly these shards)."""
+    from pipelines.mllm.cache import write_manifest
+    from pipelines.mllm.items import ModalityStats
+
+    shards = sorted(shards, key=lambda s: s["file"])
+    fingerprint = hashlib.sha256(",".join(s["file"] for s in shards).encode()).hexdigest()[:20]
+    manifest_path = Path(cache_dir) / "manifest.json"
+    if manifest_path.is_file():
+        try:
+            if json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
+                return cache_dir
+        except json.JSONDecodeError:
+            pass
+    total = ModalityStats()
+    for s in shards:
+        total.merge(ModalityStats.from_dict(s["stats"]))
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    write_manifest(Path(cache_dir), shards, fingerprint, shards[0]["layout"] if shards else {},
+                   shards[0]["encoder"] if shards else {}, total.to_dict())
+    return cache_dir
+
+
+class BuildSideCache(beam.PTransform):
+    """Validated item dicts -> a one-element PCollection: the cache folder, once every shard and the manifest are
+    written (a side input for the Align step and EmbedFromCache).
+
+    Args:
+        encoder: the EncoderConfig dict of the frozen MLLM.
+        layer_stride: kept backbone layers (SideConfig.layer_stride).
+        image_root: the items' image folder.
+        cache_dir: a folder every worker can write (the work dir's ``side_cache`` or ``--side-cache-dir``).
+        shard_size: items per shard: one worker's unit of work and the memory bound of a shard.
+    """
+
+    def __init__(self, encoder: dict, layer_stride: int, image_root: Optional[str], cache_dir: str,
+                 shard_size: int = 4096, batch_size: int = 64, threads: int = 1):
+        super().__init__()
+        if shard_size < 1:
+            raise ValueError(f"BuildSideCache: shard_size must be >= 1, got {shard_size}")
+        self.encoder, self.layer_stride, self.image_root = encoder, layer_stride, image_root
+        self.cache_dir, self.shard_size, self.batch_size, self.threads = cache_dir, shard_size, batch_size, threads
+
+    def expand(self, items):
+        n_items = items | "CountItems" >> beam.combiners.Count.Globally()
+        shards = (items | "KeyByShard" >> beam.Map(_key_by_shard, beam.pvalue.AsSingleton(n_items), self.shard_size)
+                  | "GroupShards" >> beam.GroupByKey()
+                  | "ExtractShards" >> beam.ParDo(_ExtractShard(self.encoder, self.layer_stride, self.image_root,
+                                                                self.cache_dir, self.batch_size, self.threads)))
+        return (shards | "ListShards" >> beam.combiners.ToList()
+                | "WriteManifest" >> beam.Map(_write_manifest, self.cache_dir))
+
+
+class _EmbedShard(beam.DoFn):
+    """A manifest shard record -> (item_id, emb) per kind (tagged outputs), non-finite aligned / unaligned rows
+    to the dead letter. The trained side head is loaded once per worker and checkpoint."""
+
+    def __init__(self, cache_dir: str, unaligned_seed: int, kinds: tuple, threads: int):
+        self.cache_dir, self.unaligned_seed, self.kinds, self.threads = cache_dir, unaligned_seed, kinds, threads
+        self._loaded = None
+
+    def _heads(self, checkpoint: str):
+        import torch
+
+        from pipelines.mllm.align import load_side_head
+        from pipelines.mllm.cache import load_cache
+        from pipelines.mllm.checkpoint import resolve_checkpoint
+        from pipelines.mllm.config import EncoderConfig
+        from pipelines.mllm.onepass import cache_heads
+
+        if self._loaded is None or self._loaded[0] != checkpoint:
+            torch.set_num_threads(self.threads)
+            cache = load_cache(Path(self.cache_dir))
+            head = load_side_head(cache, resolve_checkpoint(Path(checkpoint)))[1] if "aligned" in self.kinds else None
+            heads = cache_heads(head, cache.layout, EncoderConfig.from_dict(cache.encoder_config),
+                                self.unaligned_seed)
+            self._loaded = (checkpoint, {k: v for k, v in heads.items() if k in self.kinds})
+        return self._loaded[1]
+
+    def process(self, shard: dict, checkpoint: str):
+        from pipelines.mllm.cache import read_shard
+        from pipelines.mllm.onepass import embed_states
+
+        heads = self._heads(checkpoint)
+        with stage_timer("embed"):
+            ids, states = read_shard(Path(self.cache_dir), shard)
+            out = embed_states(heads, states)
+        for kind, emb in out.items():
+            ok = np.isfinite(emb).all(axis=1)
+            for item_id, vec, good in zip(ids.tolist(), emb, ok.tolist()):
+                if good:
+                    yield beam.pvalue.TaggedOutput(kind, (int(item_id), vec))
+                elif kind in ("aligned", "unaligned"):
+                    yield beam.pvalue.TaggedOutput(DEAD, reject(
+                        STAGE_OF[kind], "items", "nan_embedding", item_id=item_id, item_dense_id=item_id,
+                        detail=f"non-finite {kind} embedding"))
+                else:
+                    counter(STAGE_OF[kind], "nonfinite").inc(1)
+
+
+def _shard_records(cache_dir: str):
+    manifest = json.loads((Path(cache_dir) / "manifest.json").read_text())
+    yield from manifest["shards"]
+
+
+class EmbedFromCache(beam.PTransform):
+    """The cache folder (BuildSideCache's output) -> {kind: (item_id, (D,) float32) rows, "dead_letter": rejects}.
+
+    Each shard is embedded by one worker after Align finished (the checkpoint path is a side input); no worker
+    holds more than one shard of states.
+
+    Args:
+        checkpoint: the Align step's output (the aligned checkpoint folder), or None for the behaviour-free kinds
+            only.
+        kinds: which embeddings (aligned needs ``checkpoint``; image only with a vision tower).
+        unaligned_seed: seed of the fixed maps of the unaligned / text / image embeddings.
+    """
+
+    def __init__(self, cache_dir: str, checkpoint, kinds: tuple = KINDS, unaligned_seed: int = 0, threads: int = 1):
+        super().__init__()
+        self.cache_dir, self.checkpoint, self.kinds = cache_dir, checkpoint, tuple(kinds)
+        self.unaligned_seed, self.threads = unaligned_seed, threads
+
+    def expand(self, cache_done):
+        shards = (cache_done | "ListShards" >> beam.FlatMap(_shard_records)
+                  | "SpreadShards" >> beam.Reshuffle())
+        rows = shards | "EmbedShards" >> beam.ParDo(
+            _EmbedShard(self.cache_dir, self.unaligned_seed, self.kinds, self.threads),
+            beam.pvalue.AsSingleton(self.checkpoint)).with_outputs(*self.kinds, DEAD)
+        out = {kind: rows[kind] | f"Count{kind.title()}" >> count(STAGE_OF[kind], "out") for kind in self.kinds}
+        out[DEAD] = rows[DEAD]
+        return out

@@ -1,0 +1,104 @@
+"""The side cache built and read on the workers equals the in-process one-pass API (pipelines.mllm.onepass)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.mllm import EncoderConfig
+from pipelines.mllm.align import AlignConfig, train_side
+from pipelines.mllm.cache import load_cache
+from pipelines.mllm.items import ItemCatalog
+from pipelines.mllm.onepass import build_mllm_cache, embed_from_cache
+from pipelines.mllm.side import SideConfig
+from pipelines.transforms.side_cache import BuildSideCache, EmbedFromCache, shard_of
+
+TINY = EncoderConfig.named("tiny")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from pipelines.data import load_dataset
+    from pipelines.data.schema import DataSpec
+    from pipelines.pairs import PairConfig, mine_pairs
+
+    folder = tmp_path_factory.mktemp("side_cache_world")
+    ds = load_dataset(DataSpec(dataset="synthetic", data=str(folder), n_items=40, n_users=30, n_events=1200,
+                               n_clusters=4, image_size=16, seed=0))
+    pairs = mine_pairs(ds.interactions, PairConfig(heldout_frac=0.0, min_support=2)).train
+    return ds, pairs
+
+
+def _run_build(ds, cache_dir, shard_size=16):
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    records = ds.items.to_dict("records")
+    with TestPipeline("FnApiRunner") as p:
+        _ = (p | beam.Create(records)
+             | BuildSideCache(TINY.to_dict(), 2, str(ds.image_root), str(cache_dir), shard_size=shard_size,
+                              batch_size=8))
+
+
+def test_worker_built_cache_holds_the_in_process_states(world, tmp_path):
+    ds, _ = world
+    _run_build(ds, tmp_path / "beam")
+    beam_cache = load_cache(tmp_path / "beam")
+    assert len(beam_cache.shards) == 3 and len(beam_cache) == 40  # 40 items / 16 per shard
+    ref = build_mllm_cache(TINY, ItemCatalog.from_dataset(ds, TINY), SideConfig(layer_stride=2),
+                           cache_dir=tmp_path / "ref", progress=False)
+    assert beam_cache.layout == ref.layout and beam_cache.stats["n_items"] == ref.stats["n_items"] == 40
+    ids = ref.item_ids
+    for key, want in ref.gather(ids).items():
+        torch.testing.assert_close(beam_cache.gather(ids)[key], want, rtol=1e-4, atol=1e-5)
+    # every shard holds the items of its hash bucket
+    for shard in beam_cache.shards:
+        from pipelines.mllm.cache import read_shard
+
+        shard_ids, _ = read_shard(tmp_path / "beam", shard)
+        assert len({shard_of(i, 3) for i in shard_ids.tolist()}) == 1
+
+
+def test_a_rerun_reuses_every_shard_and_the_manifest(world, tmp_path):
+    ds, _ = world
+    _run_build(ds, tmp_path / "c")
+    files = sorted((tmp_path / "c").glob("*"))
+    stamps = {f.name: f.stat().st_mtime_ns for f in files}
+    _run_build(ds, tmp_path / "c")
+    assert {f.name: f.stat().st_mtime_ns for f in sorted((tmp_path / "c").glob("*"))} == stamps
+    # another shard size is another set of shards: the old files are swept when the new manifest lands
+    _run_build(ds, tmp_path / "c", shard_size=25)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 2
+    assert sorted(p.name for p in (tmp_path / "c").glob("shard-*")) == sorted(s["file"] for s in manifest["shards"])
+
+
+def test_embed_from_cache_on_the_workers_equals_the_in_process_embedding(world, tmp_path):
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    ds, pairs = world
+    _run_build(ds, tmp_path / "c")
+    cache = load_cache(tmp_path / "c")
+    cfg = AlignConfig(mode="side", epochs=1, batch_size=16, progress=False, side=SideConfig(layer_stride=2))
+    result = train_side(cache, pairs, None, cfg, out_dir=tmp_path / "run")
+    want = embed_from_cache(result.encoder, load_cache(tmp_path / "c"), progress=False)
+    with TestPipeline("FnApiRunner") as p:
+        done = p | "Cache" >> beam.Create([str(tmp_path / "c")])
+        ckpt = p | "Ckpt" >> beam.Create([str(tmp_path / "run")])
+        out = done | EmbedFromCache(str(tmp_path / "c"), ckpt, ("aligned", "unaligned", "text", "image"))
+        for kind in ("aligned", "unaligned", "text", "image"):
+            _ = (out[kind] | f"Keep{kind}" >> beam.combiners.ToList()
+                 | f"Store{kind}" >> beam.Map(_save, str(tmp_path / f"{kind}.npz")))
+        assert_that(out["dead_letter"], equal_to([]), label="NoDeadLetter")
+    assert set(want) == {"aligned", "unaligned", "text", "image"}
+    for kind, (ids, emb) in want.items():
+        saved = np.load(tmp_path / f"{kind}.npz")
+        order = np.argsort(saved["ids"])
+        assert np.array_equal(saved["ids"][order], np.sort(ids)), kind
+        np.testing.assert_allclose(saved["emb"][order], emb[np.argsort(ids)], rtol=1e-5, atol=1e-6)
+
+
+def _save(rows, path):
+    np.savez(path, ids=np.array([r[0] for r in rows], np.int64), emb=np.stack([r[1] for r in rows]))
