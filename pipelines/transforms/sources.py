@@ -6,8 +6,11 @@ chunks (Parquet record batches, CSV chunks read as strings like the loader) and 
 in the concatenated table (files in name order), exactly `pipelines.data.io.read_table`'s row index, plus its part
 file and row inside that file for rejects. No worker holds more than one chunk.
 
-Not wired into the cascade job yet: the job still reads the loader's snapshot (docs/RUNNERS.md, "What the driver
-still holds"); this is the reading half of that change (tests/pipelines/test_sources.py).
+The cascade job reads the generic Parquet / CSV source through it (``frames=True``: one DataFrame per chunk,
+parsed by `pipelines.transforms.read_source.ReadSource` with the loader's own parsing); presets generated in the
+driver (synthetic, movielens) still go through the loader's snapshot. What remains bounded is documented in
+docs/RUNNERS.md, "What the driver still holds": the string-id maps (a side input of every distinct string id)
+and the window events the driver's metrics read (tests/pipelines/test_sources.py).
 """
 from __future__ import annotations
 
