@@ -137,18 +137,58 @@ def global_cuts(ts: np.ndarray, valid_frac: float, test_frac: float) -> tuple[in
 # alignment, codebooks) were fitted under, and every consumer (ranker, ablation, retrieval) checks it against the
 # split it evaluates on before trusting the version's tables.
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: data_sha256 / train_sha256 are order-independent multiset digests (combinable)
+
+FINGERPRINT_COLUMNS = (("user_id", np.int64), ("item_id", np.int64), ("ts", np.int64), ("label", np.float32))
+_LANE2_KEY = "qarm-protocol-v2"  # 16 bytes: the second lane's siphash key
+_MASK = (1 << 64) - 1
+
+
+def fingerprint_partial(frame: pd.DataFrame, columns=FINGERPRINT_COLUMNS) -> tuple[int, int, int]:
+    """(rows, lane1, lane2) of a block of rows: the combinable part of `interactions_fingerprint`.
+
+    Each row (by default user_id, item_id, ts as int64, label as float32; ``columns`` names others as
+    (column, numpy dtype or object), object columns hashed as text with None distinct from "") is hashed to 64
+    bits (pandas' siphash of the row); lane1 sums those hashes, lane2 sums a second keyed hash of them, both mod
+    2**64. Sums do not depend on row order, so blocks read anywhere (Beam workers) merge with
+    `fingerprint_merge` into the whole table's digest.
+    """
+    n = len(frame)
+    if n == 0:
+        return (0, 0, 0)
+    cols = {}
+    for c, t in columns:
+        if t is object:
+            cols[c] = np.array(["\x00" if v is None or (isinstance(v, float) and np.isnan(v)) else "\x01" + str(v)
+                                for v in frame[c].tolist()], dtype=object)
+        else:
+            cols[c] = frame[c].to_numpy(dtype=t)
+    h = pd.util.hash_pandas_object(pd.DataFrame(cols), index=False).to_numpy(np.uint64)
+    h2 = pd.util.hash_array(h, hash_key=_LANE2_KEY)
+    return (int(n), int(h.sum(dtype=np.uint64)), int(h2.sum(dtype=np.uint64)))  # uint64 sums wrap mod 2**64
+
+
+def fingerprint_merge(parts) -> tuple[int, int, int]:
+    """Sum of `fingerprint_partial` tuples (the combine step)."""
+    n = l1 = l2 = 0
+    for a, b, c in parts:
+        n, l1, l2 = n + int(a), (l1 + int(b)) & _MASK, (l2 + int(c)) & _MASK
+    return (n, l1, l2)
+
+
+def fingerprint_hex(partial) -> str:
+    """The digest of merged partials: sha256 over the row count and both lane sums."""
+    import hashlib
+
+    n, l1, l2 = partial
+    return hashlib.sha256(f"qarm-events/2:{int(n)}:{int(l1)}:{int(l2)}".encode()).hexdigest()
 
 
 def interactions_fingerprint(interactions: pd.DataFrame) -> str:
-    """sha256 of the contract columns (user_id, item_id, ts, label) in ts order: the data a split is over."""
-    import hashlib
-
-    frame = interactions.sort_values(["ts", "user_id", "item_id"], kind="stable")
-    h = hashlib.sha256()
-    for col, dtype in (("user_id", np.int64), ("item_id", np.int64), ("ts", np.int64), ("label", np.float32)):
-        h.update(np.ascontiguousarray(frame[col].to_numpy(dtype=dtype)).tobytes())
-    return h.hexdigest()
+    """Digest of the contract columns (user_id, item_id, ts, label) as a multiset of rows: the data a split is
+    over. Row order does not matter (a repeated row counts twice), so workers compute it as a combine
+    (`pipelines.transforms.protocol.ProtocolRecord`) and the ranker re-derives it from the loaded log."""
+    return fingerprint_hex(fingerprint_partial(interactions))
 
 
 def protocol_record(interactions: pd.DataFrame, cfg: SplitConfig) -> dict:

@@ -2,9 +2,11 @@
 
 One Beam pipeline, every step labelled::
 
-    ReadItems / ReadInteractions (Parquet snapshot of the loaded source)
-      -> ValidateItems / ValidateInteractions (bad records -> dead letter, merged with the loader's rejects)
-      -> ProtocolParts (each event's protocol part, computed on the workers; the driver checks the counts)
+    ReadSource (generic Parquet / CSV: read and parsed on the workers) or ReadItems / ReadInteractions (Parquet
+    snapshot of a preset loaded in the driver)
+      -> ValidateItems / ValidateInteractions (bad records -> dead letter, merged with the parse / loader rejects)
+      -> ProtocolParts / ProtocolRecord (each event's protocol part and the protocol record as one combine, on the
+                    workers; WindowEvents writes the valid / test events the driver's metrics read)
       -> TrainPortion (only the protocol's train events go on: nothing downstream sees valid / test)
       -> EmbedUnaligned (pre-trained encoder: the unaligned tables and the trigger fallback)
       -> MinePairs (capped Swing + trigger->target pairs by the collaborative model's similarity; the latest

@@ -13,7 +13,10 @@ from pipelines.transforms.common import count
 EMB_FILE, CODES_FILE = "item_embeddings", "item_codes"
 UNALIGNED = "_unaligned"
 TRAIN_PAIRS, HELDOUT_PAIRS = "train_pairs", "heldout_pairs"  # <work_dir>/<name>.parquet: the trainer's inputs
-PROTOCOL_COUNTS = "protocol_counts.json"  # in the work dir: the workers' protocol counts, checked by the driver
+# in the work dir: what the workers computed over the whole log for the driver (protocol record, watermark, items
+# digest) and the valid / test window events the driver's metrics read (pipelines.cascade.metrics)
+SOURCE_SUMMARY = "source_summary.json"
+WINDOW_EVENTS = "window_events"
 
 
 def _write_json(record: dict, path: str) -> str:
@@ -41,6 +44,20 @@ class TrainPortion(beam.PTransform):
                 | "KeepTrain" >> beam.FlatMap(_train_events))
 
 
+def _summary(_, record: dict, items_sha: str) -> dict:
+    return {**record, "items_sha256": items_sha}  # {"protocol", "max_ts", "items_sha256"}
+
+
+def _write_windows(rows, prefix: str):
+    import pyarrow as pa
+
+    from pipelines.transforms.protocol import WINDOW_FIELDS
+
+    schema = pa.schema([pa.field(f, pa.float32() if f == "label" else pa.int64()) for f in WINDOW_FIELDS])
+    return rows | "WriteParquet" >> beam.io.WriteToParquet(prefix, schema, file_name_suffix=".parquet", num_shards=1,
+                                                           shard_name_template="")
+
+
 def _train_events(keyed):
     _, grouped = keyed
     if list(grouped["part"]) == [0]:
@@ -53,7 +70,7 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     from pipelines.mllm.model_io import build_for_mode
     from pipelines.transforms.embed import EmbedItems, encoder_handler
     from pipelines.transforms.pairs import MinePairs
-    from pipelines.transforms.protocol import ProtocolParts, ProtocolSummary
+    from pipelines.transforms.protocol import ItemsDigest, ProtocolParts, ProtocolRecord, WindowEvents
     from pipelines.transforms.quantize import QuantizeItems
     from pipelines.transforms.side_cache import BuildSideCache, EmbedFromCache
     from pipelines.transforms.validate import DEAD, ValidateInteractions, ValidateItems
@@ -61,19 +78,35 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
 
     staging = Path(plan.staging)
     enc_cfg = EncoderConfig.from_dict(plan.align.encoder)
-    items = p | "ReadItems" >> beam.io.ReadFromParquet(plan.items_path)
-    interactions = p | "ReadInteractions" >> beam.io.ReadFromParquet(plan.interactions_path)
-    loader_rejects = p | "LoaderRejects" >> beam.Create(list(plan.loader_rejects))
+    if plan.source is None:  # the loader's snapshot, read back in parallel and validated again
+        items = p | "ReadItems" >> beam.io.ReadFromParquet(plan.items_path)
+        interactions = p | "ReadInteractions" >> beam.io.ReadFromParquet(plan.interactions_path)
+        loader_rejects = p | "LoaderRejects" >> beam.Create(list(plan.loader_rejects))
+        check_share, order = plan.max_bad_fraction, ("_row",)
+    else:  # the generic source read and parsed on the workers (the parse step checks the bad share)
+        from pipelines.transforms.read_source import ReadSource
+
+        src = p | "ReadSource" >> ReadSource(plan.source)
+        items, interactions, loader_rejects = src["items"], src["interactions"], src[DEAD]
+        # inside one (user, ts) the loader's table is in (item, file row, table row) order
+        check_share, order = None, ("item_id", "_file_row", "_row")
 
     vi = items | "ValidateItems" >> ValidateItems(plan.image_root, plan.image_check, plan.require_image,
-                                                  max_bad_fraction=plan.max_bad_fraction)
-    vx = interactions | "ValidateInteractions" >> ValidateInteractions(vi["items"],
-                                                                       max_bad_fraction=plan.max_bad_fraction)
-    # the protocol's part of every source row, on the workers (= feature_store.split.split_labels)
-    parted = interactions | "ProtocolParts" >> ProtocolParts(plan.split)
-    _ = (parted | "ProtocolSummary" >> ProtocolSummary()
-         | "WriteProtocolCounts" >> beam.Map(_write_json, str(Path(plan.work_dir) / PROTOCOL_COUNTS)))
+                                                  max_bad_fraction=check_share)
+    vx = interactions | "ValidateInteractions" >> ValidateInteractions(vi["items"], max_bad_fraction=check_share,
+                                                                       dedupe=plan.source is not None)
+    # the protocol's part of every event, on the workers (= feature_store.split.split_labels over the loader's
+    # table: the snapshot itself, or the validated records of the worker path)
+    protocol_rows = interactions if plan.source is None else vx["interactions"]
+    parted = protocol_rows | "ProtocolParts" >> ProtocolParts(plan.split, order)
     train = vx["interactions"] | "TrainPortion" >> TrainPortion(parted)
+    record = parted | "ProtocolRecord" >> ProtocolRecord(plan.split)
+    items_sha = vi["items"] | "ItemsDigest" >> ItemsDigest()
+    _ = (p | "SummaryTrigger" >> beam.Create([None])
+         | "SourceSummary" >> beam.Map(_summary, beam.pvalue.AsSingleton(record), beam.pvalue.AsSingleton(items_sha))
+         | "WriteSourceSummary" >> beam.Map(_write_json, str(Path(plan.work_dir) / SOURCE_SUMMARY)))
+    _ = (parted | "WindowEvents" >> WindowEvents(plan.pairs.positive_label, order)
+         | "WriteWindowEvents" >> beam.ptransform_fn(_write_windows)(str(Path(plan.work_dir) / WINDOW_EVENTS)))
     emb_u = None
     onepass = one_pass(plan.align)
     if plan.unaligned and not onepass:  # behaviour-free, so it may feed pair mining (the trigger fallback)

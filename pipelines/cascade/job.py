@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shutil
@@ -15,8 +16,8 @@ import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 from pipelines.cascade.config import job_config
-from pipelines.cascade.graph import HELDOUT_PAIRS, TRAIN_PAIRS, build_graph
-from pipelines.cascade.metrics import post_metrics
+from pipelines.cascade.graph import HELDOUT_PAIRS, SOURCE_SUMMARY, TRAIN_PAIRS, build_graph
+from pipelines.cascade.metrics import post_metrics, read_window_events
 from pipelines.cascade.plan import make_plan
 from pipelines.transforms.common import read_counters, read_stage_metrics
 from pipelines.transforms.options import CascadeOptions, cli_parser_flags, data_spec
@@ -33,9 +34,8 @@ DEFAULT_RUNNER = "FnApiRunner"
 def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipeline=None) -> dict:
     """Run the whole job; returns the summary (per-stage counts/seconds, dead letter, metrics, version)."""
     from feature_store import FeatureStore
-    from feature_store.split import protocol_record
+    from pipelines.transforms.read_source import source_plan
     from pipelines.data import load_dataset
-    from pipelines.transforms.report import fingerprint
 
     t_job = time.perf_counter()
     opts = options.view_as(CascadeOptions)
@@ -47,19 +47,23 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
         std.runner = DEFAULT_RUNNER
     spec = data_spec(options)
     t0 = time.perf_counter()
-    ds = load_dataset(spec)
-    stages = {"read_sources": {"in": int(len(ds.items) + len(ds.interactions) + len(ds.rejects)),
-                               "out": int(len(ds.items) + len(ds.interactions)), "rejected": int(len(ds.rejects)),
-                               "seconds": round(time.perf_counter() - t0, 3)}}
-    data_sha = fingerprint(ds.items, ds.interactions)
+    # the generic Parquet / CSV source is read and parsed on the workers; presets generated or loaded in the
+    # driver (synthetic, movielens) go through the loader and its snapshot
+    source = source_plan(spec) if reads_on_workers(spec, opts) else None
+    ds = None if source is not None else load_dataset(spec)
+    stages = {}
+    if ds is not None:
+        stages["read_sources"] = {"in": int(len(ds.items) + len(ds.interactions) + len(ds.rejects)),
+                                  "out": int(len(ds.items) + len(ds.interactions)), "rejected": int(len(ds.rejects)),
+                                  "seconds": round(time.perf_counter() - t0, 3)}
+    dataset_name = ds.name if ds is not None else source.name
     own_work = opts.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="qarm-cascade-")) if own_work else Path(opts.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     store = FeatureStore(opts.store)
     try:
         with store.stage() as st:
-            plan = make_plan(options, st.path, work_dir, ds)
-            config = job_config(plan, spec, data_sha)
+            plan = make_plan(options, st.path, work_dir, ds, source=source)
             p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
             build_graph(p, plan)
             t_run = time.perf_counter()
@@ -74,16 +78,20 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
             dead_counts = {str(k): int(v) for k, v in dead["reason"].value_counts().sort_index().items()}
             heldout = pd.read_parquet(work_dir / f"{HELDOUT_PAIRS}.parquet")
             train_n = pq.ParquetFile(work_dir / f"{TRAIN_PAIRS}.parquet").metadata.num_rows
-            metrics = post_metrics(Path(st.path), plan, heldout, ds.interactions)
+            metrics = post_metrics(Path(st.path), plan, heldout, read_window_events(work_dir))
             metrics["pairs"] = {"train": int(train_n), "align_valid": int(len(heldout))}
             metrics["triggers"] = trigger_counts(result, plan)
             metrics["dead_letter"] = dead_counts
             metrics["counts"] = {k: v for k, v in stages.items()}
-            watermark = int(ds.interactions["ts"].max()) if len(ds.interactions) else None
-            protocol = protocol_record(ds.interactions, plan.split)
-            check_protocol_counts(work_dir, protocol)
+            summary_rec = json.loads((work_dir / SOURCE_SUMMARY).read_text())
+            protocol = summary_rec["protocol"]
+            if ds is not None:  # the loader's table is in the driver: the workers' record must equal its own
+                check_protocol_record(ds.interactions, plan.split, protocol)
+            watermark = summary_rec["max_ts"]
+            data_sha = hashlib.sha256(f"{summary_rec['items_sha256']}:{protocol['data_sha256']}".encode()).hexdigest()
+            config = job_config(plan, spec, data_sha)
             version = st.publish(config=config, metrics=metrics,
-                                 extra={"watermark": watermark, "dataset": ds.name,
+                                 extra={"watermark": watermark, "dataset": dataset_name,
                                         "pipeline_seconds": pipeline_seconds,
                                         "protocol": protocol})
             stages["publish"] = {"in": 1, "out": 1, "rejected": 0, "seconds": round(time.perf_counter() - t_pub, 3)}
@@ -92,7 +100,7 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
             shutil.rmtree(work_dir, ignore_errors=True)
     summary = {
         "version": version.id, "store": str(Path(opts.store).resolve()), "config_sha256": version.manifest[
-            "config_sha256"], "watermark": watermark, "dataset": ds.name, "runner": str(std.runner),
+            "config_sha256"], "watermark": watermark, "dataset": dataset_name, "runner": str(std.runner),
         "stages": stages, "dead_letter": dead_counts, "dead_letter_total": int(sum(dead_counts.values())),
         "metrics": {k: v for k, v in metrics.items() if k not in ("counts", "dead_letter")},
         "pipeline_seconds": pipeline_seconds, "seconds": round(time.perf_counter() - t_job, 3),
@@ -100,19 +108,26 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
     return summary
 
 
-def check_protocol_counts(work_dir: Path, protocol: dict) -> None:
-    """The workers' protocol parts must give the driver's protocol record (same events, train events, last train
-    ts); a mismatch means the job trained on another split than the manifest would record: nothing is published."""
-    from pipelines.cascade.graph import PROTOCOL_COUNTS
+def reads_on_workers(spec, opts) -> bool:
+    """--read-sources auto (default): the generic source is read on the workers, presets in the driver."""
+    mode = getattr(opts, "read_sources", None) or "auto"
+    if mode == "workers" and spec.dataset != "generic":
+        raise ValueError(f"--read-sources workers reads the generic Parquet / CSV source; --dataset {spec.dataset} "
+                         "is generated or loaded in the driver (use --read-sources auto or driver)")
+    return spec.dataset == "generic" and mode != "driver"
 
-    path = Path(work_dir) / PROTOCOL_COUNTS
-    if not path.exists():  # an empty source: nothing was counted
-        return
-    got = json.loads(path.read_text())
-    want = {k: protocol[k] for k in ("events", "train_events", "train_max_ts")}
+
+def check_protocol_record(interactions: pd.DataFrame, split, got: dict) -> None:
+    """The protocol record the workers computed (`pipelines.transforms.protocol.ProtocolRecord`) must equal
+    `feature_store.split.protocol_record` of the driver's table; a mismatch means the job trained on another
+    split than the manifest would record: nothing is published."""
+    from feature_store.split import protocol_record
+
+    want = protocol_record(interactions, split)
     if got != want:
-        raise RuntimeError(f"protocol parts computed on the workers {got} differ from the protocol record {want}; "
-                           "nothing published")
+        diff = {k: (got.get(k), want.get(k)) for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)}
+        raise RuntimeError(f"protocol record computed on the workers differs from the driver's (workers, driver): "
+                           f"{diff}; nothing published")
 
 
 def trigger_counts(result, plan) -> dict:

@@ -7,8 +7,10 @@ the protocol's validation and test windows (which no behaviour-learned stage saw
 - ``align_valid_<enc>``: the alignment's own validation pairs (later train-portion pairs, looked up in the
   training graph): a training diagnostic, not evidence.
 
-The windows' events are read in the driver: a documented bound (they are the protocol's last valid_frac +
-test_frac of the log), while the train portion never is.
+The driver reads only what the workers wrote for it (`pipelines.transforms.protocol.WindowEvents`, the work
+dir's ``window_events.parquet``): every event of the two windows and each user's last train positive (the query
+of that user's first window positive). That is the documented bound: the protocol's last valid_frac + test_frac
+of the log plus one row per user; the train portion never reaches the driver.
 """
 from __future__ import annotations
 
@@ -18,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from feature_store.split import split_labels
-from pipelines.cascade.graph import CODES_FILE, EMB_FILE, UNALIGNED
+from pipelines.cascade.graph import CODES_FILE, EMB_FILE, UNALIGNED, WINDOW_EVENTS
 from pipelines.cascade.plan import JobPlan
 
 log = logging.getLogger("pipelines.cascade")
@@ -41,14 +42,28 @@ def window_pairs(interactions: pd.DataFrame, part: np.ndarray, window: int, plan
     return pd.DataFrame({"left": np.minimum(a, b), "right": np.maximum(a, b)}).drop_duplicates(ignore_index=True)
 
 
-def post_metrics(staging: Path, plan: JobPlan, align_valid: pd.DataFrame, interactions: pd.DataFrame) -> dict:
-    """Metrics of the staged version (see the module docstring)."""
+def read_window_events(work_dir: Path) -> pd.DataFrame:
+    """The workers' window events (user_id, item_id, ts, label float32, part), in the loader's row order (ts,
+    user, item, then the source's row order): the order `next_item_queries` breaks ts ties by."""
+    frame = pd.read_parquet(Path(work_dir) / f"{WINDOW_EVENTS}.parquet")
+    frame = frame.sort_values(["ts", "user_id", "item_id", "o_file", "o_row"], kind="stable").reset_index(drop=True)
+    return frame.astype({"user_id": "int64", "item_id": "int64", "ts": "int64", "label": "float32",
+                         "part": "int8"}).drop(columns=["o_file", "o_row"])
+
+
+def post_metrics(staging: Path, plan: JobPlan, align_valid: pd.DataFrame, windows: pd.DataFrame) -> dict:
+    """Metrics of the staged version (see the module docstring).
+
+    Args:
+        windows: `read_window_events`: the valid / test events and each user's last train positive, with ``part``.
+    """
     from feature_store.tables import read_codes, read_embeddings
     from pipelines.mllm.evaluate import next_item_queries, next_item_recall, pair_retrieval
     from pipelines.transforms.report import code_metrics
     from safetensors.numpy import load_file
 
-    part = split_labels(interactions, plan.split)
+    interactions = windows
+    part = windows["part"].to_numpy()
     positive = interactions["label"].to_numpy() >= plan.pairs.positive_label
     queries = {w: next_item_queries(interactions[positive], (part == code)[positive]) for w, code in WINDOWS.items()}
     pairs = {w: window_pairs(interactions, part, code, plan) for w, code in WINDOWS.items()}

@@ -84,6 +84,9 @@ class JobPlan:
     loader_rejects: tuple = field(default_factory=tuple)
     align_hints: tuple = ()  # (name, value) Beam resource hints of the Align step
     side_cache_shard_size: int = 4096  # items per hidden-state cache shard: one worker's unit of the backbone pass
+    # the generic source read on the workers (`pipelines.transforms.read_source`); None: the loader's snapshot
+    # at items_path / interactions_path
+    source: Optional[object] = None
 
 
 def encoder_dict(opts: CascadeOptions, seed: int) -> dict:
@@ -113,8 +116,10 @@ def with_raw_ids(frame: pd.DataFrame, id_maps: dict, fields: tuple) -> pd.DataFr
     return out
 
 
-def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds) -> JobPlan:
-    """Resolve options + the loaded dataset into a JobPlan (validates every config before anything runs)."""
+def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, source=None) -> JobPlan:
+    """Resolve options + the loaded dataset (or, for the worker path, `source`: a
+    `pipelines.transforms.read_source.SourcePlan`, with ds None) into a JobPlan (validates every config before
+    anything runs)."""
     from pipelines.transforms.report import snapshot
     from pipelines.transforms.common import reject
 
@@ -148,10 +153,22 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds) -> Jo
                       side_dropout=opts.side_dropout, nproc=opts.align_nproc)
     if opts.init_quantizer and not Path(opts.init_quantizer).exists():
         raise FileNotFoundError(f"--init-quantizer {opts.init_quantizer}: no such folder")
+    common = dict(staging=str(staging), work_dir=str(work_dir), pairs=pairs, quant=quant, align=align, split=split,
+                  embed_batch_size=opts.embed_batch_size, unaligned=not opts.skip_unaligned,
+                  init_quantizer=opts.init_quantizer,
+                  align_hints=tuple((k, v) for k, v in (("min_ram", opts.align_min_ram),
+                                                        ("accelerator", opts.align_accelerator)) if v),
+                  side_cache_shard_size=opts.side_cache_shard_size)
+    if source is not None:  # the workers read, parse and validate the source: nothing is snapshotted
+        spec = data_spec(options)
+        return JobPlan(items_path="", interactions_path="", image_root=source.image_root,
+                       image_check=spec.validate_images, require_image=bool(spec.require_image),
+                       max_bad_fraction=source.max_bad_fraction, source=source, **common)
     items_path = snapshot(with_raw_ids(ds.items, ds.id_maps, ("item_id",)), work_dir / "items.parquet")
     # the protocol's part of every event (0 train, 1 valid, 2 test) is computed in the pipeline (ProtocolParts)
     inter_path = snapshot(with_raw_ids(ds.interactions, ds.id_maps, ("user_id", "item_id")),
                           work_dir / "interactions.parquet")
+
     def known(value):
         return None if value is None or pd.isna(value) else value
 
@@ -165,12 +182,5 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds) -> Jo
                    image_root=str(ds.image_root) if ds.image_root else None,
                    image_check=ds.spec.validate_images if ds.spec else "header",
                    require_image=bool(ds.spec.require_image) if ds.spec else False,
-                   staging=str(staging), work_dir=str(work_dir), pairs=pairs, quant=quant, align=align, split=split,
                    max_bad_fraction=ds.spec.max_bad_fraction if ds.spec else None,
-                   embed_batch_size=opts.embed_batch_size, unaligned=not opts.skip_unaligned,
-                   init_quantizer=opts.init_quantizer, loader_rejects=loader_rejects,
-                   align_hints=tuple((k, v) for k, v in (("min_ram", opts.align_min_ram),
-                                                         ("accelerator", opts.align_accelerator)) if v),
-                   side_cache_shard_size=opts.side_cache_shard_size)
-
-
+                   loader_rejects=loader_rejects, **common)

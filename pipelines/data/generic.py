@@ -154,8 +154,9 @@ def apply_overrides(mapping: dict, overrides) -> dict:
     return out
 
 
-def load_generic(spec: DataSpec) -> Dataset:
-    """Load a user's item catalog + interaction log (see the module docstring for the mapping)."""
+def resolve_generic(spec: DataSpec) -> dict:
+    """The generic source's settings from the spec and mapping, before anything is read: table paths, column
+    maps, attributes, and which columns each table needs (required) or reads when present (optional)."""
     mapping = apply_overrides(read_mapping(spec.mapping), spec.column_map)
     items_path = spec.items or _path_from(mapping, "items", spec)
     inter_path = spec.interactions or _path_from(mapping, "interactions", spec)
@@ -164,8 +165,6 @@ def load_generic(spec: DataSpec) -> Dataset:
         inter_path = inter_path if inter_path.is_absolute() else spec.data / inter_path
     icols = {f: mapping["items"]["columns"].get(f, f) for f in ITEM_FIELDS}
     ecols = {f: mapping["interactions"]["columns"].get(f, f) for f in INTERACTION_FIELDS}
-    rejects = RejectLog()
-
     item_attrs = list(mapping["items"].get("attributes") or [])
     inter_attrs = list(mapping["interactions"].get("attributes") or [])
     text_cols = icols["text"] if isinstance(icols["text"], list) else [icols["text"]]
@@ -174,90 +173,153 @@ def load_generic(spec: DataSpec) -> Dataset:
     content = {"title": [icols["title"]], "text": text_cols, "image_uri": [icols["image_uri"]]}
     required = [c for f, cols in content.items() if f in explicit for c in cols]
     optional = [c for f, cols in content.items() if f not in explicit for c in cols]
-    items_raw = _read(items_path, "items", [icols["item_id"]] + required + item_attrs, optional)
-    if icols["title"] not in items_raw and not any(c in items_raw for c in text_cols):
-        raise DataError(f"{items_path}: missing column(s) for item text: need {icols['title']!r} (title) or "
-                        f"{text_cols[0]!r} (text); columns present: {list(items_raw.columns)}")
     needed = [ecols["user_id"], ecols["item_id"], ecols["ts"]]
     if "label" in mapping["interactions"]["columns"]:
         needed.append(ecols["label"])
-    inter_raw = _read(inter_path, "interactions", needed + inter_attrs, [ecols["label"]])
+    return {"mapping": mapping, "items_path": Path(items_path), "interactions_path": Path(inter_path),
+            "icols": icols, "ecols": ecols, "text_cols": text_cols, "item_attrs": item_attrs,
+            "inter_attrs": inter_attrs, "items_columns": [icols["item_id"]] + required + item_attrs,
+            "items_optional": optional, "inter_columns": needed + inter_attrs, "inter_optional": [ecols["label"]],
+            "ids_mode": mapping.get("ids", "auto")}
 
-    ids_mode = mapping.get("ids", "auto")
-    known_maps = load_id_maps(spec.id_map_dir) if spec.id_map_dir is not None else {}
-    # The catalog decides the item id type: a stray string id in the log of an integer catalog is an unknown item
-    # (rejected), not a reason to renumber the catalog.
-    item_is_str = _ids_are_strings([(items_raw, icols["item_id"])], ids_mode)
-    user_is_str = _ids_are_strings([(inter_raw, ecols["user_id"])], ids_mode)
-    id_maps = {}
-    if item_is_str:
-        raw_catalog = _raw_ids(items_raw[icols["item_id"]])
-        id_maps["item_id"] = _dense_map(raw_catalog, known_maps.get("item_id"))
-    if user_is_str:
-        id_maps["user_id"] = _dense_map(_raw_ids(inter_raw[ecols["user_id"]]), known_maps.get("user_id"))
 
-    # Items. A value that does not parse is a per-record reject, up to spec.max_bad_fraction of the rows.
-    item_src, item_rows = row_sources(items_raw)
-    item_ids, _, item_unparsed = _ids(items_raw, icols["item_id"], id_maps.get("item_id"), "item_id")
+def check_text_columns(r: dict, columns) -> None:
+    """An item catalog needs its title or text column (DataError naming what is present)."""
+    if r["icols"]["title"] not in columns and not any(c in columns for c in r["text_cols"]):
+        raise DataError(f"{r['items_path']}: missing column(s) for item text: need {r['icols']['title']!r} (title) "
+                        f"or {r['text_cols'][0]!r} (text); columns present: {list(columns)}")
+
+
+def default_image_root(r: dict, has_uri: bool) -> Optional[Path]:
+    """The mapping's image root, else the items file's folder when any item names an image."""
+    image_root = r["mapping"].get("image_root")
+    items_path = r["items_path"]
+    default_root = items_path if items_path.is_dir() else items_path.parent
+    return Path(image_root) if image_root else (default_root if has_uri else None)
+
+
+def id_kinds(r: dict, items_raw: pd.DataFrame, inter_raw: pd.DataFrame) -> tuple[bool, bool]:
+    """(item ids are strings, user ids are strings) of (a block of) the raw tables (see `_ids_are_strings`); the
+    catalog decides the item id type."""
+    return (_ids_are_strings([(items_raw, r["icols"]["item_id"])], r["ids_mode"]) if items_raw is not None else False,
+            _ids_are_strings([(inter_raw, r["ecols"]["user_id"])], r["ids_mode"]) if inter_raw is not None else False)
+
+
+def parse_items(r: dict, items_raw: pd.DataFrame, id_map: Optional[pd.DataFrame]) -> dict:
+    """The loader's value parsing of a block of the raw catalog (the whole table, or one chunk on a worker).
+
+    Returns:
+        {"frame": items (item_id Int64, title, text, image_uri, attributes), "missing": (N,) bool empty id,
+         "unparsed": [Unparsed] in precedence order, "raw_ids": (N,) raw item id text}
+    """
+    icols = r["icols"]
+    item_ids, _, item_unparsed = _ids(items_raw, icols["item_id"], id_map, "item_id")
     missing = item_ids.isna().to_numpy() & ~item_unparsed.mask
-    rejects.add(item_src[missing], item_rows[missing], "missing_value", "dropped", detail="empty item id")
-    unparsed = reject_unparsed(rejects, [item_unparsed], src=item_src, rows=item_rows,
-                               max_bad_fraction=spec.max_bad_fraction, what=f"{items_path} (items)", skip=missing,
-                               ids={"item_id": items_raw[icols["item_id"]].astype("string").to_numpy()})
-    drop = missing | unparsed
-    items = pd.DataFrame({
-        "item_id": item_ids,
-        "title": _text_col(items_raw, icols["title"]),
-        "text": _joined_text(items_raw, text_cols),
-        "image_uri": _text_col(items_raw, icols["image_uri"]),
-        "row": item_rows, "_source": item_src,
-    })
-    _carry_attributes(items, items_raw, item_attrs, items_path)
-    items = items.loc[~drop]
-    items["item_id"] = items["item_id"].astype("int64")
+    items = pd.DataFrame({"item_id": item_ids, "title": _text_col(items_raw, icols["title"]),
+                          "text": _joined_text(items_raw, r["text_cols"]),
+                          "image_uri": _text_col(items_raw, icols["image_uri"])})
+    _carry_attributes(items, items_raw, r["item_attrs"], r["items_path"])
+    return {"frame": items, "missing": missing, "unparsed": [item_unparsed],
+            "raw_ids": items_raw[icols["item_id"]].astype("string").to_numpy()}
 
-    # Interactions: one reason per row, in order missing_value, bad_id, bad_timestamp, bad_label, unknown_item.
+
+def parse_interactions(r: dict, inter_raw: pd.DataFrame, id_maps: dict, ms: Optional[bool] = None) -> dict:
+    """The loader's value parsing of a block of the raw log: one reason per row, in order missing_value, bad_id,
+    bad_timestamp, bad_label (unparsed), bad_label (out of range / unmapped), unknown_item (unmapped string id).
+
+    Args:
+        ms: auto timestamps: numbers are milliseconds (None: decide from this block's median, as the loader
+            does over the whole table; workers pass the whole table's decision, `ms_decision`).
+    Returns:
+        {"user_id", "item_id", "ts", "label": parsed columns, "missing", "bad_label", "unknown": (N,) bool,
+         "unparsed": [Unparsed], "ids": reject id columns}
+    """
+    ecols, section = r["ecols"], r["mapping"]["interactions"]
     users, _, user_unparsed = _ids(inter_raw, ecols["user_id"], id_maps.get("user_id"), "user_id")
     inter_items, unmapped, item_unparsed = _ids(inter_raw, ecols["item_id"], id_maps.get("item_id"), "item_id",
-                                                keep_unmapped=True, strict=ids_mode == "int")
-    ts, ts_unparsed = unix_seconds_column(inter_raw, ecols["ts"],
-                                          fmt=mapping["interactions"].get("ts_format", "auto"))
-    label, label_bad, label_unparsed = _labels(inter_raw, ecols["label"], mapping["interactions"])
+                                                keep_unmapped=True, strict=r["ids_mode"] == "int")
+    ts, ts_unparsed = unix_seconds_column(inter_raw, ecols["ts"], fmt=section.get("ts_format", "auto"), ms=ms)
+    label, label_bad, label_unparsed = _labels(inter_raw, ecols["label"], section)
     missing = ((users.isna().to_numpy() & ~user_unparsed.mask) | (ts.isna().to_numpy() & ~ts_unparsed.mask)
                | (inter_items.isna().to_numpy() & ~unmapped & ~item_unparsed.mask))
     if ecols["label"] in inter_raw:  # unmapped label values are bad_label
         missing = missing | (label.isna().to_numpy() & ~label_bad & ~label_unparsed.mask)
-    raw_item = inter_raw[ecols["item_id"]].astype("string")
-    raw_user = inter_raw[ecols["user_id"]].astype("string")
-    ids = {"item_id": raw_item.to_numpy(), "user_id": raw_user.to_numpy(),
+    ids = {"item_id": inter_raw[ecols["item_id"]].astype("string").to_numpy(),
+           "user_id": inter_raw[ecols["user_id"]].astype("string").to_numpy(),
            "item_dense_id": _dense(inter_items), "user_dense_id": _dense(users)}
+    return {"user_id": users, "item_id": inter_items, "ts": ts, "label": label, "missing": missing,
+            "bad_label": label_bad, "unknown": unmapped,
+            "unparsed": [user_unparsed, item_unparsed, ts_unparsed, label_unparsed], "ids": ids}
+
+
+def dense_map(raw: pd.Series, known: Optional[pd.DataFrame]) -> pd.DataFrame:
+    """raw str ids (as read) -> the dense id map the loader builds (`_dense_map` over the stripped, non-empty
+    ids); workers call it on the distinct ids gathered from the whole table."""
+    return _dense_map(_raw_ids(raw), known)
+
+
+def load_generic(spec: DataSpec) -> Dataset:
+    """Load a user's item catalog + interaction log (see the module docstring for the mapping)."""
+    r = resolve_generic(spec)
+    items_path, inter_path, icols, ecols = r["items_path"], r["interactions_path"], r["icols"], r["ecols"]
+    rejects = RejectLog()
+    items_raw = _read(items_path, "items", r["items_columns"], r["items_optional"])
+    check_text_columns(r, items_raw.columns)
+    inter_raw = _read(inter_path, "interactions", r["inter_columns"], r["inter_optional"])
+
+    known_maps = load_id_maps(spec.id_map_dir) if spec.id_map_dir is not None else {}
+    # The catalog decides the item id type: a stray string id in the log of an integer catalog is an unknown item
+    # (rejected), not a reason to renumber the catalog.
+    item_is_str, user_is_str = id_kinds(r, items_raw, inter_raw)
+    id_maps = {}
+    if item_is_str:
+        id_maps["item_id"] = dense_map(items_raw[icols["item_id"]], known_maps.get("item_id"))
+    if user_is_str:
+        id_maps["user_id"] = dense_map(inter_raw[ecols["user_id"]], known_maps.get("user_id"))
+
+    # Items. A value that does not parse is a per-record reject, up to spec.max_bad_fraction of the rows.
+    item_src, item_rows = row_sources(items_raw)
+    parsed = parse_items(r, items_raw, id_maps.get("item_id"))
+    missing = parsed["missing"]
+    rejects.add(item_src[missing], item_rows[missing], "missing_value", "dropped", detail="empty item id")
+    unparsed = reject_unparsed(rejects, parsed["unparsed"], src=item_src, rows=item_rows,
+                               max_bad_fraction=spec.max_bad_fraction, what=f"{items_path} (items)", skip=missing,
+                               ids={"item_id": parsed["raw_ids"]})
+    drop = missing | unparsed
+    items = parsed["frame"].assign(row=item_rows, _source=item_src)
+    items = items.loc[~drop]
+    items["item_id"] = items["item_id"].astype("int64")
+
+    # Interactions: one reason per row, in order missing_value, bad_id, bad_timestamp, bad_label, unknown_item.
+    px = parse_interactions(r, inter_raw, id_maps)
+    missing, ids = px["missing"], px["ids"]
 
     def add(mask, reason, detail):
         rejects.add(src[mask], rows[mask], reason, "dropped", detail=detail, **{k: v[mask] for k, v in ids.items()})
 
     src, rows = row_sources(inter_raw)
     add(missing, "missing_value", "empty user id, item id, timestamp or label")
-    unparsed = reject_unparsed(rejects, [user_unparsed, item_unparsed, ts_unparsed, label_unparsed], src=src,
-                               rows=rows, max_bad_fraction=spec.max_bad_fraction,
+    unparsed = reject_unparsed(rejects, px["unparsed"], src=src, rows=rows, max_bad_fraction=spec.max_bad_fraction,
                                what=f"{inter_path} (interactions)", skip=missing, ids=ids)
-    bad_label = label_bad & ~missing & ~unparsed
-    add(bad_label, "bad_label", "label outside [0, 1], or not in interactions.label_values")
-    unknown = unmapped & ~missing & ~unparsed & ~bad_label
+    bad_label = px["bad_label"] & ~missing & ~unparsed
+    add(bad_label, "bad_label", BAD_LABEL_DETAIL)
+    unknown = px["unknown"] & ~missing & ~unparsed & ~bad_label
     add(unknown, "unknown_item", "item id not in the item catalog")
     keep = ~(missing | unparsed | bad_label | unknown)
-    interactions = pd.DataFrame({"user_id": users[keep].astype("int64").to_numpy(),
-                                 "item_id": inter_items[keep].astype("int64").to_numpy(),
-                                 "ts": ts[keep].astype("int64").to_numpy(),
-                                 "label": label[keep].to_numpy().astype("float32"), "row": rows[keep],
+    interactions = pd.DataFrame({"user_id": px["user_id"][keep].astype("int64").to_numpy(),
+                                 "item_id": px["item_id"][keep].astype("int64").to_numpy(),
+                                 "ts": px["ts"][keep].astype("int64").to_numpy(),
+                                 "label": px["label"][keep].to_numpy().astype("float32"), "row": rows[keep],
                                  "_source": src[keep]})
-    _carry_attributes(interactions, inter_raw.loc[keep], inter_attrs, inter_path)
+    _carry_attributes(interactions, inter_raw.loc[keep], r["inter_attrs"], inter_path)
 
-    image_root = mapping.get("image_root")
-    default_root = items_path if items_path.is_dir() else items_path.parent
-    image_root = Path(image_root) if image_root else (default_root if items["image_uri"].notna().any() else None)
+    image_root = default_image_root(r, bool(items["image_uri"].notna().any()))
     return finalize(items, interactions, spec=spec, name=f"generic:{items_path.name}", image_root=image_root,
                     rejects=rejects, items_source=items_path.name, interactions_source=inter_path.name,
                     id_maps=id_maps)
+
+
+BAD_LABEL_DETAIL = "label outside [0, 1], or not in interactions.label_values"
 
 
 def _read(path: Path, table: str, columns: list, optional: list) -> pd.DataFrame:

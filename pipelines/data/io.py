@@ -273,8 +273,8 @@ def _bool_text(value):
     return value
 
 
-def unix_seconds_column(frame: pd.DataFrame, column: str, *, fmt: str = "auto",
-                        role: str = "ts") -> tuple[pd.Series, Unparsed]:
+def unix_seconds_column(frame: pd.DataFrame, column: str, *, fmt: str = "auto", role: str = "ts",
+                        ms: Optional[bool] = None) -> tuple[pd.Series, Unparsed]:
     """Timestamps as nullable Int64 unix seconds (empty and unparseable cells are <NA>), plus the unparseable cells.
 
     Args:
@@ -282,6 +282,8 @@ def unix_seconds_column(frame: pd.DataFrame, column: str, *, fmt: str = "auto",
             taken as UTC) or "auto": per value, numbers are unix seconds (milliseconds when the column's numbers
             are beyond year 5000 as seconds) and anything else is parsed as ISO-8601, so partitions written in
             different formats load together.
+        ms: with "auto", whether the numbers are milliseconds; None decides from this frame's median (the whole
+            table for the loader; workers reading it in chunks pass the whole table's `ms_decision`).
     Raises:
         DataError: an unknown `fmt`.
     """
@@ -299,7 +301,7 @@ def unix_seconds_column(frame: pd.DataFrame, column: str, *, fmt: str = "auto",
     out = pd.Series(pd.NA, index=series.index, dtype="Int64")
     if fmt != "iso" and is_num.any():
         values = numeric[is_num]
-        if fmt == "auto" and values.abs().median() > MS_THRESHOLD:
+        if fmt == "auto" and (values.abs().median() > MS_THRESHOLD if ms is None else ms):
             log.info("%s: %s looks like unix milliseconds (median %.0f); converting to seconds "
                      "(set ts_format: unix to keep them as seconds)", locate(frame, 0)[0], label, values.median())
             fmt = "unix_ms"
@@ -314,6 +316,44 @@ def unix_seconds_column(frame: pd.DataFrame, column: str, *, fmt: str = "auto",
         bad = present & out.isna().to_numpy()
         what = "is not a unix timestamp or an ISO-8601 date" if fmt == "auto" else "is not an ISO-8601 date"
     return out, Unparsed(frame, column, role, bad, what, "bad_timestamp")
+
+
+def ms_stats(frame: pd.DataFrame, column: str) -> tuple[int, int, Optional[float], Optional[float]]:
+    """(numbers, numbers above MS_THRESHOLD, largest at or below it, smallest above it) of the column's absolute
+    numeric values: a block's part of the auto-timestamp rule, merged with `merge_ms_stats`."""
+    series = frame[column]
+    if pd.api.types.is_datetime64_any_dtype(series.dtype):
+        return (0, 0, None, None)
+    present = series.notna().to_numpy() & ~series.astype("string").str.strip().eq("").fillna(False).to_numpy(bool)
+    values = pd.to_numeric(series, errors="coerce").astype("float64").abs().to_numpy()[present]
+    values = values[~np.isnan(values)]
+    low, high = values[values <= MS_THRESHOLD], values[values > MS_THRESHOLD]
+    return (int(len(values)), int(len(high)), float(low.max()) if len(low) else None,
+            float(high.min()) if len(high) else None)
+
+
+def merge_ms_stats(parts) -> tuple:
+    n = c = 0
+    low = high = None
+    for a, b, lo, hi in parts:
+        n, c = n + a, c + b
+        low = lo if low is None else (low if lo is None else max(low, lo))
+        high = hi if high is None else (high if hi is None else min(high, hi))
+    return (n, c, low, high)
+
+
+def ms_decision(stats) -> bool:
+    """The loader's rule (median of the absolute numbers > MS_THRESHOLD) from merged `ms_stats`, exactly: the
+    median is above the threshold when more than half the numbers are, below when fewer than half are, and, with
+    exactly half above (n even), the mean of the two middle values (largest below, smallest above) decides."""
+    n, c, low, high = stats
+    if n == 0:
+        return False
+    if 2 * c > n:
+        return True
+    if 2 * c < n:
+        return False
+    return (low + high) / 2.0 > MS_THRESHOLD
 
 
 def to_unix_seconds(frame: pd.DataFrame, column: str, *, fmt: str = "auto", role: str = "ts") -> pd.Series:

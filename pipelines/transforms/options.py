@@ -108,6 +108,10 @@ def add_cascade_flags(parser) -> None:
                    help="resource hint for the single align worker, e.g. 16GB (runners that honour hints: Dataflow)")
     g.add_argument("--align-accelerator", default=None,
                    help="accelerator hint for the align step, e.g. 'type:nvidia-tesla-t4;count:1;install-nvidia-driver'")
+    g.add_argument("--read-sources", choices=("auto", "workers", "driver"), default="auto",
+                   help="where the source is read and parsed: auto (default) reads the generic Parquet / CSV source "
+                        "on the workers and generates / loads presets (synthetic, movielens) in the driver; driver "
+                        "loads any source in the driver and snapshots it for the job")
     g.add_argument("--skip-unaligned", action="store_true",
                    help="do not embed/quantize with the unaligned encoder (no *_unaligned tables; ablation row f "
                         "and the aligned-vs-unaligned recall need them)")

@@ -6,8 +6,11 @@ chunks (Parquet record batches, CSV chunks read as strings like the loader) and 
 in the concatenated table (files in name order), exactly `pipelines.data.io.read_table`'s row index, plus its part
 file and row inside that file for rejects. No worker holds more than one chunk.
 
-Not wired into the cascade job yet: the job still reads the loader's snapshot (docs/RUNNERS.md, "What the driver
-still holds"); this is the reading half of that change (tests/pipelines/test_sources.py).
+The cascade job reads the generic Parquet / CSV source through it (``frames=True``: one DataFrame per chunk,
+parsed by `pipelines.transforms.read_source.ReadSource` with the loader's own parsing); presets generated in the
+driver (synthetic, movielens) still go through the loader's snapshot. What remains bounded is documented in
+docs/RUNNERS.md, "What the driver still holds": the string-id maps (a side input of every distinct string id)
+and the window events the driver's metrics read (tests/pipelines/test_sources.py).
 """
 from __future__ import annotations
 
@@ -50,8 +53,8 @@ def _offsets(counts: dict) -> dict:
 
 
 class _ReadFile(beam.DoFn):
-    def __init__(self, columns: Optional[list], rename: dict):
-        self.columns, self.rename = columns, rename
+    def __init__(self, columns: Optional[list], rename: dict, per_file: Optional[dict] = None, frames: bool = False):
+        self.columns, self.rename, self.per_file, self.frames = columns, rename, per_file or {}, frames
 
     def process(self, file: str, offsets: dict):
         import math
@@ -62,13 +65,21 @@ class _ReadFile(beam.DoFn):
 
         row = offsets[file]
         name = Path(file).name
+        columns = self.per_file.get(file, self.columns)
         if table_format(Path(file)) == "parquet":
-            chunks = (b.to_pandas() for b in pq.ParquetFile(file).iter_batches(CHUNK_ROWS, columns=self.columns))
+            chunks = (b.to_pandas() for b in pq.ParquetFile(file).iter_batches(CHUNK_ROWS, columns=columns))
         else:
-            chunks = _csv_chunks(file, self.columns)
+            chunks = _csv_chunks(file, columns)
         local = 0
         for frame in chunks:
             frame = frame.rename(columns=self.rename)
+            if self.frames:  # one DataFrame per chunk, numbered like the records
+                frame = frame.reset_index(drop=True)
+                frame.attrs["parts"] = [(file, table_format(Path(file)), 0, len(frame))]
+                yield {"file": name, "path": file, "row": row, "file_row": local, "frame": frame}
+                row += len(frame)
+                local += len(frame)
+                continue
             for rec in frame.to_dict("records"):
                 rec = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
                 rec.update(_row=row, _source=name, _file_row=local)
@@ -85,10 +96,13 @@ class ReadTableParts(beam.PTransform):
         path: the table path, as the generic source accepts it.
         columns: columns to read (None: all); checked against every file's header in the driver.
         rename: source column -> contract column (the ``--map`` column mapping).
+        optional: further columns read from the files whose header has them (the loader's optional columns).
+        frames: yield one dict {file, path, row, file_row, frame} per chunk (a DataFrame of at most CHUNK_ROWS
+            source rows starting at table row ``row`` / file row ``file_row``) instead of one dict per record.
     """
 
     def __init__(self, path, columns: Optional[Iterable[str]] = None, rename: Optional[dict] = None,
-                 label: str | None = None):
+                 label: str | None = None, optional: Iterable[str] = (), frames: bool = False):
         super().__init__(label)
         from pipelines.data.io import DataError, table_columns, table_files
 
@@ -100,11 +114,18 @@ class ReadTableParts(beam.PTransform):
                 missing = [c for c in self.columns if c not in present]
                 if missing:
                     raise DataError(f"{f}: missing column(s) {missing}; columns present: {present}")
+        self.per_file = {}
+        optional = [c for c in dict.fromkeys(optional) if self.columns is None or c not in self.columns]
+        if optional and self.columns is not None:
+            for f in self.files:
+                present = table_columns(Path(f))
+                self.per_file[f] = list(dict.fromkeys(self.columns)) + [c for c in optional if c in present]
         self.rename = dict(rename or {})
+        self.frames = bool(frames)
 
     def expand(self, pbegin):
         files = pbegin | "Files" >> beam.Create(self.files) | "SpreadFiles" >> beam.Reshuffle()
         offsets = (files | "CountRows" >> beam.Map(_count_rows) | "RowCounts" >> beam.combiners.ToDict()
                    | "Offsets" >> beam.Map(_offsets))
-        return files | "ReadFiles" >> beam.ParDo(_ReadFile(self.columns, self.rename),
+        return files | "ReadFiles" >> beam.ParDo(_ReadFile(self.columns, self.rename, self.per_file, self.frames),
                                                   beam.pvalue.AsSingleton(offsets))

@@ -76,6 +76,14 @@ def parse_float(value):
     return (value, False) if math.isfinite(value) else (None, True)
 
 
+def _where(r: dict, table: str) -> tuple:
+    """(source, row) a reject names: the part file and its row for records read on the workers
+    (`pipelines.transforms.read_source`), else the table and the snapshot row."""
+    if "_source" in r and r.get("_file_row") is not None:
+        return r["_source"], r["_file_row"]
+    return table, r.get("_row")
+
+
 def _ids(r: dict) -> dict:
     """Reject id fields of a record: raw ids (``_raw_item_id`` / ``_raw_user_id`` when the record carries them,
     else the ids it holds, which are the raw ones for integer-id sources) and the dense int ids where known."""
@@ -90,11 +98,13 @@ class _SplitDuplicates(beam.DoFn):
         item_id, rows = keyed
         rows = sorted(rows, key=lambda r: (r.get("_row") is None, r.get("_row") or 0))
         yield rows[0]
+        first_src, first_row = _where(rows[0], "items")
         for r in rows[1:]:
             raw = _ids(r)["item_id"]
+            src, row = _where(r, "items")
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_items", "items", "duplicate_item", row=r.get("_row"), item_id=raw, item_dense_id=item_id,
-                detail=f"item_id {raw} already defined at row {rows[0].get('_row')}"))
+                "validate_items", src, "duplicate_item", row=row, item_id=raw, item_dense_id=item_id,
+                detail=f"item_id {raw} already defined at {first_src} row {first_row}"))
 
 
 class _CheckItem(beam.DoFn):
@@ -115,7 +125,7 @@ class _CheckItem(beam.DoFn):
         from pipelines.data.images import ImageError, check_image
 
         item = dict(item)
-        row, ids = item.get("_row"), _ids(item)
+        (src, row), ids = _where(item, "items"), _ids(item)
         ids = {"item_id": ids["item_id"], "item_dense_id": ids["item_dense_id"]}
         has_image = not _blank(item.get("image_uri"))
         if has_image:
@@ -125,7 +135,7 @@ class _CheckItem(beam.DoFn):
             except ImageError as exc:
                 action = "dropped" if self.require_image else "kept_text_only"
                 yield beam.pvalue.TaggedOutput(DEAD, reject(
-                    "validate_items", "items", exc.reason, row=row, **ids, detail=str(exc), action=action))
+                    "validate_items", src, exc.reason, row=row, **ids, detail=str(exc), action=action))
                 if self.require_image:
                     self._rejected.inc()
                     return
@@ -133,12 +143,12 @@ class _CheckItem(beam.DoFn):
         elif self.require_image:
             self._rejected.inc()
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_items", "items", "missing_image", row=row, **ids, detail="no image_uri"))
+                "validate_items", src, "missing_image", row=row, **ids, detail="no image_uri"))
             return
         if _blank(item.get("title")) and _blank(item.get("text")):
             action = "kept_image_only" if has_image else "dropped"
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_items", "items", "empty_text", row=row, **ids, detail="no title and no text",
+                "validate_items", src, "empty_text", row=row, **ids, detail="no title and no text",
                 action=action))
             if not has_image:
                 self._rejected.inc()
@@ -194,17 +204,22 @@ class _FirstRows(beam.CombineFn):
         return acc
 
 
-class _FailPastBadShare(beam.PTransform):
+class FailPastBadShare(beam.PTransform):
     """(records in, dead letters) -> the count of parse rejects; raises DataError (failing the job) when they are
-    more than `max_bad_fraction` of the records, as the loader does (`DataSpec.max_bad_fraction`)."""
+    more than `max_bad_fraction` of the records, as the loader does (`DataSpec.max_bad_fraction`).
 
-    def __init__(self, stage: str, max_bad_fraction: float, label: str | None = None):
+    Args:
+        sized: the first input holds row counts (one per chunk read) instead of one element per record.
+    """
+
+    def __init__(self, stage: str, max_bad_fraction: float, sized: bool = False, label: str | None = None):
         super().__init__(label)
-        self.stage, self.max_bad_fraction = stage, float(max_bad_fraction)
+        self.stage, self.max_bad_fraction, self.sized = stage, float(max_bad_fraction), bool(sized)
 
     def expand(self, pcolls):
         records, dead = pcolls
-        n_in = records | "CountRecords" >> beam.combiners.Count.Globally()
+        n_in = (records | "SumRecords" >> beam.CombineGlobally(sum) if self.sized
+                else records | "CountRecords" >> beam.combiners.Count.Globally())
         bad = dead | "ParseRejects" >> beam.Filter(lambda r: r.get(UNPARSED, False))
         n_bad = bad | "CountParseRejects" >> beam.combiners.Count.Globally()
         # a plain CombineFn: Beam's Top combiner trips the BundleBasedDirectRunner's GroupByKey (elements after
@@ -246,7 +261,7 @@ class ValidateItems(beam.PTransform):
         _ = dropped | "CountDroppedItems" >> count("validate_items", "rejected")
         valid = checked.ok | "CountItemsOut" >> count("validate_items", "out")
         if self.max_bad_fraction is not None:
-            _ = (counted, ids[DEAD]) | "FailPastBadShare" >> _FailPastBadShare("validate_items", self.max_bad_fraction)
+            _ = (counted, ids[DEAD]) | "FailPastBadShare" >> FailPastBadShare("validate_items", self.max_bad_fraction)
         return {"items": valid, DEAD: dead}
 
 
@@ -258,40 +273,53 @@ class _CheckInteraction(beam.DoFn):
 
     def _check(self, r):
         """One reason per bad record, in the loader's order: missing_value, bad_id, bad_timestamp, bad_label."""
-        row = r.get("_row")
+        src, row = _where(r, "interactions")
         parsed = {name: parse_int(r.get(name)) for name in ("user_id", "item_id", "ts")}
         ids = _ids(r)  # a dense id that is not an integer is left out by `reject`
         label, label_bad = parse_float(r.get("label"))
         for name, (value, bad) in [*parsed.items(), ("label", (label, label_bad))]:
             if value is None and not bad:
                 yield beam.pvalue.TaggedOutput(DEAD, reject(
-                    "validate_interactions", "interactions", "missing_value", row=row, **ids,
+                    "validate_interactions", src, "missing_value", row=row, **ids,
                     detail=f"{name} is empty"))
                 return
         for name, reason, what in (("user_id", "bad_id", "is not an integer"), ("item_id", "bad_id", "is not an integer"),
                                    ("ts", "bad_timestamp", "is not a unix timestamp")):
             if parsed[name][1]:
                 yield beam.pvalue.TaggedOutput(DEAD, {**reject(
-                    "validate_interactions", "interactions", reason, row=row, **ids,
+                    "validate_interactions", src, reason, row=row, **ids,
                     detail=f"{name} {r.get(name)!r} {what}"), UNPARSED: True})
                 return
         if parsed["ts"][0] < 0:  # the loader's rule: negative unix times are sentinels, never event times
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_interactions", "interactions", "bad_timestamp", row=row, **ids,
+                "validate_interactions", src, "bad_timestamp", row=row, **ids,
                 detail=f"timestamp {parsed['ts'][0]} before 1970-01-01"))
             return
         if label is None or not 0.0 <= label <= 1.0:
             yield beam.pvalue.TaggedOutput(DEAD, {**reject(
-                "validate_interactions", "interactions", "bad_label", row=row, **ids,
+                "validate_interactions", src, "bad_label", row=row, **ids,
                 detail=f"label {r.get('label')!r} " + ("is not a number" if label_bad else "not in [0, 1]")),
                 UNPARSED: label_bad})
             return
         out = {"user_id": parsed["user_id"][0], "item_id": parsed["item_id"][0], "ts": parsed["ts"][0],
-               "label": label, "_row": row}
-        for key in ("_raw_item_id", "_raw_user_id"):
+               "label": label, "_row": r.get("_row")}
+        for key in ("_raw_item_id", "_raw_user_id", "_source", "_file_row"):
             if key in r:
                 out[key] = r[key]
         yield out
+
+
+def _split_repeats(keyed):
+    """Exact repeats of an event (same user, item, ts and label): the first source row survives (the loader's
+    duplicate_interaction)."""
+    _, rows = keyed
+    rows = sorted(rows, key=lambda r: r["_row"])
+    yield rows[0]
+    for r in rows[1:]:
+        src, row = _where(r, "interactions")
+        yield beam.pvalue.TaggedOutput(DEAD, reject(
+            "validate_interactions", src, "duplicate_interaction", row=row, **_ids(r),
+            detail="same user, item, timestamp and label as an earlier row"))
 
 
 def _join_known(keyed):
@@ -301,8 +329,9 @@ def _join_known(keyed):
         if known:
             yield r
         else:
+            src, row = _where(r, "interactions")
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_interactions", "interactions", "unknown_item", row=r.get("_row"), **_ids(r),
+                "validate_interactions", src, "unknown_item", row=row, **_ids(r),
                 detail=f"item_id {_ids(r)['item_id']} is not in the validated catalog"))
 
 
@@ -314,24 +343,33 @@ class ValidateInteractions(beam.PTransform):
     bad_timestamp, bad_label); with `max_bad_fraction` set, more than that share of them fails the job.
     """
 
-    def __init__(self, items, max_bad_fraction: Optional[float] = None, label: str | None = None):
+    def __init__(self, items, max_bad_fraction: Optional[float] = None, dedupe: bool = False,
+                 label: str | None = None):
         super().__init__(label)
         self.items = items
         self.max_bad_fraction = max_bad_fraction
+        self.dedupe = dedupe  # records straight from the source (not the loader's table): drop exact repeats
 
     def expand(self, interactions):
         counted = interactions | "CountInteractionsIn" >> count("validate_interactions", "in")
         checked = counted | "CheckFields" >> beam.ParDo(_CheckInteraction()).with_outputs(DEAD, main="ok")
+        ok, dead_parts = checked.ok, [checked[DEAD]]
+        if self.dedupe:
+            repeats = (ok | "KeyByEvent" >> beam.Map(lambda r: ((r["user_id"], r["item_id"], r["ts"], r["label"]), r))
+                       | "GroupRepeats" >> beam.GroupByKey()
+                       | "DropRepeats" >> beam.FlatMap(_split_repeats).with_outputs(DEAD, main="ok"))
+            ok = repeats.ok
+            dead_parts.append(repeats[DEAD])
         item_keys = self.items | "CatalogKeys" >> beam.Map(lambda it: (int(it["item_id"]), True))
-        events = checked.ok | "KeyEventsByItem" >> beam.Map(lambda r: (r["item_id"], r))
+        events = ok | "KeyEventsByItem" >> beam.Map(lambda r: (r["item_id"], r))
         joined = ({"item": item_keys, "events": events} | "JoinCatalog" >> beam.CoGroupByKey()
                   | "DropUnknownItems" >> beam.FlatMap(_join_known).with_outputs(DEAD, main="ok"))
-        dead = (checked[DEAD], joined[DEAD]) | "FlattenInteractionRejects" >> beam.Flatten()
+        dead = (*dead_parts, joined[DEAD]) | "FlattenInteractionRejects" >> beam.Flatten()
         _ = dead | "CountInteractionRejects" >> count("validate_interactions", "rejected")
         valid = joined.ok | "CountInteractionsOut" >> count("validate_interactions", "out")
         if self.max_bad_fraction is not None:
             _ = ((counted, checked[DEAD])
-                 | "FailPastBadShare" >> _FailPastBadShare("validate_interactions", self.max_bad_fraction))
+                 | "FailPastBadShare" >> FailPastBadShare("validate_interactions", self.max_bad_fraction))
         return {"interactions": valid, DEAD: dead}
 
 

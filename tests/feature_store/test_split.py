@@ -64,3 +64,31 @@ def test_user_last_frac_counts_by_hand():
     assert test.groupby("user_id")["ts"].min().to_dict() == {1: 13, 2: 4, 3: 23, 4: 0}
     _, _, warm = time_split(df, "user_last_frac", valid_frac=0.0, test_frac=0.1, min_train=1)
     assert 4 not in set(warm["user_id"])  # min_train=1 keeps the one-event user in train
+
+
+def test_data_digest_is_a_combine_over_any_order_and_sees_every_value():
+    from feature_store.split import (fingerprint_hex, fingerprint_merge, fingerprint_partial,
+                                     interactions_fingerprint)
+
+    rng = np.random.default_rng(5)
+    n = 500
+    log = pd.DataFrame({"user_id": rng.integers(0, 9, n), "item_id": rng.integers(0, 50, n),
+                        "ts": rng.integers(0, 10**9, n), "label": rng.random(n).astype(np.float32)})
+    whole = interactions_fingerprint(log)
+    assert interactions_fingerprint(log.sample(frac=1.0, random_state=2)) == whole
+    blocks = [fingerprint_partial(log.iloc[a:b]) for a, b in ((0, 120), (120, 121), (121, n))]
+    assert fingerprint_hex(fingerprint_merge(blocks)) == whole
+    for col in ("user_id", "item_id", "ts"):
+        changed = log.copy()
+        changed.loc[7, col] += 1
+        assert interactions_fingerprint(changed) != whole, col
+    assert interactions_fingerprint(pd.concat([log, log.iloc[[3]]])) != whole  # a repeated row counts
+
+
+def test_chunked_millisecond_rule_equals_the_loader_s_median():
+    from pipelines.data.io import MS_THRESHOLD, merge_ms_stats, ms_decision, ms_stats
+
+    for values in ([1.0, 2e12], [1e9, 2e12, 3e12], [1e11 - 10, 1e11 + 30], [1e11 - 30, 1e11 + 10], [5.0]):
+        frame = pd.DataFrame({"ts": [str(v) for v in values] + ["", "x"]})
+        parts = [ms_stats(frame.iloc[i:i + 1], "ts") for i in range(len(frame))]
+        assert ms_decision(merge_ms_stats(parts)) == (np.median(values) > MS_THRESHOLD), values
