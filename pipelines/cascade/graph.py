@@ -109,7 +109,23 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
          | "WriteWindowEvents" >> beam.ptransform_fn(_write_windows)(str(Path(plan.work_dir) / WINDOW_EVENTS)))
     emb_u = None
     onepass = one_pass(plan.align)
-    if plan.unaligned and not onepass:  # behaviour-free, so it may feed pair mining (the trigger fallback)
+    if onepass:  # one backbone pass on the workers: Align trains on this cache, every embedding comes from it
+        cache_dir = side_cache_dir(plan.align, plan.work_dir)
+        cache_done = vi["items"] | "BuildSideCache" >> BuildSideCache(
+            plan.align.encoder, plan.align.layer_stride, plan.image_root, cache_dir,
+            shard_size=plan.side_cache_shard_size, batch_size=plan.embed_batch_size, threads=plan.align.threads)
+        # the frozen MLLM's own embeddings need no training, so they exist before pair mining (trigger fallback)
+        frozen_kinds = ("text",) + (("image",) if enc_cfg.has_vision else ()) + \
+            (("unaligned",) if plan.unaligned else ())
+        frozen = cache_done | "EmbedFrozenFromCache" >> EmbedFromCache(
+            cache_dir, None, frozen_kinds, unaligned_seed=plan.align.seed, threads=plan.align.threads)
+        for kind in ("text", "image"):  # the modality tables go straight into the version
+            if kind in frozen_kinds:
+                _ = frozen[kind] | f"WriteEmbeddings{kind.title()}" >> WriteEmbeddings(
+                    str(staging / f"{EMB_FILE}_{kind}"), enc_cfg.embed_dim, stage=f"write_{kind}")
+        if plan.unaligned:
+            emb_u = {"embeddings": frozen["unaligned"], DEAD: frozen[DEAD]}
+    elif plan.unaligned:  # behaviour-free, so it may feed pair mining (the trigger fallback)
         handler_u = encoder_handler(checkpoint=None, encoder_factory=functools.partial(
             build_for_mode, "unaligned", enc_cfg), batch_size=plan.embed_batch_size, num_threads=plan.align.threads,
             stage="embed_unaligned")
@@ -127,25 +143,15 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     # the trainer reads the pairs from files (no worker gets them as a side input): only file names travel
     train_files = pairs["train"] | "WriteTrainPairs" >> write_pairs(str(Path(plan.work_dir) / TRAIN_PAIRS))
     heldout_files = pairs["heldout"] | "WriteHeldoutPairs" >> write_pairs(str(Path(plan.work_dir) / HELDOUT_PAIRS))
-    if onepass:  # one backbone pass on the workers; Align trains on its cache; every embedding comes from it
-        cache_dir = side_cache_dir(plan.align, plan.work_dir)
-        cache_done = vi["items"] | "BuildSideCache" >> BuildSideCache(
-            plan.align.encoder, plan.align.layer_stride, plan.image_root, cache_dir,
-            shard_size=plan.side_cache_shard_size, batch_size=plan.embed_batch_size, threads=plan.align.threads)
+    if onepass:
         aligned_path = (p | "AlignTrigger" >> beam.Create([None])
                         | "Align" >> beam.Map(align_on_cache, beam.pvalue.AsSingleton(cache_done),
                                               beam.pvalue.AsList(train_files), plan.align, str(staging / "encoder"),
                                               plan.work_dir, beam.pvalue.AsList(heldout_files))
                         .with_resource_hints(**dict(plan.align_hints)))
-        kinds = ("aligned", "text") + (("image",) if enc_cfg.has_vision else ()) + \
-            (("unaligned",) if plan.unaligned else ())
-        from_cache = cache_done | "EmbedFromCache" >> EmbedFromCache(
-            cache_dir, aligned_path, kinds, unaligned_seed=plan.align.seed, threads=plan.align.threads)
-        emb = {"embeddings": from_cache["aligned"], DEAD: from_cache[DEAD]}
-        for kind in kinds:  # the modality tables go straight into the version
-            if kind in ("text", "image"):
-                _ = from_cache[kind] | f"WriteEmbeddings{kind.title()}" >> WriteEmbeddings(
-                    str(staging / f"{EMB_FILE}_{kind}"), enc_cfg.embed_dim, stage=f"write_{kind}")
+        aligned = cache_done | "EmbedAlignedFromCache" >> EmbedFromCache(
+            cache_dir, aligned_path, ("aligned",), unaligned_seed=plan.align.seed, threads=plan.align.threads)
+        emb = {"embeddings": aligned["aligned"], DEAD: aligned[DEAD]}
     else:
         aligned_path = (p | "AlignTrigger" >> beam.Create([None])
                         | "Align" >> beam.Map(align_stage, beam.pvalue.AsList(vi["items"]),
@@ -169,8 +175,6 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
            "embeddings": emb,
            "codes": codes}
     if plan.unaligned:
-        if onepass:  # the frozen MLLM's pooled output, from the same cache
-            emb_u = {"embeddings": from_cache["unaligned"], DEAD: from_cache[DEAD]}
         codes_u = emb_u["embeddings"] | "QuantizeUnaligned" >> QuantizeItems(
             plan.quant, "quantize_unaligned", codebooks_file=str(staging / "codebooks_unaligned.safetensors"),
             ivf_file=str(Path(plan.work_dir) / "vq_ivf_unaligned.safetensors"))
@@ -179,8 +183,7 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
         _ = codes_u | "WriteCodesUnaligned" >> WriteCodes(str(staging / (CODES_FILE + UNALIGNED)),
                                                           stage="write_unaligned")
         # the unaligned embedder sees the same items; its image problems are already in the aligned dead letter
-        if not onepass:  # (one pass: EmbedFromCache's dead letter, already listed, holds both kinds)
-            dead.append(emb_u[DEAD] | "OnlyUnalignedNaN" >> beam.Filter(lambda r: r["reason"] == "nan_embedding"))
+        dead.append(emb_u[DEAD] | "OnlyUnalignedNaN" >> beam.Filter(lambda r: r["reason"] == "nan_embedding"))
         out.update(embeddings_unaligned=emb_u, codes_unaligned=codes_u)
     dead_all = tuple(dead) | "DeadLetter" >> beam.Flatten()
     _ = dead_all | "WriteDeadLetter" >> WriteRejects(str(staging / "dead_letter"))

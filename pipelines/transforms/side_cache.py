@@ -168,13 +168,13 @@ class _EmbedShard(beam.DoFn):
         if self._loaded is None or self._loaded[0] != checkpoint:
             torch.set_num_threads(self.threads)
             cache = load_cache(Path(self.cache_dir))
-            head = load_side_head(cache, resolve_checkpoint(Path(checkpoint)))[1] if "aligned" in self.kinds else None
+            head = load_side_head(cache, resolve_checkpoint(Path(checkpoint)))[1] if checkpoint else None
             heads = cache_heads(head, cache.layout, EncoderConfig.from_dict(cache.encoder_config),
                                 self.unaligned_seed)
             self._loaded = (checkpoint, {k: v for k, v in heads.items() if k in self.kinds})
         return self._loaded[1]
 
-    def process(self, shard: dict, checkpoint: str):
+    def process(self, shard: dict, checkpoint: Optional[str] = None):
         from pipelines.mllm.cache import read_shard
         from pipelines.mllm.onepass import embed_states
 
@@ -207,23 +207,27 @@ class EmbedFromCache(beam.PTransform):
     holds more than one shard of states.
 
     Args:
-        checkpoint: the Align step's output (the aligned checkpoint folder), or None for the behaviour-free kinds
-            only.
+        checkpoint: the Align step's output (a one-element PCollection: the aligned checkpoint folder), or None
+            for the frozen MLLM's behaviour-free kinds only (unaligned / text / image: available before pair mining,
+            so the unaligned vectors can be the trigger fallback).
         kinds: which embeddings (aligned needs ``checkpoint``; image only with a vision tower).
         unaligned_seed: seed of the fixed maps of the unaligned / text / image embeddings.
     """
 
     def __init__(self, cache_dir: str, checkpoint, kinds: tuple = KINDS, unaligned_seed: int = 0, threads: int = 1):
         super().__init__()
+        if "aligned" in kinds and checkpoint is None:
+            raise ValueError("EmbedFromCache: the aligned embedding needs the Align step's checkpoint")
         self.cache_dir, self.checkpoint, self.kinds = cache_dir, checkpoint, tuple(kinds)
         self.unaligned_seed, self.threads = unaligned_seed, threads
 
     def expand(self, cache_done):
         shards = (cache_done | "ListShards" >> beam.FlatMap(_shard_records)
                   | "SpreadShards" >> beam.Reshuffle())
-        rows = shards | "EmbedShards" >> beam.ParDo(
-            _EmbedShard(self.cache_dir, self.unaligned_seed, self.kinds, self.threads),
-            beam.pvalue.AsSingleton(self.checkpoint)).with_outputs(*self.kinds, DEAD)
+        fn = _EmbedShard(self.cache_dir, self.unaligned_seed, self.kinds, self.threads)
+        embed = beam.ParDo(fn, beam.pvalue.AsSingleton(self.checkpoint)) if self.checkpoint is not None else \
+            beam.ParDo(fn)
+        rows = shards | "EmbedShards" >> embed.with_outputs(*self.kinds, DEAD)
         out = {kind: rows[kind] | f"Count{kind.title()}" >> count(STAGE_OF[kind], "out") for kind in self.kinds}
         out[DEAD] = rows[DEAD]
         return out

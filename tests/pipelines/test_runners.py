@@ -23,9 +23,9 @@ RUNNERS = {
                        "--align-min-ram", "16GB"],
 }
 # side mode (the default) runs the frozen MLLM once on the workers (BuildSideCache) and embeds every item from that
-# cache (EmbedFromCache) instead of the two RunInference steps (EmbedAligned / EmbedUnaligned) of full / adapters
+# cache (EmbedFrozenFromCache before pair mining, EmbedAlignedFromCache after Align) instead of the two RunInference steps (EmbedAligned / EmbedUnaligned) of full / adapters
 STEPS = ("ReadItems", "ReadInteractions", "ValidateItems", "ValidateInteractions", "MinePairs", "WriteTrainPairs",
-         "BuildSideCache", "Align", "EmbedFromCache", "Quantize", "QuantizeUnaligned", "WriteEmbeddings", "WriteCodes",
+         "BuildSideCache", "EmbedFrozenFromCache", "Align", "EmbedAlignedFromCache", "Quantize", "QuantizeUnaligned", "WriteEmbeddings", "WriteCodes",
          "WriteDeadLetter")
 
 
