@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -30,6 +29,10 @@ RUNNERS = {
     "fnapi_2": ["--runner", "FnApiRunner", "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"],
     "portable_loopback": ["--runner", "PortableRunner", "--job_endpoint", "embed", "--environment_type", "LOOPBACK"],
 }
+# runs the job as its child and reports the largest RSS among the job and its SDK worker processes
+_MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+            "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+            "sys.exit(r.returncode)")
 TABLES = ("item_codes", "item_codes_unaligned", "item_embeddings", "item_embeddings_unaligned",
           "item_embeddings_text", "item_embeddings_image")
 
@@ -59,16 +62,17 @@ def _digest(store: Path) -> dict:
 
 def run_one(name: str, job_args: list, root: Path, timeout: int) -> dict:
     store, work = root / name / "store", root / name / "work"
-    cmd = [sys.executable, "-m", "pipelines.cascade", "--store", str(store), "--work-dir", str(work), *job_args,
+    job = [sys.executable, "-m", "pipelines.cascade", "--store", str(store), "--work-dir", str(work), *job_args,
            *RUNNERS[name]]
+    cmd = [sys.executable, "-c", _MEASURE, *job]  # a shim process whose children are this job only
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         return {"runner": name, "ok": False, "seconds": round(seconds, 1), "error": proc.stderr[-3000:]}
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # max over the children so far
-    return {"runner": name, "ok": True, "seconds": round(seconds, 1), "peak_rss_mb_so_far": round(rss),
+    rss_kb = int(next(ln for ln in proc.stderr.splitlines()[::-1] if ln.startswith("MAXRSS_KB ")).split()[1])
+    return {"runner": name, "ok": True, "seconds": round(seconds, 1), "peak_rss_mb": round(rss_kb / 1024),
             "tables": _digest(store)}
 
 

@@ -11,7 +11,8 @@ child process (so its peak RSS is its own), reading the previous stage's Parquet
                     stage is not the only cost)
     quantize        RQ fit on the hashed sample + encode; VQ k-NN (gathered below --vq-gather-max, else IVF)
 
-Alignment is not benchmarked here (a single-worker trainer until distributed alignment lands, issue 13 point 3).
+Alignment is not benchmarked here: its cost is the trainer's (`bench/align.py`; data-parallel over
+`--align-nproc` processes with `pipelines.mllm.shard_trainer`), not the runner's.
 Per stage: ``seconds`` (child wall time, Python start-up included) and ``peak_rss_mb`` (the child's max RSS);
 ``growth.<stage>``: time ratio per 10x items between consecutive sizes. Then the embed stage with the real
 encoder against a bare torch loop over the same model and items (``--embed-items``, default 4096), one run.
