@@ -6,8 +6,8 @@ and every embedding of the version read back from it shard by shard.
 
 Shards: items go to ``ceil(N / shard_size)`` buckets by a seeded hash of the item id (the same buckets on any
 runner); each bucket is one GroupByKey value (``shard_size`` item records), encoded by one worker whose DoFn built
-the frozen MLLM once in ``setup``. A shard file is named by the fingerprint of the encoder, the state layout and
-its item ids, so a rerun over the same catalog and encoder (another cascade seed, a retry after a crash) reuses
+the frozen MLLM once in ``setup``. A shard file is named by the fingerprint of the encoder, the state layout, its
+item ids and their title / text / image uri (not the image bytes), so a rerun over the same catalog and encoder (another cascade seed, a retry after a crash) reuses
 every shard it finds instead of running the backbones again. The manifest is written last, by one worker, from the
 shards' small records; it is the only whole-catalog object (one entry per shard).
 """
@@ -27,6 +27,7 @@ from pipelines.transforms.common import counter, count, reject, stage_timer
 log = logging.getLogger(__name__)
 DEAD = "dead_letter"
 KINDS = ("aligned", "unaligned", "text", "image")
+CONTENT_COLUMNS = ("title", "text", "image_uri")  # what the frozen MLLM reads of an item
 STAGE_OF = {"aligned": "embed", "unaligned": "embed_unaligned", "text": "embed_text", "image": "embed_image"}
 
 
@@ -72,7 +73,10 @@ class _ExtractShard(beam.DoFn):
         frame = pd.DataFrame(list(items)).drop(columns=["_row"], errors="ignore")
         frame = frame.sort_values("item_id").reset_index(drop=True)
         ids = frame["item_id"].to_numpy(np.int64)
-        fingerprint = cache_fingerprint(self._encoder, ids)
+        # the encoder, the layout, the ids and what the backbones read of each item: edited text is a new shard
+        content = [frame[c].astype(str).tolist() if c in frame.columns else [] for c in CONTENT_COLUMNS]
+        fingerprint = hashlib.sha256(json.dumps([cache_fingerprint(self._encoder, ids), content]).encode()
+                                     ).hexdigest()[:20]
         name = f"shard-{fingerprint}.safetensors"
         path = Path(self.cache_dir) / name
         found = shard_header(path) if path.is_file() else None

@@ -29,11 +29,11 @@ def world(tmp_path_factory):
     return ds, pairs
 
 
-def _run_build(ds, cache_dir, shard_size=16):
+def _run_build(ds, cache_dir, shard_size=16, items=None):
     import apache_beam as beam
     from apache_beam.testing.test_pipeline import TestPipeline
 
-    records = ds.items.to_dict("records")
+    records = (ds.items if items is None else items).to_dict("records")
     with TestPipeline("FnApiRunner") as p:
         _ = (p | beam.Create(records)
              | BuildSideCache(TINY.to_dict(), 2, str(ds.image_root), str(cache_dir), shard_size=shard_size,
@@ -102,3 +102,14 @@ def test_embed_from_cache_on_the_workers_equals_the_in_process_embedding(world, 
 
 def _save(rows, path):
     np.savez(path, ids=np.array([r[0] for r in rows], np.int64), emb=np.stack([r[1] for r in rows]))
+
+
+def test_an_edited_item_text_is_a_new_shard(world, tmp_path):
+    ds, _ = world
+    _run_build(ds, tmp_path / "c")
+    before = {s["file"] for s in json.loads((tmp_path / "c" / "manifest.json").read_text())["shards"]}
+    edited = ds.items.copy()
+    edited.loc[edited.index[0], "text"] = "an entirely new description"
+    _run_build(ds, tmp_path / "c", items=edited)
+    after = {s["file"] for s in json.loads((tmp_path / "c" / "manifest.json").read_text())["shards"]}
+    assert len(before - after) == 1 and len(after - before) == 1  # only the edited item's shard is rebuilt
