@@ -21,23 +21,15 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ranker.distributed import DistContext
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Communicator:
-    """One process (rank 0 of 1): every operation is the identity."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+class Communicator(DistContext):
+    """One process (rank 0 of 1): every operation is the identity. (rank, world_size, device, is_main and
+    distributed are the ranker's ``DistContext``.)"""
 
     def local_slice(self, n: int) -> slice:
         """This rank's rows of a global batch of n rows: contiguous chunks of ceil(n / W) (the last may be
@@ -86,8 +78,6 @@ class _Forward(nn.Module):
 class DistributedCommunicator(Communicator):
     """Rank ``rank`` of ``world_size`` in the default process group (gloo on CPU, nccl on CUDA)."""
 
-    device: str = "cpu"
-
     @staticmethod
     def init(device: str = "cpu") -> "DistributedCommunicator":
         import torch.distributed as dist
@@ -96,11 +86,11 @@ class DistributedCommunicator(Communicator):
             backend = "nccl" if device.startswith("cuda") else "gloo"
             dist.init_process_group(backend=backend)
         rank, world = dist.get_rank(), dist.get_world_size()
-        if device.startswith("cuda"):
+        if device.startswith("cuda"):  # one GPU per rank
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
             torch.cuda.set_device(device)
         log.info("align: rank %d of %d (%s, %s)", rank, world, dist.get_backend(), device)
-        return DistributedCommunicator(rank=rank, world_size=world, device=device)
+        return DistributedCommunicator(rank=rank, world_size=world, device=torch.device(device))
 
     def gather(self, local: torch.Tensor, n: int) -> torch.Tensor:
         from torch.distributed.nn.functional import all_gather
@@ -116,7 +106,7 @@ class DistributedCommunicator(Communicator):
     def wrap(self, module: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
-        ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
+        ids = [self.device.index] if self.device.type == "cuda" else None
         # find_unused_parameters: a batch without images leaves the image branch without gradient
         return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
 

@@ -76,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = AlignConfig.from_dict(json.loads(args.config.read_text()))
     comm = Communicator.from_env(cfg.device)
     if comm.distributed and cfg.device.startswith("cuda"):  # one GPU per rank
-        cfg = dataclasses.replace(cfg, device=comm.device)
+        cfg = dataclasses.replace(cfg, device=str(comm.device))
     try:
         train = read_pairs(args.train_pairs)
         valid = read_pairs(args.valid_pairs) if args.valid_pairs else None
