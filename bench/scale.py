@@ -176,7 +176,8 @@ def run_stage(stage: str, work: Path, args) -> dict:
             emb = (p | "Read" >> beam.io.ReadFromParquet(str(work / "embeddings*.parquet"))
                    | "ToPairs" >> beam.Map(lambda r: (int(r["item_id"]), r["embedding"])))
             codes = emb | "Quantize" >> QuantizeItems(QuantConfig(rq_levels=3, vq_k=25,
-                                                                  vq_gather_max=args.vq_gather_max),
+                                                                  vq_gather_max=args.vq_gather_max,
+                                                                  vq_index=args.vq_index),
                                                       ivf_file=str(work / "vq_ivf.safetensors"))
             _ = codes | "WriteCodes" >> WriteCodes(str(work / "codes"))
         else:
@@ -201,7 +202,8 @@ def stage_process(stage: str, work: Path, args, timeout: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--work", str(work),
            "--runner", args.runner, "--workers", str(args.workers), "--encoder", args.job_encoder,
            "--trigger-similarity", args.trigger_similarity, "--swing-max-users", str(args.swing_max_users),
-           "--collab-iterations", str(args.collab_iterations), "--vq-gather-max", str(args.vq_gather_max)]
+           "--collab-iterations", str(args.collab_iterations), "--vq-gather-max", str(args.vq_gather_max),
+           "--vq-index", args.vq_index]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     t0 = time.perf_counter()
     try:
@@ -244,6 +246,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--swing-max-users", type=int, default=1000)
     ap.add_argument("--collab-iterations", type=int, default=4)
     ap.add_argument("--vq-gather-max", type=int, default=200_000)
+    ap.add_argument("--vq-index", choices=("flat", "ivf"), default="flat",
+                    help="faiss index over a gathered VQ base (ivf: approximate, for large gathered catalogs)")
     ap.add_argument("--hot-item-users", type=int, default=0, help="add one item consumed by this many users")
     ap.add_argument("--stages", default=",".join(STAGES), help="stages to run, in order (later ones need earlier)")
     ap.add_argument("--embed-items", type=int, default=4096, help="items of the real-encoder embed comparison (0: skip)")
