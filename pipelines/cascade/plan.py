@@ -132,11 +132,9 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, sourc
                        history=opts.trigger_history, heldout_frac=opts.heldout_frac, seed=seed,
                        swing_max_users=opts.swing_max_users, swing_max_history=opts.swing_max_history,
                        trigger_similarity=opts.trigger_similarity,
-                       # the encoder fallback needs the unaligned embedding *before* pair mining: a RunInference pass;
-                       # the one-pass side mode has it only after the align stage, so it goes without
-                       trigger_fallback=("none" if opts.skip_unaligned or (opts.align_mode == "side"
-                                                                            and not opts.align_checkpoint)
-                                         else opts.trigger_fallback),
+                       # the encoder fallback needs the unaligned embedding before pair mining (side mode: from the
+                       # frozen MLLM's cache, EmbedFrozenFromCache; other modes: a RunInference pass)
+                       trigger_fallback="none" if opts.skip_unaligned else opts.trigger_fallback,
                        collab=CollabConfig(dim=opts.collab_dim, iterations=opts.collab_iterations, reg=opts.collab_reg,
                                            alpha=opts.collab_alpha, min_count=opts.collab_min_count, seed=seed))
     quant = QuantConfig(rq_levels=opts.rq_levels, rq_codebook_size=opts.rq_codebook_size,

@@ -79,6 +79,8 @@ def test_publishes_a_contract_version(first_run):
     # every train-portion target got its trigger from a counted source; the default is the collaborative model
     trig = m["metrics"]["triggers"]
     assert trig["similarity"] == "collab" and trig["by_source"]["collab"] > 0
+    # side mode has the frozen MLLM's unaligned vectors before pair mining: they are the fallback
+    assert trig["fallback"] == "encoder"
     assert sum(trig["by_source"].values()) == trig["targets"] > 0 and summary["metrics"]["triggers"] == trig
     json.dumps(summary)  # JSON-able for `--json`
 
