@@ -8,11 +8,13 @@ One Beam pipeline, every step labelled::
       -> ProtocolParts / ProtocolRecord (each event's protocol part and the protocol record as one combine, on the
                     workers; WindowEvents writes the valid / test events the driver's metrics read)
       -> TrainPortion (only the protocol's train events go on: nothing downstream sees valid / test)
-      -> EmbedUnaligned (pre-trained encoder: the unaligned tables and the trigger fallback)
+      -> side mode: BuildSideCache (the frozen MLLM over item shards on the workers) -> EmbedFrozenFromCache
+         (unaligned / text / image); full / adapters: EmbedUnaligned (RunInference). Either is the trigger fallback
       -> MinePairs (capped Swing + trigger->target pairs by the collaborative model's similarity; the latest
-                    train pairs validate alignment)
-      -> Align (one worker runs the trainer; --align-checkpoint reuses one)
-      -> EmbedAligned / EmbedUnaligned (RunInference + the encoder's PyTorch ModelHandler)
+                    train pairs validate alignment) -> WriteTrainPairs / WriteHeldoutPairs (the trainer's input)
+      -> Align (the trainer over the pair files and the cache: in the worker or --align-nproc data-parallel
+                processes; --align-checkpoint reuses one)
+      -> EmbedAlignedFromCache (side) / EmbedAligned (RunInference + the encoder's PyTorch ModelHandler)
       -> Quantize* (RQ fit on a hashed sample on one worker; encode in parallel, codebooks as side input;
                     VQ = faiss k-NN in parallel batches)
       -> Write* (beam.io.parquetio into the store's private staging folder)
