@@ -32,17 +32,17 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
-PAIR_COLUMNS = ("left", "right", "source", "ts", "weight")
 
 
 def read_pairs(path: str) -> pd.DataFrame:
     """A pair table from a Parquet file, a folder of part files or a glob (rows sorted so the pair order, and so
     the seeded batches, do not depend on how a runner sharded the write)."""
     from pipelines.data.io import table_files
+    from pipelines.pairs import PAIR_COLUMNS
 
     files = table_files(Path(path))
     frames = [pd.read_parquet(f) for f in files]
-    pairs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(PAIR_COLUMNS))
+    pairs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PAIR_COLUMNS)
     missing = {"left", "right"} - set(pairs.columns)
     if missing:
         raise ValueError(f"{path}: pair table lacks column(s) {sorted(missing)} (has {list(pairs.columns)})")
