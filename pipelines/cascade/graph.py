@@ -94,7 +94,8 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     vi = items | "ValidateItems" >> ValidateItems(plan.image_root, plan.image_check, plan.require_image,
                                                   max_bad_fraction=check_share)
     vx = interactions | "ValidateInteractions" >> ValidateInteractions(vi["items"], max_bad_fraction=check_share,
-                                                                       dedupe=plan.source is not None)
+                                                                       dedupe=plan.source is not None,
+                                                                       clock=plan.clock)
     # the protocol's part of every event, on the workers (= feature_store.split.split_labels over the loader's
     # table: the snapshot itself, or the validated records of the worker path)
     protocol_rows = interactions if plan.source is None else vx["interactions"]

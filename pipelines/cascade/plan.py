@@ -87,6 +87,7 @@ class JobPlan:
     # the generic source read on the workers (`pipelines.transforms.read_source`); None: the loader's snapshot
     # at items_path / interactions_path
     source: Optional[object] = None
+    clock: Optional[object] = None  # the job's feature_store.clock.EventClock: later events are rejects
 
 
 def encoder_dict(opts: CascadeOptions, seed: int) -> dict:
@@ -116,10 +117,10 @@ def with_raw_ids(frame: pd.DataFrame, id_maps: dict, fields: tuple) -> pd.DataFr
     return out
 
 
-def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, source=None) -> JobPlan:
+def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, source=None, clock=None) -> JobPlan:
     """Resolve options + the loaded dataset (or, for the worker path, `source`: a
     `pipelines.transforms.read_source.SourcePlan`, with ds None) into a JobPlan (validates every config before
-    anything runs)."""
+    anything runs). ``clock``: the job's `feature_store.clock.EventClock`."""
     from pipelines.transforms.report import snapshot
     from pipelines.transforms.common import reject
 
@@ -156,7 +157,7 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, sourc
                   init_quantizer=opts.init_quantizer,
                   align_hints=tuple((k, v) for k, v in (("min_ram", opts.align_min_ram),
                                                         ("accelerator", opts.align_accelerator)) if v),
-                  side_cache_shard_size=opts.side_cache_shard_size)
+                  side_cache_shard_size=opts.side_cache_shard_size, clock=clock)
     if source is not None:  # the workers read, parse and validate the source: nothing is snapshotted
         spec = data_spec(options)
         return JobPlan(items_path="", interactions_path="", image_root=source.image_root,
@@ -178,7 +179,7 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, sourc
         for r in ds.rejects.itertuples(index=False))
     return JobPlan(items_path=str(items_path), interactions_path=str(inter_path),
                    image_root=str(ds.image_root) if ds.image_root else None,
-                   image_check=ds.spec.validate_images if ds.spec else "header",
+                   image_check=ds.spec.validate_images if ds.spec else "draft",
                    require_image=bool(ds.spec.require_image) if ds.spec else False,
                    max_bad_fraction=ds.spec.max_bad_fraction if ds.spec else None,
                    loader_rejects=loader_rejects, **common)
