@@ -17,7 +17,11 @@ from feature_store import FeatureStore
 from pipelines.cli import EXIT_LOCKED, EXIT_OK, main
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("window", "candidate", "stability", "continuity")  # StageRunner's checkpointed stages, in order
+STAGES = ("window", "candidate", "stability")  # StageRunner's checkpoints, in order (no continuity: no ranker gate)
+# a small cascade for the concurrent pipeline (its own data; only the store is shared)
+PIPELINE = ["--n-items", "48", "--n-users", "40", "--n-events", "1600", "--n-clusters", "4", "--image-size", "16",
+            "--encoder", "tiny", "--align-epochs", "1", "--rq-levels", "2", "--vq-k", "4", "--skip-unaligned",
+            "--torch-threads", "1"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
@@ -91,7 +95,7 @@ def test_sigkill_at_random_points_of_retrain_leaves_current_valid_and_the_rerun_
         allowed |= {store.current_id()}  # a kill after the flip of CURRENT leaves the new version, complete
         _store_is_consistent(store, allowed)
     out, _ = proc.communicate(timeout=600)
-    assert kills >= 2, f"every run ended before its kill: {points}"
+    assert kills >= 1 and points[0] != "publish", points  # the first kill lands mid-run (Random(19))
     result = _last_json(out)
     assert proc.returncode == EXIT_OK and result["status"] in ("published", "up-to-date"), result
     published = [e for e in store.history() if e["action"] == "publish"][1:]
@@ -120,8 +124,8 @@ def test_a_pipeline_started_while_retrain_runs_does_not_publish_over_it(copy_wor
         while "qarm retrain" not in (store.root / "LOCK").read_text(errors="replace"):
             assert retrain.poll() is None and time.time() < deadline, retrain.stderr.read()
             time.sleep(0.1)
-        pipeline = subprocess.Popen(_qarm("pipeline", "--store", str(store.root), *world["data_flags"],
-                                          *world["job_flags"], "--skip-unaligned", "--torch-threads", "1", "--json"),
+        pipeline = subprocess.Popen(_qarm("pipeline", "--store", str(store.root), *PIPELINE, "--data",
+                                          str(tmp_path / "img"), "--json"),
                                     cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         while not [p for p in (store.root / ".staging").iterdir() if p.is_dir()]:  # it has read CURRENT
             assert pipeline.poll() is None and time.time() < deadline, pipeline.stderr.read()
