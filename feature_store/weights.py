@@ -87,3 +87,21 @@ def load_safetensors(path: str | os.PathLike, what: str, framework: str = "pt") 
     except Exception as exc:  # safetensors' own SafetensorError (not importable by a stable name), OSError, ...
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise _error(path, what, f"not a safetensors file: {first}") from None
+
+
+def check_safetensors(path: str | os.PathLike, what: str) -> list[str]:
+    """The tensor names of a safetensors file from its header alone (cheap: a driver checks a checkpoint before a
+    job ships it to workers); :class:`WeightsFileError` as :func:`load_safetensors` for a file that is not one.
+    The header check covers a pickle under the name, a corrupt header and a truncated file (the header's offsets
+    must cover the file exactly)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what} checkpoint file")
+    try:
+        with safe_open(os.fspath(path), framework="numpy") as fh:
+            return list(fh.keys())
+    except Exception as exc:  # SafetensorError and friends, as in load_safetensors
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise _error(path, what, f"not a safetensors file: {first}") from None

@@ -60,6 +60,26 @@ class AlignPlan:
                 raise ValueError(f"AlignPlan.{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint and not Path(self.checkpoint).exists():
             raise FileNotFoundError(f"--align-checkpoint {self.checkpoint}: no such checkpoint folder")
+        for checkpoint in (self.checkpoint, self.init_encoder):
+            if checkpoint:
+                preflight_checkpoint(Path(checkpoint))
+
+
+def preflight_checkpoint(path: Path) -> None:
+    """Check, in the driver, the weight files an encoder checkpoint will load on the workers: its safetensors
+    headers and the vision_weights file its config names. A wrong file is a WeightsFileError naming it before the
+    job starts, not a worker's traceback (feature_store.weights)."""
+    from feature_store.weights import check_safetensors
+    from pipelines.mllm.checkpoint import read_meta, resolve_checkpoint
+    from pipelines.mllm.towers import load_state_file
+
+    step = resolve_checkpoint(path)
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        if (step / name).is_file() or name == "model.safetensors":
+            check_safetensors(step / name, "encoder")
+    weights = (read_meta(step).get("encoder") or {}).get("vision_weights")
+    if weights and not str(weights).startswith("pkg:"):  # installed packages are trusted files
+        load_state_file(Path(weights))
 
 
 @dataclass(frozen=True)

@@ -191,3 +191,28 @@ def test_train_ranker_resume_from_a_pickle_exits_1_with_the_json_line(tmp_path, 
     assert code == 1 and result["exit"] == 1 and result["error_type"] == "WeightsFileError", result
     assert result["error"].startswith(f"{out / 'ranker.pt'}: not a ranker checkpoint (")
     assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
+
+
+@pytest.mark.parametrize("bad", ["model.safetensors", "vision_weights"])
+def test_pipeline_refuses_a_checkpoint_with_a_wrong_weight_file_before_the_job(tmp_path, bad, capsys):
+    """Case 5 in the Beam job: the checkpoint's files are loaded on the workers, so the driver checks them first
+    (a worker's traceback would be all the user saw)."""
+    import torch
+
+    from pipelines.mllm import EncoderConfig
+    from pipelines.mllm.checkpoint import save_checkpoint
+
+    weights = tmp_path / "vision.pth"
+    torch.save({"w": torch.ones(2)}, weights)
+    encoder = {**EncoderConfig.named("tiny").to_dict(), "vision_weights": str(weights)}
+    step = save_checkpoint(tmp_path / "ckpt", 1, {"mode": "side", "encoder": encoder}, {"w": torch.ones(2)})
+    target = step / "model.safetensors" if bad == "model.safetensors" else weights
+    target.write_bytes(pickle.dumps({"model": _Evil()}))
+    code = main(["pipeline", "--n-items", "20", "--n-users", "5", "--n-events", "100", "--n-clusters", "2",
+                 "--image-size", "16", "--data", str(tmp_path / "img"), "--store", str(tmp_path / "store"),
+                 "--encoder", "tiny", "--align-mode", "side", "--align-checkpoint", str(tmp_path / "ckpt"),
+                 "--json"])
+    result = _last_json(capsys)
+    assert code == 1 and result["error_type"] == "WeightsFileError", result
+    assert result["error"].startswith(f"{target}: not a ")
+    assert not (tmp_path / "store" / "CURRENT").exists()
