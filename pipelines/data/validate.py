@@ -164,16 +164,41 @@ def image_loss_action(dropped: bool, require_image: bool, has_text: bool) -> tup
         ("" if has_text else "; no title and no text either")
 
 
-def check_future_share(n_bad: int, n: int, max_bad_fraction: float, what: str, bad: pd.DataFrame,
-                       clock: EventClock) -> None:
-    """DataError when more than ``max_bad_fraction`` of ``n`` events are later than the clock (a wrong ``--now``,
-    or a log in the wrong unit), naming the first rows."""
-    if n and n_bad > max_bad_fraction * n:
+def _reject_bad_images(items: pd.DataFrame, image_root: Optional[Path], spec: DataSpec, name: str,
+                       rejects: RejectLog, raw) -> pd.DataFrame:
+    """Check every image at ``spec.validate_images``; one reject per item that loses its image (kept text-only,
+    or dropped when it has no text or under --require-image). Returns the items left, bad uris set to None."""
+    no_text = _blank(items["title"]) & _blank(items["text"])
+    bad = _bad_images(items, image_root, spec.validate_images, desc=f"{name}: checking images")
+    text_less = no_text.loc[bad.index].to_numpy()
+    dropped = text_less | bool(spec.require_image)
+    why = [image_loss_action(d, spec.require_image, not t) for d, t in zip(dropped, text_less)]
+    bad = bad.assign(action=[w[0] for w in why],
+                     detail=bad["detail"] + pd.Series([w[1] for w in why], index=bad.index))
+    for (reason, action), group in bad.groupby(["reason", "action"], sort=True):
+        rejects.add(group["source"], group["row"], reason, action, **raw("item_id", group["item_id"]),
+                    detail=group["detail"])
+    items.loc[bad.index, "image_uri"] = None
+    return items.drop(index=bad.index[dropped])
+
+
+def _reject_future(interactions: pd.DataFrame, clock: EventClock, max_bad_fraction: float, what: str,
+                   rejects: RejectLog, raw) -> pd.DataFrame:
+    """Reject the events later than the clock as bad_timestamp; DataError when they are more than
+    ``max_bad_fraction`` of the events (a wrong ``--now``, or a log in the wrong unit), naming the first rows."""
+    future = clock.in_future(interactions["ts"].to_numpy(dtype="int64"))
+    if not future.any():
+        return interactions
+    bad, n = interactions.loc[future], len(interactions)
+    if len(bad) > max_bad_fraction * n:
         first = "; ".join(f"{src} row {row}: ts {ts}" for src, row, ts in
                           bad[["_source", "row", "ts"]].head(5).itertuples(index=False))
-        raise DataError(f"{what}: {n_bad} of {n} interactions ({n_bad / n:.2%}) have a timestamp that "
+        raise DataError(f"{what}: {len(bad)} of {n} interactions ({len(bad) / n:.2%}) have a timestamp that "
                         f"{clock.what()}, more than --max-bad-fraction {max_bad_fraction:g} allows (check --now "
                         f"and the timestamp unit); first: {first}")
+    rejects.add(bad["_source"], bad["row"], "bad_timestamp", "dropped", **raw("item_id", bad["item_id"]),
+                **raw("user_id", bad["user_id"]), detail=[clock.detail(t) for t in bad["ts"]])
+    return interactions.loc[~future]
 
 
 def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec, name: str,
@@ -223,21 +248,9 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
     # Images: a bad image demotes the item to text-only, with the reason recorded. One reject per item: an item
     # that loses its image and has no text, or under --require-image, is dropped under the image's reason.
     items["image_uri"] = items["image_uri"].where(~_blank(items["image_uri"]), None)
-    no_text = _blank(items["title"]) & _blank(items["text"])
     if check_images:
-        bad_images = _bad_images(items, image_root, spec.validate_images, desc=f"{name}: checking images")
-        text_less = no_text.loc[bad_images.index].to_numpy()
-        dropped = text_less | bool(spec.require_image)
-        why = [image_loss_action(d, spec.require_image, not t) for d, t in zip(dropped, text_less)]
-        bad_images = bad_images.assign(action=[w[0] for w in why],
-                                       detail=bad_images["detail"] + pd.Series([w[1] for w in why],
-                                                                                index=bad_images.index))
-        for (reason, action), group in bad_images.groupby(["reason", "action"], sort=True):
-            rejects.add(group["source"], group["row"], reason, action, **raw("item_id", group["item_id"]),
-                        detail=group["detail"])
-        items.loc[bad_images.index, "image_uri"] = None
-        items = items.drop(index=bad_images.index[dropped])
-        no_text = no_text.drop(index=bad_images.index[dropped])
+        items = _reject_bad_images(items, image_root, spec, name, rejects, raw)
+    no_text = _blank(items["title"]) & _blank(items["text"])
 
     # Empty text: an item with neither title nor text is usable only through its image.
     if no_text.any():
@@ -269,13 +282,7 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
 
     # Events later than the clock (+ tolerance): counted against max_bad_fraction like values that do not parse
     # (the generic source already rejected them while parsing, `generic.future_cells`).
-    future = clock.in_future(interactions["ts"].to_numpy(dtype="int64"))
-    if future.any():
-        bad = interactions.loc[future]
-        check_future_share(len(bad), len(interactions), spec.max_bad_fraction, name, bad, clock)
-        rejects.add(bad["_source"], bad["row"], "bad_timestamp", "dropped", **raw("item_id", bad["item_id"]),
-                    **raw("user_id", bad["user_id"]), detail=[clock.detail(t) for t in bad["ts"]])
-        interactions = interactions.loc[~future]
+    interactions = _reject_future(interactions, clock, spec.max_bad_fraction, name, rejects, raw)
 
     # Exact repeats of an event (same user, item, second and label) are double logging, not two events.
     dup = interactions.duplicated(subset=["user_id", "item_id", "ts", "label"], keep="first")
