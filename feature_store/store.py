@@ -56,7 +56,12 @@ _FROM_CURRENT = object()  # sentinel: stage()'s parent defaults to CURRENT at st
 
 
 class StoreConflictError(RuntimeError):
-    """CURRENT moved away from the staged parent while ``require_parent_current`` was set."""
+    """The compare-and-swap of CURRENT failed: another writer moved CURRENT after this one started from
+    ``expected``; ``current`` is the version that won."""
+
+    def __init__(self, message: str, current: str | None = None, expected: str | None = None):
+        super().__init__(message)
+        self.current, self.expected = current, expected
 
 
 class FeatureStore:
@@ -98,8 +103,16 @@ class FeatureStore:
               resume_key: str | None = None) -> Iterator[Staging]:
         """A private staging folder for a new version.
 
+        One writer per store: CURRENT changes only by a compare-and-swap under the store lock (``_swap_current``;
+        on object storage, a conditional write), so a manifest's ``parent`` always equals the history's previous
+        version. A job that publishes records CURRENT when it starts (``require_parent_current=True``) and is
+        refused at publish (StoreConflictError naming the version that won) if another writer moved it meanwhile.
+
         Args:
-            parent: the version this one derives from; defaults to CURRENT at staging time; None for a root.
+            parent: the version this one derives from. Default: CURRENT, read at staging time with
+                ``require_parent_current``, else at publish (the version it is published over). An explicit
+                parent published as CURRENT must still be CURRENT then (StoreConflictError otherwise). None: a
+                root version.
             require_parent_current: refuse to publish (StoreConflictError) if CURRENT is no longer ``parent``
                 by then, so a job never overwrites a version it did not see.
             resume_key: make the staging resumable: the folder is named after the key (letters, digits, ``._-``),
@@ -112,8 +125,9 @@ class FeatureStore:
         """
         self._ensure_layout()
         self._sweep_staging()
+        pinned = parent is not _FROM_CURRENT or require_parent_current
         if parent is _FROM_CURRENT:
-            parent = self.current_id()
+            parent = self.current_id() if require_parent_current else None  # else resolved at publish
         elif parent is not None:
             check_id(parent)
             if not self.version_path(parent).is_dir():
@@ -124,7 +138,8 @@ class FeatureStore:
         path.mkdir(exist_ok=resume_key is not None)
         if resumed:
             log.info("resuming staging %s (key %r) with the files of an earlier run", path, resume_key)
-        staging = Staging(self, path, parent, require_parent_current, fd, lock_path, resume_key, resumed)
+        staging = Staging(self, path, parent, require_parent_current, fd, lock_path, resume_key, resumed,
+                          parent_pinned=pinned)
         try:
             yield staging
         except BaseException:
@@ -143,9 +158,10 @@ class FeatureStore:
     def _publish_locked(self, staging: Staging, sealed: "_Sealed", *, set_current: bool) -> StoreVersion:
         self._sweep_locked()
         current = self._current_or_none()
-        if staging.require_parent_current and current != staging.parent:
-            raise StoreConflictError(f"CURRENT of {self.root} is {current} but this version was staged on "
-                                     f"{staging.parent}; refusing to publish over a version this job did not see")
+        if not staging.parent_pinned:
+            staging.parent = current  # "derive from CURRENT", read now that the lock is held
+        if staging.require_parent_current or (set_current and staging.parent_pinned):
+            self._check_current(staging.parent, current)  # refuse before anything becomes visible
         src = staging.path
         config, files = sealed.config, sealed.files
         config_sha = sha256_bytes(sealed.config_text.encode("utf-8"))
@@ -184,7 +200,7 @@ class FeatureStore:
         fsync_dir(self.versions_dir)
         fsync_dir(src.parent)
         if set_current:
-            self._set_current(version_id, action="publish", previous=current)
+            self._swap_current(current, version_id, action="publish")
         log.info("published %s (parent %s)%s", version_id, staging.parent, " as CURRENT" if set_current else "")
         return StoreVersion(dest, manifest)
 
@@ -200,7 +216,7 @@ class FeatureStore:
             self.read(version_id, verify=True)
             previous = self._current_or_none()
             if previous != version_id:
-                self._set_current(version_id, action="rollback", previous=previous)
+                self._swap_current(previous, version_id, action="rollback")
         return {"current": version_id, "previous": previous}
 
     def retain(self, keep: int, *, lock_timeout: float = 0.0) -> list[str]:
@@ -293,12 +309,18 @@ class FeatureStore:
     # ------------------------------------------------------------------------------------------- read
     def current_id(self) -> str | None:
         """Id of the serving version, or None for an empty store."""
+        path = self.root / CURRENT_FILE
         try:
-            text = (self.root / CURRENT_FILE).read_text(encoding="utf-8").strip()
+            raw = path.read_bytes()
         except FileNotFoundError:
             return None
-        if not VERSION_RE.match(text):
-            raise CorruptVersionError(f"{self.root / CURRENT_FILE}: not a version id: {text[:80]!r}")
+        try:
+            text = raw.decode("ascii").strip()
+        except UnicodeDecodeError:  # binary garbage: say so with the file's name, never a bare codec error
+            text = None
+        if text is None or not VERSION_RE.match(text):
+            raise CorruptVersionError(f"{path}: not a version id ({raw[:40]!r}); repair it with `qarm store "
+                                      "rollback --store ... --version V` (`qarm store list` shows the versions)")
         return text
 
     def _current_or_none(self) -> str | None:
@@ -402,6 +424,33 @@ class FeatureStore:
             if m:
                 seqs.append(int(m.group(1)))
         return max(seqs, default=0) + 1
+
+    def _check_current(self, expected: str | None, current: str | None) -> None:
+        """StoreConflictError naming the version that won when CURRENT is not ``expected``."""
+        if current == expected:
+            return
+        raise StoreConflictError(
+            f"{self.root / CURRENT_FILE}: another writer changed CURRENT to {current or 'nothing'}"
+            f"{self._who_set(current)} after this job started from {expected or 'an empty store'}; refusing to "
+            f"publish over a version this job did not see (one writer per store; nothing was published: rerun to "
+            f"build on {current or 'the current state'})", current, expected)
+
+    def _who_set(self, version_id: str | None) -> str:
+        """' (published by pid P on host H at T)' from the history, or '' when unknown."""
+        for entry in reversed(self.history()):
+            if entry.get("version") == version_id:
+                return (f" ({entry.get('action', 'set')} by pid {entry.get('pid', '?')} on host "
+                        f"{entry.get('host', '?')} at {entry.get('at', '?')})")
+        return ""
+
+    def _swap_current(self, expected: str | None, version_id: str, *, action: str) -> None:
+        """Compare-and-swap CURRENT from ``expected`` to ``version_id`` and journal it; called with the lock held.
+
+        Here the lock makes the read-compare-write atomic; an object-storage backend does the same with one
+        conditional write of CURRENT (if it still has the generation / ETag read as ``expected``).
+        """
+        self._check_current(expected, self._current_or_none())
+        self._set_current(version_id, action=action, previous=expected)
 
     def _set_current(self, version_id: str, *, action: str, previous: str | None) -> None:
         atomic_write_text(self.root / CURRENT_FILE, version_id + "\n")

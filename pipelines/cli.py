@@ -14,13 +14,16 @@ Beam does not know either.
 Logging: our packages log INFO, third-party libraries (Beam, transformers, faiss, ...) WARNING; ``-v`` brings
 their INFO back.
 
-Exit codes: 0 ok, 1 error (bad input, failed job), 2 usage (unknown flag), 3 rejected by a validation gate,
-4 another run holds the lock (feature_store.StoreLockedError).
+Exit codes: 0 ok, 1 error (bad input, failed job), 2 usage (unknown command or flag, a missing or bad argument),
+3 rejected by a validation gate, 4 another writer holds the store's lock or published first
+(feature_store.StoreLockedError / StoreConflictError). Every failure prints ``{"ok": false, "exit": CODE, "error":
+...}`` as the last line under ``--json``, usage errors included.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import json
 import logging
@@ -47,6 +50,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "store": ("pipelines.commands.store",
               "list | show | diff | rollback | retain | verify | cleanup | history of feature-store versions"),
 }
+
+
+class UsageError(Exception):
+    """A command line that does not parse (argparse's own errors, raised instead of exiting)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing and exiting, so the dispatcher can answer ``--json``."""
+
+    def error(self, message):
+        raise UsageError(message)
 
 
 class CommandExit(Exception):
@@ -77,7 +91,7 @@ def _printable(obj):
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qarm",
         description="QARM: aligned multimodal item codes as learnable ranker features.",
         epilog="\n".join(f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()),
@@ -133,14 +147,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _top_parser().print_help()
         return EXIT_OK if argv else EXIT_USAGE
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        _top_parser().parse_args([name])  # prints the choices and exits 2
-    module_name, help_ = COMMANDS[name]
     as_json = "--json" in rest
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return _usage_error(_top_parser(), "qarm", None, f"unknown command {name!r}{hint} (choose from "
+                                                       f"{', '.join(sorted(COMMANDS))})", as_json)
+    module_name, help_ = COMMANDS[name]
     verbose = "-v" in rest or "--verbose" in rest
     with _quiet_imports(verbose):
         module = importlib.import_module(module_name)  # a broken install fails loudly here, never "not built"
-    parser = argparse.ArgumentParser(prog=f"qarm {name}", description=help_)
+    parser = _Parser(prog=f"qarm {name}", description=help_)
     module.add_arguments(parser)
     if not any(a.dest == "json" for a in parser._actions):
         parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
@@ -148,7 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("-v", "--verbose", action="store_true",
                             help="third-party libraries log at INFO too (default: WARNING)")
     aliases = add_underscore_aliases(parser)
-    args, unknown = _parse(parser, module, rest)
+    try:
+        args, unknown = _parse(parser, module, rest)
+    except UsageError as exc:
+        return _usage_error(parser, f"qarm {name}", name, str(exc), as_json)
     configure_logging(getattr(args, "verbose", False))
     warn_deprecated_spellings(rest, aliases)
     try:
@@ -156,32 +176,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnknownFlagError as exc:
         print(f"qarm {name}: error: {exc}", file=sys.stderr)
         if as_json:
-            _print_result({"command": name, "ok": False, "error": str(exc), "error_type": "UnknownFlagError"}, True)
+            _print_result({"command": name, "ok": False, "exit": EXIT_USAGE, "error": str(exc),
+                           "error_type": "UnknownFlagError"}, True)
         return EXIT_USAGE
     if unknown:
         args.extra_args = unknown
     from feature_store.lock import StoreLockedError
+    from feature_store.store import StoreConflictError
 
     try:
         result = module.run(args)
     except CommandExit as exc:
         print(f"qarm {name}: {exc}", file=sys.stderr)
-        _print_result({"command": name, "ok": False, "error": str(exc), **exc.result}, as_json)
+        _print_result({"command": name, "ok": False, "exit": exc.code, "error": str(exc), **exc.result}, as_json)
         return exc.code
     except StoreLockedError as exc:
         print(f"qarm {name}: {exc}", file=sys.stderr)
-        _print_result({"command": name, "ok": False, "error": str(exc), "holder": exc.holder}, as_json)
+        _print_result({"command": name, "ok": False, "exit": EXIT_LOCKED, "error": str(exc), "holder": exc.holder},
+                      as_json)
+        return EXIT_LOCKED
+    except StoreConflictError as exc:  # another writer published first (compare-and-swap of CURRENT refused)
+        print(f"qarm {name}: {exc}", file=sys.stderr)
+        _print_result({"command": name, "ok": False, "exit": EXIT_LOCKED, "error": str(exc),
+                       "status": "conflict", "current": exc.current, "expected": exc.expected}, as_json)
         return EXIT_LOCKED
     except (ValueError, FileNotFoundError, PermissionError, RuntimeError, KeyError) as exc:
         # Library errors carry the file / column / row in their message; show it, not a traceback.
         msg = str(exc) if not isinstance(exc, KeyError) else f"missing key {exc}"
         print(f"qarm {name}: error: {msg}", file=sys.stderr)
         if as_json:
-            _print_result({"command": name, "ok": False, "error": msg, "error_type": type(exc).__name__}, True)
+            _print_result({"command": name, "ok": False, "exit": EXIT_ERROR, "error": msg,
+                           "error_type": type(exc).__name__}, True)
         return EXIT_ERROR
     result = {"command": name, "ok": True, **(result or {})}
     _print_result(result, as_json)
     return EXIT_OK
+
+
+def _usage_error(parser: argparse.ArgumentParser, prog: str, name: str | None, message: str, as_json: bool) -> int:
+    """argparse's usage + message on stderr (as argparse prints them), the JSON line on stdout with --json."""
+    parser.print_usage(sys.stderr)
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    if as_json:
+        _print_result({"command": name, "ok": False, "exit": EXIT_USAGE, "error": message,
+                       "error_type": "UsageError"}, True)
+    return EXIT_USAGE
 
 
 def _parse(parser: argparse.ArgumentParser, module, rest: list[str]):

@@ -80,9 +80,26 @@ def test_command_exit_keeps_its_code(monkeypatch, capsys):
 
 
 def test_unknown_command_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["no-such-command"])
-    assert exc.value.code == 2
+    assert cli.main(["no-such-command"]) == cli.EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert "unknown command 'no-such-command'" in err and out == ""  # no --json: no JSON line
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["pipline", "--json"], "unknown command 'pipline'; did you mean 'pipeline'?"),
+    (["train-ranker", "--store", "S", "--encoder", "tiny", "--json"], "unrecognized arguments: --encoder tiny"),
+    (["store", "list", "--store", "S", "--bogus", "--json"], "unrecognized arguments: --bogus"),
+    (["store", "lst", "--store", "S", "--json"], "invalid choice: 'lst'"),
+    (["store", "list", "--json"], "the following arguments are required: --store"),
+    (["pipeline", "--align-epochs", "two", "--json"], "argument --align-epochs: invalid int value: 'two'"),
+])
+def test_every_usage_error_prints_a_json_line(argv, says, capsys):
+    """Issue 19 case 6: argparse's errors exited 2 without the JSON line `--json` promises."""
+    assert cli.main(argv) == cli.EXIT_USAGE
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["ok"] is False and result["exit"] == 2 and result["error_type"] == "UsageError"
+    assert says in result["error"] and says in err and "usage: qarm" in err
 
 
 def _qarm(*args, cwd=REPO):

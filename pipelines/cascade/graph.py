@@ -72,7 +72,7 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     from pipelines.transforms.pairs import MinePairs
     from pipelines.transforms.protocol import ItemsDigest, ProtocolParts, ProtocolRecord, WindowEvents
     from pipelines.transforms.quantize import QuantizeItems
-    from pipelines.transforms.side_cache import BuildSideCache, EmbedFromCache
+    from pipelines.transforms.side_cache import BuildSideCache, CacheImageRejects, EmbedFromCache
     from pipelines.transforms.validate import DEAD, ValidateInteractions, ValidateItems
     from pipelines.transforms.write import WriteCodes, WriteEmbeddings, WriteRejects, write_pairs
 
@@ -94,7 +94,8 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     vi = items | "ValidateItems" >> ValidateItems(plan.image_root, plan.image_check, plan.require_image,
                                                   max_bad_fraction=check_share)
     vx = interactions | "ValidateInteractions" >> ValidateInteractions(vi["items"], max_bad_fraction=check_share,
-                                                                       dedupe=plan.source is not None)
+                                                                       dedupe=plan.source is not None,
+                                                                       clock=plan.clock)
     # the protocol's part of every event, on the workers (= feature_store.split.split_labels over the loader's
     # table: the snapshot itself, or the validated records of the worker path)
     protocol_rows = interactions if plan.source is None else vx["interactions"]
@@ -119,6 +120,7 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
             (("unaligned",) if plan.unaligned else ())
         frozen = cache_done | "EmbedFrozenFromCache" >> EmbedFromCache(
             cache_dir, None, frozen_kinds, unaligned_seed=plan.align.seed, threads=plan.align.threads)
+        cache_rejects = cache_done | "SideCacheImageRejects" >> CacheImageRejects(cache_dir)
         for kind in ("text", "image"):  # the modality tables go straight into the version
             if kind in frozen_kinds:
                 _ = frozen[kind] | f"WriteEmbeddings{kind.title()}" >> WriteEmbeddings(
@@ -170,7 +172,7 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
         ivf_file=str(Path(plan.work_dir) / "vq_ivf.safetensors"))
     _ = emb["embeddings"] | "WriteEmbeddings" >> WriteEmbeddings(str(staging / EMB_FILE), enc_cfg.embed_dim)
     _ = codes | "WriteCodes" >> WriteCodes(str(staging / CODES_FILE))
-    dead = [loader_rejects, vi[DEAD], vx[DEAD], emb[DEAD]]
+    dead = [loader_rejects, vi[DEAD], vx[DEAD], emb[DEAD]] + ([cache_rejects] if onepass else [])
     out = {"items": vi["items"], "interactions": vx["interactions"], "train": train, "pairs": pairs,
            "embeddings": emb,
            "codes": codes}

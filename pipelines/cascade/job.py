@@ -34,8 +34,6 @@ DEFAULT_RUNNER = "FnApiRunner"
 def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipeline=None) -> dict:
     """Run the whole job; returns the summary (per-stage counts/seconds, dead letter, metrics, version)."""
     from feature_store import FeatureStore
-    from pipelines.transforms.read_source import source_plan
-    from pipelines.data import load_dataset
 
     t_job = time.perf_counter()
     opts = options.view_as(CascadeOptions)
@@ -45,25 +43,21 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
     std = options.view_as(StandardOptions)
     if std.runner is None:
         std.runner = DEFAULT_RUNNER
-    spec = data_spec(options)
-    t0 = time.perf_counter()
-    # the generic Parquet / CSV source is read and parsed on the workers; presets generated or loaded in the
-    # driver (synthetic, movielens) go through the loader and its snapshot
-    source = source_plan(spec) if reads_on_workers(spec, opts) else None
-    ds = None if source is not None else load_dataset(spec)
-    stages = {}
-    if ds is not None:
-        stages["read_sources"] = {"in": int(len(ds.items) + len(ds.interactions) + len(ds.rejects)),
-                                  "out": int(len(ds.items) + len(ds.interactions)), "rejected": int(len(ds.rejects)),
-                                  "seconds": round(time.perf_counter() - t0, 3)}
+    store = FeatureStore(opts.store)
+    # one writer per store: the CURRENT this job starts from; publishing is a compare-and-swap from it, refused
+    # (StoreConflictError, exit 4) when another writer moved CURRENT meanwhile
+    started_from = store.current_id()
+    given = data_spec(options)  # the config records the spec as given: the job's identity is not its start time
+    spec = given.at_clock()  # one clock for the driver and every worker
+    clock = spec.clock()
+    source, ds, stages = read_in_driver(spec, opts)
     dataset_name = ds.name if ds is not None else source.name
     own_work = opts.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="qarm-cascade-")) if own_work else Path(opts.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    store = FeatureStore(opts.store)
     try:
-        with store.stage() as st:
-            plan = make_plan(options, st.path, work_dir, ds, source=source)
+        with store.stage(parent=started_from, require_parent_current=True) as st:
+            plan = make_plan(options, st.path, work_dir, ds, source=source, clock=clock)
             p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
             build_graph(p, plan)
             t_run = time.perf_counter()
@@ -87,12 +81,12 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
             protocol = summary_rec["protocol"]
             if ds is not None:  # the loader's table is in the driver: the workers' record must equal its own
                 check_protocol_record(ds.interactions, plan.split, protocol)
-            watermark = summary_rec["max_ts"]
+            watermark = clock.cap(summary_rec["max_ts"])  # a watermark never passes the clock
             data_sha = hashlib.sha256(f"{summary_rec['items_sha256']}:{protocol['data_sha256']}".encode()).hexdigest()
-            config = job_config(plan, spec, data_sha)
+            config = job_config(plan, given, data_sha)
             version = st.publish(config=config, metrics=metrics,
                                  extra={"watermark": watermark, "dataset": dataset_name,
-                                        "pipeline_seconds": pipeline_seconds,
+                                        "pipeline_seconds": pipeline_seconds, "clock": clock.to_dict(),
                                         "protocol": protocol})
             stages["publish"] = {"in": 1, "out": 1, "rejected": 0, "seconds": round(time.perf_counter() - t_pub, 3)}
     finally:
@@ -106,6 +100,33 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
         "pipeline_seconds": pipeline_seconds, "seconds": round(time.perf_counter() - t_job, 3),
     }
     return summary
+
+
+def read_in_driver(spec, opts) -> tuple:
+    """(SourcePlan or None, Dataset or None, stages): the generic Parquet / CSV source is read and parsed on the
+    workers (the driver resolves it and checks that its tables have rows); presets generated or loaded in the
+    driver (synthetic, movielens) go through the loader and its snapshot, refused when no event survived it."""
+    from pipelines.data import load_dataset
+    from pipelines.transforms.read_source import source_plan
+
+    t0 = time.perf_counter()
+    if reads_on_workers(spec, opts):
+        return source_plan(spec), None, {}
+    ds = load_dataset(spec)
+    require_events(ds)
+    return None, ds, {"read_sources": {"in": int(len(ds.items) + len(ds.interactions) + len(ds.rejects)),
+                                       "out": int(len(ds.items) + len(ds.interactions)),
+                                       "rejected": int(len(ds.rejects)), "seconds": round(time.perf_counter() - t0, 3)}}
+
+
+def require_events(ds) -> None:
+    """Refuse, before the job starts, a load that left no interaction to learn from (each was rejected)."""
+    from pipelines.data.io import DataError
+
+    if len(ds.interactions) == 0:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(ds.reject_counts.items())) or "none rejected"
+        raise DataError(f"{ds.name}: no usable interactions: every row was rejected ({counts}); nothing to learn "
+                        "from, nothing published")
 
 
 def reads_on_workers(spec, opts) -> bool:

@@ -60,6 +60,26 @@ class AlignPlan:
                 raise ValueError(f"AlignPlan.{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint and not Path(self.checkpoint).exists():
             raise FileNotFoundError(f"--align-checkpoint {self.checkpoint}: no such checkpoint folder")
+        for checkpoint in (self.checkpoint, self.init_encoder):
+            if checkpoint:
+                preflight_checkpoint(Path(checkpoint))
+
+
+def preflight_checkpoint(path: Path) -> None:
+    """Check, in the driver, the weight files an encoder checkpoint will load on the workers: its safetensors
+    headers and the vision_weights file its config names. A wrong file is a WeightsFileError naming it before the
+    job starts, not a worker's traceback (feature_store.weights)."""
+    from feature_store.weights import check_safetensors
+    from pipelines.mllm.checkpoint import read_meta, resolve_checkpoint
+    from pipelines.mllm.towers import load_state_file
+
+    step = resolve_checkpoint(path)
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        if (step / name).is_file() or name == "model.safetensors":
+            check_safetensors(step / name, "encoder")
+    weights = (read_meta(step).get("encoder") or {}).get("vision_weights")
+    if weights and not str(weights).startswith("pkg:"):  # installed packages are trusted files
+        load_state_file(Path(weights))
 
 
 @dataclass(frozen=True)
@@ -87,6 +107,7 @@ class JobPlan:
     # the generic source read on the workers (`pipelines.transforms.read_source`); None: the loader's snapshot
     # at items_path / interactions_path
     source: Optional[object] = None
+    clock: Optional[object] = None  # the job's feature_store.clock.EventClock: later events are rejects
 
 
 def encoder_dict(opts: CascadeOptions, seed: int) -> dict:
@@ -116,10 +137,10 @@ def with_raw_ids(frame: pd.DataFrame, id_maps: dict, fields: tuple) -> pd.DataFr
     return out
 
 
-def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, source=None) -> JobPlan:
+def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, source=None, clock=None) -> JobPlan:
     """Resolve options + the loaded dataset (or, for the worker path, `source`: a
     `pipelines.transforms.read_source.SourcePlan`, with ds None) into a JobPlan (validates every config before
-    anything runs)."""
+    anything runs). ``clock``: the job's `feature_store.clock.EventClock`."""
     from pipelines.transforms.report import snapshot
     from pipelines.transforms.common import reject
 
@@ -156,7 +177,7 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, sourc
                   init_quantizer=opts.init_quantizer,
                   align_hints=tuple((k, v) for k, v in (("min_ram", opts.align_min_ram),
                                                         ("accelerator", opts.align_accelerator)) if v),
-                  side_cache_shard_size=opts.side_cache_shard_size)
+                  side_cache_shard_size=opts.side_cache_shard_size, clock=clock)
     if source is not None:  # the workers read, parse and validate the source: nothing is snapshotted
         spec = data_spec(options)
         return JobPlan(items_path="", interactions_path="", image_root=source.image_root,
@@ -178,7 +199,7 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, sourc
         for r in ds.rejects.itertuples(index=False))
     return JobPlan(items_path=str(items_path), interactions_path=str(inter_path),
                    image_root=str(ds.image_root) if ds.image_root else None,
-                   image_check=ds.spec.validate_images if ds.spec else "header",
+                   image_check=ds.spec.validate_images if ds.spec else "draft",
                    require_image=bool(ds.spec.require_image) if ds.spec else False,
                    max_bad_fraction=ds.spec.max_bad_fraction if ds.spec else None,
                    loader_rejects=loader_rejects, **common)

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from feature_store.store import FeatureStore
+from feature_store.clock import describe_ts
+from feature_store.store import CURRENT_FILE, FeatureStore
+from feature_store.version import CorruptVersionError
 from pipelines.cli import EXIT_ERROR, EXIT_USAGE, CommandExit
 
 ACTIONS = ("list", "show", "diff", "rollback", "retain", "verify", "cleanup", "history")
@@ -30,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--keep", type=int, help="retain: number of newest versions to keep (CURRENT always kept)")
     a.add_argument("--no-verify", action="store_true", help="show: skip checksum verification")
     a.add_argument("--verify", action="store_true", help="list: also verify every checksum of every version")
+    a.add_argument("--now", default=None, help="verify: the clock a watermark may not pass (unix seconds or "
+                                               "ISO-8601; default: this machine's clock)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
 
@@ -62,27 +67,59 @@ def run(args: argparse.Namespace) -> dict:
         return {"store": str(store.root), "removed": removed, "kept": [v.id for v in store.list()],
                 "current": store.current_id()}
     if args.action == "verify":
-        ids = [args.version] if args.version else [v.id for v in store.list()]
-        corrupt = {}
-        for version_id in ids:
-            try:
-                store.read(version_id, verify=True)
-            except RuntimeError as exc:  # CorruptVersionError
-                corrupt[version_id] = str(exc)
-        result = {"store": str(store.root), "checked": len(ids), "corrupt": corrupt,
-                  "current": store.current_id()}
-        if corrupt:
-            raise CommandExit(EXIT_ERROR, f"{len(corrupt)} of {len(ids)} version(s) failed verification: "
-                                          f"{next(iter(corrupt.values()))}", result)
-        return result
+        return _verify(store, args)
     if args.action == "cleanup":
         return {"store": str(store.root), "removed": store.cleanup()}
     return {"store": str(store.root), "history": store.history()}
 
 
+def current_state(store: FeatureStore, ids) -> tuple:
+    """(CURRENT's id or None, what is wrong with CURRENT or None): list and verify report a broken pointer and
+    go on, so the store can be inspected and repaired (`rollback --version V`) from the command line."""
+    try:
+        current = store.current_id()
+    except CorruptVersionError as exc:
+        return None, str(exc)
+    if current is not None and current not in ids:
+        return None, (f"{store.root / CURRENT_FILE}: names {current}, which is not a version of this store; "
+                      "repair it with `qarm store rollback --store ... --version V`")
+    return current, None
+
+
+def _verify(store: FeatureStore, args) -> dict:
+    """Every version's checksums, CURRENT, and the clock: a watermark later than now makes every later
+    `qarm retrain` skip new data (see `qarm retrain --since`)."""
+    from feature_store.clock import resolve_now
+
+    listed = [v.id for v in store.list()]
+    ids = [args.version] if args.version else listed
+    now = resolve_now(args.now)
+    problems, future = {}, {}
+    for version_id in ids:
+        try:
+            version = store.read(version_id, verify=True)
+        except RuntimeError as exc:  # CorruptVersionError
+            problems[version_id] = str(exc)
+            continue
+        watermark = version.extra.get("watermark")
+        if isinstance(watermark, (int, float)) and watermark > now:
+            future[version_id] = (f"{version.path}: watermark {int(watermark)} ({describe_ts(watermark)}) is "
+                                  f"later than the clock {now} ({describe_ts(now)}); a `qarm retrain` on it skips "
+                                  "every event up to then: retrain with --since TS, or roll back")
+    current, current_error = current_state(store, listed)
+    result = {"store": str(store.root), "checked": len(ids), "corrupt": problems, "future_watermark": future,
+              "current": current, "current_error": current_error, "now": now}
+    failures = list(problems.values()) + list(future.values()) + ([current_error] if current_error else [])
+    if failures:
+        raise CommandExit(EXIT_ERROR, f"{len(failures)} problem(s) in {store.root}: {failures[0]}", result)
+    return result
+
+
 def _list(store: FeatureStore, args) -> dict:
     versions = store.list(verify=args.verify)
-    current = store.current_id() if versions else None
+    current, current_error = current_state(store, {v.id for v in versions})
+    if current_error:
+        print(f"qarm store list: warning: {current_error}", file=sys.stderr)
     if not args.json:
         if not versions:
             print(f"(no versions in {store.root})")
@@ -92,7 +129,7 @@ def _list(store: FeatureStore, args) -> dict:
             status = f"  CORRUPT: {v.error}" if v.error else ""
             print(f"{mark} {v.id}  {v.created_at or '?':<25}  parent={v.parent or '-':<16}  items={rows}{status}")
     result = {"store": str(store.root), "current": current, "count": len(versions),
-              "corrupt": [v.id for v in versions if v.error]}
+              "corrupt": [v.id for v in versions if v.error], "current_error": current_error}
     if args.json:  # the human form printed the table above instead
         result["versions"] = [v.to_dict() for v in versions]
     return result

@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from feature_store.clock import DEFAULT_MAX_FUTURE_S, parse_duration, parse_time
 from pipelines.data.schema import DATASETS, IMAGE_CHECKS, PRESET_SIZES, PRESETS, DataSpec
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --dataset --data --items --interactions --mapping --map --id-maps --require-image --validate-images
-    --max-bad-fraction --n-items --n-users --n-events --n-clusters --lookalike-share --image-size --seed."""
+    --max-bad-fraction --now --max-future --n-items --n-users --n-events --n-clusters --lookalike-share --image-size --seed."""
     g = parser.add_argument_group("data source")
     g.add_argument("--dataset", choices=DATASETS, default="synthetic",
                    help="synthetic (embedded, default), movielens (ml-latest-small + posters) or generic")
@@ -29,12 +30,20 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                    help="generic: folder of saved string->int id maps to reuse and extend (stable ids across runs)")
     g.add_argument("--require-image", action="store_true",
                    help="keep only items with a valid image and the interactions on them")
-    g.add_argument("--validate-images", choices=IMAGE_CHECKS, default="header",
-                   help="image check per item: exists, header (default) or decode")
+    g.add_argument("--validate-images", choices=IMAGE_CHECKS, default=DataSpec.validate_images,
+                   help="image check per item: exists, header (a truncated JPEG passes it), draft (default: header "
+                        "+ a reduced-size decode; catches truncated files) or decode (full size)")
     g.add_argument("--max-bad-fraction", type=float, default=DataSpec.max_bad_fraction,
                    help="largest share of a table's rows whose id, timestamp or label does not parse: below it "
                         "they are rejected (bad_id / bad_timestamp / bad_label), above it the load fails "
                         f"(default {DataSpec.max_bad_fraction:g})")
+    g.add_argument("--now", default=None,
+                   help="the job's clock, unix seconds or ISO-8601 (default: this machine's clock at start); events "
+                        "later than it plus --max-future are rejected as bad_timestamp and the published watermark "
+                        "never passes it")
+    g.add_argument("--max-future", default="1d",
+                   help="how far after --now an event may be stamped (clock skew of the logging machines) before it "
+                        "is rejected: seconds or 90s / 30m / 6h / 1d (default 1d)")
     g.add_argument("--preset", choices=PRESETS, default="default",
                    help="synthetic: default (impression log, 0/1 labels) or sparse (a purchase-like implicit log: "
                         "~4 events per user, a long tail of items bought once or twice, repeats, new items "
@@ -69,4 +78,7 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
                     n_items=sizes["n_items"], n_users=sizes["n_users"], n_events=sizes["n_events"],
                     n_clusters=args.n_clusters, preset=preset,
                     lookalike_share=args.lookalike_share, image_size=args.image_size, seed=args.seed,
-                    max_bad_fraction=args.max_bad_fraction)
+                    max_bad_fraction=args.max_bad_fraction,
+                    now=None if getattr(args, "now", None) is None else parse_time(args.now),
+                    max_future=parse_duration(DEFAULT_MAX_FUTURE_S if getattr(args, "max_future", None) is None
+                                              else args.max_future))

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from feature_store.io import atomic_write_text, fsync_dir
+from feature_store.weights import load_safetensors
 
 FORMAT = "qarm-encoder/1"
 CKPT_DIR = "checkpoints"
@@ -137,10 +138,10 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], Optional
     """(meta, model_state, optimizer_state or None, trainer_state) of a checkpoint."""
     step = resolve_checkpoint(path)
     meta = read_meta(step)
-    state = load_file(str(step / "model.safetensors"))
+    state = load_safetensors(step / "model.safetensors", "encoder")  # a wrong file: WeightsFileError naming it
     optimizer = None
     if (step / "optimizer.safetensors").is_file():
-        optimizer = _unflatten_optimizer(load_file(str(step / "optimizer.safetensors")),
+        optimizer = _unflatten_optimizer(load_safetensors(step / "optimizer.safetensors", "encoder optimizer"),
                                          json.loads((step / "optimizer.json").read_text()))
     trainer = json.loads((step / "trainer_state.json").read_text()) if (step / "trainer_state.json").is_file() \
         else {}

@@ -134,6 +134,7 @@ class ItemCatalog:
         self._pixels: dict[int, Optional[torch.Tensor]] = {}  # item_id -> (3, S, S) uint8 or None
         self._failed: set[int] = set()  # items whose image failed (counted once, not retried)
         self.image_errors: Counter = Counter()
+        self.image_failures: dict[int, tuple[str, str]] = {}  # item_id -> (reason, message), for the dead letter
         self._has_text = "text" in self.items.columns
         self._has_uri = "image_uri" in self.items.columns
 
@@ -168,6 +169,7 @@ class ItemCatalog:
                                  else "missing_image")
                 self._failed.add(item_id)
                 self.image_errors[reason] += 1
+                self.image_failures[item_id] = (reason, str(exc))
                 if sum(self.image_errors.values()) <= MAX_LOGGED_IMAGE_WARNINGS:
                     log.warning("item %s: image unusable (%s), encoding text only: %s", item_id, reason, exc)
         if self.cache_images or result is None:

@@ -97,10 +97,11 @@ def _resolve_weights_path(spec: str) -> Path:
 
 def load_state_file(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors or a torch file, never unpickling arbitrary objects."""
+    from feature_store.weights import load_safetensors, load_torch_weights
+
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+        return load_safetensors(path, "vision_weights")
+    state = load_torch_weights(path, "vision_weights")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

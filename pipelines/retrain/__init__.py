@@ -82,9 +82,11 @@ def run(args: argparse.Namespace) -> dict:
     from pipelines.retrain.job import NothingToDo, RetrainConfig, retrain
 
     cfg = config_from_args(args, extra_flags=tuple(getattr(args, "extra_args", None) or ()))
-    dataset = load_dataset(data_spec_from_args(args))
+    spec = data_spec_from_args(args).at_clock()  # one clock for the load, the window and the candidate job
+    dataset = load_dataset(spec)
     try:
-        outcome = retrain(args.store, dataset, cfg, work_root=args.work_dir, lock_timeout=args.lock_timeout)
+        outcome = retrain(args.store, dataset, cfg, work_root=args.work_dir, lock_timeout=args.lock_timeout,
+                          clock=spec.clock())
     except NothingToDo as exc:
         return {"status": "up-to-date", "published": False, "reason": str(exc)}
     except StoreLockedError as exc:

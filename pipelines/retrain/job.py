@@ -131,7 +131,36 @@ class RetrainOutcome:
 # ------------------------------------------------------------------------------------------------ stages
 
 
-def _window_stage(dataset, parent, cfg: RetrainConfig):
+class FutureWatermarkError(ValueError):
+    """The parent's watermark is later than the clock: every newer event would be skipped for ever."""
+
+
+def check_start(parent, cfg: RetrainConfig, clock) -> None:
+    """A run's time bounds against the clock (DESIGN.md: a watermark never passes the clock).
+
+    Raises:
+        FutureWatermarkError: the parent's watermark (the default ``since``) is later than the clock, with how
+            to recover; ValueError: ``--since`` / ``--until`` later than the clock.
+    """
+    from feature_store.clock import describe_ts
+
+    watermark = parent.extra.get("watermark")
+    if cfg.since is None and isinstance(watermark, (int, float)) and watermark > clock.now:
+        raise FutureWatermarkError(
+            f"{parent.path}: the watermark of CURRENT version {parent.id} is {int(watermark)} "
+            f"({describe_ts(watermark)}), later than the clock {clock.now} ({describe_ts(clock.now)}): it was "
+            f"published from an event stamped in the future, and a retrain from it would skip every event up to "
+            f"then. Retrain from a time you trust with --since TS (e.g. --since {clock.now - 86_400} for the last "
+            "day), or roll back to an earlier version (`qarm store rollback`); `qarm store verify` lists such "
+            "versions")
+    for name in ("since", "until"):
+        value = getattr(cfg, name)
+        if value is not None and value > clock.now:
+            raise ValueError(f"--{name} {value} ({describe_ts(value)}) is later than the clock {clock.now} "
+                             f"({describe_ts(clock.now)}); pass --now if the clock is wrong")
+
+
+def _window_stage(dataset, parent, cfg: RetrainConfig, clock):
     """Select this run's events, cut the held-out tail, export the rest; returns (inputs, stage fn)."""
     inter = dataset.interactions
     if len(inter) == 0:
@@ -140,7 +169,8 @@ def _window_stage(dataset, parent, cfg: RetrainConfig):
     since = cfg.since if cfg.since is not None else watermark
     if since is None:
         raise ValueError(f"version {parent.id} records no watermark; pass --since TS")
-    until = cfg.until if cfg.until is not None else int(inter["ts"].max())
+    # the published watermark is `until`: never past the clock (events inside --max-future wait for the next run)
+    until = cfg.until if cfg.until is not None else clock.cap(int(inter["ts"].max()))
     fresh = inter[(inter["ts"] > since) & (inter["ts"] <= until)]
     parent_items = parent.codes().item_ids
     new_items = np.setdiff1d(dataset.items["item_id"].to_numpy(np.int64), parent_items)
@@ -190,12 +220,14 @@ def refresh_due(cfg: RetrainConfig, since_refresh: int) -> bool:
     return cfg.refresh_encoder_every > 0 and since_refresh >= cfg.refresh_encoder_every
 
 
-def _cascade_flags(parent, data_dir: Path, cfg: RetrainConfig, candidate_store: Path, refresh: bool) -> list[str]:
-    """`qarm pipeline` flags for the candidate: the parent's encoder/quantizer settings, warm-started."""
+def _cascade_flags(parent, data_dir: Path, cfg: RetrainConfig, candidate_store: Path, refresh: bool,
+                   now: int) -> list[str]:
+    """`qarm pipeline` flags for the candidate: the parent's encoder/quantizer settings, warm-started, and the
+    retrain's clock."""
     pcfg = parent.config
     enc, align, quant = pcfg.get("encoder", {}), pcfg.get("align", {}), pcfg.get("quantizer", {})
     flags = ["--dataset", "generic", "--mapping", str(data_dir / "mapping.json"), "--store", str(candidate_store),
-             "--seed", str(cfg.seed), "--runner", "DirectRunner",
+             "--seed", str(cfg.seed), "--runner", "DirectRunner", "--now", str(now),
              "--align-mode", str(align.get("mode", "side")), "--align-epochs", str(cfg.align_epochs),
              "--split", "global", "--valid-frac", str(cfg.cascade_valid_frac),
              "--test-frac", str(cfg.cascade_test_frac)]
@@ -221,11 +253,12 @@ def _cascade_flags(parent, data_dir: Path, cfg: RetrainConfig, candidate_store: 
     return flags + list(cfg.extra_flags)
 
 
-def _candidate_stage(parent, data_dir: Path, cfg: RetrainConfig, refresh: bool):
+def _candidate_stage(parent, data_dir: Path, cfg: RetrainConfig, refresh: bool, now: int):
     def run(out: Path) -> dict:
         from pipelines import cascade
 
-        summary = cascade.run(_cascade_flags(parent, data_dir, cfg, out / "store", refresh), save_main_session=False)
+        summary = cascade.run(_cascade_flags(parent, data_dir, cfg, out / "store", refresh, now),
+                              save_main_session=False)
         return {"version": summary["version"], "stages": summary["stages"], "dead_letter": summary["dead_letter"],
                 "metrics": summary["metrics"], "seconds": summary["seconds"], "encoder_refreshed": refresh}
 
@@ -347,21 +380,27 @@ def gate_views(final_summary: dict, stability: dict, recall: dict, continuity: O
 
 
 def retrain(store_root: Path, dataset, cfg: RetrainConfig, work_root: Optional[Path] = None,
-            continuity: Optional[bool] = None, lock_timeout: float = 0.0) -> RetrainOutcome:
+            continuity: Optional[bool] = None, lock_timeout: float = 0.0, clock=None) -> RetrainOutcome:
     """Run one retraining job against the CURRENT version of ``store_root``.
 
     Args:
         store_root: the feature store; its CURRENT version is the parent.
-        dataset: a loaded ``pipelines.data.Dataset`` (the full log; the job selects its window).
+        dataset: a loaded ``pipelines.data.Dataset`` (the full log; the job selects its window), loaded with
+            the same clock.
         cfg: the run's settings.
         work_root: where stage checkpoints live (default ``<store>/.retrain``); one folder per run key.
         continuity: override ``cfg.ranker_gate`` (train the reference rankers and gate on the tail AUC).
+        clock: the run's `feature_store.clock.EventClock` (default: this machine's clock): the published
+            watermark never passes it. Not part of the run key, so a rerun resumes whatever its clock.
     Raises:
         NothingToDo: nothing new since the parent's watermark.
         StoreLockedError: another run holds the store lock.
+        FutureWatermarkError: the parent's watermark is later than the clock (the message says how to recover).
     """
     from feature_store import FeatureStore
+    from feature_store.clock import EventClock, resolve_now
 
+    clock = clock or EventClock(resolve_now())
     if continuity is not None:
         cfg = dataclasses.replace(cfg, ranker_gate=bool(continuity))
     t0 = time.perf_counter()
@@ -370,7 +409,8 @@ def retrain(store_root: Path, dataset, cfg: RetrainConfig, work_root: Optional[P
         if store.current_id() is None:
             raise ValueError(f"store {store_root} has no CURRENT version: run `qarm pipeline` first")
         parent = store.read()
-        window_inputs, window_fn = _window_stage(dataset, parent, cfg)
+        check_start(parent, cfg, clock)
+        window_inputs, window_fn = _window_stage(dataset, parent, cfg, clock)
         since_refresh = versions_since_refresh(store, parent)
         refresh = refresh_due(cfg, since_refresh)
         # The gate is not part of the key: a rerun with other thresholds reuses the computed stages.
@@ -383,7 +423,7 @@ def retrain(store_root: Path, dataset, cfg: RetrainConfig, work_root: Optional[P
 
         def build(refresh: bool, suffix: str = ""):
             cand = runner.run("candidate" + suffix, {"window": window_inputs, "config": cand_cfg, "refresh": refresh},
-                              _candidate_stage(parent, runner.path("window"), cfg, refresh))
+                              _candidate_stage(parent, runner.path("window"), cfg, refresh, clock.now))
             candidate = FeatureStore(runner.path("candidate" + suffix) / "store").read(cand["version"])
             stability = runner.run("stability" + suffix, {"candidate": cand["version"],
                                                           "stability": work_cfg["stability"], "seed": cfg.seed},
@@ -429,14 +469,14 @@ def retrain(store_root: Path, dataset, cfg: RetrainConfig, work_root: Optional[P
             summary["seconds"] = round(time.perf_counter() - t0, 3)
             log.warning("gate refused the candidate: %s; CURRENT stays %s", "; ".join(reasons), parent.id)
             return RetrainOutcome(False, None, parent.id, reasons, summary)
-        version = _publish(store, parent, final, cfg, summary, window, refresh)
+        version = _publish(store, parent, final, cfg, summary, window, refresh, clock)
         summary["version"] = version.id
         summary["seconds"] = round(time.perf_counter() - t0, 3)
     shutil.rmtree(workdir, ignore_errors=True)  # published: the checkpoints have served their purpose
     return RetrainOutcome(True, version.id, parent.id, [], summary)
 
 
-def _publish(store, parent, candidate, cfg: RetrainConfig, summary: dict, window: dict, refresh: bool):
+def _publish(store, parent, candidate, cfg: RetrainConfig, summary: dict, window: dict, refresh: bool, clock):
     """Copy the final version's files into a real staging folder and publish it with the parent recorded."""
     with store.stage(parent=parent.id, require_parent_current=True) as st:
         for rel in candidate.files():
@@ -447,5 +487,6 @@ def _publish(store, parent, candidate, cfg: RetrainConfig, summary: dict, window
         metrics = {**candidate.metrics, "retrain": {k: summary[k] for k in (
             "new_interactions", "new_items", "window_interactions", "tail_interactions", "tail_start", "codes",
             "churn_groups", "churn_warm", "churn_cold", "tail_recall", "continuity", "parent_on_tail")}}
-        extra = {**candidate.extra, "watermark": window["until"], "since": window["since"], "job": "qarm retrain"}
+        extra = {**candidate.extra, "watermark": window["until"], "since": window["since"], "job": "qarm retrain",
+                 "clock": clock.to_dict()}
         return st.publish(config=json.loads(json.dumps(config, default=str)), metrics=metrics, extra=extra)

@@ -4,8 +4,9 @@
 item and interaction records plus the parse rejects, with the loader's own value parsing
 (`pipelines.data.generic.parse_items` / `parse_interactions`, applied to each chunk `ReadTableParts` reads):
 column maps, text joins, ISO / unix / unix-ms timestamps, labels (threshold, value maps), reasons missing_value /
-bad_id / bad_timestamp / bad_label / unknown_item naming the part file, its row, the column and the value, and
-the ``--max-bad-fraction`` check over the whole table. The whole-table decisions the loader takes are aggregates
+bad_id / bad_timestamp (timestamps later than the job's clock too: `feature_store.clock`) / bad_label /
+unknown_item naming the part file, its row, the column and the value, and the ``--max-bad-fraction`` check over
+the whole table. The whole-table decisions the loader takes are aggregates
 computed first:
 
 - whether ids are strings (``ids: auto``): an OR over chunks;
@@ -41,6 +42,8 @@ class SourcePlan:
         image_root: the loader's image root.
         id_map_dir: --id-maps folder to extend (None: fresh dense ids).
         max_bad_fraction: the loader's share of rows whose values may not parse.
+        clock: the job's `feature_store.clock.EventClock`, resolved once in the driver: later events are
+            bad_timestamp rejects, counted with the values that do not parse.
     """
 
     resolved: dict
@@ -48,6 +51,7 @@ class SourcePlan:
     image_root: Optional[str]
     id_map_dir: Optional[str]
     max_bad_fraction: float
+    clock: Optional[object] = None
 
 
 def source_plan(spec) -> SourcePlan:
@@ -55,9 +59,11 @@ def source_plan(spec) -> SourcePlan:
     from pathlib import Path
 
     from pipelines.data.generic import check_text_columns, default_image_root, resolve_generic
-    from pipelines.data.io import table_columns, table_files
+    from pipelines.data.io import require_rows, table_columns, table_files
 
     r = resolve_generic(spec)
+    for table in ("items", "interactions"):  # an empty table is an error before the job starts
+        require_rows(r[f"{table}_path"], table)
     columns = []
     for f in table_files(r["items_path"]):
         columns += [c for c in table_columns(Path(f)) if c not in columns]
@@ -65,7 +71,7 @@ def source_plan(spec) -> SourcePlan:
     root = default_image_root(r, r["icols"]["image_uri"] in columns)
     return SourcePlan(resolved=r, name=f"generic:{r['items_path'].name}", image_root=str(root) if root else None,
                       id_map_dir=str(spec.id_map_dir) if spec.id_map_dir is not None else None,
-                      max_bad_fraction=float(spec.max_bad_fraction))
+                      max_bad_fraction=float(spec.max_bad_fraction), clock=spec.clock())
 
 
 def _value(v):
@@ -127,8 +133,8 @@ class _ParseItems(beam.DoFn):
 
 
 class _ParseInteractions(beam.DoFn):
-    def __init__(self, r: dict):
-        self.r = r
+    def __init__(self, r: dict, clock=None):
+        self.r, self.clock = r, clock
 
     def setup(self):
         self._in, self._out, self._rej = (counter(STAGE, k) for k in ("in", "out", "rejected"))
@@ -146,7 +152,7 @@ class _ParseInteractions(beam.DoFn):
 
         frame, name, row0, local0 = chunk["frame"], chunk["file"], chunk["row"], chunk["file_row"]
         maps = {k: v for k, v in (("item_id", item_map), ("user_id", user_map)) if v is not None}
-        px = parse_interactions(self.r, frame, maps, ms=ms)
+        px = parse_interactions(self.r, frame, maps, ms=ms, clock=self.clock)
         self._in.inc(len(frame))
         yield beam.pvalue.TaggedOutput(SIZE, len(frame))
         missing = px["missing"]
@@ -270,7 +276,7 @@ class ReadSource(beam.PTransform):
         items = item_chunks | "ParseItems" >> beam.ParDo(
             _ParseItems(r), beam.pvalue.AsSingleton(item_map)).with_outputs(DEAD, SIZE, main="ok")
         inter = inter_chunks | "ParseInteractions" >> beam.ParDo(
-            _ParseInteractions(r), beam.pvalue.AsSingleton(item_map), beam.pvalue.AsSingleton(user_map),
+            _ParseInteractions(r, plan.clock), beam.pvalue.AsSingleton(item_map), beam.pvalue.AsSingleton(user_map),
             beam.pvalue.AsSingleton(ms)).with_outputs(DEAD, SIZE, main="ok")
         _ = (items[SIZE], items[DEAD]) | "ItemsBadShare" >> FailPastBadShare(
             f"{r['items_path']} (items)", plan.max_bad_fraction, sized=True)

@@ -70,8 +70,10 @@ class _ExtractShard(beam.DoFn):
         from pipelines.mllm.items import ItemCatalog
 
         _, items = keyed
-        frame = pd.DataFrame(list(items)).drop(columns=["_row"], errors="ignore")
-        frame = frame.sort_values("item_id").reset_index(drop=True)
+        frame = pd.DataFrame(list(items))
+        where = {int(r["item_id"]): (r.get("_raw_item_id", r["item_id"]), r.get("_row")) for r in
+                 frame.to_dict("records")}  # what a dead letter names
+        frame = frame.drop(columns=["_row"], errors="ignore").sort_values("item_id").reset_index(drop=True)
         ids = frame["item_id"].to_numpy(np.int64)
         # the encoder, the layout, the ids and what the backbones read of each item: edited text is a new shard
         content = [frame[c].astype(str).tolist() if c in frame.columns else [] for c in CONTENT_COLUMNS]
@@ -91,12 +93,47 @@ class _ExtractShard(beam.DoFn):
                                   self._config.image_mean, self._config.image_std,
                                   load_images=self._config.has_vision, cache_images=False)
             states, stats = extract_states(self._encoder, catalog, ids, self.batch_size)
+            # items whose image failed to load here (validation passed it): encoded text-only, reported by
+            # CacheImageRejects from the shard header, so a reused shard reports them again
+            failures = [[int(i), _plain(where[i][0]), _plain(where[i][1]), reason, detail]
+                        for i, (reason, detail) in sorted(catalog.image_failures.items())]
             meta = {"stats": stats.to_dict(), "layout": self._encoder.extractor.layout(),
-                    "encoder": self._config.to_dict()}
+                    "encoder": self._config.to_dict(), "image_failures": failures}
             record = write_shard(Path(self.cache_dir), name, ids, states, metadata=meta)
             meta["bytes"] = record["bytes"]
         counter("side_cache", "out").inc(len(ids))
         yield {**record, **meta}
+
+
+def _plain(value):
+    """A JSON-able id / row (numpy scalars and NaN out)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def _image_rejects(cache_dir: str):
+    """Dead letters of the items whose image failed while the cache was built (one per item, kept text-only)."""
+    from pipelines.mllm.cache import shard_header
+
+    for shard in _shard_records(cache_dir):
+        found = shard_header(Path(cache_dir) / shard["file"])
+        for item_id, raw, row, reason, detail in (found[2].get("image_failures", []) if found else []):
+            yield reject("side_cache", "items", reason, row=row, item_id=raw, item_dense_id=item_id,
+                         detail=f"{detail}; validation passed it, the encoder could not load it: encoded text-only",
+                         action="kept_text_only")
+
+
+class CacheImageRejects(beam.PTransform):
+    """The cache folder (BuildSideCache's output) -> dead letters of items that lost their image in the backbone
+    pass (the image changed or broke after validation), so every item encoded without its image is counted."""
+
+    def __init__(self, cache_dir: str):
+        super().__init__()
+        self.cache_dir = cache_dir
+
+    def expand(self, cache_done):
+        return cache_done | "ReadImageFailures" >> beam.FlatMap(lambda _, d=self.cache_dir: _image_rejects(d))
 
 
 def _write_manifest(shards: list, cache_dir: str) -> str:

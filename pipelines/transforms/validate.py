@@ -123,20 +123,23 @@ class _CheckItem(beam.DoFn):
 
     def _check(self, item):
         from pipelines.data.images import ImageError, check_image
+        from pipelines.data.validate import image_loss_action
 
         item = dict(item)
         (src, row), ids = _where(item, "items"), _ids(item)
         ids = {"item_id": ids["item_id"], "item_dense_id": ids["item_dense_id"]}
         has_image = not _blank(item.get("image_uri"))
+        has_text = not (_blank(item.get("title")) and _blank(item.get("text")))
         if has_image:
             try:
                 check_image(str(item["image_uri"]), Path(self.image_root) if self.image_root else None,
                             self.image_check)
             except ImageError as exc:
-                action = "dropped" if self.require_image else "kept_text_only"
+                # one dead letter per item, as the loader: dropped under the image's reason when nothing is left
+                action, why = image_loss_action(self.require_image or not has_text, self.require_image, has_text)
                 yield beam.pvalue.TaggedOutput(DEAD, reject(
-                    "validate_items", src, exc.reason, row=row, **ids, detail=str(exc), action=action))
-                if self.require_image:
+                    "validate_items", src, exc.reason, row=row, **ids, detail=str(exc) + why, action=action))
+                if action == "dropped":
                     self._rejected.inc()
                     return
                 item["image_uri"], has_image = None, False
@@ -145,7 +148,7 @@ class _CheckItem(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD, reject(
                 "validate_items", src, "missing_image", row=row, **ids, detail="no image_uri"))
             return
-        if _blank(item.get("title")) and _blank(item.get("text")):
+        if not has_text:
             action = "kept_image_only" if has_image else "dropped"
             yield beam.pvalue.TaggedOutput(DEAD, reject(
                 "validate_items", src, "empty_text", row=row, **ids, detail="no title and no text",
@@ -234,13 +237,13 @@ class ValidateItems(beam.PTransform):
 
     Args:
         image_root: folder relative image uris resolve against (None: uris must be absolute).
-        image_check: "exists" | "header" | "decode" (see `pipelines.data.images.check_image`).
+        image_check: "exists" | "header" | "draft" | "decode" (see `pipelines.data.images.check_image`).
         require_image: drop (instead of keeping text-only) items without a usable image.
         max_bad_fraction: when set, fail the job if more than this share of the items have an id that does not
             parse (bad_id), like the loader (`DataSpec.max_bad_fraction`); None: only reject them.
     """
 
-    def __init__(self, image_root: Optional[str], image_check: str = "header", require_image: bool = False,
+    def __init__(self, image_root: Optional[str], image_check: str = "draft", require_image: bool = False,
                  max_bad_fraction: Optional[float] = None, label: str | None = None):
         super().__init__(label)
         self.image_root = None if image_root is None else str(image_root)
@@ -266,6 +269,9 @@ class ValidateItems(beam.PTransform):
 
 
 class _CheckInteraction(beam.DoFn):
+    def __init__(self, clock=None):
+        self.clock = clock  # feature_store.clock.EventClock resolved in the driver (None: no clock check)
+
     def process(self, r):
         with stage_timer("validate_interactions"):
             out = list(self._check(r))
@@ -294,6 +300,11 @@ class _CheckInteraction(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD, reject(
                 "validate_interactions", src, "bad_timestamp", row=row, **ids,
                 detail=f"timestamp {parsed['ts'][0]} before 1970-01-01"))
+            return
+        if self.clock is not None and self.clock.in_future(parsed["ts"][0]):  # the loader's clock rule
+            yield beam.pvalue.TaggedOutput(DEAD, {**reject(
+                "validate_interactions", src, "bad_timestamp", row=row, **ids,
+                detail=self.clock.detail(parsed["ts"][0])), UNPARSED: True})
             return
         if label is None or not 0.0 <= label <= 1.0:
             yield beam.pvalue.TaggedOutput(DEAD, {**reject(
@@ -339,20 +350,22 @@ class ValidateInteractions(beam.PTransform):
     """interactions (dicts) + valid items -> {"interactions": valid, "dead_letter": rejects}.
 
     Unknown items are found with a CoGroupByKey against the validated catalog (scales with the catalog; no side
-    input holding every id). Values that do not parse are rejected as the loader rejects them (bad_id,
-    bad_timestamp, bad_label); with `max_bad_fraction` set, more than that share of them fails the job.
+    input holding every id). Values that do not parse, and with ``clock`` (a `feature_store.clock.EventClock`)
+    timestamps later than it, are rejected as the loader rejects them (bad_id, bad_timestamp, bad_label); with
+    `max_bad_fraction` set, more than that share of them fails the job.
     """
 
     def __init__(self, items, max_bad_fraction: Optional[float] = None, dedupe: bool = False,
-                 label: str | None = None):
+                 clock=None, label: str | None = None):
         super().__init__(label)
         self.items = items
         self.max_bad_fraction = max_bad_fraction
         self.dedupe = dedupe  # records straight from the source (not the loader's table): drop exact repeats
+        self.clock = clock
 
     def expand(self, interactions):
         counted = interactions | "CountInteractionsIn" >> count("validate_interactions", "in")
-        checked = counted | "CheckFields" >> beam.ParDo(_CheckInteraction()).with_outputs(DEAD, main="ok")
+        checked = counted | "CheckFields" >> beam.ParDo(_CheckInteraction(self.clock)).with_outputs(DEAD, main="ok")
         ok, dead_parts = checked.ok, [checked[DEAD]]
         if self.dedupe:
             repeats = (ok | "KeyByEvent" >> beam.Map(lambda r: ((r["user_id"], r["item_id"], r["ts"], r["label"]), r))

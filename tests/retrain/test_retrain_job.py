@@ -18,9 +18,6 @@ from pipelines.cli import EXIT_LOCKED, EXIT_OK, EXIT_REJECTED, main
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-DATA_FLAGS = ["--dataset", "synthetic", "--n-items", "240", "--n-users", "60", "--n-events", "5000",
-              "--n-clusters", "6"]
-JOB_FLAGS = ["--encoder", "tiny", "--rq-codebook-size", "12", "--align-epochs", "1", "--vq-k", "5"]
 
 
 def _last_json(capsys) -> dict:
@@ -28,23 +25,13 @@ def _last_json(capsys) -> dict:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(copy_world, tmp_path_factory):
     """A store whose first version was built from the log up to the 80% point (the replay's bootstrap)."""
-    from pipelines.data import DataSpec, load_dataset
-    from pipelines.retrain.replay import bootstrap, day_boundaries
-
-    root = tmp_path_factory.mktemp("retrain")
-    data_flags = DATA_FLAGS + ["--data", str(root / "data")]
-    ds = load_dataset(DataSpec(dataset="synthetic", data=root / "data", n_items=240, n_users=60, n_events=5000,
-                               n_clusters=6))
-    bounds = day_boundaries(ds.interactions["ts"].to_numpy(), days=1, tail=0.2)
-    store = root / "store"
-    first = bootstrap(ds, store, bounds[0], root / "boot", JOB_FLAGS)
-    return {"root": root, "store": store, "first": first["version"], "bounds": bounds, "data_flags": data_flags}
+    return copy_world(tmp_path_factory.mktemp("retrain"))
 
 
 def _retrain_args(world, *extra):
-    return ["retrain", "--store", str(world["store"]), *world["data_flags"], "--json", *extra, *JOB_FLAGS]
+    return ["retrain", "--store", str(world["store"]), *world["data_flags"], "--json", *extra, *world["job_flags"]]
 
 
 def test_second_concurrent_run_is_refused_by_the_lock(world, capsys):
