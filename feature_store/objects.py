@@ -180,9 +180,14 @@ class S3Client(ObjectClient):
                 time.sleep(0.05 * 2 ** attempt)  # AWS: retry a 409; the retry then sees the winner (412)
         raise AssertionError("unreachable")
 
+    SINGLE_PUT_MAX = 64 << 20  # larger files go up as multipart uploads (s3transfer), in parallel parts
+
     def upload(self, key, path):
-        self._s3.upload_file(os.fspath(path), self.bucket, key)
-        return self.head(key).token
+        if os.path.getsize(path) > self.SINGLE_PUT_MAX:
+            self._s3.upload_file(os.fspath(path), self.bucket, key)
+            return self.head(key).token
+        with open(path, "rb") as fh:
+            return self._s3.put_object(Bucket=self.bucket, Key=key, Body=fh)["ETag"]
 
     def download(self, key, path):
         self._s3.download_file(self.bucket, key, os.fspath(path))

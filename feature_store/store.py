@@ -89,8 +89,8 @@ class FeatureStore:
 
     @property
     def url(self) -> str:
-        """The store's location as given to users (the path here; the URL of an object store)."""
-        return str(self.root)
+        """The store's location for reports: the absolute path here, the URL of an object store."""
+        return str(self.root.resolve())
 
     def exists(self) -> bool:
         return self.root.is_dir()

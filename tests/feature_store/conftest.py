@@ -62,12 +62,13 @@ def s3_endpoint():
 
     pytest.importorskip("boto3", reason="the object-store tests need boto3 (requirements-dev.txt)")
     pytest.importorskip("moto", reason="the object-store tests need moto[server] (requirements-dev.txt)")
+    log = open(os.environ.get("QARM_S3_SERVER_LOG", os.devnull), "w")
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("s3_server.py"))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         line = proc.stdout.readline()
         if not line.strip().isdigit():
-            pytest.fail(f"local S3 server did not start: {line}{proc.stderr.read()}")
+            pytest.fail(f"local S3 server did not start: {line} (QARM_S3_SERVER_LOG=FILE keeps its log)")
         env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{int(line)}"}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -75,6 +76,7 @@ def s3_endpoint():
     finally:
         proc.kill()
         proc.wait()
+        log.close()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
