@@ -44,6 +44,7 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
     if std.runner is None:
         std.runner = DEFAULT_RUNNER
     store = FeatureStore(opts.store)
+    given_work = scratch_path(opts.work_dir) if opts.work_dir else None  # refused before anything is loaded
     # one writer per store: the CURRENT this job starts from; publishing is a compare-and-swap from it, refused
     # (StoreConflictError, exit 4) when another writer moved CURRENT meanwhile
     started_from = store.current_id()
@@ -53,7 +54,7 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
     source, ds, stages = read_in_driver(spec, opts)
     dataset_name = ds.name if ds is not None else source.name
     own_work = opts.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="qarm-cascade-")) if own_work else scratch_path(opts.work_dir)
+    work_dir = Path(tempfile.mkdtemp(prefix="qarm-cascade-")) if own_work else given_work
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         with store.stage(parent=started_from, require_parent_current=True) as st:
