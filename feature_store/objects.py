@@ -63,6 +63,10 @@ def local_path(location) -> Path:
     if is_object_url(location):
         raise ValueError(f"{location} is an object-storage URL, not a local path")
     text = os.fspath(location)
+    if isinstance(text, str) and any(text.startswith(f"{scheme}:/") for scheme in OBJECT_SCHEMES):
+        # pathlib folds "s3://b/p" into "s3:/b/p": a URL that went through Path(), never a folder named "s3:"
+        raise ValueError(f"{text}: an object-storage URL that was turned into a path (its '//' folded); pass it "
+                         f"as the string {text.replace(':/', '://', 1)}")
     if isinstance(text, str) and text.startswith("file://"):
         parsed = urlparse(text)
         if parsed.netloc not in ("", "localhost"):

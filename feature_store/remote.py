@@ -8,7 +8,7 @@ the conditional writes of feature_store.objects instead of rename + flock. Layou
     CURRENT                      line 1: the serving version's id; line 2: the journal entry of that change.
                                  Replaced only by a compare-and-swap (S3 If-Match on the ETag read, GCS
                                  ifGenerationMatch on the generation read; create-only when absent)
-    history/<seq>.json           the journal: one create-only object per CURRENT change (seq = previous + 1)
+    history/<seq>-<id>.json      the journal: one create-only object per CURRENT change (seq = previous + 1)
     LOCK                         the lease of a whole-run job or admin command (feature_store.lease)
 
 What a reader and a crashed writer see:
@@ -178,8 +178,12 @@ class ObjectFeatureStore(FeatureStore):
         return out
 
     def _next_seq(self) -> int:
+        """Past every version ever listed or journalled (the journal's keys name their version: one listing)."""
         seqs = [int(VERSION_RE.match(v).group(1)) for v in self._sorted(self._version_objects(False))]
-        seqs += [int(m.group(1)) for e in self.history() if (m := VERSION_RE.match(str(e.get("version", ""))))]
+        for obj in self.client.list(self._key(HISTORY_DIR) + "/"):
+            m = VERSION_RE.match(obj.key.rsplit("/", 1)[-1].split("-", 1)[-1].removesuffix(".json"))
+            if m:
+                seqs.append(int(m.group(1)))
         return max(seqs, default=0) + 1
 
     def _has_version(self, version_id: str) -> bool:
@@ -375,8 +379,8 @@ class ObjectFeatureStore(FeatureStore):
 
     def _journal(self, entry: dict) -> None:
         try:
-            self.client.put(self._key(HISTORY_DIR, f"{entry['seq']:08d}.json"), json.dumps(entry).encode(),
-                            if_absent=True)
+            self.client.put(self._key(HISTORY_DIR, f"{entry['seq']:08d}-{entry['version']}.json"),
+                            json.dumps(entry).encode(), if_absent=True)
         except PreconditionFailed:
             pass  # already there
 

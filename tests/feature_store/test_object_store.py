@@ -60,7 +60,7 @@ def test_publish_uploads_every_file_then_the_manifest_then_swaps_current(s3_stor
                                                 vdir + "item_embeddings.parquet"]
     assert all(c[0] == "upload" for c in writes[:3])
     assert writes[3:] == [("put", vdir + "manifest.json", True, False), ("put", "CURRENT", True, False),
-                          ("put", "history/00000001.json", True, False)]
+                          ("put", f"history/00000001-{version.id}.json", True, False)]
     fresh = FeatureStore(s3_store.url, cache_dir=tmp_path / "other-cache")
     ids, emb = fresh.read().embeddings()
     order = np.argsort(wrote["ids"])
@@ -180,6 +180,24 @@ def test_a_publisher_killed_before_its_swap_never_serves_and_its_lease_expires(s
     assert [v.id for v in s3_store.list()] == [v1.id, v2.id]
 
 
+def test_a_change_whose_writer_died_before_journaling_it_is_still_in_the_history(s3_store, fill, monkeypatch):
+    """The journal entry rides in CURRENT's conditional write: a writer that dies right after its swap (before the
+    copy to history/) loses nothing; the next writer copies the entry before its own."""
+    with s3_store.stage() as st:
+        fill(st.path, seed=0)
+        v1 = st.publish(config={})
+    with monkeypatch.context() as m:
+        m.setattr(s3_store, "_journal", lambda entry: None)  # "dies" after the swap, before copying
+        with s3_store.stage() as st:
+            fill(st.path, seed=1)
+            v2 = st.publish(config={})
+    journal = lambda: sorted(o.key.rsplit("/", 1)[-1] for o in s3_store.client.list(s3_store.prefix + "history/"))
+    assert journal() == [f"00000001-{v1.id}.json"]
+    assert [(h["seq"], h["version"]) for h in s3_store.history()] == [(1, v1.id), (2, v2.id)]
+    s3_store.rollback(v1.id)
+    assert journal() == [f"00000001-{v1.id}.json", f"00000002-{v2.id}.json", f"00000003-{v1.id}.json"]
+
+
 def test_the_lease_is_exclusive_reentrant_and_released(s3_store):
     with s3_store.lock(purpose="qarm retrain"):
         with s3_store.lock(purpose="publish"):  # re-entered by the holder (retrain's own publish)
@@ -247,6 +265,13 @@ def test_file_urls_are_the_posix_store(tmp_path, fill):
         fill(st.path)
         version = st.publish(config={})
     assert FeatureStore(tmp_path / "store").current_id() == version.id
+
+
+def test_a_url_folded_by_pathlib_is_refused_not_created_as_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="pass it as the string s3://bucket/prefix"):
+        FeatureStore(Path("s3://bucket/prefix"))
+    assert not (tmp_path / "s3:").exists()
 
 
 def test_a_missing_client_library_is_one_clear_error(monkeypatch):
