@@ -18,6 +18,9 @@ A writer killed at any moment therefore leaves either the old state or the new o
 Integrity: the manifest lists the sha256 and size of every file; the version id ends with a hash of that list
 (and the config hash), so an edited manifest is detected too. ``read`` verifies all of it.
 
+On object storage (``FeatureStore("s3://...")`` / ``"gs://..."``) the same API runs on conditional writes instead
+of rename + flock: see feature_store/remote.py.
+
 Version ids are ``v000001-1a2b3c4d``: a zero-padded sequence (so ids sort by publication order) and the short
 content hash.
 """
@@ -37,8 +40,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from feature_store.io import atomic_write_json, atomic_write_text, fsync_dir, is_temp_name, sha256_bytes
-from feature_store.objects import is_object_url, local_path
 from feature_store.lock import LOCK_FILE, StoreLockedError, store_lock
+from feature_store.objects import is_object_url, local_path
 from feature_store.staging import (RESUME_PREFIX, RESUME_TTL_S, Staging, _Sealed, claim_staging_token,
                                    newest_mtime, try_claim)
 from feature_store.version import (FORMAT, MANIFEST, VERSION_RE, CorruptVersionError, StoreVersion, VersionInfo,

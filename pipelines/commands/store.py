@@ -104,9 +104,10 @@ def _verify(store: FeatureStore, args) -> dict:
             continue
         watermark = version.extra.get("watermark")
         if isinstance(watermark, (int, float)) and watermark > now:
-            future[version_id] = (f"{store.version_path(version_id)}: watermark {int(watermark)} ({describe_ts(watermark)}) is "
-                                  f"later than the clock {now} ({describe_ts(now)}); a `qarm retrain` on it skips "
-                                  "every event up to then: retrain with --since TS, or roll back")
+            future[version_id] = (f"{store.version_path(version_id)}: watermark {int(watermark)} "
+                                  f"({describe_ts(watermark)}) is later than the clock {now} ({describe_ts(now)}); "
+                                  "a `qarm retrain` on it skips every event up to then: retrain with --since TS, or "
+                                  "roll back")
     current, current_error = current_state(store, listed)
     result = {"store": str(store.root), "checked": len(ids), "corrupt": problems, "future_watermark": future,
               "current": current, "current_error": current_error, "now": now}

@@ -44,6 +44,40 @@ def fill():
     return fill_version
 
 
+@pytest.fixture
+def race_writers(tmp_path):
+    """race_writers(store_root, n, env=None) -> [result dict per writer]: n processes (cas_writer.py) record CURRENT,
+    stage a version, wait until all are ready, then publish at once; each prints {"published"} or {"conflict"}."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    def _race(store_root: str, n: int, env: dict | None = None) -> list[dict]:
+        barrier = tmp_path / "barrier"
+        barrier.mkdir()
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), **(env or {})}
+        procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("cas_writer.py")), store_root,
+                                   str(barrier), str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for i in range(n)]
+        try:
+            deadline = time.time() + 120
+            while len(list(barrier.glob("ready-*"))) < n:
+                assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                    [p.stderr.read() for p in procs if p.poll() is not None]
+                time.sleep(0.02)
+            (barrier / "go").touch()
+            outs = [p.communicate(timeout=120) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+    return _race
+
+
 # ---------------------------------------------------------------------------------------------- object storage
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 

@@ -89,29 +89,13 @@ def test_a_second_publish_replaces_current_only_if_it_is_still_the_one_read(s3_s
                                                                            (v3.id, v2.id)]
 
 
-def test_concurrent_writer_processes_exactly_one_publishes(s3_endpoint, s3_store, fill, tmp_path):
+def test_concurrent_writer_processes_exactly_one_publishes(s3_endpoint, s3_store, fill, tmp_path, race_writers):
     """N processes start from the same CURRENT and publish at once: exactly one conditional write of CURRENT wins;
     every other is refused naming the winner and deletes what it uploaded."""
     with s3_store.stage() as st:
         fill(st.path, seed=0)
         v1 = st.publish(config={})
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("cas_writer.py")), s3_store.url,
-                               str(barrier), str(i)], env=_env(s3_endpoint, tmp_path), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(N_WRITERS)]
-    try:
-        deadline = time.time() + 120
-        while len(list(barrier.glob("ready-*"))) < N_WRITERS:
-            assert time.time() < deadline and all(p.poll() is None for p in procs), \
-                [p.stderr.read() for p in procs if p.poll() is not None]
-            time.sleep(0.02)
-        (barrier / "go").touch()
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    results = race_writers(s3_store.url, N_WRITERS, env=_env(s3_endpoint, tmp_path))
     winners = [r for r in results if "published" in r]
     losers = [r for r in results if "conflict" in r]
     assert len(winners) == 1 and len(losers) == N_WRITERS - 1, results
@@ -191,7 +175,10 @@ def test_a_change_whose_writer_died_before_journaling_it_is_still_in_the_history
         with s3_store.stage() as st:
             fill(st.path, seed=1)
             v2 = st.publish(config={})
-    journal = lambda: sorted(o.key.rsplit("/", 1)[-1] for o in s3_store.client.list(s3_store.prefix + "history/"))
+
+    def journal():
+        return sorted(o.key.rsplit("/", 1)[-1] for o in s3_store.client.list(s3_store.prefix + "history/"))
+
     assert journal() == [f"00000001-{v1.id}.json"]
     assert [(h["seq"], h["version"]) for h in s3_store.history()] == [(1, v1.id), (2, v2.id)]
     s3_store.rollback(v1.id)
