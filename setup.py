@@ -29,8 +29,7 @@ setup(
         # a boto3 of late 2024 or newer; GCS generation preconditions are in every google-cloud-storage 2.x
         "s3": ["boto3>=1.36"],
         "gcs": ["google-cloud-storage>=2.10"],
-        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "boto3>=1.36", "moto[server]>=5.1",
-                "google-cloud-storage>=2.10"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "boto3>=1.36", "moto[server]>=5.1"],
     },
     entry_points={"console_scripts": ["qarm=pipelines.cli:main"]},
 )

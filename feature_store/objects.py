@@ -120,10 +120,6 @@ class ObjectClient:
         """Every object whose key starts with ``prefix``."""
         raise NotImplementedError
 
-    def list_dirs(self, prefix: str) -> list[str]:
-        """The next path components under ``prefix`` (which ends with '/'): the 'folders' there."""
-        raise NotImplementedError
-
     def delete(self, key: str) -> None:
         """Delete an object (no error when it is already gone)."""
         raise NotImplementedError
@@ -202,13 +198,6 @@ class S3Client(ObjectClient):
             for obj in page.get("Contents", []):
                 yield ObjectInfo(obj["Key"], int(obj["Size"]), obj["ETag"], obj["LastModified"].timestamp())
 
-    def list_dirs(self, prefix):
-        paginator = self._s3.get_paginator("list_objects_v2")
-        out = []
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
-            out += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
-        return out
-
     def delete(self, key):
         self._s3.delete_object(Bucket=self.bucket, Key=key)
 
@@ -251,7 +240,9 @@ class GCSClient(ObjectClient):
 
     scheme = "gs"
 
-    def __init__(self, bucket: str, client=None):
+    def __init__(self, bucket: str, client=None, errors: tuple | None = None):
+        """Args: client: a ``google.cloud.storage.Client`` (default: one from the environment); errors: its
+        (NotFound, PreconditionFailed) exception classes (default: google.api_core's)."""
         super().__init__(bucket)
         if client is None:
             try:
@@ -259,24 +250,22 @@ class GCSClient(ObjectClient):
             except ImportError:
                 raise ObjectStorageError("gs:// stores need google-cloud-storage: pip install 'qarm[gcs]'") from None
             client = storage.Client()
+        if errors is None:
+            from google.api_core import exceptions
+
+            errors = (exceptions.NotFound, exceptions.PreconditionFailed)
         self._gcs = client
         self._bucket = client.bucket(bucket)
-
-    @staticmethod
-    def _errors():
-        from google.api_core import exceptions
-
-        return exceptions.NotFound, exceptions.PreconditionFailed
+        self._not_found, self._precondition = errors
 
     def get(self, key):
-        not_found, precondition = self._errors()
         for _ in range(5):
             blob = self._bucket.get_blob(key)
             if blob is None:
                 return None
             try:  # the body of exactly the generation read, so (body, token) always belong together
                 return blob.download_as_bytes(if_generation_match=blob.generation), str(blob.generation)
-            except (not_found, precondition):
+            except (self._not_found, self._precondition):
                 continue  # replaced or deleted between the two requests: read again
         raise ObjectStorageError(f"{self.url(key)} kept changing while being read")
 
@@ -287,12 +276,11 @@ class GCSClient(ObjectClient):
         return ObjectInfo(key, int(blob.size), str(blob.generation), blob.updated.timestamp())
 
     def put(self, key, data, *, if_absent=False, if_token=None):
-        _, precondition = self._errors()
         blob = self._bucket.blob(key)
         match = 0 if if_absent else (int(if_token) if if_token is not None else None)
         try:
             blob.upload_from_string(data, if_generation_match=match)
-        except precondition:
+        except self._precondition:
             raise PreconditionFailed(f"{self.url(key)}: generation precondition failed") from None
         return str(blob.generation)
 
@@ -308,17 +296,10 @@ class GCSClient(ObjectClient):
         for blob in self._gcs.list_blobs(self.bucket, prefix=prefix):
             yield ObjectInfo(blob.name, int(blob.size), str(blob.generation), blob.updated.timestamp())
 
-    def list_dirs(self, prefix):
-        iterator = self._gcs.list_blobs(self.bucket, prefix=prefix, delimiter="/")
-        for _ in iterator.pages:
-            pass  # the prefixes are collected while the pages are read
-        return sorted(p[len(prefix):].rstrip("/") for p in iterator.prefixes)
-
     def delete(self, key):
-        not_found, _ = self._errors()
         try:
             self._bucket.blob(key).delete()
-        except not_found:
+        except self._not_found:
             pass
 
 

@@ -1,25 +1,35 @@
 """gs:// stores through feature_store.objects.GCSClient on a stub of google-cloud-storage's Client / Bucket / Blob.
 
 NOT run against a real GCS API: no offline GCS server implements generation preconditions (gcp-storage-emulator,
-the Python one on PyPI, ignores ifGenerationMatch; fake-gcs-server is a Go binary). The stub below implements
-exactly the documented semantics the store relies on (ifGenerationMatch=0: create only; =N: replace generation N
-only; 412 PreconditionFailed otherwise; every write a new generation), so these tests check that the GCS adapter
-maps the store's conditional writes onto them and that the store's compare-and-swap holds on that contract.
+the Python one on PyPI, ignores ifGenerationMatch; fake-gcs-server is a Go binary). The stub below needs no Google
+library (with google-auth installed, other tests' Beam Dataflow options look for credentials on the GCE metadata
+server) and implements the documented semantics the store relies on (ifGenerationMatch=0: create only; =N:
+replace generation N only; 412 PreconditionFailed otherwise; every write a new generation), so these tests check
+that the GCS adapter maps the store's conditional writes onto them and that the store's compare-and-swap holds on
+that contract.
 """
 from __future__ import annotations
 
 import itertools
 import threading
 from datetime import datetime, timezone
-from types import SimpleNamespace
 
 import pytest
 
-exceptions = pytest.importorskip("google.api_core.exceptions", reason="google-cloud-storage (requirements-dev.txt)")
+from feature_store import FeatureStore, StoreConflictError, StoreLockedError
+from feature_store.objects import GCSClient, PreconditionFailed
+from feature_store.remote import ObjectFeatureStore
 
-from feature_store import FeatureStore, StoreConflictError, StoreLockedError  # noqa: E402
-from feature_store.objects import GCSClient, PreconditionFailed  # noqa: E402
-from feature_store.remote import ObjectFeatureStore  # noqa: E402
+
+class NotFound(Exception):
+    """Stands for google.api_core.exceptions.NotFound (404)."""
+
+
+class Precondition(Exception):
+    """Stands for google.api_core.exceptions.PreconditionFailed (412)."""
+
+
+ERRORS = (NotFound, Precondition)
 
 
 class _Objects:
@@ -45,16 +55,16 @@ class _Blob:
         with self._objects.lock:
             entry = self._objects.data.get(self.name)
             if entry is None:
-                raise exceptions.NotFound(self.name)
+                raise NotFound(self.name)
             if if_generation_match is not None and entry[1] != if_generation_match:
-                raise exceptions.PreconditionFailed(self.name)
+                raise Precondition(self.name)
             return entry[0]
 
     def upload_from_string(self, data, if_generation_match=None):
         with self._objects.lock:
             entry = self._objects.data.get(self.name)
             if if_generation_match is not None and (entry[1] if entry else 0) != if_generation_match:
-                raise exceptions.PreconditionFailed(f"{self.name}: generation does not match")
+                raise Precondition(f"{self.name}: generation does not match")
             new = (bytes(data), next(self._objects.generations), datetime.now(timezone.utc))
             self._objects.data[self.name] = new
         self._load(new)
@@ -70,7 +80,7 @@ class _Blob:
     def delete(self):
         with self._objects.lock:
             if self._objects.data.pop(self.name, None) is None:
-                raise exceptions.NotFound(self.name)
+                raise NotFound(self.name)
 
 
 class _Bucket:
@@ -93,19 +103,10 @@ class StubStorageClient:
     def bucket(self, name):
         return _Bucket(self.objects)
 
-    def list_blobs(self, bucket, prefix="", delimiter=None):
+    def list_blobs(self, bucket, prefix=""):
         with self.objects.lock:
             entries = sorted((k, v) for k, v in self.objects.data.items() if k.startswith(prefix))
-        blobs, prefixes = [], set()
-        for key, entry in entries:
-            rest = key[len(prefix):]
-            if delimiter and delimiter in rest:
-                prefixes.add(prefix + rest.split(delimiter, 1)[0] + delimiter)
-            else:
-                blobs.append(_Blob(self.objects, key)._load(entry))
-        if delimiter is None:
-            return iter(blobs)
-        return SimpleNamespace(pages=[blobs], prefixes=prefixes)
+        return iter([_Blob(self.objects, key)._load(entry) for key, entry in entries])
 
 
 @pytest.fixture
@@ -116,11 +117,11 @@ def gcs():
 @pytest.fixture
 def gs_store(gcs, tmp_path):
     return ObjectFeatureStore("gs://bucket/features", cache_dir=tmp_path / "cache",
-                              client=GCSClient("bucket", client=gcs))
+                              client=GCSClient("bucket", client=gcs, errors=ERRORS))
 
 
 def test_generation_preconditions_map_onto_conditional_writes(gcs):
-    client = GCSClient("bucket", client=gcs)
+    client = GCSClient("bucket", client=gcs, errors=ERRORS)
     first = client.put("k", b"1", if_absent=True)
     with pytest.raises(PreconditionFailed):
         client.put("k", b"2", if_absent=True)
@@ -128,7 +129,7 @@ def test_generation_preconditions_map_onto_conditional_writes(gcs):
     with pytest.raises(PreconditionFailed):
         client.put("k", b"4", if_token=first)  # a writer that read generation `first` lost
     assert client.get("k") == (b"3", second) and client.get("missing") is None
-    assert client.list_dirs("") == [] and [o.key for o in client.list("")] == ["k"]
+    assert [o.key for o in client.list("")] == ["k"]
 
 
 def test_publish_conflict_history_and_lease_on_a_gs_store(gs_store, fill, tmp_path, gcs):
@@ -147,7 +148,8 @@ def test_publish_conflict_history_and_lease_on_a_gs_store(gs_store, fill, tmp_pa
     assert gs_store.rollback(v1.id) == {"current": v1.id, "previous": v2.id}
     assert [(h["action"], h["version"]) for h in gs_store.history()] == [("publish", v1.id), ("publish", v2.id),
                                                                         ("rollback", v1.id)]
-    fresh = ObjectFeatureStore("gs://bucket/features", cache_dir=tmp_path / "fresh", client=GCSClient("bucket", gcs))
+    fresh = ObjectFeatureStore("gs://bucket/features", cache_dir=tmp_path / "fresh",
+                               client=GCSClient("bucket", gcs, ERRORS))
     assert fresh.read().id == v1.id and fresh.read(v2.id).codes().levels == 2
 
     with gs_store.lock(purpose="qarm retrain"):
