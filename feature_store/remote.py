@@ -37,6 +37,7 @@ import re
 import shutil
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -46,7 +47,7 @@ from typing import Iterator
 from feature_store.io import atomic_write_json, temp_path_for
 from feature_store.lease import LEASE_TTL_S, lease_lock
 from feature_store.lock import LOCK_FILE, StoreLockedError
-from feature_store.objects import ObjectClient, PreconditionFailed, client_for, split_url
+from feature_store.objects import ObjectClient, ObjectStorageError, PreconditionFailed, client_for, split_url
 from feature_store.store import (CURRENT_FILE, VERSIONS_DIR, FeatureStore, StoreConflictError, build_manifest,
                                  parse_current)
 from feature_store.version import (MANIFEST, VERSION_RE, CorruptVersionError, StoreVersion, parse_manifest,
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 HISTORY_DIR = "history"
 PARTIAL_TTL_S = 3600.0  # a manifest-less (or never-served) version older than this is a dead publisher's
 UPLOAD_THREADS = 8
+_CONDITIONAL_OK: set[str] = set()  # buckets whose server was seen refusing a failed precondition
 PUBLISH_ATTEMPTS = 3  # a staging that derives from "CURRENT at publish" is rebuilt over a CURRENT that moved
 
 
@@ -146,10 +148,34 @@ class ObjectFeatureStore(FeatureStore):
     def _ensure_layout(self) -> None:
         self.staging_root.mkdir(parents=True, exist_ok=True)
 
+    def _check_conditional_writes(self) -> None:
+        """Refuse a server that ignores the preconditions (some S3-compatible servers do): the one-writer rule
+        would silently not hold there. Probed once per process and bucket before the first write."""
+        if self.client.url() in _CONDITIONAL_OK:
+            return
+        key = self._key(f".qarm-probe-{uuid.uuid4().hex}")
+        try:
+            first = self.client.put(key, b"1", if_absent=True)
+            self.client.put(key, b"2", if_token=first)  # the current token: must pass
+            for condition in ({"if_absent": True}, {"if_token": first}):  # both stale now: must be refused
+                try:
+                    self.client.put(key, b"3", **condition)
+                except PreconditionFailed:
+                    continue
+                raise ObjectStorageError(
+                    f"{self.client.url()}: the server ignored a conditional write "
+                    f"({'If-None-Match: *' if 'if_absent' in condition else 'If-Match'}); publishing there would "
+                    "not keep one writer per store. Use a server that implements conditional PutObject (AWS S3, "
+                    "moto >= 5.1) or generation preconditions (GCS)")
+        finally:
+            self.client.delete(key)
+        _CONDITIONAL_OK.add(self.client.url())
+
     def lock(self, timeout: float = 0.0, purpose: str = ""):
         """The store's lease (feature_store.lease): re-entrant in the holding thread; advisory, since every
         change of CURRENT is a compare-and-swap anyway."""
         self._ensure_layout()
+        self._check_conditional_writes()
         return lease_lock(self.client, self._key(LOCK_FILE), timeout=timeout, purpose=purpose, ttl_s=lease_ttl())
 
     # ------------------------------------------------------------------------------------------- read
@@ -278,6 +304,7 @@ class ObjectFeatureStore(FeatureStore):
     def _publish_sealed(self, staging, sealed, *, set_current: bool, lock_timeout: float) -> StoreVersion:
         """Upload every file, then the manifest (create-only), then compare-and-swap CURRENT (under the lease,
         which only waits for a live whole-run holder: the swap is what keeps writers apart)."""
+        self._check_conditional_writes()
         for attempt in range(PUBLISH_ATTEMPTS):
             current = self._current_or_none()
             if not staging.parent_pinned:

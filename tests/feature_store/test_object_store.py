@@ -55,7 +55,7 @@ def test_publish_uploads_every_file_then_the_manifest_then_swaps_current(s3_stor
         wrote = fill(st.path, seed=3)
         version = st.publish(config={"seed": 3})
     vdir = f"versions/{version.id}/"
-    writes = [c for c in calls if not c[1].startswith("LOCK")]
+    writes = [c for c in calls if not c[1].startswith(("LOCK", ".qarm-probe"))]  # lease, one-off server probe
     assert sorted(c[1] for c in writes[:3]) == [vdir + "codebooks.safetensors", vdir + "item_codes.parquet",
                                                 vdir + "item_embeddings.parquet"]
     assert all(c[0] == "upload" for c in writes[:3])
@@ -243,6 +243,25 @@ def test_store_commands_on_an_s3_store(s3_store, fill, capsys, monkeypatch, tmp_
         worker.start()
         worker.join()
     assert codes == [EXIT_LOCKED] and s3_store.current_id() == versions[0]
+
+
+def test_a_server_that_ignores_preconditions_is_refused_before_anything_is_written(s3_url, tmp_path, fill):
+    """Some S3-compatible servers accept If-None-Match / If-Match and ignore them: the store probes that once
+    and refuses to publish there (nothing uploaded, CURRENT never written)."""
+    from feature_store.objects import ObjectStorageError, S3Client
+    from feature_store.remote import ObjectFeatureStore
+
+    class IgnoresConditions(S3Client):
+        def put(self, key, data, *, if_absent=False, if_token=None):
+            return super().put(key, data)
+
+    bucket = s3_url.split("/")[2]
+    store = ObjectFeatureStore(s3_url, cache_dir=tmp_path / "cache", client=IgnoresConditions(bucket))
+    with store.stage() as st:
+        fill(st.path)
+        with pytest.raises(ObjectStorageError, match=r"ignored a conditional write \(If-None-Match: \*\)"):
+            st.publish(config={})
+    assert _bucket_keys(s3_url) == []
 
 
 def test_file_urls_are_the_posix_store(tmp_path, fill):
