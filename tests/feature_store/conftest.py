@@ -82,12 +82,13 @@ def race_writers(tmp_path):
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def s3_endpoint():
-    """A local S3 API (moto served on one thread, tests/feature_store/s3_server.py) on a free 127.0.0.1 port.
+    """A local S3 API (moto, one request at a time: tests/feature_store/s3_server.py) on a free 127.0.0.1 port,
+    for one test module.
 
-    Yields the environment a client needs (AWS_ENDPOINT_URL + dummy credentials); skips without moto/boto3
-    (`pip install -r requirements-dev.txt`).
+    Yields the environment a client needs (AWS_ENDPOINT_URL + dummy credentials), also set in os.environ until the
+    module ends; skips without moto/boto3 (`pip install -r requirements-dev.txt`).
     """
     import os
     import subprocess
