@@ -91,8 +91,7 @@ class Staging:
         if self._closed:
             raise RuntimeError(f"staging {self.path} is already {'published' if self.published else 'closed'}")
         sealed = seal(self.path, config or {}, metrics or {}, extra or {}, validate=validate)
-        with self.store.lock(timeout=lock_timeout, purpose="publish"):
-            version = self.store._publish_locked(self, sealed, set_current=set_current)
+        version = self.store._publish_sealed(self, sealed, set_current=set_current, lock_timeout=lock_timeout)
         self.published = version
         self._close()
         return version

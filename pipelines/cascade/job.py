@@ -44,6 +44,7 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
     if std.runner is None:
         std.runner = DEFAULT_RUNNER
     store = FeatureStore(opts.store)
+    given_work = scratch_path(opts.work_dir) if opts.work_dir else None  # refused before anything is loaded
     # one writer per store: the CURRENT this job starts from; publishing is a compare-and-swap from it, refused
     # (StoreConflictError, exit 4) when another writer moved CURRENT meanwhile
     started_from = store.current_id()
@@ -53,7 +54,7 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
     source, ds, stages = read_in_driver(spec, opts)
     dataset_name = ds.name if ds is not None else source.name
     own_work = opts.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="qarm-cascade-")) if own_work else Path(opts.work_dir)
+    work_dir = Path(tempfile.mkdtemp(prefix="qarm-cascade-")) if own_work else given_work
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         with store.stage(parent=started_from, require_parent_current=True) as st:
@@ -93,13 +94,27 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
         if own_work:
             shutil.rmtree(work_dir, ignore_errors=True)
     summary = {
-        "version": version.id, "store": str(Path(opts.store).resolve()), "config_sha256": version.manifest[
+        "version": version.id, "store": store.url, "config_sha256": version.manifest[
             "config_sha256"], "watermark": watermark, "dataset": dataset_name, "runner": str(std.runner),
         "stages": stages, "dead_letter": dead_counts, "dead_letter_total": int(sum(dead_counts.values())),
         "metrics": {k: v for k, v in metrics.items() if k not in ("counts", "dead_letter")},
         "pipeline_seconds": pipeline_seconds, "seconds": round(time.perf_counter() - t_job, 3),
     }
     return summary
+
+
+def scratch_path(work_dir: str) -> Path:
+    """``--work-dir`` as a local path (``file://`` URLs too). The work dir is where the driver and the workers
+    exchange files through local-path APIs (trainer inputs and checkpoints, the side cache, safetensors), so an
+    object-storage URL is refused with what to use instead; the store itself may be on object storage."""
+    from feature_store.objects import is_object_url, local_path
+
+    if is_object_url(work_dir):
+        raise ValueError(f"--work-dir {work_dir}: the work dir must be a local or shared POSIX path (the align "
+                         "trainer, the side cache and the quantizer write it through file APIs); object storage is "
+                         "supported for --store (s3://, gs://), whose versions are staged under $QARM_STORE_CACHE "
+                         "and uploaded at publish")
+    return local_path(work_dir)
 
 
 def read_in_driver(spec, opts) -> tuple:

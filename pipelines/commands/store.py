@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "point CURRENT at --version; retain: keep the newest --keep; verify: check every "
                              "checksum; cleanup: sweep crashed writers' leftovers; history: CURRENT changes")
     g = parser.add_argument_group("store")
-    g.add_argument("--store", required=True, help="feature-store root directory")
+    g.add_argument("--store", required=True,
+                   help="feature-store root: a directory, file:///path, s3://bucket/prefix or gs://bucket/prefix")
     g.add_argument("--version", help="version id (show / diff / rollback / verify)")
     g.add_argument("--lock-timeout", type=float, default=0.0,
                    help="seconds to wait for a busy store lock before giving up (default: fail at once)")
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     store = FeatureStore(args.store)
-    if args.action not in ("list", "history", "cleanup") and not store.root.is_dir():
+    if args.action not in ("list", "history", "cleanup") and not store.exists():
         raise FileNotFoundError(f"feature store not found: {store.root}")
     if args.action == "list":
         return _list(store, args)
@@ -103,9 +104,10 @@ def _verify(store: FeatureStore, args) -> dict:
             continue
         watermark = version.extra.get("watermark")
         if isinstance(watermark, (int, float)) and watermark > now:
-            future[version_id] = (f"{version.path}: watermark {int(watermark)} ({describe_ts(watermark)}) is "
-                                  f"later than the clock {now} ({describe_ts(now)}); a `qarm retrain` on it skips "
-                                  "every event up to then: retrain with --since TS, or roll back")
+            future[version_id] = (f"{store.version_path(version_id)}: watermark {int(watermark)} "
+                                  f"({describe_ts(watermark)}) is later than the clock {now} ({describe_ts(now)}); "
+                                  "a `qarm retrain` on it skips every event up to then: retrain with --since TS, or "
+                                  "roll back")
     current, current_error = current_state(store, listed)
     result = {"store": str(store.root), "checked": len(ids), "corrupt": problems, "future_watermark": future,
               "current": current, "current_error": current_error, "now": now}

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_data_arguments(parser)
     g = parser.add_argument_group("retraining")
-    g.add_argument("--store", type=Path, required=True, help="feature store whose CURRENT version is the parent")
+    g.add_argument("--store", required=True, help="feature store whose CURRENT version is the parent (a directory, "
+                                               "file:///path, s3://bucket/prefix or gs://bucket/prefix)")
     g.add_argument("--since", type=int, default=None, help="take interactions after this unix ts (default: the "
                                                           "parent's watermark)")
     g.add_argument("--until", type=int, default=None, help="... up to this unix ts (default: the newest)")

@@ -388,7 +388,8 @@ def retrain(store_root: Path, dataset, cfg: RetrainConfig, work_root: Optional[P
         dataset: a loaded ``pipelines.data.Dataset`` (the full log; the job selects its window), loaded with
             the same clock.
         cfg: the run's settings.
-        work_root: where stage checkpoints live (default ``<store>/.retrain``); one folder per run key.
+        work_root: where stage checkpoints live (default ``<store>/.retrain``; for an object store, ``retrain`` in
+            its local cache); one folder per run key.
         continuity: override ``cfg.ranker_gate`` (train the reference rankers and gate on the tail AUC).
         clock: the run's `feature_store.clock.EventClock` (default: this machine's clock): the published
             watermark never passes it. Not part of the run key, so a rerun resumes whatever its clock.
@@ -416,7 +417,7 @@ def retrain(store_root: Path, dataset, cfg: RetrainConfig, work_root: Optional[P
         # The gate is not part of the key: a rerun with other thresholds reuses the computed stages.
         work_cfg = {k: v for k, v in cfg.to_dict().items() if k != "gate"}
         run_key = fingerprint({"window": window_inputs, "config": work_cfg, "refresh": refresh})[:16]
-        workdir = Path(work_root or Path(store_root) / ".retrain") / f"run-{run_key}"
+        workdir = Path(work_root or store.scratch_dir(".retrain")) / f"run-{run_key}"  # local, also for s3://
         runner = StageRunner(workdir)
         window = runner.run("window", window_inputs, window_fn)
         cand_cfg = {k: v for k, v in work_cfg.items() if k not in ("stability", "remap_method", "ranker_gate")}

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,6 @@ import pytest
 from feature_store import FeatureStore, StoreConflictError
 from pipelines.cli import main
 
-REPO = Path(__file__).resolve().parents[2]
 N_WRITERS = 6
 
 
@@ -30,27 +26,11 @@ def _history_agrees_with_manifests(store: FeatureStore) -> None:
             assert store.read(entry["version"]).parent == entry["previous"], entry
 
 
-def test_concurrent_writers_in_processes_exactly_one_publishes(store, publish, tmp_path, capsys):
+def test_concurrent_writers_in_processes_exactly_one_publishes(store, publish, capsys, race_writers):
     """Case 1: N writers that all start from the same CURRENT: the first to publish wins, every other is refused
     (StoreConflictError naming the winner), `store verify` is clean and manifests agree with the history."""
     v1 = publish(0)
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("cas_writer.py")), str(store.root),
-                               str(barrier), str(i)], env=dict(os.environ, PYTHONPATH=str(REPO)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(N_WRITERS)]
-    try:
-        deadline = time.time() + 120
-        while len(list(barrier.glob("ready-*"))) < N_WRITERS:
-            assert time.time() < deadline and all(p.poll() is None for p in procs), \
-                [p.stderr.read() for p in procs if p.poll() is not None]
-            time.sleep(0.02)
-        (barrier / "go").touch()
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    results = race_writers(str(store.root), N_WRITERS)
     winners = [r for r in results if "published" in r]
     losers = [r for r in results if "conflict" in r]
     assert len(winners) == 1 and len(losers) == N_WRITERS - 1, results
