@@ -80,6 +80,7 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
             train_n = pq.ParquetFile(work_dir / f"{TRAIN_PAIRS}.parquet").metadata.num_rows
             metrics = post_metrics(Path(st.path), plan, heldout, read_window_events(work_dir))
             metrics["pairs"] = {"train": int(train_n), "align_valid": int(len(heldout))}
+            metrics["alignment"] = alignment_metrics(plan, work_dir, Path(st.path))
             metrics["triggers"] = trigger_counts(result, plan)
             metrics["dead_letter"] = dead_counts
             metrics["counts"] = {k: v for k, v in stages.items()}
@@ -98,14 +99,31 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
     finally:
         if own_work:
             shutil.rmtree(work_dir, ignore_errors=True)
+    from pipelines.mllm.align import gate_line
+
     summary = {
         "version": version.id, "store": str(Path(opts.store).resolve()), "config_sha256": version.manifest[
             "config_sha256"], "watermark": watermark, "dataset": dataset_name, "runner": str(std.runner),
         "stages": stages, "dead_letter": dead_counts, "dead_letter_total": int(sum(dead_counts.values())),
+        "alignment": gate_line(metrics["alignment"]),
         "metrics": {k: v for k, v in metrics.items() if k not in ("counts", "dead_letter")},
         "pipeline_seconds": pipeline_seconds, "seconds": round(time.perf_counter() - t_job, 3),
     }
     return summary
+
+
+def alignment_metrics(plan, work_dir: Path, staging: Path) -> dict:
+    """``manifest.metrics.alignment``: the align step's gate record (kept, judge, step 0 vs the weights that
+    ship on the validation window's next-item queries) and the base map the unaligned embedding used."""
+    from pipelines.cascade.align_stage import alignment_record
+    from pipelines.mllm.base_map import BASE_MAP_FILE, load_base_map
+
+    record = dict(alignment_record(plan.align, work_dir))
+    base_file = staging / BASE_MAP_FILE
+    record["base_map"] = load_base_map(base_file)[1] if base_file.is_file() else \
+        {"kind": "gaussian" if not (plan.align.init_encoder or plan.align.checkpoint) else "checkpoint",
+         "seed": int(plan.align.seed)}
+    return record
 
 
 def reads_on_workers(spec, opts) -> bool:
