@@ -107,6 +107,8 @@ def _align_config(plan: AlignPlan, mode: Optional[str] = None):
     from pipelines.mllm.side import SideConfig
 
     extra = {k: v for k, v in (("lr", plan.lr), ("temperature", plan.temperature)) if v}
+    if plan.gate_z is not None:
+        extra["gate_z"] = plan.gate_z
     return AlignConfig(mode=mode or plan.mode, epochs=plan.epochs, batch_size=plan.batch_size, seed=plan.seed,
                        num_threads=max(1, plan.threads // plan.nproc), progress=False, resume=False,
                        side=SideConfig(layer_stride=plan.layer_stride, dropout=plan.side_dropout),

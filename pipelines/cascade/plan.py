@@ -36,6 +36,7 @@ class AlignPlan:
         base_map: the unaligned embedding's map (pipelines.mllm.base_map): "pca" (fitted on the protocol's
             train-portion items; needs side mode's cache) or "gaussian" (seeded by ``seed``). A warm start or a
             reused checkpoint keeps its own.
+        gate_z: the never-worse gate's margin in paired standard errors (None: AlignConfig's default).
     """
 
     encoder: dict
@@ -53,6 +54,7 @@ class AlignPlan:
     side_dropout: float = 0.1
     nproc: int = 1
     base_map: str = "pca"
+    gate_z: Optional[float] = None
 
     def __post_init__(self):
         from pipelines.mllm.base_map import BASE_MAP_KINDS
@@ -168,7 +170,8 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, sourc
                       batch_size=opts.align_batch_size, lr=opts.align_lr, temperature=opts.align_temperature,
                       checkpoint=opts.align_checkpoint, init_encoder=opts.init_encoder, threads=opts.torch_threads,
                       seed=seed, cache_dir=opts.side_cache_dir, layer_stride=opts.side_layer_stride,
-                      side_dropout=opts.side_dropout, nproc=opts.align_nproc, base_map=unaligned_map(opts))
+                      side_dropout=opts.side_dropout, nproc=opts.align_nproc, base_map=unaligned_map(opts),
+                      gate_z=opts.align_gate_z)
     if opts.init_quantizer and not Path(opts.init_quantizer).exists():
         raise FileNotFoundError(f"--init-quantizer {opts.init_quantizer}: no such folder")
     common = dict(staging=str(staging), work_dir=str(work_dir), pairs=pairs, quant=quant, align=align, split=split,

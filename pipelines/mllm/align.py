@@ -563,6 +563,8 @@ def _validate(model: nn.Module, embed: Callable, item_ids: np.ndarray, valid: Op
     emb = torch.cat([embed(torch.tensor(item_ids[s:s + batch])).float().cpu()
                      for s in range(0, len(item_ids), batch)]).numpy()
     model.train(was_training)
+    # a diverged model must not look good: non-finite rows rank last for every query (NaN scores compare False)
+    emb = np.where(np.isfinite(emb).all(axis=1, keepdims=True), emb, 0.0).astype(np.float32)
     pairs = pair_retrieval(item_ids, emb, valid, ks=(10,), return_ranks=True) if valid is not None else None
     if queries is None:
         return {"judge": "valid_pairs", "recall@10": pairs["recall@10"], "mrr": pairs["mrr"],

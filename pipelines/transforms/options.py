@@ -59,6 +59,10 @@ def add_cascade_flags(parser) -> None:
                         "where alignment starts): pca of the protocol's train-portion items (side mode; auto's "
                         "choice there) or a seeded gaussian projection (auto's choice in the other modes); a warm "
                         "start (--init-encoder) keeps its checkpoint's")
+    g.add_argument("--align-gate-z", type=float, default=None,
+                   help="never-worse gate: an epoch replaces step 0 (the unaligned embedding) only when its "
+                        "validation-window next-item recall@10 gain minus this many paired standard errors is "
+                        "above 0 (default: the trainer's, 1.645; 0 accepts any gain)")
     g.add_argument("--align-batch-size", type=int, default=128, help="pairs per contrastive batch")
     g.add_argument("--align-lr", type=float, default=None, help="alignment learning rate (default: the mode's)")
     g.add_argument("--align-temperature", type=float, default=None, help="InfoNCE temperature (default: trainer's)")
