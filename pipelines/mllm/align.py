@@ -599,7 +599,7 @@ class _Selection:
         self.step0, self.base = step0, _per_query(step0_ranks, cfg.valid_metric)
         self.best_score, self.since_best = step0[self.metric], 0
         self.kept_epoch: Optional[int] = None  # None: step 0 ships
-        self.kept_score, self.kept_state = -math.inf, None
+        self.kept_score, self.kept_state, self.last_epoch = -math.inf, None, None
         for figures in history:  # a resumed run replays the epochs it already judged (their weights are gone)
             self._judge(figures, None)
 
@@ -616,14 +616,13 @@ class _Selection:
         return self._judge(self.compare(figures, ranks), state_of)
 
     def _judge(self, figures: dict, state_of: Optional[Callable]) -> bool:
-        score = figures[self.metric]
+        score, self.last_epoch = figures[self.metric], figures["epoch"]
         beats = figures["vs_step0"]["lower"] > 0
-        if not self.restore_best:  # the last epoch ships when it beats step 0
-            self.kept_epoch, self.kept_score, self.kept_state = (figures["epoch"], score, None) if beats else \
-                (None, -math.inf, None)
-        elif beats and score > self.kept_score:
+        if beats and (score > self.kept_score or not self.restore_best):  # restore_best off: the last one
             self.kept_epoch, self.kept_score = figures["epoch"], score
             self.kept_state = {k: v.detach().clone() for k, v in state_of().items()} if state_of else None
+        elif not self.restore_best:  # the last epoch does not beat step 0: step 0 ships
+            self.kept_epoch, self.kept_score, self.kept_state = None, -math.inf, None
         if score > self.best_score:
             self.best_score, self.since_best = score, 0
             return False
@@ -714,15 +713,9 @@ def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candi
         log.info("resuming from %s at step %d (epoch %d, batch %d)", ckpt, step, start_epoch, skip_batches)
     step0_state, selection = None, None
     if judged:  # step 0: the unaligned embedding (or the warm start), judged like any epoch
-        if ckpt is None:
-            step0_state = {k: v.detach().clone() for k, v in state_of().items()}
-            figures, step0_ranks = _validate(model, embed, valid_items, valid, queries)
-        else:  # resumed: judge step 0's rebuilt weights, then go on with the checkpoint's
-            current = {k: v.detach().clone() for k, v in state_of().items()}
-            model.load_state_dict(initial_state(), strict=False)
-            figures, step0_ranks = _validate(model, embed, valid_items, valid, queries)
-            model.load_state_dict(current, strict=False)
-        step0 = {"epoch": None, **figures}
+        step0_state, step0, step0_ranks = _judge_step0(model, state_of, initial_state, resumed=ckpt is not None,
+                                                       judge=lambda: _validate(model, embed, valid_items, valid,
+                                                                               queries))
         log.info("align[%s] step 0 (%s) validation %s", cfg.mode,
                  "warm start" if init_checkpoint else "unaligned", step0)
         selection = _Selection(cfg, step0, step0_ranks, history)
@@ -791,7 +784,7 @@ def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candi
         epochs_run = epoch + 1
         if judged and next_batch >= n_batches:
             judged_figures, ranks = _validate(model, embed, valid_items, valid, queries)
-            figures = {"epoch": epoch, **judged_figures, "loss": float(np.mean(losses[-n_batches:])),
+            figures = {"epoch": epoch, "step": step, **judged_figures, "loss": float(np.mean(losses[-n_batches:])),
                        "temperature": loss_fn.current()}
             stopped = selection.offer(figures, ranks, state_of)
             history.append(figures)
@@ -805,7 +798,8 @@ def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candi
         if stopped:
             break
     bar.close()
-    restored = _restore_choice(model, selection, history, step0_state, initial_state, cfg)
+    holds_last_judged = bool(history) and history[-1].get("step") == step  # no step since the last judge
+    restored = _restore_choice(model, selection, holds_last_judged, step0_state, initial_state, cfg)
     if restored and saving:  # the checkpoint others load holds the weights that ship
         last_ckpt = save((epochs_run, 0), True, {"best_epoch": selection.kept_epoch})
     alignment = _gate_record(selection, history, cfg)
@@ -824,16 +818,31 @@ def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candi
                        stopped_early=stopped, alignment=alignment)
 
 
+def _judge_step0(model: nn.Module, state_of: Callable, initial_state: Optional[Callable], resumed: bool,
+                 judge: Callable) -> tuple[Optional[dict], dict, np.ndarray]:
+    """Step 0's weights (a copy, or None after a resume: ``initial_state`` rebuilds them when needed), figures and
+    per-query ranks. A resumed run judges step 0's rebuilt weights, then goes on with the checkpoint's."""
+    current = {k: v.detach().clone() for k, v in state_of().items()}
+    if resumed:
+        model.load_state_dict(initial_state(), strict=False)
+    figures, ranks = judge()
+    if resumed:
+        model.load_state_dict(current, strict=False)
+    return (None if resumed else current), {"epoch": None, **figures}, ranks
+
+
 def _epoch_name(epoch: Optional[int]) -> str:
     return "step 0" if epoch is None else f"epoch {epoch}"
 
 
-def _restore_choice(model: nn.Module, selection: Optional[_Selection], history: list, step0_state: Optional[dict],
-                    initial_state: Optional[Callable], cfg: AlignConfig) -> bool:
-    """Load the weights that ship into ``model`` when they are not the last epoch's; returns whether it did."""
-    if selection is None or not history:
+def _restore_choice(model: nn.Module, selection: Optional[_Selection], holds_last_judged: bool,
+                    step0_state: Optional[dict], initial_state: Optional[Callable], cfg: AlignConfig) -> bool:
+    """Load the weights that ship into ``model`` unless it holds them already (``holds_last_judged``: no step
+    since the last judged epoch, and that epoch is the one kept); returns whether it loaded any. Weights no judge
+    saw (steps after the last judged epoch, e.g. ``max_steps`` ending mid-epoch) never ship."""
+    if selection is None:
         return False
-    if selection.kept_epoch == history[-1]["epoch"]:
+    if selection.kept_epoch is not None and holds_last_judged and selection.kept_epoch == selection.last_epoch:
         return False
     if selection.kept_epoch is not None and selection.kept_state is not None:
         model.load_state_dict(selection.kept_state, strict=False)

@@ -149,3 +149,14 @@ def test_pca_base_map_is_fitted_on_the_training_items_only(side_world):
                                                                               atol=1e-5)
     every = BaseMap.from_stats(GramStats.of(pooled_top(cache.states)), TINY.embed_dim)
     assert not torch.allclose(got.mean, every.mean, atol=1e-4)
+
+
+def test_weights_no_judge_saw_never_ship(side_world):
+    """max_steps ends training inside the first epoch: nothing was judged, so step 0 ships (not the trained
+    steps), and the record says so."""
+    _, train, valid, cache, queries = side_world
+    result = train_side(cache, train, valid, _cfg(epochs=2, max_steps=3, lr=0.05), valid_queries=queries)
+    assert result.steps == 3 and result.alignment["kept"] is False and result.alignment["epochs_judged"] == 0
+    _, emb = embed_with_cache(result.encoder, cache)
+    _, unaligned = embed_with_cache(build_for_mode("unaligned", TINY), cache)
+    assert np.array_equal(emb, unaligned)
