@@ -58,20 +58,20 @@ class BaseMap(nn.Module):
     @classmethod
     def from_stats(cls, stats: "GramStats", embed_dim: int) -> "BaseMap":
         """PCA of the accumulated normalised states: the top ``embed_dim`` directions (signs fixed so the largest
-        entry of each is positive: the same items give the same map on any machine)."""
+        entry of each is positive: the same items give the same map on any machine). A state narrower than
+        ``embed_dim`` (H < D) keeps all H directions and leaves the other D - H coordinates at zero (the residual
+        may use them)."""
         if stats.n < 2:
             raise ValueError(f"BaseMap.from_stats: a PCA base map needs at least 2 items, got {stats.n}")
         width = stats.sum.shape[0]
-        if embed_dim > width:
-            raise ValueError(f"BaseMap.from_stats: embed_dim {embed_dim} exceeds the state width {width}")
         mean = stats.sum / stats.n
         cov = stats.gram / stats.n - np.outer(mean, mean)
         eigval, eigvec = np.linalg.eigh((cov + cov.T) / 2)
-        top = eigvec[:, ::-1][:, :embed_dim]
-        signs = np.sign(top[np.abs(top).argmax(axis=0), np.arange(embed_dim)])
+        top = eigvec[:, ::-1][:, :embed_dim]  # (H, min(H, D))
+        signs = np.sign(top[np.abs(top).argmax(axis=0), np.arange(top.shape[1])])
         out = cls(width, embed_dim)
         out.mean.copy_(torch.from_numpy(mean.astype(np.float32)))
-        out.projection.copy_(torch.from_numpy((top * np.where(signs == 0, 1.0, signs)).astype(np.float32)))
+        out.projection[:, :top.shape[1]] = torch.from_numpy((top * np.where(signs == 0, 1.0, signs)).astype(np.float32))
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,10 @@ def test_base_maps_differ_by_seed_and_round_trip(tmp_path):
     save_base_map(tmp_path / "b.safetensors", pca, {"kind": "pca", "items": 50})
     loaded, info = load_base_map(tmp_path / "b.safetensors")
     assert info == {"kind": "pca", "items": 50} and torch.equal(loaded(x), pca(x))
+    # a state narrower than the embedding keeps every direction, the other coordinates stay zero
+    wide = BaseMap.from_stats(GramStats.of(x), 40)
+    assert torch.equal(wide.projection[:, 32:], torch.zeros(32, 8)) and torch.allclose(
+        wide.projection[:, :16].abs(), pca.projection.abs(), atol=1e-5)
     # the PCA directions are orthonormal and ordered by variance
     p = pca.projection.double()
     assert torch.allclose(p.T @ p, torch.eye(16, dtype=torch.float64), atol=1e-5)
