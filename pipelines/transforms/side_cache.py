@@ -188,6 +188,8 @@ class _EmbedShard(beam.DoFn):
         with stage_timer("embed"):
             ids, states = read_shard(Path(self.cache_dir), shard)
             out = embed_states(heads, states)
+        if "aligned" in out:  # once per job (the aligned pass): items the encoder reads nothing of
+            yield from _no_content_rejects(ids, states)
         for kind, emb in out.items():
             ok = np.isfinite(emb).all(axis=1)
             for item_id, vec, good in zip(ids.tolist(), emb, ok.tolist()):
@@ -199,6 +201,23 @@ class _EmbedShard(beam.DoFn):
                         detail=f"non-finite {kind} embedding"))
                 else:
                     counter(STAGE_OF[kind], "nonfinite").inc(1)
+
+
+def _no_content_rejects(ids: np.ndarray, states: dict):
+    """Items with neither text nor an image the encoder reads (no title and no text, and no image or a text-only
+    encoder: an image-only item under ``--encoder minilm``) embed to one and the same vector, so they all share
+    one code. They stay in the version; each is recorded (reason ``no_readable_content``) so the count shows."""
+    seen = states["text_present"] > 0
+    if "vision_present" in states:
+        seen = seen | (states["vision_present"] > 0)
+    blind = np.flatnonzero(~seen.cpu().numpy())
+    if len(blind):
+        counter("embed", "no_readable_content").inc(len(blind))
+    for i in blind.tolist():
+        yield beam.pvalue.TaggedOutput(DEAD, reject(
+            "embed", "items", "no_readable_content", item_id=int(ids[i]), item_dense_id=int(ids[i]),
+            detail="neither text nor an image this encoder reads: every such item gets the same embedding and code",
+            action="kept_shared_embedding"))
 
 
 def _shard_records(cache_dir: str):
