@@ -67,13 +67,13 @@ def _train_events(keyed):
 
 def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     """Add every stage of the job to `p`. Returns the main PCollections (for tests and the retraining job)."""
+    from pipelines.mllm.base_map import BASE_MAP_FILE
     from pipelines.mllm.config import EncoderConfig
     from pipelines.mllm.model_io import unaligned_encoder
     from pipelines.transforms.embed import EmbedItems, encoder_handler
     from pipelines.transforms.pairs import MinePairs
     from pipelines.transforms.protocol import ItemsDigest, ProtocolParts, ProtocolRecord, WindowEvents
     from pipelines.transforms.quantize import QuantizeItems
-    from pipelines.mllm.base_map import BASE_MAP_FILE
     from pipelines.transforms.queries import NextItemQueries, write_queries
     from pipelines.transforms.side_cache import BuildSideCache, EmbedFromCache, FitBaseMap
     from pipelines.transforms.validate import DEAD, ValidateInteractions, ValidateItems
@@ -109,7 +109,8 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
          | "SourceSummary" >> beam.Map(_summary, beam.pvalue.AsSingleton(record), beam.pvalue.AsSingleton(items_sha))
          | "WriteSourceSummary" >> beam.Map(_write_json, str(Path(plan.work_dir) / SOURCE_SUMMARY)))
     window_rows = parted | "WindowEvents" >> WindowEvents(plan.pairs.positive_label, order)
-    _ = window_rows | "WriteWindowEvents" >> beam.ptransform_fn(_write_windows)(str(Path(plan.work_dir) / WINDOW_EVENTS))
+    _ = window_rows | "WriteWindowEvents" >> beam.ptransform_fn(_write_windows)(
+        str(Path(plan.work_dir) / WINDOW_EVENTS))
     # the alignment gate's judge: next-item queries of the validation window, as a file the trainer reads
     query_files = (window_rows | "ValidQueries" >> NextItemQueries(1, plan.pairs.positive_label)
                    | "WriteValidQueries" >> write_queries(str(Path(plan.work_dir) / VALID_QUERIES)))

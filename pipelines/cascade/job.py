@@ -120,9 +120,12 @@ def alignment_metrics(plan, work_dir: Path, staging: Path) -> dict:
 
     record = dict(alignment_record(plan.align, work_dir))
     base_file = staging / BASE_MAP_FILE
-    record["base_map"] = load_base_map(base_file)[1] if base_file.is_file() else \
-        {"kind": "gaussian" if not (plan.align.init_encoder or plan.align.checkpoint) else "checkpoint",
-         "seed": int(plan.align.seed)}
+    if base_file.is_file():  # side mode writes the map it fitted (or took from the warm start) into the version
+        record["base_map"] = load_base_map(base_file)[1]
+    elif plan.align.init_encoder or plan.align.checkpoint:
+        record["base_map"] = {"kind": "checkpoint"}
+    else:
+        record["base_map"] = {"kind": "gaussian", "seed": int(plan.align.seed)}
     return record
 
 

@@ -6,8 +6,8 @@
 
 Inputs are what the cascade job (or anyone) wrote: the pairs as Parquet (a file, a folder of part files or a glob:
 ``left, right[, source, ts, weight]``), the validation window's next-item queries (``query, target``: the judge of
-the never-worse gate), the unaligned embedding's base map, the AlignConfig as JSON (``AlignConfig.to_dict``; ``batch_size`` is the
-*global* batch, split over the ranks), and either the frozen MLLM's hidden-state cache (side modes:
+the never-worse gate), the unaligned embedding's base map, the AlignConfig as JSON (``AlignConfig.to_dict``;
+``batch_size`` is the *global* batch, split over the ranks), and either the frozen MLLM's hidden-state cache (side modes:
 ``pipelines.mllm.cache``, safetensors shards + manifest) or the items table (full / adapters: ``--items`` Parquet
 and ``--image-root``). Rank 0 writes the checkpoints into ``--out`` and ``--out/result.json`` (atomically) last:
 the job waits for that file's process to exit 0, then loads the checkpoint.

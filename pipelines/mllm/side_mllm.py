@@ -27,8 +27,8 @@ The network is a residual over the unaligned embedding (issue 18): ``normalize(b
 the head's output layer initialised to zero, so training starts exactly at the frozen MLLM's embedding.
 
 From the same states (no second backbone pass): ``UnalignedHead`` (the frozen MLLM's pooled output, top layer,
-through the base map to D: pipelines.mllm.base_map) and ``ModalityHead`` (text-only: the top LM layer's text-position mean;
-image-only: the top vision layer; each through its own fixed seeded map). The text positions of the fused
+through the base map to D: pipelines.mllm.base_map) and ``ModalityHead`` (text-only: the top LM layer's
+text-position mean; image-only: the top vision layer; each through its own fixed seeded map). The text positions of the fused
 sequence have attended to the image tokens (bidirectional LM) or follow them (decoder LM): the text embedding
 is the LM's reading of the text in the item's context; for items without an image it is exactly text-only.
 
