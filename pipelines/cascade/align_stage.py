@@ -41,7 +41,7 @@ def one_pass(plan: AlignPlan) -> bool:
 
 
 def align_stage(_, items, train_files, plan: AlignPlan, image_root: Optional[str], out_dir: str,
-                work_dir: str, valid_files=()):
+                work_dir: str, valid_files=(), query_files=(), base_map: Optional[str] = None):
     """Align step of full / adapters / a reused checkpoint: train (or reuse) the encoder, copy it to `out_dir`.
 
     The trainer is its own program over files (pipelines.mllm.shard_trainer): the pairs come as the Parquet files
@@ -51,7 +51,10 @@ def align_stage(_, items, train_files, plan: AlignPlan, image_root: Optional[str
     Args:
         items: validated item dicts (side input: the catalog the cache / items table is built from).
         train_files: the training pairs' Parquet file names (side input; written by WriteTrainPairs).
-        valid_files: MinePairs' later train-portion pairs (early stopping; WriteHeldoutPairs).
+        valid_files: MinePairs' later train-portion pairs (a diagnostic of every epoch; WriteHeldoutPairs).
+        query_files: the validation window's next-item queries (WriteValidQueries): the judge of early stopping
+            and of the never-worse gate (every epoch against step 0, the unaligned embedding).
+        base_map: the unaligned embedding's base map file (None: the trainer's Gaussian map of the plan's seed).
         plan: AlignPlan.
         image_root: the dataset's image root.
         out_dir: where the aligned checkpoint goes (the staging version's ``encoder/``).
@@ -73,7 +76,8 @@ def align_stage(_, items, train_files, plan: AlignPlan, image_root: Optional[str
             atomic_write_parquet(items_file, pa.Table.from_pandas(_dataset_view(items, image_root).items,
                                                                   preserve_index=False))
             train_dir = _run_trainer(plan, _align_config(plan), train_files, valid_files, Path(work_dir),
-                                     items_file=items_file, image_root=image_root)
+                                     items_file=items_file, image_root=image_root, query_files=query_files,
+                                     base_map=base_map)
             source = resolve_checkpoint(train_dir)
         _copy_checkpoint(source, Path(out_dir))
         counter("align", "out").inc(1)
@@ -103,13 +107,17 @@ def _align_config(plan: AlignPlan, mode: Optional[str] = None):
     from pipelines.mllm.side import SideConfig
 
     extra = {k: v for k, v in (("lr", plan.lr), ("temperature", plan.temperature)) if v}
+    if plan.gate_z is not None:
+        extra["gate_z"] = plan.gate_z
     return AlignConfig(mode=mode or plan.mode, epochs=plan.epochs, batch_size=plan.batch_size, seed=plan.seed,
                        num_threads=max(1, plan.threads // plan.nproc), progress=False, resume=False,
-                       side=SideConfig(layer_stride=plan.layer_stride, dropout=plan.side_dropout), **extra)
+                       side=SideConfig(layer_stride=plan.layer_stride, dropout=plan.side_dropout),
+                       unaligned_seed=plan.seed, **extra)
 
 
 def _run_trainer(plan: AlignPlan, cfg, train_files, valid_files, work_dir: Path, cache_dir: Optional[Path] = None,
-                 items_file: Optional[Path] = None, image_root: Optional[str] = None) -> Path:
+                 items_file: Optional[Path] = None, image_root: Optional[str] = None, query_files=(),
+                 base_map: Optional[str] = None) -> Path:
     """Write the trainer's inputs, run it (in this process or ``plan.nproc`` processes); returns its out dir."""
     from feature_store.io import atomic_write_json
     from pipelines.mllm.shard_trainer import launch, main
@@ -124,6 +132,10 @@ def _run_trainer(plan: AlignPlan, cfg, train_files, valid_files, work_dir: Path,
             "--train-pairs", *map(str, train_files)]
     if valid_files and _rows(valid_files):
         argv += ["--valid-pairs", *map(str, valid_files)]
+    if query_files and _rows(query_files):
+        argv += ["--valid-queries", *map(str, query_files)]
+    if base_map:
+        argv += ["--base-map", str(base_map)]
     if cache_dir is not None:
         argv += ["--cache", str(cache_dir)]
     if items_file is not None:
@@ -141,19 +153,35 @@ def _run_trainer(plan: AlignPlan, cfg, train_files, valid_files, work_dir: Path,
     return train_dir
 
 
-def align_on_cache(_, cache_dir: str, train_files, plan: AlignPlan, out_dir: str, work_dir: str, valid_files=()):
+def align_on_cache(_, cache_dir: str, train_files, plan: AlignPlan, out_dir: str, work_dir: str, valid_files=(),
+                   query_files=(), base_map: Optional[str] = None):
     """Align step of side mode: train the side network on the hidden-state cache BuildSideCache wrote (the
-    trainer reads the cache and the pair files; no item or pair travels as a side input). Copies the checkpoint
-    to `out_dir` and returns it (EmbedFromCache loads it once per worker)."""
+    trainer reads the cache, the pair and query files and the base map; no item or pair travels as a side input).
+    Copies the checkpoint (the weights the gate chose: step 0's when no epoch beat it) to `out_dir` and returns
+    it (EmbedFromCache loads it once per worker)."""
     from pipelines.mllm.checkpoint import resolve_checkpoint
 
     with stage_timer("align"):
         counter("align", "in").inc(_rows(train_files))
         train_dir = _run_trainer(plan, _align_config(plan, "side"), train_files, valid_files, Path(work_dir),
-                                 cache_dir=Path(cache_dir))
+                                 cache_dir=Path(cache_dir), query_files=query_files, base_map=base_map)
         _copy_checkpoint(resolve_checkpoint(train_dir), Path(out_dir))
         counter("align", "out").inc(1)
     return out_dir
+
+
+def alignment_record(plan: AlignPlan, work_dir: Path) -> dict:
+    """``manifest.metrics.alignment``: the trainer's gate record (kept, judge, step 0 vs best figures), or why
+    there is none (a reused checkpoint is not trained)."""
+    import json
+
+    if plan.checkpoint:
+        return {"kept": None, "judge": None, "reason": f"--align-checkpoint {plan.checkpoint}: reused as it is, "
+                                                       "not trained"}
+    result = Path(work_dir) / TRAINER_OUT / "result.json"
+    if not result.is_file():
+        raise FileNotFoundError(f"{result}: the align step left no trainer result")
+    return json.loads(result.read_text())["alignment"]
 
 
 def side_cache_dir(plan: AlignPlan, work_dir: str) -> str:

@@ -13,6 +13,7 @@ from pipelines.transforms.common import count
 EMB_FILE, CODES_FILE = "item_embeddings", "item_codes"
 UNALIGNED = "_unaligned"
 TRAIN_PAIRS, HELDOUT_PAIRS = "train_pairs", "heldout_pairs"  # <work_dir>/<name>.parquet: the trainer's inputs
+VALID_QUERIES = "valid_queries"  # <work_dir>/valid_queries.parquet: the validation window's next-item queries
 # in the work dir: what the workers computed over the whole log for the driver (protocol record, watermark, items
 # digest) and the valid / test window events the driver's metrics read (pipelines.cascade.metrics)
 SOURCE_SUMMARY = "source_summary.json"
@@ -66,13 +67,15 @@ def _train_events(keyed):
 
 def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     """Add every stage of the job to `p`. Returns the main PCollections (for tests and the retraining job)."""
+    from pipelines.mllm.base_map import BASE_MAP_FILE
     from pipelines.mllm.config import EncoderConfig
-    from pipelines.mllm.model_io import build_for_mode
+    from pipelines.mllm.model_io import unaligned_encoder
     from pipelines.transforms.embed import EmbedItems, encoder_handler
     from pipelines.transforms.pairs import MinePairs
     from pipelines.transforms.protocol import ItemsDigest, ProtocolParts, ProtocolRecord, WindowEvents
     from pipelines.transforms.quantize import QuantizeItems
-    from pipelines.transforms.side_cache import BuildSideCache, CacheImageRejects, EmbedFromCache
+    from pipelines.transforms.queries import NextItemQueries, write_queries
+    from pipelines.transforms.side_cache import BuildSideCache, CacheImageRejects, EmbedFromCache, FitBaseMap
     from pipelines.transforms.validate import DEAD, ValidateInteractions, ValidateItems
     from pipelines.transforms.write import WriteCodes, WriteEmbeddings, WriteRejects, write_pairs
 
@@ -106,20 +109,29 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     _ = (p | "SummaryTrigger" >> beam.Create([None])
          | "SourceSummary" >> beam.Map(_summary, beam.pvalue.AsSingleton(record), beam.pvalue.AsSingleton(items_sha))
          | "WriteSourceSummary" >> beam.Map(_write_json, str(Path(plan.work_dir) / SOURCE_SUMMARY)))
-    _ = (parted | "WindowEvents" >> WindowEvents(plan.pairs.positive_label, order)
-         | "WriteWindowEvents" >> beam.ptransform_fn(_write_windows)(str(Path(plan.work_dir) / WINDOW_EVENTS)))
-    emb_u = None
+    window_rows = parted | "WindowEvents" >> WindowEvents(plan.pairs.positive_label, order)
+    _ = window_rows | "WriteWindowEvents" >> beam.ptransform_fn(_write_windows)(
+        str(Path(plan.work_dir) / WINDOW_EVENTS))
+    # the alignment gate's judge: next-item queries of the validation window, as a file the trainer reads
+    query_files = (window_rows | "ValidQueries" >> NextItemQueries(1, plan.pairs.positive_label)
+                   | "WriteValidQueries" >> write_queries(str(Path(plan.work_dir) / VALID_QUERIES)))
+    emb_u, base_map = None, None
     onepass = one_pass(plan.align)
     if onepass:  # one backbone pass on the workers: Align trains on this cache, every embedding comes from it
         cache_dir = side_cache_dir(plan.align, plan.work_dir)
         cache_done = vi["items"] | "BuildSideCache" >> BuildSideCache(
             plan.align.encoder, plan.align.layer_stride, plan.image_root, cache_dir,
             shard_size=plan.side_cache_shard_size, batch_size=plan.embed_batch_size, threads=plan.align.threads)
+        # the unaligned embedding's map: fitted on the train portion's items only (or the warm start's own)
+        base_map = cache_done | "FitBaseMap" >> FitBaseMap(
+            cache_dir, str(staging / BASE_MAP_FILE), plan.align.base_map, plan.align.seed, enc_cfg.embed_dim,
+            train | "TrainItems" >> beam.Map(lambda r: int(r["item_id"])), checkpoint=plan.align.init_encoder)
         # the frozen MLLM's own embeddings need no training, so they exist before pair mining (trigger fallback)
         frozen_kinds = ("text",) + (("image",) if enc_cfg.has_vision else ()) + \
             (("unaligned",) if plan.unaligned else ())
         frozen = cache_done | "EmbedFrozenFromCache" >> EmbedFromCache(
-            cache_dir, None, frozen_kinds, unaligned_seed=plan.align.seed, threads=plan.align.threads)
+            cache_dir, None, frozen_kinds, unaligned_seed=plan.align.seed, threads=plan.align.threads,
+            base_map=base_map)
         cache_rejects = cache_done | "SideCacheImageRejects" >> CacheImageRejects(cache_dir)
         for kind in ("text", "image"):  # the modality tables go straight into the version
             if kind in frozen_kinds:
@@ -129,8 +141,8 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
             emb_u = {"embeddings": frozen["unaligned"], DEAD: frozen[DEAD]}
     elif plan.unaligned:  # behaviour-free, so it may feed pair mining (the trigger fallback)
         handler_u = encoder_handler(checkpoint=None, encoder_factory=functools.partial(
-            build_for_mode, "unaligned", enc_cfg), batch_size=plan.embed_batch_size, num_threads=plan.align.threads,
-            stage="embed_unaligned")
+            unaligned_encoder, enc_cfg, plan.align.seed, plan.align.init_encoder or plan.align.checkpoint),
+            batch_size=plan.embed_batch_size, num_threads=plan.align.threads, stage="embed_unaligned")
         emb_u = vi["items"] | "EmbedUnaligned" >> EmbedItems(handler_u, enc_cfg, plan.image_root, "embed_unaligned")
     fallback = None
     if emb_u is not None and plan.pairs.trigger_fallback == "encoder":
@@ -149,7 +161,8 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
         aligned_path = (p | "AlignTrigger" >> beam.Create([None])
                         | "Align" >> beam.Map(align_on_cache, beam.pvalue.AsSingleton(cache_done),
                                               beam.pvalue.AsList(train_files), plan.align, str(staging / "encoder"),
-                                              plan.work_dir, beam.pvalue.AsList(heldout_files))
+                                              plan.work_dir, beam.pvalue.AsList(heldout_files),
+                                              beam.pvalue.AsList(query_files), beam.pvalue.AsSingleton(base_map))
                         .with_resource_hints(**dict(plan.align_hints)))
         aligned = cache_done | "EmbedAlignedFromCache" >> EmbedFromCache(
             cache_dir, aligned_path, ("aligned",), unaligned_seed=plan.align.seed, threads=plan.align.threads)
@@ -159,7 +172,7 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
                         | "Align" >> beam.Map(align_stage, beam.pvalue.AsList(vi["items"]),
                                               beam.pvalue.AsList(train_files),
                                               plan.align, plan.image_root, str(staging / "encoder"), plan.work_dir,
-                                              beam.pvalue.AsList(heldout_files))
+                                              beam.pvalue.AsList(heldout_files), beam.pvalue.AsList(query_files))
                         .with_resource_hints(**dict(plan.align_hints)))
         # the path is also the side input, so RunInference loads the model only after the align stage wrote it
         handler = encoder_handler(checkpoint=str(staging / "encoder"), batch_size=plan.embed_batch_size,

@@ -75,6 +75,7 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
             train_n = pq.ParquetFile(work_dir / f"{TRAIN_PAIRS}.parquet").metadata.num_rows
             metrics = post_metrics(Path(st.path), plan, heldout, read_window_events(work_dir))
             metrics["pairs"] = {"train": int(train_n), "align_valid": int(len(heldout))}
+            metrics["alignment"] = alignment_metrics(plan, work_dir, Path(st.path))
             metrics["triggers"] = trigger_counts(result, plan)
             metrics["dead_letter"] = dead_counts
             metrics["counts"] = {k: v for k, v in stages.items()}
@@ -93,10 +94,13 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
     finally:
         if own_work:
             shutil.rmtree(work_dir, ignore_errors=True)
+    from pipelines.mllm.align import gate_line
+
     summary = {
         "version": version.id, "store": store.url, "config_sha256": version.manifest[
             "config_sha256"], "watermark": watermark, "dataset": dataset_name, "runner": str(std.runner),
         "stages": stages, "dead_letter": dead_counts, "dead_letter_total": int(sum(dead_counts.values())),
+        "alignment": gate_line(metrics["alignment"]),
         "metrics": {k: v for k, v in metrics.items() if k not in ("counts", "dead_letter")},
         "pipeline_seconds": pipeline_seconds, "seconds": round(time.perf_counter() - t_job, 3),
     }
@@ -142,6 +146,23 @@ def require_events(ds) -> None:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(ds.reject_counts.items())) or "none rejected"
         raise DataError(f"{ds.name}: no usable interactions: every row was rejected ({counts}); nothing to learn "
                         "from, nothing published")
+
+
+def alignment_metrics(plan, work_dir: Path, staging: Path) -> dict:
+    """``manifest.metrics.alignment``: the align step's gate record (kept, judge, step 0 vs the weights that
+    ship on the validation window's next-item queries) and the base map the unaligned embedding used."""
+    from pipelines.cascade.align_stage import alignment_record
+    from pipelines.mllm.base_map import BASE_MAP_FILE, load_base_map
+
+    record = dict(alignment_record(plan.align, work_dir))
+    base_file = staging / BASE_MAP_FILE
+    if base_file.is_file():  # side mode writes the map it fitted (or took from the warm start) into the version
+        record["base_map"] = load_base_map(base_file)[1]
+    elif plan.align.init_encoder or plan.align.checkpoint:
+        record["base_map"] = {"kind": "checkpoint"}
+    else:
+        record["base_map"] = {"kind": "gaussian", "seed": int(plan.align.seed)}
+    return record
 
 
 def reads_on_workers(spec, opts) -> bool:

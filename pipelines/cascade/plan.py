@@ -33,6 +33,10 @@ class AlignPlan:
         side_dropout: side mode: dropout inside the side network while training.
         nproc: trainer processes (data-parallel, torch.distributed.run on the align worker); 1 trains in the
             worker itself. ``threads`` are shared out among them.
+        base_map: the unaligned embedding's map (pipelines.mllm.base_map): "pca" (fitted on the protocol's
+            train-portion items; needs side mode's cache) or "gaussian" (seeded by ``seed``). A warm start or a
+            reused checkpoint keeps its own.
+        gate_z: the never-worse gate's margin in paired standard errors (None: AlignConfig's default).
     """
 
     encoder: dict
@@ -49,12 +53,22 @@ class AlignPlan:
     layer_stride: int = 2
     side_dropout: float = 0.1
     nproc: int = 1
+    base_map: str = "pca"
+    gate_z: Optional[float] = None
 
     def __post_init__(self):
+        from pipelines.mllm.base_map import BASE_MAP_KINDS
         from pipelines.mllm.model_io import MODES
 
         if self.mode not in MODES:
             raise ValueError(f"AlignPlan.mode must be one of {MODES}, got {self.mode!r}")
+        if self.base_map not in BASE_MAP_KINDS:
+            raise ValueError(f"AlignPlan.base_map (--unaligned-map) must be one of {BASE_MAP_KINDS}, got "
+                             f"{self.base_map!r}")
+        if self.base_map == "pca" and (self.mode != "side" or self.checkpoint):
+            raise ValueError(f"--unaligned-map pca is fitted on side mode's hidden-state cache; --align-mode "
+                             f"{self.mode}{' with --align-checkpoint' if self.checkpoint else ''} has none: use "
+                             "--unaligned-map gaussian")
         for name in ("epochs", "batch_size", "threads", "nproc"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"AlignPlan.{name} must be >= 1, got {getattr(self, name)}")
@@ -108,6 +122,14 @@ class JobPlan:
     # at items_path / interactions_path
     source: Optional[object] = None
     clock: Optional[object] = None  # the job's feature_store.clock.EventClock: later events are rejects
+
+
+def unaligned_map(opts: CascadeOptions) -> str:
+    """--unaligned-map auto: pca where side mode's cache gives the frozen states to fit it on, else gaussian."""
+    choice = getattr(opts, "unaligned_map", None) or "auto"
+    if choice != "auto":
+        return choice
+    return "pca" if opts.align_mode == "side" and not opts.align_checkpoint else "gaussian"
 
 
 def encoder_dict(opts: CascadeOptions, seed: int) -> dict:
@@ -169,7 +191,8 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, sourc
                       batch_size=opts.align_batch_size, lr=opts.align_lr, temperature=opts.align_temperature,
                       checkpoint=opts.align_checkpoint, init_encoder=opts.init_encoder, threads=opts.torch_threads,
                       seed=seed, cache_dir=opts.side_cache_dir, layer_stride=opts.side_layer_stride,
-                      side_dropout=opts.side_dropout, nproc=opts.align_nproc)
+                      side_dropout=opts.side_dropout, nproc=opts.align_nproc, base_map=unaligned_map(opts),
+                      gate_z=opts.align_gate_z)
     if opts.init_quantizer and not Path(opts.init_quantizer).exists():
         raise FileNotFoundError(f"--init-quantizer {opts.init_quantizer}: no such folder")
     common = dict(staging=str(staging), work_dir=str(work_dir), pairs=pairs, quant=quant, align=align, split=split,

@@ -1,18 +1,22 @@
-"""`qarm align`: mine behaviour pairs, align the item encoder, evaluate held-out pair retrieval vs unaligned.
+"""`qarm align`: mine behaviour pairs, align the item encoder, evaluate it against the unaligned one.
 
     qarm align --dataset movielens --data ../shared/data/movielens --require-image --mode side --out runs/a --json
+
+One protocol, as the cascade job: the time split (--split, --valid-frac, --test-frac, ...) is applied first; pairs
+are mined on its train portion only (the miner's later train-portion pairs are the validation pairs); next-item
+retrieval on the *validation window* judges every epoch against step 0 (the unaligned embedding the residual
+starts from) and the weights that ship are step 0's when no epoch beats it (the never-worse gate,
+``align_result.json`` "alignment"); the *test window*'s next-item figures of both embeddings are reported.
 
 Writes into --out: checkpoints/ (the aligned encoder, `load_encoder(out)`), side_cache/ (side modes),
 item_embeddings.parquet and item_embeddings_unaligned.parquet (feature-store table format; side mode also
 item_embeddings_text.parquet / item_embeddings_image.parquet, all from the one backbone pass), pairs_train.parquet,
-pairs_valid.parquet, pairs_heldout.parquet and align_result.json (everything printed, plus the configs).
-
-The validation slice (--valid-frac, the latest training pairs by time) drives early stopping (--patience) and is
-where defaults are chosen; the held-out pairs (after the pair miner's cut) are only reported.
+pairs_valid.parquet, valid_queries.parquet and align_result.json (everything printed, plus the configs).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -22,15 +26,18 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipelines.mllm.align import AlignConfig as AlignConfigDefaults, gate_line
 from pipelines.mllm.config import EncoderConfig, registered_configs
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from feature_store.split import add_split_arguments
     from pipelines.data import add_data_arguments
 
     add_data_arguments(parser)
+    add_split_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, embeddings, result)")
     parser.add_argument("--mode", choices=("full", "adapters", "side", "side-towers"), default="side",
                         help="side: side network over the frozen MLLM's states (default); side-towers: the late-"
@@ -57,9 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--learn-temperature", action="store_true", help="learn the InfoNCE temperature")
     t.add_argument("--mask", choices=("graph", "batch"), default="graph",
                    help="false negatives masked against every known training positive (graph) or the batch only")
-    t.add_argument("--valid-frac", type=float, default=0.1,
-                   help="latest share of training pairs (by time) kept for validation / early stopping; 0 = none")
     t.add_argument("--patience", type=int, default=2, help="epochs without validation improvement before stopping")
+    t.add_argument("--gate-z", type=float, default=AlignConfigDefaults.gate_z,
+                   help="an epoch beats step 0 (the unaligned embedding) when its validation-window recall@10 gain "
+                        "minus this many paired standard errors is above 0; else step 0 ships")
+    t.add_argument("--unaligned-map", choices=("pca", "gaussian"), default="pca",
+                   help="map of the frozen MLLM's pooled state to the embedding (where alignment starts): pca of the "
+                        "training pairs' items (train portion only) or a seeded gaussian projection")
     t.add_argument("--token-states", action="store_true",
                    help="side mode: cache token-level LM states (memory: see the align_result cache bytes)")
     t.add_argument("--max-steps", type=int, default=None)
@@ -77,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument_group("pairs")
     p.add_argument("--swing-top-n", type=int, default=20)
     p.add_argument("--min-support", type=int, default=2)
-    p.add_argument("--heldout-frac", type=float, default=0.1)
+    p.add_argument("--heldout-frac", type=float, default=0.1,
+                   help="latest share of the train portion's positives whose pairs are the validation pairs")
     p.add_argument("--keep-seen-heldout", action="store_true",
                    help="keep held-out pairs that also occur in training (default: drop them, test generalisation)")
     p.add_argument("--eval-batch-size", type=int, default=64)
@@ -120,18 +132,51 @@ def _write_pairs(path: Path, pairs: pd.DataFrame) -> None:
     atomic_write_parquet(path, pa.Table.from_pandas(pairs, preserve_index=False))
 
 
+def _protocol(dataset, args):
+    """(train-portion interactions, validation-window queries, test-window queries, SplitConfig)."""
+    from feature_store.split import split_from_args, split_labels
+    from pipelines.mllm.evaluate import next_item_queries
+
+    split = split_from_args(args)
+    inter = dataset.interactions
+    part = split_labels(inter, split)
+    positive = (inter["label"] >= 0.5).to_numpy()
+    queries = {w: next_item_queries(inter[positive], (part == code)[positive]) for w, code in (("valid", 1),
+                                                                                             ("test", 2))}
+    return inter[part == 0].reset_index(drop=True), queries["valid"], queries["test"], split
+
+
+def _embed_both(args, result, dataset, enc_cfg, catalog, align_cfg):
+    """(aligned (ids, emb), unaligned (ids, emb), text / image tables, modality stats): the unaligned embedding
+    is the frozen MLLM through the trained model's own base map (step 0 of the residual)."""
+    from pipelines.mllm.align import embed_with_cache
+    from pipelines.mllm.embed import embed_catalog
+    from pipelines.mllm.model_io import base_map_of, build_for_mode
+    from pipelines.mllm.onepass import embed_from_cache
+
+    if args.mode == "side":  # every embedding from the one backbone pass (the cache)
+        tables = embed_from_cache(result.encoder, result.cache, unaligned_seed=args.unaligned_seed,
+                                  progress=align_cfg.progress)
+        return tables["aligned"], tables["unaligned"], {k: v for k, v in tables.items() if k in ("text", "image")}, \
+            result.cache.stats
+    unaligned = build_for_mode("unaligned", enc_cfg, base=base_map_of(result.encoder)).to(args.device)
+    ids_u, emb_u, _ = embed_catalog(unaligned, dataset, args.eval_batch_size, catalog=catalog)
+    if result.cache is not None:  # side-towers: aligned from the cache, unaligned needs the MLLM pass
+        return embed_with_cache(result.encoder, result.cache), (ids_u, emb_u), {}, result.cache.stats
+    ids, emb, modality = embed_catalog(result.encoder, dataset, args.eval_batch_size, catalog=catalog)
+    return (ids, emb), (ids_u, emb_u), {}, modality
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
     from feature_store.io import atomic_write_json
     from pipelines.data import data_spec_from_args, load_dataset
     from pipelines.mllm.adapters import AdapterConfig
-    from pipelines.mllm.align import AlignConfig, embed_with_cache, split_valid_pairs, train_alignment
-    from pipelines.mllm.embed import embed_catalog
-    from pipelines.mllm.evaluate import pair_retrieval
+    from pipelines.mllm.align import AlignConfig, train_alignment
+    from pipelines.mllm.evaluate import next_item_recall, pair_retrieval
     from pipelines.mllm.items import ItemCatalog
-    from pipelines.mllm.model_io import build_for_mode
-    from pipelines.mllm.onepass import embed_from_cache, write_embedding_tables
+    from pipelines.mllm.onepass import write_embedding_tables
     from pipelines.mllm.side import SideConfig
     from pipelines.pairs import PairConfig, mine_pairs
 
@@ -142,13 +187,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.max_items:
         dataset = cap_items(dataset, args.max_items)
     enc_cfg = encoder_config_from_args(args)
+    train_part, valid_queries, test_queries, split = _protocol(dataset, args)
     pair_cfg = PairConfig(swing_top_n=args.swing_top_n, min_support=args.min_support,
                           heldout_frac=args.heldout_frac, seed=args.seed,
                           heldout_drop_seen=not args.keep_seen_heldout)
-    pairs = mine_pairs(dataset.interactions, pair_cfg)
-    if len(pairs.heldout) == 0:
-        raise ValueError(f"no held-out pairs were mined from {len(dataset.interactions)} interactions "
-                         f"(heldout_frac={args.heldout_frac}); evaluation needs some")
+    pairs = mine_pairs(train_part, pair_cfg)
     align_cfg = AlignConfig(
         mode=args.mode, epochs=args.epochs or DEFAULT_EPOCHS[args.mode], batch_size=args.batch_size, lr=args.lr,
         backbone_lr_scale=args.backbone_lr_scale,
@@ -157,54 +200,57 @@ def run(args: argparse.Namespace) -> dict:
         sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()), save_every=args.save_every,
         resume=not args.no_resume, adapter=AdapterConfig(reduction=args.adapter_reduction),
         side=SideConfig(width=args.side_width, layer_stride=args.layer_stride, token_states=args.token_states),
-        num_threads=args.threads,
-        device=args.device, cache_batch_size=args.eval_batch_size)
+        num_threads=args.threads, device=args.device, cache_batch_size=args.eval_batch_size,
+        base_map=args.unaligned_map, unaligned_seed=args.unaligned_seed, gate_z=args.gate_z)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_pairs, valid_pairs = split_valid_pairs(pairs.train, args.valid_frac)
     # Side modes read each image once (the cache build); the other modes re-read them every epoch.
     catalog = ItemCatalog.from_dataset(dataset, enc_cfg, cache_images=args.mode not in ("side", "side-towers"))
-    result = train_alignment(enc_cfg, dataset, train_pairs, align_cfg, out, init_checkpoint=args.init_checkpoint,
-                             catalog=catalog, valid_pairs=valid_pairs)
+    result = train_alignment(enc_cfg, dataset, pairs.train, align_cfg, out, init_checkpoint=args.init_checkpoint,
+                             catalog=catalog, valid_pairs=pairs.heldout, valid_queries=valid_queries)
 
     t0 = time.perf_counter()
-    extra_tables = {}
-    if args.mode == "side":  # every embedding from the one backbone pass (the cache)
-        tables = embed_from_cache(result.encoder, result.cache, unaligned_seed=args.unaligned_seed,
-                                  progress=align_cfg.progress)
-        (ids, emb), (ids_u, emb_u) = tables["aligned"], tables["unaligned"]
-        extra_tables = {k: v for k, v in tables.items() if k in ("text", "image")}
-        modality = result.cache.stats
-    elif result.cache is not None:  # side-towers: aligned from the cache, unaligned needs the MLLM pass
-        ids, emb = embed_with_cache(result.encoder, result.cache)
-        unaligned = build_for_mode("unaligned", enc_cfg, unaligned_seed=args.unaligned_seed).to(args.device)
-        ids_u, emb_u, _ = embed_catalog(unaligned, dataset, args.eval_batch_size, catalog=catalog)
-        modality = result.cache.stats
-    else:
-        unaligned = build_for_mode("unaligned", enc_cfg, unaligned_seed=args.unaligned_seed).to(args.device)
-        ids, emb, modality = embed_catalog(result.encoder, dataset, args.eval_batch_size, catalog=catalog)
-        ids_u, emb_u, _ = embed_catalog(unaligned, dataset, args.eval_batch_size, catalog=catalog)
-    aligned_eval = pair_retrieval(ids, emb, pairs.heldout)
-    unaligned_eval = pair_retrieval(ids_u, emb_u, pairs.heldout)
+    (ids, emb), (ids_u, emb_u), extra_tables, modality = _embed_both(args, result, dataset, enc_cfg, catalog,
+                                                                     align_cfg)
+    evals = {}
+    for name, (i, e) in (("aligned", (ids, emb)), ("unaligned", (ids_u, emb_u))):
+        evals[name] = {"valid_pairs": pair_retrieval(i, e, pairs.heldout) if len(pairs.heldout) else None,
+                       "next_item_valid": next_item_recall(i, e, valid_queries, k=(10, 50)),
+                       "next_item_test": next_item_recall(i, e, test_queries, k=(10, 50))}
     eval_seconds = time.perf_counter() - t0
     _write_embeddings(out / "item_embeddings.parquet", ids, emb)
     _write_embeddings(out / "item_embeddings_unaligned.parquet", ids_u, emb_u)
     write_embedding_tables(extra_tables, out)
-    _write_pairs(out / "pairs_train.parquet", train_pairs)
-    _write_pairs(out / "pairs_valid.parquet", valid_pairs)
-    _write_pairs(out / "pairs_heldout.parquet", pairs.heldout)
+    _write_pairs(out / "pairs_train.parquet", pairs.train)
+    _write_pairs(out / "pairs_valid.parquet", pairs.heldout)
+    _write_pairs(out / "valid_queries.parquet", valid_queries)
+    report = _report(args, dataset, result, pairs, evals, modality, eval_seconds, t_start, out)
+    atomic_write_json(out / "align_result.json", {**report, "config": {
+        "encoder": enc_cfg.to_dict(), "align": align_cfg.to_dict(), "pairs": pair_cfg.to_dict(),
+        "split": dataclasses.asdict(split), "unaligned_seed": args.unaligned_seed, "max_items": args.max_items}})
+    return report
 
+
+def _report(args, dataset, result, pairs, evals, modality, eval_seconds, t_start, out) -> dict:
     summary = result.summary()
-    report = {
+    flat = {}
+    for name, ev in evals.items():
+        for window in ("next_item_valid", "next_item_test"):
+            flat[f"{window}_recall@10_{name}"] = ev[window]["recall@10"]
+            flat[f"{window}_mrr_{name}"] = ev[window]["mrr"]
+        pairs_eval = ev["valid_pairs"] or {}
+        for key in ("recall@10", "recall@50", "mrr"):
+            flat[f"{key}_{name}"] = pairs_eval.get(key)
+    return {
         "mode": args.mode, "dataset": args.dataset, "n_items": int(len(dataset.items)),
-        "n_pairs_train": int(summary["pairs_used"]), "n_pairs_valid": int(len(valid_pairs)),
-        "n_pairs_heldout": int(len(pairs.heldout)), "valid": summary["valid"], "best_epoch": summary["best_epoch"],
+        "n_pairs_train": int(summary["pairs_used"]), "n_pairs_heldout": int(len(pairs.heldout)),
+        "n_valid_queries": evals["aligned"]["next_item_valid"]["n_queries"],
+        "n_test_queries": evals["aligned"]["next_item_test"]["n_queries"],
+        "alignment": result.alignment, "alignment_line": gate_line(result.alignment),
+        "valid": summary["valid"], "best_epoch": summary["best_epoch"],
         "stopped_early": summary["stopped_early"], "temperature": summary["temperature"],
         "cache_bytes_per_item": result.cache.bytes_per_item() if result.cache is not None else None,
-        "n_heldout_queries": aligned_eval["n_queries"],
-        "recall@10_aligned": aligned_eval["recall@10"], "recall@10_unaligned": unaligned_eval["recall@10"],
-        "recall@50_aligned": aligned_eval["recall@50"], "recall@50_unaligned": unaligned_eval["recall@50"],
-        "mrr_aligned": aligned_eval["mrr"], "mrr_unaligned": unaligned_eval["mrr"],
+        **flat,
         "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
         "trainable_share": summary["trainable_params"] / max(1, summary["total_params"]),
         "seconds_per_epoch": summary["seconds_per_epoch"], "cache_seconds": summary["cache_seconds"],
@@ -216,8 +262,3 @@ def run(args: argparse.Namespace) -> dict:
         "pairs": {**pairs.stats, **{k: v for k, v in summary.items() if k.startswith("pairs_")}},
         "checkpoint": summary["checkpoint"], "out": str(out),
     }
-    atomic_write_json(out / "align_result.json", {**report, "config": {
-        "encoder": enc_cfg.to_dict(), "align": align_cfg.to_dict(), "pairs": pair_cfg.to_dict(),
-        "unaligned_seed": args.unaligned_seed, "max_items": args.max_items,
-        "valid_frac": args.valid_frac}})
-    return report

@@ -2,8 +2,8 @@
 
 LLaVA-style fusion: the vision tower's final feature map is pooled to a small grid, each cell is projected into
 the LM's embedding space, and the LM reads ``[image tokens; text tokens]`` through ``inputs_embeds``. The LM's
-last hidden states are pooled (mean for encoder LMs, last valid token for decoder LMs), projected to
-``embed_dim`` and L2-normalised.
+last hidden states are pooled (mean for encoder LMs, last valid token for decoder LMs), mapped to ``embed_dim``
+by the fixed base map plus a learned residual that starts at zero, and L2-normalised.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.mllm.base_map import BaseMap
 from pipelines.mllm.config import EncoderConfig
 from pipelines.mllm.items import ItemInput, preprocess_image
 from pipelines.mllm.towers import TextTower, VisionTower, build_text_tower, build_vision_tower
@@ -94,8 +95,29 @@ class EncoderBase(nn.Module):
         return next(self.parameters()).device
 
 
+def residual_head(width: int, embed_dim: int) -> nn.Sequential:
+    """LayerNorm + Linear(width, D) whose weight and bias start at zero: the learned residual of every aligned
+    encoder outputs exactly 0 before training (VIP5 / LoRA style zero-initialised up-projection)."""
+    head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, embed_dim))
+    nn.init.zeros_(head[1].weight)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+def residual_output(base: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """``normalize(base + residual)``: the one formula of the unaligned (residual None) and every aligned
+    embedding, so a zero residual gives the unaligned embedding bit for bit. (B, D), (B, D) -> (B, D)."""
+    return F.normalize(base if residual is None else base + residual, dim=-1)
+
+
 class ItemEncoder(EncoderBase):
-    """Vision tower + projector + language model + head. ``forward(batch) -> (B, D)`` L2-normalised."""
+    """Vision tower + projector + language model + base map + residual head.
+
+    ``forward(batch) -> (B, D)`` L2-normalised: ``normalize(base(pooled) + head(pooled))``. ``base`` is the
+    unaligned embedding's fixed map (pipelines.mllm.base_map; a buffer, saved with the weights); ``head`` starts
+    at zero, so a freshly built encoder computes exactly the unaligned embedding and full / adapters alignment
+    starts there.
+    """
 
     def __init__(self, config: EncoderConfig, vision: Optional[VisionTower], text: TextTower):
         super().__init__(config)
@@ -111,7 +133,9 @@ class ItemEncoder(EncoderBase):
                     self.projector = nn.Linear(vision.width, hidden)
             else:
                 self.projector = None
-            self.head = nn.Linear(hidden, config.embed_dim)
+            self.head = residual_head(hidden, config.embed_dim)
+        # the default base map (Gaussian, seed 0) is build_for_mode("unaligned", config)'s; training sets its own
+        self.base = BaseMap.gaussian(hidden, config.embed_dim, 0)
 
     def fused_inputs(self, batch: ItemBatch, vision_states: bool = False):
         """The LM's input sequence ``[image tokens; text tokens]`` (one vision pass).
@@ -162,7 +186,7 @@ class ItemEncoder(EncoderBase):
         embeds, mask, _ = self.fused_inputs(batch)
         hidden, _ = self.text(embeds, mask)  # (B, G + T, H)
         pooled = self.text.pool(hidden, mask)  # (B, H)
-        return F.normalize(self.head(pooled), dim=-1)
+        return residual_output(self.base(pooled), self.head(pooled))
 
 
 def build_encoder(config: EncoderConfig) -> ItemEncoder:

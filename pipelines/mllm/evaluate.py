@@ -8,7 +8,7 @@ from pipelines.mllm.metrics import mean_reciprocal_rank, ranks_of_targets, recal
 
 
 def pair_retrieval(item_ids: np.ndarray, emb: np.ndarray, pairs: pd.DataFrame, ks=(10, 50),
-                   both_directions: bool = True, chunk: int = 2048) -> dict:
+                   both_directions: bool = True, chunk: int = 2048, return_ranks: bool = False) -> dict:
     """Recall@k and MRR of held-out pairs by cosine retrieval over every catalog item (the query excluded).
 
     Args:
@@ -17,6 +17,7 @@ def pair_retrieval(item_ids: np.ndarray, emb: np.ndarray, pairs: pd.DataFrame, k
         pairs: DataFrame with ``left`` / ``right`` item ids. Pairs are unordered, so by default both directions
             are queries (left -> right and right -> left).
         ks: cut-offs for recall.
+        return_ranks: also return each query's 1-based rank (``"ranks"`` (n_queries,) int64; paired tests).
     Returns:
         {"n_queries", "n_pairs_skipped" (an item not in the catalog), "recall@k"..., "mrr"}.
     """
@@ -37,7 +38,7 @@ def pair_retrieval(item_ids: np.ndarray, emb: np.ndarray, pairs: pd.DataFrame, k
     for k in ks:
         out[f"recall@{k}"] = recall_at_k(ranks, k)
     out["mrr"] = mean_reciprocal_rank(ranks)
-    return out
+    return {**out, "ranks": ranks} if return_ranks else out
 
 
 def next_item_queries(positives: pd.DataFrame, test_mask: np.ndarray) -> pd.DataFrame:
@@ -62,7 +63,7 @@ def next_item_queries(positives: pd.DataFrame, test_mask: np.ndarray) -> pd.Data
 
 
 def next_item_recall(item_ids: np.ndarray, emb: np.ndarray, queries: pd.DataFrame, k=10,
-                     chunk: int = 2048) -> dict:
+                     chunk: int = 2048, return_ranks: bool = False) -> dict:
     """Recall@k (and MRR) of next-item retrieval: rank the catalog (the query excluded) by cosine to the query item.
 
     Args:
@@ -70,6 +71,7 @@ def next_item_recall(item_ids: np.ndarray, emb: np.ndarray, queries: pd.DataFram
         queries: DataFrame query, target (``next_item_queries``); rows naming items outside the catalog are
             skipped and counted.
         k: a cut-off or a tuple of them.
+        return_ranks: also return each kept query's 1-based rank (``"ranks"`` (n_queries,) int64; paired tests).
     Returns:
         {"recall@k" for each k, "mrr", "n_queries", "n_skipped"}; None for the metrics when there is no query.
     """
@@ -86,4 +88,5 @@ def next_item_recall(item_ids: np.ndarray, emb: np.ndarray, queries: pd.DataFram
         ranks[start:start + chunk] = ranks_of_targets(emb[qs] @ emb.T, t[start:start + chunk], exclude=qs)
     out = {f"recall@{c}": recall_at_k(ranks, c) if len(ranks) else None for c in ks}
     out["mrr"] = mean_reciprocal_rank(ranks) if len(ranks) else None
-    return {**out, "n_queries": int(len(q)), "n_skipped": int((~ok).sum())}
+    out = {**out, "n_queries": int(len(q)), "n_skipped": int((~ok).sum())}
+    return {**out, "ranks": ranks} if return_ranks else out

@@ -5,8 +5,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
 from pipelines.mllm.adapters import AdapterConfig, add_adapters
+from pipelines.mllm.base_map import BaseMap
 from pipelines.mllm.config import EncoderConfig
 from pipelines.mllm.encoder import EncoderBase, build_encoder
 from pipelines.mllm.side import SideConfig, build_towers_side_encoder
@@ -18,29 +20,52 @@ SIDE_MODES = ("side", "side-towers")  # frozen backbones, trained on a hidden-st
 
 
 def build_for_mode(mode: str, encoder_config: EncoderConfig, adapter: Optional[AdapterConfig] = None,
-                   side: Optional[SideConfig] = None, unaligned_seed: int = 0) -> EncoderBase:
+                   side: Optional[SideConfig] = None, unaligned_seed: int = 0,
+                   base: Optional[BaseMap] = None) -> EncoderBase:
     """A fresh encoder set up for ``mode``, pretrained backbones loaded.
 
     full | adapters: the MLLM (vision -> projector -> LM); side: the frozen MLLM + a side network over its
     states (side_mllm); side-towers: the towers run separately + a late-fusion side network (side.py);
-    unaligned: the frozen MLLM's pooled output through a fixed seeded map.
+    unaligned: the frozen MLLM's pooled output through the base map. Every aligned mode is the unaligned
+    embedding plus a residual that starts at zero: over the same ``base`` (default: the Gaussian map of
+    ``unaligned_seed``) a fresh encoder of any mode embeds exactly like ``unaligned``.
     """
-    if mode == "full":
-        return build_encoder(encoder_config)
-    if mode == "adapters":
-        encoder = build_encoder(encoder_config)
-        add_adapters(encoder, adapter or AdapterConfig())
-        return encoder
-    if mode == "side":
-        return build_mllm_side_encoder(encoder_config, side or SideConfig())
+    if mode not in MODES + ("unaligned",):
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES + ('unaligned',)}")
     if mode == "unaligned":
-        return build_unaligned_encoder(encoder_config, seed=unaligned_seed)
-    if mode == "side-towers":
+        return build_unaligned_encoder(encoder_config, seed=unaligned_seed, base=base)
+    if mode in ("full", "adapters"):
+        encoder = build_encoder(encoder_config)
+    elif mode == "side":
+        encoder = build_mllm_side_encoder(encoder_config, side or SideConfig())
+    else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(encoder_config.seed)
             vision, text = build_vision_tower(encoder_config), build_text_tower(encoder_config)
-        return build_towers_side_encoder(encoder_config, side or SideConfig(), vision, text)
-    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES + ('unaligned',)}")
+        encoder = build_towers_side_encoder(encoder_config, side or SideConfig(), vision, text)
+    if base is not None or unaligned_seed:  # the default base is the Gaussian map of seed 0
+        width = base_map_of(encoder).projection.shape[0]
+        set_base_map(encoder, base if base is not None else
+                     BaseMap.gaussian(width, encoder_config.embed_dim, unaligned_seed))
+    if mode == "adapters":
+        add_adapters(encoder, adapter or AdapterConfig())
+    return encoder
+
+
+def set_base_map(encoder: nn.Module, base: BaseMap) -> None:
+    """Give an encoder of any mode (ItemEncoder, SideEncoder, SideHeadOnly) the unaligned embedding's map
+    ``base``: the residual's starting point. The shapes must agree (H, D)."""
+    target = encoder.base if isinstance(getattr(encoder, "base", None), BaseMap) else encoder.head.base
+    if target.projection.shape != base.projection.shape:
+        raise ValueError(f"base map of shape {tuple(base.projection.shape)} does not fit the encoder's "
+                         f"{tuple(target.projection.shape)} (state width x embed_dim)")
+    target.mean.copy_(base.mean)
+    target.projection.copy_(base.projection)
+
+
+def base_map_of(encoder: nn.Module) -> BaseMap:
+    """The encoder's base map (see ``set_base_map``)."""
+    return encoder.base if isinstance(getattr(encoder, "base", None), BaseMap) else encoder.head.base
 
 
 def saved_state(encoder: EncoderBase, mode: str) -> dict[str, torch.Tensor]:
@@ -50,7 +75,8 @@ def saved_state(encoder: EncoderBase, mode: str) -> dict[str, torch.Tensor]:
     if mode in SIDE_MODES or mode == "unaligned":
         return {f"head.{k}": v for k, v in encoder.head.state_dict().items()}
     names = {n for n, p in encoder.named_parameters() if p.requires_grad}
-    return {k: v for k, v in encoder.state_dict().items() if k in names}
+    # the base map is a buffer, not trained, but the residual means nothing without it
+    return {k: v for k, v in encoder.state_dict().items() if k in names or k.startswith("base.")}
 
 
 def build_for_meta(meta: dict) -> EncoderBase:
@@ -67,6 +93,19 @@ def load_state(encoder: EncoderBase, state: dict[str, torch.Tensor], meta: dict,
     expected = set(saved_state(encoder, mode))
     unknown, missing = sorted(set(state) - expected), sorted(expected - set(state))
     if unknown or missing:
+        legacy = any(k.endswith(("base.mean", "base.projection")) for k in missing)
         raise ValueError(f"checkpoint {source}: weights do not fit a {mode} encoder built from its config "
-                         f"(unknown {unknown[:5]}, missing {missing[:5]})")
+                         f"(unknown {unknown[:5]}, missing {missing[:5]})" +
+                         ("; it predates the residual alignment over the unaligned embedding (issue 18): "
+                          "retrain it" if legacy else ""))
     encoder.load_state_dict(state, strict=(mode == "full"))
+
+
+def unaligned_encoder(encoder_config: EncoderConfig, seed: int = 0, checkpoint: Optional[str] = None) -> EncoderBase:
+    """The unaligned encoder a job embeds with when it has no side cache: the Gaussian base map of ``seed``, or
+    the base map of ``checkpoint`` (a warm start / reused encoder: its step 0 is over that map). Picklable with
+    functools.partial (RunInference's encoder factory)."""
+    from pipelines.mllm.base_map import base_map_from_checkpoint
+
+    base = base_map_from_checkpoint(Path(checkpoint)) if checkpoint else None
+    return build_for_mode("unaligned", encoder_config, unaligned_seed=seed, base=base)

@@ -12,6 +12,7 @@ Memory: the build streams shards (one shard of ``shard_size`` items in memory); 
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Optional, Union
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from pipelines.mllm.align import AlignResult, train_side  # noqa: F401  (re-exported: part of this API)
+from pipelines.mllm.base_map import BaseMap
 from pipelines.mllm.cache import StateCache, build_cache
 from pipelines.mllm.config import EncoderConfig
 from pipelines.mllm.items import ItemCatalog
@@ -63,15 +65,18 @@ def build_mllm_cache(encoder: Union[EncoderConfig, SideEncoder], catalog: ItemCa
 
 @torch.no_grad()
 def embed_from_cache(side_model, cache: StateCache, unaligned_seed: int = 0, batch_size: int = 4096,
-                     progress: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                     progress: bool = True, base: Optional[BaseMap] = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Every embedding the job needs, from the cache alone (no backbone pass).
 
     Args:
         side_model: the trained side network (``AlignResult.encoder``: SideEncoder or SideHeadOnly), or None to
             skip the aligned embedding.
         cache: an ``mllm`` StateCache (``build_mllm_cache``).
-        unaligned_seed: seed of the fixed maps of the unaligned / text / image embeddings (the unaligned one equals
-            ``build_for_mode("unaligned", enc_cfg, unaligned_seed=...)`` run on the items).
+        unaligned_seed: seed of the fixed maps of the text / image embeddings, and of the unaligned one's
+            Gaussian base map when neither ``side_model`` nor ``base`` gives the base map.
+        base: the unaligned embedding's base map (default: ``side_model``'s own, the one its residual starts
+            from; else the Gaussian of ``unaligned_seed``, which equals ``build_for_mode("unaligned", enc_cfg,
+            unaligned_seed=...)`` run on the items).
     Returns:
         {"aligned": (ids, emb), "unaligned": ..., "text": ..., "image": ...}: ids (N,) int64 in cache order,
         emb (N, D) float32. aligned / unaligned are unit-norm; text / image are unit-norm, or all-zero rows for
@@ -81,7 +86,7 @@ def embed_from_cache(side_model, cache: StateCache, unaligned_seed: int = 0, bat
     if layout.get("kind") != "mllm":
         raise ValueError(f"embed_from_cache: needs a side (mllm) cache, got layout kind {layout.get('kind')!r}")
     config = EncoderConfig.from_dict(cache.encoder_config)
-    heads = cache_heads(side_model, layout, config, unaligned_seed)
+    heads = cache_heads(side_model, layout, config, unaligned_seed, base)
     device = next(side_model.parameters()).device if side_model is not None else torch.device("cpu")
     ids_parts, out = [], {k: [] for k in heads}
     with stage("embed from cache", len(cache), progress=progress) as st:
@@ -96,13 +101,18 @@ def embed_from_cache(side_model, cache: StateCache, unaligned_seed: int = 0, bat
             for name, parts in out.items()}
 
 
-def cache_heads(side_model, layout: dict, config: EncoderConfig, unaligned_seed: int = 0) -> dict:
+def cache_heads(side_model, layout: dict, config: EncoderConfig, unaligned_seed: int = 0,
+                base: Optional[BaseMap] = None) -> dict:
     """kind -> module mapping cached states to that embedding (see ``embed_from_cache``)."""
+    from pipelines.mllm.model_io import base_map_of
+
     heads: dict[str, torch.nn.Module] = {}
     if side_model is not None:
         side_model.eval()
         heads["aligned"] = side_model.forward_states
-    heads["unaligned"] = UnalignedHead(layout["lm_width"], config.embed_dim, unaligned_seed)
+        base = base if base is not None else copy.deepcopy(base_map_of(side_model))
+    base = base if base is not None else BaseMap.gaussian(layout["lm_width"], config.embed_dim, unaligned_seed)
+    heads["unaligned"] = UnalignedHead(base)
     heads["text"] = ModalityHead("text", layout, config.embed_dim, unaligned_seed)
     if layout["vision_widths"]:
         heads["image"] = ModalityHead("image", layout, config.embed_dim, unaligned_seed)

@@ -5,8 +5,9 @@
     torchrun --standalone --nproc_per_node 4 -m pipelines.mllm.shard_trainer ...     # DDP: gloo CPU, nccl GPU
 
 Inputs are what the cascade job (or anyone) wrote: the pairs as Parquet (a file, a folder of part files or a glob:
-``left, right[, source, ts, weight]``), the AlignConfig as JSON (``AlignConfig.to_dict``; ``batch_size`` is the
-*global* batch, split over the ranks), and either the frozen MLLM's hidden-state cache (side modes:
+``left, right[, source, ts, weight]``), the validation window's next-item queries (``query, target``: the judge of
+the never-worse gate), the unaligned embedding's base map, the AlignConfig as JSON (``AlignConfig.to_dict``;
+``batch_size`` is the *global* batch, split over the ranks), and either the frozen MLLM's hidden-state cache (side modes:
 ``pipelines.mllm.cache``, safetensors shards + manifest) or the items table (full / adapters: ``--items`` Parquet
 and ``--image-root``). Rank 0 writes the checkpoints into ``--out`` and ``--out/result.json`` (atomically) last:
 the job waits for that file's process to exit 0, then loads the checkpoint.
@@ -50,12 +51,33 @@ def read_pairs(path: str) -> pd.DataFrame:
     return pairs.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
+def read_queries(path: str) -> pd.DataFrame:
+    """The validation window's next-item queries (query, target) from a Parquet file, folder or glob (sorted, so
+    the judge's figures do not depend on how a runner sharded the write)."""
+    from pipelines.data.io import table_files
+
+    frames = [pd.read_parquet(f) for f in table_files(Path(path))]
+    queries = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["query", "target"])
+    missing = {"query", "target"} - set(queries.columns)
+    if missing:
+        raise ValueError(f"{path}: query table lacks column(s) {sorted(missing)} (has {list(queries.columns)})")
+    return queries.astype({"query": "int64", "target": "int64"}).sort_values(["query", "target"], kind="stable") \
+        .reset_index(drop=True)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.mllm.shard_trainer",
                                 description="Train the aligned encoder from pair and item shards (torchrun-ready).")
     p.add_argument("--config", type=Path, required=True, help="AlignConfig JSON (AlignConfig.to_dict)")
     p.add_argument("--train-pairs", required=True, help="Parquet file / folder / glob of training pairs")
-    p.add_argument("--valid-pairs", default=None, help="validation pairs (early stopping); optional")
+    p.add_argument("--valid-pairs", default=None, help="validation pairs (the judge without --valid-queries, else a "
+                                                        "diagnostic); optional")
+    p.add_argument("--valid-queries", default=None,
+                   help="next-item queries (query, target) of the protocol's validation window, Parquet file / folder "
+                        "/ glob: the judge of early stopping and of the never-worse gate (step 0 vs every epoch)")
+    p.add_argument("--base-map", type=Path, default=None,
+                   help="the unaligned embedding's base map (pipelines.mllm.base_map safetensors) the residual "
+                        "starts from (default: the AlignConfig's base_map; ignored with --init-checkpoint)")
     p.add_argument("--cache", type=Path, default=None, help="side modes: the hidden-state cache folder")
     p.add_argument("--items", type=Path, default=None, help="full / adapters: the items Parquet table")
     p.add_argument("--image-root", type=Path, default=None, help="full / adapters: image folder of the items")
@@ -70,6 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Train; returns the result summary (every rank; rank 0 writes it)."""
     from feature_store.io import atomic_write_json, dumps_strict
     from pipelines.mllm.align import AlignConfig, train_alignment, train_side
+    from pipelines.mllm.base_map import load_base_map
     from pipelines.mllm.distributed import Communicator
 
     args = parser().parse_args(argv)
@@ -80,6 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     try:
         train = read_pairs(args.train_pairs)
         valid = read_pairs(args.valid_pairs) if args.valid_pairs else None
+        queries = read_queries(args.valid_queries) if args.valid_queries else None
+        base = load_base_map(args.base_map)[0] if args.base_map else None
         if cfg.mode in ("side", "side-towers"):
             from pipelines.mllm.cache import load_cache
 
@@ -88,7 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             cache = load_cache(args.cache)
             if cache is None:
                 raise FileNotFoundError(f"--cache {args.cache}: no complete cache (manifest.json) there")
-            result = train_side(cache, train, valid, cfg, args.out, init_checkpoint=args.init_checkpoint, comm=comm)
+            result = train_side(cache, train, valid, cfg, args.out, init_checkpoint=args.init_checkpoint, comm=comm,
+                                valid_queries=queries, base=base)
         else:
             from types import SimpleNamespace
 
@@ -100,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             dataset = SimpleNamespace(items=items, image_root=args.image_root, name="shards")
             enc = EncoderConfig.from_dict(json.loads(args.encoder_config.read_text()))
             result = train_alignment(enc, dataset, train, cfg, args.out, init_checkpoint=args.init_checkpoint,
-                                     valid_pairs=valid, comm=comm)
+                                     valid_pairs=valid, comm=comm, valid_queries=queries, base=base)
         summary = {**result.summary(), "losses": [float(x) for x in result.losses], "world_size": comm.world_size,
                    "config": cfg.to_dict()}
         comm.barrier()

@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pipelines.mllm.base_map import pooled_top
 from pipelines.mllm.config import EncoderConfig
-from pipelines.mllm.encoder import EncoderBase, ItemBatch
+from pipelines.mllm.encoder import EncoderBase, ItemBatch, residual_head, residual_output
 from pipelines.mllm.towers import TextTower, VisionTower
 
 States = dict[str, torch.Tensor]
@@ -72,12 +72,19 @@ class StateExtractor(nn.Module):
     """Frozen backbones -> pooled per-layer states (the side network's only input).
 
     States dict: "text" (B, Lt, Ht), "text_present" (B,) float, "vision.{k}" (B, C_k) for each kept vision layer,
-    "vision_present" (B,) float.
+    "vision_present" (B,) float, and "lm.pool" (B, 1, H): the frozen MLLM's own pooled output over the fused
+    ``[image tokens; text]`` sequence (one more LM pass): the unaligned embedding the side network's residual
+    starts from.
+
+    Args:
+        mllm: the ItemEncoder the towers belong to (its projector fuses the image tokens).
     """
 
-    def __init__(self, config: EncoderConfig, vision: Optional[VisionTower], text: TextTower, layer_stride: int):
+    def __init__(self, config: EncoderConfig, vision: Optional[VisionTower], text: TextTower, layer_stride: int,
+                 mllm: nn.Module):
         super().__init__()
         self.config, self.vision, self.text = config, vision, text
+        self.mllm = mllm
         self.text_layers = select_layers(text.num_layers, layer_stride)
         self.vision_layers = select_layers(len(vision.layer_widths), layer_stride) if vision is not None else []
         self.vision_widths = [vision.layer_widths[i] for i in self.vision_layers] if vision is not None else []
@@ -87,7 +94,8 @@ class StateExtractor(nn.Module):
     def layout(self) -> dict:
         """What the cached states look like (stored in the cache manifest; the side network is built from it)."""
         return {"kind": "towers", "text_width": self.text.hidden_size, "text_layers": self.text_layers,
-                "vision_layers": self.vision_layers, "vision_widths": self.vision_widths}
+                "vision_layers": self.vision_layers, "vision_widths": self.vision_widths,
+                "lm_width": self.text.hidden_size}
 
     @torch.no_grad()
     def forward(self, batch: ItemBatch) -> States:
@@ -97,6 +105,8 @@ class StateExtractor(nn.Module):
         text_present = batch.has_text.float()
         states = {"text": torch.stack(pooled, dim=1) * text_present[:, None, None],  # (B, Lt, H)
                   "text_present": text_present}
+        fused, fused_mask, _ = self.mllm.fused_inputs(batch)
+        states["lm.pool"] = self.text.pool(self.text(fused, fused_mask)[0], fused_mask)[:, None]  # (B, 1, H)
         if self.vision is not None:
             n = len(batch)
             sel = batch.has_image.nonzero(as_tuple=True)[0]
@@ -140,10 +150,13 @@ class SideBranch(nn.Module):
 
 
 class SideNetwork(nn.Module):
-    """Intra-modal SANs (text, vision) + inter-modal SAN + learned gate fusion + head. States -> (B, D)."""
+    """Intra-modal SANs (text, vision) + inter-modal SAN + learned gate fusion + a zero-initialised residual head
+    over the unaligned embedding: ``normalize(base(lm.pool) + head(fused))``. States -> (B, D)."""
 
-    def __init__(self, text_width: int, n_text: int, vision_widths: list[int], embed_dim: int, cfg: SideConfig):
+    def __init__(self, text_width: int, n_text: int, vision_widths: list[int], embed_dim: int, cfg: SideConfig,
+                 base: nn.Module):
         super().__init__()
+        self.base = base
         d = cfg.width
         self.text_maps = nn.ModuleList(nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, d))
                                        for _ in range(n_text))
@@ -156,7 +169,7 @@ class SideNetwork(nn.Module):
             self.n_inter = min(n_text, len(vision_widths))
             self.inter_san = SideBranch(self.n_inter, d, cfg.reduction, cfg.dropout)
         self.fusion = nn.Parameter(torch.zeros(3))  # logits over (text, vision, inter)
-        self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, embed_dim))
+        self.head = residual_head(d, embed_dim)
 
     def forward(self, states: States) -> torch.Tensor:
         text_present = states["text_present"][:, None]  # (B, 1)
@@ -176,7 +189,7 @@ class SideNetwork(nn.Module):
         available = available | ~available.any(dim=1, keepdim=True)
         weights = torch.softmax(logits.masked_fill(~available, float("-inf")), dim=1)
         fused = sum(w[:, None] * b for w, b in zip(weights.unbind(1), branches))  # (B, d)
-        return F.normalize(self.head(fused), dim=-1)
+        return residual_output(self.base(pooled_top(states)), self.head(fused))
 
 
 class SideEncoder(EncoderBase):
@@ -217,16 +230,27 @@ class SideHeadOnly(nn.Module):
         return self.head(states)
 
 
-def towers_side_network(layout: dict, config: EncoderConfig, side: SideConfig) -> SideNetwork:
-    """The late-fusion side network for a ``towers`` cache layout (seeded by the encoder config)."""
+def towers_side_network(layout: dict, config: EncoderConfig, side: SideConfig, base=None) -> SideNetwork:
+    """The late-fusion side network for a ``towers`` cache layout (seeded by the encoder config); ``base`` as in
+    ``side_mllm.mllm_side_network``."""
+    from pipelines.mllm.base_map import BaseMap
+
+    if "lm_width" not in layout:
+        raise ValueError("a side-towers cache or checkpoint from before issue 18 lacks the MLLM's pooled state "
+                         "(lm.pool) the residual starts from: rebuild the cache / retrain")
+    base = base if base is not None else BaseMap.gaussian(layout["lm_width"], config.embed_dim, 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return SideNetwork(layout["text_width"], len(layout["text_layers"]), list(layout["vision_widths"]),
-                           config.embed_dim, side)
+                           config.embed_dim, side, base)
 
 
 def build_towers_side_encoder(config: EncoderConfig, side: SideConfig, vision: Optional[VisionTower],
-                              text: TextTower) -> SideEncoder:
-    """``side-towers`` mode: frozen towers run separately + the late-fusion side network."""
-    extractor = StateExtractor(config, vision, text, side.layer_stride)
-    return SideEncoder(config, extractor, towers_side_network(extractor.layout(), config, side))
+                              text: TextTower, mllm: Optional[nn.Module] = None, base=None) -> SideEncoder:
+    """``side-towers`` mode: frozen towers run separately + the late-fusion side network (``mllm``: the
+    ItemEncoder over these towers, built with its seeded projector when not given)."""
+    from pipelines.mllm.encoder import ItemEncoder
+
+    mllm = mllm if mllm is not None else ItemEncoder(config, vision, text)
+    extractor = StateExtractor(config, vision, text, side.layer_stride, mllm)
+    return SideEncoder(config, extractor, towers_side_network(extractor.layout(), config, side, base))

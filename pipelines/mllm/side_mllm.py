@@ -23,9 +23,12 @@ modality split that a whole-sequence pool would lose.
 layer's ``[pool; text; image]`` mapped to the side width), the mismatched widths (C_k, 3H) aligned to the side
 width by per-layer LayerNorm + Linear maps, fused by a learned per-item gate.
 
+The network is a residual over the unaligned embedding (issue 18): ``normalize(base(pooled) + head(fused))`` with
+the head's output layer initialised to zero, so training starts exactly at the frozen MLLM's embedding.
+
 From the same states (no second backbone pass): ``UnalignedHead`` (the frozen MLLM's pooled output, top layer,
-times a fixed seeded Gaussian map to D) and ``ModalityHead`` (text-only: the top LM layer's text-position mean;
-image-only: the top vision layer; each through its own fixed seeded map). The text positions of the fused
+through the base map to D: pipelines.mllm.base_map) and ``ModalityHead`` (text-only: the top LM layer's
+text-position mean; image-only: the top vision layer; each through its own fixed seeded map). The text positions of the fused
 sequence have attended to the image tokens (bidirectional LM) or follow them (decoder LM): the text embedding
 is the LM's reading of the text in the item's context; for items without an image it is exactly text-only.
 
@@ -40,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.mllm.base_map import BaseMap, pooled_top
 from pipelines.mllm.config import EncoderConfig
-from pipelines.mllm.encoder import ItemBatch, ItemEncoder, build_encoder
+from pipelines.mllm.encoder import ItemBatch, ItemEncoder, build_encoder, residual_head, residual_output
 from pipelines.mllm.side import SideBranch, SideConfig, SideEncoder, States, select_layers
 
 TOP_ONLY = 1 << 30  # a layer stride that keeps only the top layer
@@ -136,17 +140,24 @@ class AttentionPool(nn.Module):
 
 
 class MLLMSideNetwork(nn.Module):
-    """Intra-modal SAN over vision layers + inter-modal SAN over the LM's fused layers + gated fusion + head.
+    """The unaligned embedding plus a learned residual: intra-modal SAN over vision layers + inter-modal SAN over
+    the LM's fused layers + gated fusion + a head whose output layer starts at zero.
+
+    ``forward = normalize(base(pooled top state) + head(fused))``: at step 0 the head outputs exactly zero, so the
+    aligned embedding equals the unaligned one (``UnalignedHead`` over the same ``base``) bit for bit, and training
+    moves it away from the frozen MLLM only as far as the pairs pull.
 
     Args:
         layout: ``MLLMStateExtractor.layout()`` (also in the cache manifest).
         embed_dim: output width D.
         cfg: SideConfig (width, reduction, dropout).
+        base: the unaligned embedding's map (pipelines.mllm.base_map; saved with the network's weights).
     forward(states) -> (B, D) L2-normalised.
     """
 
-    def __init__(self, layout: dict, embed_dim: int, cfg: SideConfig):
+    def __init__(self, layout: dict, embed_dim: int, cfg: SideConfig, base: BaseMap):
         super().__init__()
+        self.base = base
         d, h = cfg.width, layout["lm_width"]
         n_lm = len(layout["lm_layers"])
         self.has_vision = bool(layout["vision_widths"])
@@ -165,7 +176,7 @@ class MLLMSideNetwork(nn.Module):
             self.gate = nn.Linear(2 * d, 2)
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
-        self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, embed_dim))
+        self.head = residual_head(d, embed_dim)
 
     def forward(self, states: States) -> torch.Tensor:
         pooled = states["lm.pool"]  # (B, L, H)
@@ -178,7 +189,7 @@ class MLLMSideNetwork(nn.Module):
             inter_in.append(m(torch.cat(parts, dim=-1)))  # (B, d)
         inter = self.inter_san(inter_in)  # (B, d)
         if not self.has_vision:
-            return F.normalize(self.head(inter), dim=-1)
+            return residual_output(self.base(pooled_top(states)), self.head(inter))
         vision_present = states["vision_present"][:, None]  # (B, 1)
         vision = self.vision_san([m(states[f"vision.{k}"]) * vision_present for k, m in enumerate(self.vision_maps)])
         logits = self.gate(torch.cat([inter, vision], dim=-1))  # (B, 2)
@@ -186,32 +197,20 @@ class MLLMSideNetwork(nn.Module):
         logits = torch.stack([logits[:, 0], logits[:, 1].masked_fill(vision_present[:, 0] <= 0, float("-inf"))], 1)
         w = torch.softmax(logits, dim=1)
         fused = w[:, :1] * inter + w[:, 1:] * vision  # (B, d)
-        return F.normalize(self.head(fused), dim=-1)
-
-
-class FixedProjection(nn.Module):
-    """L2-normalise, times a fixed seeded Gaussian (in, D) / sqrt(D) matrix (Johnson-Lindenstrauss: cosine
-    geometry approximately kept), L2-normalise. Nothing trains. (B, in) -> (B, D)."""
-
-    def __init__(self, in_width: int, embed_dim: int, seed: int):
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.register_buffer("projection", torch.randn(in_width, embed_dim, generator=gen) / embed_dim ** 0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(F.normalize(x, dim=-1) @ self.projection, dim=-1)
+        return residual_output(self.base(pooled_top(states)), self.head(fused))
 
 
 class UnalignedHead(nn.Module):
-    """The unaligned baseline: the frozen MLLM's pooled output (top LM layer, ``lm.pool``) reduced to D by a
-    fixed seeded map. States -> (B, D)."""
+    """The unaligned baseline: the frozen MLLM's pooled output (top LM layer, ``lm.pool``) through the base map
+    (pipelines.mllm.base_map: a seeded Gaussian or the train items' PCA). States -> (B, D); equals every aligned
+    network over the same ``base`` at step 0 (``residual_output`` with a zero residual)."""
 
-    def __init__(self, lm_width: int, embed_dim: int, seed: int):
+    def __init__(self, base: BaseMap):
         super().__init__()
-        self.map = FixedProjection(lm_width, embed_dim, seed)
+        self.base = base
 
     def forward(self, states: States) -> torch.Tensor:
-        return self.map(states["lm.pool"][:, -1])
+        return residual_output(self.base(pooled_top(states)), None)
 
 
 class ModalityHead(nn.Module):
@@ -229,7 +228,7 @@ class ModalityHead(nn.Module):
         self.top_vision = len(layout["vision_widths"]) - 1
         width = layout["lm_width"] if modality == "text" else layout["vision_widths"][-1]
         # distinct seeds per modality: the maps are independent draws
-        self.map = FixedProjection(width, embed_dim, seed + (1 if modality == "text" else 2))
+        self.map = BaseMap.gaussian(width, embed_dim, seed + (1 if modality == "text" else 2))
 
     def forward(self, states: States) -> torch.Tensor:
         if self.modality == "text":
@@ -237,23 +236,30 @@ class ModalityHead(nn.Module):
         return self.map(states[f"vision.{self.top_vision}"]) * states["vision_present"][:, None]
 
 
-def mllm_side_network(layout: dict, config: EncoderConfig, side: SideConfig) -> MLLMSideNetwork:
-    """The side network for an ``mllm`` cache layout, seeded by the encoder config."""
+def mllm_side_network(layout: dict, config: EncoderConfig, side: SideConfig,
+                      base: Optional[BaseMap] = None) -> MLLMSideNetwork:
+    """The side network for an ``mllm`` cache layout, seeded by the encoder config; ``base`` defaults to the
+    Gaussian map of seed 0 (``build_for_mode("unaligned", config)``'s; a checkpoint's own base replaces it on
+    load)."""
+    base = base if base is not None else BaseMap.gaussian(layout["lm_width"], config.embed_dim, 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return MLLMSideNetwork(layout, config.embed_dim, side)
+        return MLLMSideNetwork(layout, config.embed_dim, side, base)
 
 
 def build_mllm_side_encoder(config: EncoderConfig, side: SideConfig,
-                            mllm: Optional[ItemEncoder] = None) -> SideEncoder:
+                            mllm: Optional[ItemEncoder] = None, base: Optional[BaseMap] = None) -> SideEncoder:
     """``side`` mode: the frozen MLLM (built from ``config`` unless given) + the side network over its states."""
     extractor = MLLMStateExtractor(mllm if mllm is not None else build_encoder(config), side.layer_stride,
                                    side.token_states)
-    return SideEncoder(config, extractor, mllm_side_network(extractor.layout(), config, side))
+    return SideEncoder(config, extractor, mllm_side_network(extractor.layout(), config, side, base))
 
 
-def build_unaligned_encoder(config: EncoderConfig, seed: int = 0, mllm: Optional[ItemEncoder] = None) -> SideEncoder:
-    """The frozen MLLM's pooled output through the fixed seeded map (no behaviour training); equals the
-    ``unaligned`` embedding ``embed_from_cache`` reads from a side cache of the same encoder config."""
+def build_unaligned_encoder(config: EncoderConfig, seed: int = 0, mllm: Optional[ItemEncoder] = None,
+                            base: Optional[BaseMap] = None) -> SideEncoder:
+    """The frozen MLLM's pooled output through the base map (``base``, else the Gaussian map of ``seed``; no
+    behaviour training); equals the ``unaligned`` embedding ``embed_from_cache`` reads from a side cache of the
+    same encoder config, and every aligned encoder over the same base at step 0."""
     extractor = MLLMStateExtractor(mllm if mllm is not None else build_encoder(config), TOP_ONLY)
-    return SideEncoder(config, extractor, UnalignedHead(extractor.text.hidden_size, config.embed_dim, seed))
+    base = base if base is not None else BaseMap.gaussian(extractor.text.hidden_size, config.embed_dim, seed)
+    return SideEncoder(config, extractor, UnalignedHead(base))

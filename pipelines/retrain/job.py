@@ -10,7 +10,9 @@ Stages (each checkpointed by :class:`~pipelines.retrain.stages.StageRunner`, so 
    store inside the work folder (never the real one). The encoder is fine-tuned from the parent's
    (``--init-encoder``) only on a scheduled refresh (every ``refresh_encoder_every`` versions, counted in the
    store's history); otherwise the parent's encoder is reused as it is (``--align-checkpoint``), so embeddings
-   of existing items do not move. RQ codebooks are warm-started from the parent's quantizer.
+   of existing items do not move. RQ codebooks are warm-started from the parent's quantizer. A refresh is the
+   cascade's alignment with the parent's encoder as step 0: the never-worse gate keeps the parent's weights when
+   no fine-tuned epoch beats them on the candidate's validation window (``metrics.alignment``).
 3. ``stability``: the codes to publish (``pipelines.retrain.stability``): items that moved less than a threshold
    keep their code, the others are encoded against the parent's codebooks; the refit codebooks are used only
    when the drift metric says so. Churn by item group (unchanged / touched / new) and, for reference, the churn

@@ -54,6 +54,15 @@ def add_cascade_flags(parser) -> None:
                         "shard; a shard is ~19.5 KB x this for minilm-effnet)")
     g.add_argument("--side-dropout", type=float, default=0.1,
                    help="side mode: dropout inside the side network's blocks while training")
+    g.add_argument("--unaligned-map", choices=("auto", "pca", "gaussian"), default="auto",
+                   help="map of the frozen MLLM's pooled state to the item embedding (the unaligned embedding, "
+                        "where alignment starts): pca of the protocol's train-portion items (side mode; auto's "
+                        "choice there) or a seeded gaussian projection (auto's choice in the other modes); a warm "
+                        "start (--init-encoder) keeps its checkpoint's")
+    g.add_argument("--align-gate-z", type=float, default=None,
+                   help="never-worse gate: an epoch replaces step 0 (the unaligned embedding) only when its "
+                        "validation-window next-item recall@10 gain minus this many paired standard errors is "
+                        "above 0 (default: the trainer's, 1.645; 0 accepts any gain)")
     g.add_argument("--align-batch-size", type=int, default=128, help="pairs per contrastive batch")
     g.add_argument("--align-lr", type=float, default=None, help="alignment learning rate (default: the mode's)")
     g.add_argument("--align-temperature", type=float, default=None, help="InfoNCE temperature (default: trainer's)")

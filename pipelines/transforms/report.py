@@ -67,5 +67,7 @@ def format_summary(summary: dict) -> str:
     if trig:
         lines.append(f"triggers ({trig['similarity']}, fallback {trig['fallback']}): "
                      + ", ".join(f"{k} {v}" for k, v in trig["by_source"].items()) + f" of {trig['targets']} targets")
+    if summary.get("alignment"):
+        lines.append(str(summary["alignment"]))
     lines.append(f"published: {summary.get('version')} (store {summary.get('store')})")
     return "\n".join(lines)

@@ -197,32 +197,36 @@ class _EmbedShard(beam.DoFn):
         self.cache_dir, self.unaligned_seed, self.kinds, self.threads = cache_dir, unaligned_seed, kinds, threads
         self._loaded = None
 
-    def _heads(self, checkpoint: str):
+    def _heads(self, checkpoint: Optional[str], base_map: Optional[str]):
         import torch
 
         from pipelines.mllm.align import load_side_head
+        from pipelines.mllm.base_map import load_base_map
         from pipelines.mllm.cache import load_cache
         from pipelines.mllm.checkpoint import resolve_checkpoint
         from pipelines.mllm.config import EncoderConfig
         from pipelines.mllm.onepass import cache_heads
 
-        if self._loaded is None or self._loaded[0] != checkpoint:
+        if self._loaded is None or self._loaded[0] != (checkpoint, base_map):
             torch.set_num_threads(self.threads)
             cache = load_cache(Path(self.cache_dir))
             head = load_side_head(cache, resolve_checkpoint(Path(checkpoint)))[1] if checkpoint else None
+            base = load_base_map(Path(base_map))[0] if base_map else None
             heads = cache_heads(head, cache.layout, EncoderConfig.from_dict(cache.encoder_config),
-                                self.unaligned_seed)
-            self._loaded = (checkpoint, {k: v for k, v in heads.items() if k in self.kinds})
+                                self.unaligned_seed, base)
+            self._loaded = ((checkpoint, base_map), {k: v for k, v in heads.items() if k in self.kinds})
         return self._loaded[1]
 
-    def process(self, shard: dict, checkpoint: Optional[str] = None):
+    def process(self, shard: dict, checkpoint: Optional[str] = None, base_map: Optional[str] = None):
         from pipelines.mllm.cache import read_shard
         from pipelines.mllm.onepass import embed_states
 
-        heads = self._heads(checkpoint)
+        heads = self._heads(checkpoint, base_map)
         with stage_timer("embed"):
             ids, states = read_shard(Path(self.cache_dir), shard)
             out = embed_states(heads, states)
+        if "aligned" in out:  # once per job (the aligned pass): items the encoder reads nothing of
+            yield from _no_content_rejects(ids, states)
         for kind, emb in out.items():
             ok = np.isfinite(emb).all(axis=1)
             for item_id, vec, good in zip(ids.tolist(), emb, ok.tolist()):
@@ -234,6 +238,23 @@ class _EmbedShard(beam.DoFn):
                         detail=f"non-finite {kind} embedding"))
                 else:
                     counter(STAGE_OF[kind], "nonfinite").inc(1)
+
+
+def _no_content_rejects(ids: np.ndarray, states: dict):
+    """Items with neither text nor an image the encoder reads (no title and no text, and no image or a text-only
+    encoder: an image-only item under ``--encoder minilm``) embed to one and the same vector, so they all share
+    one code. They stay in the version; each is recorded (reason ``no_readable_content``) so the count shows."""
+    seen = states["text_present"] > 0
+    if "vision_present" in states:
+        seen = seen | (states["vision_present"] > 0)
+    blind = np.flatnonzero(~seen.cpu().numpy())
+    if len(blind):
+        counter("embed", "no_readable_content").inc(len(blind))
+    for i in blind.tolist():
+        yield beam.pvalue.TaggedOutput(DEAD, reject(
+            "embed", "items", "no_readable_content", item_id=int(ids[i]), item_dense_id=int(ids[i]),
+            detail="neither text nor an image this encoder reads: every such item gets the same embedding and code",
+            action="kept_shared_embedding"))
 
 
 def _shard_records(cache_dir: str):
@@ -252,23 +273,109 @@ class EmbedFromCache(beam.PTransform):
             for the frozen MLLM's behaviour-free kinds only (unaligned / text / image: available before pair mining,
             so the unaligned vectors can be the trigger fallback).
         kinds: which embeddings (aligned needs ``checkpoint``; image only with a vision tower).
-        unaligned_seed: seed of the fixed maps of the unaligned / text / image embeddings.
+        unaligned_seed: seed of the fixed maps of the text / image embeddings (and of the unaligned one's when
+            neither ``base_map`` nor a checkpoint gives its base map).
+        base_map: a one-element PCollection: the base map file of the unaligned embedding (``FitBaseMap``).
     """
 
-    def __init__(self, cache_dir: str, checkpoint, kinds: tuple = KINDS, unaligned_seed: int = 0, threads: int = 1):
+    def __init__(self, cache_dir: str, checkpoint, kinds: tuple = KINDS, unaligned_seed: int = 0, threads: int = 1,
+                 base_map=None):
         super().__init__()
         if "aligned" in kinds and checkpoint is None:
             raise ValueError("EmbedFromCache: the aligned embedding needs the Align step's checkpoint")
         self.cache_dir, self.checkpoint, self.kinds = cache_dir, checkpoint, tuple(kinds)
-        self.unaligned_seed, self.threads = unaligned_seed, threads
+        self.unaligned_seed, self.threads, self.base_map = unaligned_seed, threads, base_map
 
     def expand(self, cache_done):
         shards = (cache_done | "ListShards" >> beam.FlatMap(_shard_records)
                   | "SpreadShards" >> beam.Reshuffle())
         fn = _EmbedShard(self.cache_dir, self.unaligned_seed, self.kinds, self.threads)
-        embed = beam.ParDo(fn, beam.pvalue.AsSingleton(self.checkpoint)) if self.checkpoint is not None else \
-            beam.ParDo(fn)
+        side = {name: beam.pvalue.AsSingleton(pcoll) for name, pcoll in (("checkpoint", self.checkpoint),
+                                                                         ("base_map", self.base_map))
+                if pcoll is not None}
+        embed = beam.ParDo(fn, **side)
         rows = shards | "EmbedShards" >> embed.with_outputs(*self.kinds, DEAD)
         out = {kind: rows[kind] | f"Count{kind.title()}" >> count(STAGE_OF[kind], "out") for kind in self.kinds}
         out[DEAD] = rows[DEAD]
         return out
+
+
+class _ShardGram(beam.DoFn):
+    """A manifest shard record -> the GramStats of the pooled top-layer states of its sampled items (or nothing)."""
+
+    def __init__(self, cache_dir: str):
+        self.cache_dir = cache_dir
+
+    def process(self, shard: dict, sample: list):
+        from pipelines.mllm.base_map import GramStats, pooled_top
+        from pipelines.mllm.cache import read_shard
+
+        ids, states = read_shard(Path(self.cache_dir), shard)
+        keep = np.isin(ids, np.asarray(sample, dtype=np.int64))
+        if keep.any():
+            yield GramStats.of(pooled_top(states)[np.flatnonzero(keep)])
+
+
+def _merge_grams(parts) -> Optional[object]:
+    from functools import reduce
+
+    parts = [p for p in parts if p is not None]
+    return reduce(lambda a, b: a.merge(b), parts) if parts else None
+
+
+def _write_base_map(stats, path: str, kind: str, seed: int, embed_dim: int, cache_dir: str,
+                    checkpoint: Optional[str], sampled: int) -> str:
+    from pipelines.mllm.base_map import base_map_from_checkpoint, fit_base_map, save_base_map
+    from pipelines.mllm.cache import load_cache
+
+    if checkpoint:  # a warm start / reused encoder: its residual was learned over its own base map
+        base = base_map_from_checkpoint(Path(checkpoint))
+        info = {"kind": "checkpoint", "checkpoint": str(checkpoint)}
+    else:
+        width = int(load_cache(Path(cache_dir)).layout["lm_width"])
+        base = fit_base_map(kind, width, embed_dim, seed, stats)
+        info = {"kind": kind, **({"seed": int(seed)} if kind == "gaussian" else
+                                 {"fitted_on": "train-portion items", "items": int(stats.n) if stats else 0,
+                                  "items_sampled_of": int(sampled)})}
+    save_base_map(Path(path), base, info)
+    return path
+
+
+class FitBaseMap(beam.PTransform):
+    """The unaligned embedding's base map, written to ``path`` (a one-element PCollection of the path).
+
+    ``pca``: each worker accumulates the Gram statistics of its shard's sampled train-portion items
+    (``train_items``: item ids, sampled deterministically to at most ``sample`` by a hash), merged once and solved
+    once (an H x H eigenproblem); ``gaussian``: the seeded draw; with ``checkpoint`` (a warm start or a reused
+    encoder) the checkpoint's own base map, so the residual it learned keeps its meaning.
+
+    Args:
+        cache_dir: the side cache (BuildSideCache's output is the ``cache_done`` input).
+        path: where the map goes (the staging version's ``base_map.safetensors``).
+        kind: pca | gaussian; seed: the Gaussian map's seed; embed_dim: D.
+        train_items: PCollection of the protocol's train-portion item ids (duplicates allowed).
+    """
+
+    def __init__(self, cache_dir: str, path: str, kind: str, seed: int, embed_dim: int, train_items,
+                 checkpoint: Optional[str] = None, sample: int = 100_000):
+        super().__init__()
+        self.cache_dir, self.path, self.kind, self.seed, self.embed_dim = cache_dir, path, kind, seed, embed_dim
+        self.train_items, self.checkpoint, self.sample = train_items, checkpoint, int(sample)
+
+    def expand(self, cache_done):
+        fit = self.kind == "pca" and not self.checkpoint
+        if fit:
+            distinct = self.train_items | "DistinctTrainItems" >> beam.Distinct()
+            n_items = distinct | "CountTrainItems" >> beam.combiners.Count.Globally()
+            sample = (distinct | "SampleTrainItems" >> beam.combiners.Top.Of(
+                self.sample, key=lambda i: -shard_of(i, 1 << 62)))
+            stats = (cache_done | "ListShards" >> beam.FlatMap(_shard_records)
+                     | "SpreadShards" >> beam.Reshuffle()
+                     | "ShardGram" >> beam.ParDo(_ShardGram(self.cache_dir), beam.pvalue.AsSingleton(sample))
+                     | "MergeGram" >> beam.CombineGlobally(_merge_grams))
+            sampled = beam.pvalue.AsSingleton(n_items)
+        else:
+            stats = cache_done | "NoStats" >> beam.Map(lambda _: None)
+            sampled = 0
+        return stats | "WriteBaseMap" >> beam.Map(_write_base_map, self.path, self.kind, self.seed, self.embed_dim,
+                                                  self.cache_dir, self.checkpoint, sampled)

@@ -23,6 +23,11 @@ def test_qarm_align_synthetic_end_to_end(tmp_path, capsys):
     assert result["n_pairs_train"] > 0 and result["n_pairs_heldout"] > 0
     assert 0.0 <= result["recall@10_aligned"] <= result["recall@50_aligned"] <= 1.0
     assert 0 < result["trainable_params"] < result["total_params"]
+    # one protocol: the validation window judged the gate, the test window is reported for both embeddings
+    gate = result["alignment"]
+    assert gate["judge"] == "valid_next_item" and gate["kept"] in (True, False) and result["n_valid_queries"] > 0
+    assert gate["valid_next_item"]["step0"]["recall@10"] == pytest.approx(result["next_item_valid_recall@10_unaligned"])
+    assert result["n_test_queries"] > 0 and result["next_item_test_recall@10_aligned"] is not None
     out = tmp_path / "out"
     saved = json.loads((out / "align_result.json").read_text())
     assert saved["config"]["encoder"]["name"] == "tiny" and saved["config"]["align"]["mode"] == "side"

@@ -30,6 +30,9 @@ def shards(tiny_data, tmp_path_factory):
     train.iloc[half:].to_parquet(root / "train" / "part-0.parquet")
     train.iloc[:half].to_parquet(root / "train" / "part-1.parquet")
     valid.to_parquet(root / "valid.parquet")
+    # the gate's judge: next-item style queries (a later pair's left item -> its right item)
+    valid.rename(columns={"left": "query", "right": "target"})[["query", "target"]].to_parquet(
+        root / "queries.parquet")
     # dropout 0: with dropout each rank draws its own masks, so the curves could only agree in distribution
     cfg = AlignConfig(mode="side", epochs=2, batch_size=30, lr=3e-3, progress=False, seed=3, num_threads=1,
                       side=SideConfig(width=32, dropout=0.0), patience=None)
@@ -39,7 +42,8 @@ def shards(tiny_data, tmp_path_factory):
 
 def _argv(root, out):
     return ["--config", str(root / "align.json"), "--cache", str(root / "cache"), "--train-pairs",
-            str(root / "train"), "--valid-pairs", str(root / "valid.parquet"), "--out", str(out)]
+            str(root / "train"), "--valid-pairs", str(root / "valid.parquet"), "--valid-queries",
+            str(root / "queries.parquet"), "--out", str(out)]
 
 
 def _weights(out):
@@ -60,6 +64,10 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(shards,
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
     assert [v["recall@10"] for v in two["valid"]] == pytest.approx([v["recall@10"] for v in one["valid"]], abs=1e-9)
+    # the never-worse gate judged the same step 0 and epochs on the validation queries and chose the same weights
+    assert one["alignment"]["judge"] == two["alignment"]["judge"] == "valid_next_item"
+    assert one["alignment"]["kept"] == two["alignment"]["kept"]
+    assert one["alignment"]["best_epoch"] == two["alignment"]["best_epoch"]
 
 
 def test_in_process_trainer_reads_part_files_and_writes_its_result(shards, tmp_path):

@@ -16,7 +16,8 @@ from pipelines.mllm.losses import PositiveGraph, false_negative_mask, symmetric_
 from pipelines.mllm.model_io import build_for_mode
 from pipelines.mllm.onepass import build_mllm_cache, embed_from_cache, write_embedding_tables
 from pipelines.mllm.side import SideConfig
-from pipelines.mllm.side_mllm import FixedProjection, cache_bytes_per_item
+from pipelines.mllm.base_map import BaseMap
+from pipelines.mllm.side_mllm import cache_bytes_per_item
 
 TINY = EncoderConfig.named("tiny")
 SIDE = SideConfig(width=32, dropout=0.0)
@@ -117,7 +118,7 @@ def test_cache_embeddings_equal_the_ones_from_running_the_mllm(tiny_data, tmp_pa
     batch = mllm.collate(catalog.inputs(ids[:8]))
     with torch.no_grad():
         _, layers = mllm.vision(batch.pixels, grid=1)
-        image = FixedProjection(layers[-1].shape[1], TINY.embed_dim, seed=2)(layers[-1])
+        image = BaseMap.gaussian(layers[-1].shape[1], TINY.embed_dim, seed=2)(layers[-1])
     assert torch.allclose(torch.from_numpy(out["image"][1][:8]), image, atol=1e-5)
     # text differs from image and unaligned (another view of the same pass)
     assert not np.allclose(out["text"][1], out["unaligned"][1], atol=1e-3)

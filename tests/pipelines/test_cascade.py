@@ -51,7 +51,10 @@ def test_publishes_a_contract_version(first_run):
     assert np.isin(codes.vq, ids).all() and not (codes.vq == ids[:, None]).any()
     # the unaligned twin (ablation row f) has the same items
     ids_u, emb_u = v.embeddings("item_embeddings_unaligned")
-    assert ids_u.tolist() == ids.tolist() and not np.allclose(emb_u, emb)
+    assert ids_u.tolist() == ids.tolist()
+    # the aligned table is what the never-worse gate recorded: trained weights, or step 0 (= unaligned) bit for bit
+    kept = v.metrics["alignment"]["kept"]
+    assert kept in (True, False) and np.array_equal(emb_u, emb) == (not kept)
     assert v.codes("item_codes_unaligned").rq.shape == (48, 2)
     # the version carries what the retraining job warm-starts from
     q = load_quantizer(v.path / "quantizer")
@@ -246,4 +249,7 @@ def test_cascade_seeds_share_one_backbone_pass(first_run, tmp_path):
     a = FeatureStore(tmp_path / "store0").read()
     b = FeatureStore(tmp_path / "store1").read()
     assert a.config["encoder"] == b.config["encoder"]
-    assert not np.array_equal(a.embeddings()[1], b.embeddings()[1])
+    # the unaligned embedding's PCA map is fitted on the train portion, which the cascade seed does not change
+    assert np.array_equal(a.embeddings("item_embeddings_unaligned")[1], b.embeddings("item_embeddings_unaligned")[1])
+    # the seeded stages still differ: the quantizers' codes
+    assert not np.array_equal(a.codes().rq, b.codes().rq)

@@ -113,3 +113,37 @@ def test_an_edited_item_text_is_a_new_shard(world, tmp_path):
     _run_build(ds, tmp_path / "c", items=edited)
     after = {s["file"] for s in json.loads((tmp_path / "c" / "manifest.json").read_text())["shards"]}
     assert len(before - after) == 1 and len(after - before) == 1  # only the edited item's shard is rebuilt
+
+
+def test_items_the_encoder_reads_nothing_of_are_counted_in_the_dead_letter(world, tmp_path):
+    """Issue 18 point 6: an item with no title, no text and no image the encoder reads embeds to the same vector
+    as every other such item (so they all share one code); each is recorded, reason no_readable_content."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    ds, pairs = world
+    items = ds.items.copy()
+    blind = items["item_id"].to_numpy()[:3]
+    items.loc[items["item_id"].isin(blind), ["title", "text", "image_uri"]] = ["", None, None]
+    _run_build(ds, tmp_path / "c", items=items)
+    cfg = AlignConfig(mode="side", epochs=1, batch_size=16, progress=False, side=SideConfig(layer_stride=2))
+    train_side(load_cache(tmp_path / "c"), pairs, None, cfg, out_dir=tmp_path / "run")
+    with TestPipeline("FnApiRunner") as p:
+        done = p | "Cache" >> beam.Create([str(tmp_path / "c")])
+        ckpt = p | "Ckpt" >> beam.Create([str(tmp_path / "run")])
+        out = done | EmbedFromCache(str(tmp_path / "c"), ckpt, ("aligned",))
+        _ = out["aligned"] | "Keep" >> beam.combiners.ToList() | beam.Map(_save, str(tmp_path / "aligned.npz"))
+        _ = (out["dead_letter"] | "KeepDead" >> beam.combiners.ToList()
+             | beam.Map(_save_json, str(tmp_path / "dead.json")))
+    dead = json.loads((tmp_path / "dead.json").read_text())
+    assert sorted(int(r[0]) for r in dead) == sorted(blind.tolist())
+    assert {(r[1], r[2]) for r in dead} == {("no_readable_content", "kept_shared_embedding")}
+    saved = np.load(tmp_path / "aligned.npz")
+    rows = saved["emb"][np.isin(saved["ids"], blind)]
+    assert len(rows) == 3 and np.array_equal(rows[0], rows[1]) and np.array_equal(rows[0], rows[2])
+
+
+def _save_json(rows, path):
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps([[int(r["item_dense_id"]), r["reason"], r["action"]] for r in rows]))

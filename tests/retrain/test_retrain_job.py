@@ -139,3 +139,27 @@ def test_a_candidate_that_ranks_worse_than_its_parent_on_the_tail_is_refused(wor
     exported = pd.read_parquet(next(work.glob("run-*/window/interactions.parquet")))
     assert exported["ts"].max() <= out["tail_start"] < out["until"]
     assert out["tail_interactions"] > 0
+
+
+def test_an_encoder_refresh_that_does_not_beat_its_parent_keeps_the_parent_encoder(world, capsys):
+    """The never-worse gate on a refresh (issue 18): the fine-tune starts at the parent's encoder (step 0) and is
+    judged against it on the cascade's validation window; a learning rate that only degrades leaves the parent's
+    weights in the candidate, and the version records it."""
+    import torch
+    from safetensors.torch import load_file
+
+    store = FeatureStore(world["store"])
+    parent = store.read()
+    work = world["root"] / "work-refresh"
+    code = main(_retrain_args(world, "--work-dir", str(work), "--since", str(world["bounds"][0]),
+                              "--refresh-encoder-every", "1", "--align-lr", "3", "--no-ranker-gate"))
+    out = _last_json(capsys)
+    assert code == EXIT_OK, out
+    assert out["encoder_refreshed"] is True
+    new = store.read()
+    record = new.metrics["alignment"]
+    assert record["kept"] is False and record["judge"] == "valid_next_item"
+    assert record["base_map"]["kind"] == "checkpoint"  # the warm start's own map, not a new fit
+    before = load_file(str(parent.path / "encoder" / "model.safetensors"))
+    after = load_file(str(new.path / "encoder" / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
