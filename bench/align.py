@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _load(args):
     from pipelines.data import load_dataset
     from pipelines.data.schema import DataSpec
-    from pipelines.mllm.cli import cap_items
+    from pipelines.jobs.align import cap_items
 
     if args.dataset == "synthetic":
         spec = DataSpec(dataset="synthetic", data=str(args.data) if args.data else None, n_items=args.n_items,
@@ -87,13 +87,13 @@ def worker(args) -> dict:
     import torch
 
     from feature_store.split import time_split
-    from pipelines.mllm.align import AlignConfig, split_valid_pairs, train_alignment
-    from pipelines.mllm.config import EncoderConfig
-    from pipelines.mllm.embed import embed_catalog
-    from pipelines.mllm.evaluate import next_item_queries, next_item_recall, pair_retrieval
-    from pipelines.mllm.items import ItemCatalog
-    from pipelines.mllm.onepass import embed_from_cache
-    from pipelines.pairs import PairConfig, mine_pairs
+    from pipelines.encoder.alignment import AlignConfig, split_valid_pairs, train_alignment
+    from pipelines.encoder.config import EncoderConfig
+    from pipelines.encoder.embed_catalog import embed_catalog
+    from pipelines.encoder.retrieval_eval import next_item_queries, next_item_recall, pair_retrieval
+    from pipelines.encoder.items import ItemCatalog
+    from pipelines.encoder.onepass import embed_from_cache
+    from pipelines.mining.pairs import PairConfig, mine_pairs
 
     torch.set_num_threads(args.threads)
     mode = args.worker
@@ -149,9 +149,9 @@ def _side_setup(args):
     later train-portion pairs as validation pairs), the next-item queries of the validation and test windows, the
     encoder config. Returns (dataset, queries {"valid", "test"}, train pairs, valid pairs, EncoderConfig)."""
     from feature_store.split import SplitConfig, split_labels
-    from pipelines.mllm.config import EncoderConfig
-    from pipelines.mllm.evaluate import next_item_queries
-    from pipelines.pairs import PairConfig, mine_pairs
+    from pipelines.encoder.config import EncoderConfig
+    from pipelines.encoder.retrieval_eval import next_item_queries
+    from pipelines.mining.pairs import PairConfig, mine_pairs
 
     ds = _load(args)
     part = split_labels(ds.interactions, SplitConfig("global", valid_frac=0.1, test_frac=0.1))
@@ -167,11 +167,11 @@ def stages(args) -> dict:
     """Side-mode job stages, seconds: one backbone pass (now) against three (before issue 12)."""
     import torch
 
-    from pipelines.mllm.align import AlignConfig, train_side
-    from pipelines.mllm.embed import embed_catalog
-    from pipelines.mllm.items import ItemCatalog
-    from pipelines.mllm.model_io import build_for_mode
-    from pipelines.mllm.onepass import build_mllm_cache, embed_from_cache
+    from pipelines.encoder.alignment import AlignConfig, train_side
+    from pipelines.encoder.embed_catalog import embed_catalog
+    from pipelines.encoder.items import ItemCatalog
+    from pipelines.encoder.model_io import build_for_mode
+    from pipelines.encoder.onepass import build_mllm_cache, embed_from_cache
 
     torch.set_num_threads(args.threads)
     ds, queries, train_pairs, valid_pairs, enc_cfg = _side_setup(args)
@@ -214,10 +214,10 @@ def sweep(args) -> dict:
     chosen one evaluated once on the test window."""
     import torch
 
-    from pipelines.mllm.align import AlignConfig, train_side
-    from pipelines.mllm.evaluate import next_item_recall
-    from pipelines.mllm.items import ItemCatalog
-    from pipelines.mllm.onepass import build_mllm_cache, embed_from_cache
+    from pipelines.encoder.alignment import AlignConfig, train_side
+    from pipelines.encoder.retrieval_eval import next_item_recall
+    from pipelines.encoder.items import ItemCatalog
+    from pipelines.encoder.onepass import build_mllm_cache, embed_from_cache
 
     torch.set_num_threads(args.threads)
     ds, queries, train_pairs, valid_pairs, enc_cfg = _side_setup(args)

@@ -2,8 +2,8 @@
 never passes the clock (DESIGN.md, "The clock bounds the data").
 
 One rule (:class:`EventClock`) for every place that sees event times: the loader (`pipelines.data`), the parse
-step on the Beam workers (`pipelines.transforms.read_source`), the job's re-validation
-(`pipelines.transforms.validate`), the published watermark (`cap`) and `qarm store verify`. A job resolves its
+step on the Beam workers (`pipelines.beam.read_source`), the job's re-validation
+(`pipelines.beam.validate_records`), the published watermark (`cap`) and `qarm store verify`. A job resolves its
 clock once in the driver (``--now``, default this machine's clock at start) and hands the same value to every
 worker, so a run is deterministic however long it takes; tests pass a fixed ``--now``.
 """

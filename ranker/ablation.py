@@ -3,7 +3,7 @@ events, differing only in the row's features.
 
 Rows (ranker.config.FEATURE_SETS): id | frozen | vq | rq | vq+rq | vq+rq+cross | vq+rq+frozen | random |
 vq+rq-unaligned. The variance over the upstream stages (pair mining, alignment, quantization) comes from running
-this once per cascade seed on that seed's store version and pooling the runs (`pipelines.ablation`); the
+this once per cascade seed on that seed's store version and pooling the runs (`pipelines.jobs.ablation`); the
 statistics are in ranker.stats, the Markdown / PNG in ranker.report.
 
 Example:

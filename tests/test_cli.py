@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import cli
+from pipelines.cli import dispatch as cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,7 +192,7 @@ def test_a_flag_neither_qarm_nor_beam_knows_is_a_usage_error(capsys):
 
 
 def test_beam_flags_pass_the_unknown_flag_check():
-    from pipelines.flags import UnknownFlagError, check_beam_flags
+    from pipelines.beam.flags import UnknownFlagError, check_beam_flags
 
     check_beam_flags(["--runner", "FlinkRunner", "--flink_master", "host:8081", "--direct_num_workers", "2",
                       "--environment_type", "LOOPBACK"])
@@ -203,8 +203,8 @@ def test_beam_flags_pass_the_unknown_flag_check():
 def test_old_underscore_spelling_is_a_hidden_alias(caplog):
     import argparse
 
-    from pipelines.flags import add_underscore_aliases, warn_deprecated_spellings
-    from pipelines.transforms.options import cli_parser_flags
+    from pipelines.beam.flags import add_underscore_aliases, warn_deprecated_spellings
+    from pipelines.beam.options import cli_parser_flags
 
     parser = argparse.ArgumentParser(prog="qarm pipeline")
     cli_parser_flags(parser)
@@ -213,7 +213,7 @@ def test_old_underscore_spelling_is_a_hidden_alias(caplog):
     assert parser.parse_args(["--align-epochs", "6"]).align_epochs == 6
     help_text = parser.format_help()
     assert "--align-epochs" in help_text and "--align_epochs" not in help_text
-    with caplog.at_level("WARNING", logger="pipelines.flags"):
+    with caplog.at_level("WARNING", logger="pipelines.beam.flags"):
         warn_deprecated_spellings(["--align_epochs=5"], aliases)
     assert "use --align-epochs" in caplog.text
 

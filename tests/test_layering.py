@@ -46,3 +46,73 @@ def logging_warning() -> int:
     import logging
 
     return logging.WARNING
+
+
+# Inside pipelines the layers point one way too: cli -> jobs -> beam -> library (data, encoder, mining). The scan
+# reads every import statement of every module, function-local ones included (a lazy import is still a dependency).
+PIPELINE_LAYERS = {"data": 0, "encoder": 0, "mining": 0, "beam": 1, "jobs": 2, "cli": 3}
+LIBRARY_FORBIDDEN = ("apache_beam", "argparse")  # the library layers are plain Python: no Beam, no command line
+
+
+def _imports(path: Path):
+    """(line, imported module) for every import in the file, at any depth."""
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.lineno, node.module
+
+
+def _layering_violations(root: Path) -> list[str]:
+    out = []
+    for path in sorted((root / "pipelines").rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if len(parts) < 3:  # pipelines/__init__.py
+            continue
+        layer = parts[1]
+        if layer not in PIPELINE_LAYERS:
+            out.append(f"{path.relative_to(root)}: in no layer ({sorted(PIPELINE_LAYERS)})")
+            continue
+        for line, module in _imports(path):
+            names = module.split(".")
+            where = f"{path.relative_to(root)}:{line} imports {module}"
+            if names[0] == "pipelines" and len(names) > 1 and names[1] in PIPELINE_LAYERS:
+                if PIPELINE_LAYERS[names[1]] > PIPELINE_LAYERS[layer]:
+                    out.append(f"{where} ({layer} may not import the {names[1]} layer)")
+            if PIPELINE_LAYERS[layer] == 0 and names[0] in LIBRARY_FORBIDDEN:
+                out.append(f"{where} (the {layer} library takes no {names[0]})")
+    for package in ALLOWED:  # the library packages, function-local imports included
+        for path in sorted((root / package).rglob("*.py")):
+            for line, module in _imports(path):
+                top = module.split(".")[0]
+                if top in {"pipelines", "ranker", "quant", "feature_store"} and top not in ALLOWED[package]:
+                    out.append(f"{path.relative_to(root)}:{line} imports {module}")
+    return out
+
+
+def test_every_import_follows_the_layers():
+    assert _layering_violations(ROOT) == []
+
+
+def test_the_scan_sees_function_local_imports(tmp_path):
+    """The scan would catch a lazy upward import and a Beam import in a library layer (a fake tree)."""
+    (tmp_path / "pipelines" / "encoder").mkdir(parents=True)
+    (tmp_path / "pipelines" / "encoder" / "bad.py").write_text(
+        "def f():\n    from pipelines.jobs.demo import run\n    import apache_beam\n")
+    for package in ALLOWED:
+        (tmp_path / package).mkdir()
+    (tmp_path / "quant" / "leak.py").write_text("def g():\n    import ranker.train\n")
+    found = _layering_violations(tmp_path)
+    assert any("pipelines.jobs.demo" in v for v in found)
+    assert any("apache_beam" in v for v in found)
+    assert any("ranker.train" in v for v in found)
+
+
+def test_no_two_pipelines_modules_share_a_file_name():
+    names = {}
+    for path in (ROOT / "pipelines").rglob("*.py"):
+        if path.name not in ("__init__.py", "__main__.py"):
+            names.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {n: p for n, p in names.items() if len(p) > 1} == {}

@@ -79,8 +79,8 @@ def test_the_workers_parse_applies_the_same_rule(tmp_path):
     import apache_beam as beam
     from apache_beam.testing.test_pipeline import TestPipeline
 
-    from pipelines.transforms.read_source import ReadSource, source_plan
-    from pipelines.transforms.validate import DEAD, UNPARSED
+    from pipelines.beam.read_source import ReadSource, source_plan
+    from pipelines.beam.validate_records import DEAD, UNPARSED
 
     items, events = _log(tmp_path, _rows(1500) + [(1, 2, YEAR_3000, 1.0), (2, 3, NOW + 2 * 86_400, 0.0)])
     spec = _spec(items, events, max_bad_fraction=0.01)
@@ -101,7 +101,7 @@ def test_the_job_revalidation_applies_the_same_rule():
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from pipelines.transforms.validate import DEAD, ValidateInteractions
+    from pipelines.beam.validate_records import DEAD, ValidateInteractions
 
     clock = EventClock(NOW)
     events = [{"user_id": 1, "item_id": 1, "ts": NOW - 5, "label": 1.0, "_row": 0},
@@ -117,7 +117,7 @@ def test_the_job_revalidation_applies_the_same_rule():
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "empty-csv"])
 def test_an_empty_or_header_only_table_is_an_error_naming_the_file(tmp_path, fmt):
     """Case 7: a header-only interactions file ran the job for 29 s and failed inside Align."""
-    from pipelines.transforms.read_source import source_plan
+    from pipelines.beam.read_source import source_plan
 
     items, _ = _log(tmp_path, [])
     events = tmp_path / ("events.parquet" if fmt == "parquet" else "events.csv")
@@ -149,7 +149,7 @@ def test_pipeline_on_a_header_only_log_stops_before_the_job(tmp_path, capsys):
 
 
 def test_a_load_where_every_event_was_rejected_is_refused_before_the_job(tmp_path):
-    from pipelines.cascade.job import require_events
+    from pipelines.jobs.cascade.driver import require_events
 
     items, events = _log(tmp_path, [(1, 9, NOW - 5, 1.0)] * 1)  # item 9 is not in the catalog
     ds = load_dataset(_spec(items, events))

@@ -253,7 +253,7 @@ def test_missing_column_and_wrong_file_stay_hard_errors(tmp_path):
 def test_max_bad_fraction_flag_reaches_the_spec():
     import argparse
 
-    from pipelines.data import add_data_arguments, data_spec_from_args
+    from pipelines.beam.data_flags import add_data_arguments, data_spec_from_args
 
     parser = argparse.ArgumentParser()
     add_data_arguments(parser)

@@ -19,7 +19,7 @@ from feature_store import FeatureStore, StoreConflictError, write_codes, write_e
 def main() -> None:
     root, barrier, index = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     store = FeatureStore(root)
-    started_from = store.current_id()  # what a job records when it starts (pipelines.cascade.job.run_job)
+    started_from = store.current_id()  # what a job records when it starts (pipelines.jobs.cascade.driver.run_job)
     with store.stage(parent=started_from, require_parent_current=True) as st:
         n = 10 + index
         write_embeddings(st.path / "item_embeddings.parquet", np.arange(n), np.full((n, 4), index, np.float32))

@@ -130,7 +130,7 @@ def test_weight_files_that_are_not_what_they_claim_are_one_clear_error(tmp_path,
     """Case 5 at the loaders: a pickle, a truncated copy, a corrupt header under a checkpoint's name is
     "FILE: not a ... checkpoint (reason)", a ValueError (exit 1 with the JSON line), and is never unpickled."""
     from feature_store.weights import WeightsFileError
-    from pipelines.mllm.towers import load_state_file
+    from pipelines.encoder.towers import load_state_file
     from ranker.checkpoint import read_checkpoint
 
     monkeypatch.chdir(tmp_path)
@@ -142,7 +142,7 @@ def test_weight_files_that_are_not_what_they_claim_are_one_clear_error(tmp_path,
             if name == "ranker.pt":
                 read_checkpoint(path)
             elif name == "model.safetensors":
-                from pipelines.mllm.checkpoint import read_checkpoint as read_encoder
+                from pipelines.encoder.checkpoint import read_checkpoint as read_encoder
 
                 (path.parent / "config.json").write_text(json.dumps({"format": "qarm-encoder/1", "mode": "full"}))
                 read_encoder(path.parent)
@@ -157,7 +157,7 @@ def test_weight_files_that_are_not_what_they_claim_are_one_clear_error(tmp_path,
 
 def test_train_ranker_resume_from_a_pickle_exits_1_with_the_json_line(tmp_path, capsys):
     """Case 5 at the command line: `qarm train-ranker --resume` over a pickled ranker.pt."""
-    from pipelines.data.oracle import oracle_world, publish_world_version, write_world_files
+    from oracle_world import oracle_world, publish_world_version, write_world_files
 
     world = oracle_world(n_items=60, n_users=20, n_events=800, n_clusters=4, seed=0)
     items, events = write_world_files(world, tmp_path / "data")
@@ -179,8 +179,8 @@ def test_pipeline_refuses_a_checkpoint_with_a_wrong_weight_file_before_the_job(t
     (a worker's traceback would be all the user saw)."""
     import torch
 
-    from pipelines.mllm import EncoderConfig
-    from pipelines.mllm.checkpoint import save_checkpoint
+    from pipelines.encoder import EncoderConfig
+    from pipelines.encoder.checkpoint import save_checkpoint
 
     weights = tmp_path / "vision.pth"
     torch.save({"w": torch.ones(2)}, weights)

@@ -16,7 +16,7 @@ TINY = ["--n-items", "64", "--n-users", "150", "--n-events", "6000", "--n-cluste
 
 
 def _run(base, name, extra):
-    from pipelines.cascade import run
+    from pipelines.jobs.cascade import run
 
     argv = TINY + ["--data", str(base / "img"), "--store", str(base / name / "store"),
                    "--work-dir", str(base / name / "work"), "--side-cache-dir", str(base / "cache")] + extra
@@ -66,10 +66,10 @@ def test_a_better_epoch_is_kept_and_recorded(runs):
 
 def test_the_judge_is_the_validation_window_and_the_base_map_the_train_portion(runs):
     from feature_store.split import SplitConfig, split_labels
-    from pipelines.cascade.metrics import read_window_events
-    from pipelines.mllm.base_map import BaseMap, GramStats, load_base_map, pooled_top
-    from pipelines.mllm.cache import load_cache
-    from pipelines.mllm.evaluate import next_item_queries
+    from pipelines.jobs.cascade.window_metrics import read_window_events
+    from pipelines.encoder.base_map import BaseMap, GramStats, load_base_map, pooled_top
+    from pipelines.encoder.cache import load_cache
+    from pipelines.encoder.retrieval_eval import next_item_queries
 
     base, _, _ = runs
     work = base / "degraded" / "work"

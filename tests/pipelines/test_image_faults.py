@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipelines.data import DataSpec, load_dataset
 from pipelines.data.images import ImageError, check_image
-from pipelines.transforms.validate import DEAD, ValidateItems
+from pipelines.beam.validate_records import DEAD, ValidateItems
 
 
 def _jpeg(path, seed=0, size=(120, 90)):
@@ -67,8 +67,8 @@ def test_loader_and_job_validation_report_the_same_single_reject(images, tmp_pat
 def test_an_image_that_breaks_after_validation_is_a_dead_letter_of_the_side_cache(tmp_path):
     """Side mode's one backbone pass used to log "image unusable, encoding text only" and count nothing: the
     item now comes out of the cache build as one dead letter (kept text-only)."""
-    from pipelines.mllm import EncoderConfig
-    from pipelines.transforms.side_cache import BuildSideCache, CacheImageRejects
+    from pipelines.encoder import EncoderConfig
+    from pipelines.beam.side_cache import BuildSideCache, CacheImageRejects
 
     ds = load_dataset(DataSpec(dataset="synthetic", data=tmp_path / "data", n_items=12, n_users=5, n_events=100,
                                n_clusters=2, image_size=16, now=2_000_000_000))

@@ -1,17 +1,17 @@
-"""The side cache built and read on the workers equals the in-process one-pass API (pipelines.mllm.onepass)."""
+"""The side cache built and read on the workers equals the in-process one-pass API (pipelines.encoder.onepass)."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from pipelines.mllm import EncoderConfig
-from pipelines.mllm.align import AlignConfig, train_side
-from pipelines.mllm.cache import load_cache
-from pipelines.mllm.items import ItemCatalog
-from pipelines.mllm.onepass import build_mllm_cache, embed_from_cache
-from pipelines.mllm.side import SideConfig
-from pipelines.transforms.side_cache import BuildSideCache, EmbedFromCache, shard_of
+from pipelines.encoder import EncoderConfig
+from pipelines.encoder.alignment import AlignConfig, train_side
+from pipelines.encoder.cache import load_cache
+from pipelines.encoder.items import ItemCatalog
+from pipelines.encoder.onepass import build_mllm_cache, embed_from_cache
+from pipelines.encoder.side import SideConfig
+from pipelines.beam.side_cache import BuildSideCache, EmbedFromCache, shard_of
 
 TINY = EncoderConfig.named("tiny")
 
@@ -20,7 +20,7 @@ TINY = EncoderConfig.named("tiny")
 def world(tmp_path_factory):
     from pipelines.data import load_dataset
     from pipelines.data.schema import DataSpec
-    from pipelines.pairs import PairConfig, mine_pairs
+    from pipelines.mining.pairs import PairConfig, mine_pairs
 
     folder = tmp_path_factory.mktemp("side_cache_world")
     ds = load_dataset(DataSpec(dataset="synthetic", data=str(folder), n_items=40, n_users=30, n_events=1200,
@@ -53,7 +53,7 @@ def test_worker_built_cache_holds_the_in_process_states(world, tmp_path):
         torch.testing.assert_close(beam_cache.gather(ids)[key], want, rtol=1e-4, atol=1e-5)
     # every shard holds the items of its hash bucket
     for shard in beam_cache.shards:
-        from pipelines.mllm.cache import read_shard
+        from pipelines.encoder.cache import read_shard
 
         shard_ids, _ = read_shard(tmp_path / "beam", shard)
         assert len({shard_of(i, 3) for i in shard_ids.tolist()}) == 1

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main as qarm_main
-from pipelines.data.oracle import oracle_world, publish_world_version, write_world_files
+from oracle_world import oracle_world, publish_world_version, write_world_files
 from ranker.data import random_codes_like
 from ranker.metrics import auc, gauc
 from ranker.report import markdown_table

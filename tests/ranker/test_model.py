@@ -7,7 +7,7 @@ from ranker.config import RankerConfig
 from ranker.data import prepare_examples
 from ranker.features import build_schema
 from ranker.model import embedding_tables
-from pipelines.data.oracle import oracle_world
+from oracle_world import oracle_world
 from ranker.train import attach_optimizers, build_train_model
 from ranker.distributed import DistContext
 

@@ -16,7 +16,7 @@ def bootstrapped(tmp_path_factory):
     """{"root", "store", "first", "bounds", "data_flags", "job_flags"}: do not change its store; copy it
     (`copy_world`)."""
     from pipelines.data import DataSpec, load_dataset
-    from pipelines.retrain.replay import bootstrap, day_boundaries
+    from pipelines.jobs.retrain.replay import bootstrap, day_boundaries
 
     root = tmp_path_factory.mktemp("retrain-world")
     ds = load_dataset(DataSpec(dataset="synthetic", data=root / "data", n_items=240, n_users=60, n_events=5000,
