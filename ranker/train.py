@@ -35,7 +35,7 @@ from ranker.distributed import (DistContext, all_gather_rows, full_state_dict, l
                                 restore_snapshot, setup_distributed, shard_model)
 from ranker.examples import Examples
 from ranker.features import FeatureSchema, ItemFeatures, build_schema
-from ranker.metrics import ranking_metrics
+from ranker.metrics import format_metric, ranking_metrics
 from ranker.model import RankerModel, RankerTrain, embedding_tables, init_code_tables_from_codebooks
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,15 @@ def evaluate(module: torch.nn.Module, examples: Examples, schema: FeatureSchema,
         module = RankerTrain(module)
     logits = score(module, examples, schema, items, batch_size, ctx)
     return ranking_metrics(examples.user_id, examples.label, logits)
+
+
+def selection_score(valid: dict) -> float:
+    """What early stopping maximises: validation AUC in [0, 1]; where the validation window cannot define an AUC (one
+    class, the same for every epoch, so epochs stay comparable) 1 / (1 + logloss) - 1, a monotone map of the logloss
+    into (-1, 0] (above the initial best of -1, below any AUC)."""
+    if valid.get("auc") is not None:
+        return float(valid["auc"])
+    return 1.0 / (1.0 + float(valid["logloss"])) - 1.0 if valid.get("logloss") is not None else -1.0
 
 
 def _steps_per_epoch(n: int, batch_size: int, world: int) -> int:
@@ -207,11 +216,11 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
                   **{f"valid_{k}": v for k, v in valid.items() if k in ("auc", "gauc", "logloss")}}
         history.append(record)
         if ctx.is_main:
-            log.info("%s epoch %d: loss %.4f valid auc %.4f gauc %.4f", cfg.features, epoch, record["train_loss"],
-                     valid["auc"], valid["gauc"])
-        improved = valid["auc"] > best["auc"]
+            log.info("%s epoch %d: loss %.4f valid auc %s gauc %s", cfg.features, epoch, record["train_loss"],
+                     format_metric(valid["auc"]), format_metric(valid["gauc"]))
+        improved = selection_score(valid) > best["auc"]
         if improved:
-            best = {"auc": float(valid["auc"]), "epoch": epoch}
+            best = {"auc": selection_score(valid), "epoch": epoch}
             best_snapshot = local_snapshot(module)
         if ckpt_path is not None:
             # every rank joins the gathers; rank 0 writes: best weights, latest weights, both optimizers, RNG
