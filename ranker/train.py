@@ -36,7 +36,8 @@ from ranker.distributed import (DistContext, all_gather_rows, full_state_dict, l
 from ranker.examples import Examples
 from ranker.features import FeatureSchema, ItemFeatures, build_schema
 from ranker.metrics import format_metric, ranking_metrics
-from ranker.model import RankerModel, RankerTrain, embedding_tables, init_code_tables_from_codebooks
+from ranker.content_init import init_tables_from_content
+from ranker.model import RankerModel, RankerTrain, embedding_tables
 
 log = logging.getLogger(__name__)
 # training-length settings may change on resume (e.g. train 2 more epochs); everything else must match
@@ -44,13 +45,11 @@ _RESUMABLE_KEYS = {"epochs", "max_steps", "patience", "num_threads", "eval_batch
 
 
 def build_train_model(cfg: RankerConfig, schema: FeatureSchema, items: ItemFeatures) -> RankerTrain:
-    """Unsharded RankerTrain with deterministic init (and codebook init of the RQ tables on request)."""
+    """Unsharded RankerTrain with deterministic init; code tables start from content unless code_init="random"."""
     torch.manual_seed(cfg.seed)
     model = RankerModel(schema, cfg)
-    if cfg.code_init == "codebook" and cfg.uses("rq"):
-        if not items.codebooks:
-            raise ValueError("code_init='codebook' needs the version's codebooks, none were found")
-        init_code_tables_from_codebooks(model, items.codebooks, seed=cfg.seed)
+    if cfg.code_init == "content":
+        init_tables_from_content(embedding_tables(model), items, std=cfg.content_std, seed=cfg.seed)
     return RankerTrain(model)
 
 
@@ -158,7 +157,9 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
         if ckpt_path is None or not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = read_checkpoint(ckpt_path)
-        saved, wanted = ckpt["meta"]["config"], json.loads(json.dumps(cfg.to_dict()))
+        # through the config class, so keys added since (at their defaults) and former names compare as equal
+        saved = json.loads(json.dumps(RankerConfig.from_dict(ckpt["meta"]["config"]).to_dict()))
+        wanted = json.loads(json.dumps(cfg.to_dict()))
         differ = sorted(k for k in set(saved) | set(wanted)
                         if k not in _RESUMABLE_KEYS and saved.get(k) != wanted.get(k))
         if differ:

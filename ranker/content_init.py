@@ -1,0 +1,148 @@
+"""Code tables that start from the content they encode (``RankerConfig.code_init = "content"``).
+
+A trainable code row that starts at random knows less than the frozen vector it was made from, and on a sparse log
+few rows are trained often enough to learn it. So every code table starts from content, through one fixed map of
+the content space (the version's item vectors, width d) to the table width D:
+
+    M(x) = (x - center) @ P * scale        P (d, D): random orthonormal columns (seeded), fixed
+    center: mean content vector of the catalog; scale: the mapped vectors get per-coordinate std `content_std`
+
+- RQ level 0, row k = M(c_0k); level l > 0, row k = c_lk @ P * scale (a residual has no centre). The sum of an
+  item's RQ rows is therefore M of its RQ reconstruction: the levels add up in the space of the VQ rows.
+- VQ, row r (item r) = M(v_r), v_r the item's vector (the frozen embedding; its RQ reconstruction where it has
+  none). The VQ bag of an item, the mean of its neighbours' rows, is then M of its neighbourhood's mean vector.
+- Reserved unknown rows (RQ row K, VQ row 0) and items with no vector keep the table's random init.
+
+Where the codebooks live in another space than the item vectors (e.g. an RQ-VAE latent), the RQ rows get their own
+map fitted on the reconstructions.
+
+Example:
+    >>> cmap = ContentMap.fit(items.frozen[items.has_frozen], dim=16, std=0.05, seed=0)
+    >>> rows = cmap(items.frozen[[3, 5]])          # (2, 16): the VQ rows of items 3 and 5
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ranker.features import UNKNOWN_ROW, ItemFeatures
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ContentMap:
+    """The fixed affine map from the content space (d) to a table width (D).
+
+    Attributes:
+        proj: (d, D) float32 with orthonormal columns (rows when d < D).
+        center: (d,) float32.
+        scale: float.
+    """
+
+    proj: np.ndarray
+    center: np.ndarray
+    scale: float
+
+    def __call__(self, x: np.ndarray, centered: bool = True) -> np.ndarray:
+        """(n, d) -> (n, D). centered=False maps a residual (no centre subtracted)."""
+        x = np.asarray(x, np.float32)
+        return ((x - self.center) if centered else x) @ self.proj * np.float32(self.scale)
+
+    @classmethod
+    def fit(cls, vectors: np.ndarray, dim: int, std: float, seed: int) -> "ContentMap":
+        """Centre and scale from `vectors` (n, d), projection from `seed`.
+
+        Args:
+            vectors: (n, d) the catalog's content vectors.
+            dim: D.
+            std: per-coordinate std of the mapped vectors.
+            seed: projection seed.
+        """
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim != 2 or len(vectors) == 0:
+            raise ValueError(f"ContentMap.fit needs (n > 0, d) vectors, got shape {vectors.shape}")
+        d = vectors.shape[1]
+        q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((max(d, dim), max(d, dim))))
+        proj = q[:d, :dim].astype(np.float32)
+        center = vectors.mean(0)
+        spread = float(((vectors - center) @ proj).std())
+        return cls(proj=proj, center=center, scale=std / max(spread, 1e-12))
+
+
+def content_vectors(items: ItemFeatures) -> tuple[np.ndarray | None, np.ndarray]:
+    """Each item row's content vector and whether it has one: the frozen embedding, else the RQ reconstruction.
+
+    Returns:
+        ((n_rows, d) float32 or None when no item has either, (n_rows,) bool).
+    """
+    recon = rq_reconstruction(items)
+    if items.frozen is not None:
+        vec, has = items.frozen.copy(), items.has_frozen.copy()
+        if recon is not None and recon[0].shape[1] == vec.shape[1]:
+            fill = ~has & recon[1]
+            vec[fill], has = recon[0][fill], has | fill
+        return vec, has
+    return recon if recon is not None else (None, np.zeros(items.n_rows, bool))
+
+
+def rq_reconstruction(items: ItemFeatures) -> tuple[np.ndarray, np.ndarray] | None:
+    """(n_rows, d_code) sum of each coded item's centroids, and the coded mask; None without codebooks."""
+    if not items.codebooks or not items.rq_sizes:
+        return None
+    coded = items.has_codes.copy()
+    recon = np.zeros((items.n_rows, items.codebooks[0].shape[1]), np.float32)
+    for level, book in enumerate(items.codebooks):
+        recon[coded] += np.asarray(book, np.float32)[items.rq[coded, level]]
+    return recon, coded
+
+
+def init_tables_from_content(tables: dict, items: ItemFeatures, std: float, seed: int) -> dict:
+    """Set the RQ and VQ tables of an unsharded model from content (see the module docstring).
+
+    Args:
+        tables: {table name: (rows, D) weight} (ranker.model.embedding_tables).
+        items: the row's ItemFeatures (codes, codebooks, frozen vectors).
+        std: per-coordinate std of the mapped content vectors.
+        seed: projection seed.
+    Returns:
+        {table name: rows set} for the tables it initialised.
+    Raises:
+        ValueError when a code table is present but nothing to start it from is (no codebooks for RQ, no item
+        vectors or codebooks for VQ), or a codebook disagrees with its table.
+    """
+    rq_names = [f"rq_l{l}" for l in range(len(items.rq_sizes)) if f"rq_l{l}" in tables]
+    if not rq_names and "vq" not in tables:
+        return {}
+    dim = next(iter(tables.values())).shape[1]
+    vectors, has = content_vectors(items)
+    cmap = ContentMap.fit(vectors[has], dim, std, seed) if vectors is not None and has.any() else None
+    done = {}
+    if rq_names:
+        if not items.codebooks:
+            raise ValueError("code_init='content' needs the version's RQ codebooks, none were found")
+        rq_map = cmap
+        if rq_map is None or items.codebooks[0].shape[1] != rq_map.proj.shape[0]:
+            recon, coded = rq_reconstruction(items)
+            rq_map = ContentMap.fit(recon[coded], dim, std, seed)
+        for level, name in enumerate(rq_names):
+            book = np.asarray(items.codebooks[level], np.float32)
+            if len(book) + 1 != tables[name].shape[0]:
+                raise ValueError(f"codebook level {level} has {len(book)} centroids but table {name} has "
+                                 f"{tables[name].shape[0] - 1} codes")
+            with torch.no_grad():
+                tables[name][: len(book)] = torch.from_numpy(rq_map(book, centered=level == 0))
+            done[name] = len(book)
+    if "vq" in tables:
+        if cmap is None:
+            raise ValueError("code_init='content' needs item vectors (or RQ codebooks) for the VQ rows, none were found")
+        rows = np.flatnonzero(has)
+        rows = rows[rows != UNKNOWN_ROW]
+        with torch.no_grad():
+            tables["vq"][torch.from_numpy(rows)] = torch.from_numpy(cmap(vectors[rows]))
+        done["vq"] = int(len(rows))
+    log.debug("content init: %s", done)
+    return done
