@@ -13,6 +13,7 @@ from ranker.metrics import format_metric
 ROW_LABELS = {
     "id": "(a) ids only",
     "frozen": "(b) + frozen aligned embedding",
+    "frozen+sim": "(b') + frozen embedding + its target-history similarity (control of the cross feature)",
     "vq": "(c) + VQ code",
     "rq": "(d) + RQ code",
     "vq+rq": "(e) + VQ and RQ codes",

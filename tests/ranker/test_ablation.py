@@ -97,7 +97,7 @@ def test_eval_on_an_oracle_store_reports_every_row_with_intervals(tmp_path, caps
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = result["rows"]
-    assert set(rows) == {"id", "frozen", "vq", "rq", "vq+rq", "vq+rq+cross", "vq+rq+frozen", "random",
+    assert set(rows) == {"id", "frozen", "frozen+sim", "vq", "rq", "vq+rq", "vq+rq+cross", "vq+rq+frozen", "random",
                          "vq+rq-unaligned"}
     assert rows["vq+rq"]["runs"] == 2
     # oracle codes carry the clusters: their gain over ids is real, random codes of the same shapes gain less
