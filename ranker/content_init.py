@@ -12,6 +12,9 @@ the content space (the version's item vectors, width d) to the table width D:
 - VQ, row r (item r) = M(v_r), v_r the item's vector (the frozen embedding; its RQ reconstruction where it has
   none). The VQ bag of an item, the mean of its neighbours' rows, is then M of its neighbourhood's mean vector.
 - Reserved unknown rows (RQ row K, VQ row 0) and items with no vector keep the table's random init.
+- The frozen row's trainable projection (ranker.model.ItemVectorArch.frozen_proj) starts as M too, so the frozen
+  vector and the codes made from it start equally informed, and a comparison of the two rows is one of
+  trainable codes vs a frozen vector, not of initialisations.
 
 Where the codebooks live in another space than the item vectors (e.g. an RQ-VAE latent), the RQ rows get their own
 map fitted on the reconstructions.
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 from ranker.features import UNKNOWN_ROW, ItemFeatures
+from ranker.model import RankerModel, embedding_tables
 
 log = logging.getLogger(__name__)
 
@@ -100,26 +104,44 @@ def rq_reconstruction(items: ItemFeatures) -> tuple[np.ndarray, np.ndarray] | No
     return recon, coded
 
 
-def init_tables_from_content(tables: dict, items: ItemFeatures, std: float, seed: int) -> dict:
-    """Set the RQ and VQ tables of an unsharded model from content (see the module docstring).
+def init_from_content(model: RankerModel, items: ItemFeatures, std: float, seed: int) -> dict:
+    """Start an unsharded model's RQ and VQ tables and frozen projection from content (see the module docstring).
 
     Args:
-        tables: {table name: (rows, D) weight} (ranker.model.embedding_tables).
-        items: the row's ItemFeatures (codes, codebooks, frozen vectors).
+        model: RankerModel, before training.
+        items: the row's ItemFeatures (codes, codebooks, item vectors).
         std: per-coordinate std of the mapped content vectors.
         seed: projection seed.
     Returns:
-        {table name: rows set} for the tables it initialised.
+        {table name: rows set} for the tables it initialised ("frozen_proj": 1 when the projection was set).
     Raises:
         ValueError when a code table is present but nothing to start it from is (no codebooks for RQ, no item
         vectors or codebooks for VQ), or a codebook disagrees with its table.
     """
+    tables = embedding_tables(model)
+    proj = model.item_arch.frozen_proj
     rq_names = [f"rq_l{l}" for l in range(len(items.rq_sizes)) if f"rq_l{l}" in tables]
-    if not rq_names and "vq" not in tables:
+    if not rq_names and "vq" not in tables and proj is None:
         return {}
-    dim = next(iter(tables.values())).shape[1]
     vectors, has = content_vectors(items)
-    cmap = ContentMap.fit(vectors[has], dim, std, seed) if vectors is not None and has.any() else None
+    cmap = (ContentMap.fit(vectors[has], model.embedding_dim, std, seed)
+            if vectors is not None and has.any() else None)
+    done = _init_code_tables(tables, rq_names, items, cmap, vectors, has, std, seed)
+    if proj is not None:  # the frozen vector's map: x -> x @ W.T + b = (x - center) @ P * scale
+        if cmap is None or cmap.proj.shape[0] != proj.in_features:
+            raise ValueError("code_init='content' needs the item vectors the frozen projection reads")
+        with torch.no_grad():
+            proj.weight.copy_(torch.from_numpy((cmap.proj * cmap.scale).T))
+            proj.bias.copy_(torch.from_numpy(cmap(np.zeros((1, len(cmap.center)), np.float32))[0]))  # -center @ P * s
+        done["frozen_proj"] = 1
+    log.debug("content init: %s", done)
+    return done
+
+
+def _init_code_tables(tables: dict, rq_names: list, items: ItemFeatures, cmap: ContentMap | None,
+                      vectors: np.ndarray | None, has: np.ndarray, std: float, seed: int) -> dict:
+    """The RQ and VQ part of :func:`init_from_content`."""
+    dim = next(iter(tables.values())).shape[1]
     done = {}
     if rq_names:
         if not items.codebooks:
@@ -144,5 +166,4 @@ def init_tables_from_content(tables: dict, items: ItemFeatures, std: float, seed
         with torch.no_grad():
             tables["vq"][torch.from_numpy(rows)] = torch.from_numpy(cmap(vectors[rows]))
         done["vq"] = int(len(rows))
-    log.debug("content init: %s", done)
     return done

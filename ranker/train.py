@@ -36,7 +36,7 @@ from ranker.distributed import (DistContext, all_gather_rows, full_state_dict, l
 from ranker.examples import Examples
 from ranker.features import FeatureSchema, ItemFeatures, build_schema
 from ranker.metrics import format_metric, ranking_metrics
-from ranker.content_init import init_tables_from_content
+from ranker.content_init import init_from_content
 from ranker.model import RankerModel, RankerTrain, embedding_tables
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def build_train_model(cfg: RankerConfig, schema: FeatureSchema, items: ItemFeatu
     torch.manual_seed(cfg.seed)
     model = RankerModel(schema, cfg)
     if cfg.code_init == "content":
-        init_tables_from_content(embedding_tables(model), items, std=cfg.content_std, seed=cfg.seed)
+        init_from_content(model, items, std=cfg.content_std, seed=cfg.seed)
     return RankerTrain(model)
 
 

@@ -136,6 +136,12 @@ def test_content_init_starts_rq_rows_from_centroids_and_vq_rows_from_item_vector
                                               schema, items))
     assert torch.equal(rand["rq_l0"][-1], tables["rq_l0"][-1]) and torch.equal(rand["vq"][0], tables["vq"][0])
     assert torch.equal(rand["item"], tables["item"])  # ids are not a code table
+    # the frozen row's projection starts as the same map: frozen and codes start equally informed
+    frozen_cfg = RankerConfig(features="vq+rq+frozen", history_len=5, code_init="content", seed=3)
+    model = build_train_model(frozen_cfg, build_schema(frozen_cfg, data.users.n_rows, items), items).model
+    x = items.frozen[1:6]
+    assert model.item_arch.frozen_proj(torch.from_numpy(x)).detach().numpy() == pytest.approx(cmap(x), abs=1e-6)
+    assert embedding_tables(model)["vq"][1:].detach().numpy() == pytest.approx(cmap(items.frozen[1:]), abs=1e-6)
 
 
 def test_vq_rq_at_step_0_sees_content_and_random_init_does_not(world):
