@@ -196,3 +196,5 @@ def test_bootstrap_of_a_one_class_window_is_undefined_not_zero():
     ev = PairedEvaluation(users, labels, BootstrapConfig(replicates=20))
     out = ev.diff_ci([np.arange(30.0)], [np.zeros(30)], "auc")
     assert out["ci95"] is None and out["mean"] is None and "only one class" in out["undefined"]
+    empty = PairedEvaluation(users[:0], labels[:0], BootstrapConfig(replicates=20))
+    assert empty.diff_ci([np.zeros(0)], [np.zeros(0)], "gauc")["undefined"] == "no test users to resample"
