@@ -99,9 +99,9 @@ class RankerConfig:
     embedding_dim: int = 16
     history_len: int = 20
     attention: bool = True
-    code_init: str = "random"
-    content_std: float = 0.05
-    interaction: bool = False
+    code_init: str = "content"
+    content_std: float = 0.5
+    interaction: bool = True
     use_user_id: bool = True
     over_arch: tuple[int, ...] = (128, 64)
     batch_size: int = 512

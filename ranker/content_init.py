@@ -20,7 +20,7 @@ Where the codebooks live in another space than the item vectors (e.g. an RQ-VAE 
 map fitted on the reconstructions.
 
 Example:
-    >>> cmap = ContentMap.fit(items.frozen[items.has_frozen], dim=16, std=0.05, seed=0)
+    >>> cmap = ContentMap.fit(items.frozen[items.has_frozen], dim=16, std=0.5, seed=0)
     >>> rows = cmap(items.frozen[[3, 5]])          # (2, 16): the VQ rows of items 3 and 5
 """
 from __future__ import annotations
@@ -113,39 +113,42 @@ def init_from_content(model: RankerModel, items: ItemFeatures, std: float, seed:
         std: per-coordinate std of the mapped content vectors.
         seed: projection seed.
     Returns:
-        {table name: rows set} for the tables it initialised ("frozen_proj": 1 when the projection was set).
+        {"content": {table name: rows set ("frozen_proj": 1)}, "random": {table name: why it kept its random init}}
+        (a version without codebooks, or without vectors for the VQ rows, trains those tables from random rows,
+        logged as a warning and recorded in the fit result).
     Raises:
-        ValueError when a code table is present but nothing to start it from is (no codebooks for RQ, no item
-        vectors or codebooks for VQ), or a codebook disagrees with its table.
+        ValueError when a codebook disagrees with its table.
     """
     tables = embedding_tables(model)
     proj = model.item_arch.frozen_proj
     rq_names = [f"rq_l{l}" for l in range(len(items.rq_sizes)) if f"rq_l{l}" in tables]
+    report = {"content": {}, "random": {}}
     if not rq_names and "vq" not in tables and proj is None:
-        return {}
+        return report
     vectors, has = content_vectors(items)
     cmap = (ContentMap.fit(vectors[has], model.embedding_dim, std, seed)
             if vectors is not None and has.any() else None)
-    done = _init_code_tables(tables, rq_names, items, cmap, vectors, has, std, seed)
+    _init_code_tables(tables, rq_names, items, cmap, vectors, has, std, seed, report)
     if proj is not None:  # the frozen vector's map: x -> x @ W.T + b = (x - center) @ P * scale
         if cmap is None or cmap.proj.shape[0] != proj.in_features:
             raise ValueError("code_init='content' needs the item vectors the frozen projection reads")
         with torch.no_grad():
             proj.weight.copy_(torch.from_numpy((cmap.proj * cmap.scale).T))
             proj.bias.copy_(torch.from_numpy(cmap(np.zeros((1, len(cmap.center)), np.float32))[0]))  # -center @ P * s
-        done["frozen_proj"] = 1
-    log.debug("content init: %s", done)
-    return done
+        report["content"]["frozen_proj"] = 1
+    for table, why in report["random"].items():
+        log.warning("code_init='content': table %s keeps its random init: %s", table, why)
+    return report
 
 
 def _init_code_tables(tables: dict, rq_names: list, items: ItemFeatures, cmap: ContentMap | None,
-                      vectors: np.ndarray | None, has: np.ndarray, std: float, seed: int) -> dict:
-    """The RQ and VQ part of :func:`init_from_content`."""
+                      vectors: np.ndarray | None, has: np.ndarray, std: float, seed: int, report: dict) -> None:
+    """The RQ and VQ part of :func:`init_from_content` (fills `report`)."""
     dim = next(iter(tables.values())).shape[1]
-    done = {}
-    if rq_names:
-        if not items.codebooks:
-            raise ValueError("code_init='content' needs the version's RQ codebooks, none were found")
+    done = report["content"]
+    if rq_names and not items.codebooks:
+        report["random"].update({name: "the version has no codebooks for these codes" for name in rq_names})
+    elif rq_names:
         rq_map = cmap
         if rq_map is None or items.codebooks[0].shape[1] != rq_map.proj.shape[0]:
             recon, coded = rq_reconstruction(items)
@@ -158,12 +161,11 @@ def _init_code_tables(tables: dict, rq_names: list, items: ItemFeatures, cmap: C
             with torch.no_grad():
                 tables[name][: len(book)] = torch.from_numpy(rq_map(book, centered=level == 0))
             done[name] = len(book)
-    if "vq" in tables:
-        if cmap is None:
-            raise ValueError("code_init='content' needs item vectors (or RQ codebooks) for the VQ rows, none were found")
+    if "vq" in tables and cmap is None:
+        report["random"]["vq"] = "the version has neither item vectors nor codebooks for these codes"
+    elif "vq" in tables:
         rows = np.flatnonzero(has)
         rows = rows[rows != UNKNOWN_ROW]
         with torch.no_grad():
             tables["vq"][torch.from_numpy(rows)] = torch.from_numpy(cmap(vectors[rows]))
         done["vq"] = int(len(rows))
-    return done

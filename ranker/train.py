@@ -45,12 +45,14 @@ _RESUMABLE_KEYS = {"epochs", "max_steps", "patience", "num_threads", "eval_batch
 
 
 def build_train_model(cfg: RankerConfig, schema: FeatureSchema, items: ItemFeatures) -> RankerTrain:
-    """Unsharded RankerTrain with deterministic init; code tables start from content unless code_init="random"."""
+    """Unsharded RankerTrain with deterministic init; code tables start from content unless code_init="random"
+    (`.content_init` records which tables did: ranker.content_init.init_from_content)."""
     torch.manual_seed(cfg.seed)
     model = RankerModel(schema, cfg)
-    if cfg.code_init == "content":
-        init_from_content(model, items, std=cfg.content_std, seed=cfg.seed)
-    return RankerTrain(model)
+    report = init_from_content(model, items, std=cfg.content_std, seed=cfg.seed) if cfg.code_init == "content" else None
+    train_model = RankerTrain(model)
+    train_model.content_init = report
+    return train_model
 
 
 def attach_optimizers(train_model: torch.nn.Module, cfg: RankerConfig, ctx: DistContext):
@@ -250,6 +252,7 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
         "config": cfg.to_dict(),
         "world_size": ctx.world_size,
         "tables": _table_summary(schema),
+        "content_init": train_model.content_init,
         "history": history,
         "best_epoch": best["epoch"],
         "stopped_early": stopped_early,

@@ -57,7 +57,8 @@ def test_codebook_init_sets_rq_tables_and_keeps_unknown_row(world):
     d_c = np.linalg.norm(c[:, None] - c[None], axis=-1)[np.triu_indices(len(c), 1)]
     d_w = np.linalg.norm(weight[:-1, None] - weight[None, :-1], axis=-1)[np.triu_indices(len(c), 1)]
     assert np.corrcoef(d_c, d_w)[0, 1] > 0.95
-    rand = build_train_model(RankerConfig(features="rq", history_len=5), build_schema(cfg, data.users.n_rows, items), items)
+    rand = build_train_model(RankerConfig(features="rq", history_len=5, code_init="random"),
+                             build_schema(cfg, data.users.n_rows, items), items)
     assert torch.equal(embedding_tables(rand)["rq_l0"][-1], embedding_tables(model)["rq_l0"][-1])
 
 
@@ -164,3 +165,19 @@ def test_vq_rq_at_step_0_sees_content_and_random_init_does_not(world):
     # before any training step, content-initialised codes already rank item pairs like the frozen vectors do
     assert min(item_vector_similarity("content")) > 0.8
     assert max(np.abs(item_vector_similarity("random"))) < 0.5  # only items sharing whole codes agree
+
+
+def test_content_init_without_codebooks_keeps_random_rows_and_says_so(world):
+    from ranker.features import ItemFeatures
+
+    w, data = world
+    items = ItemFeatures.build(w.item_ids, code_item_ids=w.item_ids, rq=w.rq, vq=w.vq,
+                               rq_sizes=[len(b) for b in w.codebooks])  # codes without codebooks or vectors
+    cfg = RankerConfig(features="vq+rq", history_len=5, code_init="content")
+    model = build_train_model(cfg, build_schema(cfg, data.users.n_rows, items), items)
+    assert set(model.content_init["random"]) == {"rq_l0", "rq_l1", "vq"} and model.content_init["content"] == {}
+    assert "no codebooks" in model.content_init["random"]["rq_l0"]
+    rand = build_train_model(RankerConfig.from_dict({**cfg.to_dict(), "code_init": "random"}),
+                             build_schema(cfg, data.users.n_rows, items), items)
+    assert rand.content_init is None
+    assert torch.equal(embedding_tables(rand)["rq_l0"], embedding_tables(model)["rq_l0"])
