@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from ranker.config import CODE_INITS, FEATURE_SETS, NEGATIVE_SAMPLERS, NegativeConfig, RankerConfig
 from feature_store.split import add_split_arguments, split_from_args  # noqa: F401 (re-exported)

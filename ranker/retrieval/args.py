@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from feature_store.split import add_split_arguments
 from ranker.retrieval.config import LOSSES, RELIABILITY, DistillConfig, RetrievalConfig
