@@ -230,10 +230,17 @@ class Selection:
 
     def offer(self, epoch: int, evaluation: Evaluation, snapshot: Callable[[], Any]) -> bool:
         """Judge one epoch (``snapshot()`` copies its weights); returns True when patience ran out."""
-        self.improved = evaluation.score > self.best_score
+        stop = self.count(epoch, evaluation.score)
         if self.improved:
-            self.best_score, self.best_epoch, self.since_best = evaluation.score, epoch, 0
             self.best, self.snapshot = evaluation, snapshot()
+        return stop
+
+    def count(self, epoch: int, score: float) -> bool:
+        """Early stopping alone: a higher score than the best so far resets the count, anything else adds one;
+        returns True when ``patience`` epochs in a row did not improve (sets ``improved``)."""
+        self.improved = score > self.best_score
+        if self.improved:
+            self.best_score, self.best_epoch, self.since_best = score, epoch, 0
             return False
         self.since_best += 1
         return bool(self.patience) and self.since_best >= self.patience
