@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from feature_store.progress import Progress
 from ranker.batch import build_batch
 from ranker.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, load_sparse_optimizer_state, read_checkpoint,
                                save_checkpoint, sparse_optimizer_state)
@@ -133,7 +133,7 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
         out_dir: where ranker.pt and result.json go (rank 0); None keeps everything in memory.
         resume: continue from out_dir/ranker.pt.
         ctx: distributed context (default: from the environment).
-        progress: tqdm bars on rank 0.
+        progress: a tqdm bar on rank 0 on a terminal (without it, and off a terminal, a line at least every 30 s).
         return_test_scores: add "test_scores", the (N_test,) logits of the restored best model (for paired
             bootstrap intervals; not written to result.json).
         score_examples: also score these (e.g. retrieved candidates to re-rank): "extra_scores" (M,) logits.
@@ -192,14 +192,16 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
     total_steps, samples, train_seconds = 0, 0, 0.0
     stopped_early = False
     module.train()
+    # the trainer's one progress call site: every epoch's steps (a bar on a terminal, else a line at least every
+    # 30 s; rank 0 only)
+    bar = Progress(f"ranker {cfg.features}", steps * (cfg.epochs - start_epoch), unit="step", enabled=ctx.is_main,
+                   bar=None if progress else False, logger=log, final_line=False)
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.max_steps and steps_before + total_steps >= cfg.max_steps:
             break
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(data.train))
-        bar = tqdm(range(steps), desc=f"{cfg.features} epoch {epoch}", disable=not (progress and ctx.is_main),
-                   leave=False, mininterval=2.0)
         losses, t0 = [], time.perf_counter()
-        for step in bar:
+        for step in range(steps):
             idx = _local_part(order[step * cfg.batch_size:(step + 1) * cfg.batch_size], ctx)
             batch = build_batch(data.train.take(idx), schema, items).to(ctx.device)
             loss, _ = module(batch)
@@ -209,8 +211,7 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
             losses.append(loss.item())
             total_steps += 1
             samples += len(idx) * ctx.world_size
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            bar.update(1, epoch=epoch, loss=float(np.mean(losses[-20:])))
             if cfg.max_steps and steps_before + total_steps >= cfg.max_steps:
                 break
         train_seconds += time.perf_counter() - t0
@@ -243,6 +244,7 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
         if cfg.patience and epoch - best["epoch"] >= cfg.patience:
             stopped_early = True
             break
+    bar.close()
     # the checkpoint's "model" already holds the best epoch's weights, so loading it reproduces `test`
     restore_snapshot(module, best_snapshot)
     valid = evaluate(module, data.valid, schema, items, cfg.eval_batch_size, ctx)

@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from feature_store.progress import Progress
 from pipelines.encoder.adapters import AdapterConfig, add_adapters
 from pipelines.encoder.base_map import BASE_MAP_KINDS, BaseMap, GramStats, fit_base_map, pooled_top
 from pipelines.encoder.cache import StateCache, build_cache
@@ -44,7 +44,6 @@ from pipelines.encoder.items import ItemCatalog
 from pipelines.encoder.losses import ContrastiveLoss, PositiveGraph, false_negative_mask
 from pipelines.encoder.model_io import (MODES, SIDE_MODES, base_map_of, build_for_meta, build_for_mode, load_state,
                                      saved_state, set_base_map)
-from pipelines.encoder.progress import on_terminal
 from pipelines.encoder.side import SideConfig, SideEncoder, SideHeadOnly, towers_side_network
 from pipelines.encoder.side_mllm import MLLMStateExtractor, build_mllm_side_encoder, mllm_side_network
 
@@ -97,7 +96,7 @@ class AlignConfig:
         cache_batch_size: items per backbone pass when building the side cache.
         num_threads: torch threads (None leaves the default).
         device: "cpu" or "cuda".
-        progress: tqdm bars on a terminal (one log line per stage otherwise).
+        progress: tqdm bars on a terminal (else, and off a terminal, a log line at least every 30 s).
     """
 
     mode: str = "side"
@@ -728,8 +727,9 @@ def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candi
         if cfg.use_pair_weights and "weight" in train_pairs.columns else None
     last_ckpt = ckpt
     epochs_run = start_epoch
-    bar = tqdm(total=total_steps, initial=step, desc=f"align[{cfg.mode}]", unit="step",
-               disable=not (cfg.progress and on_terminal() and comm.is_main))
+    # the trainer's one progress call site (a bar on a terminal, else a line at least every 30 s; rank 0 only)
+    bar = Progress(f"align[{cfg.mode}]", total_steps, unit="step", initial=step, enabled=comm.is_main,
+                   bar=None if cfg.progress else False, logger=log)
     saving = out_dir is not None and comm.is_main
 
     def save(position, stop_flag, extra_meta=None):
@@ -772,8 +772,7 @@ def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candi
             optimizer.step()
             step += 1
             losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update(1, epoch=epoch, loss=losses[-1])
             if step % cfg.log_every == 0:
                 log.info("align[%s] epoch %d step %d/%d loss %.4f (mean of last %d: %.4f)", cfg.mode, epoch, step,
                          total_steps, losses[-1], cfg.log_every, float(np.mean(losses[-cfg.log_every:])))
