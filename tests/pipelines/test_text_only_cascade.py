@@ -1,5 +1,8 @@
 """The cascade on a catalog without any image: the frozen MLLM runs text-only (no vision tower is built, no vision
-weights are read, in the driver or on the in-process workers) and the version records it."""
+weights are read, in the driver or on the in-process workers) and the version records it. The same run checks that
+every long stage reports progress off a terminal (the interval shortened so a tiny run reaches it)."""
+import logging
+
 import pytest
 
 from feature_store import FeatureStore
@@ -8,8 +11,10 @@ from oracle_world import oracle_world, write_world_files
 pytestmark = pytest.mark.slow
 
 
-def test_text_only_catalog_cascade_never_builds_the_vision_tower(tmp_path, monkeypatch):
+def test_text_only_catalog_cascade_never_builds_the_vision_tower(tmp_path, monkeypatch, caplog):
     import open_clip.model
+
+    import feature_store.progress
 
     from pipelines.encoder import towers
     from pipelines.jobs.cascade import run
@@ -19,6 +24,8 @@ def test_text_only_catalog_cascade_never_builds_the_vision_tower(tmp_path, monke
 
     monkeypatch.setattr(open_clip.model, "_build_vision_tower", refuse)
     monkeypatch.setattr(towers, "load_trunk_weights", refuse)
+    monkeypatch.setattr(feature_store.progress, "EVERY_S", 1e-9)  # every update writes its line
+    caplog.set_level(logging.INFO)
     world = oracle_world(n_items=60, n_users=40, n_events=1600, seed=3)
     items, inter = write_world_files(world, tmp_path / "data")  # item_id, title: no image column at all
     summary = run(["--dataset", "generic", "--items", str(items), "--interactions", str(inter), "--encoder", "tiny",
@@ -28,3 +35,7 @@ def test_text_only_catalog_cascade_never_builds_the_vision_tower(tmp_path, monke
     version = FeatureStore(tmp_path / "store").read(summary["version"])
     assert version.codes().rq.shape == (60, 2)
     assert '"vision": "none"' in (version.path / "manifest.json").read_text()
+    lines = [r.getMessage() for r in caplog.records]
+    for stage in ("side cache shard 0: ", "align[side]: ", "quantize: rq-kmeans levels: 2/2 levels",
+                  "quantize: rq encode (this worker): ", "quantize: vq search (this worker): "):
+        assert any(m.startswith(stage) and " elapsed" in m for m in lines), stage
