@@ -137,7 +137,7 @@ def unaligned_map(opts: CascadeOptions) -> str:
 
 def encoder_dict(opts: CascadeOptions, seed: int, has_images: bool = True) -> dict:
     """The job's encoder config; for a catalog without any image its text-only variant (`EncoderConfig.for_catalog`:
-    no vision tower is built or loaded)."""
+    no vision tower is built or loaded). A warm start (``--init-encoder``) follows its checkpoint instead."""
     from pipelines.encoder.checkpoint import read_meta
     from pipelines.encoder.config import EncoderConfig
 
@@ -149,6 +149,8 @@ def encoder_dict(opts: CascadeOptions, seed: int, has_images: bool = True) -> di
     if opts.encoder_image_size:
         overrides["image_size"] = opts.encoder_image_size
     cfg = EncoderConfig.named(opts.encoder, **overrides)
+    if opts.init_encoder:  # a warm start keeps the towers its checkpoint was trained with (text-only or not)
+        has_images = read_meta(Path(opts.init_encoder))["encoder"].get("vision", "none") != "none"
     if cfg.for_catalog(has_images) is not cfg:
         log.info("no item has an image: encoder %s runs text-only (its vision tower is not built)", opts.encoder)
         cfg = cfg.for_catalog(has_images)
