@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,11 +51,6 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 
 log = logging.getLogger(__name__)
-
-
-def on_terminal() -> bool:
-    """Whether stderr is a terminal (progress bars there; log lines otherwise)."""
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 @dataclass(frozen=True)
@@ -74,7 +68,8 @@ class LoopConfig:
             ``heartbeat_s`` seconds).
         is_main: this process reports (rank 0).
         log_every: also log the loss every this many steps (0: never).
-        heartbeat_s: seconds between progress log lines when there is no bar.
+        heartbeat_s: seconds between progress log lines when there is no bar (None: feature_store.progress.EVERY_S,
+            30 s).
     """
 
     epochs: int
@@ -85,7 +80,7 @@ class LoopConfig:
     progress: bool = True
     is_main: bool = True
     log_every: int = 0
-    heartbeat_s: float = 30.0
+    heartbeat_s: Optional[float] = None
 
 
 @dataclass
@@ -345,28 +340,21 @@ def _train_epoch(task: TrainTask, cfg: LoopConfig, updates: Updates, state: Loop
 
 
 class _Progress:
-    """A tqdm bar on a terminal (rank 0), otherwise a log line at least every ``heartbeat_s`` seconds."""
+    """The loop's one progress call site: ``feature_store.progress.Progress`` (a tqdm bar on a terminal, otherwise a
+    line at least every ``heartbeat_s`` seconds; rank 0 only), plus the loss every ``log_every`` steps."""
 
     def __init__(self, cfg: LoopConfig, initial: int):
-        from tqdm.auto import tqdm
+        from feature_store.progress import Progress
 
         self.cfg = cfg
-        show = cfg.is_main and cfg.progress and on_terminal()
-        self.bar = tqdm(total=cfg.total_steps, initial=initial, desc=cfg.desc, unit="step", leave=False,
-                        mininterval=1.0) if show else None
-        self.last_line = time.monotonic()
+        self.bar = Progress(cfg.desc, cfg.total_steps, unit="step", initial=initial, enabled=cfg.is_main,
+                            bar=None if cfg.progress else False, every_s=cfg.heartbeat_s, logger=log)
 
     def step(self, state: LoopState) -> None:
         if not self.cfg.is_main:
             return
         recent = state.losses[-20:]
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(epoch=state.epoch, loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
-        elif time.monotonic() - self.last_line >= self.cfg.heartbeat_s:
-            self.last_line = time.monotonic()
-            log.info("%s epoch %d step %d/%s loss %.4f (mean of last %d)", self.cfg.desc, state.epoch, state.step,
-                     self.cfg.total_steps or "?", sum(recent) / len(recent), len(recent))
+        self.bar.update(1, epoch=state.epoch, loss=sum(recent) / len(recent))
         every = self.cfg.log_every
         if every and state.step % every == 0:
             window = state.losses[-every:]
@@ -374,8 +362,7 @@ class _Progress:
                      state.step, self.cfg.total_steps or "?", state.losses[-1], every, sum(window) / len(window))
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 def _world() -> int:

@@ -95,7 +95,7 @@ class AlignConfig:
         cache_batch_size: items per backbone pass when building the side cache.
         num_threads: torch threads (None leaves the default).
         device: "cpu" or "cuda".
-        progress: tqdm bars on a terminal (one log line per stage otherwise).
+        progress: tqdm bars on a terminal (else, and off a terminal, a log line at least every 30 s).
     """
 
     mode: str = "side"
