@@ -97,33 +97,69 @@ def run_eval(dataset, plan: EvalPlan, base_cfg: RankerConfig, out_dir: Path,
         out_dir: report folder.
         versions: [(cascade seed or None, store root, version id or None for CURRENT)].
     """
-    from feature_store import FeatureStore
-    from feature_store.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-    from ranker.data import prepare_examples, store_items
-    from ranker.report import bar_chart_png, cascade_table, markdown_table
+    from ranker.data import prepare_examples
 
     t0 = time.perf_counter()
     interactions = dataset.interactions
     catalog = dataset.items["item_id"].to_numpy()
     data = prepare_examples(interactions, catalog, base_cfg.history_len, plan.split, base_cfg.negatives)
     rerank = Rerank(plan, data, interactions, base_cfg.history_len) if plan.rerank_candidates else None
-    extra = rerank.examples if rerank else None
-    store_rows = tuple(r for r in plan.rows if r not in STORE_FREE_ROWS)
-    free_rows = tuple(r for r in plan.rows if r in STORE_FREE_ROWS)
-    runs, skipped, pairs, cascades, checked = {}, {}, {}, [], []
-    for cascade_seed, root, version_id in versions:  # refuse another protocol before training anything
+    cascades, checked = _checked_versions(versions, interactions, plan)  # refuse another protocol before training
+    runs, pairs, skipped = _train_rows(data, catalog, checked, plan, base_cfg,
+                                       rerank.examples if rerank else None)
+    evaluation = PairedEvaluation(data.test.user_id, data.test.label, plan.bootstrap)
+    summary = summarize_runs(runs, baseline="id", evaluation=evaluation, pairs=pairs)
+    summary = {r: summary[r] for r in plan.rows if r in summary}
+    name = getattr(dataset, "name", "") or "dataset"
+    mismatch = any(c["protocol_problems"] for c in cascades)
+    out_dir = Path(out_dir)
+    report = {
+        "dataset": name, "seeds": plan.seeds, "cascade_seeds": plan.cascade_seeds, "cascades": cascades,
+        "protocol_mismatch": mismatch, "rows": summary, "cascade": rerank.report(runs) if rerank else None,
+        "skipped": skipped, "data": data.info, "config": base_cfg.to_dict(), "plan": dataclasses.asdict(plan),
+        "seconds": time.perf_counter() - t0,
+        "runs": {row: [{k: r.get(k) for k in ("test", "valid", "test_by_popularity", "best_epoch", "history",
+                                               "seconds", "coverage")} for r in results]
+                 for row, results in runs.items()},
+        "files": {k: str(out_dir / f"ablation.{k}") for k in ("json", "md", "png")},
+    }
+    title = (("PROTOCOL MISMATCH (--allow-protocol-mismatch) — " if mismatch else "")
+             + f"QARM ablation — {name}, {len(versions)} cascade(s) × {plan.seeds} model seed(s), "
+               f"test window ({plan.split.method})")
+    report["table"] = _write_report(report, title, _report_notes(plan, base_cfg, data, evaluation), out_dir)
+    return report
+
+
+def _checked_versions(versions, interactions, plan: EvalPlan):
+    """Each cascade version, read and checked against the eval's protocol. Returns (the report's "cascades"
+    records, [(cascade seed, StoreVersion)])."""
+    from feature_store import FeatureStore
+
+    cascades, checked = [], []
+    for cascade_seed, root, version_id in versions:
         version = FeatureStore(root).read(version_id)
         problems = check_protocol(version.manifest.get("protocol"), interactions, plan.split, version.id,
                                   plan.allow_protocol_mismatch)
         cascades.append({"cascade_seed": cascade_seed, "store": str(root), "version": version.id,
                          "protocol": version.manifest.get("protocol"), "protocol_problems": problems})
         checked.append((cascade_seed, version))
+    return cascades, checked
+
+
+def _train_rows(data, catalog, checked, plan: EvalPlan, base_cfg: RankerConfig, extra):
+    """Rows that need no store once; every store row on every cascade version, each crossed with the model seeds.
+    Returns (runs {row: [fit results]}, pairs {row: [model seed of each run]}, skipped {row: why})."""
+    from ranker.data import store_items
+
+    runs, pairs, skipped = {}, {}, {}
+    free_rows = tuple(r for r in plan.rows if r in STORE_FREE_ROWS)
     if free_rows:
         from ranker.features import ItemFeatures
 
         free, _ = run_rows(data, {"ids": ItemFeatures.build(catalog)}, base_cfg, plan.seeds, free_rows,
                            progress=False, tag="(no store) ", score_examples=extra)
         runs.update(free)
+    store_rows = tuple(r for r in plan.rows if r not in STORE_FREE_ROWS)
     for cascade_seed, version in checked:
         items = store_items(version, catalog, random_seed=cascade_seed or 0)
         tag = f"cascade {cascade_seed} " if cascade_seed is not None else ""
@@ -133,43 +169,36 @@ def run_eval(dataset, plan: EvalPlan, base_cfg: RankerConfig, out_dir: Path,
             runs.setdefault(row, []).extend(results)
             pairs.setdefault(row, []).extend(range(plan.seeds))  # paired with the ids run of the same model seed
         skipped.update(missing)
-    evaluation = PairedEvaluation(data.test.user_id, data.test.label, plan.bootstrap)
-    summary = summarize_runs(runs, baseline="id", evaluation=evaluation, pairs=pairs)
-    summary = {r: summary[r] for r in plan.rows if r in summary}
-    cascade = rerank.report(runs) if rerank else None
-    name = getattr(dataset, "name", "") or "dataset"
-    mismatch = any(c["protocol_problems"] for c in cascades)
-    title = (("PROTOCOL MISMATCH (--allow-protocol-mismatch) — " if mismatch else "")
-             + f"QARM ablation — {name}, {len(versions)} cascade(s) × {plan.seeds} model seed(s), "
-               f"test window ({plan.split.method})")
+    return runs, pairs, skipped
+
+
+def _report_notes(plan: EvalPlan, base_cfg: RankerConfig, data, evaluation) -> tuple[str, ...]:
     neg = base_cfg.negatives
-    notes = (f"Split: {plan.split.method} {dataclasses.asdict(plan.split)}; every version's pairs, alignment and "
-             f"codebooks saw only its train portion (checked against manifest['protocol']).",
-             f"Negatives: {'sampled, ' + str(neg.per_positive) + ' per positive, sampler ' + neg.sampler if data.info['implicit'] else 'explicit labels (no sampling)'}.",
-             ranker_note(base_cfg),
-             f"Intervals: paired bootstrap over {len(evaluation.unique_users)} test users × "
-             f"{plan.bootstrap.replicates} replicates, paired by model seed; AUC units.")
-    out_dir = Path(out_dir)
+    negatives = (f"sampled, {neg.per_positive} per positive, sampler {neg.sampler}" if data.info["implicit"]
+                 else "explicit labels (no sampling)")
+    return (f"Split: {plan.split.method} {dataclasses.asdict(plan.split)}; every version's pairs, alignment and "
+            f"codebooks saw only its train portion (checked against manifest['protocol']).",
+            f"Negatives: {negatives}.",
+            ranker_note(base_cfg),
+            f"Intervals: paired bootstrap over {len(evaluation.unique_users)} test users × "
+            f"{plan.bootstrap.replicates} replicates, paired by model seed; AUC units.")
+
+
+def _write_report(report: dict, title: str, notes, out_dir: Path) -> str:
+    """ablation.md, ablation.png and ablation.json under ``out_dir`` (atomic); returns the Markdown."""
+    from feature_store.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from ranker.report import bar_chart_png, cascade_table, markdown_table
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {
-        "dataset": name, "seeds": plan.seeds, "cascade_seeds": plan.cascade_seeds, "cascades": cascades,
-        "protocol_mismatch": mismatch, "rows": summary, "cascade": cascade, "skipped": skipped, "data": data.info,
-        "config": base_cfg.to_dict(), "plan": dataclasses.asdict(plan), "seconds": time.perf_counter() - t0,
-        "runs": {row: [{k: r.get(k) for k in ("test", "valid", "test_by_popularity", "best_epoch", "history",
-                                               "seconds", "coverage")} for r in results]
-                 for row, results in runs.items()},
-        "files": {k: str(out_dir / f"ablation.{k}") for k in ("json", "md", "png")},
-    }
-    md = markdown_table(summary, title, notes)
-    if cascade:
-        md += "\n" + cascade_table(cascade)
-    if skipped:
-        md += "\nSkipped rows: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()) + "\n"
+    md = markdown_table(report["rows"], title, notes)
+    if report["cascade"]:
+        md += "\n" + cascade_table(report["cascade"])
+    if report["skipped"]:
+        md += "\nSkipped rows: " + "; ".join(f"{k}: {v}" for k, v in report["skipped"].items()) + "\n"
     atomic_write_text(out_dir / "ablation.md", md)
-    atomic_write_bytes(out_dir / "ablation.png", bar_chart_png(summary, title))
+    atomic_write_bytes(out_dir / "ablation.png", bar_chart_png(report["rows"], title))
     atomic_write_json(out_dir / "ablation.json", report)
-    report["table"] = md
-    return report
+    return md
 
 
 def ablation_text(result: dict) -> str:
