@@ -267,17 +267,6 @@ def int64_column(frame: pd.DataFrame, column: str, *, role: str = "") -> tuple[p
     return values, Unparsed(frame, column, role, bad, "is not an integer", "bad_id")
 
 
-def to_int64(frame: pd.DataFrame, column: str, *, role: str = "") -> pd.Series:
-    """Column as nullable Int64 (missing cells stay <NA>: they are per-record rejects, not file errors).
-
-    Raises:
-        DataError naming file, column and the first row whose value is not an integer.
-    """
-    values, bad = int64_column(frame, column, role=role)
-    bad.raise_if_any()
-    return values
-
-
 def float32_column(frame: pd.DataFrame, column: str, *, role: str = "") -> tuple[pd.Series, Unparsed]:
     """Column as float32 (NaN for missing and for unparseable cells) plus its unparseable cells."""
     series = frame[column]
@@ -286,13 +275,6 @@ def float32_column(frame: pd.DataFrame, column: str, *, role: str = "") -> tuple
     numeric = pd.to_numeric(series.map(_bool_text) if series.dtype == object else series, errors="coerce")
     bad = numeric.isna().to_numpy() & series.notna().to_numpy()
     return numeric.astype("float32"), Unparsed(frame, column, role, bad, "is not a number", "bad_label")
-
-
-def to_float32(frame: pd.DataFrame, column: str, *, role: str = "") -> pd.Series:
-    """Column as float32 (NaN for missing). Raises DataError naming file, column and first non-numeric row."""
-    values, bad = float32_column(frame, column, role=role)
-    bad.raise_if_any()
-    return values
 
 
 def _bool_text(value):
