@@ -89,7 +89,8 @@ def _job_dead_letters(spec, tmp_path, read_on_workers: bool) -> list[tuple]:
             events = p | "Events" >> beam.Create(with_raw_ids(ds.interactions, ds.id_maps, ("user_id", "item_id"))
                                                  .assign(_row=range(len(ds.interactions))).to_dict("records"))
             parse_dead, root = p | "NoParse" >> beam.Create([]), str(ds.image_root)
-        vi = items | ValidateItems(root, spec.validate_images, spec.require_image, max_bad_fraction=spec.max_bad_fraction)
+        vi = items | ValidateItems(root, spec.validate_images, spec.require_image,
+                                   max_bad_fraction=spec.max_bad_fraction, recheck=not read_on_workers)
         vx = events | ValidateInteractions(vi["items"], max_bad_fraction=spec.max_bad_fraction,
                                            dedupe=read_on_workers, clock=spec.clock())
         _ = ((parse_dead, vi[DEAD], vx[DEAD]) | beam.Flatten() | beam.Map(json.dumps, default=str)
