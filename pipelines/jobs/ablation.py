@@ -145,6 +145,7 @@ def run_eval(dataset, plan: EvalPlan, base_cfg: RankerConfig, out_dir: Path,
     notes = (f"Split: {plan.split.method} {dataclasses.asdict(plan.split)}; every version's pairs, alignment and "
              f"codebooks saw only its train portion (checked against manifest['protocol']).",
              f"Negatives: {'sampled, ' + str(neg.per_positive) + ' per positive, sampler ' + neg.sampler if data.info['implicit'] else 'explicit labels (no sampling)'}.",
+             ranker_note(base_cfg),
              f"Intervals: paired bootstrap over {len(evaluation.unique_users)} test users × "
              f"{plan.bootstrap.replicates} replicates, paired by model seed; AUC units.")
     out_dir = Path(out_dir)
@@ -168,6 +169,14 @@ def run_eval(dataset, plan: EvalPlan, base_cfg: RankerConfig, out_dir: Path,
     atomic_write_json(out_dir / "ablation.json", report)
     report["table"] = md
     return report
+
+
+def ranker_note(cfg: RankerConfig) -> str:
+    """The report's line on the ranker settings every row shares."""
+    init = f"from content (std {cfg.content_std})" if cfg.code_init == "content" else "at random"
+    return (f"Ranker: code tables start {init}, dot-product interaction {'on' if cfg.interaction else 'off'}, "
+            f"history {cfg.history_len}, embedding dim {cfg.embedding_dim}, up to {cfg.epochs} epochs "
+            f"(early-stopped on validation AUC).")
 
 
 class Rerank:

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> dict:
     if plan.cascade_seeds:
         versions = run_cascades(_job_args(args), plan.cascade_seeds, Path(args.out))
     elif args.store:
-        versions = [(None, Path(args.store), args.version)]
+        versions = [(None, args.store, args.version)]
     else:
         raise ValueError("qarm eval needs --store DIR (a published version) or --cascade-seeds N")
     dataset = load_dataset(data_spec_from_args(args))

@@ -147,8 +147,8 @@ def continuity_report(parent, candidate, dataset, since: int, tail_start: int, u
     for other in ("fresh", "scratch"):  # does carrying the rows over beat a restart, on the same users?
         report["remapped"][f"vs_{other}"] = {metric: paired.diff_ci([scores["remapped"]], [scores[other]], metric)
                                              for metric in ("auc", "gauc")}
-    log.info("continuity (held-out tail, %d events): auc before %.4f | remapped %.4f | stale %.4f | fresh %.4f | "
-             "scratch %.4f", report["test_events"], *[report[v]["auc"] for v in VARIANTS])
+    log.info("continuity (held-out tail, %d events): auc %s", report["test_events"],
+             " | ".join(f"{v} {_fmt(report[v]['auc'])}" for v in VARIANTS))
     return report
 
 
@@ -160,3 +160,8 @@ def continuity_stage(parent, candidate, dataset, window: dict, seed: int, remap_
                                  window["until"], seed=seed, work_dir=out / "ranker", remap_method=remap_method)
 
     return run
+
+
+def _fmt(value) -> str:
+    """An AUC for the log line: undefined (None, e.g. a one-class tail) prints as n/a."""
+    return "n/a" if value is None else f"{value:.4f}"
