@@ -81,8 +81,8 @@ class RejectLog:
             return empty_rejects()
         out = pd.concat(self._parts, ignore_index=True)
         # one shape for every reject (`rules.reject_record`): ids as text, as the source wrote them
-        out = pd.DataFrame([reject_record(**r) for r in out.to_dict("records")], columns=list(REJECT_COLUMNS))
-        return out.astype({"row": "int64", "item_dense_id": "Int64", "user_dense_id": "Int64"})
+        records = [reject_record(**r) for r in out.to_dict("records")]
+        return _rejects_frame({c: [r[c] for r in records] for c in REJECT_COLUMNS})
 
 
 def reject_failures(rejects: RejectLog, verdicts: Verdicts, *, src: np.ndarray, rows: np.ndarray,
@@ -118,8 +118,16 @@ def reject_failures(rejects: RejectLog, verdicts: Verdicts, *, src: np.ndarray, 
 
 
 def empty_rejects() -> pd.DataFrame:
-    dtypes = {"row": "int64", "item_dense_id": "Int64", "user_dense_id": "Int64"}
-    return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, "object")) for c in REJECT_COLUMNS})
+    return _rejects_frame({c: [] for c in REJECT_COLUMNS})
+
+
+_REJECT_DTYPES = {"row": "int64", "item_dense_id": "Int64", "user_dense_id": "Int64"}
+
+
+def _rejects_frame(columns: dict) -> pd.DataFrame:
+    """The rejects table from REJECT_COLUMNS lists: text columns hold str or None (object dtype, never the string
+    dtype's NaN: consumers test `is None`), dense ids are nullable Int64."""
+    return pd.DataFrame({c: pd.Series(columns[c], dtype=_REJECT_DTYPES.get(c, object)) for c in REJECT_COLUMNS})
 
 
 def _content_verdicts(items: pd.DataFrame, image_root: Optional[Path], spec: DataSpec, check_images: bool,
