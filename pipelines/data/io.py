@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feature_store import io as fs_io
-from pipelines.data.rules import (MS_THRESHOLD, NOT_A_NUMBER, NOT_AN_INTEGER, Cells, merge_ms_stats,  # noqa: F401
-                                  ms_decision, ms_stats, parse_int64, parse_numbers, parse_unix_seconds)
+from pipelines.data.rules import (NOT_A_NUMBER, NOT_AN_INTEGER, Cells, column_label, empty_detail, parse_int64,
+                                  parse_numbers, parse_unix_seconds, value_detail)
 
 log = logging.getLogger(__name__)
 
@@ -198,14 +198,14 @@ class Unparsed:
 
     @property
     def label(self) -> str:
-        return f"column {self.column!r}" + (f" ({self.role})" if self.role else "")
+        return column_label(self.column, self.role)
 
     def value(self, position: int):
         return self.frame[self.column].iloc[position]
 
     def detail(self, position: int) -> str:
-        """The rejects table's detail for one bad row: column, value and why."""
-        return f"{self.label}: value {self.value(position)!r} {self.what}"
+        """The rejects table's detail for one bad row: column, value and why (`rules.value_detail`)."""
+        return value_detail(self.column, self.role, self.value(position), self.what)
 
     def describe(self, examples: int = 5) -> str:
         """'<file>: column 'ts' (ts) row 1 (line 3): value 'x' <what>; N bad value(s) ... first: ...'."""
@@ -219,8 +219,7 @@ class Unparsed:
 
 def empty_cells(column: str, role: str, mask: np.ndarray) -> Cells:
     """The cells of one source column that are empty where the contract needs a value (missing_value)."""
-    label = f"column {column!r} ({role})"
-    return Cells(mask, f"{label} is empty", label)
+    return Cells(mask, empty_detail(column, role), column_label(column, role))
 
 
 def int64_column(frame: pd.DataFrame, column: str, *, role: str = "") -> tuple[pd.Series, Unparsed]:
@@ -231,9 +230,8 @@ def int64_column(frame: pd.DataFrame, column: str, *, role: str = "") -> tuple[p
         DataError: a boolean column (a wrong column, not a bad cell).
     """
     series = frame[column]
-    label = f"column {column!r}" + (f" ({role})" if role else "")
     if pd.api.types.is_bool_dtype(series.dtype):
-        raise DataError(f"{locate(frame, 0)[0]}: {label}: expected integers, got booleans")
+        raise DataError(f"{locate(frame, 0)[0]}: {column_label(column, role)}: expected integers, got booleans")
     values, bad = parse_int64(series)
     return values, Unparsed(frame, column, role, bad, NOT_AN_INTEGER)
 

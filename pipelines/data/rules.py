@@ -46,6 +46,22 @@ NO_IMAGE = "no image_uri"
 
 # --------------------------------------------------------------------------------------------- reject records
 
+def column_label(column: str, role: str = "") -> str:
+    """How a reject names where a value came from: the source column and the contract field it feeds."""
+    return f"column {column!r}" + (f" ({role})" if role else "")
+
+
+def value_detail(column: str, role: str, value, what: str) -> str:
+    """The reject detail of one value that fails a rule: column, value and why ("column 'ts' (ts): value 'x' is not a
+    unix timestamp"), whoever read the value (a source cell in the loader or on a worker, a record's field)."""
+    return f"{column_label(column, role)}: value {value!r} {what}"
+
+
+def empty_detail(column: str, role: str = "") -> str:
+    """The reject detail of an empty value where the contract needs one (missing_value)."""
+    return f"{column_label(column, role)} is empty"
+
+
 def raw_id_text(value) -> Optional[str]:
     """An id as the source wrote it, as text without surrounding blanks (None when absent or blank); integral
     floats lose their ``.0``."""
@@ -377,8 +393,9 @@ def check_records(frame: pd.DataFrame, clock=None) -> tuple[dict, Verdicts]:
         frame: one row per record, the four fields as columns (missing fields as None).
         clock: `feature_store.clock.EventClock`; None: no clock check.
     Returns:
-        ({field: parsed values}, `Verdicts` of INTERACTION_RULES). Details name the field and the value
-        ("ts 'notadate' is not a unix timestamp", "label 3.0 not in [0, 1]").
+        ({field: parsed values}, `Verdicts` of INTERACTION_RULES). Details name the field and the value as the
+        loader's name a source column and cell (`value_detail`: "column 'ts' (ts): value 'notadate' is not a unix
+        timestamp").
     """
     raw = {f: _object_column(frame[f]) for f in ("user_id", "item_id", "ts", "label")}
     # a NaN label in a record is a value (a label computed into NaN), not an empty field: it parses as the text
@@ -389,22 +406,27 @@ def check_records(frame: pd.DataFrame, clock=None) -> tuple[dict, Verdicts]:
                         ("label", NOT_A_NUMBER)):
         values, bad = parse_numbers(labels) if field == "label" else parse_int64(raw[field])
         parsed[field] = values
-        checks[f"missing:{field}"] = Cells(values.isna().to_numpy() & ~bad, f"{field} is empty")
-        checks[field] = Cells(bad, lambda i, f=field, w=what: f"{f} {raw[f].iloc[i]!r} {w}", field)
+        checks[f"missing:{field}"] = Cells(values.isna().to_numpy() & ~bad, empty_detail(field))
+        checks[field] = _value_cells(bad, raw[field], field, what)
     ts, label = parsed["ts"], parsed["label"]
     checks["before_epoch"] = Cells(before_epoch(ts), lambda i: before_epoch_detail(ts.iloc[i]))
     if clock is not None:
-        checks["future"] = Cells(in_future(ts, clock), lambda i: clock.detail(ts.iloc[i]), "ts")
-    checks["label_range"] = Cells(label_out_of_range(label), lambda i: f"label {raw['label'].iloc[i]!r} {LABEL_RANGE}")
+        checks["future"] = _value_cells(in_future(ts, clock), raw["ts"], "ts", clock.what())
+    checks["label_range"] = _value_cells(label_out_of_range(label), raw["label"], "label", LABEL_RANGE)
     return parsed, first_failure(INTERACTION_RULES, checks, len(frame))
+
+
+def _value_cells(mask, values: pd.Series, field: str, what: str) -> Cells:
+    """The records of a batch whose ``field`` fails a rule, each named by its value (`value_detail`)."""
+    return Cells(mask, lambda i: value_detail(field, field, values.iloc[i], what), column_label(field, field))
 
 
 def check_item_ids(ids) -> tuple[pd.Series, Verdicts]:
     """The job's re-check of item ids in contract form: (parsed Int64 ids, `Verdicts` of ITEM_ID_RULES)."""
     raw = _object_column(ids)
     values, bad = parse_int64(raw)
-    checks = {"missing:item_id": Cells(values.isna().to_numpy() & ~bad, "item_id is empty"),
-              "item_id": Cells(bad, lambda i: f"item_id {raw.iloc[i]!r} {NOT_AN_INTEGER}", "item_id")}
+    checks = {"missing:item_id": Cells(values.isna().to_numpy() & ~bad, empty_detail("item_id")),
+              "item_id": _value_cells(bad, raw, "item_id", NOT_AN_INTEGER)}
     return values, first_failure(ITEM_ID_RULES, checks, len(raw))
 
 

@@ -174,6 +174,10 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
              clock: Optional[EventClock] = None) -> Dataset:
     """Apply the record-level checks shared by all sources (`pipelines.data.rules`) and build the `Dataset`.
 
+    The steps, in order: the item rules (`_finalize_items`: duplicate ids, image and text), the typed timestamp
+    rules (`_reject_by_clock`), exact repeats (`_reject_repeats`), events on items not in the accepted catalog
+    (`_reject_unknown_items`), then the contract tables (`_contract_dataset`).
+
     Args:
         items: item_id int64, title, text, image_uri (+ attributes); `row` column = source row number if present.
         interactions: user_id int64, item_id int64, ts int64, label float32; optional `row` column.
@@ -184,46 +188,68 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
     """
     items = _with_sources(items, items_source)
     interactions = _with_sources(interactions, interactions_source)
-    # Rejects show the ids as the source wrote them (raw strings for string-id sources), not dense ids.
-    to_raw = {f: pd.Series(m["raw"].to_numpy(), index=m["id"].to_numpy()) for f, m in (id_maps or {}).items()}
+    ids = _RejectIds(id_maps)
+    filtered: dict = {}
+    items, accepted_ids = _finalize_items(items, spec, image_root, check_images, name, rejects, ids, filtered)
+    interactions = _reject_by_clock(interactions, clock or spec.clock(), spec.max_bad_fraction, name, rejects,
+                                    ids(interactions, "item_id", "user_id"))
+    interactions = _reject_repeats(interactions, rejects, ids)
+    interactions = _reject_unknown_items(interactions, items["item_id"], accepted_ids, spec.require_image, rejects,
+                                         ids, filtered)
+    return _contract_dataset(items, interactions, rejects, image_root=image_root, id_maps=id_maps,
+                             filtered=filtered, name=name, spec=spec)
 
-    def raw(frame: pd.DataFrame, *fields: str) -> dict:
-        """Reject id columns of the dense ids in `frame`: {field: raw ids, field's dense column: the dense ids}."""
+
+class _RejectIds:
+    """The rejects' id columns of dense ids: the ids as the source wrote them (raw strings for string-id sources,
+    through the id maps) beside the dense ids."""
+
+    def __init__(self, id_maps: Optional[dict]):
+        self.to_raw = {f: pd.Series(m["raw"].to_numpy(), index=m["id"].to_numpy()) for f, m in (id_maps or {}).items()}
+
+    def __call__(self, frame: pd.DataFrame, *fields: str) -> dict:
+        """{field: raw ids, field's dense column: the dense ids} of the rows of `frame`."""
         out = {}
         for field in fields:
-            ids = frame[field]
-            out[field] = ids.map(to_raw[field]).to_numpy() if field in to_raw else ids.to_numpy()
-            out[field.replace("_id", "_dense_id")] = ids.to_numpy()
+            dense = frame[field]
+            out[field] = dense.map(self.to_raw[field]).to_numpy() if field in self.to_raw else dense.to_numpy()
+            out[field.replace("_id", "_dense_id")] = dense.to_numpy()
         return out
 
-    filtered: dict = {}
-    items, accepted_ids = _finalize_items(items, spec, image_root, check_images, name, rejects, raw, filtered)
-    interactions = _reject_by_clock(interactions, clock or spec.clock(), spec.max_bad_fraction, name, rejects,
-                                    raw(interactions, "item_id", "user_id"))
 
-    # Exact repeats of an event (same user, item, second and label) are double logging, not two events.
+def _reject_repeats(interactions: pd.DataFrame, rejects: RejectLog, ids: _RejectIds) -> pd.DataFrame:
+    """Exact repeats of an event (same user, item, second and label) are double logging, not two events: the
+    first row is kept, the others are duplicate_interaction rejects."""
     dup = interactions.duplicated(subset=["user_id", "item_id", "ts", "label"], keep="first")
     if dup.any():
         bad = interactions.loc[dup]
-        rejects.add(bad["_source"], bad["row"], "duplicate_interaction", "dropped", **raw(bad, "item_id", "user_id"),
+        rejects.add(bad["_source"], bad["row"], "duplicate_interaction", "dropped", **ids(bad, "item_id", "user_id"),
                     detail=DUPLICATE_INTERACTION)
-        interactions = interactions.loc[~dup]
+    return interactions.loc[~dup]
 
-    # Interactions on items not in the accepted catalog.
-    known = interactions["item_id"].isin(items["item_id"])
-    if spec.require_image:
-        # Items removed by the filter are not bad records: count them apart from unknown items.
+
+def _reject_unknown_items(interactions: pd.DataFrame, kept_ids: pd.Series, accepted_ids: pd.Series,
+                          require_image: bool, rejects: RejectLog, ids: _RejectIds, filtered: dict) -> pd.DataFrame:
+    """Events on items not in the accepted catalog are unknown_item rejects. Under --require-image, events on the
+    items the filter removed (`accepted_ids` less `kept_ids`) are not bad records: they are counted in
+    ``filtered["interactions_on_items_without_image"]`` instead."""
+    known = interactions["item_id"].isin(kept_ids)
+    unknown = ~known
+    if require_image:
         filtered_items = interactions["item_id"].isin(accepted_ids) & ~known
-        unknown = ~known & ~filtered_items
+        unknown &= ~filtered_items
         filtered["interactions_on_items_without_image"] = int(filtered_items.sum())
-    else:
-        unknown = ~known
     if unknown.any():
         bad = interactions.loc[unknown]
-        rejects.add(bad["_source"], bad["row"], "unknown_item", "dropped", **raw(bad, "item_id", "user_id"),
+        rejects.add(bad["_source"], bad["row"], "unknown_item", "dropped", **ids(bad, "item_id", "user_id"),
                     detail=UNKNOWN_ITEM)
-    interactions = interactions.loc[known]
+    return interactions.loc[known]
 
+
+def _contract_dataset(items: pd.DataFrame, interactions: pd.DataFrame, rejects: RejectLog, *, name: str,
+                      **fields) -> Dataset:
+    """The `Dataset` in contract form: items sorted by id, interactions by (ts, user, item, source row), typed;
+    the rejects table and its counts by reason. ``fields``: the rest of the Dataset's fields."""
     items = items.drop(columns=["row", "_source"]).sort_values("item_id", kind="stable").reset_index(drop=True)
     items["item_id"] = items["item_id"].astype("int64")
     interactions = (interactions.sort_values(["ts", "user_id", "item_id", "row"], kind="stable")
@@ -233,8 +259,8 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
     counts = {r: int(c) for r, c in frame["reason"].value_counts().sort_index().items()}
     if counts:
         log.info("%s: rejected %d records: %s", name, len(frame), counts)
-    return Dataset(items=items, interactions=interactions, image_root=image_root, rejects=frame,
-                   reject_counts=counts, id_maps=id_maps or {}, filtered=filtered, name=name, spec=spec)
+    fields["id_maps"] = fields.get("id_maps") or {}
+    return Dataset(items=items, interactions=interactions, rejects=frame, reject_counts=counts, name=name, **fields)
 
 
 def _with_sources(frame: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -248,20 +274,11 @@ def _with_sources(frame: pd.DataFrame, source: str) -> pd.DataFrame:
 
 
 def _finalize_items(items: pd.DataFrame, spec: DataSpec, image_root: Optional[Path], check_images: bool, name: str,
-                    rejects: RejectLog, raw, filtered: dict) -> tuple[pd.DataFrame, pd.Series]:
-    """The item rules: duplicate ids (the first row is kept), then each item's content
+                    rejects: RejectLog, ids: _RejectIds, filtered: dict) -> tuple[pd.DataFrame, pd.Series]:
+    """The item rules: duplicate ids (`_reject_duplicate_items`), then each item's content
     (`rules.item_content_verdict`: image loss, empty text, --require-image). Returns (the items left, in contract
     form, and the ids accepted before the --require-image filter)."""
-    dup = items["item_id"].duplicated(keep="first")
-    if dup.any():
-        first = items.groupby("item_id", sort=False)[["_source", "row"]].transform("first").loc[dup]
-        bad = items.loc[dup]
-        ids = raw(bad, "item_id")
-        rejects.add(bad["_source"], bad["row"], "duplicate_item", "dropped", **ids,
-                    detail=[duplicate_item_detail(i, s, r) for i, s, r in zip(ids["item_id"], first["_source"],
-                                                                               first["row"])])
-        items = items.loc[~dup]
-    items = clean_item_text(items)
+    items = clean_item_text(_reject_duplicate_items(items, rejects, ids))
     verdicts = _content_verdicts(items, image_root, spec, check_images, desc=f"{name}: checking images")
     found = pd.DataFrame({"reason": [v.reason for v in verdicts], "action": [v.action for v in verdicts],
                           "detail": [v.detail for v in verdicts]}, index=items.index)
@@ -270,9 +287,23 @@ def _finalize_items(items: pd.DataFrame, spec: DataSpec, image_root: Optional[Pa
     for (_, reason, action), group in found.groupby([found["reason"].eq("empty_text"), "reason", "action"],
                                                     sort=True):
         bad = items.loc[group.index]
-        rejects.add(bad["_source"], bad["row"], reason, action, **raw(bad, "item_id"), detail=group["detail"])
+        rejects.add(bad["_source"], bad["row"], reason, action, **ids(bad, "item_id"), detail=group["detail"])
     items.loc[[not v.image_ok for v in verdicts], "image_uri"] = None
     accepted_ids = items.loc[[v.kept or v.filtered for v in verdicts], "item_id"]
     if spec.require_image:
         filtered["items_without_image"] = int(sum(v.filtered for v in verdicts))
     return items.loc[[v.kept for v in verdicts]], accepted_ids
+
+
+def _reject_duplicate_items(items: pd.DataFrame, rejects: RejectLog, ids: _RejectIds) -> pd.DataFrame:
+    """The first row of an item id is kept; later rows are duplicate_item rejects naming that first row."""
+    dup = items["item_id"].duplicated(keep="first")
+    if not dup.any():
+        return items
+    first = items.groupby("item_id", sort=False)[["_source", "row"]].transform("first").loc[dup]
+    bad = items.loc[dup]
+    dup_ids = ids(bad, "item_id")
+    rejects.add(bad["_source"], bad["row"], "duplicate_item", "dropped", **dup_ids,
+                detail=[duplicate_item_detail(i, s, r) for i, s, r in zip(dup_ids["item_id"], first["_source"],
+                                                                           first["row"])])
+    return items.loc[~dup]
