@@ -124,9 +124,9 @@ def _check_ids(batch):
             yield {**item, "item_id": int(values.iloc[i])}
             continue
         rule, detail = verdicts.of(i, index)
-        yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
-            "validate_items", "items", rule, detail, row=item.get("_row"),
-            item_id=item.get("_raw_item_id", item.get("item_id"))))
+        src, row = _where(item, "items")
+        yield beam.pvalue.TaggedOutput(DEAD, dead_letter("validate_items", src, rule, detail, row=row,
+                                                         item_id=_ids(item)["item_id"]))
 
 
 def _check_share(n_in, n_bad, first, stage: str, max_bad_fraction: float):
@@ -256,9 +256,12 @@ class _CheckInteractions(beam.DoFn):
         for i, r in enumerate(batch):
             if index[i] >= 0:
                 src, row = _where(r, "interactions")
-                rule, detail = verdicts.of(i, index)  # a dense id that is not an integer is left out by `reject`
+                rule, detail = verdicts.of(i, index)
+                # the dense ids are the ids that parse, as in the loader's rejects (None where one does not)
+                dense = {f"{f[:-3]}_dense_id": None if pd.isna(values[f][i]) else values[f][i]
+                         for f in ("item_id", "user_id")}
                 yield beam.pvalue.TaggedOutput(DEAD, dead_letter("validate_interactions", src, rule, detail,
-                                                                 row=row, **_ids(r)))
+                                                                 row=row, **{**_ids(r), **dense}))
                 continue
             out = {"user_id": int(values["user_id"][i]), "item_id": int(values["item_id"][i]),
                    "ts": int(values["ts"][i]), "label": float(values["label"][i]), "_row": r.get("_row")}

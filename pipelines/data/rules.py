@@ -406,7 +406,7 @@ def check_records(frame: pd.DataFrame, clock=None) -> tuple[dict, Verdicts]:
                         ("label", NOT_A_NUMBER)):
         values, bad = parse_numbers(labels) if field == "label" else parse_int64(raw[field])
         parsed[field] = values
-        checks[f"missing:{field}"] = Cells(values.isna().to_numpy() & ~bad, empty_detail(field))
+        checks[f"missing:{field}"] = Cells(values.isna().to_numpy() & ~bad, empty_detail(field, field))
         checks[field] = _value_cells(bad, raw[field], field, what)
     ts, label = parsed["ts"], parsed["label"]
     checks["before_epoch"] = Cells(before_epoch(ts), lambda i: before_epoch_detail(ts.iloc[i]))
@@ -425,7 +425,7 @@ def check_item_ids(ids) -> tuple[pd.Series, Verdicts]:
     """The job's re-check of item ids in contract form: (parsed Int64 ids, `Verdicts` of ITEM_ID_RULES)."""
     raw = _object_column(ids)
     values, bad = parse_int64(raw)
-    checks = {"missing:item_id": Cells(values.isna().to_numpy() & ~bad, empty_detail("item_id")),
+    checks = {"missing:item_id": Cells(values.isna().to_numpy() & ~bad, empty_detail("item_id", "item_id")),
               "item_id": _value_cells(bad, raw, "item_id", NOT_AN_INTEGER)}
     return values, first_failure(ITEM_ID_RULES, checks, len(raw))
 

@@ -1,9 +1,11 @@
 """Issue 20 point 4: one copy of each validation and parse rule. The loader and the Beam job (the generic source
 read and validated on the workers, `--read-sources workers`) reject the same records with the same reasons,
 actions, ids and details, for a source that trips every rule; and re-validating the loader's own table in the
-job (`--read-sources driver`) rejects nothing more."""
+job (`--read-sources driver`) rejects nothing more; and the job's record checks alone, fed the source's rows as
+records, reject them as the loader does."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import apache_beam as beam
@@ -109,3 +111,42 @@ def test_loader_and_job_reject_the_same_records_for_the_same_reasons(tmp_path, i
     assert _job_dead_letters(spec, tmp_path, read_on_workers=True) == loader
     # the loader's table holds nothing the job's own checks reject
     assert _job_dead_letters(spec, tmp_path, read_on_workers=False) == []
+
+
+def _csv_records(path, ids: tuple) -> list[dict]:
+    """The rows of a CSV as the job's records: every cell as the file wrote it (str, None when empty), the ids
+    kept raw, and where each came from (file and row, as `pipelines.beam.read_source` tags them)."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    return [{**r, **{f"_raw_{k}": r[k] for k in ids}, "_row": i, "_source": path.name, "_file_row": i}
+            for i, r in enumerate(records)]
+
+
+def test_the_job_s_record_checks_reject_what_the_loader_rejects(tmp_path):
+    """The same bad records through the loader and through the job's DoFns alone (`ValidateItems`,
+    `ValidateInteractions`, as records from any producer reach them): the same rejects, row by row, with the
+    reason, the action, the ids and the detail (which names the column and the value)."""
+    spec = _every_rule(tmp_path, "int")
+    spec = dataclasses.replace(spec, column_map=spec.column_map + ("interactions.ts_format=unix",))
+    from pipelines.beam.validate_records import DEAD, ValidateInteractions, ValidateItems
+
+    loader = _rows(load_dataset(spec).rejects.to_dict("records"))
+    out = tmp_path / "records.jsonl"
+    with TestPipeline() as p:
+        items = p | "Items" >> beam.Create(_csv_records(tmp_path / "items.csv", ("item_id",)))
+        events = p | "Events" >> beam.Create(_csv_records(tmp_path / "events.csv", ("item_id", "user_id")))
+        vi = items | ValidateItems(str(tmp_path / "img"), spec.validate_images, max_bad_fraction=0.5)
+        vx = events | ValidateInteractions(vi["items"], max_bad_fraction=0.5, dedupe=True, clock=spec.clock())
+        _ = ((vi[DEAD], vx[DEAD]) | beam.Flatten() | beam.Map(json.dumps, default=str) | beam.combiners.ToList()
+             | beam.Map(lambda rows, path=str(out): open(path, "w").write("\n".join(rows))))
+    job = _rows(json.loads(line) for line in out.read_text().splitlines() if line)
+    by_reason = {}
+    for r in loader:
+        by_reason[r[6]] = by_reason.get(r[6], 0) + 1
+    # ts_format unix: the ISO date of row 14 is a bad_timestamp too, on both paths
+    assert by_reason == {"bad_id": 3, "bad_label": 2, "bad_timestamp": 4, "corrupt_image": 2,
+                         "duplicate_interaction": 1, "duplicate_item": 1, "empty_text": 2, "image_escapes_root": 1,
+                         "missing_image": 1, "missing_value": 2, "unknown_item": 3}
+    assert ("events.csv", 5, "1", "12", 1, 12, "bad_timestamp", "dropped",
+            "column 'ts' (ts): value 'notadate' is not a unix timestamp") in loader
+    assert job == loader
