@@ -46,11 +46,12 @@ import numpy as np
 import pandas as pd
 
 from feature_store.clock import EventClock
-from pipelines.data.io import (DataError, Unparsed, empty_cells, empty_table_error, float32_column, int64_column,
-                               read_table, row_sources, unix_seconds_column)
+from pipelines.data.io import (DataError, Unparsed, empty_table_error, float32_column, int64_column, read_table,
+                               row_sources, unix_seconds_column)
 from pipelines.data.loader import load_id_maps
 from pipelines.data.rules import (INTERACTION_RULES, ITEM_ID_RULES, LABEL_RANGE, UNKNOWN_ITEM, Cells, before_epoch,
-                                  before_epoch_detail, first_failure, in_future, label_out_of_range, parse_int64)
+                                  before_epoch_detail, first_failure, in_future, label_out_of_range, missing_cells,
+                                  parse_int64)
 from pipelines.data.schema import DataSpec, Dataset
 from pipelines.data.validate import RejectLog, finalize, reject_failures
 
@@ -217,8 +218,7 @@ def parse_items(r: dict, items_raw: pd.DataFrame, id_map: Optional[pd.DataFrame]
     """
     icols = r["icols"]
     item_ids, _, item_unparsed = _ids(items_raw, icols["item_id"], id_map, "item_id")
-    checks = {"missing:item_id": empty_cells(icols["item_id"], "item_id",
-                                             item_ids.isna().to_numpy() & ~item_unparsed.mask),
+    checks = {"missing:item_id": missing_cells(icols["item_id"], "item_id", item_ids, item_unparsed),
               "item_id": item_unparsed}
     items = pd.DataFrame({"item_id": item_ids, "title": _text_col(items_raw, icols["title"]),
                           "text": _joined_text(items_raw, r["text_cols"]),
@@ -249,19 +249,16 @@ def parse_interactions(r: dict, inter_raw: pd.DataFrame, id_maps: dict, ms: Opti
                                                 keep_unmapped=True, strict=r["ids_mode"] == "int")
     ts, ts_unparsed = unix_seconds_column(inter_raw, ecols["ts"], fmt=section.get("ts_format", "auto"), ms=ms)
     label, label_bad, label_unparsed = _labels(inter_raw, ecols["label"], section)
-    checks = {"missing:user_id": empty_cells(ecols["user_id"], "user_id",
-                                             users.isna().to_numpy() & ~user_unparsed.mask),
-              "missing:item_id": empty_cells(ecols["item_id"], "item_id",
-                                             inter_items.isna().to_numpy() & ~unmapped & ~item_unparsed.mask),
-              "missing:ts": empty_cells(ecols["ts"], "ts", ts.isna().to_numpy() & ~ts_unparsed.mask),
+    checks = {"missing:user_id": missing_cells(ecols["user_id"], "user_id", users, user_unparsed),
+              "missing:item_id": missing_cells(ecols["item_id"], "item_id", inter_items, unmapped, item_unparsed),
+              "missing:ts": missing_cells(ecols["ts"], "ts", ts, ts_unparsed),
               "user_id": user_unparsed, "item_id": item_unparsed, "ts": ts_unparsed,
               "before_epoch": Cells(before_epoch(ts), lambda i: before_epoch_detail(ts.iloc[i])),
               "future": future_cells(inter_raw, ecols["ts"], ts, clock),
               "label": label_unparsed, "label_range": label_bad,
               "unmapped_item": Cells(unmapped, UNKNOWN_ITEM)}
     if ecols["label"] in inter_raw:  # no label column: implicit positives, never missing
-        checks["missing:label"] = empty_cells(ecols["label"], "label", label.isna().to_numpy() & ~label_bad.mask
-                                              & ~label_unparsed.mask)
+        checks["missing:label"] = missing_cells(ecols["label"], "label", label, label_bad, label_unparsed)
     ids = {"item_id": inter_raw[ecols["item_id"]].astype("string").to_numpy(),
            "user_id": inter_raw[ecols["user_id"]].astype("string").to_numpy(),
            "item_dense_id": _dense(inter_items), "user_dense_id": _dense(users)}

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feature_store import io as fs_io
-from pipelines.data.rules import (NOT_A_NUMBER, NOT_AN_INTEGER, Cells, column_label, empty_detail, parse_int64,
-                                  parse_numbers, parse_unix_seconds, value_detail)
+from pipelines.data.rules import (NOT_A_NUMBER, NOT_AN_INTEGER, column_label, parse_int64, parse_numbers,
+                                  parse_unix_seconds, value_detail)
 
 log = logging.getLogger(__name__)
 
@@ -217,14 +217,11 @@ class Unparsed:
                 f"({self.count} bad value(s) in this column; first: {first})")
 
 
-def empty_cells(column: str, role: str, mask: np.ndarray) -> Cells:
-    """The cells of one source column that are empty where the contract needs a value (missing_value)."""
-    return Cells(mask, empty_detail(column, role), column_label(column, role))
-
-
-def int64_column(frame: pd.DataFrame, column: str, *, role: str = "") -> tuple[pd.Series, Unparsed]:
-    """Column as nullable Int64 plus its unparseable cells (<NA> in the values; missing cells are <NA> too,
-    but not in `Unparsed`: they are missing values).
+def int64_column(frame: pd.DataFrame, column: str, *, role: str = "", what: str = NOT_AN_INTEGER
+                 ) -> tuple[pd.Series, Unparsed]:
+    """Column as nullable Int64 (`rules.parse_int64`) plus its unparseable cells (<NA> in the values; missing cells
+    are <NA> too, but not in `Unparsed`: they are missing values). ``what``: why a bad cell is bad, in its
+    reject's detail (integer unix seconds are `rules.NOT_UNIX_SECONDS`).
 
     Raises:
         DataError: a boolean column (a wrong column, not a bad cell).
@@ -233,7 +230,7 @@ def int64_column(frame: pd.DataFrame, column: str, *, role: str = "") -> tuple[p
     if pd.api.types.is_bool_dtype(series.dtype):
         raise DataError(f"{locate(frame, 0)[0]}: {column_label(column, role)}: expected integers, got booleans")
     values, bad = parse_int64(series)
-    return values, Unparsed(frame, column, role, bad, NOT_AN_INTEGER)
+    return values, Unparsed(frame, column, role, bad, what)
 
 
 def float32_column(frame: pd.DataFrame, column: str, *, role: str = "") -> tuple[pd.Series, Unparsed]:

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.data.io import DataError, empty_cells, float32_column, int64_column, read_table
-from pipelines.data.rules import INTERACTION_RULES, ITEM_ID_RULES, NOT_UNIX_SECONDS, first_failure
+from pipelines.data.io import DataError, float32_column, int64_column, read_table
+from pipelines.data.rules import INTERACTION_RULES, ITEM_ID_RULES, NOT_UNIX_SECONDS, first_failure, missing_cells
 from pipelines.data.schema import DataSpec, Dataset
 from pipelines.data.validate import RejectLog, finalize, reject_failures
 
@@ -47,7 +47,7 @@ def load_movielens(spec: DataSpec) -> Dataset:
 
     movie_ids, movie_unparsed = int64_column(movies, "movieId", role="item_id")
     n_movies = len(movies)
-    checks = {"missing:item_id": empty_cells("movieId", "item_id", movie_ids.isna().to_numpy() & ~movie_unparsed.mask),
+    checks = {"missing:item_id": missing_cells("movieId", "item_id", movie_ids, movie_unparsed),
               "item_id": movie_unparsed}
     missing_id = reject_failures(rejects, first_failure(ITEM_ID_RULES, checks, n_movies),
                                  src=np.full(n_movies, "movies.csv", dtype=object), rows=np.arange(n_movies),
@@ -70,12 +70,10 @@ def load_movielens(spec: DataSpec) -> Dataset:
     user, user_unparsed = int64_column(ratings, "userId", role="user_id")
     item, item_unparsed = int64_column(ratings, "movieId", role="item_id")
     rating, rating_unparsed = float32_column(ratings, "rating", role="rating")
-    ts, ts_unparsed = int64_column(ratings, "timestamp", role="ts")
-    ts_unparsed.what = NOT_UNIX_SECONDS
+    ts, ts_unparsed = int64_column(ratings, "timestamp", role="ts", what=NOT_UNIX_SECONDS)
     checks = {"user_id": user_unparsed, "item_id": item_unparsed, "ts": ts_unparsed, "label": rating_unparsed}
     for field, values in (("user_id", user), ("item_id", item), ("ts", ts), ("label", rating)):
-        checks[f"missing:{field}"] = empty_cells(columns[field], field,
-                                                 values.isna().to_numpy() & ~checks[field].mask)
+        checks[f"missing:{field}"] = missing_cells(columns[field], field, values, checks[field])
     n_ratings = len(ratings)
     bad = reject_failures(rejects, first_failure(INTERACTION_RULES, checks, n_ratings),
                           src=np.full(n_ratings, "ratings.csv", dtype=object), rows=np.arange(n_ratings),

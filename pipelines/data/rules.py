@@ -362,6 +362,15 @@ class Verdicts:
         return None if k < 0 else (self.rules[k], self.cells[k].detail(i))
 
 
+def missing_cells(column: str, role: str, values: pd.Series, *explained) -> Cells:
+    """The rows whose value is empty where the contract needs one (missing_value): <NA> once parsed, less the
+    cells another rule names (``explained``: masks or `Cells`, e.g. a value that does not parse, an unmapped id)."""
+    mask = values.isna().to_numpy()
+    for other in explained:
+        mask = mask & ~np.asarray(getattr(other, "mask", other), dtype=bool)
+    return Cells(mask, empty_detail(column, role), column_label(column, role))
+
+
 def first_failure(table, checks: dict, n: int, skip: Optional[np.ndarray] = None) -> Verdicts:
     """Apply a rule table to a chunk of n rows: each row gets the first rule (in table order) whose check catches
     it. `checks` maps a rule's key to its `Cells` (or `pipelines.data.io.Unparsed`); rules without one are not
@@ -406,7 +415,7 @@ def check_records(frame: pd.DataFrame, clock=None) -> tuple[dict, Verdicts]:
                         ("label", NOT_A_NUMBER)):
         values, bad = parse_numbers(labels) if field == "label" else parse_int64(raw[field])
         parsed[field] = values
-        checks[f"missing:{field}"] = Cells(values.isna().to_numpy() & ~bad, empty_detail(field, field))
+        checks[f"missing:{field}"] = missing_cells(field, field, values, bad)
         checks[field] = _value_cells(bad, raw[field], field, what)
     ts, label = parsed["ts"], parsed["label"]
     checks["before_epoch"] = Cells(before_epoch(ts), lambda i: before_epoch_detail(ts.iloc[i]))
@@ -425,7 +434,7 @@ def check_item_ids(ids) -> tuple[pd.Series, Verdicts]:
     """The job's re-check of item ids in contract form: (parsed Int64 ids, `Verdicts` of ITEM_ID_RULES)."""
     raw = _object_column(ids)
     values, bad = parse_int64(raw)
-    checks = {"missing:item_id": Cells(values.isna().to_numpy() & ~bad, empty_detail("item_id", "item_id")),
+    checks = {"missing:item_id": missing_cells("item_id", "item_id", values, bad),
               "item_id": _value_cells(bad, raw, "item_id", NOT_AN_INTEGER)}
     return values, first_failure(ITEM_ID_RULES, checks, len(raw))
 
