@@ -23,7 +23,7 @@ from pipelines.data.io import DataError
 from pipelines.data.rules import (DUPLICATE_INTERACTION, INTERACTION_RULES, PARSE_REASONS, UNKNOWN_ITEM, Cells,
                                   Verdicts, before_epoch, before_epoch_detail, blank, clean_item_text,
                                   duplicate_item_detail, first_failure, in_future, item_content_verdict,
-                                  reject_record)
+                                  reject_record, value_detail)
 from pipelines.data.schema import REJECT_COLUMNS, REJECT_REASONS, DataSpec, Dataset
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def _reject_by_clock(interactions: pd.DataFrame, clock: EventClock, max_bad_frac
     events left (a wrong ``--now``, or a log in the wrong unit), naming the first rows."""
     ts = interactions["ts"].reset_index(drop=True)
     checks = {"before_epoch": Cells(before_epoch(ts), lambda i: before_epoch_detail(ts.iloc[i])),
-              "future": Cells(in_future(ts, clock), lambda i: clock.detail(ts.iloc[i]))}
+              "future": Cells(in_future(ts, clock), lambda i: value_detail("ts", "ts", int(ts.iloc[i]), clock.what()))}
     verdicts = first_failure(INTERACTION_RULES, checks, len(ts))
     future = verdicts.counted
     n = int(len(ts) - (verdicts.rejected & ~future).sum())  # the events left once the sentinels are out

@@ -243,7 +243,7 @@ def test_validation_rejects_unparseable_values_like_the_loader():
 
 def test_validation_fails_past_the_bad_share():
     with pytest.raises(Exception, match=r"validate_interactions: 3 of 6 records \(50.00%\).*--max-bad-fraction "
-                                        r"0.001.*bad_timestamp interactions row 1: ts 'notadate'"):
+                                        r"0.001.*bad_timestamp interactions row 1: column 'ts'.*'notadate'"):
         with TestPipeline() as p:
             items = p | "Items" >> beam.Create([_item(1), _item(2)])
             _ = (p | "Events" >> beam.Create(_events_with_unparseable_values())
