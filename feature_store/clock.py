@@ -107,10 +107,6 @@ class EventClock:
         return (f"is in the future: later than the job's clock {self.now} ({describe_ts(self.now)}) plus "
                 f"--max-future {self.max_future}s")
 
-    def detail(self, ts) -> str:
-        """The reject detail of one future event."""
-        return f"timestamp {int(ts)} ({describe_ts(ts)}) {self.what()}"
-
     def cap(self, watermark: Optional[int]) -> Optional[int]:
         """A watermark never passes the clock (events inside the tolerance are taken again by the next run)."""
         return None if watermark is None else min(int(watermark), self.now)

@@ -79,14 +79,6 @@ def describe_holder(holder: dict) -> str:
     return " ".join(parts)
 
 
-def is_held_here(lock_path: Path) -> bool:
-    """True when this thread of this process already holds the lock."""
-    key = os.path.realpath(lock_path)
-    with _GUARD:
-        held = _HELD.get(key)
-        return bool(held and held.pid == os.getpid() and held.thread == threading.get_ident())
-
-
 @contextmanager
 def store_lock(lock_path: Path, *, timeout: float = 0.0, purpose: str = "",
                poll_interval: float = 0.05) -> Iterator[dict]:

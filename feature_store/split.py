@@ -94,17 +94,32 @@ def split_labels(interactions: pd.DataFrame, cfg: SplitConfig) -> np.ndarray:
     counts = np.diff(np.r_[starts, len(users)])
     count_per_row = np.repeat(counts, counts)
     from_end = count_per_row - 1 - (np.arange(len(users)) - np.repeat(starts, counts))
+    part[order] = user_parts(count_per_row, from_end, cfg)
+    return part
+
+
+def user_parts(count: np.ndarray, from_end: np.ndarray, cfg: SplitConfig) -> np.ndarray:
+    """The per-user split's part of each event from its user's event count and its position from that user's
+    last event (0 = last): the last n_test (or rounded share) are test, the n_valid before them valid, unless the
+    user has fewer than min_train + held-out events. The one rule `split_labels` (whole tables) and the workers
+    (`pipelines.beam.protocol`, one user at a time) apply.
+
+    Args:
+        count, from_end: (N,) int arrays.
+    Returns:
+        (N,) int8: 0 train, 1 valid, 2 test.
+    """
+    count, from_end = np.asarray(count), np.asarray(from_end)
     if cfg.method == "user_last_n":
-        n_test = np.full(len(users), cfg.n_test)
-        n_valid = np.full(len(users), cfg.n_valid)
+        n_test = np.full(len(count), cfg.n_test)
+        n_valid = np.full(len(count), cfg.n_valid)
     else:
-        n_test = _share(count_per_row, cfg.test_frac)
-        n_valid = _share(count_per_row, cfg.valid_frac)
-    eligible = count_per_row >= cfg.min_train + n_test + n_valid
-    sorted_part = np.zeros(len(users), dtype=np.int8)
-    sorted_part[eligible & (from_end < n_test + n_valid)] = 1
-    sorted_part[eligible & (from_end < n_test)] = 2
-    part[order] = sorted_part
+        n_test = _share(count, cfg.test_frac)
+        n_valid = _share(count, cfg.valid_frac)
+    eligible = count >= cfg.min_train + n_test + n_valid
+    part = np.zeros(len(count), dtype=np.int8)
+    part[eligible & (from_end < n_test + n_valid)] = 1
+    part[eligible & (from_end < n_test)] = 2
     return part
 
 
@@ -191,26 +206,69 @@ def interactions_fingerprint(interactions: pd.DataFrame) -> str:
     return fingerprint_hex(fingerprint_partial(interactions))
 
 
-def protocol_record(interactions: pd.DataFrame, cfg: SplitConfig) -> dict:
-    """What a version stores under ``manifest["protocol"]``.
+def protocol_aggregates(interactions: pd.DataFrame, part) -> dict:
+    """The protocol record's combinable part of a block of events and their parts (0 train, 1 valid, 2 test):
+    counts, last train ts, last ts, first ts of the valid+test and of the test part, and the multiset digests of
+    all events and of the train ones (`fingerprint_partial`). Blocks read anywhere merge with
+    `merge_protocol_aggregates`; `protocol_from_aggregates` turns the merge into the record.
+
+    Args:
+        interactions: contract interactions (user_id, item_id, ts, label) of the block.
+        part: (N,) int, aligned with the rows.
+    """
+    part = np.asarray(part)
+    ts = interactions["ts"].to_numpy(dtype=np.int64)
+    train = part == 0
+
+    def pick(fn, values):
+        return int(fn(values)) if len(values) else None
+
+    return {"events": int(len(ts)), "train_events": int(train.sum()), "train_max_ts": pick(np.max, ts[train]),
+            "max_ts": pick(np.max, ts), "first_valid_ts": pick(np.min, ts[part >= 1]),
+            "first_test_ts": pick(np.min, ts[part == 2]), "data": fingerprint_partial(interactions),
+            "train": fingerprint_partial(interactions.loc[train])}
+
+
+def merge_protocol_aggregates(aggs) -> dict:
+    """The aggregates of the union of the blocks (the combine step of `protocol_aggregates`)."""
+    aggs = list(aggs)
+
+    def pick(fn, key):
+        values = [a[key] for a in aggs if a[key] is not None]
+        return fn(values) if values else None
+
+    return {"events": sum(a["events"] for a in aggs), "train_events": sum(a["train_events"] for a in aggs),
+            "train_max_ts": pick(max, "train_max_ts"), "max_ts": pick(max, "max_ts"),
+            "first_valid_ts": pick(min, "first_valid_ts"), "first_test_ts": pick(min, "first_test_ts"),
+            "data": fingerprint_merge(a["data"] for a in aggs), "train": fingerprint_merge(a["train"] for a in aggs)}
+
+
+def protocol_from_aggregates(agg: dict, cfg: SplitConfig) -> dict:
+    """What a version stores under ``manifest["protocol"]``, from the merged `protocol_aggregates` of every event.
 
     Returns:
         {"version", "split": SplitConfig fields, "data_sha256", "events", "train_events", "train_max_ts",
          "valid_start_ts" / "test_start_ts" (global cuts), "train_sha256"}: a per-user split is re-derived from
-        the split parameters and the data (``train_sha256`` confirms the re-derivation).
+        the split parameters and the data (``train_sha256`` confirms the re-derivation). A global cut is the first
+        ts of its later part (every event at or after a cut is in it, none before), or past the last event
+        (max + 1) when that part is empty: exactly `global_cuts`.
     """
     from dataclasses import asdict
 
-    part = split_labels(interactions, cfg)
-    train = interactions.loc[part == 0]
-    rec = {"version": PROTOCOL_VERSION, "split": asdict(cfg), "data_sha256": interactions_fingerprint(interactions),
-           "events": int(len(interactions)), "train_events": int(len(train)),
-           "train_max_ts": int(train["ts"].max()) if len(train) else None,
-           "train_sha256": interactions_fingerprint(train)}
-    if cfg.method == "global" and len(interactions):
-        rec["valid_start_ts"], rec["test_start_ts"] = global_cuts(interactions["ts"].to_numpy(), cfg.valid_frac,
-                                                                  cfg.test_frac)
+    rec = {"version": PROTOCOL_VERSION, "split": asdict(cfg), "data_sha256": fingerprint_hex(agg["data"]),
+           "events": int(agg["events"]), "train_events": int(agg["train_events"]),
+           "train_max_ts": agg["train_max_ts"], "train_sha256": fingerprint_hex(agg["train"])}
+    if cfg.method == "global" and agg["events"]:
+        past = int(agg["max_ts"]) + 1
+        rec["valid_start_ts"] = past if agg["first_valid_ts"] is None else int(agg["first_valid_ts"])
+        rec["test_start_ts"] = past if agg["first_test_ts"] is None else int(agg["first_test_ts"])
     return rec
+
+
+def protocol_record(interactions: pd.DataFrame, cfg: SplitConfig) -> dict:
+    """`protocol_from_aggregates` of a whole table (the workers build the same record as a combine of blocks,
+    `pipelines.beam.protocol.ProtocolRecord`)."""
+    return protocol_from_aggregates(protocol_aggregates(interactions, split_labels(interactions, cfg)), cfg)
 
 
 def behaviour_free_protocol(reason: str) -> dict:

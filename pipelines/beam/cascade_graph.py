@@ -95,7 +95,7 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
         check_share, order = None, ("item_id", "_file_row", "_row")
 
     vi = items | "ValidateItems" >> ValidateItems(plan.image_root, plan.image_check, plan.require_image,
-                                                  max_bad_fraction=check_share)
+                                                  max_bad_fraction=check_share, recheck=plan.source is None)
     vx = interactions | "ValidateInteractions" >> ValidateInteractions(vi["items"], max_bad_fraction=check_share,
                                                                        dedupe=plan.source is not None,
                                                                        clock=plan.clock)

@@ -6,53 +6,24 @@ job summary reads them back from the PipelineResult on any runner that reports c
 """
 from __future__ import annotations
 
-import math
-import numbers
 import time
 from contextlib import contextmanager
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from pipelines.data.rules import reject_record
+from pipelines.data.schema import REJECT_COLUMNS
+
 STAGE_NS = "qarm.stage"
-REJECT_FIELDS = ("stage", "source", "row", "item_id", "user_id", "item_dense_id", "user_dense_id", "reason", "detail",
-                 "action")
+REJECT_FIELDS = ("stage",) + REJECT_COLUMNS
 
 
-def _raw_id(value):
-    """An id as the source wrote it, as text (None when absent); integral floats lose their ``.0``."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    text = str(value)
-    return text if text.strip() else None
-
-
-def _dense_id(value):
-    """A dense int64 id, or None when `value` is absent or not an integer (never raises)."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, float):
-        return int(value) if math.isfinite(value) and value.is_integer() else None
-    return None
-
-
-def reject(stage: str, source: str, reason: str, *, row=None, item_id=None, user_id=None, item_dense_id=None,
-           user_dense_id=None, detail: str = "", action: str = "dropped") -> dict:
-    """One dead-letter record (the loader's reject columns plus the job stage that raised it).
-
-    Args:
-        item_id, user_id: the ids as the source wrote them (raw strings for string-id sources); stored as text,
-            never parsed, so a reject can always be recorded whatever the id looks like.
-        item_dense_id, user_dense_id: the dense int64 ids where known (None otherwise).
-    """
-    return {"stage": stage, "source": source, "row": _dense_id(row),
-            "item_id": _raw_id(item_id), "user_id": _raw_id(user_id),
-            "item_dense_id": _dense_id(item_dense_id), "user_dense_id": _dense_id(user_dense_id),
-            "reason": reason, "detail": str(detail)[:500], "action": action}
+def reject(stage: str, source: str, reason: str, **fields) -> dict:
+    """One dead-letter record: `pipelines.data.rules.reject_record` (the loader's reject, one shape for both)
+    plus the job stage that raised it. ``fields``: row, item_id, user_id, item_dense_id, user_dense_id, detail,
+    action."""
+    return {"stage": stage, **reject_record(source, reason, **fields)}
 
 
 def counter(stage: str, kind: str):

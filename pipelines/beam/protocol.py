@@ -8,13 +8,15 @@ Same definitions as `feature_store.split.split_labels` (identical labels; the te
 - user_last_n / user_last_frac: a GroupByKey per user; inside one user, events are ordered by (ts, row) (ties in
   ts keep input order, as in split_labels) and the last n_test / n_valid (or rounded shares) are test / valid.
 
-Input: the source rows (dicts with ``user_id``, ``ts`` and ``_row``, the row of the loaded table the driver's
-protocol record is computed over). Output: the same dicts with ``_part`` set. Inside a user, ties in ts are broken
+Input: typed interaction rows (dicts with int ``user_id``, ``ts`` and ``_row``: the loader's snapshot, or the
+validated records of the worker path). Output: the same dicts with ``_part`` set. Inside a user, ties in ts are broken
 by the ``order`` fields (default ``_row``; rows read from the source on the workers pass ``("item_id", "_row")``:
 the loader's table is sorted by ts, user, item, source row, which is the order split_labels sees).
 
-`ProtocolRecord` turns the parted rows into `feature_store.split.protocol_record`'s whole record as one combine
-(counts, last train ts, cuts, the order-independent data / train digests), plus the log's last ts (the watermark).
+`ProtocolRecord` turns the parted rows into the version's protocol record as one combine of
+`feature_store.split.protocol_aggregates` over blocks (the same function `protocol_record` applies to a whole
+table), plus the log's last ts (the watermark). It is computed once, here, on either read path: the driver
+publishes it as it comes.
 """
 from __future__ import annotations
 
@@ -22,14 +24,6 @@ import apache_beam as beam
 
 from feature_store.split import SplitConfig
 from pipelines.beam.quantiles import ExactQuantile
-
-
-def _parseable(r: dict):
-    from pipelines.beam.validate_records import parse_int
-
-    (user, bad_u), (ts, bad_t) = parse_int(r.get("user_id")), parse_int(r.get("ts"))
-    if not (bad_u or bad_t) and user is not None and ts is not None:
-        yield {**r, "user_id": user, "ts": ts}
 
 
 def _cut_index(frac: float):
@@ -41,25 +35,16 @@ def _global_part(r: dict, valid_cut, test_cut) -> dict:
     return {**r, "_part": 2 if ts >= test_cut else 1 if ts >= valid_cut else 0}
 
 
-def _share(count: int, frac: float) -> int:
-    """= feature_store.split._share for one user: rounded to nearest (ties to even), at least 1 when frac > 0."""
-    return 0 if frac <= 0 else max(1, int(round(count * frac)))
-
-
 def _user_parts(keyed, cfg: SplitConfig, order: tuple = ("_row",)):
+    import numpy as np
+
+    from feature_store.split import user_parts
+
     _, rows = keyed
     rows = sorted(rows, key=lambda r: (int(r["ts"]), *(int(r[k]) for k in order)))
     n = len(rows)
-    if cfg.method == "user_last_n":
-        n_test, n_valid = cfg.n_test, cfg.n_valid
-    else:
-        n_test, n_valid = _share(n, cfg.test_frac), _share(n, cfg.valid_frac)
-    eligible = n >= cfg.min_train + n_test + n_valid
-    for k, r in enumerate(rows):
-        from_end = n - 1 - k
-        part = 0
-        if eligible and from_end < n_test + n_valid:
-            part = 2 if from_end < n_test else 1
+    parts = user_parts(np.full(n, n), np.arange(n - 1, -1, -1), cfg)
+    for r, part in zip(rows, parts.tolist()):
         yield {**r, "_part": part}
 
 
@@ -72,7 +57,6 @@ class ProtocolParts(beam.PTransform):
 
     def expand(self, rows):
         cfg = self.cfg
-        rows = rows | "Parseable" >> beam.FlatMap(_parseable)  # the loader's table never holds others
         if cfg.method == "global":
             ts = rows | "Timestamps" >> beam.Map(lambda r: int(r["ts"]))
             valid_cut = ts | "ValidCut" >> ExactQuantile(_cut_index(cfg.valid_frac + cfg.test_frac))
@@ -88,90 +72,52 @@ FLUSH_ROWS = 8192
 
 
 class _RecordFn(beam.CombineFn):
-    """Parted rows -> the protocol record's aggregates. Accumulator: [events, train events, last train ts, last ts,
-    first ts of valid+test, first ts of test, all-rows digest, train digest, buffered (user, item, ts, label,
-    part) rows]; the buffer is hashed in blocks of FLUSH_ROWS (`feature_store.split.fingerprint_partial`)."""
+    """Parted rows -> merged `feature_store.split.protocol_aggregates`. Accumulator: [aggregates so far, buffered
+    (user, item, ts, label, part) rows]; the buffer is aggregated in blocks of FLUSH_ROWS."""
 
     def create_accumulator(self):
-        return [0, 0, None, None, None, None, (0, 0, 0), (0, 0, 0), []]
+        return [None, []]
 
     @staticmethod
     def _flush(acc):
         import pandas as pd
 
-        from feature_store.split import fingerprint_merge, fingerprint_partial
+        from feature_store.split import merge_protocol_aggregates, protocol_aggregates
 
-        if acc[8]:
-            frame = pd.DataFrame(acc[8], columns=["user_id", "item_id", "ts", "label", "_part"])
-            acc[6] = fingerprint_merge([acc[6], fingerprint_partial(frame)])
-            acc[7] = fingerprint_merge([acc[7], fingerprint_partial(frame[frame["_part"] == 0])])
-            acc[8] = []
+        if acc[1] or acc[0] is None:
+            frame = pd.DataFrame(acc[1], columns=["user_id", "item_id", "ts", "label", "_part"])
+            block = protocol_aggregates(frame, frame["_part"].to_numpy())
+            acc = [block if acc[0] is None else merge_protocol_aggregates([acc[0], block]), []]
         return acc
 
     def add_input(self, acc, r):
-        ts, part = int(r["ts"]), int(r["_part"])
-        acc[0] += 1
-        acc[3] = ts if acc[3] is None else max(acc[3], ts)
-        if part == 0:
-            acc[1] += 1
-            acc[2] = ts if acc[2] is None else max(acc[2], ts)
-        else:
-            acc[4] = ts if acc[4] is None else min(acc[4], ts)
-            if part == 2:
-                acc[5] = ts if acc[5] is None else min(acc[5], ts)
-        acc[8].append((int(r["user_id"]), int(r["item_id"]), ts, float(r["label"]), part))
-        return self._flush(acc) if len(acc[8]) >= FLUSH_ROWS else acc
+        acc[1].append((int(r["user_id"]), int(r["item_id"]), int(r["ts"]), float(r["label"]), int(r["_part"])))
+        return self._flush(acc) if len(acc[1]) >= FLUSH_ROWS else acc
 
     def merge_accumulators(self, accs):
-        from feature_store.split import fingerprint_merge
+        from feature_store.split import merge_protocol_aggregates
 
-        def pick(fn, values):
-            values = [v for v in values if v is not None]
-            return fn(values) if values else None
-
-        accs = [self._flush(a) for a in accs]
-        return [sum(a[0] for a in accs), sum(a[1] for a in accs), pick(max, [a[2] for a in accs]),
-                pick(max, [a[3] for a in accs]), pick(min, [a[4] for a in accs]), pick(min, [a[5] for a in accs]),
-                fingerprint_merge([a[6] for a in accs]), fingerprint_merge([a[7] for a in accs]), []]
+        return [merge_protocol_aggregates([self._flush(a)[0] for a in accs]), []]
 
     def extract_output(self, acc):
-        acc = self._flush(acc)
-        return {"events": acc[0], "train_events": acc[1], "train_max_ts": acc[2], "max_ts": acc[3],
-                "first_valid_ts": acc[4], "first_test_ts": acc[5], "data": list(acc[6]), "train": list(acc[7])}
-
-
-def record_from_aggregates(agg: dict, cfg: SplitConfig) -> dict:
-    """The combine's aggregates -> exactly `feature_store.split.protocol_record` of the same events.
-
-    Global cuts: every event at or after a cut is in the later part and none before it, so a cut is the first ts
-    of its later part, or past the last event (max + 1) when that part is empty, as `global_cuts` gives."""
-    from dataclasses import asdict
-
-    from feature_store.split import PROTOCOL_VERSION, fingerprint_hex
-
-    rec = {"version": PROTOCOL_VERSION, "split": asdict(cfg), "data_sha256": fingerprint_hex(agg["data"]),
-           "events": int(agg["events"]), "train_events": int(agg["train_events"]),
-           "train_max_ts": agg["train_max_ts"], "train_sha256": fingerprint_hex(agg["train"])}
-    if cfg.method == "global" and agg["events"]:
-        past = int(agg["max_ts"]) + 1
-        rec["valid_start_ts"] = past if agg["first_valid_ts"] is None else int(agg["first_valid_ts"])
-        rec["test_start_ts"] = past if agg["first_test_ts"] is None else int(agg["first_test_ts"])
-    return rec
+        return self._flush(acc)[0]
 
 
 class ProtocolRecord(beam.PTransform):
     """Rows with ``_part`` (and user_id, item_id, ts, label) -> one dict {"protocol": the protocol record,
-    "max_ts": the log's last ts or None}: computed on the workers as one combine, equal to
-    `feature_store.split.protocol_record` over the same events (the tests compare them)."""
+    "max_ts": the log's last ts or None}: `feature_store.split.protocol_from_aggregates` of the combined
+    `protocol_aggregates`, so it equals `protocol_record` over the same events by construction."""
 
     def __init__(self, cfg: SplitConfig, label: str | None = None):
         super().__init__(label)
         self.cfg = cfg
 
     def expand(self, parted):
+        from feature_store.split import protocol_from_aggregates
+
         cfg = self.cfg
         return (parted | "Aggregate" >> beam.CombineGlobally(_RecordFn())
-                | "AsRecord" >> beam.Map(lambda agg: {"protocol": record_from_aggregates(agg, cfg),
+                | "AsRecord" >> beam.Map(lambda agg: {"protocol": protocol_from_aggregates(agg, cfg),
                                                       "max_ts": agg["max_ts"]}))
 
 

@@ -10,7 +10,7 @@ the whole table. The whole-table decisions the loader takes are aggregates
 computed first:
 
 - whether ids are strings (``ids: auto``): an OR over chunks;
-- whether auto timestamps are milliseconds: exact median rule from per-chunk counts (`pipelines.data.io.ms_stats`);
+- whether auto timestamps are milliseconds: exact median rule from per-chunk counts (`pipelines.data.rules.ms_stats`);
 - the dense id map of a string-id field: the distinct raw ids, gathered into one sorted map (`dense_map`, with
   ``--id-maps`` extended as the loader does) and handed to the parse steps as a side input. That map is the
   documented bound of this path: one worker holds every distinct string id of a field (about 100 bytes per id:
@@ -26,7 +26,7 @@ from typing import Optional
 
 import apache_beam as beam
 
-from pipelines.beam.common import counter, reject, stage_timer
+from pipelines.beam.common import counter, stage_timer
 
 STAGE = "read_sources"
 SIZE = "size"  # tagged output: rows per chunk (for the bad-share check)
@@ -88,10 +88,6 @@ def _value(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def _stripped(v):
-    return None if v is None else str(v).strip()
-
-
 class _ParseItems(beam.DoFn):
     def __init__(self, r: dict):
         self.r = r
@@ -106,29 +102,26 @@ class _ParseItems(beam.DoFn):
 
     def _parse(self, chunk, id_map):
         from pipelines.data.generic import parse_items
-        from pipelines.beam.validate_records import DEAD, UNPARSED
+        from pipelines.data.rules import clean_item_text, raw_id_text
+        from pipelines.beam.validate_records import DEAD, dead_letter
 
         frame, name, row0, local0 = chunk["frame"], chunk["file"], chunk["row"], chunk["file_row"]
         parsed = parse_items(self.r, frame, id_map)
-        items, missing, (unparsed,) = parsed["frame"], parsed["missing"], parsed["unparsed"]
-        bad = unparsed.mask & ~missing
+        verdicts = parsed["verdicts"]
+        index = verdicts.rule_index()
+        items = clean_item_text(parsed["frame"])  # the loader's finalize does the same
         self._in.inc(len(frame))
         yield beam.pvalue.TaggedOutput(SIZE, len(frame))
         cols = list(items.columns)
         for i, values in enumerate(items.itertuples(index=False, name=None)):
-            raw = _stripped(_value(parsed["raw_ids"][i]))
-            if missing[i] or bad[i]:
+            raw = raw_id_text(_value(parsed["raw_ids"][i]))
+            if index[i] >= 0:
                 self._rej.inc()
-                yield beam.pvalue.TaggedOutput(DEAD, {**reject(
-                    STAGE, name, "missing_value" if missing[i] else "bad_id", row=local0 + i,
-                    item_id=None if missing[i] else raw,
-                    detail="empty item id" if missing[i] else unparsed.detail(i)), UNPARSED: bool(bad[i])})
+                rule, detail = verdicts.of(i, index)
+                yield beam.pvalue.TaggedOutput(DEAD, dead_letter(STAGE, name, rule, detail, row=local0 + i,
+                                                                 item_id=raw))
                 continue
             rec = {c: _value(v) for c, v in zip(cols, values)}
-            # the loader's finalize: title never None, blank text / image uri are None
-            rec["title"] = "" if rec["title"] is None else str(rec["title"])
-            for c in ("text", "image_uri"):
-                rec[c] = None if rec[c] is None or not str(rec[c]).strip() else str(rec[c])
             rec.update(item_id=int(rec["item_id"]), _row=row0 + i, _source=name, _file_row=local0 + i)
             if id_map is not None:
                 rec["_raw_item_id"] = raw
@@ -151,45 +144,27 @@ class _ParseInteractions(beam.DoFn):
     def _parse(self, chunk, item_map, user_map, ms):
         import numpy as np
 
-        from pipelines.data.generic import BAD_LABEL_DETAIL, parse_interactions
-        from pipelines.beam.validate_records import DEAD, UNPARSED
+        from pipelines.data.generic import parse_interactions
+        from pipelines.data.rules import raw_id_text
+        from pipelines.beam.validate_records import DEAD, dead_letter
 
         frame, name, row0, local0 = chunk["frame"], chunk["file"], chunk["row"], chunk["file_row"]
         maps = {k: v for k, v in (("item_id", item_map), ("user_id", user_map)) if v is not None}
         px = parse_interactions(self.r, frame, maps, ms=ms, clock=self.clock)
         self._in.inc(len(frame))
         yield beam.pvalue.TaggedOutput(SIZE, len(frame))
-        missing = px["missing"]
-        taken = missing.copy()
-        unparsed = []
-        for u in px["unparsed"]:
-            mask = u.mask & ~taken
-            taken |= mask
-            unparsed.append((u, mask))
-        bad_label = px["bad_label"] & ~taken
-        unknown = px["unknown"] & ~taken & ~bad_label
-        ids = px["ids"]
+        verdicts, ids = px["verdicts"], px["ids"]
+        index = verdicts.rule_index()
         users, items = px["user_id"].to_numpy(), px["item_id"].to_numpy()
         ts, label = px["ts"].to_numpy(), px["label"].to_numpy()
         attrs = self.r["inter_attrs"]
         for i in range(len(frame)):
-            rid = {"item_id": _stripped(_value(ids["item_id"][i])), "user_id": _stripped(_value(ids["user_id"][i])),
+            rid = {"item_id": raw_id_text(_value(ids["item_id"][i])), "user_id": raw_id_text(_value(ids["user_id"][i])),
                    "item_dense_id": ids["item_dense_id"][i], "user_dense_id": ids["user_dense_id"][i]}
-            where = {"row": local0 + i, **rid}
-            dead = None
-            if missing[i]:
-                dead = reject(STAGE, name, "missing_value", **where,
-                              detail="empty user id, item id, timestamp or label")
-            elif taken[i]:
-                u = next(u for u, m in unparsed if m[i])
-                dead = {**reject(STAGE, name, u.reason, **where, detail=u.detail(i)), UNPARSED: True}
-            elif bad_label[i]:
-                dead = reject(STAGE, name, "bad_label", **where, detail=BAD_LABEL_DETAIL)
-            elif unknown[i]:
-                dead = reject(STAGE, name, "unknown_item", **where, detail="item id not in the item catalog")
-            if dead is not None:
+            if index[i] >= 0:
                 self._rej.inc()
-                yield beam.pvalue.TaggedOutput(DEAD, dead)
+                rule, detail = verdicts.of(i, index)
+                yield beam.pvalue.TaggedOutput(DEAD, dead_letter(STAGE, name, rule, detail, row=local0 + i, **rid))
                 continue
             rec = {"user_id": int(users[i]), "item_id": int(items[i]), "ts": int(ts[i]),
                    "label": float(np.float32(label[i])), "_row": row0 + i, "_source": name, "_file_row": local0 + i}
@@ -251,7 +226,7 @@ class ReadSource(beam.PTransform):
 
     def expand(self, pbegin):
         from pipelines.data.generic import id_kinds
-        from pipelines.data.io import merge_ms_stats, ms_decision, ms_stats
+        from pipelines.data.rules import merge_ms_stats, ms_decision, ms_stats
         from pipelines.beam.sources import ReadTableParts
         from pipelines.beam.validate_records import DEAD, FailPastBadShare
 

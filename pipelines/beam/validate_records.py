@@ -2,78 +2,32 @@
 
 The loader (`pipelines.data.load_dataset`) already checks what it reads; these steps re-check every record as it
 enters the job, in parallel, so a job fed by any source (or by a later snapshot) never lets a bad record through
-silently. Image checks use the sources' own `check_image` at the level the job asks for. Reasons are the data
-contract's (`pipelines.data.schema.REJECT_REASONS`).
+silently. The rules are the loader's own, not a copy: `pipelines.data.rules` (the parse rules and the
+INTERACTION_RULES / ITEM_ID_RULES tables applied to batches of records, `item_content_verdict` per item, the
+duplicate and unknown-item details) and the sources' `check_image` at the level the job asks for. Reasons are the
+data contract's (`pipelines.data.schema.REJECT_REASONS`).
 """
 from __future__ import annotations
 
-import math
-import numbers
-import re
 from pathlib import Path
 from typing import Optional
 
 import apache_beam as beam
 
 from pipelines.beam.common import counter, count, reject, stage_timer
+from pipelines.data.rules import DUPLICATE_INTERACTION, UNKNOWN_ITEM
 
 DEAD = "dead_letter"
 # Marks dead letters of values that do not parse (not of values out of range: a -1 timestamp sentinel, a label of
 # 3): only those count towards max_bad_fraction, as in the loader. WriteRejects keeps REJECT_FIELDS only.
 UNPARSED = "_unparsed"
+BATCH = 4096  # records per batch the vectorised rules see at most
 
 
-def _blank(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
-
-
-_INT_TEXT = re.compile(r"[+-]?\d+(?:\.0*)?")
-_INT64 = (-(2 ** 63), 2 ** 63 - 1)
-
-
-def parse_int(value):
-    """(int or None, bad): the same rule as the loader's `pipelines.data.io.parse_int64`, for one value.
-
-    Empty (None, NaN, blank text) is (None, False); integers, integral floats and integer text ("12", " 12 ",
-    "12.0") parse; anything else ("1.5", "abc", a bool, out of int64 range) is (None, True).
-    """
-    if _blank(value):
-        return None, False
-    if isinstance(value, bool):
-        return None, True
-    if isinstance(value, numbers.Integral):
-        v = int(value)
-    elif isinstance(value, float):
-        if not (math.isfinite(value) and value.is_integer()):
-            return None, True
-        v = int(value)
-    elif isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
-        v = int(value.strip().split(".")[0])
-    else:
-        return None, True
-    return (v, False) if _INT64[0] <= v <= _INT64[1] else (None, True)
-
-
-def parse_float(value):
-    """(float or None, bad) for a label: numbers and numeric text ("true" / "false" are 1 / 0, as in the loader).
-
-    Empty is (None, False); NaN is (None, True) (a label computed into NaN is a bad label, not a missing one)."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None, False
-    if isinstance(value, bool):
-        return float(value), False
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("true", "false"):
-            return float(text == "true"), False
-        try:
-            value = float(text)
-        except ValueError:
-            return None, True
-    if not isinstance(value, numbers.Real):
-        return None, True
-    value = float(value)
-    return (value, False) if math.isfinite(value) else (None, True)
+def dead_letter(stage: str, source, rule, detail: str, **ids) -> dict:
+    """The dead letter of a record a rule of a `pipelines.data.rules` table rejected (marked UNPARSED when the
+    rule counts against --max-bad-fraction)."""
+    return {**reject(stage, source, rule.reason, detail=detail, **ids), UNPARSED: rule.counted}
 
 
 def _where(r: dict, table: str) -> tuple:
@@ -95,6 +49,8 @@ class _SplitDuplicates(beam.DoFn):
     """The first row of an item id (lowest source row) survives; later rows are dead letters."""
 
     def process(self, keyed):
+        from pipelines.data.rules import duplicate_item_detail
+
         item_id, rows = keyed
         rows = sorted(rows, key=lambda r: (r.get("_row") is None, r.get("_row") or 0))
         yield rows[0]
@@ -104,74 +60,73 @@ class _SplitDuplicates(beam.DoFn):
             src, row = _where(r, "items")
             yield beam.pvalue.TaggedOutput(DEAD, reject(
                 "validate_items", src, "duplicate_item", row=row, item_id=raw, item_dense_id=item_id,
-                detail=f"item_id {raw} already defined at {first_src} row {first_row}"))
+                detail=duplicate_item_detail(raw, first_src, first_row)))
 
 
-class _CheckItem(beam.DoFn):
-    def __init__(self, image_root: Optional[str], image_check: str, require_image: bool):
+class _CheckItems(beam.DoFn):
+    """Batches of items -> items kept + dead letters, by `pipelines.data.rules.item_content_verdict`."""
+
+    def __init__(self, image_root: Optional[str], image_check: str, require_image: bool, recheck: bool):
         self.image_root = image_root
         self.image_check = image_check
         self.require_image = require_image
+        self.recheck = recheck
 
     def setup(self):
         self._rejected = counter("validate_items", "rejected")
 
-    def process(self, item):
+    def process(self, batch):
         with stage_timer("validate_items"):  # collect first: a yield runs the fused downstream steps
-            out = list(self._check(item))
+            out = list(self._check(batch))
         yield from out
 
-    def _check(self, item):
+    def _check(self, batch):
+        import pandas as pd
+
         from pipelines.data.images import ImageError, check_image
-        from pipelines.data.validate import image_loss_action
+        from pipelines.data.rules import blank, item_content_verdict
 
-        item = dict(item)
-        (src, row), ids = _where(item, "items"), _ids(item)
-        ids = {"item_id": ids["item_id"], "item_dense_id": ids["item_dense_id"]}
-        has_image = not _blank(item.get("image_uri"))
-        has_text = not (_blank(item.get("title")) and _blank(item.get("text")))
-        if has_image:
-            try:
-                check_image(str(item["image_uri"]), Path(self.image_root) if self.image_root else None,
-                            self.image_check)
-            except ImageError as exc:
-                # one dead letter per item, as the loader: dropped under the image's reason when nothing is left
-                action, why = image_loss_action(self.require_image or not has_text, self.require_image, has_text)
+        frame = pd.DataFrame({c: pd.Series([r.get(c) for r in batch], dtype=object)
+                              for c in ("title", "text", "image_uri")})
+        has_text = ~(blank(frame["title"]) & blank(frame["text"]))
+        has_image = ~blank(frame["image_uri"])
+        root = Path(self.image_root) if self.image_root else None
+        for item, text_ok, image in zip(batch, has_text, has_image):
+            error = None
+            if image:
+                try:
+                    check_image(str(item["image_uri"]), root, self.image_check)
+                except ImageError as exc:
+                    error = exc
+            verdict = item_content_verdict(bool(text_ok), bool(image), error, self.require_image)
+            # a loader's table (recheck) holds its image-only items on purpose: the loader reported them already
+            noted = self.recheck and verdict.action == "kept_image_only"
+            if verdict.reason is not None and not noted:
+                (src, row), ids = _where(item, "items"), _ids(item)
                 yield beam.pvalue.TaggedOutput(DEAD, reject(
-                    "validate_items", src, exc.reason, row=row, **ids, detail=str(exc) + why, action=action))
-                if action == "dropped":
-                    self._rejected.inc()
-                    return
-                item["image_uri"], has_image = None, False
-        elif self.require_image:
-            self._rejected.inc()
-            yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_items", src, "missing_image", row=row, **ids, detail="no image_uri"))
-            return
-        if not has_text:
-            action = "kept_image_only" if has_image else "dropped"
-            yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_items", src, "empty_text", row=row, **ids, detail="no title and no text",
-                action=action))
-            if not has_image:
+                    "validate_items", src, verdict.reason, row=row, item_id=ids["item_id"],
+                    item_dense_id=ids["item_dense_id"], detail=verdict.detail, action=verdict.action))
+            if not verdict.kept:
                 self._rejected.inc()
-                return
-        yield item
+                continue
+            yield item if verdict.image_ok or not image else {**item, "image_uri": None}
 
 
-def _check_id(item):
-    """An empty item id is a missing_value, one that is not an integer a bad_id (as in the loader)."""
-    value, bad = parse_int(item.get("item_id"))
-    if value is None:
-        raw = item.get("_raw_item_id", item.get("item_id"))
-        yield beam.pvalue.TaggedOutput(DEAD, {**reject(
-            "validate_items", "items", "bad_id" if bad else "missing_value", row=item.get("_row"),
-            item_id=raw if bad else None, detail=f"item_id {raw!r} is not an integer" if bad else "item_id is empty"),
-            UNPARSED: bad})
-    else:
-        yield {**item, "item_id": value}
+def _check_ids(batch):
+    """Batches of items -> items with int ids + dead letters of `pipelines.data.rules.ITEM_ID_RULES` (an empty id
+    is a missing_value, one that is not an integer a bad_id, as in the loader)."""
+    from pipelines.data.rules import check_item_ids
 
-
+    values, verdicts = check_item_ids([item.get("item_id") for item in batch])
+    index = verdicts.rule_index()
+    for i, item in enumerate(batch):
+        if index[i] < 0:
+            yield {**item, "item_id": int(values.iloc[i])}
+            continue
+        rule, detail = verdicts.of(i, index)
+        src, row = _where(item, "items")
+        yield beam.pvalue.TaggedOutput(DEAD, dead_letter("validate_items", src, rule, detail, row=row,
+                                                         item_id=_ids(item)["item_id"]))
 
 
 def _check_share(n_in, n_bad, first, stage: str, max_bad_fraction: float):
@@ -241,24 +196,31 @@ class ValidateItems(beam.PTransform):
         require_image: drop (instead of keeping text-only) items without a usable image.
         max_bad_fraction: when set, fail the job if more than this share of the items have an id that does not
             parse (bad_id), like the loader (`DataSpec.max_bad_fraction`); None: only reject them.
+        recheck: the items are the loader's validated table (the snapshot path): the image-only items the loader
+            reported (empty_text, kept_image_only) are not reported twice; images are checked again (a file can
+            break after the load).
     """
 
     def __init__(self, image_root: Optional[str], image_check: str = "draft", require_image: bool = False,
-                 max_bad_fraction: Optional[float] = None, label: str | None = None):
+                 max_bad_fraction: Optional[float] = None, recheck: bool = False, label: str | None = None):
         super().__init__(label)
         self.image_root = None if image_root is None else str(image_root)
         self.image_check = image_check
         self.require_image = require_image
         self.max_bad_fraction = max_bad_fraction
+        self.recheck = bool(recheck)
 
     def expand(self, items):
         counted = items | "CountItemsIn" >> count("validate_items", "in")
-        ids = counted | "CheckItemId" >> beam.FlatMap(_check_id).with_outputs(DEAD, main="ok")
+        ids = (counted | "BatchItems" >> beam.BatchElements(min_batch_size=1, max_batch_size=BATCH)
+               | "CheckItemId" >> beam.FlatMap(_check_ids).with_outputs(DEAD, main="ok"))
         dedup = (ids.ok | "KeyByItemId" >> beam.Map(lambda r: (int(r["item_id"]), r))
                  | "GroupByItemId" >> beam.GroupByKey()
                  | "DropDuplicateIds" >> beam.ParDo(_SplitDuplicates()).with_outputs(DEAD, main="ok"))
-        checked = dedup.ok | "CheckImageAndText" >> beam.ParDo(
-            _CheckItem(self.image_root, self.image_check, self.require_image)).with_outputs(DEAD, main="ok")
+        checked = (dedup.ok | "BatchUniqueItems" >> beam.BatchElements(min_batch_size=1, max_batch_size=BATCH)
+                   | "CheckImageAndText" >> beam.ParDo(_CheckItems(
+                       self.image_root, self.image_check, self.require_image, self.recheck)).with_outputs(
+                           DEAD, main="ok"))
         dead = ((ids[DEAD], dedup[DEAD], checked[DEAD]) | "FlattenItemRejects" >> beam.Flatten())
         dropped = (ids[DEAD], dedup[DEAD]) | "FlattenDroppedIds" >> beam.Flatten()
         _ = dropped | "CountDroppedItems" >> count("validate_items", "rejected")
@@ -268,56 +230,45 @@ class ValidateItems(beam.PTransform):
         return {"items": valid, DEAD: dead}
 
 
-class _CheckInteraction(beam.DoFn):
+class _CheckInteractions(beam.DoFn):
+    """Batches of interaction records -> typed records + dead letters: `pipelines.data.rules.check_records`, one
+    reason per record in the order of `INTERACTION_RULES` (missing_value, bad_id, bad_timestamp, bad_label)."""
+
+    FIELDS = ("user_id", "item_id", "ts", "label")
+
     def __init__(self, clock=None):
         self.clock = clock  # feature_store.clock.EventClock resolved in the driver (None: no clock check)
 
-    def process(self, r):
+    def process(self, batch):
         with stage_timer("validate_interactions"):
-            out = list(self._check(r))
+            out = list(self._check(batch))
         yield from out
 
-    def _check(self, r):
-        """One reason per bad record, in the loader's order: missing_value, bad_id, bad_timestamp, bad_label."""
-        src, row = _where(r, "interactions")
-        parsed = {name: parse_int(r.get(name)) for name in ("user_id", "item_id", "ts")}
-        ids = _ids(r)  # a dense id that is not an integer is left out by `reject`
-        label, label_bad = parse_float(r.get("label"))
-        for name, (value, bad) in [*parsed.items(), ("label", (label, label_bad))]:
-            if value is None and not bad:
-                yield beam.pvalue.TaggedOutput(DEAD, reject(
-                    "validate_interactions", src, "missing_value", row=row, **ids,
-                    detail=f"{name} is empty"))
-                return
-        for name, reason, what in (("user_id", "bad_id", "is not an integer"), ("item_id", "bad_id", "is not an integer"),
-                                   ("ts", "bad_timestamp", "is not a unix timestamp")):
-            if parsed[name][1]:
-                yield beam.pvalue.TaggedOutput(DEAD, {**reject(
-                    "validate_interactions", src, reason, row=row, **ids,
-                    detail=f"{name} {r.get(name)!r} {what}"), UNPARSED: True})
-                return
-        if parsed["ts"][0] < 0:  # the loader's rule: negative unix times are sentinels, never event times
-            yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_interactions", src, "bad_timestamp", row=row, **ids,
-                detail=f"timestamp {parsed['ts'][0]} before 1970-01-01"))
-            return
-        if self.clock is not None and self.clock.in_future(parsed["ts"][0]):  # the loader's clock rule
-            yield beam.pvalue.TaggedOutput(DEAD, {**reject(
-                "validate_interactions", src, "bad_timestamp", row=row, **ids,
-                detail=self.clock.detail(parsed["ts"][0])), UNPARSED: True})
-            return
-        if label is None or not 0.0 <= label <= 1.0:
-            yield beam.pvalue.TaggedOutput(DEAD, {**reject(
-                "validate_interactions", src, "bad_label", row=row, **ids,
-                detail=f"label {r.get('label')!r} " + ("is not a number" if label_bad else "not in [0, 1]")),
-                UNPARSED: label_bad})
-            return
-        out = {"user_id": parsed["user_id"][0], "item_id": parsed["item_id"][0], "ts": parsed["ts"][0],
-               "label": label, "_row": r.get("_row")}
-        for key in ("_raw_item_id", "_raw_user_id", "_source", "_file_row"):
-            if key in r:
-                out[key] = r[key]
-        yield out
+    def _check(self, batch):
+        import pandas as pd
+
+        from pipelines.data.rules import check_records
+
+        frame = pd.DataFrame({f: pd.Series([r.get(f) for r in batch], dtype=object) for f in self.FIELDS})
+        parsed, verdicts = check_records(frame, self.clock)
+        index = verdicts.rule_index()
+        values = {f: parsed[f].tolist() for f in self.FIELDS}
+        for i, r in enumerate(batch):
+            if index[i] >= 0:
+                src, row = _where(r, "interactions")
+                rule, detail = verdicts.of(i, index)
+                # the dense ids are the ids that parse, as in the loader's rejects (None where one does not)
+                dense = {f"{f[:-3]}_dense_id": None if pd.isna(values[f][i]) else values[f][i]
+                         for f in ("item_id", "user_id")}
+                yield beam.pvalue.TaggedOutput(DEAD, dead_letter("validate_interactions", src, rule, detail,
+                                                                 row=row, **{**_ids(r), **dense}))
+                continue
+            out = {"user_id": int(values["user_id"][i]), "item_id": int(values["item_id"][i]),
+                   "ts": int(values["ts"][i]), "label": float(values["label"][i]), "_row": r.get("_row")}
+            for key in ("_raw_item_id", "_raw_user_id", "_source", "_file_row"):
+                if key in r:
+                    out[key] = r[key]
+            yield out
 
 
 def _split_repeats(keyed):
@@ -329,8 +280,7 @@ def _split_repeats(keyed):
     for r in rows[1:]:
         src, row = _where(r, "interactions")
         yield beam.pvalue.TaggedOutput(DEAD, reject(
-            "validate_interactions", src, "duplicate_interaction", row=row, **_ids(r),
-            detail="same user, item, timestamp and label as an earlier row"))
+            "validate_interactions", src, "duplicate_interaction", row=row, **_ids(r), detail=DUPLICATE_INTERACTION))
 
 
 def _join_known(keyed):
@@ -342,8 +292,7 @@ def _join_known(keyed):
         else:
             src, row = _where(r, "interactions")
             yield beam.pvalue.TaggedOutput(DEAD, reject(
-                "validate_interactions", src, "unknown_item", row=row, **_ids(r),
-                detail=f"item_id {_ids(r)['item_id']} is not in the validated catalog"))
+                "validate_interactions", src, "unknown_item", row=row, **_ids(r), detail=UNKNOWN_ITEM))
 
 
 class ValidateInteractions(beam.PTransform):
@@ -365,7 +314,8 @@ class ValidateInteractions(beam.PTransform):
 
     def expand(self, interactions):
         counted = interactions | "CountInteractionsIn" >> count("validate_interactions", "in")
-        checked = counted | "CheckFields" >> beam.ParDo(_CheckInteraction(self.clock)).with_outputs(DEAD, main="ok")
+        checked = (counted | "BatchInteractions" >> beam.BatchElements(min_batch_size=1, max_batch_size=BATCH)
+                   | "CheckFields" >> beam.ParDo(_CheckInteractions(self.clock)).with_outputs(DEAD, main="ok"))
         ok, dead_parts = checked.ok, [checked[DEAD]]
         if self.dedupe:
             repeats = (ok | "KeyByEvent" >> beam.Map(lambda r: ((r["user_id"], r["item_id"], r["ts"], r["label"]), r))

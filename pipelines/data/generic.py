@@ -46,11 +46,14 @@ import numpy as np
 import pandas as pd
 
 from feature_store.clock import EventClock
-from pipelines.data.io import (DataError, Unparsed, empty_table_error, float32_column, int64_column, parse_int64,
-                               read_table, row_sources, unix_seconds_column)
+from pipelines.data.io import (DataError, Unparsed, empty_table_error, float32_column, int64_column, read_table,
+                               row_sources, unix_seconds_column)
 from pipelines.data.loader import load_id_maps
+from pipelines.data.rules import (INTERACTION_RULES, ITEM_ID_RULES, LABEL_RANGE, UNKNOWN_ITEM, Cells, before_epoch,
+                                  before_epoch_detail, first_failure, in_future, label_out_of_range, missing_cells,
+                                  parse_int64)
 from pipelines.data.schema import DataSpec, Dataset
-from pipelines.data.validate import RejectLog, finalize, reject_unparsed
+from pipelines.data.validate import RejectLog, finalize, reject_failures
 
 ITEM_FIELDS = ("item_id", "title", "text", "image_uri")
 INTERACTION_FIELDS = ("user_id", "item_id", "ts", "label")
@@ -210,25 +213,26 @@ def parse_items(r: dict, items_raw: pd.DataFrame, id_map: Optional[pd.DataFrame]
     """The loader's value parsing of a block of the raw catalog (the whole table, or one chunk on a worker).
 
     Returns:
-        {"frame": items (item_id Int64, title, text, image_uri, attributes), "missing": (N,) bool empty id,
-         "unparsed": [Unparsed] in precedence order, "raw_ids": (N,) raw item id text}
+        {"frame": items (item_id Int64, title, text, image_uri, attributes), "verdicts": `rules.Verdicts` of
+         `rules.ITEM_ID_RULES` (empty id, id that does not parse), "raw_ids": (N,) raw item id text}
     """
     icols = r["icols"]
     item_ids, _, item_unparsed = _ids(items_raw, icols["item_id"], id_map, "item_id")
-    missing = item_ids.isna().to_numpy() & ~item_unparsed.mask
+    checks = {"missing:item_id": missing_cells(icols["item_id"], "item_id", item_ids, item_unparsed),
+              "item_id": item_unparsed}
     items = pd.DataFrame({"item_id": item_ids, "title": _text_col(items_raw, icols["title"]),
                           "text": _joined_text(items_raw, r["text_cols"]),
                           "image_uri": _text_col(items_raw, icols["image_uri"])})
     _carry_attributes(items, items_raw, r["item_attrs"], r["items_path"])
-    return {"frame": items, "missing": missing, "unparsed": [item_unparsed],
+    return {"frame": items, "verdicts": first_failure(ITEM_ID_RULES, checks, len(items_raw)),
             "raw_ids": items_raw[icols["item_id"]].astype("string").to_numpy()}
 
 
 def parse_interactions(r: dict, inter_raw: pd.DataFrame, id_maps: dict, ms: Optional[bool] = None,
                        clock: Optional[EventClock] = None) -> dict:
-    """The loader's value parsing of a block of the raw log: one reason per row, in order missing_value, bad_id,
-    bad_timestamp (unparsed, then later than the clock), bad_label (unparsed), bad_label (out of range /
-    unmapped), unknown_item (unmapped string id).
+    """The loader's value parsing of a block of the raw log, with one reason per bad row: the first rule of
+    `rules.INTERACTION_RULES` that rejects it (missing_value, bad_id, bad_timestamp: does not parse, before 1970,
+    later than the clock; bad_label: does not parse, out of range / unmapped; unknown_item: unmapped string id).
 
     Args:
         ms: auto timestamps: numbers are milliseconds (None: decide from this block's median, as the loader
@@ -236,33 +240,36 @@ def parse_interactions(r: dict, inter_raw: pd.DataFrame, id_maps: dict, ms: Opti
         clock: timestamps later than ``clock.cutoff`` are bad_timestamp rejects ("in the future"), counted with
             the values that do not parse against --max-bad-fraction (None: no clock check here).
     Returns:
-        {"user_id", "item_id", "ts", "label": parsed columns, "missing", "bad_label", "unknown": (N,) bool,
-         "unparsed": [Unparsed], "ids": reject id columns}
+        {"user_id", "item_id", "ts", "label": parsed columns, "verdicts": `rules.Verdicts`, "ids": reject id
+         columns}
     """
     ecols, section = r["ecols"], r["mapping"]["interactions"]
     users, _, user_unparsed = _ids(inter_raw, ecols["user_id"], id_maps.get("user_id"), "user_id")
     inter_items, unmapped, item_unparsed = _ids(inter_raw, ecols["item_id"], id_maps.get("item_id"), "item_id",
                                                 keep_unmapped=True, strict=r["ids_mode"] == "int")
     ts, ts_unparsed = unix_seconds_column(inter_raw, ecols["ts"], fmt=section.get("ts_format", "auto"), ms=ms)
-    future = future_cells(inter_raw, ecols["ts"], ts, clock)
     label, label_bad, label_unparsed = _labels(inter_raw, ecols["label"], section)
-    missing = ((users.isna().to_numpy() & ~user_unparsed.mask) | (ts.isna().to_numpy() & ~ts_unparsed.mask)
-               | (inter_items.isna().to_numpy() & ~unmapped & ~item_unparsed.mask))
-    if ecols["label"] in inter_raw:  # unmapped label values are bad_label
-        missing = missing | (label.isna().to_numpy() & ~label_bad & ~label_unparsed.mask)
+    checks = {"missing:user_id": missing_cells(ecols["user_id"], "user_id", users, user_unparsed),
+              "missing:item_id": missing_cells(ecols["item_id"], "item_id", inter_items, unmapped, item_unparsed),
+              "missing:ts": missing_cells(ecols["ts"], "ts", ts, ts_unparsed),
+              "user_id": user_unparsed, "item_id": item_unparsed, "ts": ts_unparsed,
+              "before_epoch": Cells(before_epoch(ts), lambda i: before_epoch_detail(ts.iloc[i])),
+              "future": future_cells(inter_raw, ecols["ts"], ts, clock),
+              "label": label_unparsed, "label_range": label_bad,
+              "unmapped_item": Cells(unmapped, UNKNOWN_ITEM)}
+    if ecols["label"] in inter_raw:  # no label column: implicit positives, never missing
+        checks["missing:label"] = missing_cells(ecols["label"], "label", label, label_bad, label_unparsed)
     ids = {"item_id": inter_raw[ecols["item_id"]].astype("string").to_numpy(),
            "user_id": inter_raw[ecols["user_id"]].astype("string").to_numpy(),
            "item_dense_id": _dense(inter_items), "user_dense_id": _dense(users)}
-    return {"user_id": users, "item_id": inter_items, "ts": ts, "label": label, "missing": missing,
-            "bad_label": label_bad, "unknown": unmapped,
-            "unparsed": [user_unparsed, item_unparsed, ts_unparsed, future, label_unparsed], "ids": ids}
+    return {"user_id": users, "item_id": inter_items, "ts": ts, "label": label,
+            "verdicts": first_failure(INTERACTION_RULES, checks, len(inter_raw)), "ids": ids}
 
 
 def future_cells(frame: pd.DataFrame, column: str, ts: pd.Series, clock: Optional[EventClock]) -> Unparsed:
-    """The timestamps of a block later than the clock's cutoff, as bad_timestamp cells (`EventClock.in_future`)."""
-    mask = np.zeros(len(frame), bool) if clock is None else \
-        clock.in_future(ts.astype("Int64").fillna(clock.cutoff).to_numpy(dtype="int64"))  # empty: not future
-    return Unparsed(frame, column, "ts", mask, clock.what() if clock is not None else "", "bad_timestamp")
+    """The timestamps of a block later than the clock's cutoff, named by file, column and value
+    (`rules.in_future`)."""
+    return Unparsed(frame, column, "ts", in_future(ts, clock), clock.what() if clock is not None else "")
 
 
 def dense_map(raw: pd.Series, known: Optional[pd.DataFrame]) -> pd.DataFrame:
@@ -296,33 +303,19 @@ def load_generic(spec: DataSpec) -> Dataset:
     # Items. A value that does not parse is a per-record reject, up to spec.max_bad_fraction of the rows.
     item_src, item_rows = row_sources(items_raw)
     parsed = parse_items(r, items_raw, id_maps.get("item_id"))
-    missing = parsed["missing"]
-    rejects.add(item_src[missing], item_rows[missing], "missing_value", "dropped", detail="empty item id")
-    unparsed = reject_unparsed(rejects, parsed["unparsed"], src=item_src, rows=item_rows,
-                               max_bad_fraction=spec.max_bad_fraction, what=f"{items_path} (items)", skip=missing,
-                               ids={"item_id": parsed["raw_ids"]})
-    drop = missing | unparsed
+    drop = reject_failures(rejects, parsed["verdicts"], src=item_src, rows=item_rows,
+                           max_bad_fraction=spec.max_bad_fraction, what=f"{items_path} (items)",
+                           ids={"item_id": parsed["raw_ids"]})
     items = parsed["frame"].assign(row=item_rows, _source=item_src)
     items = items.loc[~drop]
     items["item_id"] = items["item_id"].astype("int64")
 
-    # Interactions: one reason per row, in order missing_value, bad_id, bad_timestamp, bad_label, unknown_item.
+    # Interactions: one reason per row (`rules.INTERACTION_RULES`).
     clock = spec.clock()  # one clock for the parse and finalize
     px = parse_interactions(r, inter_raw, id_maps, clock=clock)
-    missing, ids = px["missing"], px["ids"]
-
-    def add(mask, reason, detail):
-        rejects.add(src[mask], rows[mask], reason, "dropped", detail=detail, **{k: v[mask] for k, v in ids.items()})
-
     src, rows = row_sources(inter_raw)
-    add(missing, "missing_value", "empty user id, item id, timestamp or label")
-    unparsed = reject_unparsed(rejects, px["unparsed"], src=src, rows=rows, max_bad_fraction=spec.max_bad_fraction,
-                               what=f"{inter_path} (interactions)", skip=missing, ids=ids)
-    bad_label = px["bad_label"] & ~missing & ~unparsed
-    add(bad_label, "bad_label", BAD_LABEL_DETAIL)
-    unknown = px["unknown"] & ~missing & ~unparsed & ~bad_label
-    add(unknown, "unknown_item", "item id not in the item catalog")
-    keep = ~(missing | unparsed | bad_label | unknown)
+    keep = ~reject_failures(rejects, px["verdicts"], src=src, rows=rows, max_bad_fraction=spec.max_bad_fraction,
+                            what=f"{inter_path} (interactions)", ids=px["ids"])
     interactions = pd.DataFrame({"user_id": px["user_id"][keep].astype("int64").to_numpy(),
                                  "item_id": px["item_id"][keep].astype("int64").to_numpy(),
                                  "ts": px["ts"][keep].astype("int64").to_numpy(),
@@ -334,9 +327,6 @@ def load_generic(spec: DataSpec) -> Dataset:
     return finalize(items, interactions, spec=spec, name=f"generic:{items_path.name}", image_root=image_root,
                     rejects=rejects, items_source=items_path.name, interactions_source=inter_path.name,
                     id_maps=id_maps, clock=clock)
-
-
-BAD_LABEL_DETAIL = "label outside [0, 1], or not in interactions.label_values"
 
 
 def _read(path: Path, table: str, columns: list, optional: list) -> pd.DataFrame:
@@ -401,7 +391,7 @@ def _ids(frame: pd.DataFrame, col: str, id_map: Optional[pd.DataFrame], role: st
     if id_map is None:
         if keep_unmapped and not strict:
             out, not_int = parse_int64(frame[col])
-            return out, not_int, Unparsed(frame, col, role, none, "", "bad_id")
+            return out, not_int, Unparsed(frame, col, role, none, "")
         out, unparsed = int64_column(frame, col, role=role)
         return out, none, unparsed
     raw = frame[col].astype("string").str.strip()
@@ -409,7 +399,7 @@ def _ids(frame: pd.DataFrame, col: str, id_map: Optional[pd.DataFrame], role: st
     out = raw.map(lookup).astype("Int64")
     out[raw.isna() | raw.eq("")] = pd.NA
     unmapped = (out.isna() & raw.notna() & raw.ne("")).to_numpy() if keep_unmapped else none
-    return out, unmapped, Unparsed(frame, col, role, none, "", "bad_id")
+    return out, unmapped, Unparsed(frame, col, role, none, "")
 
 
 def _dense(ids: pd.Series) -> np.ndarray:
@@ -435,12 +425,12 @@ def _joined_text(frame: pd.DataFrame, cols: list) -> pd.Series:
 
 
 def _labels(frame: pd.DataFrame, col: str, section: dict):
-    """(label float32 series, out-of-range / unmapped mask, Unparsed: cells that are not numbers).
-    No label column -> implicit positives."""
+    """(label float32 series, Unparsed: values out of range / not in the value map, Unparsed: cells that are not
+    numbers). No label column -> implicit positives."""
     none = np.zeros(len(frame), bool)
     if col not in frame:
-        return (pd.Series(np.ones(len(frame), np.float32), index=frame.index), none,
-                Unparsed(frame, col, "label", none, "", "bad_label"))
+        return (pd.Series(np.ones(len(frame), np.float32), index=frame.index), Unparsed(frame, col, "label", none, ""),
+                Unparsed(frame, col, "label", none, ""))
     values = section.get("label_values")
     if values is not None:
         # Keys are compared as text: YAML may parse `1: 1` as ints while a CSV cell is the string "1".
@@ -448,10 +438,11 @@ def _labels(frame: pd.DataFrame, col: str, section: dict):
         raw = frame[col].astype("string").str.strip()
         mapped = raw.map(lookup).astype("Float32").astype("float32")
         bad = (raw.notna() & raw.ne("") & mapped.isna()).fillna(False).to_numpy(dtype=bool)
-        return mapped, bad, Unparsed(frame, col, "label", none, "", "bad_label")
+        return (mapped, Unparsed(frame, col, "label", bad, "is not in interactions.label_values"),
+                Unparsed(frame, col, "label", none, ""))
     value, unparsed = float32_column(frame, col, role="label")
     threshold = section.get("label_threshold")
     if threshold is not None:
-        return value.where(value.isna(), (value >= float(threshold)).astype("float32")), none, unparsed
-    bad = (value.notna() & ((value < 0) | (value > 1))).to_numpy()
-    return value, bad, unparsed
+        return (value.where(value.isna(), (value >= float(threshold)).astype("float32")),
+                Unparsed(frame, col, "label", none, ""), unparsed)
+    return value, Unparsed(frame, col, "label", label_out_of_range(value), LABEL_RANGE), unparsed

@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feature_store import io as fs_io
-
+from pipelines.data.rules import (NOT_A_NUMBER, NOT_AN_INTEGER, column_label, parse_int64, parse_numbers,
+                                  parse_unix_seconds, value_detail)
 
 log = logging.getLogger(__name__)
-MS_THRESHOLD = 1e11  # as unix seconds this is year 5138: such integer timestamps are milliseconds
 
 
 class DataError(ValueError):
@@ -178,17 +178,18 @@ def _first_bad(mask: np.ndarray) -> int:
 
 
 class Unparsed:
-    """The cells of one column that are present but do not parse (a per-record problem, not a file error).
+    """The cells of one source column that fail a rule of `pipelines.data.rules` (do not parse, or lie past the
+    clock): a per-record problem, not a file error, named by file, column, row and value. Which reason the rows
+    get is the rule table's (`rules.INTERACTION_RULES` / `ITEM_ID_RULES`).
 
     Args:
         frame: the table read by `read_table` (its parts name the file and row of each cell).
         column: source column name; role: contract field it feeds ("ts", "label", "user_id", ...).
-        mask: (N,) bool, True where the cell did not parse; what: why, e.g. "is not an integer".
-        reason: the reject reason these rows get (schema.REJECT_REASONS: bad_id, bad_timestamp, bad_label).
+        mask: (N,) bool, True where the cell fails; what: why, e.g. "is not an integer".
     """
 
-    def __init__(self, frame: pd.DataFrame, column: str, role: str, mask: np.ndarray, what: str, reason: str):
-        self.frame, self.column, self.role, self.what, self.reason = frame, column, role, what, reason
+    def __init__(self, frame: pd.DataFrame, column: str, role: str, mask: np.ndarray, what: str):
+        self.frame, self.column, self.role, self.what = frame, column, role, what
         self.mask = np.asarray(mask, dtype=bool)
 
     @property
@@ -197,14 +198,14 @@ class Unparsed:
 
     @property
     def label(self) -> str:
-        return f"column {self.column!r}" + (f" ({self.role})" if self.role else "")
+        return column_label(self.column, self.role)
 
     def value(self, position: int):
         return self.frame[self.column].iloc[position]
 
     def detail(self, position: int) -> str:
-        """The rejects table's detail for one bad row: column, value and why."""
-        return f"{self.label}: value {self.value(position)!r} {self.what}"
+        """The rejects table's detail for one bad row: column, value and why (`rules.value_detail`)."""
+        return value_detail(self.column, self.role, self.value(position), self.what)
 
     def describe(self, examples: int = 5) -> str:
         """'<file>: column 'ts' (ts) row 1 (line 3): value 'x' <what>; N bad value(s) ... first: ...'."""
@@ -215,173 +216,49 @@ class Unparsed:
         return (f"{file}: {self.label} {where}: value {self.value(int(positions[0]))!r} {self.what} "
                 f"({self.count} bad value(s) in this column; first: {first})")
 
-    def raise_if_any(self) -> None:
-        if self.count:
-            raise DataError(self.describe())
 
-
-INT64_MAX = np.iinfo(np.int64).max
-
-
-def parse_int64(series: pd.Series) -> tuple[pd.Series, np.ndarray]:
-    """Parse ids / integers exactly (never through float64, so ids above 2**53 survive).
-
-    Returns:
-        (values nullable Int64, bad (N,) bool): bad marks non-empty cells that are not integers in int64 range
-        (text like "12", " 12 ", "12.0" is fine; "1.5", "abc", 1.5 are not). Empty cells are <NA>, not bad.
-    """
-    if pd.api.types.is_integer_dtype(series.dtype):
-        return series.astype("Int64"), np.zeros(len(series), bool)
-    if pd.api.types.is_float_dtype(series.dtype):
-        frac = (series.notna() & (series.fillna(0) % 1 != 0)) | (series.abs() > INT64_MAX)
-        return series.where(~frac).astype("Int64"), frac.to_numpy()
-    text = series.astype("string").str.strip()
-    blank = (text.isna() | text.eq("")).fillna(True).to_numpy()
-    digits = text.str.replace(r"\.0*$", "", regex=True)
-    short = digits.str.fullmatch(r"[+-]?\d{1,18}").fillna(False).to_numpy(dtype=bool)   # always fits int64
-    long_ = digits.str.fullmatch(r"[+-]?\d{19,20}").fillna(False).to_numpy(dtype=bool)  # check the range
-    out = pd.Series(pd.NA, index=series.index, dtype="Int64")
-    if short.any():  # no NaN in the subset, so to_numeric gives exact int64
-        out.iloc[np.flatnonzero(short)] = pd.to_numeric(digits[short].to_numpy(dtype=object)).astype(np.int64)
-    ok = short.copy()
-    for i in np.flatnonzero(long_):
-        v = int(digits.iloc[i])
-        if -INT64_MAX - 1 <= v <= INT64_MAX:
-            out.iloc[i] = v
-            ok[i] = True
-    return out, ~ok & ~blank
-
-
-def int64_column(frame: pd.DataFrame, column: str, *, role: str = "") -> tuple[pd.Series, Unparsed]:
-    """Column as nullable Int64 plus its unparseable cells (<NA> in the values; missing cells are <NA> too,
-    but not in `Unparsed`: they are missing values).
+def int64_column(frame: pd.DataFrame, column: str, *, role: str = "", what: str = NOT_AN_INTEGER
+                 ) -> tuple[pd.Series, Unparsed]:
+    """Column as nullable Int64 (`rules.parse_int64`) plus its unparseable cells (<NA> in the values; missing cells
+    are <NA> too, but not in `Unparsed`: they are missing values). ``what``: why a bad cell is bad, in its
+    reject's detail (integer unix seconds are `rules.NOT_UNIX_SECONDS`).
 
     Raises:
         DataError: a boolean column (a wrong column, not a bad cell).
     """
     series = frame[column]
-    label = f"column {column!r}" + (f" ({role})" if role else "")
     if pd.api.types.is_bool_dtype(series.dtype):
-        raise DataError(f"{locate(frame, 0)[0]}: {label}: expected integers, got booleans")
+        raise DataError(f"{locate(frame, 0)[0]}: {column_label(column, role)}: expected integers, got booleans")
     values, bad = parse_int64(series)
-    return values, Unparsed(frame, column, role, bad, "is not an integer", "bad_id")
-
-
-def to_int64(frame: pd.DataFrame, column: str, *, role: str = "") -> pd.Series:
-    """Column as nullable Int64 (missing cells stay <NA>: they are per-record rejects, not file errors).
-
-    Raises:
-        DataError naming file, column and the first row whose value is not an integer.
-    """
-    values, bad = int64_column(frame, column, role=role)
-    bad.raise_if_any()
-    return values
+    return values, Unparsed(frame, column, role, bad, what)
 
 
 def float32_column(frame: pd.DataFrame, column: str, *, role: str = "") -> tuple[pd.Series, Unparsed]:
-    """Column as float32 (NaN for missing and for unparseable cells) plus its unparseable cells."""
-    series = frame[column]
-    if pd.api.types.is_bool_dtype(series.dtype):
-        return series.astype("float32"), Unparsed(frame, column, role, np.zeros(len(series), bool), "", "bad_label")
-    numeric = pd.to_numeric(series.map(_bool_text) if series.dtype == object else series, errors="coerce")
-    bad = numeric.isna().to_numpy() & series.notna().to_numpy()
-    return numeric.astype("float32"), Unparsed(frame, column, role, bad, "is not a number", "bad_label")
-
-
-def to_float32(frame: pd.DataFrame, column: str, *, role: str = "") -> pd.Series:
-    """Column as float32 (NaN for missing). Raises DataError naming file, column and first non-numeric row."""
-    values, bad = float32_column(frame, column, role=role)
-    bad.raise_if_any()
-    return values
-
-
-def _bool_text(value):
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return 1.0 if value.strip().lower() == "true" else 0.0
-    return value
+    """Column as float32 (NaN for missing and for bad cells) plus its cells that are not numbers
+    (`rules.parse_numbers`)."""
+    values, bad = parse_numbers(frame[column])
+    return values, Unparsed(frame, column, role, bad, NOT_A_NUMBER)
 
 
 def unix_seconds_column(frame: pd.DataFrame, column: str, *, fmt: str = "auto", role: str = "ts",
                         ms: Optional[bool] = None) -> tuple[pd.Series, Unparsed]:
-    """Timestamps as nullable Int64 unix seconds (empty and unparseable cells are <NA>), plus the unparseable cells.
+    """Timestamps as nullable Int64 unix seconds (empty and unparseable cells are <NA>), plus the unparseable cells
+    (`rules.parse_unix_seconds`).
 
     Args:
-        fmt: "unix" (seconds), "unix_ms" (milliseconds), "iso" (ISO-8601 dates / datetimes; naive ones are
-            taken as UTC) or "auto": per value, numbers are unix seconds (milliseconds when the column's numbers
-            are beyond year 5000 as seconds) and anything else is parsed as ISO-8601, so partitions written in
-            different formats load together.
+        fmt: "unix", "unix_ms", "iso" or "auto" (partitions written in different formats load together).
         ms: with "auto", whether the numbers are milliseconds; None decides from this frame's median (the whole
             table for the loader; workers reading it in chunks pass the whole table's `ms_decision`).
     Raises:
         DataError: an unknown `fmt`.
     """
-    series = frame[column]
-    label = f"column {column!r} ({role})"
     if fmt not in ("auto", "unix", "unix_ms", "iso"):
         raise DataError(f"timestamp format {fmt!r} is not one of auto, unix, unix_ms, iso")
-    if pd.api.types.is_datetime64_any_dtype(series.dtype):
-        parsed = series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
-        return _datetime_to_seconds(parsed), Unparsed(frame, column, role, np.zeros(len(series), bool), "",
-                                                       "bad_timestamp")
-    present = series.notna().to_numpy() & ~series.astype("string").str.strip().eq("").fillna(False).to_numpy(bool)
-    numeric = pd.to_numeric(series, errors="coerce").astype("float64")
-    is_num = numeric.notna().to_numpy() & present
-    out = pd.Series(pd.NA, index=series.index, dtype="Int64")
-    if fmt != "iso" and is_num.any():
-        values = numeric[is_num]
-        if fmt == "auto" and (values.abs().median() > MS_THRESHOLD if ms is None else ms):
-            log.info("%s: %s looks like unix milliseconds (median %.0f); converting to seconds "
-                     "(set ts_format: unix to keep them as seconds)", locate(frame, 0)[0], label, values.median())
-            fmt = "unix_ms"
-        out[is_num] = (values / 1000.0 if fmt == "unix_ms" else values).round().astype("int64")
-    if fmt in ("unix", "unix_ms"):
-        bad = present & ~is_num
-        what = "is not a unix timestamp"
-    else:
-        to_parse = present & (~is_num if fmt == "auto" else np.ones(len(series), bool))
-        parsed = pd.to_datetime(series[to_parse].astype("string"), errors="coerce", utc=True, format="ISO8601")
-        out[to_parse] = _datetime_to_seconds(parsed)
-        bad = present & out.isna().to_numpy()
-        what = "is not a unix timestamp or an ISO-8601 date" if fmt == "auto" else "is not an ISO-8601 date"
-    return out, Unparsed(frame, column, role, bad, what, "bad_timestamp")
-
-
-def ms_stats(frame: pd.DataFrame, column: str) -> tuple[int, int, Optional[float], Optional[float]]:
-    """(numbers, numbers above MS_THRESHOLD, largest at or below it, smallest above it) of the column's absolute
-    numeric values: a block's part of the auto-timestamp rule, merged with `merge_ms_stats`."""
-    series = frame[column]
-    if pd.api.types.is_datetime64_any_dtype(series.dtype):
-        return (0, 0, None, None)
-    present = series.notna().to_numpy() & ~series.astype("string").str.strip().eq("").fillna(False).to_numpy(bool)
-    values = pd.to_numeric(series, errors="coerce").astype("float64").abs().to_numpy()[present]
-    values = values[~np.isnan(values)]
-    low, high = values[values <= MS_THRESHOLD], values[values > MS_THRESHOLD]
-    return (int(len(values)), int(len(high)), float(low.max()) if len(low) else None,
-            float(high.min()) if len(high) else None)
-
-
-def merge_ms_stats(parts) -> tuple:
-    n = c = 0
-    low = high = None
-    for a, b, lo, hi in parts:
-        n, c = n + a, c + b
-        low = lo if low is None else (low if lo is None else max(low, lo))
-        high = hi if high is None else (high if hi is None else min(high, hi))
-    return (n, c, low, high)
-
-
-def ms_decision(stats) -> bool:
-    """The loader's rule (median of the absolute numbers > MS_THRESHOLD) from merged `ms_stats`, exactly: the
-    median is above the threshold when more than half the numbers are, below when fewer than half are, and, with
-    exactly half above (n even), the mean of the two middle values (largest below, smallest above) decides."""
-    n, c, low, high = stats
-    if n == 0:
-        return False
-    if 2 * c > n:
-        return True
-    if 2 * c < n:
-        return False
-    return (low + high) / 2.0 > MS_THRESHOLD
+    values, bad, what, as_ms = parse_unix_seconds(frame[column], fmt, ms)
+    if fmt == "auto" and as_ms:
+        log.info("%s: column %r (%s) looks like unix milliseconds; converting to seconds "
+                 "(set ts_format: unix to keep them as seconds)", locate(frame, 0)[0], column, role)
+    return values, Unparsed(frame, column, role, bad, what)
 
 
 def to_unix_seconds(frame: pd.DataFrame, column: str, *, fmt: str = "auto", role: str = "ts") -> pd.Series:
@@ -392,14 +269,6 @@ def to_unix_seconds(frame: pd.DataFrame, column: str, *, fmt: str = "auto", role
         file, where = _where(frame, row)
         raise DataError(f"{file}: {bad.label} {where}: value {frame[column].iloc[row]!r} {bad.what}")
     return values
-
-
-def _datetime_to_seconds(parsed: pd.Series) -> pd.Series:
-    out = pd.Series(pd.NA, index=parsed.index, dtype="Int64")
-    ok = parsed.notna()
-    epoch = pd.Timestamp(0, tz="UTC")
-    out[ok] = ((parsed[ok] - epoch) // pd.Timedelta(seconds=1)).astype("int64")
-    return out
 
 
 # ---- atomic writes: the project's one implementation lives in feature_store.io (write aside, fsync, rename) ----

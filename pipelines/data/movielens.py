@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from pipelines.data.io import DataError, float32_column, int64_column, read_table
+from pipelines.data.rules import INTERACTION_RULES, ITEM_ID_RULES, NOT_UNIX_SECONDS, first_failure, missing_cells
 from pipelines.data.schema import DataSpec, Dataset
-from pipelines.data.validate import RejectLog, finalize, reject_unparsed
+from pipelines.data.validate import RejectLog, finalize, reject_failures
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,13 @@ def load_movielens(spec: DataSpec) -> Dataset:
     tags = read_table(tags_path, ["movieId", "tag"]) if tags_path.exists() else None
 
     movie_ids, movie_unparsed = int64_column(movies, "movieId", role="item_id")
-    missing_id = movie_ids.isna().to_numpy() & ~movie_unparsed.mask
-    if missing_id.any():
-        rejects.add("movies.csv", np.flatnonzero(missing_id), "missing_value", "dropped", detail="empty movieId")
     n_movies = len(movies)
-    missing_id |= reject_unparsed(rejects, [movie_unparsed], src=np.full(n_movies, "movies.csv", dtype=object),
-                                  rows=np.arange(n_movies), max_bad_fraction=spec.max_bad_fraction,
-                                  what=f"{ml / 'movies.csv'} (items)", skip=missing_id,
-                                  ids={"item_id": movies["movieId"].to_numpy(dtype=object)})
+    checks = {"missing:item_id": missing_cells("movieId", "item_id", movie_ids, movie_unparsed),
+              "item_id": movie_unparsed}
+    missing_id = reject_failures(rejects, first_failure(ITEM_ID_RULES, checks, n_movies),
+                                 src=np.full(n_movies, "movies.csv", dtype=object), rows=np.arange(n_movies),
+                                 max_bad_fraction=spec.max_bad_fraction, what=f"{ml / 'movies.csv'} (items)",
+                                 ids={"item_id": movies["movieId"].to_numpy(dtype=object)})
 
     genres = movies["genres"].fillna("").replace("(no genres listed)", "")
     text = _item_text(movie_ids, genres, tags)
@@ -66,25 +66,21 @@ def load_movielens(spec: DataSpec) -> Dataset:
     }).loc[~missing_id]
     items["item_id"] = items["item_id"].astype("int64")
 
+    columns = {"user_id": "userId", "item_id": "movieId", "ts": "timestamp", "label": "rating"}
     user, user_unparsed = int64_column(ratings, "userId", role="user_id")
     item, item_unparsed = int64_column(ratings, "movieId", role="item_id")
     rating, rating_unparsed = float32_column(ratings, "rating", role="rating")
-    ts, ts_unparsed = int64_column(ratings, "timestamp", role="ts")
-    ts_unparsed.reason, ts_unparsed.what = "bad_timestamp", "is not a unix timestamp"
-    unparsed = [user_unparsed, item_unparsed, ts_unparsed, rating_unparsed]
-    any_unparsed = np.logical_or.reduce([u.mask for u in unparsed])
-    missing = (user.isna() | item.isna() | ts.isna() | rating.isna()).to_numpy() & ~any_unparsed
-    if missing.any():
-        rows = np.flatnonzero(missing)
-        rejects.add("ratings.csv", rows, "missing_value", "dropped",
-                    detail="empty userId, movieId, rating or timestamp")
+    ts, ts_unparsed = int64_column(ratings, "timestamp", role="ts", what=NOT_UNIX_SECONDS)
+    checks = {"user_id": user_unparsed, "item_id": item_unparsed, "ts": ts_unparsed, "label": rating_unparsed}
+    for field, values in (("user_id", user), ("item_id", item), ("ts", ts), ("label", rating)):
+        checks[f"missing:{field}"] = missing_cells(columns[field], field, values, checks[field])
     n_ratings = len(ratings)
-    bad = reject_unparsed(rejects, unparsed, src=np.full(n_ratings, "ratings.csv", dtype=object),
-                          rows=np.arange(n_ratings), max_bad_fraction=spec.max_bad_fraction,
-                          what=f"{ml / 'ratings.csv'} (interactions)", skip=missing,
+    bad = reject_failures(rejects, first_failure(INTERACTION_RULES, checks, n_ratings),
+                          src=np.full(n_ratings, "ratings.csv", dtype=object), rows=np.arange(n_ratings),
+                          max_bad_fraction=spec.max_bad_fraction, what=f"{ml / 'ratings.csv'} (interactions)",
                           ids={"item_id": ratings["movieId"].to_numpy(dtype=object),
                                "user_id": ratings["userId"].to_numpy(dtype=object)})
-    keep = ~(missing | bad)
+    keep = ~bad
     interactions = pd.DataFrame({
         "user_id": user[keep].astype("int64").to_numpy(), "item_id": item[keep].astype("int64").to_numpy(),
         "ts": ts[keep].astype("int64").to_numpy(),

@@ -4,6 +4,8 @@ Whole-file problems (missing column, unreadable file) are errors raised by the r
 not errors: each bad record becomes one row of `rejects` with a reason, and the rest loads. A value that does not
 parse (an id that is not an integer, a timestamp `notadate`, a label `abc`) is a record-level problem too, up to
 `DataSpec.max_bad_fraction` of a table's rows: past that the file is probably the wrong one, and it is an error.
+The rules themselves (what parses, which reason, in which order) are `pipelines.data.rules`, which the Beam job
+applies too; this module applies them to whole tables.
 """
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ from tqdm import tqdm
 from feature_store.clock import EventClock
 from pipelines.data.images import ImageError, check_image
 from pipelines.data.io import DataError
+from pipelines.data.rules import (DUPLICATE_INTERACTION, INTERACTION_RULES, PARSE_REASONS, UNKNOWN_ITEM, Cells,
+                                  Verdicts, before_epoch, before_epoch_detail, blank, clean_item_text,
+                                  duplicate_item_detail, first_failure, in_future, item_content_verdict,
+                                  reject_record, value_detail)
 from pipelines.data.schema import REJECT_COLUMNS, REJECT_REASONS, DataSpec, Dataset
 
 log = logging.getLogger(__name__)
@@ -56,34 +62,37 @@ class RejectLog:
             "reason": [reason] * n, "detail": col(detail), "action": [action] * n,
         }))
 
+    def add_verdicts(self, verdicts: Verdicts, src: np.ndarray, rows: np.ndarray, ids: Optional[dict] = None) -> None:
+        """One reject per row a rule of `verdicts` caught, under that rule's reason (`rules.first_failure`).
+
+        Args:
+            src, rows: (N,) part file name and row in it, per row of the chunk the verdicts are over.
+            ids: per-row arrays for the rejects' id columns (item_id, user_id, item_dense_id, user_dense_id).
+        """
+        for rule, cells, taken in zip(verdicts.rules, verdicts.cells, verdicts.taken):
+            if taken.any():
+                idx = np.flatnonzero(taken)
+                self.add(np.asarray(src, dtype=object)[taken], np.asarray(rows)[taken], rule.reason, "dropped",
+                         detail=[cells.detail(int(i)) for i in idx],
+                         **{k: np.asarray(v, dtype=object)[taken] for k, v in (ids or {}).items()})
+
     def frame(self) -> pd.DataFrame:
         if not self._parts:
             return empty_rejects()
         out = pd.concat(self._parts, ignore_index=True)
-        # Ids are kept as strings: a reject may carry a raw id that never got a dense int id.
-        for c in ("item_id", "user_id", "detail"):
-            out[c] = pd.Series([None if _is_missing(v) else str(v) for v in out[c].tolist()], dtype=object)
-        for c in ("item_dense_id", "user_dense_id"):
-            out[c] = pd.array([None if _is_missing(v) else int(v) for v in out[c].tolist()], dtype="Int64")
-        return out[list(REJECT_COLUMNS)]
+        # one shape for every reject (`rules.reject_record`): ids as text, as the source wrote them
+        records = [reject_record(**r) for r in out.to_dict("records")]
+        return _rejects_frame({c: [r[c] for r in records] for c in REJECT_COLUMNS})
 
 
-PARSE_REASONS = ("bad_id", "bad_timestamp", "bad_label")  # the reasons of values that do not parse
-
-
-def reject_unparsed(rejects: RejectLog, unparsed: list, *, src: np.ndarray, rows: np.ndarray,
-                    max_bad_fraction: float, what: str, skip: Optional[np.ndarray] = None,
-                    ids: Optional[dict] = None) -> np.ndarray:
-    """Reject the rows of one table that hold a value that does not parse, or fail past the share the user allows.
-
-    A row gets one reason: that of the first column in `unparsed` (ids, then timestamp, then label) whose cell
-    does not parse; the detail names the column and the value. Rows in `skip` (already rejected, e.g. for a
-    missing value) are neither rejected again nor counted.
+def reject_failures(rejects: RejectLog, verdicts: Verdicts, *, src: np.ndarray, rows: np.ndarray,
+                    max_bad_fraction: float, what: str, ids: Optional[dict] = None) -> np.ndarray:
+    """Reject the rows of one table that a rule caught (`rules.first_failure`), or fail past the share the user
+    allows of rows whose values do not parse (the rules marked ``counted``).
 
     Args:
-        unparsed: `pipelines.data.io.Unparsed` of each parsed column, in precedence order.
         src, rows: (N,) part file name and row in it, per row (`row_sources`).
-        max_bad_fraction: the most rows (share of N) that may be rejected here (`DataSpec.max_bad_fraction`).
+        max_bad_fraction: the most rows (share of N) a counted rule may reject (`DataSpec.max_bad_fraction`).
         what: the table, for the error ("interactions", "items").
         ids: per-row arrays for the rejects' id columns (item_id, user_id, item_dense_id, user_dense_id).
     Returns:
@@ -92,120 +101,82 @@ def reject_unparsed(rejects: RejectLog, unparsed: list, *, src: np.ndarray, rows
         DataError: more than `max_bad_fraction` of the rows do not parse; names each column's file, count and
             first offending rows and values.
     """
-    n = len(src)
-    taken = np.zeros(n, bool) if skip is None else np.asarray(skip, bool).copy()
-    masks = []
-    for u in unparsed:
-        mask = u.mask & ~taken
-        taken |= mask
-        masks.append(mask)
-    bad = np.logical_or.reduce(masks) if masks else np.zeros(n, bool)
-    total = int(bad.sum())
+    n = verdicts.n
+    counted = [(c, t) for r, c, t in zip(verdicts.rules, verdicts.cells, verdicts.taken) if r.counted]
+    total = int(verdicts.counted.sum())
     if n and total > max_bad_fraction * n:
-        columns = "\n  ".join(u.describe() for u in unparsed if u.count)
+        columns = "\n  ".join(c.describe() for c, _ in counted if c.count)
         raise DataError(f"{what}: {total} of {n} rows ({total / n:.2%}) hold a value that does not parse (or a "
                         f"timestamp later than the clock), more "
                         f"than --max-bad-fraction {max_bad_fraction:g} allows (below it such rows are rejected as "
                         f"{' / '.join(PARSE_REASONS)}):\n  {columns}")
-    for u, mask in zip(unparsed, masks):
-        if mask.any():
-            idx = np.flatnonzero(mask)
-            rejects.add(src[mask], rows[mask], u.reason, "dropped", detail=[u.detail(int(i)) for i in idx],
-                        **{k: np.asarray(v, dtype=object)[mask] for k, v in (ids or {}).items()})
+    rejects.add_verdicts(verdicts, src, rows, ids)
     if total:
         log.warning("%s: rejected %d of %d rows (%.3f%%) whose values do not parse (%s)", what, total, n,
-                    100.0 * total / n, ", ".join(f"{u.label}: {int(m.sum())}" for u, m in zip(unparsed, masks)
-                                                 if m.any()))
-    return bad
-
-
-def _is_missing(value) -> bool:
-    try:
-        return value is None or bool(pd.isna(value))
-    except (TypeError, ValueError):  # array-likes: never missing as a whole
-        return False
+                    100.0 * total / n, ", ".join(f"{c.label}: {int(t.sum())}" for c, t in counted if t.any()))
+    return verdicts.rejected
 
 
 def empty_rejects() -> pd.DataFrame:
-    dtypes = {"row": "int64", "item_dense_id": "Int64", "user_dense_id": "Int64"}
-    return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, "object")) for c in REJECT_COLUMNS})
+    return _rejects_frame({c: [] for c in REJECT_COLUMNS})
 
 
-def _blank(series: pd.Series) -> pd.Series:
-    return series.isna() | series.astype("string").str.strip().fillna("").eq("")
+_REJECT_DTYPES = {"row": "int64", "item_dense_id": "Int64", "user_dense_id": "Int64"}
 
 
-def _bad_images(items: pd.DataFrame, image_root: Optional[Path], level: str, desc: str) -> pd.DataFrame:
-    """Check every item image; one row per unusable one (index = the item's index in `items`).
-
-    Returns:
-        DataFrame(source, row, item_id, reason, detail) indexed like `items`.
-    """
-    has_uri = items["image_uri"].notna()
-    bad, index = [], []
-    checks = zip(items.index[has_uri], items.loc[has_uri, "_source"], items.loc[has_uri, "row"],
-                 items.loc[has_uri, "item_id"], items.loc[has_uri, "image_uri"])
-    for idx, source, row_no, item_id, uri in tqdm(checks, total=int(has_uri.sum()), desc=desc, disable=None,
-                                                  leave=False, mininterval=1.0):
-        try:
-            check_image(uri, image_root, level)
-        except ImageError as exc:
-            index.append(idx)
-            bad.append((source, row_no, item_id, exc.reason, str(exc)))
-    return pd.DataFrame(bad, columns=["source", "row", "item_id", "reason", "detail"], index=index)
+def _rejects_frame(columns: dict) -> pd.DataFrame:
+    """The rejects table from REJECT_COLUMNS lists: text columns hold str or None (object dtype, never the string
+    dtype's NaN: consumers test `is None`), dense ids are nullable Int64."""
+    return pd.DataFrame({c: pd.Series(columns[c], dtype=_REJECT_DTYPES.get(c, object)) for c in REJECT_COLUMNS})
 
 
-def image_loss_action(dropped: bool, require_image: bool, has_text: bool) -> tuple[str, str]:
-    """(action, detail suffix) of an item that loses its image: kept text-only, or dropped with why (the loader
-    and the job's ValidateItems say the same)."""
-    if not dropped:
-        return "kept_text_only", ""
-    return "dropped", ("; --require-image drops it" if require_image else "") + \
-        ("" if has_text else "; no title and no text either")
+def _content_verdicts(items: pd.DataFrame, image_root: Optional[Path], spec: DataSpec, check_images: bool,
+                      desc: str) -> list:
+    """`rules.item_content_verdict` of every item, after checking its image at ``spec.validate_images``."""
+    has_text = ~(blank(items["title"]) & blank(items["text"]))
+    has_image = items["image_uri"].notna().to_numpy()
+    errors = [None] * len(items)
+    if check_images:
+        todo = np.flatnonzero(has_image)
+        for k in tqdm(todo, total=len(todo), desc=desc, disable=None, leave=False, mininterval=1.0):
+            try:
+                check_image(items["image_uri"].iloc[k], image_root, spec.validate_images)
+            except ImageError as exc:
+                errors[k] = exc
+    return [item_content_verdict(bool(t), bool(i), e, spec.require_image)
+            for t, i, e in zip(has_text, has_image, errors)]
 
 
-def _reject_bad_images(items: pd.DataFrame, image_root: Optional[Path], spec: DataSpec, name: str,
-                       rejects: RejectLog, raw) -> pd.DataFrame:
-    """Check every image at ``spec.validate_images``; one reject per item that loses its image (kept text-only,
-    or dropped when it has no text or under --require-image). Returns the items left, bad uris set to None."""
-    no_text = _blank(items["title"]) & _blank(items["text"])
-    bad = _bad_images(items, image_root, spec.validate_images, desc=f"{name}: checking images")
-    text_less = no_text.loc[bad.index].to_numpy()
-    dropped = text_less | bool(spec.require_image)
-    why = [image_loss_action(d, spec.require_image, not t) for d, t in zip(dropped, text_less)]
-    bad = bad.assign(action=[w[0] for w in why],
-                     detail=bad["detail"] + pd.Series([w[1] for w in why], index=bad.index))
-    for (reason, action), group in bad.groupby(["reason", "action"], sort=True):
-        rejects.add(group["source"], group["row"], reason, action, **raw("item_id", group["item_id"]),
-                    detail=group["detail"])
-    items.loc[bad.index, "image_uri"] = None
-    return items.drop(index=bad.index[dropped])
-
-
-def _reject_future(interactions: pd.DataFrame, clock: EventClock, max_bad_fraction: float, what: str,
-                   rejects: RejectLog, raw) -> pd.DataFrame:
-    """Reject the events later than the clock as bad_timestamp; DataError when they are more than
-    ``max_bad_fraction`` of the events (a wrong ``--now``, or a log in the wrong unit), naming the first rows."""
-    future = clock.in_future(interactions["ts"].to_numpy(dtype="int64"))
-    if not future.any():
-        return interactions
-    bad, n = interactions.loc[future], len(interactions)
-    if len(bad) > max_bad_fraction * n:
-        first = "; ".join(f"{src} row {row}: ts {ts}" for src, row, ts in
-                          bad[["_source", "row", "ts"]].head(5).itertuples(index=False))
-        raise DataError(f"{what}: {len(bad)} of {n} interactions ({len(bad) / n:.2%}) have a timestamp that "
-                        f"{clock.what()}, more than --max-bad-fraction {max_bad_fraction:g} allows (check --now "
-                        f"and the timestamp unit); first: {first}")
-    rejects.add(bad["_source"], bad["row"], "bad_timestamp", "dropped", **raw("item_id", bad["item_id"]),
-                **raw("user_id", bad["user_id"]), detail=[clock.detail(t) for t in bad["ts"]])
-    return interactions.loc[~future]
+def _reject_by_clock(interactions: pd.DataFrame, clock: EventClock, max_bad_fraction: float, what: str,
+                     rejects: RejectLog, ids: dict) -> pd.DataFrame:
+    """The typed timestamp rules (`rules.INTERACTION_RULES`): times before 1970 (sentinels) and later than the
+    clock are bad_timestamp rejects; DataError when the future ones are more than ``max_bad_fraction`` of the
+    events left (a wrong ``--now``, or a log in the wrong unit), naming the first rows."""
+    ts = interactions["ts"].reset_index(drop=True)
+    checks = {"before_epoch": Cells(before_epoch(ts), lambda i: before_epoch_detail(ts.iloc[i])),
+              "future": Cells(in_future(ts, clock), lambda i: value_detail("ts", "ts", int(ts.iloc[i]), clock.what()))}
+    verdicts = first_failure(INTERACTION_RULES, checks, len(ts))
+    future = verdicts.counted
+    n = int(len(ts) - (verdicts.rejected & ~future).sum())  # the events left once the sentinels are out
+    if future.sum() > max_bad_fraction * n:
+        first = "; ".join(f"{src} row {row}: ts {t}" for src, row, t in
+                          interactions.loc[future, ["_source", "row", "ts"]].head(5).itertuples(index=False))
+        raise DataError(f"{what}: {int(future.sum())} of {n} interactions ({future.sum() / n:.2%}) have a "
+                        f"timestamp that {clock.what()}, more than --max-bad-fraction {max_bad_fraction:g} allows "
+                        f"(check --now and the timestamp unit); first: {first}")
+    rejects.add_verdicts(verdicts, interactions["_source"].to_numpy(), interactions["row"].to_numpy(), ids)
+    return interactions.loc[~verdicts.rejected]
 
 
 def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec, name: str,
              image_root: Optional[Path], rejects: RejectLog, items_source: str, interactions_source: str,
              id_maps: Optional[dict] = None, check_images: bool = True,
              clock: Optional[EventClock] = None) -> Dataset:
-    """Apply the record-level checks shared by all sources and build the `Dataset`.
+    """Apply the record-level checks shared by all sources (`pipelines.data.rules`) and build the `Dataset`.
+
+    The steps, in order: the item rules (`_finalize_items`: duplicate ids, image and text), the typed timestamp
+    rules (`_reject_by_clock`), exact repeats (`_reject_repeats`), events on items not in the accepted catalog
+    (`_reject_unknown_items`), then the contract tables (`_contract_dataset`).
 
     Args:
         items: item_id int64, title, text, image_uri (+ attributes); `row` column = source row number if present.
@@ -215,104 +186,72 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
             themselves may skip it).
         clock: events later than ``clock.cutoff`` are bad_timestamp rejects (default ``spec.clock()``).
     """
-    clock = clock or spec.clock()
-    items = items.copy()
-    interactions = interactions.copy()
-    if "row" not in items:
-        items["row"] = np.arange(len(items), dtype="int64")
-    if "row" not in interactions:
-        interactions["row"] = np.arange(len(interactions), dtype="int64")
-    # Partitioned inputs carry the part file of each row in `_source`; single files use the given name.
-    if "_source" not in items:
-        items["_source"] = items_source
-    if "_source" not in interactions:
-        interactions["_source"] = interactions_source
-
-    # Rejects show the ids as the source wrote them (raw strings for string-id sources), not dense ids.
-    to_raw = {f: pd.Series(m["raw"].to_numpy(), index=m["id"].to_numpy()) for f, m in (id_maps or {}).items()}
-
-    def raw(field: str, ids: pd.Series) -> dict:
-        """Reject id columns of dense `ids`: {field: raw ids, field's dense column: the dense ids}."""
-        dense = ids.to_numpy()
-        raw_ids = ids.map(to_raw[field]).to_numpy() if field in to_raw else dense
-        return {field: raw_ids, field.replace("_id", "_dense_id"): dense}
-
-    # Duplicate item ids: keep the first row, reject the rest.
-    dup = items["item_id"].duplicated(keep="first")
-    if dup.any():
-        rejects.add(items.loc[dup, "_source"], items.loc[dup, "row"], "duplicate_item", "dropped",
-                    **raw("item_id", items.loc[dup, "item_id"]),
-                    detail="item id already defined by an earlier row")
-        items = items.loc[~dup]
-
-    # Images: a bad image demotes the item to text-only, with the reason recorded. One reject per item: an item
-    # that loses its image and has no text, or under --require-image, is dropped under the image's reason.
-    items["image_uri"] = items["image_uri"].where(~_blank(items["image_uri"]), None)
-    if check_images:
-        items = _reject_bad_images(items, image_root, spec, name, rejects, raw)
-    no_text = _blank(items["title"]) & _blank(items["text"])
-
-    # Empty text: an item with neither title nor text is usable only through its image.
-    if no_text.any():
-        keep = no_text & items["image_uri"].notna()
-        drop = no_text & items["image_uri"].isna()
-        rejects.add(items.loc[keep, "_source"], items.loc[keep, "row"], "empty_text", "kept_image_only",
-                    **raw("item_id", items.loc[keep, "item_id"]), detail="no title and no text")
-        rejects.add(items.loc[drop, "_source"], items.loc[drop, "row"], "empty_text", "dropped",
-                    **raw("item_id", items.loc[drop, "item_id"]),
-                    detail="no title, no text and no usable image")
-        items = items.loc[~drop]
-    items["title"] = items["title"].fillna("").astype(str)
-    items["text"] = items["text"].where(~_blank(items["text"]), None)
-
+    items = _with_sources(items, items_source)
+    interactions = _with_sources(interactions, interactions_source)
+    ids = _RejectIds(id_maps)
     filtered: dict = {}
-    accepted_ids = items["item_id"]
-    if spec.require_image:
-        no_img = items["image_uri"].isna()
-        filtered["items_without_image"] = int(no_img.sum())
-        items = items.loc[~no_img]
+    items, accepted_ids = _finalize_items(items, spec, image_root, check_images, name, rejects, ids, filtered)
+    interactions = _reject_by_clock(interactions, clock or spec.clock(), spec.max_bad_fraction, name, rejects,
+                                    ids(interactions, "item_id", "user_id"))
+    interactions = _reject_repeats(interactions, rejects, ids)
+    interactions = _reject_unknown_items(interactions, items["item_id"], accepted_ids, spec.require_image, rejects,
+                                         ids, filtered)
+    return _contract_dataset(items, interactions, rejects, image_root=image_root, id_maps=id_maps,
+                             filtered=filtered, name=name, spec=spec)
 
-    # Negative unix times are sentinels (-1, "unknown") in logs, never event times.
-    early = interactions["ts"] < 0
-    if early.any():
-        bad = interactions.loc[early]
-        rejects.add(bad["_source"], bad["row"], "bad_timestamp", "dropped", **raw("item_id", bad["item_id"]),
-                    **raw("user_id", bad["user_id"]), detail="timestamp before 1970-01-01")
-        interactions = interactions.loc[~early]
 
-    # Events later than the clock (+ tolerance): counted against max_bad_fraction like values that do not parse
-    # (the generic source already rejected them while parsing, `generic.future_cells`).
-    interactions = _reject_future(interactions, clock, spec.max_bad_fraction, name, rejects, raw)
+class _RejectIds:
+    """The rejects' id columns of dense ids: the ids as the source wrote them (raw strings for string-id sources,
+    through the id maps) beside the dense ids."""
 
-    # Exact repeats of an event (same user, item, second and label) are double logging, not two events.
+    def __init__(self, id_maps: Optional[dict]):
+        self.to_raw = {f: pd.Series(m["raw"].to_numpy(), index=m["id"].to_numpy()) for f, m in (id_maps or {}).items()}
+
+    def __call__(self, frame: pd.DataFrame, *fields: str) -> dict:
+        """{field: raw ids, field's dense column: the dense ids} of the rows of `frame`."""
+        out = {}
+        for field in fields:
+            dense = frame[field]
+            out[field] = dense.map(self.to_raw[field]).to_numpy() if field in self.to_raw else dense.to_numpy()
+            out[field.replace("_id", "_dense_id")] = dense.to_numpy()
+        return out
+
+
+def _reject_repeats(interactions: pd.DataFrame, rejects: RejectLog, ids: _RejectIds) -> pd.DataFrame:
+    """Exact repeats of an event (same user, item, second and label) are double logging, not two events: the
+    first row is kept, the others are duplicate_interaction rejects."""
     dup = interactions.duplicated(subset=["user_id", "item_id", "ts", "label"], keep="first")
     if dup.any():
         bad = interactions.loc[dup]
-        rejects.add(bad["_source"], bad["row"], "duplicate_interaction", "dropped",
-                    **raw("item_id", bad["item_id"]), **raw("user_id", bad["user_id"]),
-                    detail="same user, item, timestamp and label as an earlier row")
-        interactions = interactions.loc[~dup]
+        rejects.add(bad["_source"], bad["row"], "duplicate_interaction", "dropped", **ids(bad, "item_id", "user_id"),
+                    detail=DUPLICATE_INTERACTION)
+    return interactions.loc[~dup]
 
-    # Interactions on items not in the accepted catalog.
-    known = interactions["item_id"].isin(items["item_id"])
-    if spec.require_image:
-        # Items removed by the filter are not bad records: count them apart from unknown items.
+
+def _reject_unknown_items(interactions: pd.DataFrame, kept_ids: pd.Series, accepted_ids: pd.Series,
+                          require_image: bool, rejects: RejectLog, ids: _RejectIds, filtered: dict) -> pd.DataFrame:
+    """Events on items not in the accepted catalog are unknown_item rejects. Under --require-image, events on the
+    items the filter removed (`accepted_ids` less `kept_ids`) are not bad records: they are counted in
+    ``filtered["interactions_on_items_without_image"]`` instead."""
+    known = interactions["item_id"].isin(kept_ids)
+    unknown = ~known
+    if require_image:
         filtered_items = interactions["item_id"].isin(accepted_ids) & ~known
-        unknown = ~known & ~filtered_items
+        unknown &= ~filtered_items
         filtered["interactions_on_items_without_image"] = int(filtered_items.sum())
-    else:
-        unknown = ~known
     if unknown.any():
         bad = interactions.loc[unknown]
-        rejects.add(bad["_source"], bad["row"], "unknown_item", "dropped", **raw("item_id", bad["item_id"]),
-                    **raw("user_id", bad["user_id"]), detail="item id not in the accepted item catalog")
-    interactions = interactions.loc[known]
+        rejects.add(bad["_source"], bad["row"], "unknown_item", "dropped", **ids(bad, "item_id", "user_id"),
+                    detail=UNKNOWN_ITEM)
+    return interactions.loc[known]
 
+
+def _contract_dataset(items: pd.DataFrame, interactions: pd.DataFrame, rejects: RejectLog, *, name: str,
+                      **fields) -> Dataset:
+    """The `Dataset` in contract form: items sorted by id, interactions by (ts, user, item, source row), typed;
+    the rejects table and its counts by reason. ``fields``: the rest of the Dataset's fields."""
     items = items.drop(columns=["row", "_source"]).sort_values("item_id", kind="stable").reset_index(drop=True)
     items["item_id"] = items["item_id"].astype("int64")
-    # Nullable text columns hold str or None (object dtype), never NaN: consumers test `is None`.
-    for col in ("text", "image_uri"):
-        items[col] = pd.Series([None if _is_missing(v) else str(v) for v in items[col].tolist()], dtype=object)
     interactions = (interactions.sort_values(["ts", "user_id", "item_id", "row"], kind="stable")
                     .drop(columns=["row", "_source"]).reset_index(drop=True))
     interactions = interactions.astype({"user_id": "int64", "item_id": "int64", "ts": "int64", "label": "float32"})
@@ -320,6 +259,51 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
     counts = {r: int(c) for r, c in frame["reason"].value_counts().sort_index().items()}
     if counts:
         log.info("%s: rejected %d records: %s", name, len(frame), counts)
-    return Dataset(items=items, interactions=interactions, image_root=image_root, rejects=frame,
-                   reject_counts=counts, id_maps=id_maps or {}, filtered=filtered, name=name, spec=spec)
+    fields["id_maps"] = fields.get("id_maps") or {}
+    return Dataset(items=items, interactions=interactions, rejects=frame, reject_counts=counts, name=name, **fields)
 
+
+def _with_sources(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    """A copy with `row` (source row number) and `_source` (part file; single files use the given name)."""
+    frame = frame.copy()
+    if "row" not in frame:
+        frame["row"] = np.arange(len(frame), dtype="int64")
+    if "_source" not in frame:
+        frame["_source"] = source
+    return frame
+
+
+def _finalize_items(items: pd.DataFrame, spec: DataSpec, image_root: Optional[Path], check_images: bool, name: str,
+                    rejects: RejectLog, ids: _RejectIds, filtered: dict) -> tuple[pd.DataFrame, pd.Series]:
+    """The item rules: duplicate ids (`_reject_duplicate_items`), then each item's content
+    (`rules.item_content_verdict`: image loss, empty text, --require-image). Returns (the items left, in contract
+    form, and the ids accepted before the --require-image filter)."""
+    items = clean_item_text(_reject_duplicate_items(items, rejects, ids))
+    verdicts = _content_verdicts(items, image_root, spec, check_images, desc=f"{name}: checking images")
+    found = pd.DataFrame({"reason": [v.reason for v in verdicts], "action": [v.action for v in verdicts],
+                          "detail": [v.detail for v in verdicts]}, index=items.index)
+    found = found[[v.reason is not None and not v.filtered for v in verdicts]]
+    # one reject per item: image reasons first, then empty_text (kept image-only before dropped)
+    for (_, reason, action), group in found.groupby([found["reason"].eq("empty_text"), "reason", "action"],
+                                                    sort=True):
+        bad = items.loc[group.index]
+        rejects.add(bad["_source"], bad["row"], reason, action, **ids(bad, "item_id"), detail=group["detail"])
+    items.loc[[not v.image_ok for v in verdicts], "image_uri"] = None
+    accepted_ids = items.loc[[v.kept or v.filtered for v in verdicts], "item_id"]
+    if spec.require_image:
+        filtered["items_without_image"] = int(sum(v.filtered for v in verdicts))
+    return items.loc[[v.kept for v in verdicts]], accepted_ids
+
+
+def _reject_duplicate_items(items: pd.DataFrame, rejects: RejectLog, ids: _RejectIds) -> pd.DataFrame:
+    """The first row of an item id is kept; later rows are duplicate_item rejects naming that first row."""
+    dup = items["item_id"].duplicated(keep="first")
+    if not dup.any():
+        return items
+    first = items.groupby("item_id", sort=False)[["_source", "row"]].transform("first").loc[dup]
+    bad = items.loc[dup]
+    dup_ids = ids(bad, "item_id")
+    rejects.add(bad["_source"], bad["row"], "duplicate_item", "dropped", **dup_ids,
+                detail=[duplicate_item_detail(i, s, r) for i, s, r in zip(dup_ids["item_id"], first["_source"],
+                                                                           first["row"])])
+    return items.loc[~dup]

@@ -111,7 +111,8 @@ def test_the_job_revalidation_applies_the_same_rule():
         out = p | beam.Create(events) | ValidateInteractions(items, clock=clock)
         assert_that(out["interactions"] | beam.Map(lambda r: r["_row"]), equal_to([0]), label="kept")
         assert_that(out[DEAD] | beam.Map(lambda r: (r["row"], r["reason"], r["detail"])),
-                    equal_to([(1, "bad_timestamp", clock.detail(YEAR_3000))]), label="dead")
+                    equal_to([(1, "bad_timestamp", f"column 'ts' (ts): value {YEAR_3000} {clock.what()}")]),
+                    label="dead")
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "empty-csv"])

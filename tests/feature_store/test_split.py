@@ -86,7 +86,7 @@ def test_data_digest_is_a_combine_over_any_order_and_sees_every_value():
 
 
 def test_chunked_millisecond_rule_equals_the_loader_s_median():
-    from pipelines.data.io import MS_THRESHOLD, merge_ms_stats, ms_decision, ms_stats
+    from pipelines.data.rules import MS_THRESHOLD, merge_ms_stats, ms_decision, ms_stats
 
     for values in ([1.0, 2e12], [1e9, 2e12, 3e12], [1e11 - 10, 1e11 + 30], [1e11 - 30, 1e11 + 10], [5.0]):
         frame = pd.DataFrame({"ts": [str(v) for v in values] + ["", "x"]})

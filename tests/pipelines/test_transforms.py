@@ -235,15 +235,15 @@ def test_validation_rejects_unparseable_values_like_the_loader():
         assert_that(vx["interactions"] | "Ok" >> beam.Map(lambda r: (r["_row"], r["ts"], r["label"])),
                     equal_to([(0, 100, 1.0), (4, 500, 1.0)]), label="Valid")
         assert_that(vx[DEAD] | "X" >> beam.Map(lambda r: (r["reason"], r["row"], r["detail"])),
-                    equal_to([("bad_timestamp", 1, "ts 'notadate' is not a unix timestamp"),
-                              ("bad_label", 2, "label 'abc' is not a number"),
-                              ("bad_id", 3, "user_id 'u7' is not an integer"),
+                    equal_to([("bad_timestamp", 1, "column 'ts' (ts): value 'notadate' is not a unix timestamp"),
+                              ("bad_label", 2, "column 'label' (label): value 'abc' is not a number"),
+                              ("bad_id", 3, "column 'user_id' (user_id): value 'u7' is not an integer"),
                               ("bad_timestamp", 5, "timestamp -1 before 1970-01-01")]), label="Dead")
 
 
 def test_validation_fails_past_the_bad_share():
     with pytest.raises(Exception, match=r"validate_interactions: 3 of 6 records \(50.00%\).*--max-bad-fraction "
-                                        r"0.001.*bad_timestamp interactions row 1: ts 'notadate'"):
+                                        r"0.001.*bad_timestamp interactions row 1: column 'ts'.*'notadate'"):
         with TestPipeline() as p:
             items = p | "Items" >> beam.Create([_item(1), _item(2)])
             _ = (p | "Events" >> beam.Create(_events_with_unparseable_values())
