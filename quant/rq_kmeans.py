@@ -92,7 +92,11 @@ class RQKMeansConfig:
 
 def residual_encode(x: np.ndarray, codebooks: list[np.ndarray], *, device: str = "cpu",
                     chunk_rows: int | None = None) -> np.ndarray:
-    """Greedy residual encoding, fast path: per chunk of rows, every level's GEMM nearest-centroid search.
+    """Greedy residual encoding, fast path: per block of rows, every level's GEMM nearest-centroid search.
+
+    Centroid norms and transposes are computed once; each block's residual lives in one reused buffer (no
+    per-level copies), each level is one ``addmm`` into a reused score buffer, a row argmax
+    (:func:`kmeans.row_argmax`) and an in-place subtraction of the chosen centroids.
 
     Args:
         x: (N, d) float32.
@@ -102,15 +106,18 @@ def residual_encode(x: np.ndarray, codebooks: list[np.ndarray], *, device: str =
     """
     import torch
 
-    n = x.shape[0]
+    n, d = x.shape
     kmax = max(c.shape[0] for c in codebooks)
     step = chunk_rows or kmeans.chunk_rows_for(kmax)
     cbs = [kmeans.as_tensor(c).to(device) for c in codebooks]
     cts = [c.t().contiguous() for c in cbs]  # (d, K)
-    biases = [-0.5 * (c * c).sum(dim=1) for c in cbs]  # (K,)
+    biases = [kmeans.neg_half_sq_norms(c) for c in cbs]  # (K,)
     xt = kmeans.as_tensor(x)
-    out = torch.empty((n, len(codebooks)), dtype=torch.int32)
-    buf = torch.empty((min(step, n), kmax), dtype=torch.float32, device=device)
+    out = np.empty((n, len(codebooks)), dtype=np.int32)
+    rows_max = min(step, n)
+    scores_buf = torch.empty((rows_max, kmax), dtype=torch.float32, device=device)
+    residual_buf = torch.empty((rows_max, d), dtype=torch.float32, device=device)
+    chosen_buf = torch.empty((rows_max, d), dtype=torch.float32, device=device)
     # progress for long encodes (about 10 log lines), silent for small ones
     report_every = max(1, (n // step) // 10) if n * kmax * len(codebooks) >= 2 ** 31 else 0
     t0 = time.perf_counter()
@@ -121,13 +128,16 @@ def residual_encode(x: np.ndarray, codebooks: list[np.ndarray], *, device: str =
                          time.perf_counter() - t0)
             stop = min(start + step, n)
             rows = stop - start
-            residual = xt[start:stop].to(device, copy=True)  # (rows, d)
+            residual = residual_buf[:rows]
+            residual.copy_(xt[start:stop])  # (rows, d)
             for level, (c, ct, bias) in enumerate(zip(cbs, cts, biases)):
-                scores = torch.addmm(bias, residual, ct, out=buf[:rows, : c.shape[0]])  # (rows, K)
-                idx = scores.argmax(dim=1)  # (rows,)
-                residual -= c.index_select(0, idx)
-                out[start:stop, level] = idx.to(torch.int32).cpu()
-    return out.numpy()
+                scores = torch.addmm(bias, residual, ct, out=scores_buf[:rows, : c.shape[0]])  # (rows, K)
+                idx, _ = kmeans.row_argmax(scores)  # (rows,)
+                out[start:stop, level] = idx
+                if level + 1 < len(cbs):
+                    chosen = torch.index_select(c, 0, torch.from_numpy(idx).to(device), out=chosen_buf[:rows])
+                    residual.sub_(chosen)
+    return out
 
 
 def residual_encode_reference(x: np.ndarray, codebooks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
