@@ -5,6 +5,7 @@ x.c - ||c||^2 / 2: one GEMM per chunk of rows with the bias folded in (``torch.a
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -12,9 +13,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# Rows per GEMM chunk are chosen so a (rows, K) score block stays near this many floats (1 MiB: fits L2, so the
-# argmax reads what the GEMM just wrote from cache).
-_SCORE_BLOCK_FLOATS = 1 << 18
+# Rows per GEMM chunk are chosen so a (rows, K) score block stays near this many floats (2 MiB: about the L2 of
+# one or two cores, so the argmax reads what the GEMM just wrote from cache; measured against 1 MiB and 4 MiB
+# blocks at K = 256 / 1024 / 4096, d = 64, it is the one within ~10% of a large plain GEMM at every K).
+_SCORE_BLOCK_FLOATS = 1 << 19
 
 
 def resolve_device(device: str | None) -> str:
@@ -59,10 +61,10 @@ def chunk_rows_for(k: int, chunk_rows: int | None = None) -> int:
     """Rows per GEMM block against k centroids (explicit chunk_rows wins)."""
     if chunk_rows:
         return int(chunk_rows)
-    return int(min(65536, max(256, _SCORE_BLOCK_FLOATS // max(k, 1))))
+    return int(min(65536, max(128, _SCORE_BLOCK_FLOATS // max(k, 1))))
 
 
-def row_argmax(scores) -> tuple[np.ndarray, np.ndarray]:
+def row_argmax(scores, *, with_values: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Index (first maximum on ties) and value of each row's maximum in a (rows, K) float32 score block.
 
     On CPU numpy's SIMD argmax: torch's ``max(dim=1)`` with indices costs about as much as the GEMM that produced
@@ -70,14 +72,14 @@ def row_argmax(scores) -> tuple[np.ndarray, np.ndarray]:
     at 2-3x the GEMM bound. On a GPU, torch's own reduction.
 
     Returns:
-        (rows,) int64 indices and (rows,) float32 maxima, as numpy arrays.
+        (rows,) int64 indices and (rows,) float32 maxima (None unless ``with_values``), as numpy arrays.
     """
     if scores.device.type == "cpu":
         s = scores.numpy()
         idx = np.argmax(s, axis=1)
-        return idx, s[np.arange(idx.shape[0]), idx]
+        return idx, (np.take_along_axis(s, idx[:, None], axis=1)[:, 0] if with_values else None)
     best, idx = scores.max(dim=1)
-    return idx.cpu().numpy(), best.cpu().numpy()
+    return idx.cpu().numpy(), (best.cpu().numpy() if with_values else None)
 
 
 def neg_half_sq_norms(centroids, excluded: np.ndarray | None = None):
@@ -122,14 +124,17 @@ def nearest_centroids(x: np.ndarray, centroids: np.ndarray, *, excluded: np.ndar
     xt = as_tensor(x)
     step = chunk_rows_for(k, chunk_rows)
     idx_out = np.empty(n, dtype=np.int64)
-    best_out = np.empty(n, dtype=np.float32)
+    best_out = np.empty(n if return_distances else 0, dtype=np.float32)
     buf = torch.empty((min(step, n), k), dtype=torch.float32, device=device)
     with torch.no_grad():
         for start in range(0, n, step):
             stop = min(start + step, n)
             xb = xt[start:stop].to(device, non_blocking=True)
             scores = torch.addmm(bias, xb, ct, out=buf[: stop - start])  # (rows, K) = x.c - |c|^2/2
-            idx_out[start:stop], best_out[start:stop] = row_argmax(scores)
+            idx, best = row_argmax(scores, with_values=return_distances)
+            idx_out[start:stop] = idx
+            if return_distances:
+                best_out[start:stop] = best
     if not return_distances:
         return idx_out
     sq = row_sq_norms(x) if x_sq_norms is None else x_sq_norms
@@ -210,14 +215,15 @@ def group_rank(sorted_keys: np.ndarray) -> np.ndarray:
 def centroid_means(x: np.ndarray, assign: np.ndarray, previous: np.ndarray) -> np.ndarray:
     """Mean of the rows assigned to each centroid; an empty centroid keeps its previous value.
 
-    A sparse (K, N) indicator times x: deterministic (serial accumulation), O(N d).
+    ``index_add_`` on CPU: float32 sums accumulated serially in row order (deterministic, whatever the thread
+    count), O(N d), without building a sparse indicator.
     """
-    import scipy.sparse as sp
+    import torch
 
     k = previous.shape[0]
-    n = x.shape[0]
-    indicator = sp.csr_matrix((np.ones(n, dtype=np.float32), (assign, np.arange(n))), shape=(k, n))
-    sums = np.asarray(indicator @ x, dtype=np.float32)  # (K, d)
+    sums = torch.zeros((k, x.shape[1]), dtype=torch.float32)
+    sums.index_add_(0, torch.from_numpy(np.asarray(assign, dtype=np.int64)), as_tensor(x))
+    sums = sums.numpy()  # (K, d)
     counts = np.bincount(assign, minlength=k)
     out = previous.copy()
     used = counts > 0
@@ -225,12 +231,12 @@ def centroid_means(x: np.ndarray, assign: np.ndarray, previous: np.ndarray) -> n
     return out
 
 
-def _assign_with_inertia(x, c, *, balanced, capacity, device) -> tuple[np.ndarray, float]:
+def _assign_with_inertia(x, c, *, balanced, capacity, device, x_sq_norms) -> tuple[np.ndarray, float]:
     if balanced:
         a = balanced_assign(x, c, capacity, device=device)
         diff = x - c[a]
         return a, float(np.einsum("nd,nd->", diff, diff, dtype=np.float64))
-    a, dist = nearest_centroids(x, c, device=device, return_distances=True)
+    a, dist = nearest_centroids(x, c, device=device, return_distances=True, x_sq_norms=x_sq_norms)
     return a, float(dist.sum(dtype=np.float64))
 
 
@@ -256,11 +262,13 @@ def lloyd_refine(x: np.ndarray, centroids: np.ndarray, *, max_iter: int, tol: fl
         the returned centroids when ``return_assignment``.
     """
     c = np.ascontiguousarray(centroids, dtype=np.float32)
-    a, inertia = _assign_with_inertia(x, c, balanced=balanced, capacity=capacity, device=device)
+    assign = functools.partial(_assign_with_inertia, x, balanced=balanced, capacity=capacity, device=device,
+                               x_sq_norms=None if balanced else row_sq_norms(x))
+    a, inertia = assign(c)
     stats = {"iterations": max_iter, "converged": False, "inertia": inertia}
     for it in range(1, max_iter + 1):
         c_new = centroid_means(x, a, c)
-        a_new, inertia_new = _assign_with_inertia(x, c_new, balanced=balanced, capacity=capacity, device=device)
+        a_new, inertia_new = assign(c_new)
         if np.array_equal(a_new, a):  # c_new is the mean of its own assignment: a fixed point
             c, stats = c_new, {"iterations": it, "converged": True, "inertia": inertia_new}
             break
@@ -315,6 +323,84 @@ def kmeans_plus_plus(x: np.ndarray, k: int, *, seed: int, max_rows: int | None =
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32)[chosen])
 
 
+def seed_centroids(x: np.ndarray, k: int, *, seed: int, init: str = "k-means++") -> np.ndarray:
+    """Starting centroids for k-means: 'k-means++' or 'random' (k distinct rows, faiss's own seeding).
+
+    k-means++ costs O(k^2 rows-per-centroid trials d): greedy on 4 rows per centroid up to K = 1024, plain (one
+    candidate) on 2 rows per centroid beyond, where Lloyd's own iterations dominate anyway.
+
+    Returns:
+        (K, d) float32.
+    """
+    if init == "k-means++":
+        if k <= 1024:
+            return kmeans_plus_plus(x, k, seed=seed, max_rows=max(4 * k, 4096))
+        return kmeans_plus_plus(x, k, seed=seed, max_rows=2 * k, n_trials=1)
+    if init == "random":
+        rows = np.random.default_rng(seed).choice(x.shape[0], size=k, replace=False)
+        return np.ascontiguousarray(x[np.sort(rows)], dtype=np.float32)
+    raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+
+
+def balanced_capacity(n: int, k: int, slack: float) -> int:
+    """Most rows per centroid under balanced assignment of n rows to k centroids with ``slack`` extra share."""
+    return int(math.ceil(n / k * (1.0 + slack)))
+
+
+def kmeans_fit(x: np.ndarray, k: int, *, niter: int, seed: int, init: str = "k-means++", nredo: int = 1,
+               tol: float = 1e-3, max_points_per_centroid: int | None = None, balance_slack: float | None = None,
+               device: str = "cpu", use_faiss_gpu: bool = False) -> tuple[np.ndarray, dict, np.ndarray]:
+    """Cold-start k-means of one level: seeding, then at most ``niter`` Lloyd steps (blocked-GEMM search).
+
+    Lloyd runs on at most ``k * max_points_per_centroid`` rows (faiss's subsampling rule), keeping the best of
+    ``nredo`` seeds by inertia; the returned assignment covers every row of x. With ``use_faiss_gpu`` faiss's GPU
+    k-means does the iterations instead.
+
+    Args:
+        x: (N, d) float32 training rows.
+        k: centroids.
+        niter: most Lloyd steps (fewer once converged, see :func:`lloyd_refine`).
+        seed: seeds subsampling and seeding (restart r uses seed + 7919 r).
+        init: 'k-means++' or 'random' (see :func:`seed_centroids`).
+        nredo: restarts; the lowest inertia wins.
+        tol: Lloyd's convergence rule.
+        max_points_per_centroid: subsample Lloyd's rows to k times this (None: all rows).
+        balance_slack: None for plain assignment, else balanced assignment with this capacity slack.
+
+    Returns:
+        ((K, d) float32 centroids, stats {iterations, converged, inertia}, (N,) int64 assignment of x).
+    """
+    n = x.shape[0]
+    balanced = balance_slack is not None
+    if use_faiss_gpu:
+        c = faiss_kmeans(x, k, niter=niter, seed=seed, use_gpu=True, nredo=nredo, init=init,
+                         max_points_per_centroid=max_points_per_centroid or n)
+        stats = {"iterations": niter, "converged": False, "inertia": None}
+        return c, stats, _assign(x, c, balance_slack=balance_slack, device=device)
+    sub = x
+    if max_points_per_centroid and n > k * max_points_per_centroid:
+        rows = np.random.default_rng(seed).choice(n, size=k * max_points_per_centroid, replace=False)
+        sub = x[np.sort(rows)]
+    capacity = balanced_capacity(sub.shape[0], k, balance_slack) if balanced else None
+    best = None
+    for redo in range(nredo):
+        start = seed_centroids(sub, k, seed=seed + 7919 * redo, init=init)
+        c, stats, a = lloyd_refine(sub, start, max_iter=niter, tol=tol, balanced=balanced, capacity=capacity,
+                                   device=device, return_assignment=True)
+        if best is None or stats["inertia"] < best[1]["inertia"]:
+            best = (c, stats, a)
+    c, stats, a = best
+    if sub is not x:
+        a = _assign(x, c, balance_slack=balance_slack, device=device)
+    return c, stats, a
+
+
+def _assign(x, c, *, balance_slack, device) -> np.ndarray:
+    if balance_slack is None:
+        return nearest_centroids(x, c, device=device)
+    return balanced_assign(x, c, balanced_capacity(x.shape[0], c.shape[0], balance_slack), device=device)
+
+
 def faiss_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, use_gpu: bool, nredo: int = 1,
                  max_points_per_centroid: int = 256, init: str = "k-means++") -> np.ndarray:
     """Cold-start centroids from faiss.Kmeans (GPU when asked and present), seeded by k-means++ or at random.
@@ -338,13 +424,7 @@ def faiss_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, use_gpu: bool,
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, gpu=bool(use_gpu), verbose=False, nredo=nredo,
                       max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
     if init == "k-means++":
-        # seeding costs O(k^2 rows-per-centroid trials d): greedy on 4 rows per centroid up to K = 1024, plain
-        # (one candidate) on 2 rows per centroid beyond, where Lloyd's own iterations dominate anyway
-        if k <= 1024:
-            start = kmeans_plus_plus(x, k, seed=seed, max_rows=max(4 * k, 4096))
-        else:
-            start = kmeans_plus_plus(x, k, seed=seed, max_rows=2 * k, n_trials=1)
-        km.train(x, init_centroids=start)
+        km.train(x, init_centroids=seed_centroids(x, k, seed=seed, init=init))
     elif init == "random":
         km.train(x)
     else:

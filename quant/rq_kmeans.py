@@ -132,7 +132,7 @@ def residual_encode(x: np.ndarray, codebooks: list[np.ndarray], *, device: str =
             residual.copy_(xt[start:stop])  # (rows, d)
             for level, (c, ct, bias) in enumerate(zip(cbs, cts, biases)):
                 scores = torch.addmm(bias, residual, ct, out=scores_buf[:rows, : c.shape[0]])  # (rows, K)
-                idx, _ = kmeans.row_argmax(scores)  # (rows,)
+                idx, _ = kmeans.row_argmax(scores, with_values=False)  # (rows,)
                 out[start:stop, level] = idx
                 if level + 1 < len(cbs):
                     chosen = torch.index_select(c, 0, torch.from_numpy(idx).to(device), out=chosen_buf[:rows])
@@ -153,6 +153,39 @@ def residual_encode_reference(x: np.ndarray, codebooks: list[np.ndarray]) -> tup
         codes.append(idx)
         margins.append(margin)
     return np.stack(codes, axis=1), np.stack(margins, axis=1)
+
+
+def residual_of(x: np.ndarray, codebooks: list[np.ndarray], codes: np.ndarray) -> np.ndarray:
+    """x minus the decoded codes, subtracting level by level in order (the same float32 steps as training and
+    ``residual_encode``, so equal inputs give bit-identical residuals). x: (N, d), codes: (N, L) -> (N, d)."""
+    residual = x.copy()
+    for level, c in enumerate(codebooks):
+        residual -= c[codes[:, level]]
+    return residual
+
+
+def refit_codebooks(codebooks: list[np.ndarray], codes: np.ndarray, residual: np.ndarray) -> list[np.ndarray]:
+    """One sweep of least-squares codebook updates with the codes fixed (block coordinate descent over levels).
+
+    For each level in turn, its centroids become the mean of (residual + own centroid) over their rows: the rows
+    with every *other* level's contribution removed. A centroid without rows keeps its value.
+
+    Args:
+        codebooks: L arrays (K_l, d).
+        codes: (N, L) codes.
+        residual: (N, d) x minus the decoded codes; consumed (updated in place).
+
+    Returns:
+        L new arrays (K_l, d).
+    """
+    new = []
+    for level, c in enumerate(codebooks):
+        assign = codes[:, level]
+        residual += c[assign]  # the rows' target for this level
+        c_new = kmeans.centroid_means(residual, assign, c)
+        residual -= c_new[assign]
+        new.append(c_new)
+    return new
 
 
 @register
@@ -213,10 +246,16 @@ class RQKMeans(Quantizer):
         return init
 
     def _capacity(self, n: int, k: int) -> int:
-        return int(math.ceil(n / k * (1.0 + self.config.balance_slack)))
+        return kmeans.balanced_capacity(n, k, self.config.balance_slack)
 
     def fit(self, x) -> "RQKMeans":
-        """Train the L codebooks level by level on residuals. x: (N, d). Returns self."""
+        """Train the L codebooks: level by level on residuals (cold start), then joint refinement. x: (N, d).
+
+        Cold start: each level's k-means (seeding + at most ``niter`` Lloyd steps) on the residual of the levels
+        before it. Warm start: the ``init_codebooks``. Then at most ``refine_iter`` rounds of joint refinement
+        (:meth:`_joint_refine`), whose stopping rule makes a warm refit on unchanged data return the codebooks
+        bit for bit. Returns self.
+        """
         cfg = self.config
         kmax = max(cfg.codebook_sizes)
         x = check_embeddings(x, min_rows=kmax, min_rows_reason=f" (one per centroid: codebook_size {kmax})")
@@ -224,60 +263,130 @@ class RQKMeans(Quantizer):
             raise ValueError(f"init_codebooks have dimension {self._init[0].shape[1]}, data has {x.shape[1]}")
         device = kmeans.resolve_device(cfg.device)
         use_gpu = kmeans.resolve_faiss_gpu(cfg.faiss_gpu)
-        rows = None
+        train = x
         if cfg.sample is not None and cfg.sample < x.shape[0]:
             if cfg.sample < kmax:
                 raise ValueError(f"sample={cfg.sample} is smaller than codebook_size {kmax}")
             rng = np.random.default_rng(cfg.seed)
-            rows = np.sort(rng.choice(x.shape[0], size=cfg.sample, replace=False))
-        train = x[rows] if rows is not None else x.copy()  # (S, d), becomes the residual in place
+            train = x[np.sort(rng.choice(x.shape[0], size=cfg.sample, replace=False))]  # (S, d)
         if train.shape[0] < 39 * kmax:  # faiss's own threshold for a trustworthy k-means
             log.warning("rq-kmeans trains on %d rows for codebook_size %d (%.1f per centroid, < 39): deeper "
                         "levels fit the training residuals too closely, so codes of unseen rows degrade and "
                         "collide; use a larger sample or smaller codebooks", train.shape[0], kmax,
                         train.shape[0] / kmax)
-        total_var = float(((train - train.mean(axis=0)) ** 2).sum()) or 1.0
         t0 = time.perf_counter()
-        codebooks, level_stats = [], []
+        if self._init is not None:
+            codebooks, codes, level_stats = list(self._init), None, [{} for _ in self._init]
+        else:
+            codebooks, codes, level_stats = self._fit_levels(train, device, use_gpu)
+        t_joint = time.perf_counter()
+        codebooks, codes, joint = self._joint_refine(train, codebooks, codes, device)
+        joint["seconds"] = round(time.perf_counter() - t_joint, 4)
+        self.codebooks = codebooks
+        self._record_fit_stats(train, codes, level_stats, joint, n_rows=x.shape[0], use_gpu=use_gpu,
+                               device=device, seconds=time.perf_counter() - t0)
+        return self
+
+    def _fit_levels(self, train: np.ndarray, device: str, use_gpu: bool):
+        """Cold start: one k-means per level on the residual of the levels before. train: (S, d).
+
+        Returns (L codebooks (K_l, d), (S, L) int32 greedy codes of train, per-level stats).
+        """
         from tqdm import tqdm
 
+        cfg = self.config
+        residual = train.copy()  # (S, d), updated in place level by level: the only copy of the training rows
+        codes = np.empty((train.shape[0], cfg.levels), dtype=np.int32)
+        codebooks, level_stats = [], []
         # a bar on a terminal (disable=None turns it off otherwise); the per-level log line is the non-TTY progress
         bar = tqdm(total=cfg.levels, desc="rq-kmeans levels", disable=None, leave=False)
         for level, k in enumerate(cfg.codebook_sizes):
             t_level = time.perf_counter()
-            if self._init is not None:
-                start = self._init[level]
-            else:
-                start = kmeans.faiss_kmeans(train, k, niter=cfg.niter, seed=cfg.seed + level, use_gpu=use_gpu,
-                                            nredo=cfg.nredo, init=cfg.init,
-                                            max_points_per_centroid=cfg.max_points_per_centroid)
-            capacity = self._capacity(train.shape[0], k) if cfg.balanced else None
-            if cfg.refine_iter > 0:
-                c, stats, assign = kmeans.lloyd_refine(train, start, max_iter=cfg.refine_iter, tol=cfg.tol,
-                                                       balanced=cfg.balanced, capacity=capacity, device=device,
-                                                       return_assignment=True)
-            else:
-                c, stats = start, {"iterations": 0, "converged": False, "inertia": None}
-                if cfg.balanced:
-                    assign = kmeans.balanced_assign(train, c, capacity, device=device)
-                else:
-                    assign = kmeans.nearest_centroids(train, c, device=device)
-            train -= c[assign]
-            rel = float((train * train).sum()) / total_var
-            stats.update(level=level, seconds=round(time.perf_counter() - t_level, 4), rel_mse=rel,
-                         used=int(np.unique(assign).size), codebook_size=k)
+            c, stats, assign = kmeans.kmeans_fit(
+                residual, k, niter=cfg.niter, seed=cfg.seed + level, init=cfg.init, nredo=cfg.nredo, tol=cfg.tol,
+                max_points_per_centroid=cfg.max_points_per_centroid,
+                balance_slack=cfg.balance_slack if cfg.balanced else None, device=device, use_faiss_gpu=use_gpu)
+            residual -= c[assign]
+            codes[:, level] = assign
+            stats.update(seconds=round(time.perf_counter() - t_level, 4))
+            log.info("rq-kmeans level %d/%d: K=%d, %d Lloyd iters (converged=%s), %.2fs", level + 1, cfg.levels,
+                     k, stats["iterations"], stats["converged"], stats["seconds"])
             level_stats.append(stats)
             codebooks.append(c)
-            log.info("rq-kmeans level %d/%d: K=%d, %d Lloyd iters (converged=%s), used %d, rel_mse %.4f, %.2fs",
-                     level + 1, cfg.levels, k, stats["iterations"], stats["converged"], stats["used"], rel,
-                     stats["seconds"])
             bar.update(1)
         bar.close()
-        self.codebooks = codebooks
-        self.fit_stats = {"train_rows": int(train.shape[0]), "n_rows": int(x.shape[0]),
+        return codebooks, codes, level_stats
+
+    def _joint_refine(self, train: np.ndarray, codebooks: list[np.ndarray], codes: np.ndarray | None,
+                      device: str):
+        """Joint refinement: every level's codebook re-fitted to the codes of all levels, then re-encoded.
+
+        A round (i) re-fits the levels in turn by least squares given the codes (each centroid becomes the mean
+        of its rows' target: the row minus every other level's centroid), then (ii) re-encodes the rows with the
+        new codebooks, exactly as ``encode`` does. The round is kept only if it lowers the squared error by more
+        than ``tol`` of it; otherwise the current codebooks are returned. Greedy level-by-level k-means leaves
+        the first levels fitted as if the later ones did not exist; refinement recovers most of that loss at the
+        cost of one encode of the training rows per round.
+
+        The decision is a pure function of (train, codebooks), so refining returned codebooks again on the same
+        rows returns them bit for bit (zero churn on an unchanged warm refit).
+
+        Args:
+            train: (S, d) training rows.
+            codebooks: L arrays (K_l, d).
+            codes: (S, L) codes of train under ``codebooks`` (None: encode them here).
+
+        Returns:
+            (codebooks, (S, L) codes, stats {rounds, converged, sq_error}).
+        """
+        cfg = self.config
+        if codes is None:
+            codes = self._encode_rows(train, codebooks, balanced=cfg.balanced, device=device)
+        residual = residual_of(train, codebooks, codes)
+        error = float(np.einsum("nd,nd->", residual, residual, dtype=np.float64))
+        stats = {"rounds": 0, "converged": cfg.refine_iter == 0, "sq_error": error}
+        for round_ in range(1, cfg.refine_iter + 1):
+            candidate = refit_codebooks(codebooks, codes, residual)  # residual is consumed
+            new_codes = self._encode_rows(train, candidate, balanced=cfg.balanced, device=device)
+            new_residual = residual_of(train, candidate, new_codes)
+            new_error = float(np.einsum("nd,nd->", new_residual, new_residual, dtype=np.float64))
+            if error - new_error <= cfg.tol * error:
+                stats.update(converged=True)
+                break
+            codebooks, codes, residual, error = candidate, new_codes, new_residual, new_error
+            stats.update(rounds=round_, sq_error=error)
+        log.info("rq-kmeans joint refinement: %d rounds kept (converged=%s)", stats["rounds"], stats["converged"])
+        return codebooks, codes, stats
+
+    def _record_fit_stats(self, train, codes, level_stats, joint, *, n_rows, use_gpu, device, seconds) -> None:
+        """fit_stats: per level the final training rel_mse after that level and the codes used, plus the cold
+        start's k-means figures (empty on a warm start); the joint refinement's rounds."""
+        total_var = float(((train - train.mean(axis=0)) ** 2).sum()) or 1.0
+        residual = train.copy()
+        for level, c in enumerate(self.codebooks):
+            residual -= c[codes[:, level]]
+            rel = float(np.einsum("nd,nd->", residual, residual, dtype=np.float64)) / total_var
+            level_stats[level].update(level=level, codebook_size=int(c.shape[0]), rel_mse=rel,
+                                      used=int(np.unique(codes[:, level]).size))
+        joint["rel_mse"] = level_stats[-1]["rel_mse"]
+        self.fit_stats = {"train_rows": int(train.shape[0]), "n_rows": int(n_rows),
                           "warm_start": self._init is not None, "faiss_gpu": use_gpu, "device": device,
-                          "seconds": round(time.perf_counter() - t0, 4), "levels": level_stats}
-        return self
+                          "seconds": round(seconds, 4), "levels": level_stats, "joint": joint}
+        log.info("rq-kmeans: training rel_mse %.4f after %d levels, %.2fs", joint["rel_mse"], len(level_stats),
+                 seconds)
+
+    def _encode_rows(self, x: np.ndarray, codebooks: list[np.ndarray], *, balanced: bool, device: str,
+                     chunk_rows: int | None = None) -> np.ndarray:
+        """Codes of validated rows x (N, d) under ``codebooks``: greedy fast path, or level-wise balanced."""
+        if not balanced:
+            return residual_encode(x, codebooks, device=device, chunk_rows=chunk_rows)
+        residual = x.copy()
+        codes = np.empty((x.shape[0], len(codebooks)), dtype=np.int32)
+        for level, c in enumerate(codebooks):
+            a = kmeans.balanced_assign(residual, c, self._capacity(x.shape[0], c.shape[0]), device=device)
+            residual -= c[a]
+            codes[:, level] = a
+        return codes
 
     def encode(self, x, *, balanced: bool | None = None, chunk_rows: int | None = None) -> np.ndarray:
         """Codes of x: (N, d) -> (N, L) int32.
@@ -292,16 +401,8 @@ class RQKMeans(Quantizer):
         self._require_fitted()
         x = check_embeddings(x, dim=self.dim)
         use_balanced = self.config.balanced if balanced is None else balanced
-        device = kmeans.resolve_device(self.config.device)
-        if not use_balanced:
-            return residual_encode(x, self.codebooks, device=device, chunk_rows=chunk_rows)
-        residual = x.copy()
-        codes = np.empty((x.shape[0], len(self.codebooks)), dtype=np.int32)
-        for level, c in enumerate(self.codebooks):
-            a = kmeans.balanced_assign(residual, c, self._capacity(x.shape[0], c.shape[0]), device=device)
-            residual -= c[a]
-            codes[:, level] = a
-        return codes
+        return self._encode_rows(x, self.codebooks, balanced=use_balanced,
+                                 device=kmeans.resolve_device(self.config.device), chunk_rows=chunk_rows)
 
     def decode(self, codes) -> np.ndarray:
         """Reconstruction: sum of each level's centroid. codes (N, L) -> (N, d) float32."""
