@@ -45,11 +45,11 @@ class RQKMeansConfig:
     balanced: bool = False
     balance_slack: float = 0.0
     sample: int | None = None
-    init: str = "k-means++"
-    niter: int = 10
+    init: str = "random"
+    niter: int = 1
     nredo: int = 1
     refine_iter: int = 25
-    tol: float = 1e-3
+    tol: float = 1e-2
     max_points_per_centroid: int = 256
     device: str = "auto"
     faiss_gpu: bool | str = "auto"
@@ -66,8 +66,8 @@ class RQKMeansConfig:
             raise ValueError(f"balance_slack must be >= 0, got {self.balance_slack}")
         if self.sample is not None and self.sample < 1:
             raise ValueError(f"sample must be None or >= 1, got {self.sample}")
-        if self.niter < 1:
-            raise ValueError(f"niter must be >= 1, got {self.niter}")
+        if self.niter < 0:
+            raise ValueError(f"niter must be >= 0, got {self.niter}")
         if self.init not in ("k-means++", "random"):
             raise ValueError(f"init must be 'k-means++' or 'random', got {self.init!r}")
         if self.nredo < 1:
@@ -91,7 +91,7 @@ class RQKMeansConfig:
 
 
 def residual_encode(x: np.ndarray, codebooks: list[np.ndarray], *, device: str = "cpu",
-                    chunk_rows: int | None = None) -> np.ndarray:
+                    chunk_rows: int | None = None, residual_out: np.ndarray | None = None) -> np.ndarray:
     """Greedy residual encoding, fast path: per block of rows, every level's GEMM nearest-centroid search.
 
     Centroid norms and transposes are computed once; each block's residual lives in one reused buffer (no
@@ -101,6 +101,9 @@ def residual_encode(x: np.ndarray, codebooks: list[np.ndarray], *, device: str =
     Args:
         x: (N, d) float32.
         codebooks: L arrays of shape (K_l, d).
+        chunk_rows: rows per block (default: a score block of about 2 MiB).
+        residual_out: optional (N, d) float32 array that receives x minus the decoded codes, subtracted level by
+            level in order (the same float32 steps as the level-by-level training residual).
     Returns:
         (N, L) int32 codes.
     """
@@ -115,11 +118,12 @@ def residual_encode(x: np.ndarray, codebooks: list[np.ndarray], *, device: str =
     xt = kmeans.as_tensor(x)
     out = np.empty((n, len(codebooks)), dtype=np.int32)
     rows_max = min(step, n)
-    scores_buf = torch.empty((rows_max, kmax), dtype=torch.float32, device=device)
+    scores_flat = torch.empty(rows_max * kmax, dtype=torch.float32, device=device)  # a contiguous (rows, K_l) view
     residual_buf = torch.empty((rows_max, d), dtype=torch.float32, device=device)
     chosen_buf = torch.empty((rows_max, d), dtype=torch.float32, device=device)
     # progress for long encodes (about 10 log lines), silent for small ones
     report_every = max(1, (n // step) // 10) if n * kmax * len(codebooks) >= 2 ** 31 else 0
+    last = len(cbs) - 1 if residual_out is None else len(cbs)  # levels whose centroids are subtracted
     t0 = time.perf_counter()
     with torch.no_grad():
         for chunk, start in enumerate(range(0, n, step)):
@@ -131,12 +135,15 @@ def residual_encode(x: np.ndarray, codebooks: list[np.ndarray], *, device: str =
             residual = residual_buf[:rows]
             residual.copy_(xt[start:stop])  # (rows, d)
             for level, (c, ct, bias) in enumerate(zip(cbs, cts, biases)):
-                scores = torch.addmm(bias, residual, ct, out=scores_buf[:rows, : c.shape[0]])  # (rows, K)
+                scores = scores_flat[: rows * c.shape[0]].view(rows, c.shape[0])
+                torch.addmm(bias, residual, ct, out=scores)  # (rows, K) = r.c - |c|^2/2
                 idx, _ = kmeans.row_argmax(scores, with_values=False)  # (rows,)
                 out[start:stop, level] = idx
-                if level + 1 < len(cbs):
+                if level < last:
                     chosen = torch.index_select(c, 0, torch.from_numpy(idx).to(device), out=chosen_buf[:rows])
                     residual.sub_(chosen)
+            if residual_out is not None:
+                residual_out[start:stop] = residual.cpu().numpy()
     return out
 
 
@@ -155,13 +162,9 @@ def residual_encode_reference(x: np.ndarray, codebooks: list[np.ndarray]) -> tup
     return np.stack(codes, axis=1), np.stack(margins, axis=1)
 
 
-def residual_of(x: np.ndarray, codebooks: list[np.ndarray], codes: np.ndarray) -> np.ndarray:
-    """x minus the decoded codes, subtracting level by level in order (the same float32 steps as training and
-    ``residual_encode``, so equal inputs give bit-identical residuals). x: (N, d), codes: (N, L) -> (N, d)."""
-    residual = x.copy()
-    for level, c in enumerate(codebooks):
-        residual -= c[codes[:, level]]
-    return residual
+def _sq_sum(a: np.ndarray) -> float:
+    """Sum of squares of a float32 array, accumulated in float64."""
+    return float(np.einsum("nd,nd->", a, a, dtype=np.float64))
 
 
 def refit_codebooks(codebooks: list[np.ndarray], codes: np.ndarray, residual: np.ndarray) -> list[np.ndarray]:
@@ -276,11 +279,13 @@ class RQKMeans(Quantizer):
                         train.shape[0] / kmax)
         t0 = time.perf_counter()
         if self._init is not None:
-            codebooks, codes, level_stats = list(self._init), None, [{} for _ in self._init]
+            codebooks, level_stats = list(self._init), [{} for _ in self._init]
+            residual = np.empty_like(train)
+            codes = self._encode_rows(train, codebooks, balanced=cfg.balanced, device=device, residual_out=residual)
         else:
-            codebooks, codes, level_stats = self._fit_levels(train, device, use_gpu)
+            codebooks, codes, residual, level_stats = self._fit_levels(train, device, use_gpu)
         t_joint = time.perf_counter()
-        codebooks, codes, joint = self._joint_refine(train, codebooks, codes, device)
+        codebooks, codes, joint = self._joint_refine(train, codebooks, codes, residual, device)
         joint["seconds"] = round(time.perf_counter() - t_joint, 4)
         self.codebooks = codebooks
         self._record_fit_stats(train, codes, level_stats, joint, n_rows=x.shape[0], use_gpu=use_gpu,
@@ -290,7 +295,7 @@ class RQKMeans(Quantizer):
     def _fit_levels(self, train: np.ndarray, device: str, use_gpu: bool):
         """Cold start: one k-means per level on the residual of the levels before. train: (S, d).
 
-        Returns (L codebooks (K_l, d), (S, L) int32 greedy codes of train, per-level stats).
+        Returns (L codebooks (K_l, d), (S, L) int32 greedy codes of train, (S, d) residual, per-level stats).
         """
         from tqdm import tqdm
 
@@ -315,45 +320,56 @@ class RQKMeans(Quantizer):
             codebooks.append(c)
             bar.update(1)
         bar.close()
-        return codebooks, codes, level_stats
+        return codebooks, codes, residual, level_stats
 
-    def _joint_refine(self, train: np.ndarray, codebooks: list[np.ndarray], codes: np.ndarray | None,
-                      device: str):
+    def _joint_refine(self, train: np.ndarray, codebooks: list[np.ndarray], codes: np.ndarray,
+                      residual: np.ndarray, device: str):
         """Joint refinement: every level's codebook re-fitted to the codes of all levels, then re-encoded.
 
-        A round (i) re-fits the levels in turn by least squares given the codes (each centroid becomes the mean
-        of its rows' target: the row minus every other level's centroid), then (ii) re-encodes the rows with the
-        new codebooks, exactly as ``encode`` does. The round is kept only if it lowers the squared error by more
-        than ``tol`` of it; otherwise the current codebooks are returned. Greedy level-by-level k-means leaves
-        the first levels fitted as if the later ones did not exist; refinement recovers most of that loss at the
-        cost of one encode of the training rows per round.
+        Greedy level-by-level k-means fits the first levels as if the later ones did not exist; alternating
+        between the codebooks and the codes recovers most of that loss. A round:
 
-        The decision is a pure function of (train, codebooks), so refining returned codebooks again on the same
-        rows returns them bit for bit (zero churn on an unchanged warm refit).
+        1. re-fits the levels in turn by least squares with the codes fixed (each centroid becomes the mean of its
+           rows' target: the row minus every other level's centroid). This costs no GEMM, and its error (new
+           codebooks, current codes) is known at once. If it lowers the squared error by at most ``tol`` of it,
+           refinement has converged: the current codebooks are returned, not the re-fit ones.
+        2. re-encodes the rows with the re-fitted codebooks, exactly as ``encode`` does (one encode of the
+           training rows: the round's only GEMM work). If the re-encoded error is not below the current one, the
+           current codebooks are returned; otherwise the round is kept.
+
+        Both decisions are pure functions of (train, current codebooks), so refining returned codebooks again on
+        the same rows returns them bit for bit (zero churn on an unchanged warm refit), and the converged round
+        costs no encode.
 
         Args:
             train: (S, d) training rows.
             codebooks: L arrays (K_l, d).
-            codes: (S, L) codes of train under ``codebooks`` (None: encode them here).
+            codes: (S, L) greedy (or balanced) codes of train under ``codebooks``.
+            residual: (S, d) train minus the decoded codes, subtracted level by level; consumed.
 
         Returns:
             (codebooks, (S, L) codes, stats {rounds, converged, sq_error}).
         """
         cfg = self.config
-        if codes is None:
-            codes = self._encode_rows(train, codebooks, balanced=cfg.balanced, device=device)
-        residual = residual_of(train, codebooks, codes)
-        error = float(np.einsum("nd,nd->", residual, residual, dtype=np.float64))
+        error = _sq_sum(residual)
         stats = {"rounds": 0, "converged": cfg.refine_iter == 0, "sq_error": error}
+        new_residual = np.empty_like(residual)
         for round_ in range(1, cfg.refine_iter + 1):
-            candidate = refit_codebooks(codebooks, codes, residual)  # residual is consumed
-            new_codes = self._encode_rows(train, candidate, balanced=cfg.balanced, device=device)
-            new_residual = residual_of(train, candidate, new_codes)
-            new_error = float(np.einsum("nd,nd->", new_residual, new_residual, dtype=np.float64))
-            if error - new_error <= cfg.tol * error:
+            candidate = refit_codebooks(codebooks, codes, residual)  # residual becomes train - (candidate, codes)
+            refit_error = _sq_sum(residual)
+            if error - refit_error <= cfg.tol * error:
                 stats.update(converged=True)
                 break
-            codebooks, codes, residual, error = candidate, new_codes, new_residual, new_error
+            new_codes = self._encode_rows(train, candidate, balanced=cfg.balanced, device=device,
+                                          residual_out=new_residual)
+            new_error = _sq_sum(new_residual)
+            log.debug("rq-kmeans joint round %d: squared error %.6g -> re-fit %.6g -> re-encoded %.6g", round_,
+                      error, refit_error, new_error)
+            if new_error >= error:
+                stats.update(converged=True)
+                break
+            codebooks, codes, error = candidate, new_codes, new_error
+            residual, new_residual = new_residual, residual  # swap buffers: no allocation per round
             stats.update(rounds=round_, sq_error=error)
         log.info("rq-kmeans joint refinement: %d rounds kept (converged=%s)", stats["rounds"], stats["converged"])
         return codebooks, codes, stats
@@ -376,11 +392,14 @@ class RQKMeans(Quantizer):
                  seconds)
 
     def _encode_rows(self, x: np.ndarray, codebooks: list[np.ndarray], *, balanced: bool, device: str,
-                     chunk_rows: int | None = None) -> np.ndarray:
-        """Codes of validated rows x (N, d) under ``codebooks``: greedy fast path, or level-wise balanced."""
+                     chunk_rows: int | None = None, residual_out: np.ndarray | None = None) -> np.ndarray:
+        """Codes of validated rows x (N, d) under ``codebooks``: greedy fast path, or level-wise balanced.
+        ``residual_out``: optional (N, d) array receiving x minus the decoded codes."""
         if not balanced:
-            return residual_encode(x, codebooks, device=device, chunk_rows=chunk_rows)
-        residual = x.copy()
+            return residual_encode(x, codebooks, device=device, chunk_rows=chunk_rows, residual_out=residual_out)
+        residual = x.copy() if residual_out is None else residual_out
+        if residual_out is not None:
+            residual[...] = x
         codes = np.empty((x.shape[0], len(codebooks)), dtype=np.int32)
         for level, c in enumerate(codebooks):
             a = kmeans.balanced_assign(residual, c, self._capacity(x.shape[0], c.shape[0]), device=device)
