@@ -22,19 +22,24 @@ class RQKMeansConfig:
     Args:
         levels: number of residual levels L.
         codebook_size: centroids per level K (one int for every level, or a tuple of L ints).
-        seed: seeds the training sample and faiss k-means (level l uses seed + l).
+        seed: seeds the training sample and each level's k-means (level l uses seed + l).
         balanced: size-constrained assignment (OneRec style): each centroid takes at most
             ceil(N / K * (1 + balance_slack)) items, in training and (by default) in ``encode``.
         balance_slack: extra capacity share for balanced assignment.
         sample: train on this many rows drawn without replacement (None: all rows).
-        init: cold-start seeding of faiss k-means: 'k-means++' (greedy on a subsample; see kmeans.faiss_kmeans)
-            or 'random'.
-        niter: faiss k-means iterations for a cold start.
-        nredo: faiss k-means restarts (the best is kept).
-        refine_iter: most Lloyd iterations after the faiss start (or from warm-start codebooks).
-        tol: Lloyd stops when a step lowers the inertia by less than this share; converged codebooks are a fixed
-            point of the refinement, which is what makes warm-started refits on unchanged data churn-free.
-        max_points_per_centroid: faiss subsamples to this many rows per centroid for its k-means.
+        init: seeding of each level's cold-start k-means: 'random' (K distinct rows, faiss's own seeding) or
+            'k-means++' (greedy on a subsample; see kmeans.seed_centroids).
+        niter: most Lloyd steps of each level's cold-start k-means (blocked-GEMM search; fewer once a step gains
+            less than ``tol``). Most of the fit is the joint refinement that follows; 0 keeps the seeds.
+        nredo: cold-start k-means restarts per level (the lowest inertia is kept).
+        refine_iter: most rounds of joint refinement (all levels re-fitted to the codes, then re-encoded) after
+            the cold start, or from warm-start codebooks.
+        tol: least relative gain of a Lloyd step or of a joint round (a round must also gain more than half the
+            optimism of fitting sum(K) centroids to the training rows, see ``joint_min_gain``). Refinement stops
+            at the first round that gains less and keeps the codebooks it had, so converged codebooks are a fixed
+            point: warm-started refits on unchanged data are churn-free.
+        max_points_per_centroid: each level's cold-start k-means runs on at most K times this many rows (faiss's
+            rule; the joint refinement uses every training row).
         device: torch device for encode GEMMs: 'auto' (GPU when present), 'cpu', 'cuda'.
         faiss_gpu: 'auto' (faiss GPU when present), True, or False.
     """
@@ -46,10 +51,10 @@ class RQKMeansConfig:
     balance_slack: float = 0.0
     sample: int | None = None
     init: str = "random"
-    niter: int = 1
+    niter: int = 4
     nredo: int = 1
     refine_iter: int = 25
-    tol: float = 1e-2
+    tol: float = 5e-3
     max_points_per_centroid: int = 256
     device: str = "auto"
     faiss_gpu: bool | str = "auto"
@@ -160,6 +165,18 @@ def residual_encode_reference(x: np.ndarray, codebooks: list[np.ndarray]) -> tup
         codes.append(idx)
         margins.append(margin)
     return np.stack(codes, axis=1), np.stack(margins, axis=1)
+
+
+# A joint round must gain more than this share of the error per (sum of K) / (training rows): about half the
+# optimism of fitting that many centroids to that many rows (k-means' training error is below its held-out error by
+# roughly K / rows of it), so rounds stop where their gain would mostly be fitting noise.
+_OPTIMISM_SHARE = 0.5
+
+
+def joint_min_gain(tol: float, codebook_sizes: list[int], train_rows: int) -> float:
+    """Least relative gain a joint-refinement round must bring: ``tol``, or half the optimism of the fit when that
+    is larger (see ``_OPTIMISM_SHARE``)."""
+    return max(tol, _OPTIMISM_SHARE * sum(codebook_sizes) / train_rows)
 
 
 def _sq_sum(a: np.ndarray) -> float:
@@ -352,12 +369,13 @@ class RQKMeans(Quantizer):
         """
         cfg = self.config
         error = _sq_sum(residual)
-        stats = {"rounds": 0, "converged": cfg.refine_iter == 0, "sq_error": error}
+        min_gain = joint_min_gain(cfg.tol, cfg.codebook_sizes, train.shape[0])
+        stats = {"rounds": 0, "converged": cfg.refine_iter == 0, "sq_error": error, "min_gain": min_gain}
         new_residual = np.empty_like(residual)
         for round_ in range(1, cfg.refine_iter + 1):
             candidate = refit_codebooks(codebooks, codes, residual)  # residual becomes train - (candidate, codes)
             refit_error = _sq_sum(residual)
-            if error - refit_error <= cfg.tol * error:
+            if error - refit_error <= min_gain * error:
                 stats.update(converged=True)
                 break
             new_codes = self._encode_rows(train, candidate, balanced=cfg.balanced, device=device,
