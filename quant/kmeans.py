@@ -326,16 +326,16 @@ def kmeans_plus_plus(x: np.ndarray, k: int, *, seed: int, max_rows: int | None =
 def seed_centroids(x: np.ndarray, k: int, *, seed: int, init: str = "k-means++") -> np.ndarray:
     """Starting centroids for k-means: 'k-means++' or 'random' (k distinct rows, faiss's own seeding).
 
-    k-means++ costs O(k^2 rows-per-centroid trials d): greedy on 4 rows per centroid up to K = 1024, plain (one
-    candidate) on 2 rows per centroid beyond, where Lloyd's own iterations dominate anyway.
+    k-means++ reads every candidate row once per centroid, so it runs on a subsample of 2 rows per centroid (at
+    least 1024) with 3 candidates per step: measured at K = 256 / 1024 (d = 64, 3 levels, then this module's
+    Lloyd and RQ-Kmeans' joint refinement), it matches the greedy scikit-learn setting (4 rows per centroid,
+    2 + ln K candidates) in final error at about half the cost, and beats random rows.
 
     Returns:
         (K, d) float32.
     """
     if init == "k-means++":
-        if k <= 1024:
-            return kmeans_plus_plus(x, k, seed=seed, max_rows=max(4 * k, 4096))
-        return kmeans_plus_plus(x, k, seed=seed, max_rows=2 * k, n_trials=1)
+        return kmeans_plus_plus(x, k, seed=seed, max_rows=max(2 * k, 1024), n_trials=3)
     if init == "random":
         rows = np.random.default_rng(seed).choice(x.shape[0], size=k, replace=False)
         return np.ascontiguousarray(x[np.sort(rows)], dtype=np.float32)

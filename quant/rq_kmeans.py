@@ -27,8 +27,8 @@ class RQKMeansConfig:
             ceil(N / K * (1 + balance_slack)) items, in training and (by default) in ``encode``.
         balance_slack: extra capacity share for balanced assignment.
         sample: train on this many rows drawn without replacement (None: all rows).
-        init: seeding of each level's cold-start k-means: 'random' (K distinct rows, faiss's own seeding) or
-            'k-means++' (greedy on a subsample; see kmeans.seed_centroids).
+        init: seeding of each level's cold-start k-means: 'k-means++' (on a subsample; see
+            kmeans.seed_centroids) or 'random' (K distinct rows, faiss's own seeding).
         niter: most Lloyd steps of each level's cold-start k-means (blocked-GEMM search; fewer once a step gains
             less than ``tol``). Most of the fit is the joint refinement that follows; 0 keeps the seeds.
         nredo: cold-start k-means restarts per level (the lowest inertia is kept).
@@ -50,8 +50,8 @@ class RQKMeansConfig:
     balanced: bool = False
     balance_slack: float = 0.0
     sample: int | None = None
-    init: str = "random"
-    niter: int = 4
+    init: str = "k-means++"
+    niter: int = 1
     nredo: int = 1
     refine_iter: int = 25
     tol: float = 5e-3
