@@ -327,15 +327,16 @@ def seed_centroids(x: np.ndarray, k: int, *, seed: int, init: str = "k-means++")
     """Starting centroids for k-means: 'k-means++' or 'random' (k distinct rows, faiss's own seeding).
 
     k-means++ reads every candidate row once per centroid, so it runs on a subsample of 2 rows per centroid (at
-    least 1024) with 3 candidates per step: measured at K = 256 / 1024 (d = 64, 3 levels, then this module's
-    Lloyd and RQ-Kmeans' joint refinement), it matches the greedy scikit-learn setting (4 rows per centroid,
-    2 + ln K candidates) in final error at about half the cost, and beats random rows.
+    least 1024): measured at K = 256 / 1024 (d = 64, 3 levels, then this module's Lloyd and RQ-Kmeans' joint
+    refinement) it matches 4 rows per centroid in final error at about half the cost, and beats random rows.
+    Greedy (best of 2 + ln K candidates per step, as scikit-learn does) up to K = 1024, which keeps well
+    separated clusters apart; one candidate beyond, where the trials would cost more than the Lloyd steps.
 
     Returns:
         (K, d) float32.
     """
     if init == "k-means++":
-        return kmeans_plus_plus(x, k, seed=seed, max_rows=max(2 * k, 1024), n_trials=3)
+        return kmeans_plus_plus(x, k, seed=seed, max_rows=max(2 * k, 1024), n_trials=None if k <= 1024 else 1)
     if init == "random":
         rows = np.random.default_rng(seed).choice(x.shape[0], size=k, replace=False)
         return np.ascontiguousarray(x[np.sort(rows)], dtype=np.float32)
