@@ -6,7 +6,7 @@ import pytest
 
 from quant import RQKMeans, RQKMeansConfig, load_quantizer, metrics as M
 from quant.base import NotFittedError
-from quant.rq_kmeans import residual_encode, residual_encode_reference
+from quant.rq_kmeans import joint_min_gain, refit_codebooks, residual_encode, residual_encode_reference
 
 from .conftest import planted_clusters
 
@@ -44,6 +44,81 @@ def test_fast_encode_matches_reference(clustered, fitted):
     clear = (margins > 1e-3).all(axis=1)
     assert clear.mean() > 0.95
     np.testing.assert_array_equal(fast[clear], ref[clear])
+
+
+def plain_residual(x, codebooks, codes):
+    """x minus each level's centroid, level by level in float32 (the order training and encode use)."""
+    residual = x.copy()
+    for level, c in enumerate(codebooks):
+        residual -= c[codes[:, level]]
+    return residual
+
+
+def test_encode_residual_out_is_the_plain_residual_bit_for_bit(clustered, fitted):
+    x, _ = clustered
+    residual = np.full_like(x, np.nan)
+    codes = residual_encode(x, fitted.codebooks, chunk_rows=333, residual_out=residual)
+    np.testing.assert_array_equal(codes, residual_encode(x, fitted.codebooks))
+    np.testing.assert_array_equal(residual, plain_residual(x, fitted.codebooks, codes))
+
+
+def test_encode_with_mixed_codebook_sizes_matches_reference(clustered):
+    x, _ = clustered
+    q = RQKMeans(levels=3, codebook_size=(16, 5, 40), seed=0).fit(x)
+    ref, margins = residual_encode_reference(x, q.codebooks)
+    clear = (margins > 1e-3).all(axis=1)
+    np.testing.assert_array_equal(residual_encode(x, q.codebooks, chunk_rows=97)[clear], ref[clear])
+
+
+def test_refit_codebooks_is_the_sequential_least_squares_update():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 5)).astype(np.float32)
+    codebooks = [rng.normal(size=(k, 5)).astype(np.float32) for k in (7, 4, 9)]
+    codes = np.stack([rng.integers(0, k, 600) for k in (7, 4, 9)], axis=1)
+    codes[:, 2][codes[:, 2] == 8] = 0  # centroid 8 of level 2 has no rows: it keeps its value
+    residual = plain_residual(x, codebooks, codes)
+    before = float((residual.astype(np.float64) ** 2).sum())
+    new = refit_codebooks(codebooks, codes, residual)
+    # plain float64 reference: each level in turn, the mean of (x - every other level's current centroid)
+    expected = [c.astype(np.float64) for c in codebooks]
+    for level in range(3):
+        others = sum(expected[m][codes[:, m]] for m in range(3) if m != level)
+        target = x.astype(np.float64) - others
+        for j in range(expected[level].shape[0]):
+            rows = codes[:, level] == j
+            if rows.any():
+                expected[level][j] = target[rows].mean(axis=0)
+    for got, want in zip(new, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(new[2][8], codebooks[2][8])
+    # the consumed residual is x minus the new decode, and the error did not grow for the same codes
+    np.testing.assert_allclose(residual, plain_residual(x, new, codes), atol=1e-5)
+    assert float((residual.astype(np.float64) ** 2).sum()) < before
+
+
+def test_joint_refinement_lowers_the_error_of_the_cold_start(clustered):
+    x, _ = clustered
+    cold = RQKMeans(levels=3, codebook_size=16, seed=0, refine_iter=0).fit(x)
+    refined = RQKMeans(levels=3, codebook_size=16, seed=0, tol=1e-4).fit(x)
+    assert refined.fit_stats["joint"]["rounds"] >= 1
+    assert M.rel_mse(x, refined.decode(refined.encode(x))) < M.rel_mse(x, cold.decode(cold.encode(x)))
+    assert cold.fit_stats["joint"]["rounds"] == 0 and cold.fit_stats["joint"]["converged"]
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_converged_codebooks_are_a_fixed_point_of_a_warm_refit(balanced):
+    x, _ = planted_clusters(1500, 12, 10, noise=1.0, seed=3)
+    q = RQKMeans(levels=3, codebook_size=12, seed=0, balanced=balanced, tol=1e-4).fit(x)
+    assert q.fit_stats["joint"]["converged"] and q.fit_stats["joint"]["rounds"] >= 1
+    again = q.warm_start().fit(x)
+    assert again.fit_stats["joint"]["rounds"] == 0
+    for a, b in zip(q.codebooks, again.codebooks):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_joint_min_gain_is_tol_or_half_the_fit_optimism():
+    assert joint_min_gain(5e-3, [256, 256, 256], 100_000) == 5e-3
+    assert joint_min_gain(5e-3, [1024, 1024, 1024], 100_000) == pytest.approx(0.5 * 3072 / 100_000)
 
 
 def test_decode_is_sum_of_centroids(fitted):
