@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -348,8 +347,9 @@ class RQKMeans(Quantizer):
 
         1. re-fits the levels in turn by least squares with the codes fixed (each centroid becomes the mean of its
            rows' target: the row minus every other level's centroid). This costs no GEMM, and its error (new
-           codebooks, current codes) is known at once. If it lowers the squared error by at most ``tol`` of it,
-           refinement has converged: the current codebooks are returned, not the re-fit ones.
+           codebooks, current codes) is known at once. If it lowers the squared error by at most
+           :func:`joint_min_gain` of it, refinement has converged: the current codebooks are returned, not the
+           re-fit ones.
         2. re-encodes the rows with the re-fitted codebooks, exactly as ``encode`` does (one encode of the
            training rows: the round's only GEMM work). If the re-encoded error is not below the current one, the
            current codebooks are returned; otherwise the round is kept.
@@ -365,12 +365,13 @@ class RQKMeans(Quantizer):
             residual: (S, d) train minus the decoded codes, subtracted level by level; consumed.
 
         Returns:
-            (codebooks, (S, L) codes, stats {rounds, converged, sq_error}).
+            (codebooks, (S, L) codes, stats {rounds kept, converged (stopped by a rule, not by refine_iter),
+            sq_error, min_gain}).
         """
         cfg = self.config
         error = _sq_sum(residual)
         min_gain = joint_min_gain(cfg.tol, cfg.codebook_sizes, train.shape[0])
-        stats = {"rounds": 0, "converged": cfg.refine_iter == 0, "sq_error": error, "min_gain": min_gain}
+        stats = {"rounds": 0, "converged": False, "sq_error": error, "min_gain": min_gain}
         new_residual = np.empty_like(residual)
         for round_ in range(1, cfg.refine_iter + 1):
             candidate = refit_codebooks(codebooks, codes, residual)  # residual becomes train - (candidate, codes)
@@ -399,7 +400,7 @@ class RQKMeans(Quantizer):
         residual = train.copy()
         for level, c in enumerate(self.codebooks):
             residual -= c[codes[:, level]]
-            rel = float(np.einsum("nd,nd->", residual, residual, dtype=np.float64)) / total_var
+            rel = _sq_sum(residual) / total_var
             level_stats[level].update(level=level, codebook_size=int(c.shape[0]), rel_mse=rel,
                                       used=int(np.unique(codes[:, level]).size))
         joint["rel_mse"] = level_stats[-1]["rel_mse"]

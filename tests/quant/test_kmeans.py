@@ -5,6 +5,15 @@ import pytest
 from quant import kmeans
 
 
+def points_centroids_and_clear_rows(n: int, k: int, d: int, *, seed: int):
+    """Random (n, d) points, (k, d) centroids, and the rows whose nearest centroid is not a near-tie."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    c = rng.normal(size=(k, d)).astype(np.float32)
+    _, _, margin = kmeans.nearest_centroids_reference(x, c)
+    return x, c, margin > 1e-3
+
+
 def test_nearest_matches_reference_away_from_ties():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3000, 24)).astype(np.float32)
@@ -65,11 +74,7 @@ def test_lloyd_converged_centroids_are_a_fixed_point():
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA GPU: GPU GEMM path not testable")
 def test_gpu_nearest_matches_cpu():
-    rng = np.random.default_rng(5)
-    x = rng.normal(size=(2000, 16)).astype(np.float32)
-    c = rng.normal(size=(64, 16)).astype(np.float32)
-    _, _, margin = kmeans.nearest_centroids_reference(x, c)
-    clear = margin > 1e-3
+    x, c, clear = points_centroids_and_clear_rows(2000, 64, 16, seed=5)
     np.testing.assert_array_equal(kmeans.nearest_centroids(x, c, device="cuda")[clear],
                                   kmeans.nearest_centroids(x, c)[clear])
 
@@ -143,11 +148,7 @@ def test_row_argmax_takes_the_first_maximum_like_a_plain_loop():
 
 
 def test_nearest_centroids_does_not_depend_on_the_block_size():
-    rng = np.random.default_rng(8)
-    x = rng.normal(size=(1000, 12)).astype(np.float32)
-    c = rng.normal(size=(50, 12)).astype(np.float32)
-    _, _, margin = kmeans.nearest_centroids_reference(x, c)
-    clear = margin > 1e-3
+    x, c, clear = points_centroids_and_clear_rows(1000, 50, 12, seed=8)
     base = kmeans.nearest_centroids(x, c)
     for rows in (1, 7, 333, 5000):
         np.testing.assert_array_equal(kmeans.nearest_centroids(x, c, chunk_rows=rows)[clear], base[clear])
