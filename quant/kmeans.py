@@ -1,4 +1,4 @@
-"""k-means building blocks: GEMM nearest-centroid search, balanced assignment, Lloyd refinement, faiss init.
+"""k-means building blocks: GEMM nearest-centroid search, balanced assignment, seeding, Lloyd, one level's fit.
 
 The nearest centroid of x among C minimises ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, i.e. maximises
 x.c - ||c||^2 / 2: one GEMM per chunk of rows with the bias folded in (``torch.addmm``), then a row max.
@@ -107,7 +107,7 @@ def nearest_centroids(x: np.ndarray, centroids: np.ndarray, *, excluded: np.ndar
         x: (N, d) float32.
         centroids: (K, d) float32.
         excluded: optional (K,) bool; True centroids are never chosen (balanced assignment masks full ones).
-        chunk_rows: rows per GEMM block (default: about 256k scores per block).
+        chunk_rows: rows per GEMM block (default: about 512k scores, 2 MiB, per block).
         device: torch device for the GEMM ('cpu' or 'cuda').
         return_distances: also return the (N,) squared distances.
         x_sq_norms: optional precomputed (N,) squared norms of x (for the distances; Lloyd reuses them).
@@ -373,7 +373,7 @@ def kmeans_fit(x: np.ndarray, k: int, *, niter: int, seed: int, init: str = "k-m
     """
     n = x.shape[0]
     balanced = balance_slack is not None
-    if use_faiss_gpu:
+    if use_faiss_gpu and niter > 0:
         c = faiss_kmeans(x, k, niter=niter, seed=seed, use_gpu=True, nredo=nredo, init=init,
                          max_points_per_centroid=max_points_per_centroid or n)
         stats = {"iterations": niter, "converged": False, "inertia": None}

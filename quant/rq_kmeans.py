@@ -1,4 +1,5 @@
-"""RQ-Kmeans (QARM): residual k-means, L levels x K centroids, trained level by level on residuals."""
+"""RQ-Kmeans (QARM): residual k-means, L levels x K centroids, trained level by level on residuals, then refined
+jointly (every level's codebook re-fitted to the codes of all levels)."""
 from __future__ import annotations
 
 import dataclasses

@@ -236,3 +236,17 @@ def test_bad_input_errors():
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RQKMeansConfig(**{"levels": 1, **kwargs})
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA GPU: GPU encode path not testable")
+def test_gpu_encode_and_residual_match_cpu(clustered, fitted):
+    x, _ = clustered
+    _, margins = residual_encode_reference(x, fitted.codebooks)
+    clear = (margins > 1e-3).all(axis=1)
+    cpu_residual, gpu_residual = np.empty_like(x), np.empty_like(x)
+    cpu = residual_encode(x, fitted.codebooks, residual_out=cpu_residual)
+    gpu = residual_encode(x, fitted.codebooks, device="cuda", chunk_rows=333, residual_out=gpu_residual)
+    np.testing.assert_array_equal(gpu[clear], cpu[clear])
+    np.testing.assert_allclose(gpu_residual[clear], cpu_residual[clear], atol=1e-5)
+    on_gpu = RQKMeans(levels=3, codebook_size=16, seed=0, device="cuda", faiss_gpu=False).fit(x)
+    assert on_gpu.fit_stats["device"] == "cuda" and on_gpu.fit_stats["joint"]["converged"]
