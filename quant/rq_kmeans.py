@@ -122,33 +122,36 @@ def residual_encode(x: np.ndarray, codebooks: list[np.ndarray], *, device: str =
     biases = [kmeans.neg_half_sq_norms(c) for c in cbs]  # (K,)
     xt = kmeans.as_tensor(x)
     out = np.empty((n, len(codebooks)), dtype=np.int32)
-    rows_max = min(step, n)
-    scores_flat = torch.empty(rows_max * kmax, dtype=torch.float32, device=device)  # a contiguous (rows, K_l) view
-    residual_buf = torch.empty((rows_max, d), dtype=torch.float32, device=device)
-    chosen_buf = torch.empty((rows_max, d), dtype=torch.float32, device=device)
-    # progress for long encodes (about 10 log lines), silent for small ones
+    # progress for long encodes (about 10 log lines from the first range), silent for small ones
     report_every = max(1, (n // step) // 10) if n * kmax * len(codebooks) >= 2 ** 31 else 0
     last = len(cbs) - 1 if residual_out is None else len(cbs)  # levels whose centroids are subtracted
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for chunk, start in enumerate(range(0, n, step)):
-            if report_every and chunk and chunk % report_every == 0:
-                log.info("rq encode: %d/%d rows (%.0f%%), %.1fs", start, n, 100.0 * start / n,
-                         time.perf_counter() - t0)
-            stop = min(start + step, n)
-            rows = stop - start
-            residual = residual_buf[:rows]
-            residual.copy_(xt[start:stop])  # (rows, d)
-            for level, (c, ct, bias) in enumerate(zip(cbs, cts, biases)):
-                scores = scores_flat[: rows * c.shape[0]].view(rows, c.shape[0])
-                torch.addmm(bias, residual, ct, out=scores)  # (rows, K) = r.c - |c|^2/2
-                idx, _ = kmeans.row_argmax(scores, with_values=False)  # (rows,)
-                out[start:stop, level] = idx
-                if level < last:
-                    chosen = torch.index_select(c, 0, torch.from_numpy(idx).to(device), out=chosen_buf[:rows])
-                    residual.sub_(chosen)
-            if residual_out is not None:
-                residual_out[start:stop] = residual.cpu().numpy()
+
+    def encode_range(lo: int, hi: int) -> None:  # rows [lo, hi), block by block, with its own buffers
+        rows_max = min(step, hi - lo)
+        scores_flat = torch.empty(rows_max * kmax, dtype=torch.float32, device=device)  # (rows, K_l) views
+        residual_buf = torch.empty((rows_max, d), dtype=torch.float32, device=device)
+        chosen_buf = torch.empty((rows_max, d), dtype=torch.float32, device=device)
+        with torch.no_grad():
+            for chunk, start in enumerate(range(lo, hi, step)):
+                if report_every and lo == 0 and chunk and chunk % report_every == 0:
+                    log.info("rq encode: %d/%d rows of the first range, %.1fs", start, hi, time.perf_counter() - t0)
+                stop = min(start + step, hi)
+                rows = stop - start
+                residual = residual_buf[:rows]
+                residual.copy_(xt[start:stop])  # (rows, d)
+                for level, (c, ct, bias) in enumerate(zip(cbs, cts, biases)):
+                    scores = scores_flat[: rows * c.shape[0]].view(rows, c.shape[0])
+                    torch.addmm(bias, residual, ct, out=scores)  # (rows, K) = r.c - |c|^2/2
+                    idx, _ = kmeans.row_argmax(scores, with_values=False)  # (rows,)
+                    out[start:stop, level] = idx
+                    if level < last:
+                        chosen = torch.index_select(c, 0, torch.from_numpy(idx).to(device), out=chosen_buf[:rows])
+                        residual.sub_(chosen)
+                if residual_out is not None:
+                    residual_out[start:stop] = residual.cpu().numpy()
+
+    kmeans.for_row_ranges(n, step, device, encode_range)
     return out
 
 

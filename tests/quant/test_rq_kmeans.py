@@ -250,3 +250,18 @@ def test_gpu_encode_and_residual_match_cpu(clustered, fitted):
     np.testing.assert_allclose(gpu_residual[clear], cpu_residual[clear], atol=1e-5)
     on_gpu = RQKMeans(levels=3, codebook_size=16, seed=0, device="cuda", faiss_gpu=False).fit(x)
     assert on_gpu.fit_stats["device"] == "cuda" and on_gpu.fit_stats["joint"]["converged"]
+
+
+def test_codes_and_residuals_are_the_same_with_two_threads(clustered, fitted):
+    import torch
+
+    x, _ = clustered
+    one_residual, two_residual = np.empty_like(x), np.empty_like(x)
+    one = residual_encode(x, fitted.codebooks, chunk_rows=100, residual_out=one_residual)
+    torch.set_num_threads(2)  # the module fixture restores the count afterwards
+    two = residual_encode(x, fitted.codebooks, chunk_rows=100, residual_out=two_residual)
+    np.testing.assert_array_equal(two, one)
+    np.testing.assert_array_equal(two_residual, one_residual)
+    refit = RQKMeans(levels=3, codebook_size=16, seed=0).fit(x)
+    for a, b in zip(refit.codebooks, fitted.codebooks):
+        np.testing.assert_array_equal(a, b)
