@@ -18,8 +18,8 @@ visible. Ours: the library defaults (``RQKMeansConfig``); the table states each 
 
 GEMM bound. A plain float32 ``torch.mm`` (the BLAS our encoder calls) timed in this run on the encoder's GEMM work:
 N rows against each level's (d, K) codebook, at the same thread count, in the encoder's own row blocks and row
-ranges and in 8192-row blocks with torch's own threading (the faster rate is the bound), best of 5, measured just
-before and just after our encode (see ``gemm_bound``). ``enc/GEMM`` is our best-of-3 encode over that bound: 1.0
+ranges and in 8192-row blocks with torch's own threading (the faster rate is the bound), each timing the GEMM
+work of up to 262144 rows, best of 3, measured just before and just after our encode (see ``gemm_bound``). ``enc/GEMM`` is our best-of-3 encode over that bound: 1.0
 would mean the argmax, the residual updates and the Python loop cost nothing.
 Timings on a shared machine are noisy: compare the ratios of one run (the load average is recorded per case).
 """
@@ -74,46 +74,47 @@ def clustered_embeddings(n: int, d: int, *, seed: int, n_top: int = 128, n_sub: 
     return x
 
 
-def gemm_bound(n: int, d: int, sizes: list[int], *, block_rows: int, repeats: int = 5) -> dict:
+def gemm_bound(n: int, d: int, sizes: list[int], *, block_rows: int, repeats: int = 3) -> dict:
     """Seconds a plain float32 GEMM needs for an encoder's GEMM work: n rows times each (d, K_l) codebook.
 
-    Two measurements with torch.mm (the BLAS our encoder calls) on random data, each best of ``repeats`` over a
-    sweep of at most 64k rows (then scaled to n rows), at the current torch thread count T: (a) the encoder's own
-    (block_rows, d) blocks, split into T row ranges on T single-threaded workers exactly as the encoder splits
-    them (``quant.kmeans.for_row_ranges``); (b) 8192-row blocks with torch's own T-thread GEMM. The faster rate
-    is the bound: no argmax, no residual update, no Python between blocks.
+    Two measurements with torch.mm (the BLAS our encoder calls) on random data, at the current torch thread count
+    T, each timing the whole work of min(n, 262144) rows (every level, so a sweep lasts as long as the encode of
+    those rows and sees the same machine noise), best of ``repeats``: (a) the encoder's own (block_rows, d)
+    blocks, split into T row ranges on T single-threaded workers exactly as the encoder splits them
+    (``quant.kmeans.for_row_ranges``); (b) 8192-row blocks with torch's own T-thread GEMM. The faster rate is the
+    bound: no argmax, no residual update, no Python between blocks.
 
     Returns:
-        {"seconds": bound, "gflops": the rate it uses, "gflops_encoder_blocks", "gflops_8192_rows"}.
+        {"seconds": bound for n rows, "gflops": the rate it uses, "gflops_encoder_blocks", "gflops_8192_rows"}.
     """
     import torch
 
     from quant.kmeans import for_row_ranges
 
-    sweep = min(n, 65536)
-    rates = {"gflops_encoder_blocks": 0.0, "gflops_8192_rows": 0.0}
-    for k in sorted(set(sizes)):
-        b = torch.randn(d, k)
-        for name, rows in (("gflops_encoder_blocks", min(block_rows, n)), ("gflops_8192_rows", min(8192, n))):
-            a = torch.randn(rows, d)
+    sweep = min(n, 262144)
+    operands = {k: torch.randn(d, k) for k in set(sizes)}
+    rates = {}
+    for name, rows in (("gflops_encoder_blocks", min(block_rows, n)), ("gflops_8192_rows", min(8192, n))):
+        a = torch.randn(rows, d)
+        sweep_rows = -(-sweep // rows) * rows
 
-            def plain_gemms(lo: int, hi: int) -> None:
-                out = torch.empty(rows, k)
-                for start in range(lo, hi, rows):
-                    torch.mm(a[: min(rows, hi - start)], b, out=out[: min(rows, hi - start)])
+        def plain_gemms(lo: int, hi: int) -> None:
+            out = torch.empty(rows * max(sizes))
+            for k in sizes:
+                for _ in range(lo, hi, rows):
+                    torch.mm(a, operands[k], out=out[: rows * k].view(rows, k))
 
-            sweep_rows = -(-sweep // rows) * rows
-            if name == "gflops_encoder_blocks":
-                run = functools.partial(for_row_ranges, sweep_rows, rows, "cpu", plain_gemms)
-            else:
-                run = functools.partial(plain_gemms, 0, sweep_rows)
-            run()  # warm-up
-            best = float("inf")
-            for _ in range(repeats):
-                t = time.perf_counter()
-                run()
-                best = min(best, time.perf_counter() - t)
-            rates[name] = max(rates[name], 2.0 * sweep_rows * d * k / best / 1e9)
+        if name == "gflops_encoder_blocks":
+            run = functools.partial(for_row_ranges, sweep_rows, rows, "cpu", plain_gemms)
+        else:
+            run = functools.partial(plain_gemms, 0, sweep_rows)
+        run()  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t)
+        rates[name] = 2.0 * sweep_rows * d * sum(sizes) / best / 1e9
     gflops = max(rates.values())
     return {"seconds": 2.0 * n * d * sum(sizes) / (gflops * 1e9), "gflops": gflops, **rates}
 
