@@ -187,6 +187,15 @@ def _sq_sum(a: np.ndarray) -> float:
     return float(np.einsum("nd,nd->", a, a, dtype=np.float64))
 
 
+def worst_rows(errors: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the m largest of (N,) errors, largest first, the lower index first on ties (deterministic)."""
+    m = min(m, errors.shape[0])
+    kth = -np.partition(-errors, m - 1)[m - 1]  # the m-th largest value: O(N), no full sort
+    above = np.flatnonzero(errors > kth)
+    top = np.concatenate([above, np.flatnonzero(errors == kth)[: m - above.size]])
+    return top[np.lexsort((top, -errors[top]))]
+
+
 def refit_codebooks(codebooks: list[np.ndarray], codes: np.ndarray, residual: np.ndarray) -> list[np.ndarray]:
     """One sweep of least-squares codebook updates with the codes fixed (block coordinate descent over levels).
 
@@ -213,7 +222,7 @@ def refit_codebooks(codebooks: list[np.ndarray], codes: np.ndarray, residual: np
         c_new = c + shift
         empty = np.flatnonzero(np.bincount(assign, minlength=c.shape[0]) == 0)
         if empty.size:
-            worst = np.argsort(-kmeans.row_sq_norms(residual), kind="stable")[: empty.size]
+            worst = worst_rows(kmeans.row_sq_norms(residual), empty.size)
             c_new[empty[: worst.size]] = c_new[assign[worst]] + residual[worst]
         new.append(c_new)
     return new

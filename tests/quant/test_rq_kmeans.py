@@ -268,3 +268,11 @@ def test_codes_and_residuals_are_the_same_with_two_threads(clustered, fitted):
     refit = RQKMeans(levels=3, codebook_size=16, seed=0).fit(x)
     for a, b in zip(refit.codebooks, fitted.codebooks):
         np.testing.assert_array_equal(a, b)
+
+
+def test_worst_rows_match_a_stable_sort():
+    from quant.rq_kmeans import worst_rows
+
+    errors = np.array([3.0, 7.0, 7.0, 1.0, 9.0, 7.0, 0.0])
+    for m in range(1, 8):
+        np.testing.assert_array_equal(worst_rows(errors, m), np.argsort(-errors, kind="stable")[:m])
