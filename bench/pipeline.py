@@ -2,7 +2,7 @@
 
 In one run:
 1. embed stage: items/s through Beam's DirectRunner (RunInference + the encoder's ModelHandler, with image decode)
-   vs a bare batched torch loop (`pipelines.mllm.embed.embed_items`) over the same encoder and items; the ratio is
+   vs a bare batched torch loop (`pipelines.encoder.embed_catalog.embed_items`) over the same encoder and items; the ratio is
    the Beam overhead (target <= 20%, i.e. beam_seconds / torch_seconds <= 1.2);
 2. whole-job wall time and peak RSS (`qarm pipeline` in a child process, DirectRunner) per catalog: MovieLens
    posters (when --movielens is given) and synthetic catalogs of --sizes items, to show how cost grows.
@@ -37,11 +37,11 @@ def embed_comparison(encoder_name: str, n_items: int, batch_size: int, threads: 
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipelines.data import DataSpec, load_dataset
-    from pipelines.mllm.config import EncoderConfig
-    from pipelines.mllm.embed import embed_items
-    from pipelines.mllm.items import ItemCatalog
-    from pipelines.mllm.model_io import build_for_mode
-    from pipelines.transforms.embed import EmbedItems, encoder_handler
+    from pipelines.encoder.config import EncoderConfig
+    from pipelines.encoder.embed_catalog import embed_items
+    from pipelines.encoder.items import ItemCatalog
+    from pipelines.encoder.model_io import build_for_mode
+    from pipelines.beam.embed_items import EmbedItems, encoder_handler
 
     torch.set_num_threads(threads)
     ds = load_dataset(DataSpec(n_items=n_items, n_users=max(10, n_items // 10), n_events=n_items * 5,
@@ -76,7 +76,7 @@ def embed_comparison(encoder_name: str, n_items: int, batch_size: int, threads: 
 def whole_job(label: str, data_args: list, job_args: list, work: Path, timeout: int) -> dict:
     """`qarm pipeline` in a child process; wall time, its peak RSS and the per-stage seconds."""
     store = work / f"store-{label}"
-    code = ("import json, resource, sys; from pipelines.cascade import run; "
+    code = ("import json, resource, sys; from pipelines.jobs.cascade import run; "
             "s = run(sys.argv[1:], save_main_session=False); "
             "print('BENCH ' + json.dumps({'stages': s['stages'], 'version': s['version'], "
             "'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")

@@ -27,12 +27,13 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the oracle world lives with the tests
 
 from ranker.batch import build_batch  # noqa: E402
 from ranker.config import RankerConfig  # noqa: E402
 from ranker.data import prepare_examples  # noqa: E402
 from ranker.features import build_schema, table_configs  # noqa: E402
-from pipelines.data.oracle import oracle_world  # noqa: E402
+from oracle_world import oracle_world  # noqa: E402
 
 
 class PlainSparseArch(nn.Module):

@@ -62,7 +62,7 @@ def _digest(store: Path) -> dict:
 
 def run_one(name: str, job_args: list, root: Path, timeout: int) -> dict:
     store, work = root / name / "store", root / name / "work"
-    job = [sys.executable, "-m", "pipelines.cascade", "--store", str(store), "--work-dir", str(work), *job_args,
+    job = [sys.executable, "-m", "pipelines.jobs.cascade", "--store", str(store), "--work-dir", str(work), *job_args,
            *RUNNERS[name]]
     cmd = [sys.executable, "-c", _MEASURE, *job]  # a shim process whose children are this job only
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")

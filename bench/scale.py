@@ -12,7 +12,7 @@ child process (so its peak RSS is its own), reading the previous stage's Parquet
     quantize        RQ fit on the hashed sample + encode; VQ k-NN (gathered below --vq-gather-max, else IVF)
 
 Alignment is not benchmarked here: its cost is the trainer's (`bench/align.py`; data-parallel over
-`--align-nproc` processes with `pipelines.mllm.shard_trainer`), not the runner's.
+`--align-nproc` processes with `pipelines.beam.align_trainer`), not the runner's.
 Per stage: ``seconds`` (child wall time, Python start-up included) and ``peak_rss_mb`` (the child's max RSS);
 ``growth.<stage>``: time ratio per 10x items between consecutive sizes. Then the embed stage with the real
 encoder against a bare torch loop over the same model and items (``--embed-items``, default 4096), one run.
@@ -119,13 +119,13 @@ def run_stage(stage: str, work: Path, args) -> dict:
     import apache_beam as beam
     import pyarrow as pa
 
-    from pipelines.transforms.common import read_stage_metrics
+    from pipelines.beam.common import read_stage_metrics
 
     out = {}
     p = beam.Pipeline(options=_options(args))
     if True:  # build the stage's graph, then run it once
         if stage == "read_validate":
-            from pipelines.transforms.validate import DEAD, ValidateInteractions, ValidateItems
+            from pipelines.beam.validate_records import DEAD, ValidateInteractions, ValidateItems
 
             items = p | "ReadItems" >> beam.io.ReadFromParquet(str(work / "items" / "part-*.parquet"))
             inter = p | "ReadInteractions" >> beam.io.ReadFromParquet(str(work / "interactions" / "part-*.parquet"))
@@ -143,24 +143,24 @@ def run_stage(stage: str, work: Path, args) -> dict:
                                 ("label", pa.float32())]), file_name_suffix=".parquet"))
             _ = (vi[DEAD], vx[DEAD]) | "Dead" >> beam.Flatten() | "CountDead" >> beam.combiners.Count.Globally()
         elif stage == "mine_pairs":
-            from pipelines.collab import CollabConfig
-            from pipelines.pairs import PairConfig
-            from pipelines.transforms.pairs import MinePairs
+            from pipelines.mining.collab import CollabConfig
+            from pipelines.mining.pairs import PairConfig
+            from pipelines.beam.mine_pairs import MinePairs
 
             cfg = PairConfig(trigger_similarity=args.trigger_similarity, trigger_fallback="none",
                              swing_max_users=args.swing_max_users, collab=CollabConfig(iterations=args.collab_iterations))
             inter = p | "Read" >> beam.io.ReadFromParquet(str(work / "valid_interactions*.parquet"))
             pairs = inter | "MinePairs" >> MinePairs(cfg)
-            from pipelines.transforms.write import write_pairs
+            from pipelines.beam.write import write_pairs
 
             _ = pairs["train"] | "WriteTrain" >> write_pairs(str(work / "train_pairs"))
         elif stage == "embed":
             import functools
 
-            from pipelines.mllm.config import EncoderConfig
-            from pipelines.mllm.model_io import build_for_mode
-            from pipelines.transforms.embed import EmbedItems, encoder_handler
-            from pipelines.transforms.write import WriteEmbeddings
+            from pipelines.encoder.config import EncoderConfig
+            from pipelines.encoder.model_io import build_for_mode
+            from pipelines.beam.embed_items import EmbedItems, encoder_handler
+            from pipelines.beam.write import WriteEmbeddings
 
             cfg = EncoderConfig.named(args.encoder, **({"vision": "none"} if args.encoder == "tiny" else {}))
             handler = encoder_handler(encoder_factory=functools.partial(build_for_mode, "unaligned", cfg),
@@ -170,8 +170,8 @@ def run_stage(stage: str, work: Path, args) -> dict:
             emb = items | "Embed" >> EmbedItems(handler, cfg, None, "embed")
             _ = emb["embeddings"] | "Write" >> WriteEmbeddings(str(work / "embeddings"), cfg.embed_dim)
         elif stage == "quantize":
-            from pipelines.transforms.quantize import QuantConfig, QuantizeItems
-            from pipelines.transforms.write import WriteCodes
+            from pipelines.beam.quantize_items import QuantConfig, QuantizeItems
+            from pipelines.beam.write import WriteCodes
 
             emb = (p | "Read" >> beam.io.ReadFromParquet(str(work / "embeddings*.parquet"))
                    | "ToPairs" >> beam.Map(lambda r: (int(r["item_id"]), r["embedding"])))

@@ -187,7 +187,7 @@ def fingerprint_hex(partial) -> str:
 def interactions_fingerprint(interactions: pd.DataFrame) -> str:
     """Digest of the contract columns (user_id, item_id, ts, label) as a multiset of rows: the data a split is
     over. Row order does not matter (a repeated row counts twice), so workers compute it as a combine
-    (`pipelines.transforms.protocol.ProtocolRecord`) and the ranker re-derives it from the loaded log."""
+    (`pipelines.beam.protocol.ProtocolRecord`) and the ranker re-derives it from the loaded log."""
     return fingerprint_hex(fingerprint_partial(interactions))
 
 

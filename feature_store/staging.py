@@ -44,16 +44,18 @@ class Staging:
 
     Attributes:
         path: the folder to write into.
-        parent: the parent version recorded at publish.
+        parent: the parent version recorded at publish (None until then when it is "CURRENT at publish").
         resume_key: the key of a resumable staging, else None.
         resumed: True when a resumable staging was found with files from an earlier (crashed) run.
     """
 
     def __init__(self, store: "FeatureStore", path: Path, parent: str | None, require_parent_current: bool,
-                 lock_fd: int, lock_path: Path, resume_key: str | None = None, resumed: bool = False):
+                 lock_fd: int, lock_path: Path, resume_key: str | None = None, resumed: bool = False,
+                 parent_pinned: bool = True):
         self.store = store
         self.path = path
         self.parent = parent
+        self.parent_pinned = parent_pinned  # False: the parent is CURRENT at publish (FeatureStore.stage)
         self.require_parent_current = require_parent_current
         self.resume_key = resume_key
         self.resumed = resumed
@@ -89,8 +91,7 @@ class Staging:
         if self._closed:
             raise RuntimeError(f"staging {self.path} is already {'published' if self.published else 'closed'}")
         sealed = seal(self.path, config or {}, metrics or {}, extra or {}, validate=validate)
-        with self.store.lock(timeout=lock_timeout, purpose="publish"):
-            version = self.store._publish_locked(self, sealed, set_current=set_current)
+        version = self.store._publish_sealed(self, sealed, set_current=set_current, lock_timeout=lock_timeout)
         self.published = version
         self._close()
         return version

@@ -18,6 +18,9 @@ A writer killed at any moment therefore leaves either the old state or the new o
 Integrity: the manifest lists the sha256 and size of every file; the version id ends with a hash of that list
 (and the config hash), so an edited manifest is detected too. ``read`` verifies all of it.
 
+On object storage (``FeatureStore("s3://...")`` / ``"gs://..."``) the same API runs on conditional writes instead
+of rename + flock: see feature_store/remote.py.
+
 Version ids are ``v000001-1a2b3c4d``: a zero-padded sequence (so ids sort by publication order) and the short
 content hash.
 """
@@ -38,6 +41,7 @@ from typing import Any, Iterator
 
 from feature_store.io import atomic_write_json, atomic_write_text, fsync_dir, is_temp_name, sha256_bytes
 from feature_store.lock import LOCK_FILE, StoreLockedError, store_lock
+from feature_store.objects import is_object_url, local_path
 from feature_store.staging import (RESUME_PREFIX, RESUME_TTL_S, Staging, _Sealed, claim_staging_token,
                                    newest_mtime, try_claim)
 from feature_store.version import (FORMAT, MANIFEST, VERSION_RE, CorruptVersionError, StoreVersion, VersionInfo,
@@ -56,18 +60,53 @@ _FROM_CURRENT = object()  # sentinel: stage()'s parent defaults to CURRENT at st
 
 
 class StoreConflictError(RuntimeError):
-    """CURRENT moved away from the staged parent while ``require_parent_current`` was set."""
+    """The compare-and-swap of CURRENT failed: another writer moved CURRENT after this one started from
+    ``expected``; ``current`` is the version that won."""
+
+    def __init__(self, message: str, current: str | None = None, expected: str | None = None):
+        super().__init__(message)
+        self.current, self.expected = current, expected
 
 
 class FeatureStore:
     """A versioned store rooted at ``root`` (created on first write).
 
     Args:
-        root: directory of the store.
+        root: directory of the store (a path or ``file:///path``), or an object-storage URL (``s3://bucket/prefix``,
+            ``gs://bucket/prefix``): then the instance is a :class:`feature_store.remote.ObjectFeatureStore`, with
+            the same methods (CURRENT flips by a conditional write; see that module for what each backend
+            guarantees).
+        cache_dir: object stores only: where versions are downloaded for reading and stagings are written
+            (default ``$QARM_STORE_CACHE`` or ``~/.cache/qarm/stores``).
     """
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+    def __new__(cls, root=None, *args, **kwargs):
+        if cls is FeatureStore and is_object_url(root):
+            from feature_store.remote import ObjectFeatureStore
+
+            return super().__new__(ObjectFeatureStore)
+        return super().__new__(cls)
+
+    def __init__(self, root: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
+        self.root = local_path(root)
+
+    @property
+    def url(self) -> str:
+        """The store's location for reports: the absolute path here, the URL of an object store."""
+        return str(self.root.resolve())
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    @property
+    def staging_root(self) -> Path:
+        """The local folder of private stagings (``.staging`` inside the store here)."""
+        return self.root / STAGING_DIR
+
+    def scratch_dir(self, name: str) -> Path:
+        """A local folder for a job's checkpoints beside the store (``<root>/<name>``; object stores: in the
+        cache), e.g. retrain's ``.retrain``."""
+        return self.root / name
 
     # ------------------------------------------------------------------------------------------- paths
     @property
@@ -98,8 +137,16 @@ class FeatureStore:
               resume_key: str | None = None) -> Iterator[Staging]:
         """A private staging folder for a new version.
 
+        One writer per store: CURRENT changes only by a compare-and-swap under the store lock (``_swap_current``;
+        on object storage, a conditional write), so a manifest's ``parent`` always equals the history's previous
+        version. A job that publishes records CURRENT when it starts (``require_parent_current=True``) and is
+        refused at publish (StoreConflictError naming the version that won) if another writer moved it meanwhile.
+
         Args:
-            parent: the version this one derives from; defaults to CURRENT at staging time; None for a root.
+            parent: the version this one derives from. Default: CURRENT, read at staging time with
+                ``require_parent_current``, else at publish (the version it is published over). An explicit
+                parent published as CURRENT must still be CURRENT then (StoreConflictError otherwise). None: a
+                root version.
             require_parent_current: refuse to publish (StoreConflictError) if CURRENT is no longer ``parent``
                 by then, so a job never overwrites a version it did not see.
             resume_key: make the staging resumable: the folder is named after the key (letters, digits, ``._-``),
@@ -112,19 +159,21 @@ class FeatureStore:
         """
         self._ensure_layout()
         self._sweep_staging()
+        pinned = parent is not _FROM_CURRENT or require_parent_current
         if parent is _FROM_CURRENT:
-            parent = self.current_id()
+            parent = self.current_id() if require_parent_current else None  # else resolved at publish
         elif parent is not None:
             check_id(parent)
-            if not self.version_path(parent).is_dir():
+            if not self._has_version(parent):
                 raise VersionNotFoundError(f"parent version {parent} not found in {self.versions_dir}")
-        token, fd, lock_path = claim_staging_token(self.root / STAGING_DIR, resume_key)
-        path = self.root / STAGING_DIR / token
+        token, fd, lock_path = claim_staging_token(self.staging_root, resume_key)
+        path = self.staging_root / token
         resumed = path.is_dir() and any(path.iterdir())
         path.mkdir(exist_ok=resume_key is not None)
         if resumed:
             log.info("resuming staging %s (key %r) with the files of an earlier run", path, resume_key)
-        staging = Staging(self, path, parent, require_parent_current, fd, lock_path, resume_key, resumed)
+        staging = Staging(self, path, parent, require_parent_current, fd, lock_path, resume_key, resumed,
+                          parent_pinned=pinned)
         try:
             yield staging
         except BaseException:
@@ -140,40 +189,23 @@ class FeatureStore:
             else:
                 staging._close()
 
+    def _publish_sealed(self, staging: Staging, sealed: "_Sealed", *, set_current: bool,
+                        lock_timeout: float) -> StoreVersion:
+        """Publish a sealed staging (Staging.publish): under the store lock here, so the rename into versions/
+        and the compare-and-swap of CURRENT see the same CURRENT."""
+        with self.lock(timeout=lock_timeout, purpose="publish"):
+            return self._publish_locked(staging, sealed, set_current=set_current)
+
     def _publish_locked(self, staging: Staging, sealed: "_Sealed", *, set_current: bool) -> StoreVersion:
         self._sweep_locked()
         current = self._current_or_none()
-        if staging.require_parent_current and current != staging.parent:
-            raise StoreConflictError(f"CURRENT of {self.root} is {current} but this version was staged on "
-                                     f"{staging.parent}; refusing to publish over a version this job did not see")
+        if not staging.parent_pinned:
+            staging.parent = current  # "derive from CURRENT", read now that the lock is held
+        if staging.require_parent_current or (set_current and staging.parent_pinned):
+            self._check_current(staging.parent, current)  # refuse before anything becomes visible
         src = staging.path
-        config, files = sealed.config, sealed.files
-        config_sha = sha256_bytes(sealed.config_text.encode("utf-8"))
-        content_sha = content_hash(files, config_sha, staging.parent)
-        seq = self._next_seq()
-        version_id = f"v{seq:06d}-{content_sha[:8]}"
-        now = time.time()
-        manifest = {
-            "format": FORMAT,
-            "version": version_id,
-            "parent": staging.parent,
-            "created_at": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
-            "created_unix": now,
-            "created_by": {"pid": os.getpid(), "host": socket.gethostname()},
-            "content_sha256": content_sha,
-            "config_sha256": config_sha,
-            "encoder": config.get("encoder"),
-            "quantizer": config.get("quantizer", config.get("quantizers")),
-            # the split its behaviour-learned parts were fitted under (feature_store.split.protocol_record)
-            "protocol": sealed.extra.get("protocol"),
-            "rows": {rel: info["rows"] for rel, info in sealed.tables.items()},
-            "tables": sealed.tables,
-            "tensors": sealed.tensors,
-            "files": files,
-            "metrics": sealed.metrics,
-            "extra": sealed.extra,
-            "config": config,
-        }
+        manifest = build_manifest(sealed, staging.parent, self._next_seq())
+        version_id = manifest["version"]
         atomic_write_json(src / MANIFEST, manifest)
         for _, full in walk_files(src):
             os.chmod(full, 0o444)  # versions are immutable: make accidental in-place edits fail loudly
@@ -184,7 +216,7 @@ class FeatureStore:
         fsync_dir(self.versions_dir)
         fsync_dir(src.parent)
         if set_current:
-            self._set_current(version_id, action="publish", previous=current)
+            self._swap_current(current, version_id, action="publish")
         log.info("published %s (parent %s)%s", version_id, staging.parent, " as CURRENT" if set_current else "")
         return StoreVersion(dest, manifest)
 
@@ -200,7 +232,7 @@ class FeatureStore:
             self.read(version_id, verify=True)
             previous = self._current_or_none()
             if previous != version_id:
-                self._set_current(version_id, action="rollback", previous=previous)
+                self._swap_current(previous, version_id, action="rollback")
         return {"current": version_id, "previous": previous}
 
     def retain(self, keep: int, *, lock_timeout: float = 0.0) -> list[str]:
@@ -293,13 +325,12 @@ class FeatureStore:
     # ------------------------------------------------------------------------------------------- read
     def current_id(self) -> str | None:
         """Id of the serving version, or None for an empty store."""
+        path = self.root / CURRENT_FILE
         try:
-            text = (self.root / CURRENT_FILE).read_text(encoding="utf-8").strip()
+            raw = path.read_bytes()
         except FileNotFoundError:
             return None
-        if not VERSION_RE.match(text):
-            raise CorruptVersionError(f"{self.root / CURRENT_FILE}: not a version id: {text[:80]!r}")
-        return text
+        return parse_current(raw, path)[0]
 
     def _current_or_none(self) -> str | None:
         """CURRENT, or None when it is unreadable: list / rollback / publish must still work to repair it."""
@@ -321,7 +352,7 @@ class FeatureStore:
             path = self.versions_dir / version_id
             error, manifest = None, {}
             try:
-                manifest = self.read(version_id, verify=True).manifest if verify else load_manifest(path)
+                manifest = self.read(version_id, verify=True).manifest if verify else self._manifest(version_id)
             except (CorruptVersionError, FileNotFoundError) as exc:
                 error = str(exc)
             out.append(VersionInfo(id=version_id, path=path, parent=manifest.get("parent"),
@@ -342,26 +373,35 @@ class FeatureStore:
         """
         if version_id is not None:
             check_id(version_id)
-            path = self.versions_dir / version_id
-            if not path.is_dir():
+            if not self._has_version(version_id):
                 known = self._version_ids()
                 raise VersionNotFoundError(f"version {version_id} not found in {self.versions_dir}; "
                                            f"known: {known[-10:]}")
-            return self._open(path, verify)
+            return self._open_version(version_id, verify)
         for attempt in range(5):
             current = self.current_id()
             if current is None:
                 raise FileNotFoundError(f"feature store {self.root} has no CURRENT version; publish one first")
-            path = self.versions_dir / current
             try:
-                if not path.is_dir():
-                    raise CorruptVersionError(f"{self.root / CURRENT_FILE} names {current} but {path} does not exist")
-                return self._open(path, verify)
+                if not self._has_version(current):
+                    raise CorruptVersionError(f"{self.root / CURRENT_FILE} names {current} but "
+                                              f"{self.versions_dir / current} does not exist")
+                return self._open_version(current, verify)
             except (CorruptVersionError, FileNotFoundError):
                 if attempt == 4 or self.current_id() == current:
                     raise  # CURRENT did not move: the damage is real
                 log.info("CURRENT moved from %s while reading it; reading the new CURRENT", current)
         raise AssertionError("unreachable")
+
+    def _manifest(self, version_id: str) -> dict:
+        """A version's manifest as written (not verified)."""
+        return load_manifest(self.versions_dir / version_id)
+
+    def _has_version(self, version_id: str) -> bool:
+        return (self.versions_dir / version_id).is_dir()
+
+    def _open_version(self, version_id: str, verify: bool) -> StoreVersion:
+        return self._open(self.versions_dir / version_id, verify)
 
     @staticmethod
     def _open(path: Path, verify: bool) -> StoreVersion:
@@ -403,6 +443,33 @@ class FeatureStore:
                 seqs.append(int(m.group(1)))
         return max(seqs, default=0) + 1
 
+    def _check_current(self, expected: str | None, current: str | None) -> None:
+        """StoreConflictError naming the version that won when CURRENT is not ``expected``."""
+        if current == expected:
+            return
+        raise StoreConflictError(
+            f"{self.root / CURRENT_FILE}: another writer changed CURRENT to {current or 'nothing'}"
+            f"{self._who_set(current)} after this job started from {expected or 'an empty store'}; refusing to "
+            f"publish over a version this job did not see (one writer per store; nothing was published: rerun to "
+            f"build on {current or 'the current state'})", current, expected)
+
+    def _who_set(self, version_id: str | None) -> str:
+        """' (published by pid P on host H at T)' from the history, or '' when unknown."""
+        for entry in reversed(self.history()):
+            if entry.get("version") == version_id:
+                return (f" ({entry.get('action', 'set')} by pid {entry.get('pid', '?')} on host "
+                        f"{entry.get('host', '?')} at {entry.get('at', '?')})")
+        return ""
+
+    def _swap_current(self, expected: str | None, version_id: str, *, action: str) -> None:
+        """Compare-and-swap CURRENT from ``expected`` to ``version_id`` and journal it; called with the lock held.
+
+        Here the lock makes the read-compare-write atomic; an object-storage backend does the same with one
+        conditional write of CURRENT (if it still has the generation / ETag read as ``expected``).
+        """
+        self._check_current(expected, self._current_or_none())
+        self._set_current(version_id, action=action, previous=expected)
+
     def _set_current(self, version_id: str, *, action: str, previous: str | None) -> None:
         atomic_write_text(self.root / CURRENT_FILE, version_id + "\n")
         entry = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "action": action,
@@ -423,7 +490,7 @@ class FeatureStore:
 
         Resumable folders (``r-<key>``) are kept for their rerun until unused for ``resume_ttl_s``.
         """
-        staging_root = self.root / STAGING_DIR
+        staging_root = self.staging_root
         if not staging_root.is_dir():
             return 0
         ttl = RESUME_TTL_S if resume_ttl_s is None else resume_ttl_s
@@ -467,3 +534,64 @@ class FeatureStore:
         for entry in entries:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
         return len(entries)
+
+
+def build_manifest(sealed: "_Sealed", parent: str | None, seq: int, **fields) -> dict:
+    """The manifest of a new version (its id ``v<seq>-<content hash>`` inside), from what seal() learned.
+
+    Args:
+        sealed: the staging's files, tables, tensors, config, metrics and extra.
+        parent: the parent version recorded (None for a root version).
+        seq: the version's sequence number (FeatureStore._next_seq).
+        **fields: further top-level entries (not part of the content hash), e.g. an object store's
+            ``published_as``.
+    """
+    config, files = sealed.config, sealed.files
+    config_sha = sha256_bytes(sealed.config_text.encode("utf-8"))
+    content_sha = content_hash(files, config_sha, parent)
+    now = time.time()
+    return {
+        "format": FORMAT,
+        "version": f"v{seq:06d}-{content_sha[:8]}",
+        "parent": parent,
+        "created_at": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+        "created_unix": now,
+        "created_by": {"pid": os.getpid(), "host": socket.gethostname()},
+        "content_sha256": content_sha,
+        "config_sha256": config_sha,
+        "encoder": config.get("encoder"),
+        "quantizer": config.get("quantizer", config.get("quantizers")),
+        # the split its behaviour-learned parts were fitted under (feature_store.split.protocol_record)
+        "protocol": sealed.extra.get("protocol"),
+        "rows": {rel: info["rows"] for rel, info in sealed.tables.items()},
+        "tables": sealed.tables,
+        "tensors": sealed.tensors,
+        "files": files,
+        "metrics": sealed.metrics,
+        "extra": sealed.extra,
+        "config": config,
+        **fields,
+    }
+
+
+def parse_current(raw: bytes, where) -> tuple[str, dict | None]:
+    """(version id, journal entry or None) of CURRENT's bytes: the id on the first line; an object store's CURRENT
+    also carries the journal entry of the change that wrote it on the second (feature_store.remote).
+
+    Raises:
+        CorruptVersionError: naming ``where`` when the first line is not a version id.
+    """
+    try:
+        lines = raw.decode("ascii").strip().split("\n", 1)
+    except UnicodeDecodeError:  # binary garbage: say so with the file's name, never a bare codec error
+        lines = None
+    if not lines or not VERSION_RE.match(lines[0].strip()):
+        raise CorruptVersionError(f"{where}: not a version id ({raw[:40]!r}); repair it with `qarm store "
+                                  "rollback --store ... --version V` (`qarm store list` shows the versions)")
+    entry = None
+    if len(lines) > 1:
+        try:
+            entry = json.loads(lines[1])
+        except ValueError:
+            entry = None
+    return lines[0].strip(), entry if isinstance(entry, dict) else None

@@ -169,12 +169,17 @@ def load_manifest(path: Path) -> dict:
         text = mpath.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CorruptVersionError(f"{mpath}: manifest missing (partial version)") from None
+    return parse_manifest(text, mpath)
+
+
+def parse_manifest(text: str, where) -> dict:
+    """The manifest JSON object; CorruptVersionError naming ``where`` when it is not one."""
     try:
         manifest = json.loads(text)
     except ValueError as exc:
-        raise CorruptVersionError(f"{mpath}: manifest is not valid JSON ({exc})") from None
+        raise CorruptVersionError(f"{where}: manifest is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict):
-        raise CorruptVersionError(f"{mpath}: manifest is not a JSON object")
+        raise CorruptVersionError(f"{where}: manifest is not a JSON object")
     return manifest
 
 

@@ -3,7 +3,7 @@ events, differing only in the row's features.
 
 Rows (ranker.config.FEATURE_SETS): id | frozen | vq | rq | vq+rq | vq+rq+cross | vq+rq+frozen | random |
 vq+rq-unaligned. The variance over the upstream stages (pair mining, alignment, quantization) comes from running
-this once per cascade seed on that seed's store version and pooling the runs (`pipelines.ablation`); the
+this once per cascade seed on that seed's store version and pooling the runs (`pipelines.jobs.ablation`); the
 statistics are in ranker.stats, the Markdown / PNG in ranker.report.
 
 Example:
@@ -17,6 +17,7 @@ import time
 
 from ranker.config import ABLATION_ROWS, FEATURE_SETS, RankerConfig
 from ranker.data import PreparedData, items_for
+from ranker.metrics import format_metric
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ def run_rows(data: PreparedData, items_by_table: dict, base_cfg: RankerConfig, s
             t0 = time.perf_counter()
             result = fit(data, items, cfg, progress=progress, return_test_scores=True, score_examples=score_examples)
             result["seconds"] = time.perf_counter() - t0
-            log.info("ablation %s%-16s seed %d: test auc %.4f gauc %.4f (%d epochs, %.0fs)", tag, name, cfg.seed,
-                     result["test"]["auc"], result["test"]["gauc"], len(result["history"]), result["seconds"])
+            log.info("ablation %s%-16s seed %d: test auc %s gauc %s (%d epochs, %.0fs)", tag, name, cfg.seed,
+                     format_metric(result["test"]["auc"]), format_metric(result["test"]["gauc"]),
+                     len(result["history"]), result["seconds"])
             runs[name].append(result)
     return runs, skipped

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
-from ranker.config import FEATURE_SETS, NEGATIVE_SAMPLERS, NegativeConfig, RankerConfig
+from ranker.config import CODE_INITS, FEATURE_SETS, NEGATIVE_SAMPLERS, NegativeConfig, RankerConfig
 from feature_store.split import add_split_arguments, split_from_args  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,15 @@ def add_ranker_arguments(parser: argparse.ArgumentParser, with_features: bool = 
     g.add_argument("--weight-decay", type=float, default=_DEFAULT.weight_decay)
     g.add_argument("--dropout", type=float, default=_DEFAULT.dropout)
     g.add_argument("--patience", type=int, default=_DEFAULT.patience, help="early stopping (0 = off)")
-    g.add_argument("--code-init", choices=("random", "codebook"), default=_DEFAULT.code_init)
+    g.add_argument("--code-init", choices=CODE_INITS + ("codebook",), default=_DEFAULT.code_init,
+                   help="content: code tables start from the content they encode (RQ rows from their centroids, VQ "
+                        "rows from the items' vectors, one fixed map); random: TorchRec's uniform init; codebook: "
+                        "former name of content")
+    g.add_argument("--content-std", type=float, default=_DEFAULT.content_std,
+                   help="per-coordinate std of content-initialised code rows")
+    g.add_argument("--interaction", action=argparse.BooleanOptionalAction, default=_DEFAULT.interaction,
+                   help="DLRM-style pairwise dot products among the target's and the attended history's part "
+                        "vectors, the user vector and the VQ bag, fed to the over-arch")
     g.add_argument("--no-attention", action="store_true", help="mean-pool the history instead of target attention")
     g.add_argument("--no-user-id", action="store_true", help="drop the user-id table")
     g.add_argument("--sharding", choices=("table_wise", "column_wise", "data_parallel"), default=_DEFAULT.sharding)
@@ -51,7 +58,7 @@ def add_ranker_arguments(parser: argparse.ArgumentParser, with_features: bool = 
     s.add_argument("--neg-seed", type=int, default=0)
     st = parser.add_argument_group("store")
     if with_store:
-        st.add_argument("--store", type=Path, required=True, help="feature-store root")
+        st.add_argument("--store", required=True, help="feature-store root: a folder, file://, s3:// or gs:// URL")
     st.add_argument("--version", default=None, help="version id (default: CURRENT)")
     st.add_argument("--allow-protocol-mismatch", action="store_true",
                     help="use a version built under another split protocol anyway (the result says so)")
@@ -64,7 +71,8 @@ def config_from_args(args: argparse.Namespace, features: str | None = None, seed
         raise ValueError(f"--over-arch: expected comma-separated ints, got {args.over_arch!r}") from None
     return RankerConfig(
         features=features or args.features, embedding_dim=args.embedding_dim, history_len=args.history_len,
-        attention=not args.no_attention, code_init=args.code_init,
+        attention=not args.no_attention, code_init=args.code_init, content_std=args.content_std,
+        interaction=args.interaction,
         use_user_id=not args.no_user_id, over_arch=over_arch, batch_size=args.batch_size, epochs=args.epochs,
         max_steps=args.max_steps, lr_dense=args.lr_dense, lr_sparse=args.lr_sparse, weight_decay=args.weight_decay,
         dropout=args.dropout, patience=args.patience, seed=args.seed if seed is None else seed,

@@ -20,7 +20,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from ranker.examples import Examples
-from ranker.features import N_BASE_DENSE, UNKNOWN_ROW, FeatureSchema, ItemFeatures
+from ranker.features import UNKNOWN_ROW, FeatureSchema, ItemFeatures
 
 
 @dataclass
@@ -31,7 +31,7 @@ class RankerBatch:
         seq: KJT over schema.seq_keys.
         bag: KJT over schema.bag_keys (may have no keys).
         dense: (B, n_dense) float32: log1p(hist_len), log1p(prior events), smoothed prior positive
-            rate, then the RQ-prefix cross features.
+            rate, then schema.dense_parts: the RQ-prefix cross features, the frozen similarity features.
         frozen_target: (B, d) float32 (d = 0 when unused).
         frozen_hist: (B, T, d) float32.
         hist_len: (B,) int64.
@@ -95,6 +95,28 @@ def cross_features(rq_target: np.ndarray, rq_hist: np.ndarray, target_known: np.
     return np.concatenate([np.log1p(counts), share], axis=1)
 
 
+def similarity_features(target: np.ndarray, hist: np.ndarray, hist_valid: np.ndarray,
+                        hist_len: np.ndarray) -> np.ndarray:
+    """The frozen vectors' similarity between the target and the history: the prefix cross feature's control (the
+    same statistics, with "shares the RQ prefix" (0/1) replaced by the cosine similarity).
+
+    Args:
+        target: (B, d) frozen target vectors; hist: (B, T, d) history vectors; hist_valid: (B, T) mask (padding
+            and zero vectors, i.e. items without one, count as similarity 0); hist_len: (B,).
+    Returns:
+        (B, 3): log1p(soft count), soft count / max(hist_len, 1), max cosine over the valid positions (0 without
+        history), where soft count = sum over valid positions of max(cos, 0).
+    """
+    t_norm = np.linalg.norm(target, axis=-1)  # (B,)
+    h_norm = np.linalg.norm(hist, axis=-1)  # (B, T)
+    denom = t_norm[:, None] * h_norm
+    cos = np.divide(np.einsum("bd,btd->bt", target, hist), denom, out=np.zeros_like(denom), where=denom > 0)
+    cos = np.where(hist_valid, cos, 0.0)
+    soft = np.maximum(cos, 0.0).sum(1)
+    best = np.where(hist_valid.any(1), np.where(hist_valid, cos, -np.inf).max(1, initial=-np.inf), 0.0)
+    return np.stack([np.log1p(soft), soft / np.maximum(hist_len, 1), best], axis=1).astype(np.float32)
+
+
 def build_batch(ex: Examples, schema: FeatureSchema, items: ItemFeatures) -> RankerBatch:
     """Turn B examples into a RankerBatch following `schema`.
 
@@ -133,18 +155,22 @@ def build_batch(ex: Examples, schema: FeatureSchema, items: ItemFeatures) -> Ran
     prior_rate = (ex.prior_positives + 1.0) / (ex.prior_events + 2.0)  # Laplace-smoothed
     dense = [np.stack([np.log1p(ex.hist_len.astype(np.float32)), np.log1p(ex.prior_events.astype(np.float32)),
                        prior_rate.astype(np.float32)], axis=1)]
-    if schema.n_dense > N_BASE_DENSE:
-        hist_rows = np.where(hist_valid, ex.hist, UNKNOWN_ROW)
-        dense.append(cross_features(items.rq[ex.item], items.rq[hist_rows], items.has_codes[ex.item],
-                                    items.has_codes[hist_rows] & hist_valid, ex.hist_len))
-    dense = np.concatenate(dense, axis=1).astype(np.float32)
+    hist_rows = np.where(hist_valid, ex.hist, UNKNOWN_ROW)
     d = schema.frozen_dim
     if d:
         frozen_target = items.frozen[ex.item]
-        frozen_hist = items.frozen[np.where(hist_valid, ex.hist, UNKNOWN_ROW)] * hist_valid[:, :, None]
+        frozen_hist = items.frozen[hist_rows] * hist_valid[:, :, None]
     else:
         frozen_target = np.zeros((b, 0), np.float32)
         frozen_hist = np.zeros((b, t, 0), np.float32)
+    if "cross" in schema.dense_parts:
+        dense.append(cross_features(items.rq[ex.item], items.rq[hist_rows], items.has_codes[ex.item],
+                                    items.has_codes[hist_rows] & hist_valid, ex.hist_len))
+    if "sim" in schema.dense_parts:
+        dense.append(similarity_features(frozen_target, frozen_hist, hist_valid, ex.hist_len))
+    dense = np.concatenate(dense, axis=1).astype(np.float32)
+    if dense.shape[1] != schema.n_dense:  # pragma: no cover - schema and builder are written together
+        raise ValueError(f"built {dense.shape[1]} dense features, the schema says {schema.n_dense}")
     return RankerBatch(seq=seq, bag=bag, dense=torch.from_numpy(dense),
                        frozen_target=torch.from_numpy(np.ascontiguousarray(frozen_target, np.float32)),
                        frozen_hist=torch.from_numpy(np.ascontiguousarray(frozen_hist, np.float32)),

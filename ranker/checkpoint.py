@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from feature_store.io import atomic_write_bytes
+from feature_store.weights import load_torch_weights
 from ranker.config import RankerConfig
 
 CHECKPOINT_NAME = "ranker.pt"
@@ -147,7 +148,7 @@ def read_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"ranker checkpoint {path} does not exist")
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = load_torch_weights(path, "ranker")  # never unpickles; a wrong file is a WeightsFileError
     if not isinstance(raw, dict) or "model" not in raw or "meta" not in raw:
         raise ValueError(f"{path}: not a ranker checkpoint (keys {list(raw) if isinstance(raw, dict) else type(raw)})")
     raw["meta"] = json.loads(raw["meta"])

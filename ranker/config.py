@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 
 # feature set -> (knowledge parts added on top of ids, code table it reads). Every row differs from its
 # neighbours in one thing only: "cross" (dense counts of history items sharing the target's RQ prefix) is its
-# own row, "random" has vq+rq's table shapes with codes drawn at random per item (capacity without content),
-# "vq+rq-unaligned" has codes from the unaligned encoder (content without behaviour alignment).
+# own row, "sim" (the frozen vectors' target-history similarity, the cross feature's control: a hand-made
+# similarity of the same content without codes), "random" has vq+rq's table shapes with codes drawn at random per
+# item (capacity without content), "vq+rq-unaligned" has codes from the unaligned encoder (content without
+# behaviour alignment).
 FEATURE_SETS: dict[str, tuple[frozenset, str | None]] = {
     "id": (frozenset(), None),
     "frozen": (frozenset({"frozen"}), None),
+    "frozen+sim": (frozenset({"frozen", "sim"}), None),
     "vq": (frozenset({"vq"}), "item_codes"),
     "rq": (frozenset({"rq"}), "item_codes"),
     "vq+rq": (frozenset({"vq", "rq"}), "item_codes"),
@@ -29,6 +32,7 @@ FEATURE_SETS: dict[str, tuple[frozenset, str | None]] = {
 }
 ABLATION_ROWS: tuple[str, ...] = tuple(FEATURE_SETS)
 NEGATIVE_SAMPLERS = ("window", "live", "popularity", "uniform")
+CODE_INITS = ("random", "content")
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,12 @@ class RankerConfig:
             keeps the ablation rows comparable).
         history_len: last N positives of the user strictly before the event.
         attention: DIN-style target attention over the history (otherwise mean pooling).
-        code_init: "random" or "codebook" (RQ tables start from the codebook centroids, projected
-            to embedding_dim by a fixed random orthogonal map when widths differ).
+        code_init: "content": every code table starts from the content it encodes (RQ rows from their
+            centroids, VQ rows from the items' vectors, through one fixed map: ranker.content_init); "random":
+            TorchRec's uniform init. "codebook" (the former name, which set the RQ rows only) means "content".
+        content_std: per-coordinate std of the content-initialised rows.
+        interaction: add the pairwise dot products among the per-item part vectors of the target and the
+            attended history, the user vector and the VQ bag (ranker.model.InteractionArch) to the over-arch input.
         use_user_id: include the user-id table (off helps when test users are mostly unseen).
         over_arch: hidden widths of the MLP over the concatenated features.
         batch_size: global batch (split across ranks under torchrun).
@@ -91,7 +99,9 @@ class RankerConfig:
     embedding_dim: int = 16
     history_len: int = 20
     attention: bool = True
-    code_init: str = "random"
+    code_init: str = "content"
+    content_std: float = 0.5
+    interaction: bool = True
     use_user_id: bool = True
     over_arch: tuple[int, ...] = (128, 64)
     batch_size: int = 512
@@ -116,8 +126,12 @@ class RankerConfig:
                 raise ValueError(f"RankerConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.history_len < 0:
             raise ValueError(f"RankerConfig.history_len must be >= 0, got {self.history_len}")
-        if self.code_init not in ("random", "codebook"):
-            raise ValueError(f"RankerConfig.code_init must be 'random' or 'codebook', got {self.code_init!r}")
+        if self.code_init == "codebook":  # the former name (RQ rows only): content init is its superset
+            object.__setattr__(self, "code_init", "content")
+        if self.code_init not in CODE_INITS:
+            raise ValueError(f"RankerConfig.code_init must be one of {CODE_INITS}, got {self.code_init!r}")
+        if not self.content_std > 0:
+            raise ValueError(f"RankerConfig.content_std must be > 0, got {self.content_std}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"RankerConfig.max_steps must be > 0 or None, got {self.max_steps}")
         if self.lr_dense <= 0 or self.lr_sparse <= 0:
@@ -135,7 +149,7 @@ class RankerConfig:
         object.__setattr__(self, "over_arch", tuple(self.over_arch))
 
     def uses(self, part: str) -> bool:
-        """Whether this feature set adds `part` ("frozen", "vq", "rq", "cross") on top of ids."""
+        """Whether this feature set adds `part` ("frozen", "vq", "rq", "cross", "sim") on top of ids."""
         return part in FEATURE_SETS[self.features][0]
 
     @property

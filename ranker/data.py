@@ -26,6 +26,7 @@ from ranker.examples import Examples, UserIndex, build_examples, sample_negative
 from ranker.features import ItemFeatures
 
 log = logging.getLogger(__name__)
+UNALIGNED_EMBEDDINGS = "item_embeddings_unaligned"
 
 
 @dataclass
@@ -163,9 +164,11 @@ def random_codes_like(codes: ItemFeatures, catalog_ids: np.ndarray, seed: int = 
     ids = codes.item_ids[rows - 1]  # row r holds catalog item r - 1 (row 0 is the unknown item)
     rq = np.stack([rng.integers(0, k, len(rows)) for k in codes.rq_sizes], axis=1) if codes.rq_sizes else None
     vq = ids[rng.integers(0, len(ids), (len(ids), codes.vq.shape[1]))] if codes.vq.shape[1] else None
-    # the same centroids (so --code-init codebook starts the rows alike), assigned to items at random
+    # the same centroids and item vectors (so content init starts the rows alike), assigned to items at random
+    frozen_ids, frozen = codes.frozen_table()
     return ItemFeatures.build(catalog_ids, code_item_ids=ids, rq=rq, vq=vq, rq_sizes=list(codes.rq_sizes),
-                              codebooks=codes.codebooks, source="item_codes_random")
+                              codebooks=codes.codebooks, frozen_item_ids=frozen_ids, frozen=frozen,
+                              source="item_codes_random")
 
 
 def load_store_items(store_root: Path, version_id: str | None, catalog_ids: np.ndarray,
@@ -180,14 +183,21 @@ def load_store_items(store_root: Path, version_id: str | None, catalog_ids: np.n
 
 
 def store_items(version, catalog_ids: np.ndarray, random_seed: int = 0) -> dict:
-    """See :func:`load_store_items` (for an already-read StoreVersion)."""
-    codes = item_features_from_version(version, catalog_ids, "item_codes")
+    """See :func:`load_store_items` (for an already-read StoreVersion).
+
+    Every code table carries the item vectors of the encoder that made it (the aligned embeddings; the unaligned
+    ones for the unaligned codes, where the version has them): content init starts the VQ rows from them. Only the
+    rows with "frozen" among their features feed them to the model (ranker.features.build_schema)."""
+    codes = item_features_from_version(version, catalog_ids, "item_codes", need_frozen=True)
     out = {"ids": ItemFeatures.build(catalog_ids), "item_codes": codes,
            "frozen": item_features_from_version(version, catalog_ids, None, need_frozen=True),
-           "item_codes+frozen": item_features_from_version(version, catalog_ids, "item_codes", need_frozen=True),
+           "item_codes+frozen": codes,
            "item_codes_random": random_codes_like(codes, catalog_ids, random_seed)}
     if version.has("item_codes_unaligned"):
-        out["item_codes_unaligned"] = item_features_from_version(version, catalog_ids, "item_codes_unaligned")
+        unaligned_vectors = UNALIGNED_EMBEDDINGS if version.has(UNALIGNED_EMBEDDINGS) else None
+        out["item_codes_unaligned"] = item_features_from_version(
+            version, catalog_ids, "item_codes_unaligned", need_frozen=unaligned_vectors is not None,
+            embeddings_table=unaligned_vectors or "item_embeddings")
     return out
 
 

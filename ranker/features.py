@@ -23,6 +23,7 @@ from ranker.config import RankerConfig
 log = logging.getLogger(__name__)
 UNKNOWN_ROW = 0
 N_BASE_DENSE = 3
+N_SIM_DENSE = 3
 
 
 @dataclass
@@ -140,6 +141,14 @@ class ItemFeatures:
         self.vq[rows[known]] = vq_rows[known]
         self.has_codes[rows[known]] = True
 
+    def frozen_table(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(item ids (M,), vectors (M, d)) of the items with a frozen vector, as `build` takes them; (None, None)
+        without vectors."""
+        if self.frozen is None:
+            return None, None
+        rows = np.flatnonzero(self.has_frozen)
+        return self.item_ids[rows - 1], self.frozen[rows]
+
     def coverage(self, rows: np.ndarray) -> dict:
         """Counts of item rows (any shape, -1 = padding) lacking codes / a frozen vector."""
         rows = np.asarray(rows).reshape(-1)
@@ -185,6 +194,7 @@ class FeatureSchema:
     history_len: int
     frozen_dim: int
     n_dense: int
+    dense_parts: tuple = ()  # extra dense blocks after the base ones, in order: "cross", "sim"
 
     @property
     def seq_keys(self) -> list:
@@ -195,11 +205,20 @@ class FeatureSchema:
         return [f.name for f in self.features if f.kind == "bag"]
 
 
+def dense_parts(cfg: RankerConfig) -> tuple:
+    """The dense blocks after the base ones: "cross" (per RQ prefix length p: log1p(count) and share of history
+    items sharing the target's prefix) and "sim" (the frozen vectors' target-history similarity,
+    ranker.batch.similarity_features); both need a history."""
+    if cfg.history_len == 0:
+        return ()
+    return tuple(p for p, needs in (("cross", "rq"), ("sim", "frozen")) if cfg.uses(p) and cfg.uses(needs))
+
+
 def n_dense_features(cfg: RankerConfig, rq_levels: int) -> int:
-    """Dense inputs: log1p(history length), log1p(user's prior events), smoothed prior positive rate,
-    plus per RQ prefix length p: log1p(count) and share of history items sharing the target's prefix."""
-    cross = 2 * rq_levels if (cfg.uses("rq") and cfg.uses("cross") and cfg.history_len > 0) else 0
-    return N_BASE_DENSE + cross
+    """Dense inputs: log1p(history length), log1p(user's prior events), smoothed prior positive rate, then the
+    blocks of :func:`dense_parts`."""
+    width = {"cross": 2 * rq_levels, "sim": N_SIM_DENSE}
+    return N_BASE_DENSE + sum(width[p] for p in dense_parts(cfg))
 
 
 def build_schema(cfg: RankerConfig, n_users: int, items: ItemFeatures) -> FeatureSchema:
@@ -235,7 +254,7 @@ def build_schema(cfg: RankerConfig, n_users: int, items: ItemFeatures) -> Featur
         frozen_dim = items.frozen.shape[1]
     return FeatureSchema(features=tuple(feats), item_parts=tuple(p[0] for p in parts), rq_levels=rq_levels,
                          history_len=cfg.history_len, frozen_dim=frozen_dim,
-                         n_dense=n_dense_features(cfg, rq_levels))
+                         n_dense=n_dense_features(cfg, rq_levels), dense_parts=dense_parts(cfg))
 
 
 def table_configs(schema: FeatureSchema, embedding_dim: int) -> tuple[list, list]:

@@ -90,13 +90,51 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
     return float(-np.mean(labels * np.log(probs) + (1.0 - labels) * np.log(1.0 - probs)))
 
 
+def undefined_reasons(users: np.ndarray, labels: np.ndarray) -> dict:
+    """Why AUC / GAUC / logloss cannot be computed on these events ({} when all three can).
+
+    Undefinedness depends on the events only (users and labels), never on the scores, so every ranker scored on
+    the same events shares it. Args: users (N,), labels (N,) 0/1.
+    """
+    labels = np.asarray(labels, dtype=np.float64) > 0.5
+    n, n_pos = len(labels), int(labels.sum())
+    if n == 0:
+        return {m: "no events" for m in ("auc", "gauc", "logloss")}
+    out = {}
+    if n_pos in (0, n):
+        out["auc"] = f"only one class among the {n} events ({n_pos} positive)"
+    users = np.asarray(users)
+    _, index = np.unique(users, return_inverse=True)
+    pos = np.bincount(index, weights=labels)
+    count = np.bincount(index)
+    if not ((pos > 0) & (pos < count)).any():
+        out["gauc"] = (f"no user has both a positive and a negative ({len(count)} users, {n} events; e.g. a per-user "
+                       f"last-n split of an explicit-label log)")
+    return out
+
+
 def ranking_metrics(users: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> dict:
-    """AUC, GAUC and logloss of logits in one dict (the ranker's evaluation record)."""
+    """AUC, GAUC and logloss of logits in one dict (the ranker's evaluation record).
+
+    A metric the events cannot define is None (never NaN) and "undefined" says why, e.g.
+    {"gauc": None, "undefined": {"gauc": "no user has both a positive and a negative ..."}}.
+    """
     probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
-    return {
-        "auc": auc(labels, logits),
-        "gauc": gauc(users, labels, logits),
-        "logloss": logloss(labels, probs),
+    undefined = undefined_reasons(users, labels)
+    out = {
+        "auc": None if "auc" in undefined else auc(labels, logits),
+        "gauc": None if "gauc" in undefined else gauc(users, labels, logits),
+        "logloss": None if "logloss" in undefined else logloss(labels, probs),
         "n": int(len(labels)),
-        "positive_rate": float(np.mean(labels)) if len(labels) else float("nan"),
+        "positive_rate": float(np.mean(labels)) if len(labels) else None,
     }
+    if undefined:
+        out["undefined"] = undefined
+    return out
+
+
+def format_metric(value, spec: str = ".4f") -> str:
+    """A metric for logs and tables: "n/a" for an undefined (None / NaN) one."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
+    return format(value, spec)

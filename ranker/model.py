@@ -5,7 +5,9 @@ wrapper owning the loss.
                 └─bag KJT──> SparseArch.ebc (user id, VQ neighbour bag, mean-pooled)
     ItemVectorArch: per-item vector = concat(item id emb, rq_l0 .. rq_l{L-1} embs, frozen @ W)
     TargetAttentionArch: DIN-style attention of the target vector over the history vectors
-    OverArch: MLP over concat(user, target, vq, attended history, dense) -> logit
+    InteractionArch (cfg.interaction): pairwise dot products among the target's and the attended history's part
+        vectors, the user vector and the VQ bag (DLRM style)
+    OverArch: MLP over concat(user, vq, target, attended history, [dot products], dense) -> logit
 
 Example:
     >>> model = RankerModel(schema, RankerConfig(features="vq+rq"))
@@ -13,7 +15,6 @@ Example:
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
@@ -122,6 +123,33 @@ class TargetAttentionArch(nn.Module):
         return torch.einsum("bt,btw->bw", weights, keys)  # (B, W)
 
 
+class InteractionArch(nn.Module):
+    """Pairwise dot products among F feature vectors of one width: DLRM's interaction (cf. torchrec.models.dlrm
+    InteractionArch, here without its dense row, since the ranker's dense inputs are not embeddings). A dot product
+    is what an MLP over concatenated vectors learns poorly from few events, and what a similarity is.
+
+    Args:
+        num_features: F.
+    Call:
+        features (B, F, D) -> (B, F * (F - 1) / 2): <f_i, f_j> for i < j, in torch.triu_indices(F, F, 1) order.
+    """
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        if num_features < 2:
+            raise ValueError(f"InteractionArch needs >= 2 features, got {num_features}")
+        self.num_features = num_features
+        self.register_buffer("triu", torch.triu_indices(num_features, num_features, offset=1), persistent=False)
+
+    @property
+    def out_features(self) -> int:
+        return self.num_features * (self.num_features - 1) // 2
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        gram = torch.bmm(features, features.transpose(1, 2))  # (B, F, F)
+        return gram[:, self.triu[0], self.triu[1]]
+
+
 class OverArch(nn.Module):
     """MLP -> one logit. Call: (B, in_features) -> (B,)."""
 
@@ -157,16 +185,39 @@ class RankerModel(nn.Module):
         self.attention_arch = (TargetAttentionArch(width, use_attention=cfg.attention)
                                if schema.history_len > 0 else None)
         n_in = width * (2 if self.attention_arch else 1) + d * len(schema.bag_keys) + schema.n_dense
+        self.interaction_arch = None
+        if cfg.interaction:
+            per_item = width // d  # item id, RQ levels, frozen projection
+            n_vectors = per_item * (2 if self.attention_arch else 1) + len(schema.bag_keys)
+            if n_vectors >= 2:
+                self.interaction_arch = InteractionArch(n_vectors)
+                n_in += self.interaction_arch.out_features
+        self.embedding_dim = d
         self.over_arch = OverArch(n_in, cfg.over_arch, cfg.dropout)
 
     def forward(self, batch: RankerBatch) -> torch.Tensor:
         seq_out, bag_out = self.sparse_arch(batch.seq, batch.bag)
         target, history = self.item_arch(seq_out, batch.frozen_target, batch.frozen_hist)  # (B, W), (B, T, W)
-        parts = [bag_out[name] for name in self.schema.bag_keys] + [target]
+        bags = [bag_out[name] for name in self.schema.bag_keys]  # each (B, D)
+        parts = bags + [target]
+        attended = None
         if self.attention_arch is not None:
-            parts.append(self.attention_arch(target, history, batch.hist_len))
+            attended = self.attention_arch(target, history, batch.hist_len)  # (B, W)
+            parts.append(attended)
+        if self.interaction_arch is not None:
+            parts.append(self.interaction_arch(self._interaction_inputs(target, attended, bags)))
         parts.append(batch.dense)
         return self.over_arch(torch.cat(parts, dim=-1))
+
+    def _interaction_inputs(self, target: torch.Tensor, attended: torch.Tensor | None, bags: list) -> torch.Tensor:
+        """(B, F, D): the target's part vectors (item id, RQ levels, frozen projection), the attended history's
+        same parts, then the bag vectors (user, VQ)."""
+        b, d = target.shape[0], self.embedding_dim
+        stack = [target.view(b, -1, d)]
+        if attended is not None:
+            stack.append(attended.view(b, -1, d))
+        stack += [v.unsqueeze(1) for v in bags]
+        return torch.cat(stack, dim=1)
 
 
 class RankerTrain(nn.Module):
@@ -193,32 +244,3 @@ def embedding_tables(model: nn.Module) -> dict:
     if model.sparse_arch.ebc is not None:
         tables.update({name: m.weight for name, m in model.sparse_arch.ebc.embedding_bags.items()})
     return tables
-
-
-def init_code_tables_from_codebooks(model: RankerModel, codebooks: list, seed: int = 0) -> int:
-    """Initialise rq_l{l} tables from codebook centroids (unsharded model, before training).
-
-    Centroids (K, d_code) are mapped to D by a fixed random orthonormal projection and rescaled to the
-    table's current init scale; the unknown row K keeps its init. Returns the number of tables set.
-    """
-    tables = embedding_tables(model)
-    rng = np.random.default_rng(seed)
-    done = 0
-    for level, centroids in enumerate(codebooks):
-        name = f"rq_l{level}"
-        if name not in tables:
-            continue
-        weight = tables[name]
-        c = np.asarray(centroids, np.float32)
-        k, d_code = c.shape
-        dim = weight.shape[1]
-        if k + 1 != weight.shape[0]:
-            raise ValueError(f"codebook level {level} has {k} centroids but table {name} has {weight.shape[0] - 1} codes")
-        q, _ = np.linalg.qr(rng.standard_normal((max(d_code, dim), max(d_code, dim))))
-        proj = q[:d_code, :dim].astype(np.float32)  # (d_code, D)
-        mapped = (c - c.mean(0)) @ proj
-        scale = float(weight.detach().std()) / max(float(mapped.std()), 1e-12)
-        with torch.no_grad():
-            weight[:k] = torch.from_numpy(mapped * scale)
-        done += 1
-    return done

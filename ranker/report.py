@@ -8,9 +8,12 @@ import io
 
 import numpy as np
 
+from ranker.metrics import format_metric
+
 ROW_LABELS = {
     "id": "(a) ids only",
     "frozen": "(b) + frozen aligned embedding",
+    "frozen+sim": "(b') + frozen embedding + its target-history similarity (control of the cross feature)",
     "vq": "(c) + VQ code",
     "rq": "(d) + RQ code",
     "vq+rq": "(e) + VQ and RQ codes",
@@ -22,14 +25,31 @@ ROW_LABELS = {
 QARM_REFERENCE_PT = {"frozen": 0.02, "vq": 0.11, "rq": 0.10, "vq+rq": 0.18}
 
 
-
-
 def _ci(row: dict, metric: str) -> str:
-    ci = row.get(f"{metric}_diff_ci95")
-    if not ci:
-        return "—"
+    """The paired difference with its interval; "n/a" where the metric is undefined, "—" where none was computed
+    (the baseline row)."""
+    key = f"{metric}_diff_ci95"
+    ci = row.get(key)
+    if ci is None:
+        return "n/a" if key in row else "—"
     mark = " **↑**" if ci[0] > 0 else (" **↓**" if ci[1] < 0 else "")
-    return f"{row[f'{metric}_diff']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]{mark}"
+    return f"{format_metric(row.get(f'{metric}_diff'), '+.4f')} [{ci[0]:+.4f}, {ci[1]:+.4f}]{mark}"
+
+
+def _mean_std(row: dict, metric: str) -> str:
+    """"mean ± std", or "n/a" for a metric the test events cannot define."""
+    if row.get(f"{metric}_mean") is None:
+        return "n/a"
+    return f"{row[f'{metric}_mean']:.4f} ± {row[f'{metric}_std']:.4f}"
+
+
+def undefined_notes(rows: dict) -> list:
+    """One line per undefined metric (the reason is the same for every row: it depends on the events only)."""
+    reasons = {}
+    for r in rows.values():
+        for metric, why in r.get("undefined", {}).items():
+            reasons.setdefault(metric, why)
+    return [f"n/a: {metric} is undefined here: {why}." for metric, why in reasons.items()]
 
 
 def markdown_table(rows: dict, title: str = "", notes: tuple = ()) -> str:
@@ -42,21 +62,21 @@ def markdown_table(rows: dict, title: str = "", notes: tuple = ()) -> str:
         notes: lines printed under the heading (protocol, negatives, seeds).
     """
     lines = [f"### {title}", ""] if title else []
+    notes = tuple(notes) + tuple(undefined_notes(rows))
     lines += [f"{n}" for n in notes] + ([""] if notes else [])
     lines += ["| row | features | AUC | GAUC | logloss | ΔAUC vs ids [95% CI] | ΔGAUC vs ids [95% CI] | QARM ΔAUC (pt) |",
               "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         ref = f"{QARM_REFERENCE_PT[name]:+.2f}" if name in QARM_REFERENCE_PT else "—"
-        lines.append(f"| {name} | {ROW_LABELS.get(name, name)} | {r['auc_mean']:.4f} ± {r['auc_std']:.4f} | "
-                     f"{r['gauc_mean']:.4f} ± {r['gauc_std']:.4f} | {r['logloss_mean']:.4f} | {_ci(r, 'auc')} | "
-                     f"{_ci(r, 'gauc')} | {ref} |")
+        lines.append(f"| {name} | {ROW_LABELS.get(name, name)} | {_mean_std(r, 'auc')} | {_mean_std(r, 'gauc')} | "
+                     f"{format_metric(r['logloss_mean'])} | {_ci(r, 'auc')} | {_ci(r, 'gauc')} | {ref} |")
     buckets = [b for b in ("<5", "5-19", ">=20") if any(b in r.get("auc_by_popularity", {}) for r in rows.values())]
     if buckets:
         lines += ["", "Test AUC by the target item's training positives (mean over runs; n = test rows):", "",
                   "| row | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)]
         for name, r in rows.items():
-            cells = [f"{r['auc_by_popularity'][b]['auc_mean']:.4f}" if b in r.get("auc_by_popularity", {}) else "—"
-                     for b in buckets]
+            cells = [format_metric(r["auc_by_popularity"][b]["auc_mean"]) if b in r.get("auc_by_popularity", {})
+                     else "—" for b in buckets]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         first = next(r for r in rows.values() if "auc_by_popularity" in r)
         lines.append("| n | " + " | ".join(str(first["auc_by_popularity"].get(b, {}).get("n", "—")) for b in buckets) + " |")
@@ -77,9 +97,9 @@ def bar_chart_png(rows: dict, title: str, baseline: str = "id") -> bytes:
     for ax, metric in zip(axes, ("auc", "gauc")):
         for yi, name in zip(y, names):
             r = rows[name]
-            if f"{metric}_diff_ci95" in r:
+            if r.get(f"{metric}_diff_ci95") is not None:
                 mean, (lo, hi) = r[f"{metric}_diff"], r[f"{metric}_diff_ci95"]
-            elif f"delta_{metric}_pt_mean" in r:
+            elif r.get(f"delta_{metric}_pt_mean") is not None:
                 mean = r[f"delta_{metric}_pt_mean"] / 100.0
                 lo, hi = mean - r[f"delta_{metric}_pt_std"] / 100.0, mean + r[f"delta_{metric}_pt_std"] / 100.0
             else:
@@ -105,10 +125,10 @@ def cascade_table(cascade: dict) -> str:
     k = cascade["k"]
     lines = [f"Cascade on the test window: retrieval's top candidates re-ranked by each row, Recall@{k} / NDCG@{k} "
              f"({cascade.get('users')} users, {cascade.get('candidates_per_user')} candidates each; candidate "
-             f"recall {cascade.get('candidate_recall', float('nan')):.4f}):", "",
+             f"recall {format_metric(cascade.get('candidate_recall'))}):", "",
              f"| pipeline | Recall@{k} | NDCG@{k} |", "|---|---|---|"]
     ret = cascade.get("retrieval", {})
-    lines.append(f"| retrieval alone | {ret.get(f'recall@{k}', float('nan')):.4f} | {ret.get(f'ndcg@{k}', float('nan')):.4f} |")
+    lines.append(f"| retrieval alone | {format_metric(ret.get(f'recall@{k}'))} | {format_metric(ret.get(f'ndcg@{k}'))} |")
     for row, r in cascade["rows"].items():
         lines.append(f"| retrieval + ranker ({row}) | {r[f'recall@{k}_mean']:.4f} ± {r[f'recall@{k}_std']:.4f} | "
                      f"{r[f'ndcg@{k}_mean']:.4f} ± {r[f'ndcg@{k}_std']:.4f} |")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ranker.metrics import auc
+from ranker.metrics import auc, undefined_reasons
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,8 @@ class PairedEvaluation:
         """(B,) the metric of one run on every resample."""
         if metric == "gauc":
             num, den = self._gauc_parts(scores)
-            return (self.weights @ num) / np.maximum(self.weights @ den, 1e-12)
+            total = self.weights @ den  # a resample without a user of both classes has no GAUC (NaN, not 0)
+            return np.divide(self.weights @ num, total, out=np.full(len(total), np.nan), where=total > 0)
         if metric == "auc":
             prepared = _SortedScores(np.asarray(scores, np.float64), self.labels, self.user_index)
             return np.array([prepared.weighted_auc(w) for w in self.weights])
@@ -123,11 +124,16 @@ class PairedEvaluation:
             row_scores, base_scores: per seed (N,) scores, paired by position (row seed s vs baseline seed s).
         Returns:
             {"mean": observed mean difference over seeds (AUC units), "ci95": [lo, hi], "seeds": S,
-             "replicates": B}
+             "replicates": B, "replicates_defined": resamples where the metric exists}; where the metric is
+            undefined on the test events (or on every resample) "mean" and "ci95" are None and "undefined" says why.
         """
         if len(row_scores) != len(base_scores) or not row_scores:
             raise ValueError(f"diff_ci: {len(row_scores)} row runs vs {len(base_scores)} baseline runs; "
                              f"pair them by seed")
+        out = {"seeds": len(row_scores), "replicates": self.config.replicates}
+        reason = self.undefined_reason(metric)
+        if reason:
+            return {**out, "mean": None, "ci95": None, "replicates_defined": 0, "undefined": reason}
         full = np.ones(len(self.unique_users))
         observed, reps = [], np.zeros(self.config.replicates)
         for a, b in zip(row_scores, base_scores):
@@ -136,22 +142,36 @@ class PairedEvaluation:
             observed.append(_metric_at(self, a, metric, full) - _metric_at(self, b, metric, full))
             reps += self.replicates(a, metric) - self.replicates(b, metric)
         reps /= len(row_scores)
+        defined = int(np.isfinite(reps).sum())
+        if defined == 0:
+            return {**out, "mean": float(np.mean(observed)), "ci95": None, "replicates_defined": 0,
+                    "undefined": f"{metric} is undefined on every one of the {self.config.replicates} resamples"}
         alpha = (1.0 - self.config.level) / 2.0
         lo, hi = np.nanquantile(reps, [alpha, 1.0 - alpha])
-        return {"mean": float(np.mean(observed)), "ci95": [float(lo), float(hi)], "seeds": len(row_scores),
-                "replicates": self.config.replicates}
+        return {**out, "mean": float(np.mean(observed)), "ci95": [float(lo), float(hi)], "replicates_defined": defined}
+
+    def undefined_reason(self, metric: str) -> str | None:
+        """Why `metric` cannot be computed on these test events (None when it can)."""
+        if len(self.unique_users) == 0:
+            return "no test users to resample"
+        return undefined_reasons(self.unique_users[self.user_index], self.labels).get(metric)
 
 
 def _metric_at(ev: PairedEvaluation, scores: np.ndarray, metric: str, user_weight: np.ndarray) -> float:
     if metric == "gauc":
         num, den = ev._gauc_parts(scores)
-        return float((user_weight @ num) / max(user_weight @ den, 1e-12))
+        total = user_weight @ den
+        return float((user_weight @ num) / total) if total > 0 else float("nan")
     return _SortedScores(np.asarray(scores, np.float64), ev.labels, ev.user_index).weighted_auc(user_weight)
 
 
-def mean_std(values) -> tuple[float, float]:
-    """Mean and sample std (0 for a single value)."""
-    arr = np.asarray(values, dtype=np.float64)
+def mean_std(values) -> tuple[float | None, float | None]:
+    """Mean and sample std (0 for a single value) of the defined values; (None, None) when none is defined
+    (None / NaN entries are undefined metrics, never zeros)."""
+    arr = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    if len(arr) == 0:
+        return None, None
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
@@ -172,26 +192,14 @@ def summarize_runs(runs: dict, baseline: str = "id", evaluation: PairedEvaluatio
     rows = {}
     base = runs.get(baseline, [])
     for name, results in runs.items():
-        aucs = np.array([r["test"]["auc"] for r in results])
-        gaucs = np.array([r["test"]["gauc"] for r in results])
-        losses = np.array([r["test"]["logloss"] for r in results])
-        row = {"runs": len(results), "best_epochs": [r["best_epoch"] for r in results],
-               "auc_per_run": aucs.tolist(), "gauc_per_run": gaucs.tolist()}
-        for metric, values in (("auc", aucs), ("gauc", gaucs), ("logloss", losses)):
-            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(values)
-        buckets = {}
-        for r in results:
-            for bucket, m in r.get("test_by_popularity", {}).items():
-                buckets.setdefault(bucket, {"auc": [], "n": m["n"]})["auc"].append(m["auc"])
-        if buckets:
-            row["auc_by_popularity"] = {b: {"auc_mean": float(np.nanmean(v["auc"])), "n": v["n"]}
-                                        for b, v in buckets.items()}
+        row = _summary_row(results)
         index = (pairs or {}).get(name, list(range(len(results))))
         if base and name != baseline and len(index) == len(results) and max(index, default=-1) < len(base):
             paired_base = [base[i] for i in index]
             for metric in ("auc", "gauc"):
-                delta = (np.array([r["test"][metric] for r in results])
-                         - np.array([b["test"][metric] for b in paired_base])) * 100.0  # points, paired by seed
+                delta = [None if r["test"][metric] is None or b["test"][metric] is None
+                         else (r["test"][metric] - b["test"][metric]) * 100.0  # points, paired by seed
+                         for r, b in zip(results, paired_base)]
                 row[f"delta_{metric}_pt_mean"], row[f"delta_{metric}_pt_std"] = mean_std(delta)
             if evaluation is not None and all("test_scores" in r for r in results + paired_base):
                 for metric in ("auc", "gauc"):
@@ -199,5 +207,26 @@ def summarize_runs(runs: dict, baseline: str = "id", evaluation: PairedEvaluatio
                                             [b["test_scores"] for b in paired_base], metric)
                     row[f"{metric}_diff"] = ci["mean"]
                     row[f"{metric}_diff_ci95"] = ci["ci95"]
+                    if ci.get("undefined"):
+                        row.setdefault("undefined", {}).setdefault(f"{metric}_diff_ci95", ci["undefined"])
         rows[name] = row
     return rows
+
+
+def _summary_row(results: list) -> dict:
+    """Mean / std over one row's runs; an undefined metric is None with its reason in row["undefined"]."""
+    values = {m: [r["test"][m] for r in results] for m in ("auc", "gauc", "logloss")}
+    row = {"runs": len(results), "best_epochs": [r["best_epoch"] for r in results],
+           "auc_per_run": values["auc"], "gauc_per_run": values["gauc"]}
+    for metric, vals in values.items():
+        row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(vals)
+    reasons = {m: why for r in results for m, why in r["test"].get("undefined", {}).items()}
+    if reasons:
+        row["undefined"] = reasons
+    buckets = {}
+    for r in results:
+        for bucket, m in r.get("test_by_popularity", {}).items():
+            buckets.setdefault(bucket, {"auc": [], "n": m["n"]})["auc"].append(m["auc"])
+    if buckets:
+        row["auc_by_popularity"] = {b: {"auc_mean": mean_std(v["auc"])[0], "n": v["n"]} for b, v in buckets.items()}
+    return row

@@ -35,8 +35,9 @@ from ranker.distributed import (DistContext, all_gather_rows, full_state_dict, l
                                 restore_snapshot, setup_distributed, shard_model)
 from ranker.examples import Examples
 from ranker.features import FeatureSchema, ItemFeatures, build_schema
-from ranker.metrics import ranking_metrics
-from ranker.model import RankerModel, RankerTrain, embedding_tables, init_code_tables_from_codebooks
+from ranker.metrics import format_metric, ranking_metrics
+from ranker.content_init import init_from_content
+from ranker.model import RankerModel, RankerTrain, embedding_tables
 
 log = logging.getLogger(__name__)
 # training-length settings may change on resume (e.g. train 2 more epochs); everything else must match
@@ -44,14 +45,14 @@ _RESUMABLE_KEYS = {"epochs", "max_steps", "patience", "num_threads", "eval_batch
 
 
 def build_train_model(cfg: RankerConfig, schema: FeatureSchema, items: ItemFeatures) -> RankerTrain:
-    """Unsharded RankerTrain with deterministic init (and codebook init of the RQ tables on request)."""
+    """Unsharded RankerTrain with deterministic init; code tables start from content unless code_init="random"
+    (`.content_init` records which tables did: ranker.content_init.init_from_content)."""
     torch.manual_seed(cfg.seed)
     model = RankerModel(schema, cfg)
-    if cfg.code_init == "codebook" and cfg.uses("rq"):
-        if not items.codebooks:
-            raise ValueError("code_init='codebook' needs the version's codebooks, none were found")
-        init_code_tables_from_codebooks(model, items.codebooks, seed=cfg.seed)
-    return RankerTrain(model)
+    report = init_from_content(model, items, std=cfg.content_std, seed=cfg.seed) if cfg.code_init == "content" else None
+    train_model = RankerTrain(model)
+    train_model.content_init = report
+    return train_model
 
 
 def attach_optimizers(train_model: torch.nn.Module, cfg: RankerConfig, ctx: DistContext):
@@ -104,6 +105,15 @@ def evaluate(module: torch.nn.Module, examples: Examples, schema: FeatureSchema,
     return ranking_metrics(examples.user_id, examples.label, logits)
 
 
+def selection_score(valid: dict) -> float:
+    """What early stopping maximises: validation AUC in [0, 1]; where the validation window cannot define an AUC (one
+    class, the same for every epoch, so epochs stay comparable) 1 / (1 + logloss) - 1, a monotone map of the logloss
+    into (-1, 0] (above the initial best of -1, below any AUC)."""
+    if valid.get("auc") is not None:
+        return float(valid["auc"])
+    return 1.0 / (1.0 + float(valid["logloss"])) - 1.0 if valid.get("logloss") is not None else -1.0
+
+
 def _steps_per_epoch(n: int, batch_size: int, world: int) -> int:
     steps = math.ceil(n / batch_size)
     if steps and n - (steps - 1) * batch_size < world:  # a last batch too small to give every rank a sample
@@ -149,7 +159,9 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
         if ckpt_path is None or not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = read_checkpoint(ckpt_path)
-        saved, wanted = ckpt["meta"]["config"], json.loads(json.dumps(cfg.to_dict()))
+        # through the config class, so keys added since (at their defaults) and former names compare as equal
+        saved = json.loads(json.dumps(RankerConfig.from_dict(ckpt["meta"]["config"]).to_dict()))
+        wanted = json.loads(json.dumps(cfg.to_dict()))
         differ = sorted(k for k in set(saved) | set(wanted)
                         if k not in _RESUMABLE_KEYS and saved.get(k) != wanted.get(k))
         if differ:
@@ -207,11 +219,11 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
                   **{f"valid_{k}": v for k, v in valid.items() if k in ("auc", "gauc", "logloss")}}
         history.append(record)
         if ctx.is_main:
-            log.info("%s epoch %d: loss %.4f valid auc %.4f gauc %.4f", cfg.features, epoch, record["train_loss"],
-                     valid["auc"], valid["gauc"])
-        improved = valid["auc"] > best["auc"]
+            log.info("%s epoch %d: loss %.4f valid auc %s gauc %s", cfg.features, epoch, record["train_loss"],
+                     format_metric(valid["auc"]), format_metric(valid["gauc"]))
+        improved = selection_score(valid) > best["auc"]
         if improved:
-            best = {"auc": float(valid["auc"]), "epoch": epoch}
+            best = {"auc": selection_score(valid), "epoch": epoch}
             best_snapshot = local_snapshot(module)
         if ckpt_path is not None:
             # every rank joins the gathers; rank 0 writes: best weights, latest weights, both optimizers, RNG
@@ -240,6 +252,7 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
         "config": cfg.to_dict(),
         "world_size": ctx.world_size,
         "tables": _table_summary(schema),
+        "content_init": train_model.content_init,
         "history": history,
         "best_epoch": best["epoch"],
         "stopped_early": stopped_early,

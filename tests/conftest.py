@@ -4,12 +4,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import sys
+
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# test-only helpers that live beside the tests (the oracle world), importable from every test module
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 SHARED = Path(os.environ.get("QARM_SHARED", REPO.parent / "shared"))
 MOVIELENS = SHARED / "data" / "movielens"
 

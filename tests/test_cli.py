@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import cli
+from pipelines.cli import dispatch as cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,9 +80,26 @@ def test_command_exit_keeps_its_code(monkeypatch, capsys):
 
 
 def test_unknown_command_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["no-such-command"])
-    assert exc.value.code == 2
+    assert cli.main(["no-such-command"]) == cli.EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert "unknown command 'no-such-command'" in err and out == ""  # no --json: no JSON line
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["pipline", "--json"], "unknown command 'pipline'; did you mean 'pipeline'?"),
+    (["train-ranker", "--store", "S", "--encoder", "tiny", "--json"], "unrecognized arguments: --encoder tiny"),
+    (["store", "list", "--store", "S", "--bogus", "--json"], "unrecognized arguments: --bogus"),
+    (["store", "lst", "--store", "S", "--json"], "invalid choice: 'lst'"),
+    (["store", "list", "--json"], "the following arguments are required: --store"),
+    (["pipeline", "--align-epochs", "two", "--json"], "argument --align-epochs: invalid int value: 'two'"),
+])
+def test_every_usage_error_prints_a_json_line(argv, says, capsys):
+    """Issue 19 case 6: argparse's errors exited 2 without the JSON line `--json` promises."""
+    assert cli.main(argv) == cli.EXIT_USAGE
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["ok"] is False and result["exit"] == 2 and result["error_type"] == "UsageError"
+    assert says in result["error"] and says in err and "usage: qarm" in err
 
 
 def _qarm(*args, cwd=REPO):
@@ -175,7 +192,7 @@ def test_a_flag_neither_qarm_nor_beam_knows_is_a_usage_error(capsys):
 
 
 def test_beam_flags_pass_the_unknown_flag_check():
-    from pipelines.flags import UnknownFlagError, check_beam_flags
+    from pipelines.beam.flags import UnknownFlagError, check_beam_flags
 
     check_beam_flags(["--runner", "FlinkRunner", "--flink_master", "host:8081", "--direct_num_workers", "2",
                       "--environment_type", "LOOPBACK"])
@@ -186,8 +203,8 @@ def test_beam_flags_pass_the_unknown_flag_check():
 def test_old_underscore_spelling_is_a_hidden_alias(caplog):
     import argparse
 
-    from pipelines.flags import add_underscore_aliases, warn_deprecated_spellings
-    from pipelines.transforms.options import cli_parser_flags
+    from pipelines.beam.flags import add_underscore_aliases, warn_deprecated_spellings
+    from pipelines.beam.options import cli_parser_flags
 
     parser = argparse.ArgumentParser(prog="qarm pipeline")
     cli_parser_flags(parser)
@@ -196,7 +213,7 @@ def test_old_underscore_spelling_is_a_hidden_alias(caplog):
     assert parser.parse_args(["--align-epochs", "6"]).align_epochs == 6
     help_text = parser.format_help()
     assert "--align-epochs" in help_text and "--align_epochs" not in help_text
-    with caplog.at_level("WARNING", logger="pipelines.flags"):
+    with caplog.at_level("WARNING", logger="pipelines.beam.flags"):
         warn_deprecated_spellings(["--align_epochs=5"], aliases)
     assert "use --align-epochs" in caplog.text
 

@@ -45,8 +45,9 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from pipelines.data.io import (DataError, Unparsed, float32_column, int64_column, parse_int64, read_table,
-                               row_sources, unix_seconds_column)
+from feature_store.clock import EventClock
+from pipelines.data.io import (DataError, Unparsed, empty_table_error, float32_column, int64_column, parse_int64,
+                               read_table, row_sources, unix_seconds_column)
 from pipelines.data.loader import load_id_maps
 from pipelines.data.schema import DataSpec, Dataset
 from pipelines.data.validate import RejectLog, finalize, reject_unparsed
@@ -223,13 +224,17 @@ def parse_items(r: dict, items_raw: pd.DataFrame, id_map: Optional[pd.DataFrame]
             "raw_ids": items_raw[icols["item_id"]].astype("string").to_numpy()}
 
 
-def parse_interactions(r: dict, inter_raw: pd.DataFrame, id_maps: dict, ms: Optional[bool] = None) -> dict:
+def parse_interactions(r: dict, inter_raw: pd.DataFrame, id_maps: dict, ms: Optional[bool] = None,
+                       clock: Optional[EventClock] = None) -> dict:
     """The loader's value parsing of a block of the raw log: one reason per row, in order missing_value, bad_id,
-    bad_timestamp, bad_label (unparsed), bad_label (out of range / unmapped), unknown_item (unmapped string id).
+    bad_timestamp (unparsed, then later than the clock), bad_label (unparsed), bad_label (out of range /
+    unmapped), unknown_item (unmapped string id).
 
     Args:
         ms: auto timestamps: numbers are milliseconds (None: decide from this block's median, as the loader
             does over the whole table; workers pass the whole table's decision, `ms_decision`).
+        clock: timestamps later than ``clock.cutoff`` are bad_timestamp rejects ("in the future"), counted with
+            the values that do not parse against --max-bad-fraction (None: no clock check here).
     Returns:
         {"user_id", "item_id", "ts", "label": parsed columns, "missing", "bad_label", "unknown": (N,) bool,
          "unparsed": [Unparsed], "ids": reject id columns}
@@ -239,6 +244,7 @@ def parse_interactions(r: dict, inter_raw: pd.DataFrame, id_maps: dict, ms: Opti
     inter_items, unmapped, item_unparsed = _ids(inter_raw, ecols["item_id"], id_maps.get("item_id"), "item_id",
                                                 keep_unmapped=True, strict=r["ids_mode"] == "int")
     ts, ts_unparsed = unix_seconds_column(inter_raw, ecols["ts"], fmt=section.get("ts_format", "auto"), ms=ms)
+    future = future_cells(inter_raw, ecols["ts"], ts, clock)
     label, label_bad, label_unparsed = _labels(inter_raw, ecols["label"], section)
     missing = ((users.isna().to_numpy() & ~user_unparsed.mask) | (ts.isna().to_numpy() & ~ts_unparsed.mask)
                | (inter_items.isna().to_numpy() & ~unmapped & ~item_unparsed.mask))
@@ -249,7 +255,14 @@ def parse_interactions(r: dict, inter_raw: pd.DataFrame, id_maps: dict, ms: Opti
            "item_dense_id": _dense(inter_items), "user_dense_id": _dense(users)}
     return {"user_id": users, "item_id": inter_items, "ts": ts, "label": label, "missing": missing,
             "bad_label": label_bad, "unknown": unmapped,
-            "unparsed": [user_unparsed, item_unparsed, ts_unparsed, label_unparsed], "ids": ids}
+            "unparsed": [user_unparsed, item_unparsed, ts_unparsed, future, label_unparsed], "ids": ids}
+
+
+def future_cells(frame: pd.DataFrame, column: str, ts: pd.Series, clock: Optional[EventClock]) -> Unparsed:
+    """The timestamps of a block later than the clock's cutoff, as bad_timestamp cells (`EventClock.in_future`)."""
+    mask = np.zeros(len(frame), bool) if clock is None else \
+        clock.in_future(ts.astype("Int64").fillna(clock.cutoff).to_numpy(dtype="int64"))  # empty: not future
+    return Unparsed(frame, column, "ts", mask, clock.what() if clock is not None else "", "bad_timestamp")
 
 
 def dense_map(raw: pd.Series, known: Optional[pd.DataFrame]) -> pd.DataFrame:
@@ -266,6 +279,9 @@ def load_generic(spec: DataSpec) -> Dataset:
     items_raw = _read(items_path, "items", r["items_columns"], r["items_optional"])
     check_text_columns(r, items_raw.columns)
     inter_raw = _read(inter_path, "interactions", r["inter_columns"], r["inter_optional"])
+    for path, table, frame in ((items_path, "items", items_raw), (inter_path, "interactions", inter_raw)):
+        if len(frame) == 0:
+            raise empty_table_error(path, table, len(frame.attrs.get("parts", [1])))
 
     known_maps = load_id_maps(spec.id_map_dir) if spec.id_map_dir is not None else {}
     # The catalog decides the item id type: a stray string id in the log of an integer catalog is an unknown item
@@ -291,7 +307,8 @@ def load_generic(spec: DataSpec) -> Dataset:
     items["item_id"] = items["item_id"].astype("int64")
 
     # Interactions: one reason per row, in order missing_value, bad_id, bad_timestamp, bad_label, unknown_item.
-    px = parse_interactions(r, inter_raw, id_maps)
+    clock = spec.clock()  # one clock for the parse and finalize
+    px = parse_interactions(r, inter_raw, id_maps, clock=clock)
     missing, ids = px["missing"], px["ids"]
 
     def add(mask, reason, detail):
@@ -316,7 +333,7 @@ def load_generic(spec: DataSpec) -> Dataset:
     image_root = default_image_root(r, bool(items["image_uri"].notna().any()))
     return finalize(items, interactions, spec=spec, name=f"generic:{items_path.name}", image_root=image_root,
                     rejects=rejects, items_source=items_path.name, interactions_source=inter_path.name,
-                    id_maps=id_maps)
+                    id_maps=id_maps, clock=clock)
 
 
 BAD_LABEL_DETAIL = "label outside [0, 1], or not in interactions.label_values"

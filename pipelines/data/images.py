@@ -58,12 +58,20 @@ def _real_root(root: str) -> str:
     return os.path.realpath(root).rstrip(os.sep) or os.sep
 
 
-def check_image(uri: str, root: Optional[Path], level: str = "header") -> Path:
+# The side of the reduced image the "draft" check decodes: JPEG's DCT scaling decodes at 1/2 .. 1/8 of full size,
+# so a poster costs a fraction of a full decode, yet every entropy-coded block is still read (truncation shows).
+DRAFT_SIDE = 16
+
+
+def check_image(uri: str, root: Optional[Path], level: str = "draft") -> Path:
     """Validate one image without keeping it in memory; returns its resolved path.
 
     Args:
-        level: "exists" (a non-empty regular file), "header" (PIL can identify it and `verify()` passes; cheap,
-            reads the header), or "decode" (a full decode: catches truncated pixel data too).
+        level: "exists" (a non-empty regular file); "header" (PIL identifies it and `verify()` passes: reads the
+            header and, for PNG, the chunk checksums, not JPEG pixel data, so a truncated JPEG passes); "draft"
+            (the default: "header", then a decode of a reduced draft: JPEG at 1/8 scale via `Image.draft`, other
+            formats decoded whole, so truncated or undecodable pixel data is caught; cost measured in
+            docs/ARCHITECTURE.md "Image checks"); "decode" (a full-size decode).
     Raises:
         ImageError with `reason` missing_image | corrupt_image | image_escapes_root.
     """
@@ -86,6 +94,10 @@ def check_image(uri: str, root: Optional[Path], level: str = "header") -> Path:
                 img.load()
             else:
                 img.verify()
+        if level == "draft":
+            with Image.open(path) as img:  # verify() leaves the image unusable: open again to decode
+                img.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))  # JPEG: decode at reduced scale; a no-op elsewhere
+                img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError("corrupt_image", f"image file is not a readable image: {path}: {exc}") from None
     return path

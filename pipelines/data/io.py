@@ -68,6 +68,34 @@ def table_files(path: Path) -> list[Path]:
     return [path]
 
 
+def require_rows(path: Path, table: str) -> None:
+    """DataError naming ``path`` when no file of the table holds a data row (an empty or header-only file): a job
+    refuses it before it starts instead of failing deep inside on empty inputs. Reads Parquet footers and the
+    first data line of CSV files only."""
+    files = table_files(path)
+    if not any(_has_rows(f) for f in files):
+        raise empty_table_error(path, table, len(files))
+
+
+def empty_table_error(path: Path, table: str, n_files: int = 1) -> DataError:
+    where = "the file is empty or has a header but no rows" if n_files == 1 else \
+        f"its {n_files} files are empty or hold a header but no rows"
+    return DataError(f"{path}: no {table} ({where}); nothing to learn from")
+
+
+def _has_rows(file: Path) -> bool:
+    fmt = table_format(file)
+    try:
+        if fmt == "parquet":
+            return pq.ParquetFile(file).metadata.num_rows > 0
+        sep = "\t" if ".tsv" in Path(file).name.lower() else ","
+        return len(pd.read_csv(file, sep=sep, dtype=str, nrows=1, encoding="utf-8-sig")) > 0
+    except pd.errors.EmptyDataError:  # not even a header
+        return False
+    except (OSError, pa.ArrowException, pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{file}: unreadable {fmt} file: {exc}") from None
+
+
 def _is_table(path: Path) -> bool:
     try:
         table_format(path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -22,8 +22,9 @@ PRESETS = ("default", "sparse")
 # sizes a preset uses when --n-items / --n-users / --n-events are not given
 PRESET_SIZES = {"default": {"n_items": 2000, "n_users": 600, "n_events": 60000},
                 "sparse": {"n_items": 4000, "n_users": 1000, "n_events": 4500}}
-IMAGE_CHECKS = ("exists", "header", "decode")
+IMAGE_CHECKS = ("exists", "header", "draft", "decode")
 
+from feature_store.clock import DEFAULT_MAX_FUTURE_S, EventClock, resolve_now
 from feature_store.contract import INTERACTION_COLUMNS, ITEM_COLUMNS  # noqa: F401 (re-exported)
 
 REJECT_COLUMNS = ("source", "row", "item_id", "user_id", "item_dense_id", "user_dense_id", "reason", "detail", "action")
@@ -38,7 +39,8 @@ REJECT_REASONS = (
     "unknown_item",        # interaction names an item not in the (accepted) catalog: dropped
     "missing_value",       # a required field (user, item, timestamp) is empty in this row: dropped
     "bad_label",           # label not a number, or outside [0, 1] after mapping: dropped
-    "bad_timestamp",       # timestamp that does not parse, or before 1970 (a sentinel, not an event time): dropped
+    "bad_timestamp",       # timestamp that does not parse, before 1970 (a sentinel, not an event time), or later
+                           # than the job's clock plus --max-future (feature_store.clock): dropped
     "bad_id",              # user / item id that is not an integer where ids are integers: dropped
     "duplicate_interaction",  # same user, item, ts and label as an earlier row (double logging): dropped
 )
@@ -59,8 +61,9 @@ class DataSpec:
         id_map_dir: generic only: folder of saved id maps to reuse and extend, so dense ids stay stable
             across runs on growing data.
         require_image: keep only items with a valid image, and interactions on them.
-        validate_images: how hard to check each image: "exists" (stat), "header" (PIL open + verify, the
-            default) or "decode" (full decode; slowest, catches truncated files).
+        validate_images: how hard to check each image: "exists" (stat), "header" (PIL open + verify; a
+            truncated JPEG passes), "draft" (the default: header, then a decode of a reduced draft, which catches
+            truncated and undecodable files at a fraction of a full decode) or "decode" (full decode; slowest).
         n_items, n_users, n_events, n_clusters: synthetic sizes.
         lookalike_share: synthetic: share of clusters that come in look-alike pairs (same shape, colour and most
             words; users like each independently), so content similarity is not behaviour similarity.
@@ -68,6 +71,10 @@ class DataSpec:
         seed: synthetic generator seed (the whole dataset is a deterministic function of the spec).
         max_bad_fraction: the largest share of a table's rows whose values may fail to parse (bad_id,
             bad_timestamp, bad_label rejects) before the load fails with an error naming file, column and rows.
+        now: the clock (unix seconds): events later than ``now + max_future`` are ``bad_timestamp`` rejects,
+            counted against ``max_bad_fraction``. None: this machine's clock when the data is loaded (a job
+            resolves it once at start and loads with it, `feature_store.clock`).
+        max_future: seconds an event may lie after ``now`` (clock skew of the logging machines); default 1 day.
         preset: synthetic: the shape of the generated world. "default": an impression log with 0/1 labels and
             dozens of events per item; "sparse": shaped like a small shop's purchase log (implicit positives
             only, about 4 events per user, most items bought once or twice, repeat purchases, new items
@@ -82,7 +89,7 @@ class DataSpec:
     column_map: tuple[str, ...] = ()
     id_map_dir: Optional[Path] = None
     require_image: bool = False
-    validate_images: str = "header"
+    validate_images: str = "draft"
     n_items: int = 2000
     n_users: int = 600
     n_events: int = 60000
@@ -92,6 +99,8 @@ class DataSpec:
     seed: int = 0
     max_bad_fraction: float = 0.001
     preset: str = "default"
+    now: Optional[int] = None
+    max_future: int = DEFAULT_MAX_FUTURE_S
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -121,6 +130,10 @@ class DataSpec:
             raise ValueError(f"DataSpec.max_bad_fraction (--max-bad-fraction): must be in [0, 1], "
                              f"got {self.max_bad_fraction!r}")
         object.__setattr__(self, "max_bad_fraction", float(self.max_bad_fraction))
+        clock = EventClock(0 if self.now is None else self.now, self.max_future)  # validates both
+        object.__setattr__(self, "max_future", clock.max_future)
+        if self.now is not None:
+            object.__setattr__(self, "now", clock.now)
         if not isinstance(self.lookalike_share, (int, float)) or not 0.0 <= self.lookalike_share <= 1.0:
             raise ValueError(f"DataSpec.lookalike_share: must be in [0, 1], got {self.lookalike_share!r}")
         if self.dataset == "synthetic" and self.n_clusters > self.n_items:
@@ -140,6 +153,14 @@ class DataSpec:
         if self.dataset == "generic" and (self.items is None or self.interactions is None) and self.mapping is None:
             raise ValueError("DataSpec: --dataset generic needs --items FILE and --interactions FILE "
                              "(or a --mapping file naming them)")
+
+    def clock(self) -> EventClock:
+        """The clock the data is checked against (``now``, else this machine's clock at the call)."""
+        return EventClock(resolve_now(self.now), self.max_future)
+
+    def at_clock(self) -> "DataSpec":
+        """This spec with ``now`` fixed (resolved once, so a job and its workers share one clock)."""
+        return self if self.now is not None else replace(self, now=resolve_now())
 
     @classmethod
     def from_dict(cls, config: dict) -> "DataSpec":

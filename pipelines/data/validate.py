@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from feature_store.clock import EventClock
 from pipelines.data.images import ImageError, check_image
 from pipelines.data.io import DataError
 from pipelines.data.schema import REJECT_COLUMNS, REJECT_REASONS, DataSpec, Dataset
@@ -102,7 +103,8 @@ def reject_unparsed(rejects: RejectLog, unparsed: list, *, src: np.ndarray, rows
     total = int(bad.sum())
     if n and total > max_bad_fraction * n:
         columns = "\n  ".join(u.describe() for u in unparsed if u.count)
-        raise DataError(f"{what}: {total} of {n} rows ({total / n:.2%}) hold a value that does not parse, more "
+        raise DataError(f"{what}: {total} of {n} rows ({total / n:.2%}) hold a value that does not parse (or a "
+                        f"timestamp later than the clock), more "
                         f"than --max-bad-fraction {max_bad_fraction:g} allows (below it such rows are rejected as "
                         f"{' / '.join(PARSE_REASONS)}):\n  {columns}")
     for u, mask in zip(unparsed, masks):
@@ -153,9 +155,56 @@ def _bad_images(items: pd.DataFrame, image_root: Optional[Path], level: str, des
     return pd.DataFrame(bad, columns=["source", "row", "item_id", "reason", "detail"], index=index)
 
 
+def image_loss_action(dropped: bool, require_image: bool, has_text: bool) -> tuple[str, str]:
+    """(action, detail suffix) of an item that loses its image: kept text-only, or dropped with why (the loader
+    and the job's ValidateItems say the same)."""
+    if not dropped:
+        return "kept_text_only", ""
+    return "dropped", ("; --require-image drops it" if require_image else "") + \
+        ("" if has_text else "; no title and no text either")
+
+
+def _reject_bad_images(items: pd.DataFrame, image_root: Optional[Path], spec: DataSpec, name: str,
+                       rejects: RejectLog, raw) -> pd.DataFrame:
+    """Check every image at ``spec.validate_images``; one reject per item that loses its image (kept text-only,
+    or dropped when it has no text or under --require-image). Returns the items left, bad uris set to None."""
+    no_text = _blank(items["title"]) & _blank(items["text"])
+    bad = _bad_images(items, image_root, spec.validate_images, desc=f"{name}: checking images")
+    text_less = no_text.loc[bad.index].to_numpy()
+    dropped = text_less | bool(spec.require_image)
+    why = [image_loss_action(d, spec.require_image, not t) for d, t in zip(dropped, text_less)]
+    bad = bad.assign(action=[w[0] for w in why],
+                     detail=bad["detail"] + pd.Series([w[1] for w in why], index=bad.index))
+    for (reason, action), group in bad.groupby(["reason", "action"], sort=True):
+        rejects.add(group["source"], group["row"], reason, action, **raw("item_id", group["item_id"]),
+                    detail=group["detail"])
+    items.loc[bad.index, "image_uri"] = None
+    return items.drop(index=bad.index[dropped])
+
+
+def _reject_future(interactions: pd.DataFrame, clock: EventClock, max_bad_fraction: float, what: str,
+                   rejects: RejectLog, raw) -> pd.DataFrame:
+    """Reject the events later than the clock as bad_timestamp; DataError when they are more than
+    ``max_bad_fraction`` of the events (a wrong ``--now``, or a log in the wrong unit), naming the first rows."""
+    future = clock.in_future(interactions["ts"].to_numpy(dtype="int64"))
+    if not future.any():
+        return interactions
+    bad, n = interactions.loc[future], len(interactions)
+    if len(bad) > max_bad_fraction * n:
+        first = "; ".join(f"{src} row {row}: ts {ts}" for src, row, ts in
+                          bad[["_source", "row", "ts"]].head(5).itertuples(index=False))
+        raise DataError(f"{what}: {len(bad)} of {n} interactions ({len(bad) / n:.2%}) have a timestamp that "
+                        f"{clock.what()}, more than --max-bad-fraction {max_bad_fraction:g} allows (check --now "
+                        f"and the timestamp unit); first: {first}")
+    rejects.add(bad["_source"], bad["row"], "bad_timestamp", "dropped", **raw("item_id", bad["item_id"]),
+                **raw("user_id", bad["user_id"]), detail=[clock.detail(t) for t in bad["ts"]])
+    return interactions.loc[~future]
+
+
 def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec, name: str,
              image_root: Optional[Path], rejects: RejectLog, items_source: str, interactions_source: str,
-             id_maps: Optional[dict] = None, check_images: bool = True) -> Dataset:
+             id_maps: Optional[dict] = None, check_images: bool = True,
+             clock: Optional[EventClock] = None) -> Dataset:
     """Apply the record-level checks shared by all sources and build the `Dataset`.
 
     Args:
@@ -164,7 +213,9 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
         items_source, interactions_source: names used in the rejects' `source` column (file names).
         check_images: validate each image file at `spec.validate_images` (sources that generated the images
             themselves may skip it).
+        clock: events later than ``clock.cutoff`` are bad_timestamp rejects (default ``spec.clock()``).
     """
+    clock = clock or spec.clock()
     items = items.copy()
     interactions = interactions.copy()
     if "row" not in items:
@@ -194,17 +245,14 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
                     detail="item id already defined by an earlier row")
         items = items.loc[~dup]
 
-    # Images: a bad image demotes the item to text-only, with the reason recorded.
+    # Images: a bad image demotes the item to text-only, with the reason recorded. One reject per item: an item
+    # that loses its image and has no text, or under --require-image, is dropped under the image's reason.
     items["image_uri"] = items["image_uri"].where(~_blank(items["image_uri"]), None)
     if check_images:
-        bad_images = _bad_images(items, image_root, spec.validate_images, desc=f"{name}: checking images")
-        for reason, group in bad_images.groupby("reason", sort=True):
-            rejects.add(group["source"], group["row"], reason, "kept_text_only",
-                        **raw("item_id", group["item_id"]), detail=group["detail"])
-        items.loc[bad_images.index, "image_uri"] = None
+        items = _reject_bad_images(items, image_root, spec, name, rejects, raw)
+    no_text = _blank(items["title"]) & _blank(items["text"])
 
     # Empty text: an item with neither title nor text is usable only through its image.
-    no_text = _blank(items["title"]) & _blank(items["text"])
     if no_text.any():
         keep = no_text & items["image_uri"].notna()
         drop = no_text & items["image_uri"].isna()
@@ -231,6 +279,10 @@ def finalize(items: pd.DataFrame, interactions: pd.DataFrame, *, spec: DataSpec,
         rejects.add(bad["_source"], bad["row"], "bad_timestamp", "dropped", **raw("item_id", bad["item_id"]),
                     **raw("user_id", bad["user_id"]), detail="timestamp before 1970-01-01")
         interactions = interactions.loc[~early]
+
+    # Events later than the clock (+ tolerance): counted against max_bad_fraction like values that do not parse
+    # (the generic source already rejected them while parsing, `generic.future_cells`).
+    interactions = _reject_future(interactions, clock, spec.max_bad_fraction, name, rejects, raw)
 
     # Exact repeats of an event (same user, item, second and label) are double logging, not two events.
     dup = interactions.duplicated(subset=["user_id", "item_id", "ts", "label"], keep="first")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from feature_store.split import add_split_arguments
 from ranker.retrieval.config import LOSSES, RELIABILITY, DistillConfig, RetrievalConfig
@@ -13,7 +12,7 @@ _R, _D = RetrievalConfig(), DistillConfig()
 def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
     """--store --version --split ... --allow-protocol-mismatch, model / training flags, distillation flags."""
     st = parser.add_argument_group("store")
-    st.add_argument("--store", type=Path, required=True, help="feature-store root")
+    st.add_argument("--store", required=True, help="feature-store root: a folder, file://, s3:// or gs:// URL")
     st.add_argument("--version", default=None, help="version id (default: CURRENT)")
     add_split_arguments(parser)  # must match the version's recorded protocol
     st.add_argument("--allow-protocol-mismatch", action="store_true",

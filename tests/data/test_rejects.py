@@ -76,13 +76,46 @@ def test_nothing_silently_lost(catalog_dir):
 
 
 def test_require_image_filters_without_calling_it_bad(catalog_dir):
+    items, events = catalog_dir / "items.csv", catalog_dir / "events.csv"
+    items.write_text(items.read_text() + "I-9,Fork,steel fork,,acme\n")  # row 8: text, no image uri at all
+    events.write_text(events.read_text() + "u1,I-9,2024-01-09,1\n")
     ds = _load(catalog_dir, require_image=True)
     assert ds.items["image_uri"].notna().all() and len(ds.items) == 3
-    assert ds.filtered["items_without_image"] == 3
-    # interactions on the text-only items (C-3, D-4, G-7) are filtered, not rejected as unknown
-    assert ds.reject_counts["unknown_item"] == 2
-    assert ds.filtered["interactions_on_items_without_image"] == 4  # C-3, G-7 and D-4 twice
+    # an item without an image (and its interactions) is filtered, not a bad record
+    assert ds.filtered["items_without_image"] == 1 and ds.filtered["interactions_on_items_without_image"] == 1
+    assert "I-9" not in set(ds.rejects["item_id"].dropna())
+
+
+def test_require_image_drops_bad_images_once_and_the_rejects_agree_with_the_counts(catalog_dir):
+    """Issue 19 case 3: under --require-image the rejects said `kept_text_only` for images whose items the
+    `filtered` counts said were removed. Each item that loses its image is one reject, under its image reason,
+    whose action says what happened to it."""
+    ds = _load(catalog_dir, require_image=True)
+    rej = ds.rejects
+    images = rej[rej["reason"].isin(["missing_image", "corrupt_image", "image_escapes_root"])]
+    assert sorted(images["item_id"]) == ["C-3", "D-4", "G-7"] and set(images["action"]) == {"dropped"}
+    assert images["detail"].str.contains("--require-image drops it").all()
+    assert rej.groupby(["source", "row"]).size().max() == 1  # one reject per record
+    assert ds.filtered["items_without_image"] == 0
+    # their interactions are dropped with them (C-3, G-7, D-4 twice), counted as rejects, not as filtered
+    assert ds.reject_counts["unknown_item"] == 2 + 4
+    assert ds.filtered["interactions_on_items_without_image"] == 0
     assert len(ds.interactions) == 2
+    n_items = len(pd.read_csv(catalog_dir / "items.csv"))
+    dropped = rej[(rej["source"] == "items.csv") & (rej["action"] == "dropped")]
+    assert len(ds.items) + len(dropped) + ds.filtered["items_without_image"] == n_items
+
+
+def test_an_item_without_text_that_loses_its_image_is_one_dropped_reject(catalog_dir):
+    """An item with no text whose image is broken was two rejects (corrupt_image kept_text_only, then
+    empty_text dropped): now one, under the image's reason, and its action says it was dropped."""
+    items = catalog_dir / "items.csv"
+    items.write_text(items.read_text() + "H-8,,,broken.png,acme\n")  # row 8: no text, corrupt image
+    ds = _load(catalog_dir)
+    rows = ds.rejects[ds.rejects["row"].eq(8) & ds.rejects["source"].eq("items.csv")]
+    assert rows[["reason", "action"]].values.tolist() == [["corrupt_image", "dropped"]]
+    assert "no title and no text either" in rows["detail"].iloc[0]
+    assert 8 not in set(ds.items["item_id"])
 
 
 def test_decode_level_catches_truncated_image(catalog_dir):
@@ -220,7 +253,7 @@ def test_missing_column_and_wrong_file_stay_hard_errors(tmp_path):
 def test_max_bad_fraction_flag_reaches_the_spec():
     import argparse
 
-    from pipelines.data import add_data_arguments, data_spec_from_args
+    from pipelines.beam.data_flags import add_data_arguments, data_spec_from_args
 
     parser = argparse.ArgumentParser()
     add_data_arguments(parser)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.data import DataSpec, add_data_arguments, data_spec_from_args
+from pipelines.data import DataSpec
+from pipelines.beam.data_flags import add_data_arguments, data_spec_from_args
 
 
 def test_defaults_are_the_embedded_synthetic_set():

@@ -213,7 +213,7 @@ def test_sparse_preset_is_shaped_like_a_small_purchase_log(tmp_path):
 def test_preset_is_a_data_flag_with_its_own_sizes():
     import argparse
 
-    from pipelines.data import add_data_arguments, data_spec_from_args
+    from pipelines.beam.data_flags import add_data_arguments, data_spec_from_args
 
     parser = argparse.ArgumentParser()
     add_data_arguments(parser)

@@ -19,7 +19,7 @@ TINY = ["--n-items", "48", "--n-users", "40", "--n-events", "1600", "--n-cluster
 
 
 def _run(argv):
-    from pipelines.cascade import run
+    from pipelines.jobs.cascade import run
 
     return run(list(argv), save_main_session=False)
 
@@ -32,7 +32,7 @@ def first_run(tmp_path_factory):
 
 
 def test_publishes_a_contract_version(first_run):
-    from pipelines.mllm.checkpoint import load_encoder
+    from pipelines.encoder.checkpoint import load_encoder
     from quant import load_quantizer
 
     base, _, summary = first_run
@@ -51,7 +51,10 @@ def test_publishes_a_contract_version(first_run):
     assert np.isin(codes.vq, ids).all() and not (codes.vq == ids[:, None]).any()
     # the unaligned twin (ablation row f) has the same items
     ids_u, emb_u = v.embeddings("item_embeddings_unaligned")
-    assert ids_u.tolist() == ids.tolist() and not np.allclose(emb_u, emb)
+    assert ids_u.tolist() == ids.tolist()
+    # the aligned table is what the never-worse gate recorded: trained weights, or step 0 (= unaligned) bit for bit
+    kept = v.metrics["alignment"]["kept"]
+    assert kept in (True, False) and np.array_equal(emb_u, emb) == (not kept)
     assert v.codes("item_codes_unaligned").rq.shape == (48, 2)
     # the version carries what the retraining job warm-starts from
     q = load_quantizer(v.path / "quantizer")
@@ -103,7 +106,7 @@ def test_rerun_is_idempotent(first_run):
 
 
 def test_failed_run_leaves_current(first_run, monkeypatch, tmp_path):
-    import pipelines.transforms.quantize as Q
+    import pipelines.beam.quantize_items as Q
 
     base, argv, _ = first_run
     store = FeatureStore(base / "store")
@@ -141,7 +144,7 @@ def _bad_dataset(base: Path, first_base: Path):
 
 
 def test_bad_records_go_to_dead_letter(first_run, tmp_path, monkeypatch):
-    from pipelines.mllm.handler import ItemEncoderModelHandler
+    from pipelines.beam.model_handler import ItemEncoderModelHandler
 
     first_base, argv, _ = first_run
     folder, nan_item, n_items, n_inter = _bad_dataset(tmp_path, first_base)
@@ -168,7 +171,7 @@ def test_bad_records_go_to_dead_letter(first_run, tmp_path, monkeypatch):
 
 
 def test_demo_report_from_published_version(first_run, tmp_path):
-    from pipelines.demo_report import markdown, write_plots
+    from pipelines.jobs.demo_report import markdown, write_plots
 
     base, _, summary = first_run
     version = FeatureStore(base / "store").read(summary["version"])
@@ -195,7 +198,7 @@ def test_command_line_job_log_is_for_people(tmp_path):
     err = out.stderr
     for noise in ("prism", "Prism", "apitools", "apache_beam", "INFO root", "faiss.loader", "Loading faiss"):
         assert noise not in err, noise
-    assert "INFO pipelines.cascade" in err and "published:" in err
+    assert "INFO pipelines.jobs.cascade" in err and "published:" in err
     assert json.loads(out.stdout.strip().splitlines()[-1])["ok"] is True
 
 
@@ -246,4 +249,7 @@ def test_cascade_seeds_share_one_backbone_pass(first_run, tmp_path):
     a = FeatureStore(tmp_path / "store0").read()
     b = FeatureStore(tmp_path / "store1").read()
     assert a.config["encoder"] == b.config["encoder"]
-    assert not np.array_equal(a.embeddings()[1], b.embeddings()[1])
+    # the unaligned embedding's PCA map is fitted on the train portion, which the cascade seed does not change
+    assert np.array_equal(a.embeddings("item_embeddings_unaligned")[1], b.embeddings("item_embeddings_unaligned")[1])
+    # the seeded stages still differ: the quantizers' codes
+    assert not np.array_equal(a.codes().rq, b.codes().rq)

@@ -10,7 +10,7 @@ from feature_store import FeatureStore
 from feature_store.tables import write_codes, write_embeddings
 from pipelines.cli import main as qarm_main
 from feature_store.split import SplitConfig, behaviour_free_protocol, protocol_record
-from pipelines.data.oracle import oracle_world, write_world_files
+from oracle_world import oracle_world, write_world_files
 
 FAST = ["--epochs", "2", "--dim", "16", "--tower-hidden", "16", "--negatives", "32", "--batch-size", "256",
         "--kd-topk", "10", "--kd-samples", "10", "--bootstrap", "200"]

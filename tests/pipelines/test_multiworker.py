@@ -27,7 +27,7 @@ RUNNERS = {
 
 
 def _publish(base, name, extra):
-    from pipelines.cascade import run
+    from pipelines.jobs.cascade import run
 
     summary = run(TINY + ["--data", str(base / "img"), "--store", str(base / name / "store"),
                           "--work-dir", str(base / name / "work")] + extra, save_main_session=False)

@@ -11,8 +11,8 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.pairs import PairConfig, mine_pairs, swing_pairs, swing_scores, trigger_target_pairs
-from pipelines.transforms.pairs import MinePairs, SwingPairs, TriggerTargetPairs
+from pipelines.mining.pairs import PairConfig, mine_pairs, swing_pairs, swing_scores, trigger_target_pairs
+from pipelines.beam.mine_pairs import MinePairs, SwingPairs, TriggerTargetPairs
 
 
 def _frame(rows):

@@ -10,12 +10,12 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from feature_store.split import global_cuts
-from pipelines.collab import CollabConfig, fit_item_vectors
-from pipelines.pairs import (PairConfig, cap_users, mine_pairs, pick_triggers, positives, quantile_index,
+from pipelines.mining.collab import CollabConfig, fit_item_vectors
+from pipelines.mining.pairs import (PairConfig, cap_users, mine_pairs, pick_triggers, positives, quantile_index,
                              swing_row, swing_scores, time_cutoff, user_sample_key)
-from pipelines.transforms.collab import CollabItemVectors
-from pipelines.transforms.pairs import MinePairs, SwingPairs
-from pipelines.transforms.quantiles import ExactQuantile
+from pipelines.beam.collab_vectors import CollabItemVectors
+from pipelines.beam.mine_pairs import MinePairs, SwingPairs
+from pipelines.beam.quantiles import ExactQuantile
 
 
 def _frame(rows):
@@ -91,7 +91,7 @@ def test_users_per_item_cap_is_a_seeded_sample():
     got = swing_scores(inter, cfg)
     assert got[got.item == 0].set_index("partner")["support"].to_dict() == expected
     beam_cfg = PairConfig(min_support=1, heldout_frac=0.0, swing_max_users=6, seed=3)
-    from pipelines.pairs import swing_pairs
+    from pipelines.mining.pairs import swing_pairs
     want_rows = [tuple(r) for r in swing_pairs(inter, beam_cfg).itertuples(index=False)]
     assert any(r[0] == 0 for r in want_rows)
     with TestPipeline() as p:

@@ -14,7 +14,7 @@ import apache_beam as beam
 from feature_store import FeatureStore
 from feature_store.split import (ProtocolMismatchError, SplitConfig, check_protocol, protocol_problems,
                                  protocol_record, split_labels)
-from pipelines.cascade.graph import TrainPortion
+from pipelines.beam.cascade_graph import TrainPortion
 
 SPLITS = [SplitConfig("global", 0.1, 0.1), SplitConfig("user_last_n", n_valid=1, n_test=1),
           SplitConfig("user_last_frac", 0.2, 0.2)]
@@ -82,7 +82,7 @@ TINY = ["--n-items", "48", "--n-users", "40", "--n-events", "1600", "--n-cluster
                                          ["--split", "user_last_frac", "--test-frac", "0.2"]],
                          ids=["global", "user_last_n", "user_last_frac"])
 def test_cascade_mines_pairs_on_the_train_portion_only(tmp_path, split_flags):
-    from pipelines.cascade import run
+    from pipelines.jobs.cascade import run
     from pipelines.data import DataSpec, load_dataset
 
     summary = run(TINY + split_flags + ["--data", str(tmp_path / "img"), "--store", str(tmp_path / "store")],
@@ -100,7 +100,7 @@ def test_cascade_mines_pairs_on_the_train_portion_only(tmp_path, split_flags):
 
 @pytest.mark.slow
 def test_ranker_and_eval_refuse_a_version_of_another_protocol(tmp_path, capsys):
-    from pipelines.cascade import run
+    from pipelines.jobs.cascade import run
     from pipelines.cli import main
 
     store, img = tmp_path / "store", tmp_path / "img"

@@ -15,7 +15,7 @@ from apache_beam.testing.util import assert_that, equal_to
 @pytest.mark.parametrize("method", ["global", "user_last_n", "user_last_frac"])
 def test_protocol_parts_on_workers_equal_split_labels(method):
     from feature_store.split import SplitConfig, protocol_record, split_labels
-    from pipelines.transforms.protocol import ProtocolParts, ProtocolRecord
+    from pipelines.beam.protocol import ProtocolParts, ProtocolRecord
 
     rng = np.random.default_rng(4)
     n = 700
@@ -39,7 +39,7 @@ def test_protocol_parts_on_workers_equal_split_labels(method):
 
 def test_record_of_an_empty_log_and_of_an_empty_window_equal_the_driver_s():
     from feature_store.split import SplitConfig, protocol_record
-    from pipelines.transforms.protocol import ProtocolParts, ProtocolRecord
+    from pipelines.beam.protocol import ProtocolParts, ProtocolRecord
 
     cfg = SplitConfig("global", 0.0, 0.2)  # no validation window: its cut is past the last event
     log = pd.DataFrame({"user_id": [1, 1, 2, 2, 3], "item_id": [1, 2, 3, 4, 5], "ts": [1, 2, 3, 4, 5],
@@ -56,7 +56,7 @@ def test_record_of_an_empty_log_and_of_an_empty_window_equal_the_driver_s():
 
 def test_driver_refuses_a_record_that_differs_from_its_own():
     from feature_store.split import SplitConfig, protocol_record
-    from pipelines.cascade.job import check_protocol_record
+    from pipelines.jobs.cascade.driver import check_protocol_record
 
     log = pd.DataFrame({"user_id": [1, 1, 2, 2, 3], "item_id": [1, 2, 3, 4, 5], "ts": [1, 2, 3, 4, 5],
                         "label": np.ones(5, np.float32)})

@@ -39,8 +39,8 @@ def dataset(tmp_path_factory):
 
 @pytest.mark.parametrize("runner", sorted(RUNNERS))
 def test_graph_builds_for_runner(runner, dataset, tmp_path):
-    from pipelines.cascade import build_graph, make_plan
-    from pipelines.transforms.options import CascadeOptions, DataOptions
+    from pipelines.jobs.cascade import build_graph, make_plan
+    from pipelines.beam.options import CascadeOptions, DataOptions
 
     argv = RUNNERS[runner] + JOB + ["--store", str(tmp_path / "store"), "--work-dir", str(tmp_path / "work")]
     options = PipelineOptions(argv)

@@ -1,17 +1,17 @@
-"""The side cache built and read on the workers equals the in-process one-pass API (pipelines.mllm.onepass)."""
+"""The side cache built and read on the workers equals the in-process one-pass API (pipelines.encoder.onepass)."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from pipelines.mllm import EncoderConfig
-from pipelines.mllm.align import AlignConfig, train_side
-from pipelines.mllm.cache import load_cache
-from pipelines.mllm.items import ItemCatalog
-from pipelines.mllm.onepass import build_mllm_cache, embed_from_cache
-from pipelines.mllm.side import SideConfig
-from pipelines.transforms.side_cache import BuildSideCache, EmbedFromCache, shard_of
+from pipelines.encoder import EncoderConfig
+from pipelines.encoder.alignment import AlignConfig, train_side
+from pipelines.encoder.cache import load_cache
+from pipelines.encoder.items import ItemCatalog
+from pipelines.encoder.onepass import build_mllm_cache, embed_from_cache
+from pipelines.encoder.side import SideConfig
+from pipelines.beam.side_cache import BuildSideCache, EmbedFromCache, shard_of
 
 TINY = EncoderConfig.named("tiny")
 
@@ -20,7 +20,7 @@ TINY = EncoderConfig.named("tiny")
 def world(tmp_path_factory):
     from pipelines.data import load_dataset
     from pipelines.data.schema import DataSpec
-    from pipelines.pairs import PairConfig, mine_pairs
+    from pipelines.mining.pairs import PairConfig, mine_pairs
 
     folder = tmp_path_factory.mktemp("side_cache_world")
     ds = load_dataset(DataSpec(dataset="synthetic", data=str(folder), n_items=40, n_users=30, n_events=1200,
@@ -53,7 +53,7 @@ def test_worker_built_cache_holds_the_in_process_states(world, tmp_path):
         torch.testing.assert_close(beam_cache.gather(ids)[key], want, rtol=1e-4, atol=1e-5)
     # every shard holds the items of its hash bucket
     for shard in beam_cache.shards:
-        from pipelines.mllm.cache import read_shard
+        from pipelines.encoder.cache import read_shard
 
         shard_ids, _ = read_shard(tmp_path / "beam", shard)
         assert len({shard_of(i, 3) for i in shard_ids.tolist()}) == 1
@@ -113,3 +113,37 @@ def test_an_edited_item_text_is_a_new_shard(world, tmp_path):
     _run_build(ds, tmp_path / "c", items=edited)
     after = {s["file"] for s in json.loads((tmp_path / "c" / "manifest.json").read_text())["shards"]}
     assert len(before - after) == 1 and len(after - before) == 1  # only the edited item's shard is rebuilt
+
+
+def test_items_the_encoder_reads_nothing_of_are_counted_in_the_dead_letter(world, tmp_path):
+    """Issue 18 point 6: an item with no title, no text and no image the encoder reads embeds to the same vector
+    as every other such item (so they all share one code); each is recorded, reason no_readable_content."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    ds, pairs = world
+    items = ds.items.copy()
+    blind = items["item_id"].to_numpy()[:3]
+    items.loc[items["item_id"].isin(blind), ["title", "text", "image_uri"]] = ["", None, None]
+    _run_build(ds, tmp_path / "c", items=items)
+    cfg = AlignConfig(mode="side", epochs=1, batch_size=16, progress=False, side=SideConfig(layer_stride=2))
+    train_side(load_cache(tmp_path / "c"), pairs, None, cfg, out_dir=tmp_path / "run")
+    with TestPipeline("FnApiRunner") as p:
+        done = p | "Cache" >> beam.Create([str(tmp_path / "c")])
+        ckpt = p | "Ckpt" >> beam.Create([str(tmp_path / "run")])
+        out = done | EmbedFromCache(str(tmp_path / "c"), ckpt, ("aligned",))
+        _ = out["aligned"] | "Keep" >> beam.combiners.ToList() | beam.Map(_save, str(tmp_path / "aligned.npz"))
+        _ = (out["dead_letter"] | "KeepDead" >> beam.combiners.ToList()
+             | beam.Map(_save_json, str(tmp_path / "dead.json")))
+    dead = json.loads((tmp_path / "dead.json").read_text())
+    assert sorted(int(r[0]) for r in dead) == sorted(blind.tolist())
+    assert {(r[1], r[2]) for r in dead} == {("no_readable_content", "kept_shared_embedding")}
+    saved = np.load(tmp_path / "aligned.npz")
+    rows = saved["emb"][np.isin(saved["ids"], blind)]
+    assert len(rows) == 3 and np.array_equal(rows[0], rows[1]) and np.array_equal(rows[0], rows[2])
+
+
+def _save_json(rows, path):
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps([[int(r["item_dense_id"]), r["reason"], r["action"]] for r in rows]))

@@ -9,8 +9,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
 from pipelines.data.io import DataError, read_table
-from pipelines.transforms import sources
-from pipelines.transforms.sources import ReadTableParts
+from pipelines.beam import sources
+from pipelines.beam.sources import ReadTableParts
 
 
 def _norm(v):
@@ -100,7 +100,7 @@ def test_worker_path_publishes_what_the_snapshot_path_publishes(tmp_path):
     identical codes, embeddings, protocol record, config hash and dead-letter counts; a bad value in a CSV part
     is a reject naming file, row, column and value."""
     from feature_store import FeatureStore
-    from pipelines.cascade import run
+    from pipelines.jobs.cascade import run
 
     folder = _parts_source(tmp_path, bad_ts_rows=(5,))
     args = TINY + ["--dataset", "generic", "--items", str(folder / "items.csv"), "--interactions",
@@ -130,7 +130,7 @@ def test_worker_path_publishes_what_the_snapshot_path_publishes(tmp_path):
 @pytest.mark.slow
 def test_past_max_bad_fraction_the_worker_job_fails_and_current_stays(tmp_path):
     from feature_store import FeatureStore
-    from pipelines.cascade import run
+    from pipelines.jobs.cascade import run
 
     folder = _parts_source(tmp_path, bad_ts_rows=range(0, 40))
     args = TINY + ["--dataset", "generic", "--items", str(folder / "items.csv"), "--interactions",

@@ -10,7 +10,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from pipelines.transforms.validate import DEAD, CountByReason, ValidateInteractions, ValidateItems
+from pipelines.beam.validate_records import DEAD, CountByReason, ValidateInteractions, ValidateItems
 
 
 @pytest.fixture()
@@ -100,8 +100,8 @@ class _FakeHandler(ModelHandler):
 
 
 def test_embed_items_rejects_non_finite(images):
-    from pipelines.mllm.config import EncoderConfig
-    from pipelines.transforms.embed import EmbedItems
+    from pipelines.encoder.config import EncoderConfig
+    from pipelines.beam.embed_items import EmbedItems
 
     cfg = EncoderConfig.named("tiny")
     items = [_item(1, uri="ok.png"), _item(13), _item(2, uri="corrupt.png")]
@@ -115,7 +115,7 @@ def test_embed_items_rejects_non_finite(images):
 
 def test_quantize_items_matches_library():
     from quant import RQKMeans, VQNeighbors
-    from pipelines.transforms.quantize import QuantConfig, QuantizeItems, sample_key
+    from pipelines.beam.quantize_items import QuantConfig, QuantizeItems, sample_key
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 8)).astype(np.float32)
@@ -137,7 +137,7 @@ def test_quantize_items_matches_library():
 
 def test_writers_produce_store_tables(tmp_path):
     from feature_store.tables import read_codes, read_embeddings
-    from pipelines.transforms.write import WriteCodes, WriteEmbeddings
+    from pipelines.beam.write import WriteCodes, WriteEmbeddings
 
     emb = [(i, np.full(3, i, np.float32)) for i in (5, 2, 9)]
     with TestPipeline() as p:
@@ -173,9 +173,9 @@ def test_loader_rejects_with_string_ids_reach_the_dead_letter(tmp_path):
     import pandas as pd
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.cascade import make_plan
+    from pipelines.jobs.cascade import make_plan
     from pipelines.data import DataSpec, load_dataset
-    from pipelines.transforms.write import WriteRejects
+    from pipelines.beam.write import WriteRejects
 
     mapping = _string_id_shop(tmp_path)
     ds = load_dataset(DataSpec(dataset="generic", mapping=mapping))

@@ -6,7 +6,7 @@ import numpy as np
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
-from pipelines.transforms.quantize import QuantConfig, QuantizeItems
+from pipelines.beam.quantize_items import QuantConfig, QuantizeItems
 
 
 def _catalog(n=300, d=8, seed=0):

@@ -7,8 +7,10 @@ import torch.distributed as dist
 
 from ranker.config import RankerConfig
 from ranker.data import prepare_examples
-from pipelines.data.oracle import oracle_world
 from ranker.train import fit
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the oracle world fixture
+from oracle_world import oracle_world  # noqa: E402
 
 
 def main(out_dir: str) -> None:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main as qarm_main
-from pipelines.data.oracle import oracle_world, publish_world_version, write_world_files
+from oracle_world import oracle_world, publish_world_version, write_world_files
 from ranker.data import random_codes_like
 from ranker.metrics import auc, gauc
 from ranker.report import markdown_table
@@ -97,7 +97,7 @@ def test_eval_on_an_oracle_store_reports_every_row_with_intervals(tmp_path, caps
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = result["rows"]
-    assert set(rows) == {"id", "frozen", "vq", "rq", "vq+rq", "vq+rq+cross", "vq+rq+frozen", "random",
+    assert set(rows) == {"id", "frozen", "frozen+sim", "vq", "rq", "vq+rq", "vq+rq+cross", "vq+rq+frozen", "random",
                          "vq+rq-unaligned"}
     assert rows["vq+rq"]["runs"] == 2
     # oracle codes carry the clusters: their gain over ids is real, random codes of the same shapes gain less
@@ -158,3 +158,43 @@ def test_eval_re_ranks_retrieved_candidates_into_the_cascade(tmp_path, capsys):
     # the ranker whose codes carry the clusters orders the same candidates better than the ids-only one
     assert cascade["rows"]["vq+rq"]["ndcg@10_mean"] > cascade["rows"]["id"]["ndcg@10_mean"]
     assert "retrieval alone" in (tmp_path / "ev" / "ablation.md").read_text()
+
+
+def test_undefined_gauc_is_null_in_json_and_na_in_markdown():
+    from feature_store.io import dumps_strict
+    from ranker.metrics import ranking_metrics
+
+    rng = np.random.default_rng(0)
+    users = np.arange(40)  # one test event per user (user_last_n on an explicit log): GAUC has no user to average
+    labels = (np.arange(40) % 2).astype(float)
+    runs = {}
+    for row, signal in (("id", 0.2), ("vq+rq", 1.0)):
+        runs[row] = []
+        for seed in range(2):
+            scores = labels * signal + rng.standard_normal(40)
+            runs[row].append({"test": ranking_metrics(users, labels, scores), "best_epoch": 0, "test_scores": scores})
+    ev = PairedEvaluation(users, labels, BootstrapConfig(replicates=50))
+    rows = summarize_runs(runs, evaluation=ev)
+    row = rows["vq+rq"]
+    assert row["gauc_mean"] is None and row["gauc_std"] is None and row["gauc_diff_ci95"] is None
+    assert row["gauc_diff"] is None and row["delta_gauc_pt_mean"] is None
+    assert "no user has both" in row["undefined"]["gauc"] and "no user has both" in row["undefined"]["gauc_diff_ci95"]
+    assert row["auc_mean"] is not None and len(row["auc_diff_ci95"]) == 2  # AUC is defined and keeps its interval
+    saved = json.loads(dumps_strict(rows))
+    assert saved["vq+rq"]["gauc_diff_ci95"] is None and saved["id"]["gauc_mean"] is None
+    md = markdown_table(rows)
+    assert "nan" not in md and "[+0.0000, +0.0000]" not in md
+    line = next(l for l in md.splitlines() if l.startswith("| vq+rq |"))
+    cells = [c.strip() for c in line.split("|")]
+    assert cells[4] == "n/a" and cells[7] == "n/a" and cells[3] != "n/a"  # GAUC, ΔGAUC n/a; AUC a number
+    assert "n/a: gauc is undefined here: no user has both" in md
+
+
+def test_bootstrap_of_a_one_class_window_is_undefined_not_zero():
+    users = np.repeat(np.arange(10), 3)
+    labels = np.ones(30)
+    ev = PairedEvaluation(users, labels, BootstrapConfig(replicates=20))
+    out = ev.diff_ci([np.arange(30.0)], [np.zeros(30)], "auc")
+    assert out["ci95"] is None and out["mean"] is None and "only one class" in out["undefined"]
+    empty = PairedEvaluation(users[:0], labels[:0], BootstrapConfig(replicates=20))
+    assert empty.diff_ci([np.zeros(0)], [np.zeros(0)], "gauc")["undefined"] == "no test users to resample"

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ranker.batch import build_batch, cross_features
+from ranker.batch import build_batch, cross_features, similarity_features
 from ranker.config import NegativeConfig, RankerConfig
 from ranker.data import SplitConfig, prepare_examples
 from ranker.examples import UserIndex, build_examples, sample_negatives
@@ -94,6 +94,27 @@ def test_table_configs_share_tables_between_target_and_history():
     assert [c.name for c in bag_cfgs] == ["user"]
     with pytest.raises(ValueError, match="needs item embeddings"):
         build_schema(RankerConfig(features="frozen"), n_users=3, items=items)
+
+
+def test_frozen_sim_feature_is_the_hand_computed_similarity():
+    # item vectors: 10 -> (1, 0), 20 -> (0, 2), 30 -> (1, 1); item 40 has none (zeros, similarity 0)
+    items = ItemFeatures.build(CATALOG, frozen_item_ids=np.array([10, 20, 30]),
+                               frozen=np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]))
+    ex = build_examples(_events(), _events()[lambda d: d.label > 0], items, UserIndex.from_ids([7, 8]), history_len=3)
+    schema = build_schema(RankerConfig(features="frozen+sim", history_len=3), n_users=3, items=items)
+    assert schema.dense_parts == ("sim",) and schema.n_dense == 3 + 3
+    batch = build_batch(ex.take(np.array([1, 2, 3])), schema, items)
+    # event 1: target 20 (0, 2), history [10]: cos 0 -> soft count 0, max 0
+    # event 2: target 30 (1, 1), history [20, 10]: cos = 1/sqrt2 each -> soft 2/sqrt2, share (2/sqrt2)/2, max 1/sqrt2
+    # event 3: user 8, no history -> zeros
+    c = 1 / np.sqrt(2)
+    assert batch.dense[:, 3:].numpy() == pytest.approx(np.array(
+        [[0.0, 0.0, 0.0], [np.log1p(2 * c), c, c], [0.0, 0.0, 0.0]]), abs=1e-6)
+    # the same features without "sim", and a negative similarity stays out of the soft count but sets the max
+    assert build_schema(RankerConfig(features="frozen", history_len=3), n_users=3, items=items).n_dense == 3
+    out = similarity_features(np.array([[1.0, 0.0]]), np.array([[[-1.0, 0.0], [0.0, 0.0]]]),
+                              np.array([[True, False]]), np.array([1]))
+    assert out.tolist() == [[0.0, 0.0, -1.0]]
 
 
 def test_cross_features_count_prefix_matches():

@@ -9,7 +9,7 @@ import pytest
 from ranker.checkpoint import load_checkpoint
 from ranker.data import prepare_examples
 from ranker.features import build_schema
-from pipelines.data.oracle import oracle_world
+from oracle_world import oracle_world
 from ranker.train import evaluate
 
 REPO = Path(__file__).resolve().parents[2]

@@ -47,3 +47,17 @@ def test_ranking_metrics_from_logits():
     out = ranking_metrics(np.array([1, 1]), np.array([1, 0]), np.array([0.0, -100.0]))
     assert out["auc"] == 1.0 and out["n"] == 2
     assert out["logloss"] == pytest.approx(-math.log(0.5) / 2, rel=1e-4)
+
+
+def test_undefined_metrics_are_null_with_a_reason():
+    # a per-user last-1 split of an explicit log: every test user has one event, so no user has both classes
+    users, labels = np.array([1, 2, 3, 4]), np.array([1, 0, 1, 0])
+    out = ranking_metrics(users, labels, np.array([0.3, -0.2, 0.1, 0.4]))
+    assert out["gauc"] is None and "no user has both" in out["undefined"]["gauc"]
+    # pooled AUC still exists: positives 0.3, 0.1 vs negatives -0.2, 0.4 win 2 of 4 pairs
+    assert out["auc"] == 0.5 and "auc" not in out["undefined"]
+    one_class = ranking_metrics(np.array([1, 1, 2]), np.array([1, 1, 1]), np.array([0.1, 0.2, 0.3]))
+    assert one_class["auc"] is None and one_class["gauc"] is None
+    assert "only one class among the 3 events" in one_class["undefined"]["auc"]
+    assert set(ranking_metrics(users[:0], labels[:0], labels[:0].astype(float))["undefined"]) == {"auc", "gauc",
+                                                                                                   "logloss"}

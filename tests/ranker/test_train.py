@@ -6,7 +6,7 @@ from ranker.checkpoint import load_checkpoint
 from ranker.config import RankerConfig
 from ranker.data import prepare_examples
 from ranker.features import build_schema
-from pipelines.data.oracle import oracle_world
+from oracle_world import oracle_world
 from ranker.train import evaluate, fit
 
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_day_boundaries_split_the_tail_by_count():
-    from pipelines.retrain.replay import day_boundaries
+    from pipelines.jobs.retrain.replay import day_boundaries
 
     ts = np.arange(1000)
     bounds = day_boundaries(ts, days=4, tail=0.2)
@@ -24,8 +24,8 @@ def test_day_boundaries_split_the_tail_by_count():
 
 
 def test_movielens_daily_replay_command(movielens_dir, tmp_path, capsys):
-    """`python -m pipelines.retrain.replay` on the 600 most-rated poster movies: JSON days, table, PNG."""
-    from pipelines.retrain.replay import main
+    """`python -m pipelines.jobs.retrain.replay` on the 600 most-rated poster movies: JSON days, table, PNG."""
+    from pipelines.jobs.retrain.replay import main
 
     out = tmp_path / "out"
     code = main(["--dataset", "movielens", "--data", str(movielens_dir), "--require-image", "--top-items", "600",

@@ -18,9 +18,6 @@ from pipelines.cli import EXIT_LOCKED, EXIT_OK, EXIT_REJECTED, main
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-DATA_FLAGS = ["--dataset", "synthetic", "--n-items", "240", "--n-users", "60", "--n-events", "5000",
-              "--n-clusters", "6"]
-JOB_FLAGS = ["--encoder", "tiny", "--rq-codebook-size", "12", "--align-epochs", "1", "--vq-k", "5"]
 
 
 def _last_json(capsys) -> dict:
@@ -28,23 +25,13 @@ def _last_json(capsys) -> dict:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(copy_world, tmp_path_factory):
     """A store whose first version was built from the log up to the 80% point (the replay's bootstrap)."""
-    from pipelines.data import DataSpec, load_dataset
-    from pipelines.retrain.replay import bootstrap, day_boundaries
-
-    root = tmp_path_factory.mktemp("retrain")
-    data_flags = DATA_FLAGS + ["--data", str(root / "data")]
-    ds = load_dataset(DataSpec(dataset="synthetic", data=root / "data", n_items=240, n_users=60, n_events=5000,
-                               n_clusters=6))
-    bounds = day_boundaries(ds.interactions["ts"].to_numpy(), days=1, tail=0.2)
-    store = root / "store"
-    first = bootstrap(ds, store, bounds[0], root / "boot", JOB_FLAGS)
-    return {"root": root, "store": store, "first": first["version"], "bounds": bounds, "data_flags": data_flags}
+    return copy_world(tmp_path_factory.mktemp("retrain"))
 
 
 def _retrain_args(world, *extra):
-    return ["retrain", "--store", str(world["store"]), *world["data_flags"], "--json", *extra, *JOB_FLAGS]
+    return ["retrain", "--store", str(world["store"]), *world["data_flags"], "--json", *extra, *world["job_flags"]]
 
 
 def test_second_concurrent_run_is_refused_by_the_lock(world, capsys):
@@ -152,3 +139,27 @@ def test_a_candidate_that_ranks_worse_than_its_parent_on_the_tail_is_refused(wor
     exported = pd.read_parquet(next(work.glob("run-*/window/interactions.parquet")))
     assert exported["ts"].max() <= out["tail_start"] < out["until"]
     assert out["tail_interactions"] > 0
+
+
+def test_an_encoder_refresh_that_does_not_beat_its_parent_keeps_the_parent_encoder(world, capsys):
+    """The never-worse gate on a refresh (issue 18): the fine-tune starts at the parent's encoder (step 0) and is
+    judged against it on the cascade's validation window; a learning rate that only degrades leaves the parent's
+    weights in the candidate, and the version records it."""
+    import torch
+    from safetensors.torch import load_file
+
+    store = FeatureStore(world["store"])
+    parent = store.read()
+    work = world["root"] / "work-refresh"
+    code = main(_retrain_args(world, "--work-dir", str(work), "--since", str(world["bounds"][0]),
+                              "--refresh-encoder-every", "1", "--align-lr", "3", "--no-ranker-gate"))
+    out = _last_json(capsys)
+    assert code == EXIT_OK, out
+    assert out["encoder_refreshed"] is True
+    new = store.read()
+    record = new.metrics["alignment"]
+    assert record["kept"] is False and record["judge"] == "valid_next_item"
+    assert record["base_map"]["kind"] == "checkpoint"  # the warm start's own map, not a new fit
+    before = load_file(str(parent.path / "encoder" / "model.safetensors"))
+    after = load_file(str(new.path / "encoder" / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

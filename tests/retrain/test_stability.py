@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.retrain.stability import StabilityConfig, churn_by_group, item_groups, stable_codes
+from pipelines.jobs.retrain.stability import StabilityConfig, churn_by_group, item_groups, stable_codes
 
 BOOKS = [np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], np.float32),
          np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)]

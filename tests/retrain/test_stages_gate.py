@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from pipelines.retrain.gate import GateConfig, check_gate
-from pipelines.retrain.stages import DONE_MARKER, StageRunner
+from pipelines.jobs.retrain.gate import GateConfig, check_gate
+from pipelines.jobs.retrain.stages import DONE_MARKER, StageRunner
 
 
 def test_completed_stage_is_resumed_not_rerun(tmp_path):
@@ -40,7 +40,7 @@ def test_crash_mid_stage_leaves_nothing_trusted(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(os.getcwd())!r})
-        from pipelines.retrain.stages import StageRunner
+        from pipelines.jobs.retrain.stages import StageRunner
         def stage(out):
             (out / "half.txt").write_text("half")
             os._exit(9)
@@ -91,7 +91,7 @@ def test_gate_refuses_a_ranking_drop_beyond_the_tolerance_on_the_same_events():
 def test_encoder_refresh_is_counted_in_the_store_history():
     from types import SimpleNamespace
 
-    from pipelines.retrain.job import RetrainConfig, refresh_due, versions_since_refresh
+    from pipelines.jobs.retrain.job import RetrainConfig, refresh_due, versions_since_refresh
 
     chain = {"v0": SimpleNamespace(id="v0", parent=None, config={}),  # the cascade's first version
              "v1": SimpleNamespace(id="v1", parent="v0", config={"retrain": {"encoder_refreshed": False}}),
@@ -117,7 +117,7 @@ def test_ci_rule_refuses_only_when_the_whole_interval_is_below_the_tolerance():
 
 
 def test_replay_seeds_combine_into_mean_std_and_t_interval():
-    from pipelines.retrain.replay import combine_seeds
+    from pipelines.jobs.retrain.replay import combine_seeds
 
     def run(auc, published):
         return {"days": [{"day": 1, "published": published, "reasons": [], "auc_remapped": auc,

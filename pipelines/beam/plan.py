@@ -1,0 +1,228 @@
+"""The cascade job's plan: every setting resolved in the driver before anything runs (configs validated, paths
+fixed, the protocol's split applied to the source snapshot)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from feature_store.split import SplitConfig, split_from_args
+from pipelines.mining.pairs import PairConfig
+from pipelines.beam.options import CascadeOptions, cascade_seed, data_spec
+from pipelines.beam.quantize_items import QuantConfig
+
+
+@dataclass(frozen=True)
+class AlignPlan:
+    """How the align stage gets its encoder.
+
+    Args:
+        encoder: the EncoderConfig (as a dict) the encoders are built from.
+        mode: full | adapters | side.
+        epochs, batch_size, lr, temperature: training settings (lr / temperature None: the trainer's defaults).
+        checkpoint: reuse this aligned checkpoint (skip training).
+        init_encoder: warm-start training from this checkpoint.
+        threads: torch threads of the single align worker.
+        seed: training seed.
+        cache_dir: side mode: the frozen MLLM's hidden-state cache (reused when its fingerprint matches; default
+            a folder in the work dir).
+        layer_stride: side mode: keep every k-th backbone layer (group layer-dropping).
+        side_dropout: side mode: dropout inside the side network while training.
+        nproc: trainer processes (data-parallel, torch.distributed.run on the align worker); 1 trains in the
+            worker itself. ``threads`` are shared out among them.
+        base_map: the unaligned embedding's map (pipelines.encoder.base_map): "pca" (fitted on the protocol's
+            train-portion items; needs side mode's cache) or "gaussian" (seeded by ``seed``). A warm start or a
+            reused checkpoint keeps its own.
+        gate_z: the never-worse gate's margin in paired standard errors (None: AlignConfig's default).
+    """
+
+    encoder: dict
+    mode: str = "side"
+    epochs: int = 2
+    batch_size: int = 128
+    lr: Optional[float] = None
+    temperature: Optional[float] = None
+    checkpoint: Optional[str] = None
+    init_encoder: Optional[str] = None
+    threads: int = 2
+    seed: int = 0
+    cache_dir: Optional[str] = None
+    layer_stride: int = 2
+    side_dropout: float = 0.1
+    nproc: int = 1
+    base_map: str = "pca"
+    gate_z: Optional[float] = None
+
+    def __post_init__(self):
+        from pipelines.encoder.base_map import BASE_MAP_KINDS
+        from pipelines.encoder.model_io import MODES
+
+        if self.mode not in MODES:
+            raise ValueError(f"AlignPlan.mode must be one of {MODES}, got {self.mode!r}")
+        if self.base_map not in BASE_MAP_KINDS:
+            raise ValueError(f"AlignPlan.base_map (--unaligned-map) must be one of {BASE_MAP_KINDS}, got "
+                             f"{self.base_map!r}")
+        if self.base_map == "pca" and (self.mode != "side" or self.checkpoint):
+            raise ValueError(f"--unaligned-map pca is fitted on side mode's hidden-state cache; --align-mode "
+                             f"{self.mode}{' with --align-checkpoint' if self.checkpoint else ''} has none: use "
+                             "--unaligned-map gaussian")
+        for name in ("epochs", "batch_size", "threads", "nproc"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"AlignPlan.{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint and not Path(self.checkpoint).exists():
+            raise FileNotFoundError(f"--align-checkpoint {self.checkpoint}: no such checkpoint folder")
+        for checkpoint in (self.checkpoint, self.init_encoder):
+            if checkpoint:
+                preflight_checkpoint(Path(checkpoint))
+
+
+def preflight_checkpoint(path: Path) -> None:
+    """Check, in the driver, the weight files an encoder checkpoint will load on the workers: its safetensors
+    headers and the vision_weights file its config names. A wrong file is a WeightsFileError naming it before the
+    job starts, not a worker's traceback (feature_store.weights)."""
+    from feature_store.weights import check_safetensors
+    from pipelines.encoder.checkpoint import read_meta, resolve_checkpoint
+    from pipelines.encoder.towers import load_state_file
+
+    step = resolve_checkpoint(path)
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        if (step / name).is_file() or name == "model.safetensors":
+            check_safetensors(step / name, "encoder")
+    weights = (read_meta(step).get("encoder") or {}).get("vision_weights")
+    if weights and not str(weights).startswith("pkg:"):  # installed packages are trusted files
+        load_state_file(Path(weights))
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything the graph needs, resolved in the driver (paths, configs)."""
+
+    items_path: str
+    interactions_path: str
+    image_root: Optional[str]
+    image_check: str
+    require_image: bool
+    staging: str
+    work_dir: str
+    pairs: PairConfig
+    quant: QuantConfig
+    align: AlignPlan
+    split: SplitConfig = SplitConfig()
+    max_bad_fraction: Optional[float] = None  # the loader's share limit, checked again on the workers
+    embed_batch_size: int = 64
+    unaligned: bool = True
+    init_quantizer: Optional[str] = None
+    loader_rejects: tuple = field(default_factory=tuple)
+    align_hints: tuple = ()  # (name, value) Beam resource hints of the Align step
+    side_cache_shard_size: int = 4096  # items per hidden-state cache shard: one worker's unit of the backbone pass
+    # the generic source read on the workers (`pipelines.beam.read_source`); None: the loader's snapshot
+    # at items_path / interactions_path
+    source: Optional[object] = None
+    clock: Optional[object] = None  # the job's feature_store.clock.EventClock: later events are rejects
+
+
+def unaligned_map(opts: CascadeOptions) -> str:
+    """--unaligned-map auto: pca where side mode's cache gives the frozen states to fit it on, else gaussian."""
+    choice = getattr(opts, "unaligned_map", None) or "auto"
+    if choice != "auto":
+        return choice
+    return "pca" if opts.align_mode == "side" and not opts.align_checkpoint else "gaussian"
+
+
+def encoder_dict(opts: CascadeOptions, seed: int) -> dict:
+    from pipelines.encoder.checkpoint import read_meta
+    from pipelines.encoder.config import EncoderConfig
+
+    if opts.align_checkpoint:  # the checkpoint's own encoder config wins: it decides preprocessing and width
+        return dict(read_meta(Path(opts.align_checkpoint))["encoder"])
+    overrides = {"seed": seed}
+    if opts.embed_dim:
+        overrides["embed_dim"] = opts.embed_dim
+    if opts.encoder_image_size:
+        overrides["image_size"] = opts.encoder_image_size
+    return EncoderConfig.named(opts.encoder, **overrides).to_dict()
+
+
+def with_raw_ids(frame: pd.DataFrame, id_maps: dict, fields: tuple) -> pd.DataFrame:
+    """Add ``_raw_<field>`` (the source's own string id) for string-id sources, so job-stage rejects name records
+    the way the user's files do. The id maps are the documented driver-side bound of string-id sources."""
+    out = frame
+    for name in fields:
+        table = (id_maps or {}).get(name)
+        if table is None:
+            continue
+        raw = pd.Series(table["raw"].to_numpy(), index=table["id"].to_numpy())
+        out = out.assign(**{f"_raw_{name}": raw.reindex(frame[name].to_numpy()).to_numpy()})
+    return out
+
+
+def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, source=None, clock=None) -> JobPlan:
+    """Resolve options + the loaded dataset (or, for the worker path, `source`: a
+    `pipelines.beam.read_source.SourcePlan`, with ds None) into a JobPlan (validates every config before
+    anything runs). ``clock``: the job's `feature_store.clock.EventClock`."""
+    from pipelines.beam.job_report import snapshot
+    from pipelines.beam.common import reject
+
+    opts = options.view_as(CascadeOptions)
+    seed = cascade_seed(options)
+    split = split_from_args(opts)
+    from pipelines.mining.collab import CollabConfig
+
+    pairs = PairConfig(swing_top_n=opts.swing_top_n, swing_alpha=opts.swing_alpha, min_support=opts.min_support,
+                       history=opts.trigger_history, heldout_frac=opts.heldout_frac, seed=seed,
+                       swing_max_users=opts.swing_max_users, swing_max_history=opts.swing_max_history,
+                       trigger_similarity=opts.trigger_similarity,
+                       # the encoder fallback needs the unaligned embedding before pair mining (side mode: from the
+                       # frozen MLLM's cache, EmbedFrozenFromCache; other modes: a RunInference pass)
+                       trigger_fallback="none" if opts.skip_unaligned else opts.trigger_fallback,
+                       collab=CollabConfig(dim=opts.collab_dim, iterations=opts.collab_iterations, reg=opts.collab_reg,
+                                           alpha=opts.collab_alpha, min_count=opts.collab_min_count, seed=seed))
+    quant = QuantConfig(rq_levels=opts.rq_levels, rq_codebook_size=opts.rq_codebook_size,
+                        fit_sample=opts.fit_sample, vq_k=opts.vq_k, vq_index=opts.vq_index,
+                        vq_gather_max=opts.vq_gather_max, vq_nlist=opts.vq_nlist, vq_nprobe=opts.vq_nprobe, seed=seed)
+    # side mode: the frozen MLLM (with its seeded projector: no pretrained one loads offline) is the fixed
+    # "pretrained" model, so it keeps the data seed and its cache serves every cascade seed; the side network,
+    # pairs, quantizers and the unaligned map take the cascade seed
+    encoder_seed = data_spec(options).seed if opts.align_mode == "side" else seed
+    align = AlignPlan(encoder=encoder_dict(opts, encoder_seed), mode=opts.align_mode, epochs=opts.align_epochs,
+                      batch_size=opts.align_batch_size, lr=opts.align_lr, temperature=opts.align_temperature,
+                      checkpoint=opts.align_checkpoint, init_encoder=opts.init_encoder, threads=opts.torch_threads,
+                      seed=seed, cache_dir=opts.side_cache_dir, layer_stride=opts.side_layer_stride,
+                      side_dropout=opts.side_dropout, nproc=opts.align_nproc, base_map=unaligned_map(opts),
+                      gate_z=opts.align_gate_z)
+    if opts.init_quantizer and not Path(opts.init_quantizer).exists():
+        raise FileNotFoundError(f"--init-quantizer {opts.init_quantizer}: no such folder")
+    common = dict(staging=str(staging), work_dir=str(work_dir), pairs=pairs, quant=quant, align=align, split=split,
+                  embed_batch_size=opts.embed_batch_size, unaligned=not opts.skip_unaligned,
+                  init_quantizer=opts.init_quantizer,
+                  align_hints=tuple((k, v) for k, v in (("min_ram", opts.align_min_ram),
+                                                        ("accelerator", opts.align_accelerator)) if v),
+                  side_cache_shard_size=opts.side_cache_shard_size, clock=clock)
+    if source is not None:  # the workers read, parse and validate the source: nothing is snapshotted
+        spec = data_spec(options)
+        return JobPlan(items_path="", interactions_path="", image_root=source.image_root,
+                       image_check=spec.validate_images, require_image=bool(spec.require_image),
+                       max_bad_fraction=source.max_bad_fraction, source=source, **common)
+    items_path = snapshot(with_raw_ids(ds.items, ds.id_maps, ("item_id",)), work_dir / "items.parquet")
+    # the protocol's part of every event (0 train, 1 valid, 2 test) is computed in the pipeline (ProtocolParts)
+    inter_path = snapshot(with_raw_ids(ds.interactions, ds.id_maps, ("user_id", "item_id")),
+                          work_dir / "interactions.parquet")
+
+    def known(value):
+        return None if value is None or pd.isna(value) else value
+
+    loader_rejects = tuple(
+        reject("read_sources", str(r.source), str(r.reason), row=known(r.row), item_id=known(r.item_id),
+               user_id=known(r.user_id), item_dense_id=known(getattr(r, "item_dense_id", None)),
+               user_dense_id=known(getattr(r, "user_dense_id", None)), detail=str(r.detail),
+               action=str(getattr(r, "action", "dropped")))
+        for r in ds.rejects.itertuples(index=False))
+    return JobPlan(items_path=str(items_path), interactions_path=str(inter_path),
+                   image_root=str(ds.image_root) if ds.image_root else None,
+                   image_check=ds.spec.validate_images if ds.spec else "draft",
+                   require_image=bool(ds.spec.require_image) if ds.spec else False,
+                   max_bad_fraction=ds.spec.max_bad_fraction if ds.spec else None,
+                   loader_rejects=loader_rejects, **common)

@@ -1,4 +1,0 @@
-"""`python -m pipelines.cascade FLAGS`."""
-from pipelines.cascade.job import main
-
-main()

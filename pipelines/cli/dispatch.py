@@ -1,0 +1,202 @@
+"""`qarm` console script: a thin dispatcher over the command modules.
+
+Each subcommand is a module with two functions:
+
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> dict      # the machine-readable result
+
+The dispatcher imports only the chosen module (start-up stays fast, libraries stay side-effect free), prints a
+human summary, and with ``--json`` prints the result as one strict-JSON line (null, never NaN), always the last
+line of stdout. Flags are hyphenated everywhere; the underscore spellings of the previous release still parse
+as hidden aliases (with a warning). Jobs that pass Beam options through (ACCEPTS_EXTRA_ARGS) refuse any flag that
+Beam does not know either.
+
+Logging: our packages log INFO, third-party libraries (Beam, transformers, faiss, ...) WARNING; ``-v`` brings
+their INFO back.
+
+Exit codes: 0 ok, 1 error (bad input, failed job), 2 usage (unknown command or flag, a missing or bad argument),
+3 rejected by a validation gate, 4 another writer holds the store's lock or published first
+(feature_store.StoreLockedError / StoreConflictError). Every failure prints ``{"ok": false, "exit": CODE, "error":
+...}`` as the last line under ``--json``, usage errors included.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import importlib
+import json
+import logging
+import sys
+from typing import Sequence
+
+from feature_store.io import dumps_strict, json_default
+from pipelines.jobs.outcome import EXIT_ERROR, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, CommandExit, configure_logging
+from pipelines.beam.flags import UnknownFlagError, add_underscore_aliases, check_beam_flags, warn_deprecated_spellings
+
+
+# name -> (module, one-line help). Modules are imported lazily.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("pipelines.jobs.demo", "whole cascade on a dataset, then the ranker ablation report"),
+    "pipeline": ("pipelines.jobs.cascade", "the Beam batch job: sources to a published feature-store version"),
+    "data": ("pipelines.jobs.data_stats", "inspect a data source (`qarm data stats`)"),
+    "align": ("pipelines.jobs.align", "align the multimodal item encoder to behaviour and evaluate it"),
+    "quantize": ("pipelines.jobs.quantize", "quantize item embeddings into semantic-ID codes"),
+    "train-ranker": ("pipelines.jobs.train_ranker", "train the TorchRec ranker on a feature-store version"),
+    "eval": ("pipelines.jobs.evaluate", "QARM Table-1-style ablation over ranker feature sets"),
+    "retrain": ("pipelines.jobs.retrain", "the scheduled retraining job"),
+    "distill": ("pipelines.jobs.distill", "PromptMM-style retrieval distillation: teacher, student and KD rows"),
+    "retrieve": ("pipelines.jobs.retrieve", "top-K retrieval candidates per user for a window (Parquet)"),
+    "store": ("pipelines.jobs.store_admin",
+              "list | show | diff | rollback | retain | verify | cleanup | history of feature-store versions"),
+}
+
+
+class UsageError(Exception):
+    """A command line that does not parse (argparse's own errors, raised instead of exiting)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing and exiting, so the dispatcher can answer ``--json``."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _print_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(dumps_strict(result, default=_printable), flush=True)
+        return
+    for key, value in result.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, default=_printable)
+        print(f"{key}: {value}")
+
+
+def _printable(obj):
+    """JSON encoding for printed results: the store's encoder, and str() for anything else (never crash on print)."""
+    try:
+        return json_default(obj)
+    except TypeError:
+        return str(obj)
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="qarm",
+        description="QARM: aligned multimodal item codes as learnable ranker features.",
+        epilog="\n".join(f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="qarm COMMAND [options] [--json]",
+    )
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
+    return parser
+
+
+@contextlib.contextmanager
+def _quiet_imports(verbose: bool):
+    """Import-time chatter of third-party packages (Beam's "apitools not found" on the root logger) stays out of
+    the way unless -v."""
+    root = logging.getLogger()
+    level = root.level
+    if not verbose:
+        root.setLevel(logging.ERROR)
+        if not root.handlers:
+            root.addHandler(logging.NullHandler())
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        _top_parser().print_help()
+        return EXIT_OK if argv else EXIT_USAGE
+    name, rest = argv[0], argv[1:]
+    as_json = "--json" in rest
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return _usage_error(_top_parser(), "qarm", None, f"unknown command {name!r}{hint} (choose from "
+                                                       f"{', '.join(sorted(COMMANDS))})", as_json)
+    module_name, help_ = COMMANDS[name]
+    verbose = "-v" in rest or "--verbose" in rest
+    with _quiet_imports(verbose):
+        module = importlib.import_module(module_name)  # a broken install fails loudly here, never "not built"
+    parser = _Parser(prog=f"qarm {name}", description=help_)
+    module.add_arguments(parser)
+    if not any(a.dest == "json" for a in parser._actions):
+        parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    if not any(a.dest == "verbose" for a in parser._actions):
+        parser.add_argument("-v", "--verbose", action="store_true",
+                            help="third-party libraries log at INFO too (default: WARNING)")
+    aliases = add_underscore_aliases(parser)
+    try:
+        args, unknown = _parse(parser, module, rest)
+    except UsageError as exc:
+        return _usage_error(parser, f"qarm {name}", name, str(exc), as_json)
+    configure_logging(getattr(args, "verbose", False))
+    warn_deprecated_spellings(rest, aliases)
+    try:
+        check_beam_flags(unknown)
+    except UnknownFlagError as exc:
+        print(f"qarm {name}: error: {exc}", file=sys.stderr)
+        if as_json:
+            _print_result({"command": name, "ok": False, "exit": EXIT_USAGE, "error": str(exc),
+                           "error_type": "UnknownFlagError"}, True)
+        return EXIT_USAGE
+    if unknown:
+        args.extra_args = unknown
+    from feature_store.lock import StoreLockedError
+    from feature_store.store import StoreConflictError
+
+    try:
+        result = module.run(args)
+    except CommandExit as exc:
+        print(f"qarm {name}: {exc}", file=sys.stderr)
+        _print_result({"command": name, "ok": False, "exit": exc.code, "error": str(exc), **exc.result}, as_json)
+        return exc.code
+    except StoreLockedError as exc:
+        print(f"qarm {name}: {exc}", file=sys.stderr)
+        _print_result({"command": name, "ok": False, "exit": EXIT_LOCKED, "error": str(exc), "holder": exc.holder},
+                      as_json)
+        return EXIT_LOCKED
+    except StoreConflictError as exc:  # another writer published first (compare-and-swap of CURRENT refused)
+        print(f"qarm {name}: {exc}", file=sys.stderr)
+        _print_result({"command": name, "ok": False, "exit": EXIT_LOCKED, "error": str(exc),
+                       "status": "conflict", "current": exc.current, "expected": exc.expected}, as_json)
+        return EXIT_LOCKED
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError, KeyError) as exc:
+        # Library errors carry the file / column / row in their message; show it, not a traceback.
+        msg = str(exc) if not isinstance(exc, KeyError) else f"missing key {exc}"
+        print(f"qarm {name}: error: {msg}", file=sys.stderr)
+        if as_json:
+            _print_result({"command": name, "ok": False, "exit": EXIT_ERROR, "error": msg,
+                           "error_type": type(exc).__name__}, True)
+        return EXIT_ERROR
+    result = {"command": name, "ok": True, **(result or {})}
+    _print_result(result, as_json)
+    return EXIT_OK
+
+
+def _usage_error(parser: argparse.ArgumentParser, prog: str, name: str | None, message: str, as_json: bool) -> int:
+    """argparse's usage + message on stderr (as argparse prints them), the JSON line on stdout with --json."""
+    parser.print_usage(sys.stderr)
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    if as_json:
+        _print_result({"command": name, "ok": False, "exit": EXIT_USAGE, "error": message,
+                       "error_type": "UsageError"}, True)
+    return EXIT_USAGE
+
+
+def _parse(parser: argparse.ArgumentParser, module, rest: list[str]):
+    # Jobs that pass Beam options through (e.g. `--runner FlinkRunner`) accept unknown flags.
+    if getattr(module, "ACCEPTS_EXTRA_ARGS", False):
+        return parser.parse_known_args(rest)
+    return parser.parse_args(rest), []
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

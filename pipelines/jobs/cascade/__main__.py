@@ -1,0 +1,4 @@
+"""`python -m pipelines.jobs.cascade FLAGS`."""
+from pipelines.jobs.cascade.driver import main
+
+main()
