@@ -74,7 +74,7 @@ def clustered_embeddings(n: int, d: int, *, seed: int, n_top: int = 128, n_sub: 
     return x
 
 
-def gemm_bound(n: int, d: int, sizes: list[int], *, block_rows: int, repeats: int = 3) -> dict:
+def gemm_bound(n: int, d: int, sizes: list[int], *, block_rows: int, repeats: int = 3, device: str = "cpu") -> dict:
     """Seconds a plain float32 GEMM needs for an encoder's GEMM work: n rows times each (d, K_l) codebook.
 
     Two measurements with torch.mm (the BLAS our encoder calls) on random data, at the current torch thread count
@@ -82,7 +82,8 @@ def gemm_bound(n: int, d: int, sizes: list[int], *, block_rows: int, repeats: in
     those rows and sees the same machine noise), best of ``repeats``: (a) the encoder's own (block_rows, d)
     blocks, split into T row ranges on T single-threaded workers exactly as the encoder splits them
     (``quant.kmeans.for_row_ranges``); (b) 8192-row blocks with torch's own T-thread GEMM. The faster rate is the
-    bound: no argmax, no residual update, no Python between blocks.
+    bound: no argmax, no residual update, no Python between blocks. On a GPU the same two sweeps run on the device
+    (the encoder's blocks in one range; timings end after a synchronize).
 
     Returns:
         {"seconds": bound for n rows, "gflops": the rate it uses, "gflops_encoder_blocks", "gflops_8192_rows"}.
@@ -91,21 +92,24 @@ def gemm_bound(n: int, d: int, sizes: list[int], *, block_rows: int, repeats: in
 
     from quant.kmeans import for_row_ranges
 
-    sweep = min(n, 262144)
-    operands = {k: torch.randn(d, k) for k in set(sizes)}
+    on_gpu = str(device).startswith("cuda")
+    sweep = min(n, 262144) if not on_gpu else n  # a GPU sweep of n rows takes milliseconds
+    operands = {k: torch.randn(d, k, device=device) for k in set(sizes)}
     rates = {}
     for name, rows in (("gflops_encoder_blocks", min(block_rows, n)), ("gflops_8192_rows", min(8192, n))):
-        a = torch.randn(rows, d)
+        a = torch.randn(rows, d, device=device)
         sweep_rows = -(-sweep // rows) * rows
 
         def plain_gemms(lo: int, hi: int) -> None:
-            out = torch.empty(rows * max(sizes))
+            out = torch.empty(rows * max(sizes), device=device)
             for k in sizes:
                 for _ in range(lo, hi, rows):
                     torch.mm(a, operands[k], out=out[: rows * k].view(rows, k))
+            if on_gpu:
+                torch.cuda.synchronize(device)
 
         if name == "gflops_encoder_blocks":
-            run = functools.partial(for_row_ranges, sweep_rows, rows, "cpu", plain_gemms)
+            run = functools.partial(for_row_ranges, sweep_rows, rows, device, plain_gemms)
         else:
             run = functools.partial(plain_gemms, 0, sweep_rows)
         run()  # warm-up
@@ -139,22 +143,26 @@ def rel_mse_chunked(x: np.ndarray, decode, codes, chunk: int = 262144) -> float:
     return err / total
 
 
-def run_ours(x: np.ndarray, levels: int, k: int, sample_rows: int, seed: int, encode_repeats: int) -> dict:
+def run_ours(x: np.ndarray, levels: int, k: int, sample_rows: int, seed: int, encode_repeats: int,
+             device: str = "cpu") -> dict:
     from quant.kmeans import chunk_rows_for
 
     t = time.perf_counter()
-    q = RQKMeans(levels=levels, codebook_size=k, seed=seed, sample=sample_rows).fit(x)
+    q = RQKMeans(levels=levels, codebook_size=k, seed=seed, sample=sample_rows, device=device,
+                 faiss_gpu=False if device == "cpu" else "auto").fit(x)
     fit_s = time.perf_counter() - t
-    before = gemm_bound(x.shape[0], x.shape[1], q.config.codebook_sizes, block_rows=chunk_rows_for(k))
+    device = q.fit_stats["device"]
+    bound_of = functools.partial(gemm_bound, x.shape[0], x.shape[1], q.config.codebook_sizes,
+                                 block_rows=chunk_rows_for(k, device=device), device=device)
+    before = bound_of()
     encode_times = []
     for _ in range(encode_repeats):
         t = time.perf_counter()
         codes = q.encode(x)
         encode_times.append(time.perf_counter() - t)
-    bound = merge_bounds(before, gemm_bound(x.shape[0], x.shape[1], q.config.codebook_sizes,
-                                            block_rows=chunk_rows_for(k)))
+    bound = merge_bounds(before, bound_of())
     cfg, stats = q.config, q.fit_stats
-    budget = (f"{cfg.init} seeds + <={cfg.niter} Lloyd/level, {stats['joint']['rounds']} joint rounds "
+    budget = (f"{device}: {cfg.init} seeds + <={cfg.niter} Lloyd/level, {stats['joint']['rounds']} joint rounds "
               f"(cap {cfg.refine_iter}, tol {cfg.tol:g})")
     return {"method": "qarm RQKMeans", "fit_s": fit_s, "encode_s": encode_times[0], "total_s": fit_s + encode_times[0],
             "encode_best_s": min(encode_times), "rel_mse": rel_mse_chunked(x, q.decode, codes),
@@ -257,6 +265,9 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each method per case, alternating ours / faiss; the fastest total is reported")
     parser.add_argument("--encode-repeats", type=int, default=3, help="our encode runs (best one vs the GEMM bound)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                        help="our quantizer's device (cuda: GEMMs on the GPU, faiss GPU k-means where faiss has one; "
+                             "the GEMM bound is measured there too); faiss.ResidualQuantizer runs on CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     args = parser.parse_args(argv)
@@ -293,7 +304,7 @@ def run_case(x: np.ndarray, levels: int, k: int, args, sample: int, threads: int
     for repeat in range(args.repeats):
         log.info("%dx%d %dx%d, %d thread(s), run %d/%d: fitting ours", n, d, levels, k, threads, repeat + 1,
                  args.repeats)
-        ours = run_ours(x, levels, k, min(sample, n), args.seed, args.encode_repeats)
+        ours = run_ours(x, levels, k, min(sample, n), args.seed, args.encode_repeats, args.device)
         codes = ours.pop("_codes")
         ours_runs.append(ours)
         case["peak_rss_mib_after_ours"] = peak_rss_mib()  # before faiss runs: our own peak so far
@@ -336,9 +347,11 @@ def main(argv=None) -> int:
     configs = parse_pairs(args.configs or ("3x64,3x256" if args.quick else "3x256,3x4096"), "configs")
     sample = min(args.sample, 20_000) if args.quick and args.sample == 100_000 else args.sample
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "faiss": faiss.__version__, "load_avg_start": os.getloadavg()},
+                          "faiss": faiss.__version__,
+                          "faiss_compile_options": faiss.get_compile_options(),  # DD: SIMD level chosen at run time
+                          "load_avg_start": os.getloadavg()},
               "settings": {"sample": sample, "faiss_beam": args.faiss_beam, "faiss_variants": args.faiss_variants,
-                           "threads": args.threads, "repeats": args.repeats, "encode_repeats": args.encode_repeats, "seed": args.seed},
+                           "threads": args.threads, "repeats": args.repeats, "device": args.device, "encode_repeats": args.encode_repeats, "seed": args.seed},
               "cases": []}
     largest_codes = None
     for n, d in sizes:

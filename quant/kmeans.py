@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 # one or two cores, so the argmax reads what the GEMM just wrote from cache; measured against 1 MiB and 4 MiB
 # blocks at K = 256 / 1024 / 4096, d = 64, it is the one within ~10% of a large plain GEMM at every K).
 _SCORE_BLOCK_FLOATS = 1 << 19
+# On a GPU a block is one kernel launch and one device-to-host copy of its argmax: blocks of up to 256 MiB of
+# scores (about a million rows at K = 64) keep the launches and copies a small share of the work.
+_GPU_SCORE_BLOCK_FLOATS = 1 << 26
 
 
 def resolve_device(device: str | None) -> str:
@@ -58,10 +61,12 @@ def as_tensor(a: np.ndarray):
     return torch.from_numpy(a)
 
 
-def chunk_rows_for(k: int, chunk_rows: int | None = None) -> int:
-    """Rows per GEMM block against k centroids (explicit chunk_rows wins)."""
+def chunk_rows_for(k: int, chunk_rows: int | None = None, device: str = "cpu") -> int:
+    """Rows per GEMM block against k centroids on ``device`` (explicit chunk_rows wins)."""
     if chunk_rows:
         return int(chunk_rows)
+    if str(device).startswith("cuda"):
+        return int(min(1 << 20, max(128, _GPU_SCORE_BLOCK_FLOATS // max(k, 1))))
     return int(min(65536, max(128, _SCORE_BLOCK_FLOATS // max(k, 1))))
 
 
@@ -108,7 +113,7 @@ def nearest_centroids(x: np.ndarray, centroids: np.ndarray, *, excluded: np.ndar
         x: (N, d) float32.
         centroids: (K, d) float32.
         excluded: optional (K,) bool; True centroids are never chosen (balanced assignment masks full ones).
-        chunk_rows: rows per GEMM block (default: about 512k scores, 2 MiB, per block).
+        chunk_rows: rows per GEMM block (default: about 512k scores, 2 MiB, per block on CPU; see chunk_rows_for).
         device: torch device for the GEMM ('cpu' or 'cuda').
         return_distances: also return the (N,) squared distances.
         x_sq_norms: optional precomputed (N,) squared norms of x (for the distances; Lloyd reuses them).
@@ -123,7 +128,7 @@ def nearest_centroids(x: np.ndarray, centroids: np.ndarray, *, excluded: np.ndar
     bias = neg_half_sq_norms(c, excluded)  # (K,)
     ct = c.t().contiguous()  # (d, K)
     xt = as_tensor(x)
-    step = chunk_rows_for(k, chunk_rows)
+    step = chunk_rows_for(k, chunk_rows, device)
     idx_out = np.empty(n, dtype=np.int64)
     best_out = np.empty(n if return_distances else 0, dtype=np.float32)
 

@@ -106,7 +106,7 @@ def residual_encode(x: np.ndarray, codebooks: list[np.ndarray], *, device: str =
     Args:
         x: (N, d) float32.
         codebooks: L arrays of shape (K_l, d).
-        chunk_rows: rows per block (default: a score block of about 2 MiB).
+        chunk_rows: rows per block (default: a score block of about 2 MiB on CPU; see kmeans.chunk_rows_for).
         residual_out: optional (N, d) float32 array that receives x minus the decoded codes, subtracted level by
             level in order (the same float32 steps as the level-by-level training residual).
     Returns:
@@ -116,7 +116,7 @@ def residual_encode(x: np.ndarray, codebooks: list[np.ndarray], *, device: str =
 
     n, d = x.shape
     kmax = max(c.shape[0] for c in codebooks)
-    step = chunk_rows or kmeans.chunk_rows_for(kmax)
+    step = kmeans.chunk_rows_for(kmax, chunk_rows, device)
     cbs = [kmeans.as_tensor(c).to(device) for c in codebooks]
     cts = [c.t().contiguous() for c in cbs]  # (d, K)
     biases = [kmeans.neg_half_sq_norms(c) for c in cbs]  # (K,)

@@ -251,6 +251,7 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
         "features": cfg.features,
         "config": cfg.to_dict(),
         "world_size": ctx.world_size,
+        "device": str(ctx.device),
         "tables": _table_summary(schema),
         "content_init": train_model.content_init,
         "history": history,

@@ -72,6 +72,7 @@ def test_lloyd_converged_centroids_are_a_fixed_point():
     np.testing.assert_array_equal(c1, c2)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA GPU: GPU GEMM path not testable")
 def test_gpu_nearest_matches_cpu():
     x, c, clear = points_centroids_and_clear_rows(2000, 64, 16, seed=5)
@@ -101,6 +102,7 @@ def test_faiss_gpu_request_without_gpu_is_a_clear_error():
     assert kmeans.resolve_faiss_gpu("auto") is False
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not kmeans.faiss_has_gpu(), reason="faiss has no GPU here: GPU k-means / search not testable")
 def test_faiss_gpu_paths_match_cpu():
     from quant import RQKMeans, VQNeighbors

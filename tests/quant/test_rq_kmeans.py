@@ -241,6 +241,7 @@ def test_config_validation(kwargs, match):
         RQKMeansConfig(**{"levels": 1, **kwargs})
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA GPU: GPU encode path not testable")
 def test_gpu_encode_and_residual_match_cpu(clustered, fitted):
     x, _ = clustered
