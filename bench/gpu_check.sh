@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317  # the step functions are called indirectly, through run_step
 # The GPU check (issue 21, point 6): one run on a lent GPU machine, about 10 minutes, every step logged.
 #
 #   bash bench/gpu_check.sh                        # GPU machine with PyPI: venv with the [gpu] extra, then the checks
@@ -49,7 +50,7 @@ DRY_RUN=0
 PACK=0
 BUDGET=600
 
-usage() { sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+usage() { sed -n "3,/^set -uo/p" "${BASH_SOURCE[0]}" | sed "\$d; s/^# \\{0,1\\}//"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -154,11 +155,11 @@ step_venv() {
     NOTE="could not drop the CPU builds from requirements.txt"; return 1
   fi
   echo "requirements without the CPU builds: $GPU_REQUIREMENTS"
-  local base="${PYTHON:-python3}" site="" vpy="$VENV/bin/python"
-  [ "$SYSTEM_SITE" = 1 ] && site="--system-site-packages"
+  local base="${PYTHON:-python3}" vpy="$VENV/bin/python" site=()
+  [ "$SYSTEM_SITE" = 1 ] && site=(--system-site-packages)
   # shellcheck disable=SC2046  # pip_args is meant to split into words
   {
-    show "$base" -m venv $site "$VENV" &&
+    show "$base" -m venv "${site[@]}" "$VENV" &&
     { show "$vpy" -m pip install -q $(pip_args) --upgrade pip setuptools wheel || echo "(pip upgrade failed: kept)"; } &&
     show "$vpy" -m pip install -q $(pip_args) -r "$GPU_REQUIREMENTS" -r requirements-dev.txt &&
     show "$vpy" -m pip install -q $(pip_args) --no-build-isolation -e ".[gpu]" &&
@@ -184,8 +185,8 @@ assert torch.cuda.is_available(), "torch sees no CUDA GPU"
 assert faiss.get_num_gpus() > 0, "faiss sees no GPU (faiss-cpu installed instead of faiss-gpu?)"
 EOF
   local rc=$?
-  [ $rc = 0 ] || NOTE="the GPU stack does not see the GPU"
-  return $rc
+  [ "$rc" = 0 ] || NOTE="the GPU stack does not see the GPU"
+  return "$rc"
 }
 
 # ---- 3 gpu tests -------------------------------------------------------------------------------------------

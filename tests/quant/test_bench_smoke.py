@@ -22,9 +22,14 @@ def test_bench_quantize_smoke(capsys):
     for theirs in case["faiss"].values():
         assert theirs["speedup_total"] > 0 and theirs["rel_mse_ratio"] > 0 and len(theirs["runs"]) == 2
         assert theirs["settings"]["max_beam_size"] == 1 and theirs["settings"]["train_rows"] == 3000
+        totals = sorted(r["total_s"] for r in theirs["runs"])
+        assert theirs["median_total_s"] == pytest.approx((totals[0] + totals[1]) / 2)
+        assert theirs["speedup_median"] == pytest.approx(theirs["median_total_s"] / case["ours"]["median_total_s"])
     bound = case["ours"]["gemm_bound"]
     assert bound["gflops"] == max(bound["gflops_encoder_blocks"], bound["gflops_8192_rows"]) > 0
     assert case["ours"]["encode_vs_gemm_bound"] > 0 and len(case["ours"]["runs"]) == 2
     assert result["collision_resolution"]["unique_after"] is True
     assert result["peak_rss_mib"] > 0
     assert any("GEMM bound" in line for line in out)  # the table states the bound it measured
+    assert any("median total of 2 run(s)" in line for line in out)
+    assert result["settings"]["device"] == "cpu" and case["ours"]["budget"].startswith("cpu:")
