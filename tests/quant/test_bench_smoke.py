@@ -25,6 +25,9 @@ def test_bench_quantize_smoke(capsys):
         totals = sorted(r["total_s"] for r in theirs["runs"])
         assert theirs["median_total_s"] == pytest.approx((totals[0] + totals[1]) / 2)
         assert theirs["speedup_median"] == pytest.approx(theirs["median_total_s"] / case["ours"]["median_total_s"])
+        assert theirs["speedup_median_cpu"] == pytest.approx(
+            theirs["median_total_cpu_s"] / case["ours"]["median_total_cpu_s"])
+        assert all(r["total_cpu_s"] > 0 for r in theirs["runs"])
     bound = case["ours"]["gemm_bound"]
     assert bound["gflops"] == max(bound["gflops_encoder_blocks"], bound["gflops_8192_rows"]) > 0
     assert case["ours"]["encode_vs_gemm_bound"] > 0 and len(case["ours"]["runs"]) == 2
