@@ -82,6 +82,9 @@ START=$SECONDS
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 cd "$REPO" || exit 2
 
+# every core the machine has (nproc alone answers OMP_NUM_THREADS when that is set)
+cores() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }
+
 say() { echo "[gpu_check $(date -u +%H:%M:%S) +$((SECONDS - START))s] $*"; }
 
 # record STEP STATUS SECONDS NOTE: one summary row (STATUS: ok, failed, skipped)
@@ -134,7 +137,7 @@ pip_args() {
 # ---- 1 env -------------------------------------------------------------------------------------------------
 step_env() {
   uname -a
-  nproc
+  cores
   if command -v nvidia-smi > /dev/null; then
     nvidia-smi -L
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -142,7 +145,7 @@ step_env() {
     echo "nvidia-smi: not found"
     [ "$DRY_RUN" = 1 ] || { NOTE="no nvidia-smi: not a GPU machine"; return 1; }
   fi
-  NOTE="$(nproc) cores"
+  NOTE="$(cores) cores"
 }
 
 # ---- 2 venv ------------------------------------------------------------------------------------------------
@@ -250,7 +253,7 @@ step_ranker() {
 
 # ---- 6 quantize --------------------------------------------------------------------------------------------
 step_quantize() {
-  local args=(--sizes 1000000x64 --configs 3x1024 --threads "$(nproc)" --device cuda --skip-movielens)
+  local args=(--sizes 1000000x64 --configs 3x1024 --threads "$(cores)" --device cuda --skip-movielens)
   [ "$DRY_RUN" = 1 ] && args=(--sizes 20000x32 --configs 2x64 --sample 20000 --threads 1 --device cpu
                               --skip-movielens --encode-repeats 1)
   limited "$PY" bench/quantize.py "${args[@]}" --json | tee "$LOGS/quantize.txt"
@@ -279,7 +282,16 @@ step_align_bench() {
   limited "$PY" bench/align.py "${args[@]}" --json | tee "$LOGS/align.txt"
   local rc=${PIPESTATUS[0]}
   tail -1 "$LOGS/align.txt" > "$OUT_DIR/align.json"
-  return "$rc"
+  [ "$rc" = 0 ] || return 1
+  NOTE=$("$PY" - "$OUT_DIR/align.json" <<'EOF'
+import json, sys
+result = json.load(open(sys.argv[1]))
+print(f"{result['device']}: " + "; ".join(
+    f"{mode} {row['seconds_per_epoch']:.2f} s/epoch, peak {row['peak_rss_mb']:.0f} MB, R@10 {row['next_item_recall@10']:.3f}"
+    for mode, row in result["modes"].items()))
+EOF
+)
+  return 0
 }
 
 # ---- run -----------------------------------------------------------------------------------------------------
