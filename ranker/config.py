@@ -93,7 +93,9 @@ class RankerConfig:
         seed: model init and shuffling.
         negatives: sampled negatives (ignored for explicit-feedback data).
         sharding: TorchRec sharding type under torchrun ("table_wise" | "row_wise" | "column_wise" |
-            "data_parallel"; row_wise splits every table's rows over the ranks, for tables larger than one device).
+            "data_parallel"). row_wise splits every table's rows over the ranks (tables larger than one device); it
+            is a GPU layout: on CPU TorchRec 1.9 offers it for the sequence tables but not for pooled
+            EmbeddingBag tables such as the user table, and its planner then says so.
         num_threads: torch intra-op threads (the dev machine is small and shared).
     """
 

@@ -38,7 +38,7 @@ def _two_process_training(tmp_path, sharding: str, auc_tolerance: float) -> dict
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
+@pytest.mark.parametrize("sharding", ["table_wise"])
 def test_two_process_dmp_training(tmp_path, sharding):
     _two_process_training(tmp_path, sharding, auc_tolerance=1e-5)
 
