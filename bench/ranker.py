@@ -166,8 +166,7 @@ def run_worker(args) -> None:
         module, dense_opt = attach_optimizers(model, cfg, ctx)
     dist.barrier()
     seconds = time_steps(module, dense_opt, batches, args.warmup)
-    times = [torch.zeros(1) for _ in range(world)]
-    times = [t.to(ctx.device) for t in times]  # nccl gathers device tensors
+    times = [torch.zeros(1, device=ctx.device) for _ in range(world)]  # nccl gathers device tensors
     dist.all_gather(times, torch.tensor([seconds], device=ctx.device))
     if rank == 0:
         slowest = max(float(t) for t in times)
