@@ -4,11 +4,14 @@ Variants (same model, same toy data, same global batches; Adagrad on tables, Ada
   plain        nn.Embedding / nn.EmbeddingBag tables, torch.optim.Adagrad (the baseline)
   torchrec     EmbeddingCollection / EmbeddingBagCollection, Adagrad applied in backward, unsharded
   dmp-1proc    DistributedModelParallel, fused TBE kernels, 1 process (torchrun --nproc_per_node=1)
-  dmp-2proc    the same with 2 processes (gloo + table_wise on CPU; nccl on GPU)
+  dmp-2proc    the same with 2 processes (gloo on CPU; nccl with one GPU per rank, so it needs 2 GPUs)
+Tables are sharded ``--sharding`` (table_wise by default; row_wise splits every table's rows over the ranks).
+Where torch sees CUDA the DMP variants train on the GPU (nccl, also for one rank); plain and torchrec stay on CPU.
 Each figure is training samples/s after warm-up; ratios are against `plain` and against `dmp-1proc`.
 
     python bench/ranker.py --json
     python bench/ranker.py --features vq+rq --steps 30 --batch-size 1024 --json
+    python bench/ranker.py --sharding row_wise --skip-single --json      # a GPU machine: DMP on CUDA only
 """
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ def make_batches(args, world_size: int = 1, rank: int = 0):
     data = prepare_examples(world.interactions, world.item_ids, history_len=args.history_len)
     items = world.item_features()
     cfg = RankerConfig(features=args.features, history_len=args.history_len, embedding_dim=args.dim,
-                       batch_size=args.batch_size, num_threads=args.threads)
+                       batch_size=args.batch_size, num_threads=args.threads, sharding=args.sharding)
     schema = build_schema(cfg, data.users.n_rows, items)
     order = np.random.default_rng(0).permutation(len(data.train))
     batches = []
@@ -85,9 +88,11 @@ def make_batches(args, world_size: int = 1, rank: int = 0):
 
 
 def time_steps(module, dense_opt, batches, warmup: int, sparse_opt=None) -> float:
-    """Seconds for the post-warm-up steps."""
+    """Seconds for the post-warm-up steps (CUDA work synchronised at both ends: its kernels run asynchronously)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for i, batch in enumerate(batches):
         if i == warmup:
+            sync()
             t0 = time.perf_counter()
         loss, _ = module(batch)
         dense_opt.zero_grad()
@@ -97,6 +102,7 @@ def time_steps(module, dense_opt, batches, warmup: int, sparse_opt=None) -> floa
         dense_opt.step()
         if sparse_opt is not None:
             sparse_opt.step()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -133,13 +139,17 @@ def run_worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("WORLD_SIZE", "1")
+    use_cuda = torch.cuda.is_available()
     if int(os.environ["WORLD_SIZE"]) == 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # DMP with one rank: the fused-kernel path without a second process
+        # DMP with one rank: the fused-kernel path without a second process
+        dist.init_process_group("nccl" if use_cuda else "gloo")
     from ranker.distributed import DistContext
 
-    ctx = setup_distributed() if int(os.environ["WORLD_SIZE"]) > 1 else DistContext()
+    ctx = (setup_distributed() if int(os.environ["WORLD_SIZE"]) > 1
+           else DistContext(device=torch.device("cuda:0" if use_cuda else "cpu")))
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg, schema, items, batches = make_batches(args, world, rank)
+    batches = [b.to(ctx.device) for b in batches]
     model = build_train_model(cfg, schema, items)
     if world == 1:
         from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -149,15 +159,15 @@ def run_worker(args) -> None:
         from ranker.model import embedding_tables
 
         apply_optimizer_in_backward(torch.optim.Adagrad, list(embedding_tables(model).values()), {"lr": cfg.lr_sparse})
-        module = shard_model(model, cfg.sharding, _Ctx(0, 1, torch.device("cpu")))
+        module = shard_model(model, cfg.sharding, _Ctx(0, 1, ctx.device))
         dense_opt = torch.optim.Adam([p for _, p in in_backward_optimizer_filter(module.named_parameters())],
                                      lr=cfg.lr_dense)
     else:
         module, dense_opt = attach_optimizers(model, cfg, ctx)
     dist.barrier()
     seconds = time_steps(module, dense_opt, batches, args.warmup)
-    times = [torch.zeros(1) for _ in range(world)]
-    dist.all_gather(times, torch.tensor([seconds]))
+    times = [torch.zeros(1, device=ctx.device) for _ in range(world)]  # nccl gathers device tensors
+    dist.all_gather(times, torch.tensor([seconds], device=ctx.device))
     if rank == 0:
         slowest = max(float(t) for t in times)
         Path(args.worker_out).write_text(json.dumps({"samples_per_s": args.steps * args.batch_size / slowest}))
@@ -196,6 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--events", type=int, default=60000)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--sharding", default="table_wise", help="TorchRec sharding of every table (ranker.config)")
+    p.add_argument("--skip-single", action="store_true", help="skip plain / torchrec (single process, CPU)")
     p.add_argument("--skip-distributed", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -205,13 +217,18 @@ def main(argv=None) -> int:
         run_worker(args)
         return 0
     result = {"features": args.features, "batch_size": args.batch_size, "steps": args.steps,
-              "threads_per_process": args.threads, "device": "cuda" if torch.cuda.is_available() else "cpu",
-              "samples_per_s": run_single(args)}
+              "threads_per_process": args.threads, "sharding": args.sharding,
+              "device": "cuda" if torch.cuda.is_available() else "cpu",
+              "samples_per_s": {} if args.skip_single else run_single(args), "skipped": {}}
     if not args.skip_distributed:
         result["samples_per_s"]["dmp-1proc"] = run_torchrun(args, 1)
-        result["samples_per_s"]["dmp-2proc"] = run_torchrun(args, 2)
+        if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+            result["skipped"]["dmp-2proc"] = "nccl needs one GPU per rank; this machine has 1"
+        else:
+            result["samples_per_s"]["dmp-2proc"] = run_torchrun(args, 2)
     sps = result["samples_per_s"]
-    result["ratios"] = {f"{k}/plain": (v / sps["plain"] if v else None) for k, v in sps.items() if k != "plain"}
+    result["ratios"] = {f"{k}/plain": (v / sps["plain"] if v else None) for k, v in sps.items()
+                        if k != "plain" and "plain" in sps}
     if sps.get("dmp-1proc") and sps.get("dmp-2proc"):
         result["ratios"]["dmp-2proc/dmp-1proc"] = sps["dmp-2proc"] / sps["dmp-1proc"]
     for k, v in sps.items():

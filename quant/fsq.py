@@ -117,9 +117,9 @@ class ResKMeansFSQConfig:
     seed: int = 0
     balanced: bool = False
     sample: int | None = None
-    niter: int = 10
-    refine_iter: int = 25
-    tol: float = 1e-3
+    niter: int = RQKMeansConfig.niter  # the k-means levels' defaults are RQKMeansConfig's
+    refine_iter: int = RQKMeansConfig.refine_iter
+    tol: float = RQKMeansConfig.tol
     device: str = "auto"
 
     def __post_init__(self):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ranker.config import CODE_INITS, FEATURE_SETS, NEGATIVE_SAMPLERS, NegativeConfig, RankerConfig
+from ranker.config import CODE_INITS, FEATURE_SETS, NEGATIVE_SAMPLERS, SHARDING_TYPES, NegativeConfig, RankerConfig
 from feature_store.split import add_split_arguments, split_from_args  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def add_ranker_arguments(parser: argparse.ArgumentParser, with_features: bool = 
                         "vectors, the user vector and the VQ bag, fed to the over-arch")
     g.add_argument("--no-attention", action="store_true", help="mean-pool the history instead of target attention")
     g.add_argument("--no-user-id", action="store_true", help="drop the user-id table")
-    g.add_argument("--sharding", choices=("table_wise", "column_wise", "data_parallel"), default=_DEFAULT.sharding)
+    g.add_argument("--sharding", choices=SHARDING_TYPES, default=_DEFAULT.sharding)
     g.add_argument("--threads", type=int, default=_DEFAULT.num_threads, help="torch threads per process")
     if with_split:
         add_split_arguments(parser)

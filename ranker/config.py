@@ -33,6 +33,7 @@ FEATURE_SETS: dict[str, tuple[frozenset, str | None]] = {
 ABLATION_ROWS: tuple[str, ...] = tuple(FEATURE_SETS)
 NEGATIVE_SAMPLERS = ("window", "live", "popularity", "uniform")
 CODE_INITS = ("random", "content")
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")  # TorchRec's names
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,10 @@ class RankerConfig:
         eval_batch_size: scoring batch size.
         seed: model init and shuffling.
         negatives: sampled negatives (ignored for explicit-feedback data).
-        sharding: TorchRec sharding type under torchrun ("table_wise" | "column_wise" | "data_parallel").
+        sharding: TorchRec sharding type under torchrun ("table_wise" | "row_wise" | "column_wise" |
+            "data_parallel"). row_wise splits every table's rows over the ranks (tables larger than one device); it
+            is a GPU layout: on CPU TorchRec 1.9 offers it for the sequence tables but not for pooled
+            EmbeddingBag tables such as the user table, and its planner then says so.
         num_threads: torch intra-op threads (the dev machine is small and shared).
     """
 
@@ -140,8 +144,8 @@ class RankerConfig:
             raise ValueError(f"RankerConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.patience < 0:
             raise ValueError(f"RankerConfig.patience must be >= 0, got {self.patience}")
-        if self.sharding not in ("table_wise", "column_wise", "data_parallel"):
-            raise ValueError(f"RankerConfig.sharding must be table_wise|column_wise|data_parallel, got {self.sharding!r}")
+        if self.sharding not in SHARDING_TYPES:
+            raise ValueError(f"RankerConfig.sharding must be one of {'|'.join(SHARDING_TYPES)}, got {self.sharding!r}")
         if any(h <= 0 for h in self.over_arch):
             raise ValueError(f"RankerConfig.over_arch widths must be > 0, got {self.over_arch}")
         if isinstance(self.negatives, dict):  # from JSON

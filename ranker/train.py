@@ -303,6 +303,7 @@ def _fit_result(task: _RankerTask, run: LoopRun, cfg: RankerConfig, ckpt_path: P
         "features": cfg.features,
         "config": cfg.to_dict(),
         "world_size": ctx.world_size,
+        "device": str(ctx.device),
         "tables": _table_summary(schema),
         "content_init": content_init,
         "history": state.history,

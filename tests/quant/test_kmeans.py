@@ -5,6 +5,15 @@ import pytest
 from quant import kmeans
 
 
+def points_centroids_and_clear_rows(n: int, k: int, d: int, *, seed: int):
+    """Random (n, d) points, (k, d) centroids, and the rows whose nearest centroid is not a near-tie."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    c = rng.normal(size=(k, d)).astype(np.float32)
+    _, _, margin = kmeans.nearest_centroids_reference(x, c)
+    return x, c, margin > 1e-3
+
+
 def test_nearest_matches_reference_away_from_ties():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3000, 24)).astype(np.float32)
@@ -63,13 +72,10 @@ def test_lloyd_converged_centroids_are_a_fixed_point():
     np.testing.assert_array_equal(c1, c2)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA GPU: GPU GEMM path not testable")
 def test_gpu_nearest_matches_cpu():
-    rng = np.random.default_rng(5)
-    x = rng.normal(size=(2000, 16)).astype(np.float32)
-    c = rng.normal(size=(64, 16)).astype(np.float32)
-    _, _, margin = kmeans.nearest_centroids_reference(x, c)
-    clear = margin > 1e-3
+    x, c, clear = points_centroids_and_clear_rows(2000, 64, 16, seed=5)
     np.testing.assert_array_equal(kmeans.nearest_centroids(x, c, device="cuda")[clear],
                                   kmeans.nearest_centroids(x, c)[clear])
 
@@ -96,6 +102,7 @@ def test_faiss_gpu_request_without_gpu_is_a_clear_error():
     assert kmeans.resolve_faiss_gpu("auto") is False
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not kmeans.faiss_has_gpu(), reason="faiss has no GPU here: GPU k-means / search not testable")
 def test_faiss_gpu_paths_match_cpu():
     from quant import RQKMeans, VQNeighbors
@@ -124,3 +131,81 @@ def test_lloyd_returns_the_assignment_of_its_centroids(max_iter):
     c, stats, a = kmeans.lloyd_refine(x, x[:20].copy(), max_iter=max_iter, tol=0.0, return_assignment=True)
     np.testing.assert_array_equal(a, kmeans.nearest_centroids(x, c))
     assert stats["converged"] == (max_iter == 200)
+
+
+def test_row_argmax_takes_the_first_maximum_like_a_plain_loop():
+    import torch
+
+    rng = np.random.default_rng(7)
+    scores = rng.integers(0, 5, size=(300, 37)).astype(np.float32)  # many ties on purpose
+    scores[5] = -np.inf
+    scores[5, 30] = 0.0
+    idx, best = kmeans.row_argmax(torch.from_numpy(scores))
+    plain = [row.tolist().index(max(row.tolist())) for row in scores]
+    np.testing.assert_array_equal(idx, plain)
+    np.testing.assert_array_equal(best, scores[np.arange(300), plain])
+    idx_only, none = kmeans.row_argmax(torch.from_numpy(scores), with_values=False)
+    assert none is None
+    np.testing.assert_array_equal(idx_only, plain)
+
+
+def test_nearest_centroids_does_not_depend_on_the_block_size():
+    x, c, clear = points_centroids_and_clear_rows(1000, 50, 12, seed=8)
+    base = kmeans.nearest_centroids(x, c)
+    for rows in (1, 7, 333, 5000):
+        np.testing.assert_array_equal(kmeans.nearest_centroids(x, c, chunk_rows=rows)[clear], base[clear])
+
+
+def test_centroid_means_match_a_plain_float64_mean_and_keep_empty_centroids():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(500, 6)).astype(np.float32)
+    assign = rng.integers(0, 9, size=500)
+    assign[assign == 4] = 5  # centroid 4 gets no rows
+    previous = rng.normal(size=(10, 6)).astype(np.float32)  # centroid 9 gets none either
+    means = kmeans.centroid_means(x, assign, previous)
+    for j in range(10):
+        rows = x[assign == j].astype(np.float64)
+        expected = rows.mean(axis=0) if len(rows) else previous[j]
+        np.testing.assert_allclose(means[j], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(means[[4, 9]], previous[[4, 9]])
+
+
+def test_centroid_means_are_the_same_whatever_the_thread_count():
+    import torch
+
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(20000, 16)).astype(np.float32)
+    assign = rng.integers(0, 64, size=20000)
+    previous = np.zeros((64, 16), np.float32)
+    one = kmeans.centroid_means(x, assign, previous)
+    torch.set_num_threads(2)  # the module fixture restores the count afterwards
+    np.testing.assert_array_equal(kmeans.centroid_means(x, assign, previous), one)
+
+
+def test_kmeans_fit_subsamples_lloyd_but_assigns_every_row():
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(3000, 8)).astype(np.float32)
+    c, stats, assign = kmeans.kmeans_fit(x, 20, niter=5, seed=0, max_points_per_centroid=10)
+    assert c.shape == (20, 8) and assign.shape == (3000,)
+    np.testing.assert_array_equal(assign, kmeans.nearest_centroids(x, c))
+    full, _, _ = kmeans.kmeans_fit(x, 20, niter=5, seed=0)  # no subsample: other centroids
+    assert not np.array_equal(c, full)
+
+
+def test_kmeans_fit_restarts_keep_the_lowest_inertia():
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(2000, 4)).astype(np.float32)
+    one_c, one, _ = kmeans.kmeans_fit(x, 30, niter=3, seed=0, init="random")
+    best_c, best, _ = kmeans.kmeans_fit(x, 30, niter=3, seed=0, init="random", nredo=4)
+    assert best["inertia"] <= one["inertia"]
+    assert best["inertia"] == min(kmeans.kmeans_fit(x, 30, niter=3, seed=7919 * r, init="random")[1]["inertia"]
+                                  for r in range(4))
+
+
+def test_random_seeds_are_distinct_rows():
+    x = np.arange(200, dtype=np.float32).reshape(100, 2)
+    seeds = kmeans.seed_centroids(x, 10, seed=3, init="random")
+    assert len({tuple(r) for r in seeds.tolist()}) == 10
+    assert all((x == r).all(axis=1).any() for r in seeds)
+    with pytest.raises(ValueError, match="init must be"):
+        kmeans.seed_centroids(x, 10, seed=3, init="greedy")

@@ -6,7 +6,7 @@ import pytest
 
 from quant import RQKMeans, RQKMeansConfig, load_quantizer, metrics as M
 from quant.base import NotFittedError
-from quant.rq_kmeans import residual_encode, residual_encode_reference
+from quant.rq_kmeans import joint_min_gain, refit_codebooks, residual_encode, residual_encode_reference
 
 from .conftest import planted_clusters
 
@@ -44,6 +44,84 @@ def test_fast_encode_matches_reference(clustered, fitted):
     clear = (margins > 1e-3).all(axis=1)
     assert clear.mean() > 0.95
     np.testing.assert_array_equal(fast[clear], ref[clear])
+
+
+def plain_residual(x, codebooks, codes):
+    """x minus each level's centroid, level by level in float32 (the order training and encode use)."""
+    residual = x.copy()
+    for level, c in enumerate(codebooks):
+        residual -= c[codes[:, level]]
+    return residual
+
+
+def test_encode_residual_out_is_the_plain_residual_bit_for_bit(clustered, fitted):
+    x, _ = clustered
+    residual = np.full_like(x, np.nan)
+    codes = residual_encode(x, fitted.codebooks, chunk_rows=333, residual_out=residual)
+    np.testing.assert_array_equal(codes, residual_encode(x, fitted.codebooks))
+    np.testing.assert_array_equal(residual, plain_residual(x, fitted.codebooks, codes))
+
+
+def test_encode_with_mixed_codebook_sizes_matches_reference(clustered):
+    x, _ = clustered
+    q = RQKMeans(levels=3, codebook_size=(16, 5, 40), seed=0).fit(x)
+    ref, margins = residual_encode_reference(x, q.codebooks)
+    clear = (margins > 1e-3).all(axis=1)
+    np.testing.assert_array_equal(residual_encode(x, q.codebooks, chunk_rows=97)[clear], ref[clear])
+
+
+def test_refit_codebooks_is_the_sequential_least_squares_update():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 5)).astype(np.float32)
+    codebooks = [rng.normal(size=(k, 5)).astype(np.float32) for k in (7, 4, 9)]
+    codes = np.stack([rng.integers(0, k, 600) for k in (7, 4, 9)], axis=1)
+    codes[:, 2][codes[:, 2] == 8] = 0  # centroid 8 of the last level has no rows: it is relocated
+    residual = plain_residual(x, codebooks, codes)
+    before = float((residual.astype(np.float64) ** 2).sum())
+    new = refit_codebooks(codebooks, codes, residual)
+    # plain float64 reference: each level in turn, the mean of (x - every other level's current centroid)
+    expected = [c.astype(np.float64) for c in codebooks]
+    for level in range(3):
+        others = sum(expected[m][codes[:, m]] for m in range(3) if m != level)
+        target = x.astype(np.float64) - others
+        for j in range(expected[level].shape[0]):
+            rows = codes[:, level] == j
+            if rows.any():
+                expected[level][j] = target[rows].mean(axis=0)
+    # the empty centroid moves onto the target of the worst-served row (after the update, codes unchanged)
+    after = x.astype(np.float64) - sum(expected[m][codes[:, m]] for m in range(3))
+    worst = int(np.argmax((after ** 2).sum(axis=1)))
+    expected[2][8] = expected[2][codes[worst, 2]] + after[worst]
+    for got, want in zip(new, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # the consumed residual is x minus the new decode, and the error did not grow for the same codes
+    np.testing.assert_allclose(residual, plain_residual(x, new, codes), atol=1e-5)
+    assert float((residual.astype(np.float64) ** 2).sum()) < before
+
+
+def test_joint_refinement_lowers_the_error_of_the_cold_start(clustered):
+    x, _ = clustered
+    cold = RQKMeans(levels=3, codebook_size=16, seed=0, refine_iter=0).fit(x)
+    refined = RQKMeans(levels=3, codebook_size=16, seed=0, tol=1e-4).fit(x)
+    assert refined.fit_stats["joint"]["rounds"] >= 1
+    assert M.rel_mse(x, refined.decode(refined.encode(x))) < M.rel_mse(x, cold.decode(cold.encode(x)))
+    assert cold.fit_stats["joint"]["rounds"] == 0 and not cold.fit_stats["joint"]["converged"]
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_converged_codebooks_are_a_fixed_point_of_a_warm_refit(balanced):
+    x, _ = planted_clusters(1500, 12, 10, noise=1.0, seed=3)
+    q = RQKMeans(levels=3, codebook_size=12, seed=0, balanced=balanced, tol=1e-4).fit(x)
+    assert q.fit_stats["joint"]["converged"] and q.fit_stats["joint"]["rounds"] >= 1
+    again = q.warm_start().fit(x)
+    assert again.fit_stats["joint"]["rounds"] == 0
+    for a, b in zip(q.codebooks, again.codebooks):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_joint_min_gain_is_tol_or_half_the_fit_optimism():
+    assert joint_min_gain(5e-3, [256, 256, 256], 100_000) == 5e-3
+    assert joint_min_gain(5e-3, [1024, 1024, 1024], 100_000) == pytest.approx(0.5 * 3072 / 100_000)
 
 
 def test_decode_is_sum_of_centroids(fitted):
@@ -161,3 +239,41 @@ def test_bad_input_errors():
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RQKMeansConfig(**{"levels": 1, **kwargs})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA GPU: GPU encode path not testable")
+def test_gpu_encode_and_residual_match_cpu(clustered, fitted):
+    x, _ = clustered
+    _, margins = residual_encode_reference(x, fitted.codebooks)
+    clear = (margins > 1e-3).all(axis=1)
+    cpu_residual, gpu_residual = np.empty_like(x), np.empty_like(x)
+    cpu = residual_encode(x, fitted.codebooks, residual_out=cpu_residual)
+    gpu = residual_encode(x, fitted.codebooks, device="cuda", chunk_rows=333, residual_out=gpu_residual)
+    np.testing.assert_array_equal(gpu[clear], cpu[clear])
+    np.testing.assert_allclose(gpu_residual[clear], cpu_residual[clear], atol=1e-5)
+    on_gpu = RQKMeans(levels=3, codebook_size=16, seed=0, device="cuda", faiss_gpu=False).fit(x)
+    assert on_gpu.fit_stats["device"] == "cuda" and on_gpu.fit_stats["joint"]["converged"]
+
+
+def test_codes_and_residuals_are_the_same_with_two_threads(clustered, fitted):
+    import torch
+
+    x, _ = clustered
+    one_residual, two_residual = np.empty_like(x), np.empty_like(x)
+    one = residual_encode(x, fitted.codebooks, chunk_rows=100, residual_out=one_residual)
+    torch.set_num_threads(2)  # the module fixture restores the count afterwards
+    two = residual_encode(x, fitted.codebooks, chunk_rows=100, residual_out=two_residual)
+    np.testing.assert_array_equal(two, one)
+    np.testing.assert_array_equal(two_residual, one_residual)
+    refit = RQKMeans(levels=3, codebook_size=16, seed=0).fit(x)
+    for a, b in zip(refit.codebooks, fitted.codebooks):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_worst_rows_match_a_stable_sort():
+    from quant.rq_kmeans import worst_rows
+
+    errors = np.array([3.0, 7.0, 7.0, 1.0, 9.0, 7.0, 0.0])
+    for m in range(1, 8):
+        np.testing.assert_array_equal(worst_rows(errors, m), np.argsort(-errors, kind="stable")[:m])

@@ -19,7 +19,8 @@ def main(out_dir: str, sharding: str) -> None:
     if result["world_size"] > 1 and __import__("torch.distributed").distributed.get_rank() == 0:
         (Path(out_dir) / "worker.json").write_text(json.dumps({"world_size": result["world_size"],
                                                                "test_auc": result["test"]["auc"],
-                                                               "steps": result["steps"]}))
+                                                               "steps": result["steps"],
+                                                               "device": result["device"]}))
 
 
 if __name__ == "__main__":
