@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO))
 from feature_store import FeatureStore  # noqa: E402
 from feature_store.io import dumps_strict  # noqa: E402
 from feature_store.split import add_split_arguments, check_protocol, split_from_args  # noqa: E402
-from pipelines.data import add_data_arguments, data_spec_from_args, load_dataset  # noqa: E402
+from pipelines.beam.data_flags import add_data_arguments, data_spec_from_args  # noqa: E402
+from pipelines.data import load_dataset  # noqa: E402
 from ranker.ablation import run_rows  # noqa: E402
 from ranker.args import add_ranker_arguments, config_from_args  # noqa: E402
 from ranker.config import RankerConfig  # noqa: E402

@@ -116,3 +116,80 @@ def test_no_two_pipelines_modules_share_a_file_name():
         if path.name not in ("__init__.py", "__main__.py"):
             names.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
     assert {n: p for n, p in names.items() if len(p) > 1} == {}
+
+
+OWN_PACKAGES = ("pipelines", "ranker", "quant", "feature_store")
+
+
+def _module_file(root: Path, module: str) -> Path | None:
+    base = root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """Names a module binds at top level (defs, classes, assignments, imports), read statically."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+            # lazy exports (a module __getattr__ serving __all__ or an _EXPORTS table) count as names
+            if any(isinstance(t, ast.Name) and t.id in ("__all__", "_EXPORTS") for t in targets) and node.value:
+                names.update(c.value for c in ast.walk(node.value)
+                             if isinstance(c, ast.Constant) and isinstance(c.value, str))
+    return names
+
+
+def _dangling_imports(root: Path) -> list[str]:
+    """Every import of the project's own packages, from any file of the tree (lazy ones and tests included),
+    names a module or a name that exists: a moved module cannot leave a caller behind that only a slow test runs."""
+    import ast
+
+    out = []
+    files = [p for folder in (*OWN_PACKAGES, "tests", "bench", "examples") if (root / folder).exists()
+             for p in (root / folder).rglob("*.py")]
+    for path in sorted(files):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                pairs = [(alias.name, None) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                pairs = [(node.module, alias.name) for alias in node.names]
+            else:
+                continue
+            for module, name in pairs:
+                if module.split(".")[0] not in OWN_PACKAGES:
+                    continue
+                where = f"{path.relative_to(root)}:{node.lineno}"
+                target = _module_file(root, module)
+                if target is None:
+                    out.append(f"{where}: no module {module}")
+                elif name not in (None, "*") and _module_file(root, f"{module}.{name}") is None \
+                        and name not in _top_level_names(target):
+                    out.append(f"{where}: {module} has no {name}")
+    return out
+
+
+def test_every_import_of_the_project_resolves():
+    assert _dangling_imports(ROOT) == []
+
+
+def test_the_resolver_sees_a_moved_module(tmp_path):
+    (tmp_path / "pipelines" / "jobs").mkdir(parents=True)
+    (tmp_path / "pipelines" / "__init__.py").write_text("")
+    (tmp_path / "pipelines" / "jobs" / "__init__.py").write_text("")
+    (tmp_path / "pipelines" / "jobs" / "cascade.py").write_text("def run():\n    pass\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "t.py").write_text(
+        "def f():\n    from pipelines import cascade\n    from pipelines.jobs.cascade import run, gone\n")
+    found = _dangling_imports(tmp_path)
+    assert found == ["tests/t.py:2: pipelines has no cascade", "tests/t.py:3: pipelines.jobs.cascade has no gone"]

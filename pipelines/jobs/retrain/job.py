@@ -257,7 +257,7 @@ def _cascade_flags(parent, data_dir: Path, cfg: RetrainConfig, candidate_store: 
 
 def _candidate_stage(parent, data_dir: Path, cfg: RetrainConfig, refresh: bool, now: int):
     def run(out: Path) -> dict:
-        from pipelines import cascade
+        from pipelines.jobs import cascade
 
         summary = cascade.run(_cascade_flags(parent, data_dir, cfg, out / "store", refresh, now),
                               save_main_session=False)

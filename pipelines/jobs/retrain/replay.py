@@ -44,7 +44,7 @@ def day_boundaries(ts: np.ndarray, days: int, tail: float) -> list[int]:
 
 def bootstrap(dataset, store: Path, until: int, work: Path, flags: list[str]) -> dict:
     """Publish the first version from the interactions up to ``until`` with the cascade job."""
-    from pipelines import cascade
+    from pipelines.jobs import cascade
     from pipelines.data.loader import export_dataset
 
     early = dataset.interactions[dataset.interactions["ts"] <= until].reset_index(drop=True)
