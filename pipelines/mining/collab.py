@@ -69,12 +69,6 @@ def to_fixed(v: np.ndarray) -> np.ndarray:
     return np.round(np.clip(np.asarray(v, np.float64), -CLIP, CLIP) * (1 << FIXED_BITS)).astype(np.int64)
 
 
-def gram_term(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(outer, vector) fixed-point terms of one vector: (d, d) int64 at 2·FIXED_BITS, (d,) int64 at FIXED_BITS."""
-    q = to_fixed(v)
-    return np.outer(q, q), q
-
-
 def zero_acc(dim: int) -> list:
     """[outer sum (d, d) int64, vector sum (d,) int64, count]."""
     return [np.zeros((dim, dim), np.int64), np.zeros(dim, np.int64), 0]
