@@ -289,6 +289,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--baseline-tree", default=None,
                     help="a checkout of the code to compare with (e.g. `git worktree add /tmp/base main`): "
                          "mine_pairs also runs with its code on the same data, before this checkout's")
+    ap.add_argument("--baseline-max-items", type=int, default=None,
+                    help="run the baseline only up to this catalog size (main needs ~20 GB and is OOM-killed at "
+                         "100k items: do not take the machine down to prove it again)")
     ap.add_argument("--hot-item-users", type=int, default=0, help="add one item consumed by this many users")
     ap.add_argument("--stages", default=",".join(STAGES), help="stages to run, in order (later ones need earlier)")
     ap.add_argument("--embed-items", type=int, default=4096, help="items of the real-encoder embed comparison (0: skip)")
@@ -320,7 +323,8 @@ def main(argv=None) -> dict:
         print(f"[{n} items] {data['users']} users, {data['events']} events (generated in "
               f"{entry['generate_seconds']} s)", flush=True)
         for stage in [s for s in STAGES if s in args.stages.split(",")]:
-            if stage == "mine_pairs" and args.baseline_tree:
+            if stage == "mine_pairs" and args.baseline_tree and (args.baseline_max_items is None
+                                                                 or n <= args.baseline_max_items):
                 r = stage_process(stage, work, args, args.timeout, tree=Path(args.baseline_tree).resolve())
                 entry["stages"][BASELINE] = r
                 print(f"[{n} items] {BASELINE:<14} {_cell(r)}", flush=True)
