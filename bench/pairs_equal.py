@@ -48,20 +48,21 @@ def child(args) -> None:
     vecs = rng.standard_normal((len(items), 16)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     out = Path(args.out)
-    got: dict = {"train": [], "heldout": [], "cutoff": []}
     t0 = time.perf_counter()
-    with beam.Pipeline() as p:
+    with beam.Pipeline() as p:  # the outputs go through files: closures are copies on the runner's workers
         rows = p | "Create" >> beam.Create(inter.to_dict("records"))
         enc = p | "Enc" >> beam.Create(list(zip(items.tolist(), list(vecs))))
         res = rows | "Mine" >> MinePairs(PairConfig(**CONFIGS[args.config]), encoder=enc)
-        for name in got:
-            _ = res[name] | f"Collect{name}" >> beam.combiners.ToList() | f"Keep{name}" >> beam.Map(
-                lambda xs, n=name: got[n].extend(xs))
+        for name in ("train", "heldout", "cutoff"):
+            _ = (res[name] | f"Json{name}" >> beam.Map(lambda r: json.dumps(r, default=lambda v: v.item()))
+                 | f"Write{name}" >> beam.io.WriteToText(str(out / name), num_shards=1, shard_name_template=""))
     seconds = time.perf_counter() - t0
     for name in ("train", "heldout"):
-        frame = pd.DataFrame(got[name], columns=COLUMNS).sort_values(COLUMNS[:3]).reset_index(drop=True)
+        got = [json.loads(ln) for ln in (out / name).read_text().splitlines()]
+        frame = pd.DataFrame(got, columns=COLUMNS).sort_values(COLUMNS[:3]).reset_index(drop=True)
         frame.to_parquet(out / f"{name}.parquet")
-    (out / "meta.json").write_text(json.dumps({"cutoff": got["cutoff"], "seconds": round(seconds, 1)}))
+    cutoff = [json.loads(ln) for ln in (out / "cutoff").read_text().splitlines()]
+    (out / "meta.json").write_text(json.dumps({"cutoff": cutoff, "seconds": round(seconds, 1)}))
 
 
 def _run_tree(tree: Path, inter: Path, config: str, out: Path) -> dict:
