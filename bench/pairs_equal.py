@@ -6,7 +6,7 @@ fallback vectors (deterministic random unit vectors per item: only the fallback 
 the train / held-out pairs and the cutoff row for row (weights exactly, as float64).
 
     git archive main | tar -x -C /tmp/base
-    .venv/bin/python bench/pairs_equal.py --baseline-tree /tmp/base --dataset synthetic
+    .venv/bin/python bench/pairs_equal.py --baseline-tree /tmp/base --dataset synthetic --events-per-shard 5000
     .venv/bin/python bench/pairs_equal.py --baseline-tree /tmp/base --dataset movielens --data ../shared/data/movielens
 """
 from __future__ import annotations
@@ -52,7 +52,8 @@ def child(args) -> None:
     with beam.Pipeline() as p:  # the outputs go through files: closures are copies on the runner's workers
         rows = p | "Create" >> beam.Create(inter.to_dict("records"))
         enc = p | "Enc" >> beam.Create(list(zip(items.tolist(), list(vecs))))
-        res = rows | "Mine" >> MinePairs(PairConfig(**CONFIGS[args.config]), encoder=enc)
+        shards = {"events_per_shard": args.events_per_shard} if args.events_per_shard else {}
+        res = rows | "Mine" >> MinePairs(PairConfig(**CONFIGS[args.config]), encoder=enc, **shards)
         for name in ("train", "heldout", "cutoff"):
             _ = (res[name] | f"Json{name}" >> beam.Map(lambda r: json.dumps(r, default=lambda v: v.item()))
                  | f"Write{name}" >> beam.io.WriteToText(str(out / name), num_shards=1, shard_name_template=""))
@@ -65,11 +66,12 @@ def child(args) -> None:
     (out / "meta.json").write_text(json.dumps({"cutoff": cutoff, "seconds": round(seconds, 1)}))
 
 
-def _run_tree(tree: Path, inter: Path, config: str, out: Path) -> dict:
+def _run_tree(tree: Path, inter: Path, config: str, out: Path, events_per_shard: int | None = None) -> dict:
     out.mkdir(parents=True)
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    shards = ["--events-per-shard", str(events_per_shard)] if events_per_shard else []
     subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "--inter", str(inter), "--config",
-                    config, "--out", str(out)], check=True, env=env, cwd=tree)
+                    config, "--out", str(out), *shards], check=True, env=env, cwd=tree)
     return json.loads((out / "meta.json").read_text())
 
 
@@ -97,6 +99,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic")
     ap.add_argument("--data", default=None, help="movielens: the folder holding ml-latest-small/")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--events-per-shard", type=int, default=None,
+                    help="this checkout's MinePairs only (the baseline may not have shards): fewer events per shard "
+                         "than the data has, so the comparison crosses shards")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--inter", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
@@ -106,7 +111,7 @@ def main(argv=None) -> dict:
         child(args)
         return {}
     sys.path.insert(0, str(REPO))
-    result = {"dataset": args.dataset, "configs": {}}
+    result = {"dataset": args.dataset, "events_per_shard": args.events_per_shard, "configs": {}}
     with tempfile.TemporaryDirectory(prefix="pairs_equal_") as tmp:
         inter_path = Path(tmp) / "interactions.parquet"
         inter = _interactions(args)
@@ -114,7 +119,7 @@ def main(argv=None) -> dict:
         result["interactions"] = len(inter)
         for config in args.configs.split(","):
             base = _run_tree(Path(args.baseline_tree).resolve(), inter_path, config, Path(tmp) / config / "base")
-            mine = _run_tree(REPO, inter_path, config, Path(tmp) / config / "this")
+            mine = _run_tree(REPO, inter_path, config, Path(tmp) / config / "this", args.events_per_shard)
             result["configs"][config] = {"cutoff_equal": base["cutoff"] == mine["cutoff"],
                                          "seconds": {"baseline": base["seconds"], "this": mine["seconds"]},
                                          **compare(Path(tmp) / config / "base", Path(tmp) / config / "this")}
