@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -205,8 +206,12 @@ class RQKMeans(Quantizer):
     def _capacity(self, n: int, k: int) -> int:
         return int(math.ceil(n / k * (1.0 + self.config.balance_slack)))
 
-    def fit(self, x) -> "RQKMeans":
-        """Train the L codebooks level by level on residuals. x: (N, d). Returns self."""
+    def fit(self, x, progress: Callable[[int, int], None] | None = None) -> "RQKMeans":
+        """Train the L codebooks level by level on residuals. x: (N, d). Returns self.
+
+        ``progress(done, total)`` is called after each level (the caller's progress reporter, e.g.
+        ``feature_store.progress.Progress.callback()``); the library itself only logs one line per level.
+        """
         cfg = self.config
         kmax = max(cfg.codebook_sizes)
         x = check_embeddings(x, min_rows=kmax, min_rows_reason=f" (one per centroid: codebook_size {kmax})")
@@ -229,10 +234,6 @@ class RQKMeans(Quantizer):
         total_var = float(((train - train.mean(axis=0)) ** 2).sum()) or 1.0
         t0 = time.perf_counter()
         codebooks, level_stats = [], []
-        from tqdm import tqdm
-
-        # a bar on a terminal (disable=None turns it off otherwise); the per-level log line is the non-TTY progress
-        bar = tqdm(total=cfg.levels, desc="rq-kmeans levels", disable=None, leave=False)
         for level, k in enumerate(cfg.codebook_sizes):
             t_level = time.perf_counter()
             if self._init is not None:
@@ -261,8 +262,8 @@ class RQKMeans(Quantizer):
             log.info("rq-kmeans level %d/%d: K=%d, %d Lloyd iters (converged=%s), used %d, rel_mse %.4f, %.2fs",
                      level + 1, cfg.levels, k, stats["iterations"], stats["converged"], stats["used"], rel,
                      stats["seconds"])
-            bar.update(1)
-        bar.close()
+            if progress is not None:
+                progress(level + 1, cfg.levels)
         self.codebooks = codebooks
         self.fit_stats = {"train_rows": int(train.shape[0]), "n_rows": int(x.shape[0]),
                           "warm_start": self._init is not None, "faiss_gpu": use_gpu, "device": device,

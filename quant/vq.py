@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -130,13 +131,14 @@ class VQNeighbors(Quantizer):
                           "seconds": round(time.perf_counter() - t0, 4)}
         return self
 
-    def encode(self, x=None, *, exclude_rows="self") -> np.ndarray:
+    def encode(self, x=None, *, exclude_rows="self", progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Neighbour codes: (M, d) -> (M, k) int64 base-row indices, best first.
 
         Args:
             x: queries; None means the base itself.
             exclude_rows: 'self' (row i of x is base row i: x must be the base, shape (N, d)); None (no
                 exclusion: new items); or an (M,) int array of the base row to exclude per query (-1: none).
+            progress: ``progress(rows done, M)`` after each search batch of ``batch_rows`` queries.
         """
         self._require_fitted()
         cfg = self.config
@@ -171,6 +173,8 @@ class VQNeighbors(Quantizer):
             if search_k > cfg.k:
                 nbrs = drop_self(nbrs, exclude[start:stop], cfg.k)
             out[start:stop] = nbrs
+            if progress is not None:
+                progress(stop, m)
         return out
 
     def decode(self, codes) -> np.ndarray:

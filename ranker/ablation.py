@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 
+from feature_store.progress import Progress
 from ranker.config import ABLATION_ROWS, FEATURE_SETS, RankerConfig
 from ranker.data import PreparedData, items_for
 from ranker.metrics import format_metric
@@ -50,12 +51,17 @@ def run_rows(data: PreparedData, items_by_table: dict, base_cfg: RankerConfig, s
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     runs, skipped = {}, {}
-    for name in check_rows(rows):
+    rows = check_rows(rows)
+    # one progress line per finished run at least every 30 s (each fit reports its own steps in between)
+    bar = Progress(f"ablation {tag}rows", len(rows) * seeds, unit="run", bar=None if progress else False,
+                   logger=log, final_line=False)
+    for name in rows:
         try:
             items = items_for(items_by_table, name)
         except FileNotFoundError as exc:
             skipped[name] = str(exc)
             log.warning("ablation row %s skipped: %s", name, exc)
+            bar.update(seeds, row=name)
             continue
         runs[name] = []
         for seed in range(seeds):
@@ -67,4 +73,6 @@ def run_rows(data: PreparedData, items_by_table: dict, base_cfg: RankerConfig, s
                      format_metric(result["test"]["auc"]), format_metric(result["test"]["gauc"]),
                      len(result["history"]), result["seconds"])
             runs[name].append(result)
+            bar.update(1, row=name)
+    bar.close()
     return runs, skipped

@@ -83,6 +83,18 @@ def markdown_table(rows: dict, title: str = "", notes: tuple = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
+def text_table(rows: dict) -> str:
+    """The ablation for a terminal: one aligned line per row (AUC / GAUC mean ± std, paired ΔAUC / ΔGAUC vs ids with
+    the 95% interval, ↑ / ↓ where it excludes zero), undefined metrics noted below. The Markdown has the rest."""
+    header = ("row", "AUC", "GAUC", "ΔAUC vs ids [95% CI]", "ΔGAUC vs ids [95% CI]")
+    body = [(name, _mean_std(r, "auc"), _mean_std(r, "gauc"), _ci(r, "auc").replace("**", ""),
+             _ci(r, "gauc").replace("**", "")) for name, r in rows.items()]
+    widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in (header, *body)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines + undefined_notes(rows)) + "\n"
+
+
 def bar_chart_png(rows: dict, title: str, baseline: str = "id") -> bytes:
     """PNG bytes: per row, the paired AUC and GAUC difference to the baseline with its 95% interval (rows
     without an interval show mean ± std of the difference over runs)."""

@@ -19,12 +19,10 @@ import json
 import logging
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ranker.batch import build_batch
 from ranker.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, load_sparse_optimizer_state, read_checkpoint,
@@ -35,6 +33,8 @@ from ranker.distributed import (DistContext, all_gather_rows, full_state_dict, l
                                 restore_snapshot, setup_distributed, shard_model)
 from ranker.examples import Examples
 from ranker.features import FeatureSchema, ItemFeatures, build_schema
+from ranker.loop import (Evaluation, LoopConfig, LoopRun, LoopState, Selection, Updates, fit_loop, rng_state,
+                         set_rng_state)
 from ranker.metrics import format_metric, ranking_metrics
 from ranker.content_init import init_from_content
 from ranker.model import RankerModel, RankerTrain, embedding_tables
@@ -126,6 +126,9 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
         return_test_scores: bool = False, score_examples: Examples | None = None) -> dict:
     """Train one ranker, early-stop on validation AUC, score the test split.
 
+    The epochs run in ranker.loop.fit_loop (:class:`_RankerTask` is the model's part, :class:`_RankerCheckpoints`
+    writes ranker.pt every epoch).
+
     Args:
         data: examples from `ranker.data.prepare_examples` (history_len must match cfg.history_len).
         items: ItemFeatures of the feature set's code table / frozen embeddings (same catalog as data).
@@ -133,7 +136,7 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
         out_dir: where ranker.pt and result.json go (rank 0); None keeps everything in memory.
         resume: continue from out_dir/ranker.pt.
         ctx: distributed context (default: from the environment).
-        progress: tqdm bars on rank 0.
+        progress: a progress bar on rank 0 (on a terminal).
         return_test_scores: add "test_scores", the (N_test,) logits of the restored best model (for paired
             bootstrap intervals; not written to result.json).
         score_examples: also score these (e.g. retrieved candidates to re-rank): "extra_scores" (M,) logits.
@@ -143,127 +146,27 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
     """
     ctx = ctx or setup_distributed()
     torch.set_num_threads(cfg.num_threads)
-    if data.train.hist.shape[1] != cfg.history_len:
-        raise ValueError(f"examples were built with history_len {data.train.hist.shape[1]}, config says {cfg.history_len}")
-    if not np.array_equal(items.item_ids, data.catalog_ids):
-        raise ValueError("ItemFeatures and examples use different item catalogs")
+    _check_examples(data, items, cfg)
     schema = build_schema(cfg, data.users.n_rows, items)
     train_model = build_train_model(cfg, schema, items)
-    start_epoch, history, best = 0, [], {"auc": -1.0, "epoch": -1}
-    steps_before = 0  # optimizer steps of the epochs a resumed run already has (max_steps counts them)
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir else None
     if out_dir is not None and ctx.is_main and not resume:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-    ckpt = None
-    if resume:
-        if ckpt_path is None or not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = read_checkpoint(ckpt_path)
-        # through the config class, so keys added since (at their defaults) and former names compare as equal
-        saved = json.loads(json.dumps(RankerConfig.from_dict(ckpt["meta"]["config"]).to_dict()))
-        wanted = json.loads(json.dumps(cfg.to_dict()))
-        differ = sorted(k for k in set(saved) | set(wanted)
-                        if k not in _RESUMABLE_KEYS and saved.get(k) != wanted.get(k))
-        if differ:
-            raise ValueError(f"--resume: {ckpt_path} was trained with a different config ({', '.join(differ)})")
-        if ckpt["meta"].get("checkpoint_format", 1) < CHECKPOINT_FORMAT and ctx.is_main:
-            log.warning("--resume: %s predates resumable checkpoints (no latest weights, embedding optimizer or "
-                        "RNG state): training continues, but will not match an uninterrupted run", ckpt_path)
-        train_model.load_state_dict(ckpt["last"])  # the latest epoch's weights ("model" holds the best one)
-        start_epoch = ckpt["meta"]["epoch"] + 1
-        history, best = ckpt["meta"]["history"], ckpt["meta"]["best"]
-        steps_before = int(ckpt["meta"].get("steps_total", 0))
-    module, dense_opt = attach_optimizers(train_model, cfg, ctx)
-    best_full = None  # rank 0: full weights of the best epoch, written as the checkpoint's "model"
+    ckpt = _checkpoint_to_resume(ckpt_path, cfg, ctx) if resume else None
     if ckpt is not None:
-        if ckpt["dense_optimizer"]:
-            dense_opt.load_state_dict(ckpt["dense_optimizer"])
-        load_sparse_optimizer_state(module, ckpt["sparse_optimizer"])
-        _set_rng_state(ckpt["rng"], ctx)
-        load_full_state(module, ckpt["model"])   # the best epoch so far, as this rank's snapshot ...
-        best_snapshot = local_snapshot(module)
-        load_full_state(module, ckpt["last"])    # ... then back to where training stopped
-        best_full = ckpt["model"] if ctx.is_main else None
-    else:
-        best_snapshot = local_snapshot(module)
-        if ckpt_path is not None:  # the best until an epoch improves on it (as best_snapshot)
-            best_full = full_state_dict(module, ctx)
+        train_model.load_state_dict(ckpt["last"])  # the latest epoch's weights ("model" holds the best one)
+    module, dense_opt = attach_optimizers(train_model, cfg, ctx)
+    state, selection, best_full = _starting_point(module, dense_opt, ckpt, cfg, ctx, ckpt_path is not None)
+    task = _RankerTask(module, data, schema, items, cfg, ctx)
+    writer = _RankerCheckpoints(ckpt_path, module, dense_opt, cfg, schema, ctx, best_full) if ckpt_path else None
     steps = _steps_per_epoch(len(data.train), cfg.batch_size, ctx.world_size)
-    total_steps, samples, train_seconds = 0, 0, 0.0
-    stopped_early = False
+    loop = LoopConfig(epochs=cfg.epochs, max_steps=cfg.max_steps, desc=f"ranker[{cfg.features}]",
+                      total_steps=min(cfg.epochs * steps, cfg.max_steps or cfg.epochs * steps),
+                      progress=progress, is_main=ctx.is_main)
     module.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        if cfg.max_steps and steps_before + total_steps >= cfg.max_steps:
-            break
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(data.train))
-        bar = tqdm(range(steps), desc=f"{cfg.features} epoch {epoch}", disable=not (progress and ctx.is_main),
-                   leave=False, mininterval=2.0)
-        losses, t0 = [], time.perf_counter()
-        for step in bar:
-            idx = _local_part(order[step * cfg.batch_size:(step + 1) * cfg.batch_size], ctx)
-            batch = build_batch(data.train.take(idx), schema, items).to(ctx.device)
-            loss, _ = module(batch)
-            dense_opt.zero_grad()
-            loss.backward()
-            dense_opt.step()
-            losses.append(loss.item())
-            total_steps += 1
-            samples += len(idx) * ctx.world_size
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-            if cfg.max_steps and steps_before + total_steps >= cfg.max_steps:
-                break
-        train_seconds += time.perf_counter() - t0
-        valid = evaluate(module, data.valid, schema, items, cfg.eval_batch_size, ctx)
-        record = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                  **{f"valid_{k}": v for k, v in valid.items() if k in ("auc", "gauc", "logloss")}}
-        history.append(record)
-        if ctx.is_main:
-            log.info("%s epoch %d: loss %.4f valid auc %s gauc %s", cfg.features, epoch, record["train_loss"],
-                     format_metric(valid["auc"]), format_metric(valid["gauc"]))
-        improved = selection_score(valid) > best["auc"]
-        if improved:
-            best = {"auc": selection_score(valid), "epoch": epoch}
-            best_snapshot = local_snapshot(module)
-        if ckpt_path is not None:
-            # every rank joins the gathers; rank 0 writes: best weights, latest weights, both optimizers, RNG
-            state = full_state_dict(module, ctx)
-            sparse = sparse_optimizer_state(module, ctx)
-            rng = _rng_state(ctx)
-            if ctx.is_main:
-                if improved:
-                    best_full = state
-                meta = {"config": cfg.to_dict(), "epoch": epoch, "history": history, "best": best,
-                        "tables": _table_summary(schema), "restored_best": True,
-                        "steps_total": steps_before + total_steps, "checkpoint_format": CHECKPOINT_FORMAT}
-                save_checkpoint(ckpt_path, best_full, dense_opt.state_dict(), meta, last_state=state,
-                                sparse_optimizer_state=sparse, rng_state=rng)
-        if cfg.max_steps and steps_before + total_steps >= cfg.max_steps:
-            break
-        if cfg.patience and epoch - best["epoch"] >= cfg.patience:
-            stopped_early = True
-            break
+    run = fit_loop(task, loop, Updates([dense_opt]), selection, writer, state)
     # the checkpoint's "model" already holds the best epoch's weights, so loading it reproduces `test`
-    restore_snapshot(module, best_snapshot)
-    valid = evaluate(module, data.valid, schema, items, cfg.eval_batch_size, ctx)
-    test = evaluate(module, data.test, schema, items, cfg.eval_batch_size, ctx)
-    result = {
-        "features": cfg.features,
-        "config": cfg.to_dict(),
-        "world_size": ctx.world_size,
-        "tables": _table_summary(schema),
-        "content_init": train_model.content_init,
-        "history": history,
-        "best_epoch": best["epoch"],
-        "stopped_early": stopped_early,
-        "steps": total_steps,
-        "train_samples_per_s": samples / train_seconds if train_seconds > 0 else None,
-        "valid": valid,
-        "test": test,
-        "test_by_popularity": metrics_by_popularity(module, data, schema, items, cfg.eval_batch_size, ctx),
-        "coverage": coverage_report(data, items),
-        "checkpoint": str(ckpt_path) if ckpt_path else None,
-    }
+    result = _fit_result(task, run, cfg, ckpt_path, train_model.content_init)
     if out_dir is not None and ctx.is_main:
         from feature_store.io import atomic_write_json
 
@@ -275,32 +178,145 @@ def fit(data: PreparedData, items: ItemFeatures, cfg: RankerConfig, out_dir: Pat
     return result
 
 
-def _rng_state(ctx: DistContext) -> dict | None:
-    """Every rank's torch RNG state (dropout draws from it), stacked on rank 0: {"torch": (world, S) uint8, "cuda":
-    (world, S') uint8 on GPU}. Every rank must call it."""
-    local = {"torch": torch.get_rng_state()}
-    if ctx.device.type == "cuda":
-        local["cuda"] = torch.cuda.get_rng_state(ctx.device).cpu()
-    gathered = [local]
-    if ctx.distributed:
-        import torch.distributed as dist
-
-        gathered = [None] * ctx.world_size
-        dist.all_gather_object(gathered, local)
-    return {k: torch.stack([g[k] for g in gathered]) for k in local} if ctx.is_main else None
+def _check_examples(data: PreparedData, items: ItemFeatures, cfg: RankerConfig) -> None:
+    if data.train.hist.shape[1] != cfg.history_len:
+        raise ValueError(f"examples were built with history_len {data.train.hist.shape[1]}, config says {cfg.history_len}")
+    if not np.array_equal(items.item_ids, data.catalog_ids):
+        raise ValueError("ItemFeatures and examples use different item catalogs")
 
 
-def _set_rng_state(state: dict, ctx: DistContext) -> None:
-    if not state:
-        return
-    rows = state["torch"]
-    row = ctx.rank if rows.shape[0] == ctx.world_size else 0
-    if rows.shape[0] != ctx.world_size and ctx.is_main:
-        log.warning("--resume: checkpoint RNG state is from %d rank(s), this run has %d: dropout draws will differ "
-                    "from an uninterrupted run", rows.shape[0], ctx.world_size)
-    torch.set_rng_state(rows[row].clone())
-    if "cuda" in state and ctx.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"][min(row, state["cuda"].shape[0] - 1)].clone(), ctx.device)
+def _checkpoint_to_resume(ckpt_path: Path | None, cfg: RankerConfig, ctx: DistContext) -> dict:
+    """The checkpoint a resumed run continues from, after checking it was trained with the same config (training
+    length aside)."""
+    if ckpt_path is None or not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    ckpt = read_checkpoint(ckpt_path)
+    # through the config class, so keys added since (at their defaults) and former names compare as equal
+    saved = json.loads(json.dumps(RankerConfig.from_dict(ckpt["meta"]["config"]).to_dict()))
+    wanted = json.loads(json.dumps(cfg.to_dict()))
+    differ = sorted(k for k in set(saved) | set(wanted)
+                    if k not in _RESUMABLE_KEYS and saved.get(k) != wanted.get(k))
+    if differ:
+        raise ValueError(f"--resume: {ckpt_path} was trained with a different config ({', '.join(differ)})")
+    if ckpt["meta"].get("checkpoint_format", 1) < CHECKPOINT_FORMAT and ctx.is_main:
+        log.warning("--resume: %s predates resumable checkpoints (no latest weights, embedding optimizer or "
+                    "RNG state): training continues, but will not match an uninterrupted run", ckpt_path)
+    return ckpt
+
+
+def _starting_point(module, dense_opt, ckpt: dict | None, cfg: RankerConfig, ctx: DistContext,
+                    writes_checkpoints: bool) -> tuple[LoopState, Selection, dict | None]:
+    """(loop state, selection, full best weights on rank 0) of a fresh run, or of the checkpoint's run: its
+    optimizers, RNG and best epoch loaded into the sharded module. Before any epoch beats it the best is the
+    initial model, at a score of -1 (below any selection_score of a judged epoch)."""
+    if ckpt is None:  # the best until an epoch improves on it
+        best_full = full_state_dict(module, ctx) if writes_checkpoints else None
+        return LoopState(), Selection(cfg.patience, -1.0, -1, local_snapshot(module)), best_full
+    if ckpt["dense_optimizer"]:
+        dense_opt.load_state_dict(ckpt["dense_optimizer"])
+    load_sparse_optimizer_state(module, ckpt["sparse_optimizer"])
+    set_rng_state(ckpt["rng"], ctx)
+    load_full_state(module, ckpt["model"])   # the best epoch so far, as this rank's snapshot ...
+    best_snapshot = local_snapshot(module)
+    load_full_state(module, ckpt["last"])    # ... then back to where training stopped
+    meta = ckpt["meta"]
+    best = meta["best"]
+    selection = Selection(cfg.patience, best["auc"], best["epoch"], best_snapshot,
+                          since_best=meta["epoch"] - best["epoch"])
+    state = LoopState(epoch=meta["epoch"] + 1, step=int(meta.get("steps_total", 0)), history=meta["history"])
+    return state, selection, ckpt["model"] if ctx.is_main else None
+
+
+class _RankerTask:
+    """The ranker's part of the training loop: seeded batches of example rows, the model's loss, validation AUC
+    (selection_score) after every epoch, local snapshots of the (possibly sharded) weights."""
+
+    def __init__(self, module, data: PreparedData, schema: FeatureSchema, items: ItemFeatures, cfg: RankerConfig,
+                 ctx: DistContext):
+        self.module, self.data, self.schema, self.items, self.cfg, self.ctx = module, data, schema, items, cfg, ctx
+        self.samples = 0  # training examples over every rank
+
+    def batches(self, epoch: int) -> list:
+        """This rank's example rows of each global batch; the order is a function of (seed, epoch)."""
+        cfg = self.cfg
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.data.train))
+        steps = _steps_per_epoch(len(self.data.train), cfg.batch_size, self.ctx.world_size)
+        return [_local_part(order[s * cfg.batch_size:(s + 1) * cfg.batch_size], self.ctx) for s in range(steps)]
+
+    def loss(self, idx: np.ndarray) -> torch.Tensor:
+        batch = build_batch(self.data.train.take(idx), self.schema, self.items).to(self.ctx.device)
+        self.samples += len(idx) * self.ctx.world_size
+        return self.module(batch)[0]
+
+    def evaluate(self, epoch: int, state: LoopState, complete: bool) -> Evaluation:
+        valid = evaluate(self.module, self.data.valid, self.schema, self.items, self.cfg.eval_batch_size, self.ctx)
+        losses = state.epoch_losses
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+               **{f"valid_{k}": v for k, v in valid.items() if k in ("auc", "gauc", "logloss")}}
+        if self.ctx.is_main:
+            log.info("%s epoch %d: loss %.4f valid auc %s gauc %s", self.cfg.features, epoch, row["train_loss"],
+                     format_metric(valid["auc"]), format_metric(valid["gauc"]))
+        return Evaluation(selection_score(valid), row)
+
+    def snapshot(self) -> dict:
+        return local_snapshot(self.module)
+
+    def restore(self, snapshot: dict) -> None:
+        restore_snapshot(self.module, snapshot)
+
+
+class _RankerCheckpoints:
+    """Writes ranker.pt at every epoch end (ranker.checkpoint): the best epoch's full weights, the latest ones,
+    both optimizers and every rank's RNG. Every rank joins the gathers; rank 0 writes."""
+
+    def __init__(self, path: Path, module, dense_opt, cfg: RankerConfig, schema: FeatureSchema, ctx: DistContext,
+                 best_full: dict | None):
+        self.path, self.module, self.dense_opt, self.cfg, self.schema, self.ctx = path, module, dense_opt, cfg, \
+            schema, ctx
+        self.best_full = best_full  # rank 0: full weights of the best epoch, written as the checkpoint's "model"
+
+    def save(self, state: LoopState, selection: Selection, event: str) -> Path | None:
+        if event != "epoch":  # the best weights are in every epoch's checkpoint already
+            return None
+        full = full_state_dict(self.module, self.ctx)
+        sparse = sparse_optimizer_state(self.module, self.ctx)
+        rng = rng_state(self.ctx)
+        if not self.ctx.is_main:
+            return None
+        if selection.improved:
+            self.best_full = full
+        meta = {"config": self.cfg.to_dict(), "epoch": state.epochs_run - 1, "history": state.history,
+                "best": {"auc": selection.best_score, "epoch": selection.best_epoch},
+                "tables": _table_summary(self.schema), "restored_best": True, "steps_total": state.step,
+                "checkpoint_format": CHECKPOINT_FORMAT}
+        return save_checkpoint(self.path, self.best_full, self.dense_opt.state_dict(), meta, last_state=full,
+                               sparse_optimizer_state=sparse, rng_state=rng)
+
+
+def _fit_result(task: _RankerTask, run: LoopRun, cfg: RankerConfig, ckpt_path: Path | None,
+                content_init: dict | None) -> dict:
+    """fit()'s record of a finished run; the module holds the selected (best) epoch's weights."""
+    module, data, schema, items, ctx = task.module, task.data, task.schema, task.items, task.ctx
+    state = run.state
+    train_seconds = sum(state.epoch_seconds)
+    return {
+        "features": cfg.features,
+        "config": cfg.to_dict(),
+        "world_size": ctx.world_size,
+        "tables": _table_summary(schema),
+        "content_init": content_init,
+        "history": state.history,
+        "best_epoch": run.selection.best_epoch,
+        # patience, not max_steps, ended it
+        "stopped_early": state.stopped and not state.reached(cfg.max_steps),
+        "steps": state.steps_this_run,
+        "train_samples_per_s": task.samples / train_seconds if train_seconds > 0 else None,
+        "valid": evaluate(module, data.valid, schema, items, cfg.eval_batch_size, ctx),
+        "test": evaluate(module, data.test, schema, items, cfg.eval_batch_size, ctx),
+        "test_by_popularity": metrics_by_popularity(module, data, schema, items, cfg.eval_batch_size, ctx),
+        "coverage": coverage_report(data, items),
+        "checkpoint": str(ckpt_path) if ckpt_path else None,
+    }
 
 
 def _table_summary(schema: FeatureSchema) -> dict:

@@ -73,6 +73,18 @@ def stage_timer(stage: str, part: str | None = None, total: bool = True):
             counter(stage, f"msecs_{part}").inc(msecs)
 
 
+def worker_progress(stage: str, total=None):
+    """A DoFn's count of one stage's items on this worker (create it lazily in ``process``: it is not pickled with
+    the DoFn): an INFO line at least every 30 s while batches finish, so a scheduler reading the job's log sees the
+    stage move. Workers log off a terminal, so never a bar."""
+    import logging
+
+    from feature_store.progress import Progress
+
+    return Progress(f"{stage} (this worker)", total, bar=False, logger=logging.getLogger("pipelines.beam"),
+                    final_line=False)
+
+
 class _CountFn(beam.DoFn):
     def __init__(self, stage: str, kind: str):
         self.stage, self.kind = stage, kind

@@ -15,7 +15,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelMetadata, RunInference
 
 from pipelines.beam.model_handler import ItemEncoderModelHandler
-from pipelines.beam.common import counter, count, reject, stage_timer
+from pipelines.beam.common import counter, count, reject, stage_timer, worker_progress
 
 log = logging.getLogger(__name__)
 DEAD = "dead_letter"
@@ -92,8 +92,12 @@ class PathUpdatingHandler(ItemEncoderModelHandler):
             return super().load_model()
 
     def run_inference(self, batch, model, inference_args=None):
+        if getattr(self, "_progress", None) is None:
+            self._progress = worker_progress(self.stage)
         with stage_timer(self.stage, "model"):
-            return list(super().run_inference(batch, model, inference_args))
+            out = list(super().run_inference(batch, model, inference_args))
+        self._progress.update(len(out))
+        return out
 
 
 def encoder_handler(checkpoint: Optional[str] = None, encoder_factory: Optional[Callable] = None,

@@ -2,6 +2,7 @@
 fixed, the protocol's split applied to the source snapshot)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,8 @@ from feature_store.split import SplitConfig, split_from_args
 from pipelines.mining.pairs import PairConfig
 from pipelines.beam.options import CascadeOptions, cascade_seed, data_spec
 from pipelines.beam.quantize_items import QuantConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,9 @@ def unaligned_map(opts: CascadeOptions) -> str:
     return "pca" if opts.align_mode == "side" and not opts.align_checkpoint else "gaussian"
 
 
-def encoder_dict(opts: CascadeOptions, seed: int) -> dict:
+def encoder_dict(opts: CascadeOptions, seed: int, has_images: bool = True) -> dict:
+    """The job's encoder config; for a catalog without any image its text-only variant (`EncoderConfig.for_catalog`:
+    no vision tower is built or loaded). A warm start (``--init-encoder``) follows its checkpoint instead."""
     from pipelines.encoder.checkpoint import read_meta
     from pipelines.encoder.config import EncoderConfig
 
@@ -143,7 +148,13 @@ def encoder_dict(opts: CascadeOptions, seed: int) -> dict:
         overrides["embed_dim"] = opts.embed_dim
     if opts.encoder_image_size:
         overrides["image_size"] = opts.encoder_image_size
-    return EncoderConfig.named(opts.encoder, **overrides).to_dict()
+    cfg = EncoderConfig.named(opts.encoder, **overrides)
+    if opts.init_encoder:  # a warm start keeps the towers its checkpoint was trained with (text-only or not)
+        has_images = read_meta(Path(opts.init_encoder))["encoder"].get("vision", "none") != "none"
+    if cfg.for_catalog(has_images) is not cfg:
+        log.info("no item has an image: encoder %s runs text-only (its vision tower is not built)", opts.encoder)
+        cfg = cfg.for_catalog(has_images)
+    return cfg.to_dict()
 
 
 def with_raw_ids(frame: pd.DataFrame, id_maps: dict, fields: tuple) -> pd.DataFrame:
@@ -165,6 +176,7 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, sourc
     anything runs). ``clock``: the job's `feature_store.clock.EventClock`."""
     from pipelines.beam.job_report import snapshot
     from pipelines.beam.common import reject
+    from pipelines.encoder.config import catalog_has_images
 
     opts = options.view_as(CascadeOptions)
     seed = cascade_seed(options)
@@ -187,7 +199,10 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, sourc
     # "pretrained" model, so it keeps the data seed and its cache serves every cascade seed; the side network,
     # pairs, quantizers and the unaligned map take the cascade seed
     encoder_seed = data_spec(options).seed if opts.align_mode == "side" else seed
-    align = AlignPlan(encoder=encoder_dict(opts, encoder_seed), mode=opts.align_mode, epochs=opts.align_epochs,
+    # a catalog without images (loaded here, or a source whose items have no image column) runs text-only
+    has_images = catalog_has_images(ds.items) if ds is not None else source is None or source.image_column
+    encoder = encoder_dict(opts, encoder_seed, has_images)
+    align = AlignPlan(encoder=encoder, mode=opts.align_mode, epochs=opts.align_epochs,
                       batch_size=opts.align_batch_size, lr=opts.align_lr, temperature=opts.align_temperature,
                       checkpoint=opts.align_checkpoint, init_encoder=opts.init_encoder, threads=opts.torch_threads,
                       seed=seed, cache_dir=opts.side_cache_dir, layer_stride=opts.side_layer_stride,

@@ -17,7 +17,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.utils import shared
 
-from pipelines.beam.common import count, stage_timer
+from pipelines.beam.common import count, stage_timer, worker_progress
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ def fit_rq(sample, cfg: QuantConfig, stage: str, save_dir: Optional[str] = None,
         codebooks_file: where to write ``codebooks*.safetensors`` (tensors ``rq.level<l>``).
         init_dir: a saved quantizer to warm-start from (the retraining job keeps codes stable this way).
     """
+    from feature_store.progress import Progress
     from feature_store.tables import write_codebooks
     from quant import RQKMeans, load_quantizer
 
@@ -108,7 +109,9 @@ def fit_rq(sample, cfg: QuantConfig, stage: str, save_dir: Optional[str] = None,
         else:
             q = RQKMeans(levels=cfg.rq_levels, codebook_size=cfg.codebook_size_for(len(ids)), seed=cfg.seed,
                          niter=cfg.rq_niter)
-        q.fit(x)
+        with Progress(f"{stage}: rq-kmeans levels", cfg.rq_levels, unit="level", bar=False, logger=log,
+                      final_line=False) as bar:
+            q.fit(x, progress=bar.callback())
         if save_dir:
             q.save(save_dir)
         if codebooks_file:
@@ -120,14 +123,17 @@ def fit_rq(sample, cfg: QuantConfig, stage: str, save_dir: Optional[str] = None,
 class _EncodeRQ(beam.DoFn):
     def __init__(self, stage: str):
         self.stage = stage
+        self._progress = None
 
     def process(self, batch, codebooks):
         from quant.rq_kmeans import residual_encode
 
+        self._progress = self._progress or worker_progress(f"{self.stage}: rq encode")
         with stage_timer(self.stage, "rq"):
             ids = [k for k, _ in batch]
             x = np.stack([np.asarray(v, dtype=np.float32) for _, v in batch])
             codes = residual_encode(x, codebooks)
+        self._progress.update(len(ids))
         for item_id, code in zip(ids, codes):
             yield item_id, np.asarray(code, dtype=np.int32)
 
@@ -145,9 +151,11 @@ class _VQIndex:
 class _EncodeVQ(beam.DoFn):
     def __init__(self, stage: str, cfg: QuantConfig, shared_handle):
         self.stage, self.cfg, self._shared = stage, cfg, shared_handle
+        self._progress = None
 
     def process(self, batch, base):
         ids_base, x_base = base
+        self._progress = self._progress or worker_progress(f"{self.stage}: vq search", len(ids_base))
         with stage_timer(self.stage, "vq"):
             index = self._shared.acquire(lambda: _VQIndex(ids_base, x_base, self.cfg.vq_index, self.cfg.vq_k,
                                                           self.cfg.seed))
@@ -156,6 +164,7 @@ class _EncodeVQ(beam.DoFn):
             rows = np.searchsorted(index.ids, ids)
             nbr_rows = index.vq.encode(x, exclude_rows=rows)
             nbr_ids = index.ids[nbr_rows]
+        self._progress.update(len(ids))
         for item_id, code in zip(ids.tolist(), nbr_ids):
             yield item_id, np.asarray(code, dtype=np.int64)
 

@@ -44,6 +44,8 @@ class SourcePlan:
         max_bad_fraction: the loader's share of rows whose values may not parse.
         clock: the job's `feature_store.clock.EventClock`, resolved once in the driver: later events are
             bad_timestamp rejects, counted with the values that do not parse.
+        image_column: the items table has an image column (without one the catalog is text-only: the encoder
+            builds no vision tower).
     """
 
     resolved: dict
@@ -52,6 +54,7 @@ class SourcePlan:
     id_map_dir: Optional[str]
     max_bad_fraction: float
     clock: Optional[object] = None
+    image_column: bool = True
 
 
 def source_plan(spec) -> SourcePlan:
@@ -68,10 +71,11 @@ def source_plan(spec) -> SourcePlan:
     for f in table_files(r["items_path"]):
         columns += [c for c in table_columns(Path(f)) if c not in columns]
     check_text_columns(r, columns)
-    root = default_image_root(r, r["icols"]["image_uri"] in columns)
+    image_column = r["icols"]["image_uri"] in columns
+    root = default_image_root(r, image_column)
     return SourcePlan(resolved=r, name=f"generic:{r['items_path'].name}", image_root=str(root) if root else None,
                       id_map_dir=str(spec.id_map_dir) if spec.id_map_dir is not None else None,
-                      max_bad_fraction=float(spec.max_bad_fraction), clock=spec.clock())
+                      max_bad_fraction=float(spec.max_bad_fraction), clock=spec.clock(), image_column=image_column)
 
 
 def _value(v):

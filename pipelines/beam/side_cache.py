@@ -66,10 +66,11 @@ class _ExtractShard(beam.DoFn):
     def process(self, keyed):
         import pandas as pd
 
+        from feature_store.progress import Progress
         from pipelines.encoder.cache import cache_fingerprint, extract_states, shard_header, write_shard
         from pipelines.encoder.items import ItemCatalog
 
-        _, items = keyed
+        shard, items = keyed
         frame = pd.DataFrame(list(items))
         where = {int(r["item_id"]): (r.get("_raw_item_id", r["item_id"]), r.get("_row")) for r in
                  frame.to_dict("records")}  # what a dead letter names
@@ -92,7 +93,9 @@ class _ExtractShard(beam.DoFn):
             catalog = ItemCatalog(frame, Path(self.image_root) if self.image_root else None, self._config.image_size,
                                   self._config.image_mean, self._config.image_std,
                                   load_images=self._config.has_vision, cache_images=False)
-            states, stats = extract_states(self._encoder, catalog, ids, self.batch_size)
+            # this worker's shard: a line at least every 30 s (the backbones take minutes per shard on a CPU)
+            with Progress(f"side cache shard {shard}", len(ids), bar=False, logger=log) as bar:
+                states, stats = extract_states(self._encoder, catalog, ids, self.batch_size, on_batch=bar.update)
             # items whose image failed to load here (validation passed it): encoded text-only, reported by
             # CacheImageRejects from the shard header, so a reused shard reports them again
             failures = [[int(i), _plain(where[i][0]), _plain(where[i][1]), reason, detail]

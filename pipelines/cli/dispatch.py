@@ -6,7 +6,8 @@ Each subcommand is a module with two functions:
     run(args: argparse.Namespace) -> dict      # the machine-readable result
 
 The dispatcher imports only the chosen module (start-up stays fast, libraries stay side-effect free), prints a
-human summary, and with ``--json`` prints the result as one strict-JSON line (null, never NaN), always the last
+human summary (the module's ``human_summary(result) -> str`` where it has one, else ``key: value`` lines), and with
+``--json`` prints the result as one strict-JSON line (null, never NaN), always the last
 line of stdout. Flags are hyphenated everywhere; the underscore spellings of the previous release still parse
 as hidden aliases (with a warning). Jobs that pass Beam options through (ACCEPTS_EXTRA_ARGS) refuse any flag that
 Beam does not know either.
@@ -177,7 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "error_type": type(exc).__name__}, True)
         return EXIT_ERROR
     result = {"command": name, "ok": True, **(result or {})}
-    _print_result(result, as_json)
+    if not as_json and hasattr(module, "human_summary"):  # a job that ends with a summary for a person
+        print(module.human_summary(result), flush=True)
+    else:
+        _print_result(result, as_json)
     return EXIT_OK
 
 

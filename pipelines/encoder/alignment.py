@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import math
 import resource
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -30,7 +29,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from pipelines.encoder.adapters import AdapterConfig, add_adapters
 from pipelines.encoder.base_map import BASE_MAP_KINDS, BaseMap, GramStats, fit_base_map, pooled_top
@@ -44,9 +42,9 @@ from pipelines.encoder.items import ItemCatalog
 from pipelines.encoder.losses import ContrastiveLoss, PositiveGraph, false_negative_mask
 from pipelines.encoder.model_io import (MODES, SIDE_MODES, base_map_of, build_for_meta, build_for_mode, load_state,
                                      saved_state, set_base_map)
-from pipelines.encoder.progress import on_terminal
 from pipelines.encoder.side import SideConfig, SideEncoder, SideHeadOnly, towers_side_network
 from pipelines.encoder.side_mllm import MLLMStateExtractor, build_mllm_side_encoder, mllm_side_network
+from ranker.loop import Evaluation, LoopConfig, LoopRun, LoopState, Selection, TrainTask, Updates, fit_loop
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +95,7 @@ class AlignConfig:
         cache_batch_size: items per backbone pass when building the side cache.
         num_threads: torch threads (None leaves the default).
         device: "cpu" or "cuda".
-        progress: tqdm bars on a terminal (one log line per stage otherwise).
+        progress: tqdm bars on a terminal (else, and off a terminal, a log line at least every 30 s).
     """
 
     mode: str = "side"
@@ -583,21 +581,27 @@ def _per_query(ranks: np.ndarray, metric: str) -> np.ndarray:
     return (ranks <= 10).astype(np.float64) if metric == "recall@10" else 1.0 / ranks
 
 
-class _Selection:
-    """Early stopping and the final choice (the never-worse gate).
+class _Selection(Selection):
+    """Early stopping and the final choice (the never-worse gate), as ranker.loop's Selection.
 
     Every judged epoch is compared with step 0 (the unaligned embedding, or the warm start) on the same queries:
     ``vs_step0`` = the mean per-query difference of the metric, its standard error and the lower bound
     ``diff - gate_z * se``. An epoch *beats* step 0 only when that lower bound is above 0; the weights that
     ship are those of the beating epoch with the highest score, or step 0's when none beats it. Early stopping
-    counts epochs without a higher score than the best so far (step 0's included).
+    counts epochs without a higher score than the best so far (step 0's included: ``Selection.count``).
+
+    Args:
+        step0 / step0_ranks: step 0's figures and per-query ranks.
+        history: the epochs a resumed run already judged (replayed; their weights are gone).
+        step0_state: step 0's weights (None after a resume: ``initial_state()`` rebuilds them).
     """
 
-    def __init__(self, cfg: AlignConfig, step0: dict, step0_ranks: np.ndarray, history: list):
-        self.metric, self.patience, self.z, self.restore_best = cfg.valid_metric, cfg.patience, cfg.gate_z, \
-            cfg.restore_best
+    def __init__(self, cfg: AlignConfig, step0: dict, step0_ranks: np.ndarray, history: list,
+                 step0_state: Optional[dict] = None, initial_state: Optional[Callable] = None):
+        super().__init__(cfg.patience, best_score=step0[cfg.valid_metric])
+        self.cfg, self.metric, self.z, self.restore_best = cfg, cfg.valid_metric, cfg.gate_z, cfg.restore_best
         self.step0, self.base = step0, _per_query(step0_ranks, cfg.valid_metric)
-        self.best_score, self.since_best = step0[self.metric], 0
+        self.step0_state, self.initial_state = step0_state, initial_state
         self.kept_epoch: Optional[int] = None  # None: step 0 ships
         self.kept_score, self.kept_state, self.last_epoch = -math.inf, None, None
         for figures in history:  # a resumed run replays the epochs it already judged (their weights are gone)
@@ -611,23 +615,48 @@ class _Selection:
         figures["vs_step0"] = {"diff": mean, "se": se, "lower": mean - self.z * se, "z": self.z}
         return figures
 
-    def offer(self, figures: dict, ranks: np.ndarray, state_of: Callable) -> bool:
-        """Judge one epoch (its weights are ``state_of()``); returns True when patience ran out."""
-        return self._judge(self.compare(figures, ranks), state_of)
+    def offer(self, epoch: int, evaluation: Evaluation, snapshot: Callable) -> bool:
+        """Judge one epoch (``evaluation.detail``: its per-query ranks; ``snapshot()``: its weights); returns True
+        when patience ran out."""
+        stop = self._judge(self.compare(evaluation.row, evaluation.detail), snapshot)
+        mode = self.cfg.mode
+        log.info("align[%s] epoch %d validation %s", mode, epoch, evaluation.row)
+        if stop:
+            log.info("align[%s] early stop after epoch %d: best %s %.4f; shipping %s", mode, epoch, self.metric,
+                     self.best_score, _epoch_name(self.kept_epoch))
+        return stop
 
-    def _judge(self, figures: dict, state_of: Optional[Callable]) -> bool:
+    def _judge(self, figures: dict, snapshot: Optional[Callable]) -> bool:
         score, self.last_epoch = figures[self.metric], figures["epoch"]
         beats = figures["vs_step0"]["lower"] > 0
         if beats and (score > self.kept_score or not self.restore_best):  # restore_best off: the last one
             self.kept_epoch, self.kept_score = figures["epoch"], score
-            self.kept_state = {k: v.detach().clone() for k, v in state_of().items()} if state_of else None
+            self.kept_state = snapshot() if snapshot else None
         elif not self.restore_best:  # the last epoch does not beat step 0: step 0 ships
             self.kept_epoch, self.kept_score, self.kept_state = None, -math.inf, None
-        if score > self.best_score:
-            self.best_score, self.since_best = score, 0
+        return self.count(figures["epoch"], score)
+
+    def restore(self, task: TrainTask, state: LoopState) -> bool:
+        """Load the weights that ship unless the model holds them already (no step since the last judged epoch, and
+        that epoch is the one kept); returns whether it loaded any. Weights no judge saw (steps after the last
+        judged epoch, e.g. ``max_steps`` ending mid-epoch) never ship."""
+        mode, metric = self.cfg.mode, self.metric
+        holds_last_judged = bool(state.history) and state.history[-1].get("step") == state.step
+        if self.kept_epoch is not None and holds_last_judged and self.kept_epoch == self.last_epoch:
             return False
-        self.since_best += 1
-        return self.patience is not None and self.since_best >= self.patience
+        if self.kept_epoch is not None and self.kept_state is not None:
+            task.restore(self.kept_state)
+            log.info("align[%s] restored the weights of epoch %d (validation %s %.4f)", mode, self.kept_epoch,
+                     metric, self.kept_score)
+            return True
+        if self.kept_epoch is not None:  # it ran before a resume: its weights are gone, step 0 is safe
+            log.warning("align[%s] epoch %d beat step 0 before the resume, its weights are gone: shipping step 0",
+                        mode, self.kept_epoch)
+            self.kept_epoch = None
+        task.restore(self.step0_state if self.step0_state is not None else self.initial_state())
+        log.warning("align[%s] no epoch beat step 0 on %s %s (step 0 %.4f): keeping step 0's weights", mode,
+                    self.step0["judge"], metric, self.step0[metric])
+        return True
 
 
 def _gate_record(selection: Optional[_Selection], history: list, cfg: AlignConfig) -> dict:
@@ -648,26 +677,22 @@ def _gate_record(selection: Optional[_Selection], history: list, cfg: AlignConfi
             "best_trained_epoch": best["epoch"] if best else None}
 
 
-def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candidates: Callable, known: set,
-         pairs: pd.DataFrame, valid_pairs: Optional[pd.DataFrame], cfg: AlignConfig, out_dir: Optional[Path],
-         init_checkpoint: Optional[Path], cache: Optional[StateCache], cache_seconds: float,
-         comm: Optional[Communicator] = None, valid_queries: Optional[pd.DataFrame] = None,
-         initial_state: Optional[Callable] = None) -> AlignResult:
-    """The training loop shared by every mode. ``embed(ids (U,)) -> (U, D)`` encodes items with gradient;
-    ``candidates(required ids) -> ids`` the items validation ranks among; ``initial_state() -> state dict``
-    rebuilds step 0's weights (a resumed run's fallback).
+@dataclass
+class _Judge:
+    """What validation ranks: the validation pairs and / or the validation window's next-item queries (the judge
+    when given) among ``items``; None when there is nothing to judge with."""
 
-    Step 0 is judged before the first step (``_validate``), every epoch after it, and the weights that ship are
-    the best of all of them (``_Selection``): step 0 when no epoch beat it. With a distributed ``comm`` every
-    rank runs this loop on the same global batches, encodes its slice of each and gathers the rest
-    (pipelines.encoder.distributed); validation runs on every rank (same result, so the early stop agrees without a
-    broadcast) and only rank 0 writes checkpoints."""
-    comm = comm or Communicator()
-    device = torch.device(cfg.device)
-    step_embed = forward_module(model, embed, comm)  # DDP-wrapped when distributed
-    train_pairs, pair_stats = prepare_pairs(pairs, known, cfg.sources)
-    if len(train_pairs) < 2:
-        raise ValueError(f"alignment needs at least 2 usable training pairs, have {len(train_pairs)} ({pair_stats})")
+    valid: Optional[pd.DataFrame]
+    queries: Optional[pd.DataFrame]
+    items: np.ndarray
+
+    def __call__(self, model: nn.Module, embed: Callable) -> tuple[dict, np.ndarray]:
+        return _validate(model, embed, self.items, self.valid, self.queries)
+
+
+def _judge_for(valid_pairs: Optional[pd.DataFrame], valid_queries: Optional[pd.DataFrame], known: set,
+               candidates: Callable, cfg: AlignConfig, pair_stats: dict) -> Optional[_Judge]:
+    """The validation judge of a run (its pair counts added to ``pair_stats``), or None without validation data."""
     valid = None
     if valid_pairs is not None and len(valid_pairs):
         valid, vstats = prepare_pairs(valid_pairs, known, cfg.sources)
@@ -675,147 +700,186 @@ def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candi
         valid = valid if len(valid) else None
     queries = _known_queries(valid_queries, known)
     pair_stats["valid_queries"] = int(len(queries)) if queries is not None else 0
-    judged = valid is not None or queries is not None
+    if valid is None and queries is None:
+        return None
     required = [valid["left"].to_numpy(np.int64), valid["right"].to_numpy(np.int64)] if valid is not None else []
     if queries is not None:
         required += [queries["query"].to_numpy(np.int64), queries["target"].to_numpy(np.int64)]
-    valid_items = candidates(np.unique(np.concatenate(required))) if judged else None
-    log.info("align %s: %d training pairs, %s validation pairs, %d validation-window queries (%s)", cfg.mode,
-             len(train_pairs), len(valid) if valid is not None else 0, pair_stats["valid_queries"], pair_stats)
-    graph = PositiveGraph.from_pairs(train_pairs) if cfg.mask == "graph" else None
-    loss_fn = ContrastiveLoss(cfg.temperature, cfg.learn_temperature).to(device)
+    return _Judge(valid, queries, candidates(np.unique(np.concatenate(required))))
 
+
+class _PairBatches:
+    """Alignment's part of the training loop (ranker.loop): seeded batches of training pairs, the in-batch
+    contrastive loss of one (data parallel: each rank encodes its slice, the slices are gathered), and the judge
+    after every whole epoch."""
+
+    def __init__(self, model: nn.Module, step_embed: nn.Module, embed: Callable, train_pairs: pd.DataFrame,
+                 loss_fn: ContrastiveLoss, judge: Optional[_Judge], cfg: AlignConfig, comm: Communicator):
+        self.model, self.step_embed, self.embed, self.loss_fn, self.judge = model, step_embed, embed, loss_fn, judge
+        self.cfg, self.comm, self.device = cfg, comm, torch.device(cfg.device)
+        self.n_pairs = len(train_pairs)
+        self.n_batches = math.ceil(self.n_pairs / cfg.batch_size)
+        self.left = torch.tensor(train_pairs["left"].to_numpy(np.int64))
+        self.right = torch.tensor(train_pairs["right"].to_numpy(np.int64))
+        self.weight = torch.from_numpy(train_pairs["weight"].to_numpy(np.float32)) \
+            if cfg.use_pair_weights and "weight" in train_pairs.columns else None
+        self.graph = PositiveGraph.from_pairs(train_pairs) if cfg.mask == "graph" else None
+
+    def batches(self, epoch: int) -> list:
+        """Row indices of each global batch (None for a batch too small to give every rank a row); the order is
+        seeded by the epoch, and so are the dropout masks (each rank its own)."""
+        cfg, comm = self.cfg, self.comm
+        order = torch.from_numpy(np.random.default_rng(cfg.seed + epoch).permutation(self.n_pairs))
+        torch.manual_seed(cfg.seed * 1000 + epoch + 7919 * comm.rank)
+        sels = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(self.n_batches)]
+        return [sel if len(sel) >= max(2, comm.world_size) else None for sel in sels]
+
+    def loss(self, sel: torch.Tensor) -> torch.Tensor:
+        comm, device = self.comm, self.device
+        left, right = self.left[sel], self.right[sel]  # (n,) the global batch
+        n = len(left)
+        mine = comm.local_slice(n)
+        # Encode each distinct item of this rank's slice once; pairs index into the unique embeddings.
+        unique, inverse = torch.unique(torch.cat([left[mine], right[mine]]), return_inverse=True)
+        emb = self.step_embed(unique)  # (U, D)
+        m = mine.stop - mine.start
+        emb_left, emb_right = comm.gather(emb[inverse[:m]], n), comm.gather(emb[inverse[m:]], n)  # (n, D)
+        masks = self.graph.masks(left, right) if self.graph is not None else (false_negative_mask(left, right), None)
+        masks = tuple(mk.to(device) if mk is not None else None for mk in masks)
+        return self.loss_fn(emb_left, emb_right, masks, self.weight[sel].to(device) if self.weight is not None
+                            else None)
+
+    def evaluate(self, epoch: int, state: LoopState, complete: bool) -> Optional[Evaluation]:
+        """The judge's figures of a whole epoch (an epoch ``max_steps`` cut short is not judged)."""
+        if self.judge is None or not complete:
+            return None
+        judged, ranks = self.judge(self.model, self.embed)
+        figures = {"epoch": epoch, "step": state.step, **judged,
+                   "loss": float(np.mean(state.losses[-self.n_batches:])), "temperature": self.loss_fn.current()}
+        return Evaluation(figures[self.cfg.valid_metric], figures, detail=ranks)
+
+    def snapshot(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.state_of().items()}
+
+    def restore(self, snapshot: dict) -> None:
+        self.model.load_state_dict(snapshot, strict=False)
+
+    def state_of(self) -> dict:
+        """The tensors a checkpoint holds (a side head's, or the mode's trainable delta)."""
+        return saved_state(self.model, "side" if isinstance(self.model, SideHeadOnly) else self.cfg.mode)
+
+
+class _AlignCheckpoints:
+    """Rank 0 writes step folders (pipelines.encoder.checkpoint): the weights that ``state_of`` gives, the
+    optimizer, and the loop's position with the judge's history and step 0's figures (``trainer_state.json``)."""
+
+    def __init__(self, out_dir: Path, task: _PairBatches, optimizer, meta: dict, step0: Optional[dict]):
+        self.out_dir, self.task, self.optimizer, self.meta, self.step0 = out_dir, task, optimizer, meta, step0
+
+    def save(self, state: LoopState, selection: Optional[_Selection], event: str) -> Optional[Path]:
+        if not self.task.comm.is_main:
+            return None
+        meta, position, stopped = self.meta, (state.epoch, state.batch), state.stopped
+        if event == "final":  # the restored weights: training is over
+            meta, position, stopped = {**meta, "best_epoch": selection.kept_epoch}, (state.epochs_run, 0), True
+        loss_fn = self.task.loss_fn
+        trainer = {"step": state.step, "epoch": position[0], "batch_in_epoch": position[1], "losses": state.losses,
+                   "epoch_seconds": state.epoch_seconds, "valid": state.history, "stopped": stopped,
+                   "step0": self.step0, "log_scale": float(loss_fn.log_scale.detach()),
+                   "temperature": loss_fn.current()}
+        return save_checkpoint(self.out_dir, state.step, {**meta, "step": state.step}, self.task.state_of(),
+                               self.optimizer.state_dict(), trainer, keep=self.task.cfg.keep_checkpoints)
+
+
+def _resume(ckpt: Path, model: nn.Module, optimizer, loss_fn: ContrastiveLoss, meta: dict
+            ) -> tuple[LoopState, Optional[dict]]:
+    """Load a checkpoint of this run into the model, optimizer and temperature; (where the loop continues, step 0's
+    figures as the checkpoint recorded them)."""
+    old_meta, state, opt_state, trainer = read_checkpoint(ckpt)
+    if old_meta["mode"] != meta["mode"] or old_meta["encoder"] != meta["encoder"]:
+        raise ValueError(f"{ckpt}: checkpoint is for mode {old_meta['mode']} / another encoder; use a new "
+                         "--out or resume=False")
+    load_state(model, state, old_meta, source=ckpt)
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+    if "log_scale" in trainer:
+        loss_fn.log_scale.data.fill_(float(trainer["log_scale"]))
+    loop = LoopState(epoch=int(trainer["epoch"]), batch=int(trainer["batch_in_epoch"]), step=int(trainer["step"]),
+                     losses=list(trainer.get("losses", [])), epoch_seconds=list(trainer.get("epoch_seconds", [])),
+                     history=list(trainer.get("valid", [])), stopped=bool(trainer.get("stopped", False)))
+    log.info("resuming from %s at step %d (epoch %d, batch %d)", ckpt, loop.step, loop.epoch, loop.batch)
+    return loop, trainer.get("step0")
+
+
+def _fit(model: nn.Module, encoder_config: EncoderConfig, embed: Callable, candidates: Callable, known: set,
+         pairs: pd.DataFrame, valid_pairs: Optional[pd.DataFrame], cfg: AlignConfig, out_dir: Optional[Path],
+         init_checkpoint: Optional[Path], cache: Optional[StateCache], cache_seconds: float,
+         comm: Optional[Communicator] = None, valid_queries: Optional[pd.DataFrame] = None,
+         initial_state: Optional[Callable] = None) -> AlignResult:
+    """The training of every mode, in ranker.loop.fit_loop. ``embed(ids (U,)) -> (U, D)`` encodes items with
+    gradient; ``candidates(required ids) -> ids`` the items validation ranks among; ``initial_state() -> state
+    dict`` rebuilds step 0's weights (a resumed run's fallback).
+
+    Step 0 is judged before the first step (``_validate``), every epoch after it, and the weights that ship are
+    the best of all of them (``_Selection``): step 0 when no epoch beat it. With a distributed ``comm`` every
+    rank runs this loop on the same global batches, encodes its slice of each and gathers the rest
+    (pipelines.encoder.distributed); validation runs on every rank (same result, so the early stop agrees without a
+    broadcast) and only rank 0 writes checkpoints."""
+    comm = comm or Communicator()
+    train_pairs, pair_stats = prepare_pairs(pairs, known, cfg.sources)
+    if len(train_pairs) < 2:
+        raise ValueError(f"alignment needs at least 2 usable training pairs, have {len(train_pairs)} ({pair_stats})")
+    judge = _judge_for(valid_pairs, valid_queries, known, candidates, cfg, pair_stats)
+    log.info("align %s: %d training pairs, %s validation pairs, %d validation-window queries (%s)", cfg.mode,
+             len(train_pairs), len(judge.valid) if judge and judge.valid is not None else 0,
+             pair_stats["valid_queries"], pair_stats)
+    loss_fn = ContrastiveLoss(cfg.temperature, cfg.learn_temperature).to(torch.device(cfg.device))
     params = [p for p in model.parameters() if p.requires_grad] + \
         ([loss_fn.log_scale] if cfg.learn_temperature else [])
     optimizer = torch.optim.AdamW(_param_groups(model, loss_fn, cfg), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
+    task = _PairBatches(model, forward_module(model, embed, comm), embed, train_pairs, loss_fn, judge, cfg, comm)
     meta = _meta(encoder_config, cfg, init_checkpoint)
-    state_of = (lambda: saved_state(model, "side")) if isinstance(model, SideHeadOnly) else \
-        (lambda: saved_state(model, cfg.mode))
-    step, start_epoch, skip_batches, losses, epoch_seconds, history = 0, 0, 0, [], [], []
-    resumed_from, stopped, step0 = 0, False, None
     ckpt = latest_checkpoint(out_dir) if (out_dir is not None and cfg.resume) else None
-    if ckpt is not None:
-        old_meta, state, opt_state, trainer = read_checkpoint(ckpt)
-        if old_meta["mode"] != cfg.mode or old_meta["encoder"] != meta["encoder"]:
-            raise ValueError(f"{ckpt}: checkpoint is for mode {old_meta['mode']} / another encoder; use a new "
-                             "--out or resume=False")
-        load_state(model, state, old_meta, source=ckpt)
-        if opt_state is not None:
-            optimizer.load_state_dict(opt_state)
-        step, start_epoch = int(trainer["step"]), int(trainer["epoch"])
-        skip_batches, losses = int(trainer["batch_in_epoch"]), list(trainer.get("losses", []))
-        epoch_seconds, history = list(trainer.get("epoch_seconds", [])), list(trainer.get("valid", []))
-        stopped, step0 = bool(trainer.get("stopped", False)), trainer.get("step0")
-        if "log_scale" in trainer:
-            loss_fn.log_scale.data.fill_(float(trainer["log_scale"]))
-        resumed_from = step
-        log.info("resuming from %s at step %d (epoch %d, batch %d)", ckpt, step, start_epoch, skip_batches)
-    step0_state, selection = None, None
-    if judged:  # step 0: the unaligned embedding (or the warm start), judged like any epoch
-        step0_state, step0, step0_ranks = _judge_step0(model, state_of, initial_state, resumed=ckpt is not None,
-                                                       judge=lambda: _validate(model, embed, valid_items, valid,
-                                                                               queries))
+    state, step0 = _resume(ckpt, model, optimizer, loss_fn, meta) if ckpt is not None else (LoopState(), None)
+    selection = None
+    if judge is not None:  # step 0: the unaligned embedding (or the warm start), judged like any epoch
+        step0_state, step0, step0_ranks = _judge_step0(model, task.state_of, initial_state, resumed=ckpt is not None,
+                                                       judge=lambda: judge(model, embed))
         log.info("align[%s] step 0 (%s) validation %s", cfg.mode,
                  "warm start" if init_checkpoint else "unaligned", step0)
-        selection = _Selection(cfg, step0, step0_ranks, history)
-
-    n_batches = math.ceil(len(train_pairs) / cfg.batch_size)
-    total_steps = cfg.epochs * n_batches if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * n_batches)
-    left_all = torch.tensor(train_pairs["left"].to_numpy(np.int64))
-    right_all = torch.tensor(train_pairs["right"].to_numpy(np.int64))
-    weight_all = torch.from_numpy(train_pairs["weight"].to_numpy(np.float32)) \
-        if cfg.use_pair_weights and "weight" in train_pairs.columns else None
-    last_ckpt = ckpt
-    epochs_run = start_epoch
-    bar = tqdm(total=total_steps, initial=step, desc=f"align[{cfg.mode}]", unit="step",
-               disable=not (cfg.progress and on_terminal() and comm.is_main))
-    saving = out_dir is not None and comm.is_main
-
-    def save(position, stop_flag, extra_meta=None):
-        return _save(out_dir, state_of(), optimizer, {**meta, **(extra_meta or {})}, cfg, step, *position, losses,
-                     epoch_seconds, history, loss_fn, stop_flag, step0)
-
+        selection = _Selection(cfg, step0, step0_ranks, state.history, step0_state, initial_state)
+    total_steps = min(cfg.max_steps or cfg.epochs * task.n_batches, cfg.epochs * task.n_batches)
+    loop = LoopConfig(epochs=cfg.epochs, max_steps=total_steps, save_every=cfg.save_every,
+                      desc=f"align[{cfg.mode}]", total_steps=total_steps, progress=cfg.progress,
+                      is_main=comm.is_main, log_every=cfg.log_every)
+    writer = _AlignCheckpoints(out_dir, task, optimizer, meta, step0) if out_dir is not None else None
     model.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        if step >= total_steps or stopped:
-            break
-        order = torch.from_numpy(np.random.default_rng(cfg.seed + epoch).permutation(len(train_pairs)))
-        torch.manual_seed(cfg.seed * 1000 + epoch + 7919 * comm.rank)  # dropout: its own masks per rank
-        t0 = time.perf_counter()
-        next_batch = skip_batches  # the first batch of this epoch not yet trained on
-        for batch_idx in range(skip_batches, n_batches):
-            if step >= total_steps:
-                break
-            sel = order[batch_idx * cfg.batch_size:(batch_idx + 1) * cfg.batch_size]
-            next_batch = batch_idx + 1
-            if len(sel) < max(2, comm.world_size):  # every rank needs a row of the batch
-                continue
-            left, right = left_all[sel], right_all[sel]  # (n,) the global batch
-            n = len(left)
-            mine = comm.local_slice(n)
-            # Encode each distinct item of this rank's slice once; pairs index into the unique embeddings.
-            unique, inverse = torch.unique(torch.cat([left[mine], right[mine]]), return_inverse=True)
-            emb = step_embed(unique)  # (U, D)
-            m = mine.stop - mine.start
-            emb_left, emb_right = comm.gather(emb[inverse[:m]], n), comm.gather(emb[inverse[m:]], n)  # (n, D)
-            masks = graph.masks(left, right) if graph is not None else \
-                (false_negative_mask(left, right), None)
-            masks = tuple(mk.to(device) if mk is not None else None for mk in masks)
-            loss = loss_fn(emb_left, emb_right, masks, weight_all[sel].to(device) if weight_all is not None else None)
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, cfg) * group["lr_scale"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if step % cfg.log_every == 0:
-                log.info("align[%s] epoch %d step %d/%d loss %.4f (mean of last %d: %.4f)", cfg.mode, epoch, step,
-                         total_steps, losses[-1], cfg.log_every, float(np.mean(losses[-cfg.log_every:])))
-            if saving and cfg.save_every and step % cfg.save_every == 0 and next_batch < n_batches:
-                last_ckpt = save((epoch, next_batch), False)
-        epoch_seconds.append(time.perf_counter() - t0)
-        skip_batches = 0
-        epochs_run = epoch + 1
-        if judged and next_batch >= n_batches:
-            judged_figures, ranks = _validate(model, embed, valid_items, valid, queries)
-            figures = {"epoch": epoch, "step": step, **judged_figures, "loss": float(np.mean(losses[-n_batches:])),
-                       "temperature": loss_fn.current()}
-            stopped = selection.offer(figures, ranks, state_of)
-            history.append(figures)
-            log.info("align[%s] epoch %d validation %s", cfg.mode, epoch, figures)
-            if stopped:
-                log.info("align[%s] early stop after epoch %d: best %s %.4f; shipping %s", cfg.mode, epoch,
-                         cfg.valid_metric, selection.best_score, _epoch_name(selection.kept_epoch))
-        if saving:
-            position = (epoch + 1, 0) if next_batch >= n_batches else (epoch, next_batch)
-            last_ckpt = save(position, stopped)
-        if stopped:
-            break
-    bar.close()
-    holds_last_judged = bool(history) and history[-1].get("step") == step  # no step since the last judge
-    restored = _restore_choice(model, selection, holds_last_judged, step0_state, initial_state, cfg)
-    if restored and saving:  # the checkpoint others load holds the weights that ship
-        last_ckpt = save((epochs_run, 0), True, {"best_epoch": selection.kept_epoch})
-    alignment = _gate_record(selection, history, cfg)
+    run = fit_loop(task, loop, Updates([optimizer], params, cfg.grad_clip, lr_at=lambda step: _lr_at(step, cfg)),
+                   selection, writer, state, checkpoint=ckpt)
+    alignment = _gate_record(selection, state.history, cfg)
     log.info("align[%s] %s", cfg.mode, gate_line(alignment))
+    return _align_result(model, cfg, run, task, selection, alignment, pair_stats, cache, cache_seconds)
+
+
+def _align_result(model: nn.Module, cfg: AlignConfig, run: LoopRun, task: _PairBatches,
+                  selection: Optional[_Selection], alignment: dict, pair_stats: dict, cache: Optional[StateCache],
+                  cache_seconds: float) -> AlignResult:
+    """The AlignResult of a finished run (the encoder is put in eval mode)."""
+    state = run.state
     model.eval()
     trainable, total = count_params(model)
     if cache is not None and isinstance(model, SideEncoder):
         total = sum(p.numel() for p in model.parameters())
     # A partial epoch (max_steps) is scaled to a full one so modes compare per epoch.
-    per_epoch = _seconds_per_epoch(epoch_seconds, step - resumed_from, n_batches)
-    return AlignResult(encoder=model, mode=cfg.mode, steps=step, epochs_run=epochs_run, losses=losses,
-                       seconds_per_epoch=per_epoch, cache_seconds=cache_seconds, trainable_params=trainable,
-                       total_params=total, peak_memory_mb=peak_memory_mb(cfg.device), checkpoint=last_ckpt,
-                       pair_stats=pair_stats, cache=cache, resumed_from_step=resumed_from, valid=history,
-                       best_epoch=selection.kept_epoch if selection else None, temperature=loss_fn.current(),
-                       stopped_early=stopped, alignment=alignment)
+    per_epoch = _seconds_per_epoch(state.epoch_seconds, state.steps_this_run, task.n_batches)
+    return AlignResult(encoder=model, mode=cfg.mode, steps=state.step, epochs_run=state.epochs_run,
+                       losses=state.losses, seconds_per_epoch=per_epoch, cache_seconds=cache_seconds,
+                       trainable_params=trainable, total_params=total, peak_memory_mb=peak_memory_mb(cfg.device),
+                       checkpoint=run.checkpoint, pair_stats=pair_stats, cache=cache,
+                       resumed_from_step=state.resumed_from, valid=state.history,
+                       best_epoch=selection.kept_epoch if selection else None, temperature=task.loss_fn.current(),
+                       stopped_early=state.stopped, alignment=alignment)
 
 
 def _judge_step0(model: nn.Module, state_of: Callable, initial_state: Optional[Callable], resumed: bool,
@@ -833,31 +897,6 @@ def _judge_step0(model: nn.Module, state_of: Callable, initial_state: Optional[C
 
 def _epoch_name(epoch: Optional[int]) -> str:
     return "step 0" if epoch is None else f"epoch {epoch}"
-
-
-def _restore_choice(model: nn.Module, selection: Optional[_Selection], holds_last_judged: bool,
-                    step0_state: Optional[dict], initial_state: Optional[Callable], cfg: AlignConfig) -> bool:
-    """Load the weights that ship into ``model`` unless it holds them already (``holds_last_judged``: no step
-    since the last judged epoch, and that epoch is the one kept); returns whether it loaded any. Weights no judge
-    saw (steps after the last judged epoch, e.g. ``max_steps`` ending mid-epoch) never ship."""
-    if selection is None:
-        return False
-    if selection.kept_epoch is not None and holds_last_judged and selection.kept_epoch == selection.last_epoch:
-        return False
-    if selection.kept_epoch is not None and selection.kept_state is not None:
-        model.load_state_dict(selection.kept_state, strict=False)
-        log.info("align[%s] restored the weights of epoch %d (validation %s %.4f)", cfg.mode, selection.kept_epoch,
-                 cfg.valid_metric, selection.kept_score)
-        return True
-    if selection.kept_epoch is not None:  # it ran before a resume: its weights are gone, step 0 is safe
-        log.warning("align[%s] epoch %d beat step 0 before the resume, its weights are gone: shipping step 0",
-                    cfg.mode, selection.kept_epoch)
-        selection.kept_epoch = None
-    state = step0_state if step0_state is not None else initial_state()
-    model.load_state_dict(state, strict=False)
-    log.warning("align[%s] no epoch beat step 0 on %s %s (step 0 %.4f): keeping step 0's weights", cfg.mode,
-                selection.step0["judge"], cfg.valid_metric, selection.step0[cfg.valid_metric])
-    return True
 
 
 def gate_line(alignment: dict) -> str:
@@ -878,15 +917,6 @@ def _seconds_per_epoch(epoch_seconds: list, steps_this_run: int, n_batches: int)
         return float("nan")
     run_seconds = sum(epoch_seconds)
     return run_seconds / steps_this_run * n_batches
-
-
-def _save(out_dir: Path, state: dict, optimizer, meta, cfg: AlignConfig, step, epoch, batch_in_epoch, losses,
-          epoch_seconds, history, loss_fn: ContrastiveLoss, stopped: bool, step0: Optional[dict] = None) -> Path:
-    trainer = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "losses": losses,
-               "epoch_seconds": epoch_seconds, "valid": history, "stopped": stopped, "step0": step0,
-               "log_scale": float(loss_fn.log_scale.detach()), "temperature": loss_fn.current()}
-    return save_checkpoint(out_dir, step, {**meta, "step": step}, state, optimizer.state_dict(), trainer,
-                           keep=cfg.keep_checkpoints)
 
 
 @torch.no_grad()

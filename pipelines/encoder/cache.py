@@ -28,8 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from feature_store.io import atomic_path, atomic_write_json
+from feature_store.progress import Progress
 from pipelines.encoder.items import ItemCatalog, ModalityStats
-from pipelines.encoder.progress import stage
 from pipelines.encoder.side import SideEncoder, States
 
 log = logging.getLogger(__name__)
@@ -207,9 +207,11 @@ def build_cache(encoder: SideEncoder, catalog: ItemCatalog, item_ids: np.ndarray
     total = ModalityStats()
     kept: dict[str, list[torch.Tensor]] = {}  # memory-only cache
     shards: list[dict] = []
-    with stage("side cache", len(item_ids), progress=progress) as st:
+    n_shards = -(-len(item_ids) // shard_size)
+    with Progress("side cache", len(item_ids), bar=None if progress else False, logger=log) as st:
         for start in range(0, len(item_ids), shard_size):  # one shard in memory at a time
             ids = item_ids[start:start + shard_size]
+            st.postfix["shard"] = f"{len(shards) + 1}/{n_shards}"
             states, counts = extract_states(encoder, catalog, ids, batch_size, on_batch=st.update)
             total.merge(counts)
             if cache_dir is None:

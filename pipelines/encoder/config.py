@@ -84,6 +84,14 @@ class EncoderConfig:
     def has_vision(self) -> bool:
         return self.vision != "none"
 
+    def for_catalog(self, has_images: bool) -> "EncoderConfig":
+        """This config for a catalog: text-only (``vision="none"``) when the catalog has no image
+        (:func:`catalog_has_images`), so a text-only catalog never builds the vision tower nor reads its weights;
+        itself otherwise."""
+        if has_images or not self.has_vision:
+            return self
+        return dataclasses.replace(self, vision="none", vision_weights=None)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["image_mean"], d["image_std"] = list(self.image_mean), list(self.image_std)
@@ -110,6 +118,11 @@ class EncoderConfig:
         base.update(overrides)
         base["name"] = name
         return cls(**base)
+
+
+def catalog_has_images(items) -> bool:
+    """Whether any item of ``items`` (a DataFrame in the items contract) names an image."""
+    return "image_uri" in items.columns and bool(items["image_uri"].notna().any())
 
 
 _REGISTRY: dict[str, dict[str, Any]] = {

@@ -6,8 +6,8 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from feature_store.progress import Progress
 from pipelines.encoder.encoder import EncoderBase
 from pipelines.encoder.items import ItemCatalog, ModalityStats
 
@@ -31,12 +31,13 @@ def embed_items(encoder: EncoderBase, catalog: ItemCatalog, item_ids: Optional[n
     stats = ModalityStats()
     errors_before = catalog.image_errors.copy()
     out = np.zeros((len(ids), encoder.embed_dim), dtype=np.float32)
-    starts = range(0, len(ids), batch_size)
-    for start in tqdm(starts, desc="embed", unit="batch", disable=not progress):
-        batch = encoder.collate(catalog.inputs(ids[start:start + batch_size]))
-        for t, i in zip(batch.has_text.tolist(), batch.has_image.tolist()):
-            stats.add(t, i)
-        out[start:start + len(batch)] = encoder(batch.to(device)).float().cpu().numpy()
+    with Progress("embed", len(ids), bar=None if progress else False, logger=log, final_line=progress) as bar:
+        for start in range(0, len(ids), batch_size):
+            batch = encoder.collate(catalog.inputs(ids[start:start + batch_size]))
+            for t, i in zip(batch.has_text.tolist(), batch.has_image.tolist()):
+                stats.add(t, i)
+            out[start:start + len(batch)] = encoder(batch.to(device)).float().cpu().numpy()
+            bar.update(len(batch))
     encoder.train(was_training)
     stats.image_errors = catalog.image_errors - errors_before
     if stats.image_errors:

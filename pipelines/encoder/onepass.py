@@ -20,12 +20,12 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from feature_store.progress import Progress
 from pipelines.encoder.alignment import AlignResult, train_side  # noqa: F401  (re-exported: part of this API)
 from pipelines.encoder.base_map import BaseMap
 from pipelines.encoder.cache import StateCache, build_cache
 from pipelines.encoder.config import EncoderConfig
 from pipelines.encoder.items import ItemCatalog
-from pipelines.encoder.progress import stage
 from pipelines.encoder.side import SideConfig, SideEncoder
 from pipelines.encoder.side_mllm import MLLMStateExtractor, ModalityHead, UnalignedHead, build_mllm_side_encoder
 
@@ -89,7 +89,7 @@ def embed_from_cache(side_model, cache: StateCache, unaligned_seed: int = 0, bat
     heads = cache_heads(side_model, layout, config, unaligned_seed, base)
     device = next(side_model.parameters()).device if side_model is not None else torch.device("cpu")
     ids_parts, out = [], {k: [] for k in heads}
-    with stage("embed from cache", len(cache), progress=progress) as st:
+    with Progress("embed from cache", len(cache), bar=None if progress else False, logger=log) as st:
         for ids, states in cache.iter_shards():
             for name, emb in embed_states(heads, states, batch_size, device).items():
                 out[name].append(emb)

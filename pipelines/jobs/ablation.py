@@ -26,6 +26,7 @@ import pandas as pd
 from feature_store.split import SplitConfig, check_protocol
 from ranker.ablation import check_rows, run_rows
 from ranker.config import ABLATION_ROWS, FEATURE_SETS, RankerConfig
+from ranker.metrics import format_metric
 from ranker.stats import BootstrapConfig, PairedEvaluation, summarize_runs
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,30 @@ def run_eval(dataset, plan: EvalPlan, base_cfg: RankerConfig, out_dir: Path,
     atomic_write_json(out_dir / "ablation.json", report)
     report["table"] = md
     return report
+
+
+def ablation_text(result: dict) -> str:
+    """The ablation for the terminal: a heading, the table as text (ranker.report.text_table), skipped rows and where
+    the report is. ``result``: the ``qarm eval`` result (rows, skipped, files, dataset, seeds, cascade_seeds)."""
+    from ranker.report import text_table
+
+    cascades = max(1, int(result.get("cascade_seeds") or 0))
+    lines = [f"QARM ablation — {result.get('dataset', 'dataset')}, {cascades} cascade(s) × {result.get('seeds')} "
+             "model seed(s), test window"]
+    if result.get("protocol_mismatch"):
+        lines.append("PROTOCOL MISMATCH: a version was built under another protocol (--allow-protocol-mismatch)")
+    lines += ["", text_table(result["rows"]).rstrip()] if result.get("rows") else ["(no row could be trained)"]
+    lines += [f"skipped {row}: {why}" for row, why in (result.get("skipped") or {}).items()]
+    cascade = result.get("cascade")
+    if cascade and cascade.get("rows"):
+        k = cascade["k"]
+        lines.append(f"re-ranked retrieval, recall@{k}: " + ", ".join(
+            f"{row} {format_metric(r.get(f'recall@{k}_mean'))}" for row, r in cascade["rows"].items()))
+    files = result.get("files") or {}
+    if files:
+        lines += ["", f"ablation report: {files.get('md')} (JSON {files.get('json')})",
+                  f"ablation plot:   {files.get('png')}"]
+    return "\n".join(lines)
 
 
 def ranker_note(cfg: RankerConfig) -> str:

@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipelines.encoder.alignment import AlignConfig as AlignConfigDefaults, gate_line
-from pipelines.encoder.config import EncoderConfig, registered_configs
+from pipelines.encoder.config import EncoderConfig, catalog_has_images, registered_configs
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> dict:
     dataset = load_dataset(data_spec_from_args(args))
     if args.max_items:
         dataset = cap_items(dataset, args.max_items)
-    enc_cfg = encoder_config_from_args(args)
+    enc_cfg = encoder_config_from_args(args).for_catalog(catalog_has_images(dataset.items))  # else no vision
     train_part, valid_queries, test_queries, split = _protocol(dataset, args)
     pair_cfg = PairConfig(swing_top_n=args.swing_top_n, min_support=args.min_support,
                           heldout_frac=args.heldout_frac, seed=args.seed,

@@ -73,4 +73,14 @@ def run(args: argparse.Namespace) -> dict:
             "version": summary["version"], "store": summary["store"], "plots": plots,
             "next_item_test_aligned": summary["metrics"].get("next_item_test_aligned"),
             "next_item_test_unaligned": summary["metrics"].get("next_item_test_unaligned"),
-            "ablation_rows": (ablation or {}).get("rows"), "seconds": report["seconds"]}
+            "ablation_rows": (ablation or {}).get("rows"),
+            "ablation": {k: ablation[k] for k in ("dataset", "seeds", "cascade_seeds", "protocol_mismatch", "skipped",
+                                                  "files")} if ablation else None,
+            "ablation_note": note or None, "seconds": report["seconds"]}
+
+
+def human_summary(result: dict) -> str:
+    """What the terminal shows at the end without --json (pipelines.jobs.demo_report.terminal_summary)."""
+    from pipelines.jobs.demo_report import terminal_summary
+
+    return terminal_summary(result)

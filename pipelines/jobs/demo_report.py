@@ -91,3 +91,26 @@ def markdown(summary: dict, ablation: dict | None, ablation_note: str, plots: di
     lines += [ablation["table"]] if ablation else [ablation_note]
     lines += ["", "## Plots", ""] + [f"![{k}]({Path(v).name})" for k, v in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+def terminal_summary(result: dict) -> str:
+    """The demo's last words on the terminal: the version, alignment on the test window, the ablation table as text,
+    and where the report and the plots are. ``result``: what ``pipelines.jobs.demo.run`` returns."""
+    from pipelines.jobs.ablation import ablation_text
+
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [f"QARM demo done in {result['seconds']:.0f} s: version {result['version']} in {result['store']}", "",
+             "Next-item retrieval on the test window   recall@10  recall@50  MRR"]
+    for name in ("aligned", "unaligned"):
+        r = result.get(f"next_item_test_{name}")
+        if r:
+            lines.append(f"  {name:<38} {fmt(r.get('recall@10')):<10} {fmt(r.get('recall@50')):<10} "
+                         f"{fmt(r.get('mrr'))}")
+    lines.append("")
+    if result.get("ablation") and result.get("ablation_rows") is not None:
+        lines.append(ablation_text({**result["ablation"], "rows": result["ablation_rows"]}))
+    else:
+        lines.append(f"Ranker ablation: {result.get('ablation_note') or 'not run'}")
+    lines += ["", f"report: {result['report_md']} (JSON {result['report_json']})", "plots:"]
+    lines += [f"  {name:<17} {path}" for name, path in (result.get("plots") or {}).items()]
+    return "\n".join(lines)

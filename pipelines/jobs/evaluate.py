@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipelines.jobs.ablation import EvalPlan, run_cascades, run_eval
+from pipelines.jobs.ablation import EvalPlan, ablation_text, run_cascades, run_eval
 from ranker.args import add_ranker_arguments, config_from_args
 from ranker.config import ABLATION_ROWS
 from ranker.stats import BootstrapConfig
@@ -58,9 +58,13 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("qarm eval needs --store DIR (a published version) or --cascade-seeds N")
     dataset = load_dataset(data_spec_from_args(args))
     report = run_eval(dataset, plan, config_from_args(args, features="id"), Path(args.out), versions)
-    print(report["table"])
     return {k: report[k] for k in ("dataset", "seeds", "cascade_seeds", "cascades", "protocol_mismatch", "rows",
                                    "cascade", "skipped", "files")}
+
+
+def human_summary(result: dict) -> str:
+    """What the terminal shows at the end without --json: the ablation table as text and where the report is."""
+    return ablation_text(result)
 
 
 def _job_args(args: argparse.Namespace) -> argparse.Namespace:

@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> dict:
     from quant import resolve_collisions
     from quant import metrics as M
     from feature_store.io import atomic_write_json
+    from feature_store.progress import Progress
     from feature_store.tables import read_embeddings, write_codes
 
     if args.threads:
@@ -148,10 +149,18 @@ def run(args: argparse.Namespace) -> dict:
     log.info("quantize: %d items x %d dims from %s, method %s", n, dim, args.embeddings, args.method)
     quantizer = _build(args, dim)
     t0 = time.perf_counter()
-    quantizer.fit(x)
+    if args.method == "rq-kmeans":
+        with Progress("rq-kmeans levels", args.levels, unit="level", logger=log, final_line=False) as bar:
+            quantizer.fit(x, progress=bar.callback())
+    else:
+        quantizer.fit(x)
     fit_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    codes = quantizer.encode(x)
+    if args.method == "vq":
+        with Progress("vq search", n, logger=log, final_line=False) as bar:
+            codes = quantizer.encode(x, progress=bar.callback())
+    else:
+        codes = quantizer.encode(x)
     encode_seconds = time.perf_counter() - t0
     x_hat = quantizer.decode(codes)
     if args.method == "vq":

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ranker.loop import Evaluation, LoopConfig, LoopState, Selection, Updates, fit_loop
 from ranker.retrieval.config import DistillConfig, RetrievalConfig
 from ranker.retrieval.data import ItemFeatures, RetrievalData
 from ranker.retrieval.index import ItemIndex
@@ -85,63 +86,68 @@ def _dist():
     return 0, 1
 
 
-def _average_gradients(params):
-    rank, world = _dist()
-    if world == 1:
-        return
-    for p in params:
-        if p.grad is not None:
-            torch.distributed.all_reduce(p.grad)
-            p.grad /= world
+class _PairTask:
+    """A retrieval model's part of the training loop (ranker.loop): the train window's positive pairs shuffled by a
+    seeded generator each epoch (the same generator then draws the step's negatives), the model's loss on a batch
+    (each rank takes its slice of every batch), valid Recall@eval_k every ``eval_every`` epochs and on the last."""
+
+    def __init__(self, model, step_fn, data: RetrievalData, cfg: RetrievalConfig, kind: str, on_epoch=None,
+                 progress: bool = False):
+        self.model, self.step_fn, self.data, self.cfg, self.kind = model, step_fn, data, cfg, kind
+        self.on_epoch, self.progress = on_epoch, progress
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.pairs = torch.as_tensor(data.pairs["train"])
+        if len(self.pairs) == 0:
+            raise ValueError("no training positives in the train window: nothing to learn from")
+        self.rank, self.world = _dist()
+        self.key = f"recall@{cfg.eval_k}"
+
+    def batches(self, epoch: int) -> list:
+        if self.on_epoch is not None:
+            self.on_epoch(epoch)
+        perm = torch.randperm(len(self.pairs), generator=self.gen)
+        size = self.cfg.batch_size
+        batches = [self.pairs[perm[start:start + size]] for start in range(0, len(perm), size)]
+        return [b[self.rank::self.world] for b in batches] if self.world > 1 else batches
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.step_fn(batch[:, 0], batch[:, 1], self.gen)
+
+    def evaluate(self, epoch: int, state: LoopState, complete: bool) -> Evaluation:
+        cfg, key = self.cfg, self.key
+        row = {"epoch": epoch, "loss": float(np.mean(state.epoch_losses))}
+        if (epoch + 1) % cfg.eval_every and epoch != cfg.epochs - 1:
+            return Evaluation(None, row)
+        v = evaluate(self.model, self.data, "valid", cfg.eval_k)
+        row[f"valid_{key}"] = v[key]
+        if self.progress or epoch % 10 == 0:
+            log.info("%s epoch %d loss %.4f valid %s %s", self.kind, epoch, row["loss"], key, v[key])
+        return Evaluation(v[key] if v[key] is not None else -row["loss"], row,
+                          detail={key: v[key], f"ndcg@{cfg.eval_k}": v[f"ndcg@{cfg.eval_k}"]})
+
+    def snapshot(self) -> dict:
+        return copy.deepcopy(self.model.state_dict())
+
+    def restore(self, snapshot: dict) -> None:
+        self.model.load_state_dict(snapshot)
 
 
 def _train_loop(model, groups, step_fn, data: RetrievalData, cfg: RetrievalConfig, kind: str, on_epoch=None,
                 progress: bool = False) -> FitResult:
-    """Shared loop: shuffled positive pairs in batches, Adam, early stopping on valid Recall@eval_k."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    """Adam on ``groups`` in ranker.loop.fit_loop, early stopping on valid Recall@eval_k (the best-on-valid state is
+    restored); under torchrun gradients are averaged over the ranks before each step."""
+    task = _PairTask(model, step_fn, data, cfg, kind, on_epoch, progress)
     opt = torch.optim.Adam(groups)
     params = [p for g in groups for p in g["params"]]
-    pairs = torch.as_tensor(data.pairs["train"])
-    if len(pairs) == 0:
-        raise ValueError("no training positives in the train window: nothing to learn from")
-    rank, world = _dist()
-    key = f"recall@{cfg.eval_k}"
-    best, best_state, best_epoch, bad, history = -float("inf"), None, -1, 0, []
+    n_batches = -(-len(task.pairs) // cfg.batch_size)
+    loop = LoopConfig(epochs=cfg.epochs, desc=f"retrieval[{kind}]", total_steps=cfg.epochs * n_batches,
+                      progress=progress, is_main=task.rank == 0)
     t0 = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        if on_epoch is not None:
-            on_epoch(epoch)
-        perm = torch.randperm(len(pairs), generator=gen)
-        losses = []
-        for start in range(0, len(perm), cfg.batch_size):
-            batch = pairs[perm[start:start + cfg.batch_size]]
-            batch = batch[rank::world] if world > 1 else batch
-            loss = step_fn(batch[:, 0], batch[:, 1], gen)
-            opt.zero_grad()
-            loss.backward()
-            _average_gradients(params)
-            opt.step()
-            losses.append(float(loss.detach()))
-        rec = {"epoch": epoch, "loss": float(np.mean(losses))}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1:
-            v = evaluate(model, data, "valid", cfg.eval_k)
-            rec[f"valid_{key}"] = v[key]
-            score = v[key] if v[key] is not None else -rec["loss"]
-            if score > best:
-                best, best_epoch, bad = score, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-                best_valid = {key: v[key], f"ndcg@{cfg.eval_k}": v[f"ndcg@{cfg.eval_k}"]}
-            else:
-                bad += 1
-            if progress or epoch % 10 == 0:
-                log.info("%s epoch %d loss %.4f valid %s %s", kind, epoch, rec["loss"], key, v[key])
-            if cfg.patience and bad >= cfg.patience:
-                history.append(rec)
-                break
-        history.append(rec)
-    model.load_state_dict(best_state)
-    return FitResult(model=model, kind=kind, config=cfg.to_dict(), valid=best_valid, best_epoch=best_epoch,
-                     history=history, seconds=time.perf_counter() - t0)
+    run = fit_loop(task, loop, Updates([opt], params, average_gradients=True), Selection(cfg.patience, best_epoch=-1))
+    best = run.selection.best
+    valid = best.detail if best is not None else {task.key: None, f"ndcg@{cfg.eval_k}": None}
+    return FitResult(model=model, kind=kind, config=cfg.to_dict(), valid=valid, best_epoch=run.selection.best_epoch,
+                     history=run.state.history, seconds=time.perf_counter() - t0)
 
 
 def _l2(*tensors) -> torch.Tensor:
@@ -215,7 +221,7 @@ def build_student(data: RetrievalData, cfg: RetrievalConfig, feats: ItemFeatures
 def fit_student(data: RetrievalData, cfg: RetrievalConfig = RetrievalConfig(),
                 distill: DistillConfig = DistillConfig(), teacher: TeacherArch | FitResult | None = None,
                 feats: ItemFeatures | None = None, progress: bool = False) -> FitResult:
-    """Train the id student with its own loss plus the chosen KD parts.
+    """Train the id student with its own loss plus the chosen KD parts (:class:`_Distiller`).
 
     Args:
         teacher: a trained TeacherArch (or its FitResult); required when distill.any. It is copied: prompt
@@ -227,31 +233,12 @@ def fit_student(data: RetrievalData, cfg: RetrievalConfig = RetrievalConfig(),
     model = build_student(data, cfg, feats)
     n_items = data.n_items
     groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
-    t = None
+    kd = None
     if distill.any:
         if teacher is None:
             raise ValueError("distillation needs a trained teacher")
-        t = copy.deepcopy(teacher.model if isinstance(teacher, FitResult) else teacher)
-        t.eval()
-        for p in t.parameters():
-            p.requires_grad_(False)
-        if distill.prompt:
-            for p in t.prompt.parameters():
-                p.requires_grad_(True)
-            groups.append({"params": list(t.prompt.parameters()), "lr": distill.prompt_lr})
-    state = {"topk": None, "tables": None, "users": None}
-    listwise, modality = distill.effective_listwise, distill.modality
-    gen_kd = torch.Generator().manual_seed(cfg.seed + 7919)
-
-    def on_epoch(epoch):
-        if t is None:
-            return
-        if state["topk"] is None or (distill.prompt and epoch % distill.refresh_every == 0):
-            state["topk"] = torch.as_tensor(teacher_topk(t, data, distill.topk))
-        if not distill.prompt and state["tables"] is None:
-            with torch.no_grad():
-                state["tables"] = t.item_tables()
-                state["users"] = t.user_tables(torch.arange(data.n_users), state["tables"])
+        kd = _Distiller(teacher.model if isinstance(teacher, FitResult) else teacher, data, cfg, distill)
+        groups += kd.param_groups()
 
     def step(users, pos, gen):
         neg = _negatives(cfg, len(users), n_items, gen)
@@ -261,41 +248,81 @@ def fit_student(data: RetrievalData, cfg: RetrievalConfig = RetrievalConfig(),
         s_pos = (u * e_pos).sum(-1)
         s_neg = (u * e_neg).sum(-1) if cfg.loss == "bpr" else u @ e_neg.T
         loss = _task_loss(s_pos, s_neg, pos, neg, cfg) + cfg.l2 * _l2(u, e_pos)
-        if t is None:
-            return loss
+        return loss if kd is None else kd.add_to(loss, model, users, pos, neg, u)
+
+    result = _train_loop(model, groups, step, data, cfg, "student", on_epoch=kd.on_epoch if kd else None,
+                         progress=progress)
+    result.config = {**result.config, "distill": distill.to_dict()}
+    result.teacher = kd.teacher if kd else None
+    return result
+
+
+class _Distiller:
+    """The KD terms of the student's loss (PromptMM): list-wise KD on the teacher's scores of candidate lists
+    (the positive, the teacher's top-K, random items), modality KD re-weighted by each modality's reliability,
+    and with prompts the teacher's own task loss so its soft prompts tune.
+
+    Holds a frozen copy of the teacher (only its prompts train, with prompts) and its top-K lists, recomputed at
+    the start of every ``refresh_every``-th epoch when prompts move the teacher; without prompts its tables are
+    computed once."""
+
+    def __init__(self, teacher: TeacherArch, data: RetrievalData, cfg: RetrievalConfig, distill: DistillConfig):
+        self.data, self.cfg, self.distill = data, cfg, distill
+        self.teacher = t = copy.deepcopy(teacher)
+        t.eval()
+        for p in t.parameters():
+            p.requires_grad_(False)
+        if distill.prompt:
+            for p in t.prompt.parameters():
+                p.requires_grad_(True)
+        self.topk = self.tables = self.users = None
+        self.gen = torch.Generator().manual_seed(cfg.seed + 7919)  # KD row subsets and random candidates
+
+    def param_groups(self) -> list:
+        """The teacher prompts' optimizer group (none without prompt tuning)."""
+        if not self.distill.prompt:
+            return []
+        return [{"params": list(self.teacher.prompt.parameters()), "lr": self.distill.prompt_lr}]
+
+    def on_epoch(self, epoch: int) -> None:
+        t, distill, data = self.teacher, self.distill, self.data
+        if self.topk is None or (distill.prompt and epoch % distill.refresh_every == 0):
+            self.topk = torch.as_tensor(teacher_topk(t, data, distill.topk))
+        if not distill.prompt and self.tables is None:
+            with torch.no_grad():
+                self.tables = t.item_tables()
+                self.users = t.user_tables(torch.arange(data.n_users), self.tables)
+
+    def add_to(self, loss: torch.Tensor, student, users, pos, neg, u) -> torch.Tensor:
+        """``loss`` plus the KD terms for a batch: users, pos (B,) rows; neg (B,) bpr or (S,) shared negatives;
+        u (B, d) the student's user vectors."""
+        t, distill, cfg = self.teacher, self.distill, self.cfg
         if len(users) > distill.kd_rows:                                   # KD on a random subset of rows
-            sub = torch.randperm(len(users), generator=gen_kd)[: distill.kd_rows]
+            sub = torch.randperm(len(users), generator=self.gen)[: distill.kd_rows]
             users, pos, u = users[sub], pos[sub], u[sub]
             neg = neg[sub] if cfg.loss == "bpr" else neg                   # bpr: one negative per row
-        rand = torch.randint(0, n_items, (len(users), distill.samples), generator=gen_kd)
-        cand = torch.cat([pos.unsqueeze(1), state["topk"][users], rand], 1)   # (B, C)
-        s_cand = torch.einsum("bd,bcd->bc", u, model.item_embed(cand))      # (B, C)
+        rand = torch.randint(0, self.data.n_items, (len(users), distill.samples), generator=self.gen)
+        cand = torch.cat([pos.unsqueeze(1), self.topk[users], rand], 1)     # (B, C)
+        s_cand = torch.einsum("bd,bcd->bc", u, student.item_embed(cand))    # (B, C)
         if distill.prompt:                                                 # teacher forward with prompt grads
             it = t.item_tables()
             ut = t.user_tables(users, it)
         else:
-            it = state["tables"]
-            ut = {p: v[users] for p, v in state["users"].items()}
-        cand_i, neg_i = cand, neg
-        parts = {p: torch.einsum("bd,bcd->bc", ut[p], it[p][cand_i]) for p in ut}   # (B, C) each
-        t_total = sum(parts.values())
+            it = self.tables
+            ut = {p: v[users] for p, v in self.users.items()}
+        parts = {p: torch.einsum("bd,bcd->bc", ut[p], it[p][cand]) for p in ut}   # (B, C) each
         tau = distill.temperature
-        if listwise:
-            loss = loss + distill.kd_weight * listwise_kd_loss(t_total, s_cand, tau)
-        if modality:
+        if distill.effective_listwise:
+            loss = loss + distill.kd_weight * listwise_kd_loss(sum(parts.values()), s_cand, tau)
+        if distill.modality:
             mods = torch.stack([parts[m] for m in t.names])                  # (M, B, C)
             w = reliability_weights(mods, distill.reliability, positive_col=0)
             loss = loss + distill.modality_weight * modality_kd_loss(mods, s_cand, w, tau)
         if distill.prompt and distill.prompt_task_weight:
-            tp = {p: _pos_neg(ut[p], it[p], cand_i[:, 0], neg_i, cfg) for p in ut}
+            tp = {p: _pos_neg(ut[p], it[p], cand[:, 0], neg, cfg) for p in ut}
             loss = loss + distill.prompt_task_weight * _task_loss(sum(v[0] for v in tp.values()),
                                                                   sum(v[1] for v in tp.values()), pos, neg, cfg)
         return loss
-
-    result = _train_loop(model, groups, step, data, cfg, "student", on_epoch=on_epoch, progress=progress)
-    result.config = {**result.config, "distill": distill.to_dict()}
-    result.teacher = t
-    return result
 
 
 def student_item_vectors(student, item_ids: np.ndarray | None = None, normalize: bool = True):

@@ -68,14 +68,8 @@ def continuity_report(parent, candidate, dataset, since: int, tail_start: int, u
         {variant: {"auc", "gauc", "logloss", "n", "vs_before": {"auc": {"mean", "ci95"}, "gauc": ...}},
         "test_events", "test_users", "remap", "ranker"} or {"skipped": why}.
     """
-    from feature_store.remap import RemapConfig, remap_code_tables
     from ranker.config import RankerConfig
-    from ranker.data import item_features_from_version, prepare_examples
-    from ranker.features import build_schema
-    from ranker.metrics import ranking_metrics
-    from ranker.model import RankerModel, RankerTrain
-    from ranker.stats import BootstrapConfig, PairedEvaluation
-    from ranker.train import build_train_model, fit, score
+    from ranker.data import item_features_from_version
 
     cfg = ranker_cfg or RankerConfig(features="rq", epochs=3, patience=1, seed=seed)
     inter = dataset.interactions[dataset.interactions["ts"] <= until].reset_index(drop=True)
@@ -89,15 +83,43 @@ def continuity_report(parent, candidate, dataset, since: int, tail_start: int, u
     new_items = item_features_from_version(candidate, catalog, "item_codes")
     if old_items.rq_sizes != new_items.rq_sizes:
         return {"skipped": f"codebook sizes changed {old_items.rq_sizes} -> {new_items.rq_sizes}"}
-    # the parent ranker: trained on events up to `since`, early-stopped on (since, tail_start], scored on the tail
-    data = prepare_examples(inter, catalog, cfg.history_len, _split(inter, since, tail_start), cfg.negatives)
-    from ranker.checkpoint import load_checkpoint, remap_rq_tables
+    reference = _reference_ranker(inter, catalog, old_items, cfg, since, tail_start, work_dir)
+    scores, remapped = _carried_over_scores(reference, parent, candidate, old_items, new_items, cfg, remap_method,
+                                            seed)
+    scores["scratch"] = _scratch_scores(inter, catalog, reference["data"], new_items, cfg, tail_start, work_dir)
+    report = _paired_report(reference, scores, bootstrap, seed)
+    report["remap"] = {"method": remap_method, **remapped.summary()}
+    log.info("continuity (held-out tail, %d events): auc %s", report["test_events"],
+             " | ".join(f"{v} {_fmt(report[v]['auc'])}" for v in VARIANTS))
+    return report
 
+
+def _reference_ranker(inter, catalog, old_items, cfg, since: int, tail_start: int, work_dir) -> dict:
+    """The parent ranker: trained on events up to ``since``, early-stopped on (since, tail_start], scored on the
+    tail. Returns {"data", "result", "model", "cfg"}."""
+    from ranker.checkpoint import load_checkpoint
+    from ranker.data import prepare_examples
+    from ranker.train import fit
+
+    data = prepare_examples(inter, catalog, cfg.history_len, _split(inter, since, tail_start), cfg.negatives)
     result = fit(data, old_items, cfg, out_dir=work_dir / "parent" if work_dir else None, progress=False)
-    if result.get("checkpoint"):
-        model, _, _ = load_checkpoint(Path(result["checkpoint"]), old_items, data.users.n_rows)
-    else:  # pragma: no cover - fit without out_dir keeps no checkpoint
+    if not result.get("checkpoint"):  # pragma: no cover - fit without out_dir keeps no checkpoint
         raise RuntimeError("continuity: the reference ranker left no checkpoint")
+    model, _, _ = load_checkpoint(Path(result["checkpoint"]), old_items, data.users.n_rows)
+    return {"data": data, "result": result, "model": model, "cfg": cfg}
+
+
+def _carried_over_scores(reference, parent, candidate, old_items, new_items, cfg, remap_method: str, seed: int):
+    """Tail scores of the parent ranker under the old codes (before), the new codes with its rows remapped, kept
+    as they were (stale) and re-initialised (fresh). Returns ({variant: (n,) scores}, the remap result)."""
+    from feature_store.remap import RemapConfig, remap_code_tables
+    from ranker.checkpoint import remap_rq_tables
+    from ranker.config import RankerConfig
+    from ranker.features import build_schema
+    from ranker.model import RankerModel, RankerTrain
+    from ranker.train import build_train_model, score
+
+    data, model = reference["data"], reference["model"]
     old_schema = build_schema(cfg, data.users.n_rows, old_items)
     new_schema = build_schema(cfg, data.users.n_rows, new_items)
     old_rows = [w.detach().numpy().copy() for _, w in sorted(_rq_tables(model).items())]
@@ -109,22 +131,30 @@ def continuity_report(parent, candidate, dataset, since: int, tail_start: int, u
                                     new_items).model
     fresh_rows = [w.detach().numpy() for _, w in sorted(_rq_tables(fresh_model).items())]
 
-    def scored(module, schema, items, examples):
+    def scored(module, schema, items):
         if isinstance(module, RankerModel):
             module = RankerTrain(module)
-        return score(module, examples, schema, items, cfg.eval_batch_size)
+        return score(module, data.test, schema, items, cfg.eval_batch_size)
 
-    scores = {
-        "before": scored(model, old_schema, old_items, data.test),
+    return {
+        "before": scored(model, old_schema, old_items),
         # the ranker's own warm start (ranker.checkpoint.remap_rq_tables) with the remap's row mapping
         "remapped": scored(remap_rq_tables(model, cfg, new_items, data.users.n_rows, remapped.mapping), new_schema,
-                           new_items, data.test),
-        "stale": scored(model, new_schema, new_items, data.test),
-        "fresh": scored(_with_rows(model, fresh_rows), new_schema, new_items, data.test),
-    }
-    # scratch: everything before the tail, the new codes (valid: the last tenth before the tail)
-    before_tail = ts[ts <= tail_start]
-    valid_after = int(np.quantile(before_tail, 0.9, method="lower"))
+                           new_items),
+        "stale": scored(model, new_schema, new_items),
+        "fresh": scored(_with_rows(model, fresh_rows), new_schema, new_items),
+    }, remapped
+
+
+def _scratch_scores(inter, catalog, data, new_items, cfg, tail_start: int, work_dir) -> np.ndarray:
+    """A ranker trained from scratch on everything before the tail under the new codes (valid: the last tenth
+    before the tail), scored on the same tail events as the parent ranker."""
+    from ranker.config import RankerConfig
+    from ranker.data import prepare_examples
+    from ranker.train import fit
+
+    ts = inter["ts"].to_numpy()
+    valid_after = int(np.quantile(ts[ts <= tail_start], 0.9, method="lower"))
     data_s = prepare_examples(inter, catalog, cfg.history_len, _split(inter, valid_after, tail_start), cfg.negatives)
     if not (np.array_equal(data_s.test.user_id, data.test.user_id) and np.array_equal(data_s.test.label,
                                                                                        data.test.label)):
@@ -132,23 +162,30 @@ def continuity_report(parent, candidate, dataset, since: int, tail_start: int, u
     scratch_cfg = RankerConfig.from_dict({**cfg.to_dict(), "seed": cfg.seed + 1})
     scratch = fit(data_s, new_items, scratch_cfg, out_dir=work_dir / "scratch" if work_dir else None,
                   progress=False, return_test_scores=True)
-    scores["scratch"] = scratch["test_scores"]
+    return scratch["test_scores"]
+
+
+def _paired_report(reference, scores: dict, bootstrap: int, seed: int) -> dict:
+    """Each variant's metrics and its paired (by user) bootstrap difference to ``before``; remapped also against
+    fresh and scratch (does carrying the rows over beat a restart, on the same users?)."""
+    from ranker.metrics import ranking_metrics
+    from ranker.stats import BootstrapConfig, PairedEvaluation
+
+    data, cfg = reference["data"], reference["cfg"]
     users, labels = data.test.user_id, data.test.label
     paired = PairedEvaluation(users, labels, BootstrapConfig(replicates=bootstrap, seed=seed))
     report = {"test_events": int(len(data.test)), "test_users": int(len(np.unique(users))),
-              "ranker": {"features": cfg.features, "epochs": cfg.epochs, "best_epoch": result.get("best_epoch")},
-              "remap": {"method": remap_method, **remapped.summary()}}
+              "ranker": {"features": cfg.features, "epochs": cfg.epochs,
+                         "best_epoch": reference["result"].get("best_epoch")}}
     for name in VARIANTS:
         m = ranking_metrics(users, labels, scores[name])
         report[name] = {k: m.get(k) for k in ("auc", "gauc", "logloss", "n")}
-        if name != "before":  # paired (by user) bootstrap interval of the difference to `before`
+        if name != "before":
             report[name]["vs_before"] = {metric: paired.diff_ci([scores[name]], [scores["before"]], metric)
                                          for metric in ("auc", "gauc")}
-    for other in ("fresh", "scratch"):  # does carrying the rows over beat a restart, on the same users?
+    for other in ("fresh", "scratch"):
         report["remapped"][f"vs_{other}"] = {metric: paired.diff_ci([scores["remapped"]], [scores[other]], metric)
                                              for metric in ("auc", "gauc")}
-    log.info("continuity (held-out tail, %d events): auc %s", report["test_events"],
-             " | ".join(f"{v} {_fmt(report[v]['auc'])}" for v in VARIANTS))
     return report
 
 
