@@ -13,14 +13,22 @@ child process (so its peak RSS is its own), reading the previous stage's Parquet
 
 Alignment is not benchmarked here: its cost is the trainer's (`bench/align.py`; data-parallel over
 `--align-nproc` processes with `pipelines.beam.align_trainer`), not the runner's.
-Per stage: ``seconds`` (child wall time, Python start-up included) and ``peak_rss_mb`` (the child's max RSS);
-``growth.<stage>``: time ratio per 10x items between consecutive sizes. Then the embed stage with the real
-encoder against a bare torch loop over the same model and items (``--embed-items``, default 4096), one run.
+Per stage: ``seconds`` (child wall time, Python start-up included), ``cpu_seconds`` (user + system time of the
+child and the SDK worker processes: steadier than wall time on a shared machine) and ``peak_rss_mb`` (the largest
+max RSS of the child or one of its workers); ``growth.<stage>`` / ``growth_cpu.<stage>``: wall / CPU time ratio
+per 10x items between consecutive sizes. ``--baseline-tree DIR`` also runs mine_pairs with DIR's code (another
+checkout, e.g. main) on the same data (``mine_pairs_baseline``) and prints a before / after table.
+Then the embed stage with the real encoder against a bare torch loop over the same model and items
+(``--embed-items``, default 4096), one run.
 
     .venv/bin/python bench/scale.py --sizes 10000,100000 --json
     .venv/bin/python bench/scale.py --sizes 10000,100000,1000000 --json          # the issue's table
     .venv/bin/python bench/scale.py --sizes 2000 --embed-items 0 --json          # quick
     .venv/bin/python bench/scale.py --sizes 0 --embed-items 4096 --json          # the embed comparison only
+    # pair mining before / after: main's code in a second checkout, the same data
+    git worktree add --detach /tmp/base main
+    .venv/bin/python bench/scale.py --sizes 10000,100000 --stages read_validate,mine_pairs \\
+        --baseline-tree /tmp/base --runner FnApiRunner --workers 2 --embed-items 0 --json
 """
 from __future__ import annotations
 
@@ -198,42 +206,72 @@ def child(args) -> None:
     print("STAGE " + json.dumps(res))
 
 
-def stage_process(stage: str, work: Path, args, timeout: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--work", str(work),
+def _cpu_seconds_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def stage_process(stage: str, work: Path, args, timeout: int, tree: Path = REPO) -> dict:
+    """Run one stage in a child process with the code of `tree` (this checkout, or --baseline-tree's)."""
+    cmd = [sys.executable, str(tree / "bench" / "scale.py"), "--stage", stage, "--work", str(work),
            "--runner", args.runner, "--workers", str(args.workers), "--encoder", args.job_encoder,
            "--trigger-similarity", args.trigger_similarity, "--swing-max-users", str(args.swing_max_users),
            "--collab-iterations", str(args.collab_iterations), "--vq-gather-max", str(args.vq_gather_max),
            "--vq-index", args.vq_index]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    t0 = time.perf_counter()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tree))
+    t0, cpu0 = time.perf_counter(), _cpu_seconds_of_children()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"timed out after {timeout} s", "seconds": None, "peak_rss_mb": None}
     wall = time.perf_counter() - t0
+    # CPU time of the child and the SDK worker processes it waited for: less sensitive than wall time to other
+    # jobs sharing the machine
+    cpu = round(_cpu_seconds_of_children() - cpu0, 2)
     if proc.returncode != 0:
         return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["?"])[-1], "seconds": round(wall, 2),
-                "peak_rss_mb": None}
+                "cpu_seconds": cpu, "peak_rss_mb": None}
     line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("STAGE "))
     res = json.loads(line[len("STAGE "):])
-    return {"ok": True, "seconds": round(wall, 2), "seconds_in_process": res["seconds_in_process"],
+    return {"ok": True, "seconds": round(wall, 2), "seconds_in_process": res["seconds_in_process"], "cpu_seconds": cpu,
             "peak_rss_mb": max(res["peak_rss_mb"], res["peak_rss_children_mb"]),
             "counts": {k: {"in": v["in"], "out": v["out"]} for k, v in res["stages"].items()}}
 
 
-def growth(sizes: dict) -> dict:
-    """Time ratio per 10x items for every stage, between consecutive sizes (scaled to exactly 10x)."""
+BASELINE = "mine_pairs_baseline"  # mine_pairs run with --baseline-tree's code on the same data
+
+
+def growth(sizes: dict, field: str = "seconds") -> dict:
+    """Ratio of `field` per 10x items for every stage, between consecutive sizes (scaled to exactly 10x)."""
     out = {}
     ns = sorted(int(n) for n in sizes)
-    for stage in STAGES:
+    for stage in STAGES + (BASELINE,):
         ratios = {}
         for a, b in zip(ns, ns[1:]):
             sa, sb = sizes[str(a)]["stages"].get(stage, {}), sizes[str(b)]["stages"].get(stage, {})
-            if sa.get("ok") and sb.get("ok") and sa["seconds"] and sb["seconds"]:
-                per10 = (sb["seconds"] / sa["seconds"]) ** (1.0 / math.log10(b / a))
+            if sa.get("ok") and sb.get("ok") and sa.get(field) and sb.get(field):
+                per10 = (sb[field] / sa[field]) ** (1.0 / math.log10(b / a))
                 ratios[f"{a}->{b}"] = round(per10, 2)
-        out[stage] = ratios
+        if ratios:
+            out[stage] = ratios
     return out
+
+
+def _cell(r: dict | None) -> str:
+    if not r:
+        return "-"
+    if not r.get("ok"):
+        return f"failed: {r.get('error')}"
+    return f"{r['seconds']:.1f} s ({r.get('cpu_seconds', 0):.0f} CPU s) / {r['peak_rss_mb']:,.0f} MB"
+
+
+def before_after_table(result: dict) -> str:
+    """Markdown table: mine_pairs with --baseline-tree's code (before) and this checkout's (after), per size."""
+    rows = ["| items (events) | before: baseline tree | after: this tree |", "|---|---|---|"]
+    for n, entry in sorted(result["sizes"].items(), key=lambda kv: int(kv[0])):
+        rows.append(f"| {int(n):,} ({entry['data']['events']:,}) | {_cell(entry['stages'].get(BASELINE))} | "
+                    f"{_cell(entry['stages'].get('mine_pairs'))} |")
+    return "\n".join(rows)
 
 
 def main(argv=None) -> dict:
@@ -248,6 +286,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--vq-gather-max", type=int, default=200_000)
     ap.add_argument("--vq-index", choices=("flat", "ivf"), default="flat",
                     help="faiss index over a gathered VQ base (ivf: approximate, for large gathered catalogs)")
+    ap.add_argument("--baseline-tree", default=None,
+                    help="a checkout of the code to compare with (e.g. `git worktree add /tmp/base main`): "
+                         "mine_pairs also runs with its code on the same data, before this checkout's")
+    ap.add_argument("--baseline-max-items", type=int, default=None,
+                    help="run the baseline only up to this catalog size (main needs ~20 GB and is OOM-killed at "
+                         "100k items: do not take the machine down to prove it again)")
     ap.add_argument("--hot-item-users", type=int, default=0, help="add one item consumed by this many users")
     ap.add_argument("--stages", default=",".join(STAGES), help="stages to run, in order (later ones need earlier)")
     ap.add_argument("--embed-items", type=int, default=4096, help="items of the real-encoder embed comparison (0: skip)")
@@ -279,17 +323,23 @@ def main(argv=None) -> dict:
         print(f"[{n} items] {data['users']} users, {data['events']} events (generated in "
               f"{entry['generate_seconds']} s)", flush=True)
         for stage in [s for s in STAGES if s in args.stages.split(",")]:
+            if stage == "mine_pairs" and args.baseline_tree and (args.baseline_max_items is None
+                                                                 or n <= args.baseline_max_items):
+                r = stage_process(stage, work, args, args.timeout, tree=Path(args.baseline_tree).resolve())
+                entry["stages"][BASELINE] = r
+                print(f"[{n} items] {BASELINE:<14} {_cell(r)}", flush=True)
             r = stage_process(stage, work, args, args.timeout)
             entry["stages"][stage] = r
-            print(f"[{n} items] {stage:<14} " + (f"{r['seconds']:>9.1f} s  peak RSS {r['peak_rss_mb']:>8.1f} MB"
-                                                 if r["ok"] else f"FAILED: {r['error']}"), flush=True)
+            print(f"[{n} items] {stage:<14} {_cell(r)}", flush=True)
             if not r["ok"]:
                 break
         result["sizes"][str(n)] = entry
     result["growth"] = growth(result["sizes"])
+    result["growth_cpu"] = growth(result["sizes"], "cpu_seconds")
     for stage, ratios in result["growth"].items():
-        if ratios:
-            print(f"growth per 10x items, {stage}: {ratios} (target <= 12)")
+        print(f"growth per 10x items, {stage}: wall {ratios}, CPU {result['growth_cpu'].get(stage)} (target <= 12)")
+    if args.baseline_tree:
+        print(before_after_table(result))
     if args.embed_items:
         from bench.pipeline import embed_comparison
 

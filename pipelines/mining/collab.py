@@ -69,12 +69,6 @@ def to_fixed(v: np.ndarray) -> np.ndarray:
     return np.round(np.clip(np.asarray(v, np.float64), -CLIP, CLIP) * (1 << FIXED_BITS)).astype(np.int64)
 
 
-def gram_term(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(outer, vector) fixed-point terms of one vector: (d, d) int64 at 2·FIXED_BITS, (d,) int64 at FIXED_BITS."""
-    q = to_fixed(v)
-    return np.outer(q, q), q
-
-
 def zero_acc(dim: int) -> list:
     """[outer sum (d, d) int64, vector sum (d,) int64, count]."""
     return [np.zeros((dim, dim), np.int64), np.zeros(dim, np.int64), 0]
@@ -92,6 +86,16 @@ def add_fixed(acc: list, q: np.ndarray) -> list:
     return acc
 
 
+def add_block(acc: list, q: np.ndarray) -> list:
+    """Add a block of fixed-point vectors (`to_fixed` rows, (n, d) int32 or int64) at once: exact, the same sums
+    as n `add_fixed` calls (integer arithmetic has no rounding)."""
+    q = np.asarray(q, np.int64)
+    acc[0] += q.T @ q
+    acc[1] += q.sum(axis=0)
+    acc[2] += len(q)
+    return acc
+
+
 def merge_accs(accs, dim: int) -> list:
     out = zero_acc(dim)
     for a in accs:
@@ -103,10 +107,22 @@ def merge_accs(accs, dim: int) -> list:
 
 def solve(acc: list, gram: list, cfg: CollabConfig) -> np.ndarray:
     """One ALS solve from a key's exact sums and the other side's Gram accumulator. Returns (d,) float32."""
+    return solve_batch(acc[0][None], acc[1][None], gram, cfg)[0]
+
+
+def solve_batch(outer: np.ndarray, vec: np.ndarray, gram: list, cfg: CollabConfig) -> np.ndarray:
+    """`solve` for k keys at once (numpy solves each matrix on its own: the same bits as k `solve` calls).
+
+    Args:
+        outer: (k, d, d) int64 fixed-point sums of outer products; vec: (k, d) int64 fixed-point vector sums.
+        gram: the other side's Gram accumulator (`zero_acc` layout).
+    Returns:
+        (k, d) float32.
+    """
     scale2 = float(1 << (2 * FIXED_BITS))
-    a = gram[0] / scale2 + cfg.alpha * (acc[0] / scale2) + cfg.reg * np.eye(cfg.dim)
-    b = (1.0 + cfg.alpha) * (acc[1] / float(1 << FIXED_BITS))
-    return np.linalg.solve(a, b).astype(np.float32)
+    a = gram[0] / scale2 + cfg.alpha * (outer / scale2) + cfg.reg * np.eye(cfg.dim)
+    b = (1.0 + cfg.alpha) * (vec / float(1 << FIXED_BITS))
+    return np.linalg.solve(a, b[..., None])[..., 0].astype(np.float32)
 
 
 def init_vector(item_id: int, cfg: CollabConfig) -> np.ndarray:

@@ -227,8 +227,21 @@ def _vector_sims(cands: np.ndarray, target: int, vectors):
     return sims if np.isfinite(sims).any() else None
 
 
+def trigger_candidates(items: np.ndarray, k: int, cfg: PairConfig) -> np.ndarray:
+    """The trigger candidates of the user's k-th positive (items sorted by (ts, item)): its ``history`` previous."""
+    return items[max(0, k - cfg.history): k]
+
+
+def target_swing_sims(cands: np.ndarray, nb, cfg: PairConfig):
+    """Swing similarity of each candidate to a target whose Neighbours are `nb` (None: nothing similar).
+
+    Needs the target's neighbours and the candidate ids only, so the Beam path computes it where the target's
+    neighbours are and ships the (at most ``history``) similarities to the user instead of the neighbour list."""
+    return _swing_sims(np.asarray(cands, np.int64), nb, cfg)
+
+
 def pick_triggers(user: int, items: np.ndarray, ts: np.ndarray, cfg: PairConfig, neighbours=None, collab=None,
-                  encoder=None) -> tuple[list[tuple], dict]:
+                  encoder=None, swing_sims=None) -> tuple[list[tuple], dict]:
     """Trigger -> target pairs of one user, with each target's trigger source.
 
     Args:
@@ -238,6 +251,8 @@ def pick_triggers(user: int, items: np.ndarray, ts: np.ndarray, cfg: PairConfig,
         neighbours: item -> Neighbours (Swing; any mapping with .get), used when trigger_similarity="swing".
         collab: item -> unit vector of the collaborative model, used when trigger_similarity="collab".
         encoder: item -> unit vector of the pre-trained encoder: the fallback (trigger_fallback="encoder").
+        swing_sims: instead of `neighbours`: per position k, ``target_swing_sims`` of the k-th positive's
+            candidates (None where nothing is similar), precomputed where the targets' neighbours are.
     Returns:
         ([(trigger, target, similarity, target_ts, user, source), ...], {source: targets}) over TRIGGER_SOURCES.
     """
@@ -245,9 +260,13 @@ def pick_triggers(user: int, items: np.ndarray, ts: np.ndarray, cfg: PairConfig,
     items = np.asarray(items, np.int64)
     for k in range(1, len(items)):
         target = int(items[k])
-        cands = items[max(0, k - cfg.history): k]
+        cands = trigger_candidates(items, k, cfg)
         if cfg.trigger_similarity == "swing":
-            sims, source = _swing_sims(cands, neighbours.get(target) if neighbours is not None else None, cfg), "swing"
+            source = "swing"
+            if swing_sims is not None:
+                sims = swing_sims[k]
+            else:
+                sims = target_swing_sims(cands, neighbours.get(target) if neighbours is not None else None, cfg)
         else:
             sims, source = _vector_sims(cands, target, collab), "collab"
         if sims is None and cfg.trigger_fallback == "encoder":

@@ -127,8 +127,10 @@ def _records(df):
     return df.to_dict("records")
 
 
-@pytest.mark.parametrize("similarity,drop_seen", [("swing", False), ("cooccurrence", True)])
-def test_beam_pairs_equal_pandas(similarity, drop_seen):
+# events_per_shard=40: ~10 user / item / pair shards, so every cross-shard message path runs
+@pytest.mark.parametrize("similarity,drop_seen,events_per_shard",
+                         [("swing", False, 40), ("cooccurrence", True, 100_000)])
+def test_beam_pairs_equal_pandas(similarity, drop_seen, events_per_shard):
     inter = _synthetic(seed=1)
     cfg = PairConfig(min_support=2, heldout_frac=0.25, swing_top_n=4, history=5, u2i_similarity=similarity,
                      heldout_drop_seen=drop_seen)
@@ -138,10 +140,12 @@ def test_beam_pairs_equal_pandas(similarity, drop_seen):
     u2i = [tuple(r) for r in trigger_target_pairs(inter, cfg).itertuples(index=False)]
     with TestPipeline() as p:
         rows = p | "Create" >> beam.Create(_records(inter))
-        out = rows | "Mine" >> MinePairs(cfg)
+        out = rows | "Mine" >> MinePairs(cfg, events_per_shard=events_per_shard)
         assert_that(out["train"], equal_to([tuple(r) for r in ps.train.itertuples(index=False)]), label="Train")
         assert_that(out["heldout"], equal_to([tuple(r) for r in ps.heldout.itertuples(index=False)]),
                     label="Heldout")
         assert_that(out["cutoff"], equal_to([ps.cutoff_ts]), label="Cutoff")
-        assert_that(rows | "Swing" >> SwingPairs(cfg), equal_to(swing), label="SwingEq")
-        assert_that(rows | "U2I" >> TriggerTargetPairs(cfg), equal_to(u2i), label="U2iEq")
+        assert_that(rows | "Swing" >> SwingPairs(cfg, events_per_shard=events_per_shard), equal_to(swing),
+                    label="SwingEq")
+        assert_that(rows | "U2I" >> TriggerTargetPairs(cfg, events_per_shard=events_per_shard), equal_to(u2i),
+                    label="U2iEq")

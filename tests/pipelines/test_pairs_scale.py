@@ -119,8 +119,9 @@ def test_collab_vectors_beam_equal_reference_and_separate_clusters():
             assert np.array_equal(got[i], ref[i]), i  # bit-identical: exact fixed-point sums
 
     with TestPipeline() as p:
-        out = p | beam.Create([tuple(r) for r in ui.tolist()]) | CollabItemVectors(cfg)
-        assert_that(out, check)
+        ui_pc = p | beam.Create([tuple(r) for r in ui.tolist()])
+        assert_that(ui_pc | "OneShard" >> CollabItemVectors(cfg), check, label="OneShard")
+        assert_that(ui_pc | "Shards" >> CollabItemVectors(cfg, rows_per_shard=50), check, label="Shards")
 
 
 def test_pick_triggers_sources_and_fallback():
@@ -142,8 +143,8 @@ def test_pick_triggers_sources_and_fallback():
     assert rows[-1][:2] == (3, 2)
 
 
-@pytest.mark.parametrize("similarity", ["collab", "swing"])
-def test_beam_pairs_equal_pandas_with_fallback(similarity):
+@pytest.mark.parametrize("similarity,events_per_shard", [("collab", 45), ("swing", 100_000)])
+def test_beam_pairs_equal_pandas_with_fallback(similarity, events_per_shard):
     inter = _clusters(n_users=50, n_items=60, per_user=6, seed=5)
     rng = np.random.default_rng(0)
     enc = {i: (v / np.linalg.norm(v)).astype(np.float32) for i, v in
@@ -156,7 +157,7 @@ def test_beam_pairs_equal_pandas_with_fallback(similarity):
     with TestPipeline() as p:
         rows = p | "Create" >> beam.Create(inter.to_dict("records"))
         enc_pc = p | "Enc" >> beam.Create(sorted(enc.items()))
-        out = rows | "Mine" >> MinePairs(cfg, encoder=enc_pc)
+        out = rows | "Mine" >> MinePairs(cfg, encoder=enc_pc, events_per_shard=events_per_shard)
         assert_that(out["train"], equal_to([tuple(r) for r in ps.train.itertuples(index=False)]), label="Train")
         assert_that(out["heldout"], equal_to([tuple(r) for r in ps.heldout.itertuples(index=False)]),
                     label="Heldout")
