@@ -255,7 +255,8 @@ class UserPromptEncoder(nn.Module):
         """(B, T, H): LM token embeddings, image tokens in their slots, id embeddings added on id slots."""
         x = self.mllm.text.embed_tokens(batch.tokens)
         is_img = batch.image_rows >= 0
-        x = torch.where(is_img.unsqueeze(-1), self.image_table[batch.image_rows.clamp_min(0)].to(x.dtype), x)
+        if len(self.image_table):
+            x = torch.where(is_img.unsqueeze(-1), self.image_table[batch.image_rows.clamp_min(0)].to(x.dtype), x)
         is_item = (batch.item_bucket >= 0).unsqueeze(-1)
         x = x + is_item * self.item_tokens(batch.item_bucket.clamp_min(0))
         return x + batch.user_slot.unsqueeze(-1) * self.user_tokens(batch.user_bucket).unsqueeze(1)
