@@ -13,9 +13,8 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -198,7 +197,7 @@ def store_items(version, catalog_ids: np.ndarray, random_seed: int = 0) -> dict:
     if version.has(USER_EMBEDDINGS):  # the MLLM user encoder's vectors (qarm align --target user-prompts)
         from feature_store.tables import read_embeddings
         user_ids, user_vectors = read_embeddings(version.file(USER_EMBEDDINGS), id_column="user_id")
-        out["item_codes+prompt"] = dataclasses.replace(codes, user_ids=user_ids, user_vectors=user_vectors)
+        out["item_codes+prompt"] = replace(codes, user_ids=user_ids, user_vectors=user_vectors)
     if version.has("item_codes_unaligned"):
         unaligned_vectors = UNALIGNED_EMBEDDINGS if version.has(UNALIGNED_EMBEDDINGS) else None
         out["item_codes_unaligned"] = item_features_from_version(

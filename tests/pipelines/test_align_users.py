@@ -36,6 +36,7 @@ def _args(items, inter, store, out, *extra):
             "--epochs", "1", "--batch-size", "16", "--prompt-token-budget", "28", "--threads", "1", *extra, "--json"]
 
 
+@pytest.mark.slow
 def test_user_prompts_job_publishes_user_embeddings(world, tmp_path, capsys):
     w, items, inter = world
     store, parent = _store(tmp_path, w, SplitConfig("user_last_frac"))
