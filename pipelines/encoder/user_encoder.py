@@ -297,6 +297,7 @@ def item_image_tokens(mllm: ItemEncoder, catalog, item_ids: Sequence[int], k: in
                 rows[i] = len(rows)
             chunks.append(pooled.reshape(-1, pooled.shape[-1]).float().cpu())
     table = torch.cat(chunks) if chunks else torch.zeros(0, mllm.text.hidden_size)
+    log.info("user prompts: image tokens of %d items in %.1fs", len(rows), time.perf_counter() - t0)
     return rows, table, time.perf_counter() - t0
 
 
@@ -420,6 +421,8 @@ def train_user_encoder(model: UserPromptEncoder, collate, train: tuple, valid: t
     gate_cfg = SimpleNamespace(valid_metric="recall@10", patience=cfg.patience or None, gate_z=cfg.gate_z,
                                restore_best=True)
     step0, ranks0 = _validate(model, valid, collate, cfg, 0)
+    log.info("user encoder step 0 (history pooling): valid recall@10 %.4f mrr %.4f over %d users",
+             step0["recall@10"], step0["mrr"], step0["n_queries"])
     selection = _Selection(gate_cfg, step0, ranks0, [])
     resumed = _resume(out_dir, model, opt, selection)
     epoch0, step, history, losses = resumed if resumed else (0, 0, [], [])
@@ -444,6 +447,9 @@ def train_user_encoder(model: UserPromptEncoder, collate, train: tuple, valid: t
             opt.step()
             step += 1
             losses.append(loss.item())
+            if step % 20 == 0:
+                log.info("user encoder epoch %d step %d: loss %.4f (mean of last 20: %.4f)", epoch, step,
+                         losses[-1], float(np.mean(losses[-20:])))
         figures, ranks = _validate(model, valid, collate, cfg, epoch)
         stop = selection.offer(figures, ranks, model.trainable_state)
         history.append(figures)

@@ -180,6 +180,10 @@ def _paired(a: dict, b: dict) -> dict:
     from ranker.retrieval.metrics import paired_bootstrap_ci
     if not len(a["per_user_recall"]):
         return {"recall@20_diff": None, "ndcg@20_diff": None, "reason": "no test users"}
+    if all(np.array_equal(a[k], b[k]) for k in ("per_user_recall", "per_user_ndcg")):
+        return {"recall@20_diff": None, "ndcg@20_diff": None,
+                "reason": "identical rankings for every test user (e.g. the gate shipped step 0, so prompt-user is "
+                          "history pooling): no interval to estimate"}
     out = {}
     for key, metric in (("per_user_recall", "recall@20"), ("per_user_ndcg", "ndcg@20")):
         diff = np.asarray(a[key]) - np.asarray(b[key])
