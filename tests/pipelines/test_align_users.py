@@ -64,3 +64,26 @@ def test_user_prompts_job_refuses_another_protocol(world, tmp_path, capsys):
     code = qarm_main(_args(items, inter, store, tmp_path / "out", "--no-publish"))
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 1 and "protocol" in out["error"]
+
+
+def test_ablation_reports_the_prompt_row_against_vq_rq():
+    from pipelines.jobs.ablation import _add_off_on
+    from ranker.stats import BootstrapConfig, PairedEvaluation, summarize_runs
+
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(40), 10)
+    labels = (rng.random(len(users)) < 0.3).astype(np.float32)
+
+    def run(scores):
+        return {"test": {"auc": 0.5, "gauc": 0.5, "logloss": 0.7, "n": len(labels)}, "best_epoch": 1,
+                "test_scores": scores}
+
+    noisy = [rng.random(len(labels)) for _ in range(2)]
+    runs = {"vq+rq": [run(s) for s in noisy],
+            "vq+rq+prompt": [run(s + 2.0 * labels) for s in noisy]}   # the feature separates the classes better
+    ev = PairedEvaluation(users, labels, BootstrapConfig(replicates=200))
+    summary = summarize_runs(runs, baseline="id", evaluation=ev)
+    _add_off_on(summary, runs, ev)
+    off_on = summary["vq+rq+prompt"]["vs_vq+rq"]
+    assert off_on["auc_diff"] > 0 and off_on["auc_diff_ci95"][0] > 0
+    assert "vs_vq+rq" not in summary["vq+rq"]

@@ -56,3 +56,4 @@ def test_prompt_row_needs_user_embeddings(world):
         build_schema(RankerConfig(features="vq+rq+prompt"), data.users.n_rows, w.item_features())
     with pytest.raises(FileNotFoundError, match="item_codes\\+prompt"):
         items_for({"item_codes": w.item_features()}, "vq+rq+prompt")
+
