@@ -171,27 +171,37 @@ class PromptBatch:
         return PromptBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
+def _positions(p: UserPrompt, vocab: PromptVocabulary, image_row_of: dict, cfg: UserEncoderConfig) -> tuple:
+    """One prompt's LM positions: (token ids, image-table rows or -1, hashed item rows or -1, user slot indices)."""
+    toks, imgs, items, user = [], [], [], []
+
+    def put(ids, img_rows=None, item_row=-1):
+        toks.extend(ids)
+        imgs.extend(img_rows if img_rows is not None else [-1] * len(ids))
+        items.extend([item_row] * len(ids))
+
+    put(vocab.start)
+    for kind, value in p.segments:
+        if kind == "text":
+            put(vocab.text_ids(value))
+        elif kind == "title":
+            put(vocab.title_ids(int(value)))
+        elif kind == "user":
+            user.append(len(toks))
+            put([vocab.user_word])
+        elif kind == "item":
+            put([vocab.item_word], item_row=int(hash_bucket(np.array([value]), cfg.item_buckets)[0]))
+        elif int(value) in image_row_of:  # image
+            first = image_row_of[int(value)] * cfg.image_tokens
+            put([0] * cfg.image_tokens, img_rows=list(range(first, first + cfg.image_tokens)))
+    put(vocab.end)
+    return toks, imgs, items, user
+
+
 def collate_prompts(prompts: Sequence[UserPrompt], vocab: PromptVocabulary, image_row_of: dict, item_row_of: dict,
                     cfg: UserEncoderConfig) -> PromptBatch:
     """Lay each prompt's segments out as LM positions (see PromptBatch)."""
-    rows = []
-    for p in prompts:
-        toks, imgs, items, user = list(vocab.start), [-1] * len(vocab.start), [-1] * len(vocab.start), []
-        for kind, value in p.segments:
-            if kind == "text" or kind == "title":
-                ids = vocab.text_ids(value) if kind == "text" else vocab.title_ids(int(value))
-                toks += ids; imgs += [-1] * len(ids); items += [-1] * len(ids)
-            elif kind == "user":
-                user.append(len(toks)); toks.append(vocab.user_word); imgs.append(-1); items.append(-1)
-            elif kind == "item":
-                toks.append(vocab.item_word); imgs.append(-1)
-                items.append(int(hash_bucket(np.array([value]), cfg.item_buckets)[0]))
-            elif int(value) in image_row_of:  # image
-                base = image_row_of[int(value)] * cfg.image_tokens
-                toks += [0] * cfg.image_tokens; imgs += list(range(base, base + cfg.image_tokens))
-                items += [-1] * cfg.image_tokens
-        toks += vocab.end; imgs += [-1] * len(vocab.end); items += [-1] * len(vocab.end)
-        rows.append((toks, imgs, items, user))
+    rows = [_positions(p, vocab, image_row_of, cfg) for p in prompts]
     B, T = len(rows), max(len(r[0]) for r in rows)
     E = max(1, max(len(p.item_ids) for p in prompts))
     out = PromptBatch(torch.zeros(B, T, dtype=torch.long), torch.full((B, T), -1, dtype=torch.long),
