@@ -49,6 +49,8 @@ class UserEncoderConfig:
         adapters / adapter_reduction: VIP5 bottleneck adapters in the frozen LM (zero-initialised up-projection).
         train_cuts: training prompts per user: cut at each of its last N train-portion positives (the target).
         max_train_prompts: cap (seeded sample) for CPU-sized runs.
+        negatives: catalog items sampled (uniformly, per batch) as extra negatives besides the batch's other
+            targets: the item table is fixed, so they cost one (B, n) product; 0 = in-batch only.
         epochs, batch_size, lr, temperature, patience, gate_z: training and the never-worse gate.
         seed, device, num_threads.
     """
@@ -66,6 +68,7 @@ class UserEncoderConfig:
     max_train_prompts: Optional[int] = None
     epochs: int = 3
     batch_size: int = 32
+    negatives: int = 1024
     lr: float = 1e-3
     temperature: float = 0.1
     patience: int = 1
@@ -81,6 +84,8 @@ class UserEncoderConfig:
                      "adapter_reduction", "train_cuts", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"UserEncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.negatives < 0:
+            raise ValueError(f"UserEncoderConfig.negatives must be >= 0, got {self.negatives}")
         if self.max_train_prompts is not None and self.max_train_prompts < 1:
             raise ValueError(f"UserEncoderConfig.max_train_prompts must be >= 1 or None, got {self.max_train_prompts}")
         if not (self.lr > 0 and self.temperature > 0 and self.gate_z >= 0 and self.patience >= 0):
@@ -370,14 +375,15 @@ def _validate(model, valid, collate, cfg, epoch: int):
     return _figures(ranks, epoch), ranks
 
 
-def _contrastive_loss(users: torch.Tensor, targets: torch.Tensor, target_rows: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
-    """In-batch InfoNCE: (B, D) users vs (B, D) their next items; rows whose target is the same item as the
-    row's own are not negatives (masked)."""
-    logits = users @ targets.T / temperature                                  # (B, B)
-    same = target_rows.unsqueeze(0) == target_rows.unsqueeze(1)
-    logits = logits.masked_fill(same & ~torch.eye(len(users), dtype=torch.bool, device=users.device), -1e9)
-    return F.cross_entropy(logits, torch.arange(len(users), device=users.device))
+def _contrastive_loss(users: torch.Tensor, item_vectors: torch.Tensor, target_rows: torch.Tensor,
+                      negative_rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE of (B, D) users against their next items (B,) rows, with the batch's other targets and the
+    sampled (S,) rows as negatives; a negative that is the row's own target (a repeat) is masked."""
+    cand = torch.cat([target_rows, negative_rows])                            # (B + S,)
+    logits = users @ item_vectors[cand].T / temperature                       # (B, B + S)
+    own = target_rows.unsqueeze(1) == cand.unsqueeze(0)
+    own[:, : len(users)] &= ~torch.eye(len(users), dtype=torch.bool, device=users.device)
+    return F.cross_entropy(logits.masked_fill(own, -1e9), torch.arange(len(users), device=users.device))
 
 
 def _checkpoint(out_dir, step, model, opt, cfg, epoch, history, selection, losses):
@@ -444,14 +450,16 @@ def train_user_encoder(model: UserPromptEncoder, collate, train: tuple, valid: t
             break
         t0 = time.perf_counter()
         model.train()
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        gen = torch.Generator().manual_seed(cfg.seed + epoch)
+        order = torch.randperm(len(prompts), generator=gen).tolist()
         for s in range(0, len(order), cfg.batch_size):
             idx = order[s:s + cfg.batch_size]
             if len(idx) < 2:
                 continue
             users = model(collate([prompts[i] for i in idx]).to(cfg.device))
             rows = targets[idx].to(cfg.device)
-            loss = _contrastive_loss(users, model.item_vectors[rows], rows, cfg.temperature)
+            negs = torch.randint(0, len(model.item_vectors), (cfg.negatives,), generator=gen).to(cfg.device)
+            loss = _contrastive_loss(users, model.item_vectors, rows, negs, cfg.temperature)
             opt.zero_grad()
             loss.backward()
             opt.step()

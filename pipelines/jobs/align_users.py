@@ -49,6 +49,8 @@ def add_user_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-train-cuts", type=int, default=D.train_cuts,
                    help="training prompts per user (cut before each of its last N train positives)")
     g.add_argument("--prompt-max-train", type=int, default=None, help="cap on training prompts (seeded sample)")
+    g.add_argument("--prompt-negatives", type=int, default=D.negatives,
+                   help="catalog items sampled per batch as extra negatives (0: in-batch only)")
     g.add_argument("--prompt-no-adapters", action="store_true", help="train id tokens + head only (no adapters)")
     g.add_argument("--compare-retrieval", action="store_true",
                    help="also fit the id student, the teacher and the prompt-user-distilled student (test figures)")
@@ -62,7 +64,8 @@ def user_encoder_config(args):
         image_tokens=args.prompt_image_tokens, title_tokens=args.prompt_title_tokens,
         adapters=not args.prompt_no_adapters, adapter_reduction=args.adapter_reduction,
         train_cuts=args.prompt_train_cuts, max_train_prompts=args.prompt_max_train, epochs=args.epochs or 3,
-        batch_size=min(args.batch_size, 64), lr=args.lr or 1e-3, temperature=args.temperature,
+        batch_size=min(args.batch_size, 64), negatives=args.prompt_negatives, lr=args.lr or 1e-3,
+        temperature=args.temperature,
         patience=args.patience, gate_z=args.gate_z, seed=args.seed, device=args.device, num_threads=args.threads)
 
 
