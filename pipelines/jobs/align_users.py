@@ -228,4 +228,6 @@ def _retrieval_rows(interactions, split, version, user_ids, vectors, step0, item
     for name in rows:
         if name != "prompt-user":
             rows[name]["vs_prompt_user"] = _paired(evals[name], evals["prompt-user"])
+    if "student" in rows:  # PromptMM's question: does distilling the prompt-user teacher help the id student?
+        rows["student+prompt-user-kd"]["vs_student"] = _paired(evals["student+prompt-user-kd"], evals["student"])
     return rows
