@@ -82,12 +82,13 @@ class CodeTable:
 # ----------------------------------------------------------------------------------------------- schemas
 
 
-def embeddings_schema(dim: int) -> pa.Schema:
-    """Arrow schema of item_embeddings.parquet for embedding width ``dim``."""
+def embeddings_schema(dim: int, id_column: str = "item_id") -> pa.Schema:
+    """Arrow schema of item_embeddings.parquet for embedding width ``dim`` (user_embeddings.parquet: id_column
+    "user_id")."""
     if dim <= 0:
         raise ValueError(f"embedding dim must be positive, got {dim}")
     return pa.schema([
-        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field(id_column, pa.int64(), nullable=False),
         pa.field("embedding", pa.list_(pa.field("item", pa.float32(), nullable=False), dim), nullable=False),
     ])
 
@@ -110,7 +111,7 @@ def codes_schema(large: bool = False) -> pa.Schema:
 # ----------------------------------------------------------------------------------------------- writers
 
 
-def embeddings_table(item_ids, emb) -> pa.Table:
+def embeddings_table(item_ids, emb, id_column: str = "item_id") -> pa.Table:
     """Build (and validate) the Arrow table for item embeddings.
 
     Args:
@@ -126,12 +127,13 @@ def embeddings_table(item_ids, emb) -> pa.Table:
     dim = emb.shape[1]
     values = pa.array(np.ascontiguousarray(emb).reshape(-1), type=pa.float32())
     column = pa.FixedSizeListArray.from_arrays(values, dim)
-    return pa.Table.from_arrays([pa.array(item_ids, pa.int64()), column], schema=embeddings_schema(dim))
+    return pa.Table.from_arrays([pa.array(item_ids, pa.int64()), column], schema=embeddings_schema(dim, id_column))
 
 
-def write_embeddings(path: str | os.PathLike, item_ids, emb) -> Path:
-    """Atomically write item_embeddings.parquet. See :func:`embeddings_table` for the arguments."""
-    return atomic_write_parquet(path, embeddings_table(item_ids, emb))
+def write_embeddings(path: str | os.PathLike, item_ids, emb, id_column: str = "item_id") -> Path:
+    """Atomically write item_embeddings.parquet (or user_embeddings.parquet with id_column="user_id"). See
+    :func:`embeddings_table` for the arguments."""
+    return atomic_write_parquet(path, embeddings_table(item_ids, emb, id_column))
 
 
 def codes_table(item_ids, rq, vq=None) -> pa.Table:

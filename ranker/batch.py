@@ -31,7 +31,8 @@ class RankerBatch:
         seq: KJT over schema.seq_keys.
         bag: KJT over schema.bag_keys (may have no keys).
         dense: (B, n_dense) float32: log1p(hist_len), log1p(prior events), smoothed prior positive
-            rate, then schema.dense_parts: the RQ-prefix cross features, the frozen similarity features.
+            rate, then schema.dense_parts: the RQ-prefix cross features, the frozen similarity features, the
+            prompt-user score of the target and the prompt-user vector.
         frozen_target: (B, d) float32 (d = 0 when unused).
         frozen_hist: (B, T, d) float32.
         hist_len: (B,) int64.
@@ -168,6 +169,9 @@ def build_batch(ex: Examples, schema: FeatureSchema, items: ItemFeatures) -> Ran
                                     items.has_codes[hist_rows] & hist_valid, ex.hist_len))
     if "sim" in schema.dense_parts:
         dense.append(similarity_features(frozen_target, frozen_hist, hist_valid, ex.hist_len))
+    if "prompt" in schema.dense_parts:  # the prompt-user vector and its score of the target (aligned embedding)
+        user = items.user_vectors_of(ex.user_id)                                  # (B, d_u)
+        dense.append(np.concatenate([(user * items.frozen[ex.item]).sum(1, keepdims=True), user], axis=1))
     dense = np.concatenate(dense, axis=1).astype(np.float32)
     if dense.shape[1] != schema.n_dense:  # pragma: no cover - schema and builder are written together
         raise ValueError(f"built {dense.shape[1]} dense features, the schema says {schema.n_dense}")

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 # own row, "sim" (the frozen vectors' target-history similarity, the cross feature's control: a hand-made
 # similarity of the same content without codes), "random" has vq+rq's table shapes with codes drawn at random per
 # item (capacity without content), "vq+rq-unaligned" has codes from the unaligned encoder (content without
-# behaviour alignment).
+# behaviour alignment), "prompt" adds the MLLM user encoder's prompt-user vector (VIP5-style personalized prompts,
+# the version's user_embeddings.parquet) and its dot product with the target's aligned embedding.
 FEATURE_SETS: dict[str, tuple[frozenset, str | None]] = {
     "id": (frozenset(), None),
     "frozen": (frozenset({"frozen"}), None),
@@ -27,6 +28,7 @@ FEATURE_SETS: dict[str, tuple[frozenset, str | None]] = {
     "vq+rq": (frozenset({"vq", "rq"}), "item_codes"),
     "vq+rq+cross": (frozenset({"vq", "rq", "cross"}), "item_codes"),
     "vq+rq+frozen": (frozenset({"vq", "rq", "frozen"}), "item_codes"),
+    "vq+rq+prompt": (frozenset({"vq", "rq", "prompt"}), "item_codes"),
     "random": (frozenset({"vq", "rq"}), "item_codes_random"),
     "vq+rq-unaligned": (frozenset({"vq", "rq"}), "item_codes_unaligned"),
 }
@@ -153,7 +155,7 @@ class RankerConfig:
         object.__setattr__(self, "over_arch", tuple(self.over_arch))
 
     def uses(self, part: str) -> bool:
-        """Whether this feature set adds `part` ("frozen", "vq", "rq", "cross", "sim") on top of ids."""
+        """Whether this feature set adds `part` ("frozen", "vq", "rq", "cross", "sim", "prompt") on top of ids."""
         return part in FEATURE_SETS[self.features][0]
 
     @property

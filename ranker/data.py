@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from ranker.features import ItemFeatures
 
 log = logging.getLogger(__name__)
 UNALIGNED_EMBEDDINGS = "item_embeddings_unaligned"
+USER_EMBEDDINGS = "user_embeddings"
 
 
 @dataclass
@@ -193,6 +194,10 @@ def store_items(version, catalog_ids: np.ndarray, random_seed: int = 0) -> dict:
            "frozen": item_features_from_version(version, catalog_ids, None, need_frozen=True),
            "item_codes+frozen": codes,
            "item_codes_random": random_codes_like(codes, catalog_ids, random_seed)}
+    if version.has(USER_EMBEDDINGS):  # the MLLM user encoder's vectors (qarm align --target user-prompts)
+        from feature_store.tables import read_embeddings
+        user_ids, user_vectors = read_embeddings(version.file(USER_EMBEDDINGS), id_column="user_id")
+        out["item_codes+prompt"] = replace(codes, user_ids=user_ids, user_vectors=user_vectors)
     if version.has("item_codes_unaligned"):
         unaligned_vectors = UNALIGNED_EMBEDDINGS if version.has(UNALIGNED_EMBEDDINGS) else None
         out["item_codes_unaligned"] = item_features_from_version(
@@ -210,6 +215,8 @@ def items_for(features_by_table: dict, feature_set: str) -> ItemFeatures:
         key = "ids"
     elif "frozen" in parts:
         key = f"{table}+frozen" if table else "frozen"
+    elif "prompt" in parts:
+        key = f"{table}+prompt"
     else:
         key = table or "item_codes"
     if key not in features_by_table:

@@ -38,6 +38,8 @@ class ItemFeatures:
         vq: (N + 1, Kv) int64 item *rows* of the VQ neighbours (0 = neighbour outside the catalog).
         frozen: (N + 1, d) float32 frozen item embedding (zeros where missing) or None.
         codebooks: list of (K, d_code) float32 centroids per RQ level, or None.
+        user_ids, user_vectors: (U,) sorted raw user ids, (U, d_u) their prompt-user vectors (the version's
+            user_embeddings.parquet), or None; read only by feature sets with "prompt".
     """
 
     item_ids: np.ndarray
@@ -48,10 +50,22 @@ class ItemFeatures:
     frozen: np.ndarray | None = None
     has_frozen: np.ndarray | None = None
     codebooks: list | None = None
+    user_ids: np.ndarray | None = None
+    user_vectors: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
         return len(self.item_ids) + 1
+
+    def user_vectors_of(self, user_ids: np.ndarray) -> np.ndarray:
+        """(B, d_u) prompt-user vectors of raw user ids; zeros for users without one."""
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        out = np.zeros((len(user_ids), self.user_vectors.shape[1]), np.float32)
+        if len(self.user_ids):
+            pos = np.minimum(np.searchsorted(self.user_ids, user_ids), len(self.user_ids) - 1)
+            found = self.user_ids[pos] == user_ids
+            out[found] = self.user_vectors[pos[found]]
+        return out
 
     def rows(self, item_ids: np.ndarray) -> np.ndarray:
         """Map item ids to table rows; ids outside the catalog map to UNKNOWN_ROW."""
@@ -194,7 +208,7 @@ class FeatureSchema:
     history_len: int
     frozen_dim: int
     n_dense: int
-    dense_parts: tuple = ()  # extra dense blocks after the base ones, in order: "cross", "sim"
+    dense_parts: tuple = ()  # extra dense blocks after the base ones, in order: "cross", "sim", "prompt"
 
     @property
     def seq_keys(self) -> list:
@@ -208,16 +222,18 @@ class FeatureSchema:
 def dense_parts(cfg: RankerConfig) -> tuple:
     """The dense blocks after the base ones: "cross" (per RQ prefix length p: log1p(count) and share of history
     items sharing the target's prefix) and "sim" (the frozen vectors' target-history similarity,
-    ranker.batch.similarity_features); both need a history."""
-    if cfg.history_len == 0:
-        return ()
-    return tuple(p for p, needs in (("cross", "rq"), ("sim", "frozen")) if cfg.uses(p) and cfg.uses(needs))
+    ranker.batch.similarity_features); both need a history. "prompt": the prompt-user vector's dot product with
+    the target's aligned embedding, then the vector itself (needs no history: the vector read the user's train
+    portion)."""
+    history = () if cfg.history_len == 0 else tuple(
+        p for p, needs in (("cross", "rq"), ("sim", "frozen")) if cfg.uses(p) and cfg.uses(needs))
+    return history + (("prompt",) if cfg.uses("prompt") else ())
 
 
-def n_dense_features(cfg: RankerConfig, rq_levels: int) -> int:
+def n_dense_features(cfg: RankerConfig, rq_levels: int, prompt_dim: int = 0) -> int:
     """Dense inputs: log1p(history length), log1p(user's prior events), smoothed prior positive rate, then the
-    blocks of :func:`dense_parts`."""
-    width = {"cross": 2 * rq_levels, "sim": N_SIM_DENSE}
+    blocks of :func:`dense_parts` (prompt: 1 + the user vectors' width ``prompt_dim``)."""
+    width = {"cross": 2 * rq_levels, "sim": N_SIM_DENSE, "prompt": 1 + prompt_dim}
     return N_BASE_DENSE + sum(width[p] for p in dense_parts(cfg))
 
 
@@ -252,9 +268,15 @@ def build_schema(cfg: RankerConfig, n_users: int, items: ItemFeatures) -> Featur
         if items.frozen is None:
             raise ValueError("feature set 'frozen' needs item embeddings but none were loaded")
         frozen_dim = items.frozen.shape[1]
+    prompt_dim = 0
+    if cfg.uses("prompt"):
+        if items.user_vectors is None or items.frozen is None:
+            raise ValueError(f"feature set {cfg.features!r} needs the version's user_embeddings.parquet (qarm align "
+                             "--target user-prompts) and its item embeddings")
+        prompt_dim = items.user_vectors.shape[1]
     return FeatureSchema(features=tuple(feats), item_parts=tuple(p[0] for p in parts), rq_levels=rq_levels,
                          history_len=cfg.history_len, frozen_dim=frozen_dim,
-                         n_dense=n_dense_features(cfg, rq_levels), dense_parts=dense_parts(cfg))
+                         n_dense=n_dense_features(cfg, rq_levels, prompt_dim), dense_parts=dense_parts(cfg))
 
 
 def table_configs(schema: FeatureSchema, embedding_dim: int) -> tuple[list, list]:

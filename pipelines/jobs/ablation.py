@@ -110,6 +110,7 @@ def run_eval(dataset, plan: EvalPlan, base_cfg: RankerConfig, out_dir: Path,
     evaluation = PairedEvaluation(data.test.user_id, data.test.label, plan.bootstrap)
     summary = summarize_runs(runs, baseline="id", evaluation=evaluation, pairs=pairs)
     summary = {r: summary[r] for r in plan.rows if r in summary}
+    _add_off_on(summary, runs, evaluation)
     name = getattr(dataset, "name", "") or "dataset"
     mismatch = any(c["protocol_problems"] for c in cascades)
     out_dir = Path(out_dir)
@@ -276,3 +277,19 @@ class Rerank:
             out.update(retrieval=base["retrieval"], candidate_recall=base["candidate_recall"], users=base["users"],
                        candidates_per_user=base["candidates_per_user"])
         return out
+
+
+# rows that add one feature to another row: their paired difference from that row (feature off -> on), besides the
+# difference from ids every row gets
+OFF_ON = {"vq+rq+prompt": "vq+rq"}
+
+
+def _add_off_on(summary: dict, runs: dict, evaluation) -> None:
+    """rows[on]["vs_" + off] = the paired AUC / GAUC difference and intervals of `on` minus `off` (same model
+    seeds, same cascades), when both rows ran."""
+    for on, off in OFF_ON.items():
+        if on in summary and off in runs and len(runs[off]) == len(runs[on]):
+            pair = summarize_runs({off: runs[off], on: runs[on]}, baseline=off, evaluation=evaluation)[on]
+            summary[on]["vs_" + off] = {k: pair.get(k) for k in ("delta_auc_pt_mean", "delta_gauc_pt_mean",
+                                                                 "auc_diff", "auc_diff_ci95", "gauc_diff",
+                                                                 "gauc_diff_ci95", "undefined") if k in pair}

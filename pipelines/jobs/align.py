@@ -93,6 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-seen-heldout", action="store_true",
                    help="keep held-out pairs that also occur in training (default: drop them, test generalisation)")
     p.add_argument("--eval-batch-size", type=int, default=64)
+    from pipelines.jobs.align_users import add_user_prompt_arguments
+    add_user_prompt_arguments(parser)
 
 
 DEFAULT_EPOCHS = {"side": 6, "side-towers": 6, "adapters": 2, "full": 1}
@@ -181,6 +183,9 @@ def run(args: argparse.Namespace) -> dict:
     from pipelines.encoder.side import SideConfig
     from pipelines.mining.pairs import PairConfig, mine_pairs
 
+    if getattr(args, "target", "items") == "user-prompts":
+        from pipelines.jobs.align_users import run as run_user_prompts
+        return run_user_prompts(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()

@@ -187,3 +187,34 @@ class TeacherArch(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
+
+
+class FixedVectorTeacher(nn.Module):
+    """A teacher whose user and item vectors are given, not learned: e.g. the MLLM user encoder's prompt-user
+    vectors against the aligned item embeddings (VIP5-style personalized prompts, issue 22). It has the parts
+    interface fit_student's distillation reads (names, item_tables, user_tables, serving_vectors; no prompts), so
+    PromptMM's list-wise / modality KD distils it into the id student unchanged.
+
+    Args:
+        user_vectors: (U, d) per user row (zeros for users without a vector: they score every item 0).
+        item_vectors: (N, d) per catalog row.
+        scale: scores are scale * <u, v> (cosines / the encoder's training temperature give a peaked softmax).
+        name: the part's name.
+    """
+
+    def __init__(self, user_vectors, item_vectors, scale: float = 1.0, name: str = "prompt_user"):
+        super().__init__()
+        self.names = [name]
+        self.prompt = None
+        self.register_buffer("u", torch.as_tensor(np.asarray(user_vectors, np.float32)) * float(scale))
+        self.register_buffer("v", torch.as_tensor(np.asarray(item_vectors, np.float32)))
+        self.n_items = int(self.v.shape[0])
+
+    def item_tables(self) -> dict:
+        return {self.names[0]: self.v}
+
+    def user_tables(self, users: torch.Tensor, item_tables: dict | None = None) -> dict:
+        return {self.names[0]: self.u[users]}
+
+    def serving_vectors(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.u[users], self.v
