@@ -429,12 +429,13 @@ def train_user_encoder(model: UserPromptEncoder, collate, train: tuple, valid: t
         valid: (prompts, target rows, exclude rows per prompt) — the validation window's next items.
     """
     from pipelines.encoder.alignment import _Selection, _gate_record
+    from ranker.loop import Evaluation
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     model.to(cfg.device)
     initial = {k: v.detach().clone() for k, v in model.trainable_state().items()}
     opt = torch.optim.AdamW(list(model.trainable_state().values()), lr=cfg.lr, weight_decay=0.0)
-    gate_cfg = SimpleNamespace(valid_metric="recall@10", patience=cfg.patience or None, gate_z=cfg.gate_z,
+    gate_cfg = SimpleNamespace(mode="user-prompts", valid_metric="recall@10", patience=cfg.patience or None, gate_z=cfg.gate_z,
                                restore_best=True)
     step0, ranks0 = _validate(model, valid, collate, cfg, 0)
     log.info("user encoder step 0 (history pooling): valid recall@10 %.4f mrr %.4f over %d users",
@@ -469,7 +470,8 @@ def train_user_encoder(model: UserPromptEncoder, collate, train: tuple, valid: t
                 log.info("user encoder epoch %d step %d: loss %.4f (mean of last 20: %.4f)", epoch, step,
                          losses[-1], float(np.mean(losses[-20:])))
         figures, ranks = _validate(model, valid, collate, cfg, epoch)
-        stop = selection.offer(figures, ranks, model.trainable_state)
+        stop = selection.offer(epoch, Evaluation(score=figures["recall@10"], row=figures, detail=ranks),
+                               model.trainable_state)
         history.append(figures)
         seconds.append(time.perf_counter() - t0)
         log.info("user encoder epoch %d: loss %.4f valid recall@10 %.4f (step 0 %.4f)", epoch,
