@@ -200,22 +200,10 @@ def test_beam_flags_pass_the_unknown_flag_check():
         check_beam_flags(["--runner", "FlinkRunner", "--bogus_flag", "1"])
 
 
-def test_old_underscore_spelling_is_a_hidden_alias(caplog):
-    import argparse
-
-    from pipelines.beam.flags import add_underscore_aliases, warn_deprecated_spellings
-    from pipelines.beam.options import cli_parser_flags
-
-    parser = argparse.ArgumentParser(prog="qarm pipeline")
-    cli_parser_flags(parser)
-    aliases = add_underscore_aliases(parser)
-    assert parser.parse_args(["--align_epochs", "5"]).align_epochs == 5
-    assert parser.parse_args(["--align-epochs", "6"]).align_epochs == 6
-    help_text = parser.format_help()
-    assert "--align-epochs" in help_text and "--align_epochs" not in help_text
-    with caplog.at_level("WARNING", logger="pipelines.beam.flags"):
-        warn_deprecated_spellings(["--align_epochs=5"], aliases)
-    assert "use --align-epochs" in caplog.text
+def test_old_underscore_spelling_is_refused_as_unknown(capsys):
+    """One naming rule: the 0.0 underscore spellings are no longer aliases but unknown flags (exit 2)."""
+    assert cli.main(["pipeline", "--align_epochs", "5", "--store", "/nonexistent", "--json"]) == 2
+    assert "--align_epochs" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))

@@ -50,7 +50,7 @@ def logging_warning() -> int:
 
 # Inside pipelines the layers point one way too: cli -> jobs -> beam -> library (data, encoder, mining). The scan
 # reads every import statement of every module, function-local ones included (a lazy import is still a dependency).
-PIPELINE_LAYERS = {"data": 0, "encoder": 0, "mining": 0, "beam": 1, "jobs": 2, "cli": 3}
+PIPELINE_LAYERS = {"data": 0, "encoder": 0, "mining": 0, "config": 1, "beam": 2, "jobs": 3, "cli": 4}
 LIBRARY_FORBIDDEN = ("apache_beam", "argparse")  # the library layers are plain Python: no Beam, no command line
 
 

@@ -1,16 +1,13 @@
-"""One command-line dialect for every `qarm` command: hyphenated flags, old underscore spellings as hidden aliases,
-and unknown flags refused (Beam's own pass-through flags excepted).
+"""Unknown flags are refused: what neither a `qarm` command nor any Beam PipelineOptions class defines.
 
-    parser.add_argument("--align-epochs", type=int, default=2)
-    add_underscore_aliases(parser)           # --align_epochs still parses, but --help shows only --align-epochs
     check_beam_flags(["--runner", "FlinkRunner", "--align_epochz", "5"])   # UnknownFlagError: --align_epochz
+
+The underscore spellings of the 0.0 releases (``--align_epochs``) are gone: qarm's flags follow one rule
+(`pipelines.config.tree.flag_name`), and an underscore spelling is now an unknown flag.
 """
 from __future__ import annotations
 
 import argparse
-import logging
-
-log = logging.getLogger(__name__)
 
 
 class UnknownFlagError(ValueError):
@@ -20,32 +17,6 @@ class UnknownFlagError(ValueError):
         super().__init__("unknown flag(s): " + " ".join(flags) + " (neither a qarm flag nor a Beam pipeline option; "
                          "see --help)")
         self.flags = flags
-
-
-def add_underscore_aliases(parser: argparse.ArgumentParser) -> dict[str, str]:
-    """Register ``--a_b`` as a hidden alias of every ``--a-b`` flag (the spelling of the previous release).
-
-    The alias maps to the same argparse action, so values, defaults and types are shared; it is not in
-    ``action.option_strings``, so --help lists only the hyphenated form. Returns {alias: flag}.
-    """
-    aliases = {}
-    for action in list(parser._actions):  # argparse keeps no public registry of option strings
-        for flag in action.option_strings:
-            if not flag.startswith("--") or "-" not in flag[2:]:
-                continue
-            alias = "--" + flag[2:].replace("-", "_")
-            if alias not in parser._option_string_actions:
-                parser._option_string_actions[alias] = action
-                aliases[alias] = flag
-    return aliases
-
-
-def warn_deprecated_spellings(argv: list[str], aliases: dict[str, str]) -> None:
-    """Log a warning for each old underscore spelling used in ``argv``."""
-    for arg in argv:
-        name = arg.split("=", 1)[0]
-        if name in aliases:
-            log.warning("%s is deprecated and will be removed in the next release; use %s", name, aliases[name])
 
 
 def beam_flag_parser() -> argparse.ArgumentParser:

@@ -10,9 +10,10 @@ from typing import Optional
 import pandas as pd
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from feature_store.split import SplitConfig, split_from_args
+from feature_store.split import SplitConfig
+from pipelines.config.cascade import AlignSection
 from pipelines.mining.pairs import PairConfig
-from pipelines.beam.options import CascadeOptions, cascade_seed, data_spec
+from pipelines.beam.options import cascade_config
 from pipelines.beam.quantize_items import QuantConfig
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AlignPlan:
     """How the align stage gets its encoder.
+
+    Built from the config tree's align section (`pipelines.config.cascade.AlignSection`: the knobs' one home, so no
+    defaults here).
 
     Args:
         encoder: the EncoderConfig (as a dict) the encoders are built from.
@@ -43,21 +47,21 @@ class AlignPlan:
     """
 
     encoder: dict
-    mode: str = "side"
-    epochs: int = 2
-    batch_size: int = 128
-    lr: Optional[float] = None
-    temperature: Optional[float] = None
-    checkpoint: Optional[str] = None
-    init_encoder: Optional[str] = None
-    threads: int = 2
-    seed: int = 0
-    cache_dir: Optional[str] = None
-    layer_stride: int = 2
-    side_dropout: float = 0.1
-    nproc: int = 1
-    base_map: str = "pca"
-    gate_z: Optional[float] = None
+    mode: str
+    epochs: int
+    batch_size: int
+    lr: Optional[float]
+    temperature: Optional[float]
+    checkpoint: Optional[str]
+    init_encoder: Optional[str]
+    threads: int
+    seed: int
+    cache_dir: Optional[str]
+    layer_stride: int
+    side_dropout: float
+    nproc: int
+    base_map: str
+    gate_z: Optional[float]
 
     def __post_init__(self):
         from pipelines.encoder.base_map import BASE_MAP_KINDS
@@ -127,32 +131,24 @@ class JobPlan:
     clock: Optional[object] = None  # the job's feature_store.clock.EventClock: later events are rejects
 
 
-def unaligned_map(opts: CascadeOptions) -> str:
-    """--unaligned-map auto: pca where side mode's cache gives the frozen states to fit it on, else gaussian."""
-    choice = getattr(opts, "unaligned_map", None) or "auto"
-    if choice != "auto":
-        return choice
-    return "pca" if opts.align_mode == "side" and not opts.align_checkpoint else "gaussian"
-
-
-def encoder_dict(opts: CascadeOptions, seed: int, has_images: bool = True) -> dict:
+def encoder_dict(align: AlignSection, seed: int, has_images: bool = True) -> dict:
     """The job's encoder config; for a catalog without any image its text-only variant (`EncoderConfig.for_catalog`:
     no vision tower is built or loaded). A warm start (``--init-encoder``) follows its checkpoint instead."""
     from pipelines.encoder.checkpoint import read_meta
     from pipelines.encoder.config import EncoderConfig
 
-    if opts.align_checkpoint:  # the checkpoint's own encoder config wins: it decides preprocessing and width
-        return dict(read_meta(Path(opts.align_checkpoint))["encoder"])
+    if align.align_checkpoint:  # the checkpoint's own encoder config wins: it decides preprocessing and width
+        return dict(read_meta(Path(align.align_checkpoint))["encoder"])
     overrides = {"seed": seed}
-    if opts.embed_dim:
-        overrides["embed_dim"] = opts.embed_dim
-    if opts.encoder_image_size:
-        overrides["image_size"] = opts.encoder_image_size
-    cfg = EncoderConfig.named(opts.encoder, **overrides)
-    if opts.init_encoder:  # a warm start keeps the towers its checkpoint was trained with (text-only or not)
-        has_images = read_meta(Path(opts.init_encoder))["encoder"].get("vision", "none") != "none"
+    if align.embed_dim:
+        overrides["embed_dim"] = align.embed_dim
+    if align.encoder_image_size:
+        overrides["image_size"] = align.encoder_image_size
+    cfg = EncoderConfig.named(align.encoder, **overrides)
+    if align.init_encoder:  # a warm start keeps the towers its checkpoint was trained with (text-only or not)
+        has_images = read_meta(Path(align.init_encoder))["encoder"].get("vision", "none") != "none"
     if cfg.for_catalog(has_images) is not cfg:
-        log.info("no item has an image: encoder %s runs text-only (its vision tower is not built)", opts.encoder)
+        log.info("no item has an image: encoder %s runs text-only (its vision tower is not built)", align.encoder)
         cfg = cfg.for_catalog(has_images)
     return cfg.to_dict()
 
@@ -178,46 +174,36 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, sourc
     from pipelines.beam.common import reject
     from pipelines.encoder.config import catalog_has_images
 
-    opts = options.view_as(CascadeOptions)
-    seed = cascade_seed(options)
-    split = split_from_args(opts)
-    from pipelines.mining.collab import CollabConfig
-
-    pairs = PairConfig(swing_top_n=opts.swing_top_n, swing_alpha=opts.swing_alpha, min_support=opts.min_support,
-                       history=opts.trigger_history, heldout_frac=opts.heldout_frac, seed=seed,
-                       swing_max_users=opts.swing_max_users, swing_max_history=opts.swing_max_history,
-                       trigger_similarity=opts.trigger_similarity,
-                       # the encoder fallback needs the unaligned embedding before pair mining (side mode: from the
-                       # frozen MLLM's cache, EmbedFrozenFromCache; other modes: a RunInference pass)
-                       trigger_fallback="none" if opts.skip_unaligned else opts.trigger_fallback,
-                       collab=CollabConfig(dim=opts.collab_dim, iterations=opts.collab_iterations, reg=opts.collab_reg,
-                                           alpha=opts.collab_alpha, min_count=opts.collab_min_count, seed=seed))
-    quant = QuantConfig(rq_levels=opts.rq_levels, rq_codebook_size=opts.rq_codebook_size,
-                        fit_sample=opts.fit_sample, vq_k=opts.vq_k, vq_index=opts.vq_index,
-                        vq_gather_max=opts.vq_gather_max, vq_nlist=opts.vq_nlist, vq_nprobe=opts.vq_nprobe, seed=seed)
+    cfg = cascade_config(options)
+    seed = cfg.seed()
+    al, q, rt = cfg.align, cfg.quant, cfg.runtime
+    split = cfg.split.config()
+    pairs = cfg.pairs.config(seed=seed, skip_unaligned=rt.skip_unaligned)
+    quant = QuantConfig(rq_levels=q.rq_levels, rq_codebook_size=q.rq_codebook_size, fit_sample=q.fit_sample,
+                        vq_k=q.vq_k, vq_index=q.vq_index, vq_gather_max=q.vq_gather_max, vq_nlist=q.vq_nlist,
+                        vq_nprobe=q.vq_nprobe, seed=seed)
     # side mode: the frozen MLLM (with its seeded projector: no pretrained one loads offline) is the fixed
     # "pretrained" model, so it keeps the data seed and its cache serves every cascade seed; the side network,
     # pairs, quantizers and the unaligned map take the cascade seed
-    encoder_seed = data_spec(options).seed if opts.align_mode == "side" else seed
+    encoder_seed = cfg.data.seed if al.align_mode == "side" else seed
     # a catalog without images (loaded here, or a source whose items have no image column) runs text-only
     has_images = catalog_has_images(ds.items) if ds is not None else source is None or source.image_column
-    encoder = encoder_dict(opts, encoder_seed, has_images)
-    align = AlignPlan(encoder=encoder, mode=opts.align_mode, epochs=opts.align_epochs,
-                      batch_size=opts.align_batch_size, lr=opts.align_lr, temperature=opts.align_temperature,
-                      checkpoint=opts.align_checkpoint, init_encoder=opts.init_encoder, threads=opts.torch_threads,
-                      seed=seed, cache_dir=opts.side_cache_dir, layer_stride=opts.side_layer_stride,
-                      side_dropout=opts.side_dropout, nproc=opts.align_nproc, base_map=unaligned_map(opts),
-                      gate_z=opts.align_gate_z)
-    if opts.init_quantizer and not Path(opts.init_quantizer).exists():
-        raise FileNotFoundError(f"--init-quantizer {opts.init_quantizer}: no such folder")
+    encoder = encoder_dict(al, encoder_seed, has_images)
+    align = AlignPlan(encoder=encoder, mode=al.align_mode, epochs=al.align_epochs, batch_size=al.align_batch_size,
+                      lr=al.align_lr, temperature=al.align_temperature, checkpoint=al.align_checkpoint,
+                      init_encoder=al.init_encoder, threads=rt.torch_threads, seed=seed, cache_dir=al.side_cache_dir,
+                      layer_stride=al.side_layer_stride, side_dropout=al.side_dropout, nproc=al.align_nproc,
+                      base_map=al.resolved_unaligned_map(), gate_z=al.align_gate_z)
+    if q.init_quantizer and not Path(q.init_quantizer).exists():
+        raise FileNotFoundError(f"--init-quantizer {q.init_quantizer}: no such folder")
     common = dict(staging=str(staging), work_dir=str(work_dir), pairs=pairs, quant=quant, align=align, split=split,
-                  embed_batch_size=opts.embed_batch_size, unaligned=not opts.skip_unaligned,
-                  init_quantizer=opts.init_quantizer,
-                  align_hints=tuple((k, v) for k, v in (("min_ram", opts.align_min_ram),
-                                                        ("accelerator", opts.align_accelerator)) if v),
-                  side_cache_shard_size=opts.side_cache_shard_size, clock=clock)
+                  embed_batch_size=rt.embed_batch_size, unaligned=not rt.skip_unaligned,
+                  init_quantizer=q.init_quantizer,
+                  align_hints=tuple((k, v) for k, v in (("min_ram", rt.align_min_ram),
+                                                        ("accelerator", rt.align_accelerator)) if v),
+                  side_cache_shard_size=al.side_cache_shard_size, clock=clock)
     if source is not None:  # the workers read, parse and validate the source: nothing is snapshotted
-        spec = data_spec(options)
+        spec = cfg.data.spec()
         return JobPlan(items_path="", interactions_path="", image_root=source.image_root,
                        image_check=spec.validate_images, require_image=bool(spec.require_image),
                        max_bad_fraction=source.max_bad_fraction, source=source, **common)

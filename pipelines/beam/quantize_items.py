@@ -18,6 +18,7 @@ import numpy as np
 from apache_beam.utils import shared
 
 from pipelines.beam.common import count, stage_timer, worker_progress
+from pipelines.config.cascade import QuantSection as _Q
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class QuantConfig:
     """Codes the job computes.
+
+    The job's knobs default to the config tree's (`pipelines.config.cascade.QuantSection`, their one home).
 
     Args:
         rq_levels: residual levels L.
@@ -40,15 +43,15 @@ class QuantConfig:
         batch_size: items per encode / search batch.
     """
 
-    rq_levels: int = 3
-    rq_codebook_size: int = 0
-    fit_sample: int = 100_000
+    rq_levels: int = _Q.rq_levels
+    rq_codebook_size: int = _Q.rq_codebook_size
+    fit_sample: int = _Q.fit_sample
     rq_niter: int = 20
-    vq_k: int = 25
-    vq_index: str = "flat"
-    vq_gather_max: int = 200_000
-    vq_nlist: int = 0
-    vq_nprobe: int = 16
+    vq_k: int = _Q.vq_k
+    vq_index: str = _Q.vq_index
+    vq_gather_max: int = _Q.vq_gather_max
+    vq_nlist: int = _Q.vq_nlist
+    vq_nprobe: int = _Q.vq_nprobe
     seed: int = 0
     batch_size: int = 1024
 

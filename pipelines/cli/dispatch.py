@@ -8,9 +8,11 @@ Each subcommand is a module with two functions:
 The dispatcher imports only the chosen module (start-up stays fast, libraries stay side-effect free), prints a
 human summary (the module's ``human_summary(result) -> str`` where it has one, else ``key: value`` lines), and with
 ``--json`` prints the result as one strict-JSON line (null, never NaN), always the last
-line of stdout. Flags are hyphenated everywhere; the underscore spellings of the previous release still parse
-as hidden aliases (with a warning). Jobs that pass Beam options through (ACCEPTS_EXTRA_ARGS) refuse any flag that
-Beam does not know either.
+line of stdout. Flags follow one naming rule (``--`` + the knob's name hyphenated). A module with a ``CONFIG_TREE``
+(a typed config tree, `pipelines.config.tree`) gets its flags generated from the tree, plus ``--config FILE.yaml``
+and ``--print-config``; ``args.config_tree`` is the resolved tree (defaults < file < flags) and its knobs are also
+set on ``args`` by name. Jobs that pass Beam options through (ACCEPTS_EXTRA_ARGS) refuse any flag that Beam does
+not know either.
 
 Logging: our packages log INFO, third-party libraries (Beam, transformers, faiss, ...) WARNING; ``-v`` brings
 their INFO back.
@@ -33,7 +35,8 @@ from typing import Sequence
 
 from feature_store.io import dumps_strict, json_default
 from pipelines.jobs.outcome import EXIT_ERROR, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, CommandExit, configure_logging
-from pipelines.beam.flags import UnknownFlagError, add_underscore_aliases, check_beam_flags, warn_deprecated_spellings
+from pipelines.beam.flags import UnknownFlagError, check_beam_flags
+from pipelines.config.tree import add_config_file_arguments, add_tree_arguments, flat, resolve_tree, to_yaml
 
 
 # name -> (module, one-line help). Modules are imported lazily.
@@ -127,19 +130,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _quiet_imports(verbose):
         module = importlib.import_module(module_name)  # a broken install fails loudly here, never "not built"
     parser = _Parser(prog=f"qarm {name}", description=help_)
+    tree_cls = getattr(module, "CONFIG_TREE", None)
+    if tree_cls is not None:  # flags generated from the typed config tree; absent ones leave no attribute
+        add_tree_arguments(parser, tree_cls, with_defaults=False)
+        add_config_file_arguments(parser)
     module.add_arguments(parser)
     if not any(a.dest == "json" for a in parser._actions):
         parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     if not any(a.dest == "verbose" for a in parser._actions):
         parser.add_argument("-v", "--verbose", action="store_true",
                             help="third-party libraries log at INFO too (default: WARNING)")
-    aliases = add_underscore_aliases(parser)
     try:
         args, unknown = _parse(parser, module, rest)
+        if tree_cls is not None:
+            args.config_tree = resolve_tree(tree_cls, args, defaults=getattr(module, "CONFIG_DEFAULTS", None))
+            vars(args).update(flat(args.config_tree))  # the jobs read knobs by name too
     except UsageError as exc:
         return _usage_error(parser, f"qarm {name}", name, str(exc), as_json)
+    except (ValueError, FileNotFoundError) as exc:  # a bad config file or knob value: a usage error naming it
+        return _usage_error(parser, f"qarm {name}", name, str(exc), as_json)
     configure_logging(getattr(args, "verbose", False))
-    warn_deprecated_spellings(rest, aliases)
+    if tree_cls is not None and args.print_config:
+        print(to_yaml(args.config_tree), end="", flush=True)
+        return EXIT_OK
     try:
         check_beam_flags(unknown)
     except UnknownFlagError as exc:

@@ -69,19 +69,21 @@ class EvalPlan:
             raise ValueError(f"--rerank-k must be >= 1, got {self.rerank_k}")
 
 
-def run_cascades(job_args: argparse.Namespace, n: int, out_dir: Path) -> list[tuple[int, Path, str]]:
-    """Run the batch job for cascade seeds 0..n-1 into private stores. Returns [(seed, store, version)]."""
-    from pipelines.jobs.cascade import options_from_namespace, run_job
+def run_cascades(config, n: int, out_dir: Path, beam_args=()) -> list[tuple[int, Path, str]]:
+    """Run the batch job (`config`: its CascadeConfig) for cascade seeds 0..n-1 into private stores.
+    Returns [(seed, store, version)]."""
+    from pipelines.beam.options import options_for
+    from pipelines.config.tree import with_values
+    from pipelines.jobs.cascade import run_job
 
     done = []
     # the frozen MLLM's cache does not depend on the seed: one backbone pass serves every cascade
-    cache_dir = job_args.side_cache_dir or str(out_dir / "cascades" / "side_cache")
+    cache_dir = config.align.side_cache_dir or str(out_dir / "cascades" / "side_cache")
     for seed in range(n):
         store = out_dir / "cascades" / f"seed-{seed}" / "store"
-        args = argparse.Namespace(**{**vars(job_args), "store": str(store), "cascade_seed": seed,
-                                     "side_cache_dir": cache_dir})
+        seeded = with_values(config, {"store": str(store), "cascade_seed": seed, "side_cache_dir": cache_dir})
         log.info("ablation: cascade seed %d of %d into %s", seed + 1, n, store)
-        summary = run_job(options_from_namespace(args), save_main_session=False)
+        summary = run_job(options_for(seeded, beam_args), save_main_session=False)
         done.append((seed, store, summary["version"]))
     return done
 

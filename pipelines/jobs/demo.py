@@ -17,35 +17,38 @@ log = logging.getLogger("pipelines.jobs.demo")
 ACCEPTS_EXTRA_ARGS = True  # Beam flags pass through to the cascade
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Demo flags: every `qarm pipeline` flag (with demo-sized defaults) plus --out, --seeds, --ranker-epochs."""
-    from pipelines.beam.options import cli_parser_flags
+# every `qarm pipeline` knob (the dispatcher generates them, --config and --print-config), with CPU-sized
+# defaults: the real-weights encoder on small images, IISAN side-mode alignment
+from pipelines.config.cascade import CascadeConfig as CONFIG_TREE  # noqa: E402
 
-    cli_parser_flags(parser)
+CONFIG_DEFAULTS = {"encoder": "minilm-effnet", "encoder_image_size": 64, "align_mode": "side", "align_epochs": 2}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Demo flags besides the cascade's: --out, --seeds, --ranker-epochs, --skip-ablation."""
     g = parser.add_argument_group("demo")
     g.add_argument("--out", type=Path, required=True, help="report folder (the store goes to OUT/store by default)")
     g.add_argument("--seeds", type=int, default=1, help="ranker seeds per ablation row")
     g.add_argument("--ranker-epochs", type=int, default=2, help="ranker epochs per ablation run")
     g.add_argument("--skip-ablation", action="store_true", help="cascade and codebook report only")
-    # CPU-sized defaults: the real-weights encoder on small images, IISAN side-mode alignment
-    parser.set_defaults(encoder="minilm-effnet", encoder_image_size=64, align_mode="side", align_epochs=2)
 
 
 def run(args: argparse.Namespace) -> dict:
     """Run the demo. Returns the report dict (also written as report.json)."""
     from feature_store import FeatureStore
     from feature_store.io import atomic_write_json, atomic_write_text
-    from pipelines.jobs.cascade import options_from_namespace, run_job
+    from pipelines.beam.options import options_for
+    from pipelines.config.tree import with_values
+    from pipelines.jobs.cascade import run_job
     from pipelines.jobs.demo_report import markdown, write_plots
 
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.store:
-        args.store = str(out / "store")
-    demo_keys = ("out", "seeds", "ranker_epochs", "skip_ablation", "verbose")
-    job_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in demo_keys})
-    summary = run_job(options_from_namespace(job_args), save_main_session=False)
+    config = args.config_tree
+    if not config.runtime.store:
+        config = with_values(config, {"store": str(out / "store")})
+    summary = run_job(options_for(config, getattr(args, "extra_args", None) or ()), save_main_session=False)
     version = FeatureStore(summary["store"]).read(summary["version"])
     plots = write_plots(version, summary["metrics"], out)
 
@@ -56,10 +59,9 @@ def run(args: argparse.Namespace) -> dict:
         from feature_store.split import split_from_args
         from pipelines.jobs.ablation import EvalPlan, run_eval
         from pipelines.data import load_dataset
-        from pipelines.beam.options import data_spec
         from ranker.config import RankerConfig
 
-        dataset = load_dataset(data_spec(options_from_namespace(job_args)))
+        dataset = load_dataset(config.data.spec())
         plan = EvalPlan(seeds=args.seeds, split=split_from_args(args))
         ablation = run_eval(dataset, plan, RankerConfig(epochs=args.ranker_epochs, seed=args.seed),
                             out / "ablation", [(None, Path(summary["store"]), summary["version"])])

@@ -17,12 +17,11 @@ from ranker.config import ABLATION_ROWS
 from ranker.stats import BootstrapConfig
 
 ACCEPTS_EXTRA_ARGS = True  # Beam flags of the cascade runs
+# data, split and cascade flags (--store: the version to evaluate), --config, --print-config
+from pipelines.config.cascade import CascadeConfig as CONFIG_TREE  # noqa: E402
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.beam.options import cli_parser_flags
-
-    cli_parser_flags(parser)  # data, split and cascade flags (--store: the version to evaluate)
     add_ranker_arguments(parser, with_features=False, with_store=False, with_split=False)
     g = parser.add_argument_group("ablation")
     g.add_argument("--seeds", type=int, default=3, help="model seeds per row and cascade")
@@ -51,7 +50,8 @@ def run(args: argparse.Namespace) -> dict:
                     rerank_candidates=str(args.rerank_candidates) if args.rerank_candidates else None,
                     rerank_k=args.rerank_k)
     if plan.cascade_seeds:
-        versions = run_cascades(_job_args(args), plan.cascade_seeds, Path(args.out))
+        versions = run_cascades(args.config_tree, plan.cascade_seeds, Path(args.out),
+                                getattr(args, "extra_args", None) or ())
     elif args.store:
         versions = [(None, args.store, args.version)]
     else:
@@ -65,13 +65,3 @@ def run(args: argparse.Namespace) -> dict:
 def human_summary(result: dict) -> str:
     """What the terminal shows at the end without --json: the ablation table as text and where the report is."""
     return ablation_text(result)
-
-
-def _job_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Only the cascade's own flags (data, split, job), for its PipelineOptions."""
-    from pipelines.beam.options import cli_parser_flags
-
-    probe = argparse.ArgumentParser(add_help=False)
-    cli_parser_flags(probe)
-    keep = {a.dest for a in probe._actions} | {"extra_args"}
-    return argparse.Namespace(**{k: v for k, v in vars(args).items() if k in keep})

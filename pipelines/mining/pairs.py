@@ -84,7 +84,7 @@ class PairConfig:
     history: int = 50
     u2i_neighbours: int = 100
     u2i_similarity: str = "swing"
-    trigger_similarity: str = "swing"
+    trigger_similarity: str = "collab"
     trigger_fallback: str = "encoder"
     collab: CollabConfig = CollabConfig()
     heldout_frac: float = 0.1

@@ -26,9 +26,9 @@ metrics (driver-side evaluation), job (driver + entry points).
 """
 from pipelines.beam.align_stage import align_stage
 from pipelines.beam.cascade_graph import CODES_FILE, EMB_FILE, UNALIGNED, build_graph
-from pipelines.jobs.cascade.driver import (ACCEPTS_EXTRA_ARGS, DEFAULT_RUNNER, add_arguments, main, options_from_namespace,
-                                   run, run_job)
+from pipelines.jobs.cascade.driver import (ACCEPTS_EXTRA_ARGS, CONFIG_TREE, DEFAULT_RUNNER, add_arguments, main,
+                                           options_from_namespace, parse_argv, run, run_job)
 from pipelines.beam.plan import AlignPlan, JobPlan, make_plan
 
-__all__ = ["ACCEPTS_EXTRA_ARGS", "DEFAULT_RUNNER", "AlignPlan", "JobPlan", "make_plan", "align_stage", "build_graph",
+__all__ = ["ACCEPTS_EXTRA_ARGS", "CONFIG_TREE", "DEFAULT_RUNNER", "parse_argv", "AlignPlan", "JobPlan", "make_plan", "align_stage", "build_graph",
            "run_job", "run", "main", "add_arguments", "options_from_namespace", "EMB_FILE", "CODES_FILE", "UNALIGNED"]

@@ -15,12 +15,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
+from pipelines.config.cascade import CascadeConfig
+from pipelines.config.tree import add_config_file_arguments, add_tree_arguments, resolve_tree, to_dict
 from pipelines.jobs.cascade.manifest_config import job_config
 from pipelines.beam.cascade_graph import HELDOUT_PAIRS, SOURCE_SUMMARY, TRAIN_PAIRS, build_graph
 from pipelines.jobs.cascade.window_metrics import post_metrics, read_window_events
 from pipelines.beam.plan import make_plan
 from pipelines.beam.common import read_counters, read_stage_metrics
-from pipelines.beam.options import CascadeOptions, cli_parser_flags, data_spec
+from pipelines.beam.options import beam_options_record, cascade_config, options_for
 
 log = logging.getLogger("pipelines.jobs.cascade")
 
@@ -36,7 +38,8 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
     from feature_store import FeatureStore
 
     t_job = time.perf_counter()
-    opts = options.view_as(CascadeOptions)
+    cfg = cascade_config(options)  # the validated tree: every knob, resolved
+    opts = cfg.runtime
     if not opts.store:
         raise ValueError("--store DIR is required (the feature store the job publishes into)")
     options.view_as(SetupOptions).save_main_session = save_main_session
@@ -48,7 +51,7 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
     # one writer per store: the CURRENT this job starts from; publishing is a compare-and-swap from it, refused
     # (StoreConflictError, exit 4) when another writer moved CURRENT meanwhile
     started_from = store.current_id()
-    given = data_spec(options)  # the config records the spec as given: the job's identity is not its start time
+    given = cfg.data.spec()  # the config records the spec as given: the job's identity is not its start time
     spec = given.at_clock()  # one clock for the driver and every worker
     clock = spec.clock()
     source, ds, stages = read_in_driver(spec, opts)
@@ -84,8 +87,9 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
             watermark = clock.cap(summary_rec["max_ts"])  # a watermark never passes the clock
             data_sha = hashlib.sha256(f"{summary_rec['items_sha256']}:{protocol['data_sha256']}".encode()).hexdigest()
             config = job_config(plan, given, data_sha)
+            resolved = {"cascade": to_dict(cfg), "beam": beam_options_record(options)}
             version = st.publish(config=config, metrics=metrics,
-                                 extra={"watermark": watermark, "dataset": dataset_name,
+                                 extra={"resolved_config": resolved, "watermark": watermark, "dataset": dataset_name,
                                         "pipeline_seconds": pipeline_seconds, "clock": clock.to_dict(),
                                         "protocol": protocol})
             stages["publish"] = {"in": 1, "out": 1, "rejected": 0, "seconds": round(time.perf_counter() - t_pub, 3)}
@@ -182,15 +186,29 @@ def trigger_counts(result, plan) -> dict:
             "targets": int(sum(counts.values())), "by_source": counts}
 
 
+CONFIG_TREE = CascadeConfig  # the dispatcher generates the flags, --config and --print-config from it
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`qarm pipeline` flags (Beam's own flags pass through as unknown args)."""
-    cli_parser_flags(parser)
+    """`qarm pipeline`: only the tree's flags (added by the dispatcher); Beam's own flags pass through."""
 
 
 def options_from_namespace(args: argparse.Namespace) -> PipelineOptions:
-    values = {k: v for k, v in vars(args).items() if k not in ("json", "extra_args", "command")}
-    values = {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
-    return PipelineOptions(list(getattr(args, "extra_args", None) or []), **values)
+    """PipelineOptions of a dispatched command: its resolved tree (``args.config_tree``) and Beam's flags."""
+    return options_for(args.config_tree, getattr(args, "extra_args", None) or ())
+
+
+def parse_argv(argv) -> tuple[CascadeConfig, list]:
+    """(resolved tree, Beam's own flags) of a command line: defaults < --config FILE < flags given. A flag neither
+    the tree nor any Beam option knows raises UnknownFlagError (Beam would only log and drop it)."""
+    from pipelines.beam.flags import check_beam_flags
+
+    parser = argparse.ArgumentParser(prog="pipelines.jobs.cascade", allow_abbrev=False)
+    add_tree_arguments(parser, CascadeConfig, with_defaults=False)
+    add_config_file_arguments(parser)
+    args, beam_args = parser.parse_known_args(list(argv or []))
+    check_beam_flags(beam_args)
+    return resolve_tree(CascadeConfig, args), beam_args
 
 
 def run(argv=None, save_main_session: bool = True, test_pipeline=None) -> dict:
@@ -208,7 +226,7 @@ def run(argv=None, save_main_session: bool = True, test_pipeline=None) -> dict:
     if isinstance(argv, argparse.Namespace):
         options = options_from_namespace(argv)
     else:
-        options = PipelineOptions(argv)
+        options = options_for(*parse_argv(argv))
     summary = run_job(options, save_main_session=save_main_session, test_pipeline=test_pipeline)
     log.info("job summary:\n%s", format_summary(summary))
     return summary

@@ -40,10 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "run, 0: never); other runs reuse the parent's encoder frozen")
     g.add_argument("--align-epochs", type=int, default=1, help="alignment fine-tuning epochs")
     g.add_argument("--align-lr", type=float, default=None, help="fine-tuning learning rate (default: the mode's)")
-    g.add_argument("--cascade-valid-frac", type=float, default=RetrainConfig.cascade_valid_frac,
-                   help="the cascade's own validation window inside the export (its diagnostics)")
-    g.add_argument("--cascade-test-frac", type=float, default=RetrainConfig.cascade_test_frac,
-                   help="the cascade's own test window inside the export (its diagnostics)")
     g.add_argument("--skip-unaligned", action="store_true", help="skip the unaligned encoder's tables")
     c = parser.add_argument_group("code stability and ranker carry-over")
     c.add_argument("--move-threshold", type=float, default=StabilityConfig.move_threshold,
@@ -113,7 +109,6 @@ def config_from_args(args: argparse.Namespace, **overrides):
     kwargs = dict(since=args.since, until=args.until, window_days=args.window_days, holdout_frac=args.holdout_frac,
                   warm_start=not args.cold, refresh_encoder_every=args.refresh_encoder_every,
                   align_epochs=args.align_epochs, align_lr=args.align_lr,
-                  cascade_valid_frac=args.cascade_valid_frac, cascade_test_frac=args.cascade_test_frac,
                   stability=StabilityConfig(move_threshold=args.move_threshold, refit_drift=refit),
                   remap_method=args.remap_method, ranker_gate=not args.no_ranker_gate,
                   skip_unaligned=args.skip_unaligned, gate=gate, seed=args.seed)

@@ -66,15 +66,14 @@ class RetrainConfig:
             (1: every run; 0: never, the parent's encoder is always reused); other runs reuse it frozen.
         align_epochs: alignment fine-tuning epochs (on a refresh).
         align_lr: fine-tuning learning rate (None: the alignment mode's default).
-        cascade_valid_frac, cascade_test_frac: the cascade's own protocol windows inside the export (its
-            diagnostics); small, so the new events reach alignment.
         stability: which items keep their codes and when codebooks are refit.
         remap_method: how the reference ranker's code rows are carried over (``feature_store.remap``).
         ranker_gate: train the reference rankers and gate on tail AUC / GAUC (continuity stage).
         skip_unaligned: do not recompute the unaligned encoder's tables (the ablation's row f needs them).
         gate: publication thresholds.
         seed: seeds every stage.
-        extra_flags: further `qarm pipeline` flags passed to the candidate stage unchanged.
+        extra_flags: the user's Beam options (``--runner FlinkRunner ...``) and further `qarm pipeline` knob
+            overrides, passed to the candidate's cascade run over its parent's resolved config.
     """
 
     since: Optional[int] = None
@@ -85,8 +84,6 @@ class RetrainConfig:
     refresh_encoder_every: int = 0
     align_epochs: int = 1
     align_lr: Optional[float] = None
-    cascade_valid_frac: float = 0.02
-    cascade_test_frac: float = 0.02
     stability: StabilityConfig = field(default_factory=StabilityConfig)
     remap_method: str = "warm"
     ranker_gate: bool = True
@@ -222,47 +219,79 @@ def refresh_due(cfg: RetrainConfig, since_refresh: int) -> bool:
     return cfg.refresh_encoder_every > 0 and since_refresh >= cfg.refresh_encoder_every
 
 
-def _cascade_flags(parent, data_dir: Path, cfg: RetrainConfig, candidate_store: Path, refresh: bool,
-                   now: int) -> list[str]:
-    """`qarm pipeline` flags for the candidate: the parent's encoder/quantizer settings, warm-started, and the
-    retrain's clock."""
+# What a candidate changes in its parent's resolved config (every other knob is inherited, so a candidate is built
+# with its parent's recipe). README / docs/ARCHITECTURE.md list these.
+RETRAIN_OVERRIDES = {
+    "data": "the window's export: dataset generic, mapping (its folder), the retrain clock (now); synthetic-only "
+            "knobs back to their defaults",
+    "runtime": "store (the private candidate store), work_dir (the candidate's own scratch)",
+    "align": "align_epochs and align_lr (--align-epochs / --align-lr); a warm start reuses the parent's encoder "
+             "(align_checkpoint; init_encoder on a refresh; unaligned_map auto, the checkpoint keeps its map)",
+    "quant": "init_quantizer (the parent's quantizer on a warm start)",
+    "skip_unaligned": "set when --skip-unaligned is given",
+}
+_SYNTHETIC_ONLY = ("preset", "n_items", "n_users", "n_events", "n_clusters", "lookalike_share", "image_size")
+
+
+def parent_cascade_config(parent):
+    """The parent's resolved CascadeConfig (``manifest.resolved_config.cascade``). A version published before the
+    config tree existed has none: its encoder / align / quantizer records over the defaults, with a warning."""
+    from pipelines.config.cascade import CascadeConfig
+    from pipelines.config.tree import tree_from_dict, with_values
+
+    resolved = (parent.extra.get("resolved_config") or {}).get("cascade")
+    if resolved:
+        return tree_from_dict(CascadeConfig, resolved, where=f"version {parent.id} manifest resolved_config")
+    log.warning("version %s stores no resolved config (published before qarm 0.1.0's config tree): the candidate "
+                "inherits only its encoder, alignment mode and quantizer settings", parent.id)
     pcfg = parent.config
     enc, align, quant = pcfg.get("encoder", {}), pcfg.get("align", {}), pcfg.get("quantizer", {})
-    flags = ["--dataset", "generic", "--mapping", str(data_dir / "mapping.json"), "--store", str(candidate_store),
-             "--seed", str(cfg.seed), "--runner", "DirectRunner", "--now", str(now),
-             "--align-mode", str(align.get("mode", "side")), "--align-epochs", str(cfg.align_epochs),
-             "--split", "global", "--valid-frac", str(cfg.cascade_valid_frac),
-             "--test-frac", str(cfg.cascade_test_frac)]
-    if enc.get("name"):
-        flags += ["--encoder", str(enc["name"])]
-    if enc.get("embed_dim"):
-        flags += ["--embed-dim", str(enc["embed_dim"])]
-    if enc.get("image_size"):
-        flags += ["--encoder-image-size", str(enc["image_size"])]
-    for key, flag in (("rq_levels", "--rq-levels"), ("rq_codebook_size", "--rq-codebook-size"),
-                      ("vq_k", "--vq-k"), ("fit_sample", "--fit-sample")):
-        if quant.get(key):
-            flags += [flag, str(quant[key])]
+    known = {"encoder": enc.get("name"), "embed_dim": enc.get("embed_dim"), "encoder_image_size": enc.get("image_size"),
+             "align_mode": align.get("mode"), **{k: quant.get(k) for k in ("rq_levels", "rq_codebook_size", "vq_k",
+                                                                           "fit_sample", "vq_index")}}
+    return with_values(CascadeConfig(), {k: v for k, v in known.items() if v})
+
+
+def candidate_config(parent, data_dir: Path, cfg: RetrainConfig, candidate_store: Path, refresh: bool, now: int):
+    """(the candidate's CascadeConfig, the overridden knobs): the parent's resolved config with exactly the
+    documented overrides (RETRAIN_OVERRIDES); ``cfg.extra_flags`` may override further knobs on top."""
+    from pipelines.config.cascade import DataSection
+    from pipelines.config.tree import with_values
+
+    base = parent_cascade_config(parent)
+    over = {"dataset": "generic", "data": None, "items": None, "interactions": None, "column_map": (),
+            "id_map_dir": None, "mapping": str(data_dir / "mapping.json"), "now": str(int(now)),
+            **{k: getattr(DataSection, k) for k in _SYNTHETIC_ONLY},
+            "store": str(candidate_store), "work_dir": None, "align_epochs": cfg.align_epochs,
+            "align_checkpoint": None, "init_encoder": None, "init_quantizer": None}
     if cfg.align_lr is not None:
-        flags += ["--align-lr", str(cfg.align_lr)]
+        over["align_lr"] = cfg.align_lr
     if cfg.warm_start:
         if (parent.path / "encoder").is_dir():
-            flags += ["--init-encoder" if refresh else "--align-checkpoint", str(parent.path / "encoder")]
+            over["init_encoder" if refresh else "align_checkpoint"] = str(parent.path / "encoder")
+            if not refresh:
+                over["unaligned_map"] = "auto"  # a reused checkpoint keeps its own unaligned map
         if (parent.path / "quantizer").is_dir():
-            flags += ["--init-quantizer", str(parent.path / "quantizer")]
+            over["init_quantizer"] = str(parent.path / "quantizer")
     if cfg.skip_unaligned:
-        flags.append("--skip-unaligned")
-    return flags + list(cfg.extra_flags)
+        over["skip_unaligned"] = True
+    return with_values(base, over, where="retrain overrides"), over
 
 
 def _candidate_stage(parent, data_dir: Path, cfg: RetrainConfig, refresh: bool, now: int):
     def run(out: Path) -> dict:
+        from feature_store.io import atomic_write_text
+        from pipelines.config.tree import to_yaml
         from pipelines.jobs import cascade
 
-        summary = cascade.run(_cascade_flags(parent, data_dir, cfg, out / "store", refresh, now),
-                              save_main_session=False)
+        config, _ = candidate_config(parent, data_dir, cfg, out / "store", refresh, now)
+        config_file = out / "candidate_config.yaml"
+        atomic_write_text(config_file, to_yaml(config))
+        # the user's Beam options (runner and all) and any further knob overrides, on top of the parent's recipe
+        summary = cascade.run(["--config", str(config_file), *cfg.extra_flags], save_main_session=False)
         return {"version": summary["version"], "stages": summary["stages"], "dead_letter": summary["dead_letter"],
-                "metrics": summary["metrics"], "seconds": summary["seconds"], "encoder_refreshed": refresh}
+                "metrics": summary["metrics"], "seconds": summary["seconds"], "encoder_refreshed": refresh,
+                "runner": summary["runner"]}
 
     return run
 
