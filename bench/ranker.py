@@ -191,7 +191,7 @@ def _passthrough(args) -> list:
     return ["--features", args.features, "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--batch-size", str(args.batch_size), "--history-len", str(args.history_len), "--dim", str(args.dim),
             "--items", str(args.items), "--users", str(args.users), "--events", str(args.events),
-            "--threads", str(args.threads)]
+            "--torch-threads", str(args.threads)]
 
 
 def main(argv=None) -> int:

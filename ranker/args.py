@@ -15,9 +15,10 @@ _DEFAULT = RankerConfig()
 
 
 def add_ranker_arguments(parser: argparse.ArgumentParser, with_features: bool = True, with_store: bool = True,
-                         with_split: bool = True) -> None:
+                         with_split: bool = True, with_threads: bool = True) -> None:
     """Model / training / split / negatives / store flags shared by train-ranker, eval and the torchrun entry
-    (a command that already has the split or store flags, e.g. from the cascade's, leaves them out)."""
+    (a command that already has the split, store or --torch-threads flags, e.g. from the cascade's config tree,
+    leaves them out)."""
     g = parser.add_argument_group("ranker")
     if with_features:
         g.add_argument("--features", choices=sorted(FEATURE_SETS), default="vq+rq",
@@ -45,7 +46,8 @@ def add_ranker_arguments(parser: argparse.ArgumentParser, with_features: bool = 
     g.add_argument("--no-attention", action="store_true", help="mean-pool the history instead of target attention")
     g.add_argument("--no-user-id", action="store_true", help="drop the user-id table")
     g.add_argument("--sharding", choices=SHARDING_TYPES, default=_DEFAULT.sharding)
-    g.add_argument("--threads", type=int, default=_DEFAULT.num_threads, help="torch threads per process")
+    if with_threads:
+        g.add_argument("--torch-threads", type=int, default=_DEFAULT.num_threads, help="torch threads per process")
     if with_split:
         add_split_arguments(parser)
     s = parser.add_argument_group("negatives (implicit logs)")
@@ -77,4 +79,4 @@ def config_from_args(args: argparse.Namespace, features: str | None = None, seed
         max_steps=args.max_steps, lr_dense=args.lr_dense, lr_sparse=args.lr_sparse, weight_decay=args.weight_decay,
         dropout=args.dropout, patience=args.patience, seed=args.seed if seed is None else seed,
         negatives=NegativeConfig(per_positive=args.negatives, sampler=args.neg_sampler, seed=args.neg_seed),
-        sharding=args.sharding, num_threads=args.threads)
+        sharding=args.sharding, num_threads=args.torch_threads)

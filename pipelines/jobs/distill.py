@@ -44,7 +44,7 @@ def load_inputs(args):
     from feature_store.split import check_protocol
     from ranker.retrieval.data import load_item_features, prepare_retrieval_data
 
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(max(1, args.torch_threads))
     for noisy in ("faiss", "matplotlib"):                  # third-party log noise below WARNING
         logging.getLogger(noisy).setLevel(logging.WARNING)
     split = split_from_args(args)

@@ -22,7 +22,7 @@ from pipelines.config.cascade import CascadeConfig as CONFIG_TREE  # noqa: E402
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_ranker_arguments(parser, with_features=False, with_store=False, with_split=False)
+    add_ranker_arguments(parser, with_features=False, with_store=False, with_split=False, with_threads=False)
     g = parser.add_argument_group("ablation")
     g.add_argument("--seeds", type=int, default=3, help="model seeds per row and cascade")
     g.add_argument("--cascade-seeds", type=int, default=0,

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--batch-size", type=int, default=1024, help="rq-vae batch size")
     q.add_argument("--lr", type=float, default=1e-3, help="rq-vae learning rate")
     q.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    q.add_argument("--threads", type=int, default=None, help="torch / faiss threads (default: library default)")
+    q.add_argument("--torch-threads", type=int, default=None, help="torch / faiss threads (default: library default)")
     c = parser.add_argument_group("codes")
     c.add_argument("--resolve-collisions", action="store_true",
                    help="append a suffix level so every item's code is unique")
@@ -136,12 +136,12 @@ def run(args: argparse.Namespace) -> dict:
     from feature_store.progress import Progress
     from feature_store.tables import read_embeddings, write_codes
 
-    if args.threads:
+    if args.torch_threads:
         import faiss
         import torch
 
-        torch.set_num_threads(args.threads)
-        faiss.omp_set_num_threads(args.threads)
+        torch.set_num_threads(args.torch_threads)
+        faiss.omp_set_num_threads(args.torch_threads)
     if args.suffix_size is not None and not args.resolve_collisions:
         raise ValueError("--suffix-size needs --resolve-collisions")
     item_ids, x = read_embeddings(args.embeddings, id_column=args.id_column, embedding_column=args.embedding_column)

@@ -33,7 +33,7 @@ def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--modality-loss-weight", type=float, default=_R.modality_loss_weight)
     g.add_argument("--eval-every", type=int, default=_R.eval_every)
     g.add_argument("--patience", type=int, default=_R.patience, help="evaluations without improvement (0 = off)")
-    g.add_argument("--threads", type=int, default=1, help="torch threads")
+    g.add_argument("--torch-threads", type=int, default=1, help="torch threads")
     d = parser.add_argument_group("distillation")
     d.add_argument("--temperature", type=float, default=_D.temperature)
     d.add_argument("--kd-weight", type=float, default=_D.kd_weight, help="list-wise KD weight")

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(max(1, args.torch_threads))
     logging.getLogger("faiss").setLevel(logging.WARNING)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():

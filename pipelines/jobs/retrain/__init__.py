@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--until", type=int, default=None, help="... up to this unix ts (default: the newest)")
     g.add_argument("--window-days", type=float, default=365.0,
                    help="pair-mining window (days) before the held-out tail")
-    g.add_argument("--holdout-frac", type=float, default=RetrainConfig.holdout_frac,
+    g.add_argument("--tail-frac", type=float, default=RetrainConfig.tail_frac,
                    help="last share of the new events kept out of alignment and fitting: the held-out tail the "
                         "gate compares candidate and parent on")
     g.add_argument("--cold", action="store_true", help="no warm start: fresh encoder fine-tune and codebooks")
@@ -106,7 +106,7 @@ def config_from_args(args: argparse.Namespace, **overrides):
                       max_auc_drop=args.max_auc_drop, max_gauc_drop=args.max_gauc_drop,
                       ranking_rule=args.ranking_rule)
     refit = None if args.refit_drift is not None and args.refit_drift < 0 else args.refit_drift
-    kwargs = dict(since=args.since, until=args.until, window_days=args.window_days, holdout_frac=args.holdout_frac,
+    kwargs = dict(since=args.since, until=args.until, window_days=args.window_days, tail_frac=args.tail_frac,
                   warm_start=not args.cold, refresh_encoder_every=args.refresh_encoder_every,
                   align_epochs=args.align_epochs, align_lr=args.align_lr,
                   stability=StabilityConfig(move_threshold=args.move_threshold, refit_drift=refit),

@@ -3,7 +3,7 @@
 Stages (each checkpointed by :class:`~pipelines.jobs.retrain.stages.StageRunner`, so a rerun after a crash resumes):
 
 1. ``window``: interactions after the parent's watermark (or ``--since``) up to ``--until``. The last
-   ``holdout_frac`` of those new events (by time) is the *held-out tail*: it is exported to no stage that learns
+   ``tail_frac`` of those new events (by time) is the *held-out tail*: it is exported to no stage that learns
    (alignment, pair mining, codebooks) and is where every comparison with the parent is made. The pair-mining
    window is the last ``window_days`` before the tail; the whole catalog (new items included) is exported.
 2. ``candidate``: the cascade job (``pipelines.jobs.cascade``) on that export, published into a private candidate
@@ -59,7 +59,7 @@ class RetrainConfig:
         since: take interactions with ts > since (None: the parent version's watermark).
         until: ... and ts <= until (None: the newest interaction); a daily schedule passes the day's end.
         window_days: pairs are re-mined over interactions in (until - window_days, tail start].
-        holdout_frac: the last share (by time) of the new events kept out of alignment and fitting: the
+        tail_frac: the last share (by time) of the new events kept out of alignment and fitting: the
             held-out tail every comparison with the parent is made on.
         warm_start: start from the parent's encoder and quantizer (False: fresh fine-tune and cold codebooks).
         refresh_encoder_every: fine-tune the encoder on every N-th version counted in the store's history
@@ -79,7 +79,7 @@ class RetrainConfig:
     since: Optional[int] = None
     until: Optional[int] = None
     window_days: float = 365.0
-    holdout_frac: float = 0.2
+    tail_frac: float = 0.2
     warm_start: bool = True
     refresh_encoder_every: int = 0
     align_epochs: int = 1
@@ -97,8 +97,8 @@ class RetrainConfig:
 
         if self.window_days <= 0:
             raise ValueError(f"RetrainConfig.window_days must be > 0, got {self.window_days}")
-        if not 0.0 < self.holdout_frac < 1.0:
-            raise ValueError(f"RetrainConfig.holdout_frac must be in (0, 1), got {self.holdout_frac}")
+        if not 0.0 < self.tail_frac < 1.0:
+            raise ValueError(f"RetrainConfig.tail_frac must be in (0, 1), got {self.tail_frac}")
         if self.refresh_encoder_every < 0:
             raise ValueError(f"RetrainConfig.refresh_encoder_every must be >= 0, got {self.refresh_encoder_every}")
         if self.align_epochs < 1:
@@ -175,8 +175,8 @@ def _window_stage(dataset, parent, cfg: RetrainConfig, clock):
     new_items = np.setdiff1d(dataset.items["item_id"].to_numpy(np.int64), parent_items)
     if len(fresh) == 0 and len(new_items) == 0:
         raise NothingToDo(f"no interactions in ({since}, {until}] and no new items since {parent.id}")
-    # the tail: events after the (1 - holdout_frac) quantile of the new events' timestamps (ties go to the tail)
-    tail_start = int(np.quantile(fresh["ts"].to_numpy(), 1.0 - cfg.holdout_frac, method="lower")) - 1 \
+    # the tail: events after the (1 - tail_frac) quantile of the new events' timestamps (ties go to the tail)
+    tail_start = int(np.quantile(fresh["ts"].to_numpy(), 1.0 - cfg.tail_frac, method="lower")) - 1 \
         if len(fresh) else until
     tail_start = max(tail_start, int(since))
     start = tail_start - int(cfg.window_days * DAY)
