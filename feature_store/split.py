@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from feature_store.config_tree import add_section_arguments, knob
+
 METHODS = ("global", "user_last_n", "user_last_frac")
 
 
@@ -337,21 +339,33 @@ def check_protocol(recorded: dict | None, interactions: pd.DataFrame, cfg: Split
     return problems
 
 
+@dataclass(frozen=True)
+class SplitSection:
+    """The protocol's time split (`feature_store.split.SplitConfig`, whose defaults these are)."""
+
+    split: str = knob(SplitConfig.method, "time split: global timestamp cuts, or each user's last fraction / last n "
+                                          "events", choices=METHODS)
+    valid_frac: float = knob(SplitConfig.valid_frac, "validation share of events (global / user_last_frac)")
+    test_frac: float = knob(SplitConfig.test_frac, "test share of events (global / user_last_frac)")
+    n_valid: int = knob(SplitConfig.n_valid, "user_last_n: validation events per user")
+    n_test: int = knob(SplitConfig.n_test, "user_last_n: test events per user")
+    min_train: int = knob(SplitConfig.min_train, "user_last_*: events a user keeps in train before any is held out")
+
+    def __post_init__(self):
+        self.config()  # SplitConfig validates
+
+    def config(self) -> SplitConfig:
+        return SplitConfig(method=self.split, valid_frac=float(self.valid_frac), test_frac=float(self.test_frac),
+                           n_valid=int(self.n_valid), n_test=int(self.n_test), min_train=int(self.min_train))
+
+
 def add_split_arguments(parser) -> None:
     """The split flags every command of one protocol shares (`qarm pipeline`, `qarm eval`, `qarm train-ranker`,
-    `qarm distill`): --split --valid-frac --test-frac --n-valid --n-test --min-train."""
-    s = parser.add_argument_group("time split (one protocol from pair mining to the ranker)")
-    s.add_argument("--split", choices=METHODS, default="global",
-                   help="time split: global timestamp cuts, or each user's last fraction / last n events")
-    s.add_argument("--valid-frac", type=float, default=SplitConfig.valid_frac, help="global / user_last_frac")
-    s.add_argument("--test-frac", type=float, default=SplitConfig.test_frac, help="global / user_last_frac")
-    s.add_argument("--n-valid", type=int, default=SplitConfig.n_valid, help="user_last_n: valid events per user")
-    s.add_argument("--n-test", type=int, default=SplitConfig.n_test, help="user_last_n: test events per user")
-    s.add_argument("--min-train", type=int, default=SplitConfig.min_train,
-                   help="user_last_*: events a user keeps in train before any is held out")
+    `qarm distill`), generated from SplitSection: --split --valid-frac --test-frac --n-valid --n-test --min-train."""
+    add_section_arguments(parser, SplitSection, title="time split (one protocol from pair mining to the ranker)")
 
 
 def split_from_args(args) -> SplitConfig:
     """SplitConfig from the flags of :func:`add_split_arguments` (argparse Namespace or Beam options view)."""
-    return SplitConfig(method=args.split, valid_frac=float(args.valid_frac), test_frac=float(args.test_frac),
-                       n_valid=int(args.n_valid), n_test=int(args.n_test), min_train=int(args.min_train))
+    return SplitSection(split=args.split, valid_frac=float(args.valid_frac), test_frac=float(args.test_frac),
+                        n_valid=int(args.n_valid), n_test=int(args.n_test), min_train=int(args.min_train)).config()

@@ -1,69 +1,111 @@
 """Ranker flags shared by `qarm train-ranker`, `qarm eval` and the torchrun entry (`python -m ranker.train`), and
-the configs they make. Pure argparse: the data-source flags belong to the `qarm` commands (pipelines), the
-torchrun entry reads contract tables instead.
+the configs they make. Each knob is defined once, in the sections below (frozen dataclasses with their defaults); the flags are
+generated from them (`feature_store.config_tree`). The data-source flags belong to the `qarm` commands
+(pipelines), the torchrun entry reads contract tables instead.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 
-from ranker.config import CODE_INITS, FEATURE_SETS, NEGATIVE_SAMPLERS, SHARDING_TYPES, NegativeConfig, RankerConfig
+from dataclasses import dataclass
+from typing import Optional
+
+from feature_store.config_tree import add_section_arguments, knob
 from feature_store.split import add_split_arguments, split_from_args  # noqa: F401 (re-exported)
+from ranker.config import CODE_INITS, FEATURE_SETS, NEGATIVE_SAMPLERS, SHARDING_TYPES, NegativeConfig, RankerConfig
 
 log = logging.getLogger(__name__)
 _DEFAULT = RankerConfig()
+_NEG = NegativeConfig()
+
+
+@dataclass(frozen=True)
+class RankerSection:
+    """The ranker's model and training knobs (RankerConfig's defaults; the feature set and threads are the
+    command's: `qarm eval` sets features per ablation row and shares the cascade's --torch-threads)."""
+
+    history_len: int = knob(_DEFAULT.history_len, "last N positives before the event")
+    embedding_dim: int = knob(_DEFAULT.embedding_dim, "width of every sparse table")
+    over_arch: str = knob(",".join(map(str, _DEFAULT.over_arch)), "MLP widths, e.g. 128,64")
+    epochs: int = knob(_DEFAULT.epochs, "most ranker epochs (early stopping on validation AUC)")
+    max_steps: Optional[int] = knob(None, "cap on training steps (smoke runs)")
+    batch_size: int = knob(_DEFAULT.batch_size, "global batch size")
+    lr_dense: float = knob(_DEFAULT.lr_dense, "learning rate of the dense parts")
+    lr_sparse: float = knob(_DEFAULT.lr_sparse, "learning rate of the embedding tables")
+    weight_decay: float = knob(_DEFAULT.weight_decay, "L2 on dense parameters")
+    dropout: float = knob(_DEFAULT.dropout, "over-arch dropout")
+    patience: int = knob(_DEFAULT.patience, "epochs without validation-AUC gain before stopping (0: off)")
+    code_init: str = knob(_DEFAULT.code_init, "content: code tables start from the content they encode (RQ rows "
+                                              "from their centroids, VQ rows from the items' vectors); random: "
+                                              "TorchRec's uniform init; codebook: former name of content",
+                          choices=CODE_INITS + ("codebook",))
+    content_std: float = knob(_DEFAULT.content_std, "per-coordinate std of content-initialised code rows")
+    interaction: bool = knob(_DEFAULT.interaction, "DLRM-style pairwise dot products among the target's and the "
+                                                   "history's part vectors, the user vector and the VQ bag")
+    no_attention: bool = knob(not _DEFAULT.attention, "mean-pool the history instead of target attention")
+    no_user_id: bool = knob(not _DEFAULT.use_user_id, "drop the user-id table")
+    sharding: str = knob(_DEFAULT.sharding, "TorchRec sharding type under torchrun", choices=SHARDING_TYPES)
+
+
+@dataclass(frozen=True)
+class NegativesSection:
+    """Sampled negatives of implicit logs (NegativeConfig's defaults)."""
+
+    negatives: int = knob(_NEG.per_positive, "sampled negatives per positive (implicit-feedback data only)")
+    neg_sampler: str = knob(_NEG.sampler, "implicit data: negatives from each window's own positives (window), "
+                                          "uniformly over the window's live items (live), by training popularity "
+                                          "(popularity) or uniformly over the catalog (uniform)",
+                            choices=NEGATIVE_SAMPLERS)
+    neg_seed: int = knob(_NEG.seed, "seed of the negative sampler")
+
+
+@dataclass(frozen=True)
+class ReadSection:
+    """Which published version of the store a command reads (the store itself: VersionSection, or the cascade's
+    --store in `qarm eval`)."""
+
+    version: Optional[str] = knob(None, "version id (none: CURRENT)")
+    allow_protocol_mismatch: bool = knob(False, "use a version built under another split protocol anyway (its "
+                                                "upstream stages saw interactions this split holds out: leakage; "
+                                                "the result says so)")
+
+
+@dataclass(frozen=True)
+class VersionSection(ReadSection):
+    """A store and the version read from it."""
+
+    store: Optional[str] = knob(None, "feature-store root: a folder, file://, s3:// or gs:// URL (required)")
+
+
+def require_store(args) -> str:
+    """The --store a command cannot run without (a usage error naming the flag otherwise)."""
+    if not getattr(args, "store", None):
+        raise ValueError("--store is required (the feature store whose version is read)")
+    return args.store
+
+
+@dataclass(frozen=True)
+class RankerRunSection:
+    """`qarm train-ranker` / `python -m ranker.train`: the feature set and the threads of one ranker."""
+
+    features: str = knob("vq+rq", "feature set: ids plus frozen embedding / VQ / RQ / both codes (aligned or "
+                                  "unaligned)", choices=tuple(sorted(FEATURE_SETS)))
+    torch_threads: int = knob(_DEFAULT.num_threads, "torch threads per process")
 
 
 def add_ranker_arguments(parser: argparse.ArgumentParser, with_features: bool = True, with_store: bool = True,
-                         with_split: bool = True, with_threads: bool = True) -> None:
-    """Model / training / split / negatives / store flags shared by train-ranker, eval and the torchrun entry
-    (a command that already has the split, store or --torch-threads flags, e.g. from the cascade's config tree,
-    leaves them out)."""
-    g = parser.add_argument_group("ranker")
+                         with_split: bool = True) -> None:
+    """The ranker's flags, generated from its sections, for commands without a config tree (`python -m
+    ranker.train`): run (features, threads), ranker, split, negatives and the version read."""
     if with_features:
-        g.add_argument("--features", choices=sorted(FEATURE_SETS), default="vq+rq",
-                       help="feature set: ids plus frozen embedding / VQ / RQ / both codes (aligned or unaligned)")
-    g.add_argument("--history-len", type=int, default=_DEFAULT.history_len, help="last N positives before the event")
-    g.add_argument("--embedding-dim", type=int, default=_DEFAULT.embedding_dim)
-    g.add_argument("--over-arch", default=",".join(map(str, _DEFAULT.over_arch)), help="MLP widths, e.g. 128,64")
-    g.add_argument("--epochs", type=int, default=_DEFAULT.epochs)
-    g.add_argument("--max-steps", type=int, default=None, help="cap on training steps (smoke runs)")
-    g.add_argument("--batch-size", type=int, default=_DEFAULT.batch_size, help="global batch size")
-    g.add_argument("--lr-dense", type=float, default=_DEFAULT.lr_dense)
-    g.add_argument("--lr-sparse", type=float, default=_DEFAULT.lr_sparse)
-    g.add_argument("--weight-decay", type=float, default=_DEFAULT.weight_decay)
-    g.add_argument("--dropout", type=float, default=_DEFAULT.dropout)
-    g.add_argument("--patience", type=int, default=_DEFAULT.patience, help="early stopping (0 = off)")
-    g.add_argument("--code-init", choices=CODE_INITS + ("codebook",), default=_DEFAULT.code_init,
-                   help="content: code tables start from the content they encode (RQ rows from their centroids, VQ "
-                        "rows from the items' vectors, one fixed map); random: TorchRec's uniform init; codebook: "
-                        "former name of content")
-    g.add_argument("--content-std", type=float, default=_DEFAULT.content_std,
-                   help="per-coordinate std of content-initialised code rows")
-    g.add_argument("--interaction", action=argparse.BooleanOptionalAction, default=_DEFAULT.interaction,
-                   help="DLRM-style pairwise dot products among the target's and the attended history's part "
-                        "vectors, the user vector and the VQ bag, fed to the over-arch")
-    g.add_argument("--no-attention", action="store_true", help="mean-pool the history instead of target attention")
-    g.add_argument("--no-user-id", action="store_true", help="drop the user-id table")
-    g.add_argument("--sharding", choices=SHARDING_TYPES, default=_DEFAULT.sharding)
-    if with_threads:
-        g.add_argument("--torch-threads", type=int, default=_DEFAULT.num_threads, help="torch threads per process")
+        add_section_arguments(parser, RankerRunSection, title="run")
+    add_section_arguments(parser, RankerSection, title="ranker")
     if with_split:
         add_split_arguments(parser)
-    s = parser.add_argument_group("negatives (implicit logs)")
-    s.add_argument("--negatives", type=int, default=NegativeConfig.per_positive,
-                   help="sampled negatives per positive (implicit-feedback data only)")
-    s.add_argument("--neg-sampler", choices=NEGATIVE_SAMPLERS, default=NegativeConfig.sampler,
-                   help="implicit data: negatives drawn from each window's own positives (window, default), "
-                        "uniformly over the window's live items (live), by training popularity (popularity) or "
-                        "uniformly over the catalog (uniform)")
-    s.add_argument("--neg-seed", type=int, default=0)
-    st = parser.add_argument_group("store")
+    add_section_arguments(parser, NegativesSection, title="negatives (implicit logs)")
     if with_store:
-        st.add_argument("--store", required=True, help="feature-store root: a folder, file://, s3:// or gs:// URL")
-    st.add_argument("--version", default=None, help="version id (default: CURRENT)")
-    st.add_argument("--allow-protocol-mismatch", action="store_true",
-                    help="use a version built under another split protocol anyway (the result says so)")
+        add_section_arguments(parser, VersionSection, title="store")
 
 
 def config_from_args(args: argparse.Namespace, features: str | None = None, seed: int | None = None) -> RankerConfig:

@@ -388,7 +388,7 @@ def main(argv: list | None = None) -> int:
             --store STORE --features vq+rq --out runs/ranker
     """
     from feature_store.contract import read_interactions, read_item_ids
-    from ranker.args import add_ranker_arguments, config_from_args, split_from_args
+    from ranker.args import add_ranker_arguments, config_from_args, require_store, split_from_args
 
     parser = argparse.ArgumentParser(prog="python -m ranker.train", description="train the TorchRec ranker")
     parser.add_argument("--items", type=Path, required=True, help="contract items Parquet (item_id, ...)")
@@ -399,6 +399,10 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for ranker.pt and result.json")
     parser.add_argument("--resume", action="store_true", help="continue from --out/ranker.pt")
     args = parser.parse_args(argv)
+    try:
+        require_store(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     ctx = setup_distributed()
     logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
                         format=f"%(asctime)s rank{ctx.rank} %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipelines.config.cascade import DataSection
-from pipelines.config.tree import add_section_arguments, knob_fields, section_from_values
+from feature_store.config_tree import add_section_arguments, knob_fields, section_from_values
 from pipelines.data.schema import DataSpec
 
 

@@ -3,7 +3,7 @@
     check_beam_flags(["--runner", "FlinkRunner", "--align_epochz", "5"])   # UnknownFlagError: --align_epochz
 
 The underscore spellings of the 0.0 releases (``--align_epochs``) are gone: qarm's flags follow one rule
-(`pipelines.config.tree.flag_name`), and an underscore spelling is now an unknown flag.
+(`feature_store.config_tree.flag_name`), and an underscore spelling is now an unknown flag.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import argparse
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.config.cascade import CascadeConfig, DataSection
-from pipelines.config.tree import add_section_arguments, add_tree_arguments, flat, tree_from_flat
+from feature_store.config_tree import add_section_arguments, add_tree_arguments, flat, tree_from_flat
 from pipelines.data import DataSpec
 
 JOB_SECTIONS = ("split", "pairs", "align", "quant", "runtime")
@@ -63,7 +63,7 @@ def cli_parser_flags(parser: argparse.ArgumentParser, with_defaults: bool = True
 
 def beam_options_record(options: PipelineOptions) -> dict:
     """Beam's own options that differ from their defaults (runner and all; no tree knob, no credential)."""
-    from pipelines.config.tree import knob_names
+    from feature_store.config_tree import knob_names
 
     knobs = set(knob_names(CascadeConfig))
     out = {}

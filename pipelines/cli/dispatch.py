@@ -9,7 +9,7 @@ The dispatcher imports only the chosen module (start-up stays fast, libraries st
 human summary (the module's ``human_summary(result) -> str`` where it has one, else ``key: value`` lines), and with
 ``--json`` prints the result as one strict-JSON line (null, never NaN), always the last
 line of stdout. Flags follow one naming rule (``--`` + the knob's name hyphenated). A module with a ``CONFIG_TREE``
-(a typed config tree, `pipelines.config.tree`) gets its flags generated from the tree, plus ``--config FILE.yaml``
+(a typed config tree, `feature_store.config_tree`) gets its flags generated from the tree, plus ``--config FILE.yaml``
 and ``--print-config``; ``args.config_tree`` is the resolved tree (defaults < file < flags) and its knobs are also
 set on ``args`` by name. Jobs that pass Beam options through (ACCEPTS_EXTRA_ARGS) refuse any flag that Beam does
 not know either.
@@ -36,7 +36,7 @@ from typing import Sequence
 from feature_store.io import dumps_strict, json_default
 from pipelines.jobs.outcome import EXIT_ERROR, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, CommandExit, configure_logging
 from pipelines.beam.flags import UnknownFlagError, check_beam_flags
-from pipelines.config.tree import add_config_file_arguments, add_tree_arguments, flat, resolve_tree, to_yaml
+from feature_store.config_tree import add_config_file_arguments, add_tree_arguments, flat, resolve_tree, to_yaml
 
 
 # name -> (module, one-line help). Modules are imported lazily.

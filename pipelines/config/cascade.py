@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from feature_store.clock import parse_duration, parse_time
-from feature_store.split import METHODS as SPLIT_METHODS, SplitConfig
+from feature_store.split import SplitSection
 from pipelines.data.schema import DATASETS, IMAGE_CHECKS, PRESET_SIZES, PRESETS, DataSpec
 from pipelines.encoder.model_io import MODES as ALIGN_MODES
 from pipelines.mining.collab import CollabConfig
 from pipelines.mining.pairs import TRIGGER_SIMILARITIES, PairConfig
-from pipelines.config.tree import knob
+from feature_store.config_tree import knob
 
 
 def _positive(section, *names: str) -> None:
@@ -94,26 +94,6 @@ class DataSection:
                         image_size=self.image_size, seed=self.seed, max_bad_fraction=self.max_bad_fraction,
                         now=None if self.now is None else parse_time(self.now),
                         max_future=parse_duration(self.max_future), **sizes)
-
-
-@dataclass(frozen=True)
-class SplitSection:
-    """The protocol's time split (`feature_store.split.SplitConfig`, whose defaults these are)."""
-
-    split: str = knob(SplitConfig.method, "time split: global timestamp cuts, or each user's last fraction / last n "
-                                          "events", choices=SPLIT_METHODS)
-    valid_frac: float = knob(SplitConfig.valid_frac, "validation share of events (global / user_last_frac)")
-    test_frac: float = knob(SplitConfig.test_frac, "test share of events (global / user_last_frac)")
-    n_valid: int = knob(SplitConfig.n_valid, "user_last_n: validation events per user")
-    n_test: int = knob(SplitConfig.n_test, "user_last_n: test events per user")
-    min_train: int = knob(SplitConfig.min_train, "user_last_*: events a user keeps in train before any is held out")
-
-    def __post_init__(self):
-        self.config()  # SplitConfig validates
-
-    def config(self) -> SplitConfig:
-        return SplitConfig(method=self.split, valid_frac=float(self.valid_frac), test_frac=float(self.test_frac),
-                           n_valid=int(self.n_valid), n_test=int(self.n_test), min_train=int(self.min_train))
 
 
 @dataclass(frozen=True)

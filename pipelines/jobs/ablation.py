@@ -73,7 +73,7 @@ def run_cascades(config, n: int, out_dir: Path, beam_args=()) -> list[tuple[int,
     """Run the batch job (`config`: its CascadeConfig) for cascade seeds 0..n-1 into private stores.
     Returns [(seed, store, version)]."""
     from pipelines.beam.options import options_for
-    from pipelines.config.tree import with_values
+    from feature_store.config_tree import with_values
     from pipelines.jobs.cascade import run_job
 
     done = []

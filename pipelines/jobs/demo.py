@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> dict:
     from feature_store import FeatureStore
     from feature_store.io import atomic_write_json, atomic_write_text
     from pipelines.beam.options import options_for
-    from pipelines.config.tree import with_values
+    from feature_store.config_tree import with_values
     from pipelines.jobs.cascade import run_job
     from pipelines.jobs.demo_report import markdown, write_plots
 

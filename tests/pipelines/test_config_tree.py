@@ -10,7 +10,7 @@ import yaml
 
 from pipelines.cli import main
 from pipelines.config.cascade import AlignSection, CascadeConfig, DataSection, PairsSection
-from pipelines.config.tree import (add_config_file_arguments, add_tree_arguments, diff, flag_name, knob_names,
+from feature_store.config_tree import (add_config_file_arguments, add_tree_arguments, diff, flag_name, knob_names,
                                    resolve_tree, sections, to_dict, to_yaml, tree_from_dict, with_values)
 
 

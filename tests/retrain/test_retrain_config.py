@@ -8,7 +8,7 @@ import pytest
 from feature_store import FeatureStore
 from pipelines.cli import EXIT_OK, main
 from pipelines.config.cascade import CascadeConfig
-from pipelines.config.tree import diff, tree_from_dict
+from feature_store.config_tree import diff, tree_from_dict
 
 pytestmark = pytest.mark.slow
 

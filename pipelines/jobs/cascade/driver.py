@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 from pipelines.config.cascade import CascadeConfig
-from pipelines.config.tree import add_config_file_arguments, add_tree_arguments, resolve_tree, to_dict
+from feature_store.config_tree import add_config_file_arguments, add_tree_arguments, resolve_tree, to_dict
 from pipelines.jobs.cascade.manifest_config import job_config
 from pipelines.beam.cascade_graph import HELDOUT_PAIRS, SOURCE_SUMMARY, TRAIN_PAIRS, build_graph
 from pipelines.jobs.cascade.window_metrics import post_metrics, read_window_events

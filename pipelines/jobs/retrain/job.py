@@ -237,7 +237,7 @@ def parent_cascade_config(parent):
     """The parent's resolved CascadeConfig (``manifest.resolved_config.cascade``). A version published before the
     config tree existed has none: its encoder / align / quantizer records over the defaults, with a warning."""
     from pipelines.config.cascade import CascadeConfig
-    from pipelines.config.tree import tree_from_dict, with_values
+    from feature_store.config_tree import tree_from_dict, with_values
 
     resolved = (parent.extra.get("resolved_config") or {}).get("cascade")
     if resolved:
@@ -256,7 +256,7 @@ def candidate_config(parent, data_dir: Path, cfg: RetrainConfig, candidate_store
     """(the candidate's CascadeConfig, the overridden knobs): the parent's resolved config with exactly the
     documented overrides (RETRAIN_OVERRIDES); ``cfg.extra_flags`` may override further knobs on top."""
     from pipelines.config.cascade import DataSection
-    from pipelines.config.tree import with_values
+    from feature_store.config_tree import with_values
 
     base = parent_cascade_config(parent)
     over = {"dataset": "generic", "data": None, "items": None, "interactions": None, "column_map": (),
@@ -281,7 +281,7 @@ def candidate_config(parent, data_dir: Path, cfg: RetrainConfig, candidate_store
 def _candidate_stage(parent, data_dir: Path, cfg: RetrainConfig, refresh: bool, now: int):
     def run(out: Path) -> dict:
         from feature_store.io import atomic_write_text
-        from pipelines.config.tree import to_yaml
+        from feature_store.config_tree import to_yaml
         from pipelines.jobs import cascade
 
         config, _ = candidate_config(parent, data_dir, cfg, out / "store", refresh, now)
