@@ -125,6 +125,7 @@ def add_cascade_flags(parser) -> None:
     g.add_argument("--skip-unaligned", action="store_true",
                    help="do not embed/quantize with the unaligned encoder (no *_unaligned tables; ablation row f "
                         "and the aligned-vs-unaligned recall need them)")
+    from pipelines.beam.user_prompt_stage import add_user_prompt_flags; add_user_prompt_flags(parser)
 
 
 class DataOptions(PipelineOptions):

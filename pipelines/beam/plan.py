@@ -14,6 +14,7 @@ from feature_store.split import SplitConfig, split_from_args
 from pipelines.mining.pairs import PairConfig
 from pipelines.beam.options import CascadeOptions, cascade_seed, data_spec
 from pipelines.beam.quantize_items import QuantConfig
+from pipelines.encoder.user_stage_config import UserPromptStageConfig
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ class JobPlan:
     # at items_path / interactions_path
     source: Optional[object] = None
     clock: Optional[object] = None  # the job's feature_store.clock.EventClock: later events are rejects
+    # the user-prompt stage (--user-prompts; pipelines.beam.user_prompt_stage): None when off
+    user_prompts: Optional[UserPromptStageConfig] = None
 
 
 def unaligned_map(opts: CascadeOptions) -> str:
@@ -176,6 +179,7 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, sourc
     anything runs). ``clock``: the job's `feature_store.clock.EventClock`."""
     from pipelines.beam.job_report import snapshot
     from pipelines.beam.common import reject
+    from pipelines.beam.user_prompt_stage import user_prompt_stage_config
     from pipelines.encoder.config import catalog_has_images
 
     opts = options.view_as(CascadeOptions)
@@ -215,7 +219,8 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, sourc
                   init_quantizer=opts.init_quantizer,
                   align_hints=tuple((k, v) for k, v in (("min_ram", opts.align_min_ram),
                                                         ("accelerator", opts.align_accelerator)) if v),
-                  side_cache_shard_size=opts.side_cache_shard_size, clock=clock)
+                  side_cache_shard_size=opts.side_cache_shard_size, clock=clock,
+                  user_prompts=user_prompt_stage_config(opts))
     if source is not None:  # the workers read, parse and validate the source: nothing is snapshotted
         spec = data_spec(options)
         return JobPlan(items_path="", interactions_path="", image_root=source.image_root,
