@@ -87,10 +87,11 @@ def _slim_valid(r: dict) -> Optional[dict]:
 
 
 def _events_frame(rows: list):
-    """Positive events in the loader's log order (ts, then its tie-break), the order the prompts are built in."""
+    """Positive events in the loader's log order (ts, user, then the source's tie-break: the order
+    pipelines.data.validate sorts the loader's table in), the order the prompts are built in, as in the job."""
     import pandas as pd
 
-    rows = sorted(rows, key=lambda r: (r["ts"], r["order"]))
+    rows = sorted(rows, key=lambda r: (r["ts"], r["user_id"], r["order"]))
     return pd.DataFrame({k: [r[k] for r in rows] for k in ("user_id", "item_id", "ts")},
                         columns=["user_id", "item_id", "ts"]).astype("int64")
 

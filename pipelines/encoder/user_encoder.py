@@ -239,14 +239,13 @@ class UserPromptEncoder(nn.Module):
         self.cfg, self.mllm = cfg, mllm
         for p in mllm.parameters():
             p.requires_grad_(False)
-        self.n_adapters = _wrap_attention(mllm.text.lm, mllm.text.hidden_size, cfg.adapter_reduction) \
-            if cfg.adapters else 0
-        for m in mllm.text.lm.modules():
-            if isinstance(m, Bottleneck):
-                m.requires_grad_(True)
         H = mllm.text.hidden_size
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # every new weight from cfg.seed, whatever ran before in the process
             torch.manual_seed(cfg.seed)
+            self.n_adapters = _wrap_attention(mllm.text.lm, H, cfg.adapter_reduction) if cfg.adapters else 0
+            for m in mllm.text.lm.modules():
+                if isinstance(m, Bottleneck):
+                    m.requires_grad_(True)
             self.user_tokens = nn.Embedding(cfg.user_buckets, H)
             self.item_tokens = nn.Embedding(cfg.item_buckets, H)
             for table in (self.user_tokens, self.item_tokens):

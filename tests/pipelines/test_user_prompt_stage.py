@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -141,3 +142,39 @@ def test_a_bad_flag_value_fails_before_the_job_runs():
     add_user_prompt_flags(parser)
     with pytest.raises(ValueError, match="--user-prompt-token-budget must be >= 1"):
         user_prompt_stage_config(parser.parse_args(["--user-prompts", "--user-prompt-token-budget", "0"]))
+
+
+@pytest.mark.slow
+def test_the_stage_and_the_align_job_share_one_path(tmp_path, capsys):
+    """Same data, split, seed and knobs: the stage's user table equals `qarm align --target user-prompts`'s over
+    the version the stage published (both call pipelines.encoder.user_encoder.fit_user_vectors)."""
+    from feature_store.tables import read_embeddings
+    from oracle_world import oracle_world, write_world_files
+    from pipelines.cli import main as qarm_main
+
+    items, inter = write_world_files(oracle_world(n_items=60, n_users=30, n_events=1200, seed=5), tmp_path / "data")
+    data = ["--dataset", "generic", "--items", str(items), "--interactions", str(inter), "--split", "user_last_frac"]
+    knobs = {"epochs": "2", "batch-size": "16", "token-budget": "28", "negatives": "32", "gate-z": "0", "lr": "0.01",
+             "patience": "2"}
+    summary = _run(data + ["--encoder", "tiny", "--align-epochs", "1", "--rq-levels", "2", "--vq-k", "4",
+                           "--torch-threads", "1", "--skip-unaligned", "--store", str(tmp_path / "store"),
+                           "--user-prompts"] + [x for k, v in knobs.items() for x in (f"--user-prompt-{k}", v)])
+    job = {"--epochs": "2", "--batch-size": "16", "--prompt-token-budget": "28", "--prompt-negatives": "32",
+           "--gate-z": "0", "--patience": "2", "--lr": "0.01"}
+    code = qarm_main(["align", "--target", "user-prompts", *data, "--store", str(tmp_path / "store"),
+                      "--out", str(tmp_path / "out"), "--threads", "1", "--no-publish", "--json",
+                      *[x for kv in job.items() for x in kv]])
+    capsys.readouterr()
+    assert code == 0
+    v = FeatureStore(tmp_path / "store").read(summary["version"])
+    users, vectors = read_embeddings(v.file(USER_TABLE), id_column="user_id")
+    job_users, job_vectors = read_embeddings(tmp_path / "out" / USER_TABLE, id_column="user_id")
+    assert users.tolist() == job_users.tolist()
+    np.testing.assert_allclose(vectors, job_vectors, atol=1e-6)
+    # the same training too, whichever weights shipped: every epoch's validation figures and the gate's choice
+    report = json.loads((tmp_path / "out" / "user_prompts.json").read_text())
+    record = v.metrics["user_prompts"]
+    assert record["shipped"] == report["shipped"] and len(record["valid"]) == len(report["valid"]) == 2
+    for ours, theirs in zip(record["valid"], report["valid"]):
+        assert ours["mrr"] == pytest.approx(theirs["mrr"], abs=1e-9) and ours["recall@10"] == theirs["recall@10"]
+    assert record["loss_last"] == pytest.approx(report["loss_last"], rel=1e-6)
