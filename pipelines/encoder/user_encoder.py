@@ -596,7 +596,7 @@ class UserVectors:
 
     @property
     def shipped(self) -> str:
-        """"trained" when the gate kept an epoch, "step0" (history pooling) otherwise."""
+        """The gate's choice: "trained" when it kept an epoch, "step0" (history pooling) otherwise."""
         return "trained" if self.result.alignment.get("kept") else "step0"
 
     def record(self) -> dict:
