@@ -159,6 +159,19 @@ def _coerce(value, tp, where: str):
     return value
 
 
+def check_knob_types(section) -> None:
+    """Raise ValueError naming the flag of any knob whose value is not of its declared type (for sections built in
+    code; the parser and :func:`section_from_values` check the command line and config files)."""
+    for f, tp in knob_fields(type(section)):
+        value = getattr(section, f.name)
+        if isinstance(value, list):
+            value = tuple(value)
+        try:
+            _coerce(value, tp, flag_name(f.name))
+        except ValueError as exc:
+            raise ValueError(f"{type(section).__name__}: {exc}") from None
+
+
 def section_from_values(section_cls, values: Mapping, *, where: str = "config", strict: bool = True):
     """A section from knob values (missing: the default). Unknown keys raise (``strict``) naming ``where``."""
     known = {f.name: (f, tp) for f, tp in knob_fields(section_cls)}

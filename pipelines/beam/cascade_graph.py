@@ -189,6 +189,12 @@ def build_graph(p: beam.Pipeline, plan: JobPlan) -> dict:
     out = {"items": vi["items"], "interactions": vx["interactions"], "train": train, "pairs": pairs,
            "embeddings": emb,
            "codes": codes}
+    if plan.user_prompts is not None:  # --user-prompts: user vectors in the same version (after the aligned items)
+        from pipelines.beam.user_prompt_stage import UserPromptStage, user_encoder_config
+
+        out["user_embeddings"] = p | "UserPrompts" >> UserPromptStage(
+            user_encoder_config(plan), plan.align.encoder, vi["items"], emb["embeddings"], train, window_rows,
+            plan.image_root, plan.staging, plan.work_dir, order=order, hints=plan.align_hints)
     if plan.unaligned:
         codes_u = emb_u["embeddings"] | "QuantizeUnaligned" >> QuantizeItems(
             plan.quant, "quantize_unaligned", codebooks_file=str(staging / "codebooks_unaligned.safetensors"),

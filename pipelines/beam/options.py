@@ -15,7 +15,7 @@ from pipelines.config.cascade import CascadeConfig, DataSection
 from feature_store.config_tree import add_section_arguments, add_tree_arguments, flat, tree_from_flat
 from pipelines.data import DataSpec
 
-JOB_SECTIONS = ("split", "pairs", "align", "quant", "runtime")
+JOB_SECTIONS = ("split", "pairs", "align", "quant", "runtime", "user_prompts")
 # Beam options never recorded in a manifest: credentials and tokens (any option whose name contains one of these)
 SECRET_MARKERS = ("token", "secret", "password", "credential", "access_key", "key_file", "service_account_key")
 
@@ -29,7 +29,7 @@ class DataOptions(PipelineOptions):
 
 
 class CascadeOptions(PipelineOptions):
-    """The other sections' flags: split, pairs, align, quant, runtime."""
+    """The other sections' flags: split, pairs, align, quant, runtime, user_prompts."""
 
     @classmethod
     def _add_argparse_args(cls, parser):

@@ -11,7 +11,7 @@ import pandas as pd
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from feature_store.split import SplitConfig
-from pipelines.config.cascade import AlignSection
+from pipelines.config.cascade import AlignSection, UserPromptsSection
 from pipelines.mining.pairs import PairConfig
 from pipelines.beam.options import cascade_config
 from pipelines.beam.quantize_items import QuantConfig
@@ -129,6 +129,8 @@ class JobPlan:
     # at items_path / interactions_path
     source: Optional[object] = None
     clock: Optional[object] = None  # the job's feature_store.clock.EventClock: later events are rejects
+    # the user-prompt stage (--user-prompts; pipelines.beam.user_prompt_stage): None when off
+    user_prompts: Optional[UserPromptsSection] = None
 
 
 def encoder_dict(align: AlignSection, seed: int, has_images: bool = True) -> dict:
@@ -201,7 +203,8 @@ def make_plan(options: PipelineOptions, staging: Path, work_dir: Path, ds, sourc
                   init_quantizer=q.init_quantizer,
                   align_hints=tuple((k, v) for k, v in (("min_ram", rt.align_min_ram),
                                                         ("accelerator", rt.align_accelerator)) if v),
-                  side_cache_shard_size=al.side_cache_shard_size, clock=clock)
+                  side_cache_shard_size=al.side_cache_shard_size, clock=clock,
+                  user_prompts=cfg.user_prompts if cfg.user_prompts.user_prompts else None)
     if source is not None:  # the workers read, parse and validate the source: nothing is snapshotted
         spec = cfg.data.spec()
         return JobPlan(items_path="", interactions_path="", image_root=source.image_root,

@@ -7,6 +7,7 @@ of `qarm retrain`): every knob of the batch job, defined once here with its defa
     align     the encoder and its alignment (mode, epochs, side network, never-worse gate, warm starts)
     quant     RQ / VQ codes
     runtime   where and how the job runs (store, seeds, scratch, threads, resource hints)
+    user_prompts  the optional VIP5-style user-prompt stage (off by default)
 
 Beam's own options (--runner, --direct_num_workers, --project, ...) are not part of the tree; the manifest records
 them next to it (credentials excluded, `pipelines.beam.options.beam_options_record`).
@@ -20,9 +21,11 @@ from feature_store.clock import parse_duration, parse_time
 from feature_store.split import SplitSection
 from pipelines.data.schema import DATASETS, IMAGE_CHECKS, PRESET_SIZES, PRESETS, DataSpec
 from pipelines.encoder.model_io import MODES as ALIGN_MODES
+from pipelines.encoder.user_encoder import UserEncoderConfig
+from pipelines.encoder.user_prompts import TEMPLATES
 from pipelines.mining.collab import CollabConfig
 from pipelines.mining.pairs import TRIGGER_SIMILARITIES, PairConfig
-from feature_store.config_tree import knob
+from feature_store.config_tree import check_knob_types, knob
 
 
 def _positive(section, *names: str) -> None:
@@ -231,6 +234,78 @@ class RuntimeSection:
 
 
 @dataclass(frozen=True)
+class UserPromptsSection:
+    """The optional user-prompt stage (issue 22; pipelines.beam.user_prompt_stage): after the aligned item
+    embeddings, the MLLM reads VIP5-style personalized prompts of the protocol's train portion and becomes a user
+    encoder (never worse than history pooling, its step 0); user_embeddings.parquet goes into the same version.
+    Defaults are UserEncoderConfig's; the seed and threads are the job's (the cascade seed, --torch-threads)."""
+
+    user_prompts: bool = knob(False, "add the user-prompt stage (user_embeddings.parquet in this version; "
+                                     "manifest.metrics.user_prompts says whether step 0 or the trained encoder "
+                                     "shipped)")
+    user_prompt_template: str = knob(UserEncoderConfig.template, "prompt template", choices=tuple(sorted(TEMPLATES)))
+    user_prompt_max_events: int = knob(UserEncoderConfig.max_events, "last train-portion positives a prompt reads")
+    user_prompt_token_budget: int = knob(UserEncoderConfig.token_budget, "LM tokens per prompt at most (oldest "
+                                                                         "events dropped)")
+    user_prompt_image_tokens: int = knob(UserEncoderConfig.image_tokens, "image tokens per item in a prompt")
+    user_prompt_title_tokens: int = knob(UserEncoderConfig.title_tokens, "word pieces of each item title")
+    user_prompt_train_cuts: int = knob(UserEncoderConfig.train_cuts, "training prompts per user (cut before each of "
+                                                                     "its last N train positives)")
+    user_prompt_max_train: Optional[int] = knob(UserEncoderConfig.max_train_prompts, "cap on training prompts "
+                                                                                     "(seeded sample)")
+    user_prompt_negatives: int = knob(UserEncoderConfig.negatives, "catalog items sampled per batch as extra "
+                                                                   "negatives (0: in-batch only)")
+    user_prompt_adapters: bool = knob(UserEncoderConfig.adapters, "VIP5 bottleneck adapters in the frozen LM (off: "
+                                                                  "id tokens + head only)")
+    user_prompt_adapter_reduction: int = knob(UserEncoderConfig.adapter_reduction, "adapter bottleneck reduction")
+    user_prompt_epochs: int = knob(UserEncoderConfig.epochs, "user encoder training epochs at most")
+    user_prompt_batch_size: int = knob(UserEncoderConfig.batch_size, "prompts per contrastive batch")
+    user_prompt_lr: float = knob(UserEncoderConfig.lr, "user encoder learning rate")
+    user_prompt_temperature: float = knob(UserEncoderConfig.temperature, "InfoNCE temperature")
+    user_prompt_patience: int = knob(UserEncoderConfig.patience, "epochs without a better validation score before "
+                                                                 "stopping")
+    user_prompt_gate_z: float = knob(UserEncoderConfig.gate_z, "never-worse gate: the trained encoder replaces step "
+                                                               "0 only when its validation recall@10 gain minus this "
+                                                               "many paired standard errors is above 0")
+    user_prompt_device: str = knob(UserEncoderConfig.device, "torch device of the user encoder (cpu, cuda)")
+
+    def __post_init__(self):
+        check_knob_types(self)
+        try:
+            self.encoder_config()
+        except ValueError as exc:  # name the flag, not the library field
+            raise ValueError(f"user-prompt stage: {_user_prompt_flags(str(exc))}") from None
+
+    def encoder_config(self, seed: int = 0, num_threads: Optional[int] = None) -> UserEncoderConfig:
+        """The UserEncoderConfig this stage trains with (``seed``: the cascade seed; ``num_threads``: the worker's
+        torch threads)."""
+        return UserEncoderConfig(**{field: getattr(self, knob_name) for knob_name, field in _USER_PROMPT_FIELDS},
+                                 seed=seed, num_threads=num_threads)
+
+
+# (knob, UserEncoderConfig field) of the user-prompt stage
+_USER_PROMPT_FIELDS = (("user_prompt_template", "template"), ("user_prompt_max_events", "max_events"),
+                       ("user_prompt_token_budget", "token_budget"), ("user_prompt_image_tokens", "image_tokens"),
+                       ("user_prompt_title_tokens", "title_tokens"), ("user_prompt_train_cuts", "train_cuts"),
+                       ("user_prompt_max_train", "max_train_prompts"), ("user_prompt_negatives", "negatives"),
+                       ("user_prompt_adapters", "adapters"), ("user_prompt_adapter_reduction", "adapter_reduction"),
+                       ("user_prompt_epochs", "epochs"), ("user_prompt_batch_size", "batch_size"),
+                       ("user_prompt_lr", "lr"), ("user_prompt_temperature", "temperature"),
+                       ("user_prompt_patience", "patience"), ("user_prompt_gate_z", "gate_z"),
+                       ("user_prompt_device", "device"))
+
+
+def _user_prompt_flags(message: str) -> str:
+    """UserEncoderConfig's message with its field names written as the stage's flags."""
+    import re
+
+    by_field = {field: "--" + knob_name.replace("_", "-") for knob_name, field in _USER_PROMPT_FIELDS}
+    names = "|".join(sorted(by_field, key=len, reverse=True))
+    message = re.sub(rf"(?:UserEncoderConfig\.)?\b({names})\b", lambda m: by_field[m.group(1)], message)
+    return message.replace("UserEncoderConfig: ", "")
+
+
+@dataclass(frozen=True)
 class CascadeConfig:
     """The whole config of one cascade run (see the module docstring)."""
 
@@ -240,6 +315,7 @@ class CascadeConfig:
     align: AlignSection = field(default_factory=AlignSection)
     quant: QuantSection = field(default_factory=QuantSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
+    user_prompts: UserPromptsSection = field(default_factory=UserPromptsSection)
 
     def seed(self) -> int:
         """The seed of every seeded cascade stage: --cascade-seed, else the data --seed."""

@@ -239,14 +239,13 @@ class UserPromptEncoder(nn.Module):
         self.cfg, self.mllm = cfg, mllm
         for p in mllm.parameters():
             p.requires_grad_(False)
-        self.n_adapters = _wrap_attention(mllm.text.lm, mllm.text.hidden_size, cfg.adapter_reduction) \
-            if cfg.adapters else 0
-        for m in mllm.text.lm.modules():
-            if isinstance(m, Bottleneck):
-                m.requires_grad_(True)
         H = mllm.text.hidden_size
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # every new weight from cfg.seed, whatever ran before in the process
             torch.manual_seed(cfg.seed)
+            self.n_adapters = _wrap_attention(mllm.text.lm, H, cfg.adapter_reduction) if cfg.adapters else 0
+            for m in mllm.text.lm.modules():
+                if isinstance(m, Bottleneck):
+                    m.requires_grad_(True)
             self.user_tokens = nn.Embedding(cfg.user_buckets, H)
             self.item_tokens = nn.Embedding(cfg.item_buckets, H)
             for table in (self.user_tokens, self.item_tokens):
@@ -553,3 +552,79 @@ def build_user_prompt_task(mllm: ItemEncoder, catalog, item_ids: np.ndarray, ite
              else None, "events_per_prompt_mean": float(np.mean([len(p.item_ids) for p in serve])) if serve else None,
              "token_budget": vocab.budget, "adapters": model.n_adapters}
     return UserPromptTask(model, collate, train, valid, serve, image_seconds, stats)
+
+
+USER_TABLE = "user_embeddings.parquet"  # (user_id int64, embedding list<float32>): in a version, like the items'
+POSITIVE_LABEL = 0.5  # events with label above it are the positives prompts read and validation targets
+
+
+def positive_windows(interactions, split) -> tuple:
+    """(train-portion positives, validation-window positives) of an interaction log under ``split`` (a
+    feature_store.split.SplitConfig): the events the prompts read and the next items that judge them."""
+    from feature_store.split import split_labels
+    part = split_labels(interactions, split)
+    pos = (interactions["label"] > POSITIVE_LABEL).to_numpy()
+    return interactions[(part == 0) & pos], interactions[(part == 1) & pos]
+
+
+def step0_vectors(task: UserPromptTask) -> np.ndarray:
+    """The user encoder's starting point for every served user: normalize(history-pooled aligned embedding)."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(task.serve), 256):
+            b = task.collate(task.serve[s:s + 256])
+            history = b.history.to(task.model.item_vectors.device)
+            out.append(F.normalize(task.model.base(history), dim=-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, task.model.item_vectors.shape[1]), np.float32)
+
+
+@dataclass
+class UserVectors:
+    """What one training of the user encoder produced.
+
+    user_ids (U,) int64: every user with a train-portion positive (sorted); vectors (U, D) float32: the vectors
+    that ship (the trained encoder's when the gate kept it, else step 0's, i.e. history pooling); step0 (U, D):
+    history pooling; task / result: the prompts and the training record; encode_seconds: serving them all.
+    """
+
+    user_ids: np.ndarray
+    vectors: np.ndarray
+    step0: np.ndarray
+    task: UserPromptTask
+    result: UserEncoderResult
+    encode_seconds: float
+
+    @property
+    def shipped(self) -> str:
+        """The gate's choice: "trained" when it kept an epoch, "step0" (history pooling) otherwise."""
+        return "trained" if self.result.alignment.get("kept") else "step0"
+
+    def record(self) -> dict:
+        """The gate and figures of this training (``manifest.metrics.user_prompts`` of the cascade stage; the
+        same keys in `qarm align --target user-prompts`'s report)."""
+        r = self.result
+        return {"shipped": self.shipped, "alignment": r.alignment, "valid": r.history, "stats": self.task.stats,
+                "steps": r.steps, "loss_first": r.loss_first, "loss_last": r.loss_last,
+                "seconds_per_epoch": r.seconds_per_epoch, "image_token_seconds": self.task.image_seconds,
+                "encode_seconds_per_1k_users": 1000.0 * self.encode_seconds / max(1, len(self.task.serve)),
+                "trainable_params": r.trainable_params, "total_params": r.total_params,
+                "users_written": int(len(self.user_ids))}
+
+
+def fit_user_vectors(mllm: ItemEncoder, catalog, item_ids: np.ndarray, item_vectors: np.ndarray, train_positives,
+                     valid_positives, cfg: UserEncoderConfig, out_dir: Optional[Path] = None) -> UserVectors:
+    """Build the prompts (``build_user_prompt_task``), train the user encoder behind its never-worse gate
+    (``train_user_encoder``; resumes from ``out_dir``'s checkpoints when given) and encode every user with a
+    train-portion positive. The one path `qarm align --target user-prompts` and the cascade's user-prompt stage
+    (pipelines.beam.user_prompt_stage) share.
+
+    Args: as ``build_user_prompt_task`` (``mllm`` is wrapped with the adapters in place: pass a fresh one).
+    """
+    task = build_user_prompt_task(mllm, catalog, item_ids, item_vectors, train_positives, valid_positives, cfg)
+    result = train_user_encoder(task.model, task.collate, task.train, task.valid, cfg, out_dir=out_dir)
+    t0 = time.perf_counter()
+    vectors = encode_prompts(task.model, task.serve, task.collate, 64, cfg.device)
+    encode_seconds = time.perf_counter() - t0
+    user_ids = np.array([p.user_id for p in task.serve], dtype=np.int64)
+    return UserVectors(user_ids, vectors.astype(np.float32, copy=False), step0_vectors(task), task, result,
+                       encode_seconds)

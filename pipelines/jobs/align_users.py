@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger(__name__)
-USER_TABLE = "user_embeddings.parquet"
 
 
 def add_user_prompt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,14 +68,6 @@ def user_encoder_config(args):
         patience=args.patience, gate_z=args.gate_z, seed=args.seed, device=args.device, num_threads=args.threads)
 
 
-def _windows(interactions, split):
-    """Positive events (label > 0.5) of the train portion and the validation window."""
-    from feature_store.split import split_labels
-    part = split_labels(interactions, split)
-    pos = (interactions["label"] > 0.5).to_numpy()
-    return interactions[(part == 0) & pos], interactions[(part == 1) & pos]
-
-
 def run(args: argparse.Namespace) -> dict:
     import torch
 
@@ -89,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
     from pipelines.encoder.config import EncoderConfig
     from pipelines.encoder.encoder import build_encoder
     from pipelines.encoder.items import ItemCatalog
-    from pipelines.encoder.user_encoder import build_user_prompt_task, encode_prompts, train_user_encoder
+    from pipelines.encoder.user_encoder import USER_TABLE, fit_user_vectors, positive_windows
 
     if not args.store:
         raise ValueError("--target user-prompts needs --store (the version whose item space the users join)")
@@ -105,30 +96,20 @@ def run(args: argparse.Namespace) -> dict:
     enc_cfg = EncoderConfig.from_dict(version.config["encoder"])
     item_ids, item_vectors = version.embeddings()
     cfg = user_encoder_config(args)
-    train_pos, valid_pos = _windows(dataset.interactions, split)
+    train_pos, valid_pos = positive_windows(dataset.interactions, split)
     mllm = build_encoder(enc_cfg)
     catalog = ItemCatalog.from_dataset(dataset, enc_cfg, cache_images=False)
-    task = build_user_prompt_task(mllm, catalog, item_ids, item_vectors, train_pos, valid_pos, cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = train_user_encoder(task.model, task.collate, task.train, task.valid, cfg,
-                                out_dir=None if args.no_resume else out / "user_encoder")
-    t0 = time.perf_counter()
-    vectors = encode_prompts(task.model, task.serve, task.collate, 64, cfg.device)
-    encode_seconds = time.perf_counter() - t0
-    step0 = _step0_vectors(task, cfg)
-    user_ids = np.array([p.user_id for p in task.serve], dtype=np.int64)
+    fit = fit_user_vectors(mllm, catalog, item_ids, item_vectors, train_pos, valid_pos, cfg,
+                           out_dir=None if args.no_resume else out / "user_encoder")
+    task, user_ids, vectors = fit.task, fit.user_ids, fit.vectors
     write_embeddings(out / USER_TABLE, user_ids, vectors, id_column="user_id")
-    retrieval = _retrieval_rows(dataset.interactions, split, version, user_ids, vectors, step0, item_ids,
+    retrieval = _retrieval_rows(dataset.interactions, split, version, user_ids, vectors, fit.step0, item_ids,
                                 item_vectors, cfg, args)
     report = {
         "target": "user-prompts", "dataset": args.dataset, "parent_version": version.id,
-        "alignment": result.alignment, "valid": result.history, "stats": task.stats,
-        "steps": result.steps, "loss_first": result.loss_first, "loss_last": result.loss_last,
-        "seconds_per_epoch": result.seconds_per_epoch, "image_token_seconds": task.image_seconds,
-        "encode_seconds_per_1k_users": 1000.0 * encode_seconds / max(1, len(task.serve)),
-        "trainable_params": result.trainable_params, "total_params": result.total_params,
-        "retrieval": retrieval, "users_written": int(len(user_ids)),
+        **fit.record(), "retrieval": retrieval,
         "example_prompt": task.serve[0].render(dict(zip(catalog.items["item_id"], catalog.items["title"])))
         if task.serve else None,
         "config": {"user_encoder": cfg.to_dict(), "encoder": enc_cfg.to_dict(), "split": dataclasses.asdict(split)},
@@ -140,17 +121,6 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def _step0_vectors(task, cfg) -> np.ndarray:
-    """The user encoder's starting point for every served user: normalize(history-pooled aligned embedding)."""
-    import torch
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(task.serve), 256):
-            b = task.collate(task.serve[s:s + 256])
-            out.append(torch.nn.functional.normalize(task.model.base(b.history), dim=-1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, task.model.item_vectors.shape[1]), np.float32)
-
-
 def _publish(store, started_from, parent, user_table: Path, report: dict) -> str:
     """A child version: the parent's files + user_embeddings.parquet, same protocol; CURRENT moves only if it is
     still the version this job started from (compare-and-swap at publish)."""
@@ -160,12 +130,12 @@ def _publish(store, started_from, parent, user_table: Path, report: dict) -> str
     extra = {**parent.extra, "protocol": parent.manifest.get("protocol"), "user_prompts_parent": parent.id}
     with store.stage(parent=started_from, require_parent_current=True) as st:
         for name in parent.files():
-            if name == "manifest.json" or name == USER_TABLE:
+            if name == "manifest.json" or name == user_table.name:
                 continue
             dest = Path(st.path) / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(parent.file(name), dest)
-        shutil.copyfile(user_table, Path(st.path) / USER_TABLE)
+        shutil.copyfile(user_table, Path(st.path) / user_table.name)
         return st.publish(config=config, metrics=metrics, extra=extra).id
 
 

@@ -31,8 +31,10 @@ def test_knob_names_are_unique_and_every_flag_follows_the_naming_rule():
     for name, strings in flags.items():
         assert strings[0] == flag_name(name)
     # the only aliases: spellings README / docs of 0.1.0 used (docs/ARCHITECTURE.md lists them)
-    aliases = {s for strings in flags.values() for s in strings[1:]}
+    aliases = {s for strings in flags.values() for s in strings[1:] if not s.startswith("--no-")}
     assert aliases == {"--map", "--id-maps"}
+    # a knob that defaults to on is switched off by --no-<flag> (argparse.BooleanOptionalAction)
+    assert flags["user_prompt_adapters"] == ["--user-prompt-adapters", "--no-user-prompt-adapters"]
 
 
 def test_defaults_are_the_library_configs_defaults():
@@ -118,7 +120,8 @@ def test_sections_are_frozen_and_validated():
         DataSection(max_future="90x")
     with pytest.raises(ValueError, match="unknown knob"):
         with_values(cfg, {"align_epoch": 3})
-    assert [name for name, _ in sections(CascadeConfig)] == ["data", "split", "pairs", "align", "quant", "runtime"]
+    assert [name for name, _ in sections(CascadeConfig)] == ["data", "split", "pairs", "align", "quant", "runtime",
+                                                             "user_prompts"]
     assert to_dict(with_values(cfg, {"swing_top_n": 3}))["pairs"]["swing_top_n"] == 3
     assert PairsSection(trigger_similarity="swing").config(seed=4, skip_unaligned=True).trigger_fallback == "none"
 

@@ -80,6 +80,10 @@ def run_job(options: PipelineOptions, save_main_session: bool = True, test_pipel
             metrics["pairs"] = {"train": int(train_n), "align_valid": int(len(heldout))}
             metrics["alignment"] = alignment_metrics(plan, work_dir, Path(st.path))
             metrics["triggers"] = trigger_counts(result, plan)
+            if plan.user_prompts is not None:  # the user-prompt stage's gate: step 0 (history pooling) or trained
+                from pipelines.beam.user_prompt_stage import user_prompts_record
+
+                metrics["user_prompts"] = user_prompts_record(work_dir)
             metrics["dead_letter"] = dead_counts
             metrics["counts"] = {k: v for k, v in stages.items()}
             summary_rec = json.loads((work_dir / SOURCE_SUMMARY).read_text())

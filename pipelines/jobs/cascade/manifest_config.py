@@ -18,11 +18,18 @@ def job_config(plan: JobPlan, spec, data_sha: str) -> dict:
             align[key] = dir_sha(Path(align[key]))
     spec_dict = spec.to_dict()
     spec_dict.pop("data", None) if spec.dataset == "synthetic" else None  # synthetic: image cache path only
-    return {"job": "qarm.cascade/2", "data": spec_dict, "data_sha256": data_sha, "split": asdict(plan.split),
-            "pairs": plan.pairs.to_dict(),
-            "encoder": plan.align.encoder, "align": align, "quantizer": plan.quant.to_dict(),
-            "init_quantizer": dir_sha(Path(plan.init_quantizer)) if plan.init_quantizer else None,
-            "unaligned": plan.unaligned}
+    config = {"job": "qarm.cascade/2", "data": spec_dict, "data_sha256": data_sha, "split": asdict(plan.split),
+              "pairs": plan.pairs.to_dict(),
+              "encoder": plan.align.encoder, "align": align, "quantizer": plan.quant.to_dict(),
+              "init_quantizer": dir_sha(Path(plan.init_quantizer)) if plan.init_quantizer else None,
+              "unaligned": plan.unaligned}
+    if plan.user_prompts is not None:  # only when on: a run without the stage keeps its config hash
+        from pipelines.beam.user_prompt_stage import user_encoder_config
+
+        user_encoder = user_encoder_config(plan).to_dict()
+        user_encoder.pop("num_threads")
+        config["user_prompts"] = {"user_encoder": user_encoder}
+    return config
 
 
 def dir_sha(path: Path) -> str:
