@@ -91,16 +91,19 @@ def _help(f: dataclasses.Field) -> str:
 
 
 def add_section_arguments(parser: argparse.ArgumentParser, section_cls, *, title: Optional[str] = None,
-                          with_defaults: bool = True) -> None:
+                          with_defaults: bool = True, exclude: tuple = ()) -> None:
     """Add one flag per knob of ``section_cls`` (dest = the field name).
 
     Args:
         with_defaults: True: each flag defaults to the knob's default (Beam options, commands without config
             files). False: an absent flag leaves no attribute (argparse.SUPPRESS), so a config file's value is
             only overridden by flags actually given (:func:`resolve_tree`).
+        exclude: knobs a command does not take (e.g. the on/off switch of a stage the command always runs).
     """
     group = parser.add_argument_group(title or section_cls.__name__)
     for f, tp in knob_fields(section_cls):
+        if f.name in exclude:
+            continue
         base, optional = _base_type(tp)
         names = [flag_name(f.name), *f.metadata.get("aliases", ())]
         kwargs: dict = {"dest": f.name, "help": _help(f)}

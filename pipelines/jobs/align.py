@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     add_split_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, embeddings, result)")
-    parser.add_argument("--mode", choices=("full", "adapters", "side", "side-towers"), default="side",
+    parser.add_argument("--align-mode", choices=("full", "adapters", "side", "side-towers"), default="side",
                         help="side: side network over the frozen MLLM's states (default); side-towers: the late-"
                              "fusion side network over the separately run towers")
     parser.add_argument("--max-items", type=int, default=None,
@@ -54,18 +54,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--image-grid", type=int, default=None, help="image tokens = grid x grid")
     e.add_argument("--max-text-tokens", type=int, default=None)
     t = parser.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=None, help="default: side 6, adapters 2, full 1")
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=None,
+    t.add_argument("--align-epochs", type=int, default=None, help="default: side 6, adapters 2, full 1")
+    t.add_argument("--align-batch-size", type=int, default=128, help="pairs per contrastive batch")
+    t.add_argument("--align-lr", type=float, default=None,
                    help="learning rate of new layers; default per mode (full 3e-4, adapters/side 1e-3)")
     t.add_argument("--backbone-lr-scale", type=float, default=0.1,
                    help="pretrained backbone weights learn at lr * this (full mode; norms in adapters mode)")
-    t.add_argument("--temperature", type=float, default=0.1)
+    t.add_argument("--align-temperature", type=float, default=0.1, help="InfoNCE temperature")
     t.add_argument("--learn-temperature", action="store_true", help="learn the InfoNCE temperature")
     t.add_argument("--mask", choices=("graph", "batch"), default="graph",
                    help="false negatives masked against every known training positive (graph) or the batch only")
     t.add_argument("--patience", type=int, default=2, help="epochs without validation improvement before stopping")
-    t.add_argument("--gate-z", type=float, default=AlignConfigDefaults.gate_z,
+    t.add_argument("--align-gate-z", type=float, default=AlignConfigDefaults.gate_z,
                    help="an epoch beats step 0 (the unaligned embedding) when its validation-window recall@10 gain "
                         "minus this many paired standard errors is above 0; else step 0 ships")
     t.add_argument("--unaligned-map", choices=("pca", "gaussian"), default="pca",
@@ -77,12 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--warmup-steps", type=int, default=0)
     t.add_argument("--sources", default="swing,u2i", help="pair sources to train on")
     t.add_argument("--side-width", type=int, default=128)
-    t.add_argument("--layer-stride", type=int, default=2, help="side modes: cache every Nth backbone layer")
+    t.add_argument("--side-layer-stride", type=int, default=2, help="side modes: cache every Nth backbone layer")
     t.add_argument("--adapter-reduction", type=int, default=8)
-    t.add_argument("--init-checkpoint", type=Path, default=None, help="warm start (continual training)")
+    t.add_argument("--init-encoder", type=Path, default=None, help="warm start from this encoder checkpoint")
     t.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
     t.add_argument("--save-every", type=int, default=0)
-    t.add_argument("--threads", type=int, default=None, help="torch threads")
+    t.add_argument("--torch-threads", type=int, default=None, help="torch threads")
     t.add_argument("--device", default="cpu")
     t.add_argument("--unaligned-seed", type=int, default=0, help="seed of the unaligned baseline's fixed map")
     p = parser.add_argument_group("pairs")
@@ -156,7 +156,7 @@ def _embed_both(args, result, dataset, enc_cfg, catalog, align_cfg):
     from pipelines.encoder.model_io import base_map_of, build_for_mode
     from pipelines.encoder.onepass import embed_from_cache
 
-    if args.mode == "side":  # every embedding from the one backbone pass (the cache)
+    if args.align_mode == "side":  # every embedding from the one backbone pass (the cache)
         tables = embed_from_cache(result.encoder, result.cache, unaligned_seed=args.unaligned_seed,
                                   progress=align_cfg.progress)
         return tables["aligned"], tables["unaligned"], {k: v for k, v in tables.items() if k in ("text", "image")}, \
@@ -186,8 +186,8 @@ def run(args: argparse.Namespace) -> dict:
     if getattr(args, "target", "items") == "user-prompts":
         from pipelines.jobs.align_users import run as run_user_prompts
         return run_user_prompts(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     t_start = time.perf_counter()
     dataset = load_dataset(data_spec_from_args(args))
     if args.max_items:
@@ -199,20 +199,21 @@ def run(args: argparse.Namespace) -> dict:
                           heldout_drop_seen=not args.keep_seen_heldout)
     pairs = mine_pairs(train_part, pair_cfg)
     align_cfg = AlignConfig(
-        mode=args.mode, epochs=args.epochs or DEFAULT_EPOCHS[args.mode], batch_size=args.batch_size, lr=args.lr,
+        mode=args.align_mode, epochs=args.align_epochs or DEFAULT_EPOCHS[args.align_mode],
+        batch_size=args.align_batch_size, lr=args.align_lr,
         backbone_lr_scale=args.backbone_lr_scale,
-        temperature=args.temperature, learn_temperature=args.learn_temperature, mask=args.mask,
+        temperature=args.align_temperature, learn_temperature=args.learn_temperature, mask=args.mask,
         patience=args.patience, seed=args.seed, max_steps=args.max_steps, warmup_steps=args.warmup_steps,
         sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()), save_every=args.save_every,
         resume=not args.no_resume, adapter=AdapterConfig(reduction=args.adapter_reduction),
-        side=SideConfig(width=args.side_width, layer_stride=args.layer_stride, token_states=args.token_states),
-        num_threads=args.threads, device=args.device, cache_batch_size=args.eval_batch_size,
-        base_map=args.unaligned_map, unaligned_seed=args.unaligned_seed, gate_z=args.gate_z)
+        side=SideConfig(width=args.side_width, layer_stride=args.side_layer_stride, token_states=args.token_states),
+        num_threads=args.torch_threads, device=args.device, cache_batch_size=args.eval_batch_size,
+        base_map=args.unaligned_map, unaligned_seed=args.unaligned_seed, gate_z=args.align_gate_z)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Side modes read each image once (the cache build); the other modes re-read them every epoch.
-    catalog = ItemCatalog.from_dataset(dataset, enc_cfg, cache_images=args.mode not in ("side", "side-towers"))
-    result = train_alignment(enc_cfg, dataset, pairs.train, align_cfg, out, init_checkpoint=args.init_checkpoint,
+    catalog = ItemCatalog.from_dataset(dataset, enc_cfg, cache_images=args.align_mode not in ("side", "side-towers"))
+    result = train_alignment(enc_cfg, dataset, pairs.train, align_cfg, out, init_checkpoint=args.init_encoder,
                              catalog=catalog, valid_pairs=pairs.heldout, valid_queries=valid_queries)
 
     t0 = time.perf_counter()
@@ -248,7 +249,7 @@ def _report(args, dataset, result, pairs, evals, modality, eval_seconds, t_start
         for key in ("recall@10", "recall@50", "mrr"):
             flat[f"{key}_{name}"] = pairs_eval.get(key)
     return {
-        "mode": args.mode, "dataset": args.dataset, "n_items": int(len(dataset.items)),
+        "mode": args.align_mode, "dataset": args.dataset, "n_items": int(len(dataset.items)),
         "n_pairs_train": int(summary["pairs_used"]), "n_pairs_heldout": int(len(pairs.heldout)),
         "n_valid_queries": evals["aligned"]["next_item_valid"]["n_queries"],
         "n_test_queries": evals["aligned"]["next_item_test"]["n_queries"],

@@ -1,7 +1,7 @@
 """`qarm align --target user-prompts`: the MLLM as a user encoder over VIP5-style personalized prompts (issue 22).
 
     qarm align --target user-prompts --store STORE --dataset movielens --data ../shared/data/movielens \
-        --require-image --split user_last_frac --out runs/up --threads 1 --json
+        --require-image --split user_last_frac --out runs/up --torch-threads 1 --json
 
 Reads a published version (its encoder config: the same vision tower + projector + LM build the prompts' image
 and text tokens; its aligned item embeddings: the space user vectors live in; its protocol: checked against this
@@ -30,42 +30,32 @@ log = logging.getLogger(__name__)
 
 
 def add_user_prompt_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags `qarm align` gains for --target user-prompts (training flags are align's own: --epochs,
-    --batch-size, --lr, --temperature, --patience, --gate-z, --adapter-reduction, --threads, --device, --seed)."""
-    from pipelines.encoder.user_encoder import UserEncoderConfig as D
-    from pipelines.encoder.user_prompts import TEMPLATES
+    """The flags `qarm align` gains for --target user-prompts: the cascade stage's knobs (the config tree's
+    user_prompts section, so `qarm pipeline --user-prompts` and this job take the same --user-prompt-* flags);
+    the seed and threads are align's own (--seed, --torch-threads)."""
+    from feature_store.config_tree import add_section_arguments
+    from pipelines.config.cascade import UserPromptsSection
+
     g = parser.add_argument_group("user prompts (--target user-prompts)")
     g.add_argument("--target", choices=("items", "user-prompts"), default="items",
                    help="items: align the item encoder (default); user-prompts: train the MLLM user encoder over "
                         "personalized prompts from a published version (--store)")
     g.add_argument("--store", default=None, help="user-prompts: the feature store whose version is read / extended")
     g.add_argument("--version", default=None, help="user-prompts: version to read (default CURRENT)")
-    g.add_argument("--prompt-template", choices=sorted(TEMPLATES), default=D.template)
-    g.add_argument("--prompt-max-events", type=int, default=D.max_events)
-    g.add_argument("--prompt-token-budget", type=int, default=D.token_budget)
-    g.add_argument("--prompt-image-tokens", type=int, default=D.image_tokens)
-    g.add_argument("--prompt-title-tokens", type=int, default=D.title_tokens)
-    g.add_argument("--prompt-train-cuts", type=int, default=D.train_cuts,
-                   help="training prompts per user (cut before each of its last N train positives)")
-    g.add_argument("--prompt-max-train", type=int, default=None, help="cap on training prompts (seeded sample)")
-    g.add_argument("--prompt-negatives", type=int, default=D.negatives,
-                   help="catalog items sampled per batch as extra negatives (0: in-batch only)")
-    g.add_argument("--prompt-no-adapters", action="store_true", help="train id tokens + head only (no adapters)")
     g.add_argument("--compare-retrieval", action="store_true",
                    help="also fit the id student, the teacher and the prompt-user-distilled student (test figures)")
     g.add_argument("--no-publish", action="store_true", help="write --out only; publish no version")
+    add_section_arguments(parser, UserPromptsSection, title="user encoder (--target user-prompts)",
+                          exclude=("user_prompts",))
 
 
 def user_encoder_config(args):
-    from pipelines.encoder.user_encoder import UserEncoderConfig
-    return UserEncoderConfig(
-        template=args.prompt_template, max_events=args.prompt_max_events, token_budget=args.prompt_token_budget,
-        image_tokens=args.prompt_image_tokens, title_tokens=args.prompt_title_tokens,
-        adapters=not args.prompt_no_adapters, adapter_reduction=args.adapter_reduction,
-        train_cuts=args.prompt_train_cuts, max_train_prompts=args.prompt_max_train, epochs=args.epochs or 3,
-        batch_size=min(args.batch_size, 64), negatives=args.prompt_negatives, lr=args.lr or 1e-3,
-        temperature=args.temperature,
-        patience=args.patience, gate_z=args.gate_z, seed=args.seed, device=args.device, num_threads=args.threads)
+    """The UserEncoderConfig of --target user-prompts: the --user-prompt-* knobs, align's --seed and threads."""
+    from feature_store.config_tree import section_from_values
+    from pipelines.config.cascade import UserPromptsSection
+
+    section = section_from_values(UserPromptsSection, vars(args), strict=False)
+    return section.encoder_config(seed=args.seed, num_threads=args.torch_threads)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -84,8 +74,8 @@ def run(args: argparse.Namespace) -> dict:
 
     if not args.store:
         raise ValueError("--target user-prompts needs --store (the version whose item space the users join)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     t_start = time.perf_counter()
     store = FeatureStore(args.store)
     started_from = store.current_id()

@@ -14,8 +14,8 @@ REQUIRED = ["mode", "n_pairs_train", "n_pairs_heldout", "recall@10_aligned", "re
 @pytest.mark.slow
 def test_qarm_align_synthetic_end_to_end(tmp_path, capsys):
     code = main(["align", "--dataset", "synthetic", "--data", str(tmp_path / "data"), "--n-items", "120",
-                 "--n-users", "80", "--n-events", "4000", "--encoder", "tiny", "--mode", "side", "--epochs", "3",
-                 "--batch-size", "64", "--side-width", "32", "--keep-seen-heldout", "--threads", "1",
+                 "--n-users", "80", "--n-events", "4000", "--encoder", "tiny", "--align-mode", "side", "--align-epochs", "3",
+                 "--align-batch-size", "64", "--side-width", "32", "--keep-seen-heldout", "--torch-threads", "1",
                  "--out", str(tmp_path / "out"), "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

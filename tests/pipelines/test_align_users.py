@@ -33,7 +33,8 @@ def _store(tmp_path, w, split):
 def _args(items, inter, store, out, *extra):
     return ["align", "--target", "user-prompts", "--dataset", "generic", "--items", str(items),
             "--interactions", str(inter), "--store", str(store), "--split", "user_last_frac", "--out", str(out),
-            "--epochs", "1", "--batch-size", "16", "--prompt-token-budget", "28", "--threads", "1", *extra, "--json"]
+            "--user-prompt-epochs", "1", "--user-prompt-batch-size", "16", "--user-prompt-token-budget", "28",
+            "--torch-threads", "1", *extra, "--json"]
 
 
 @pytest.mark.slow

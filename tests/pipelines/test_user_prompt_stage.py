@@ -161,10 +161,9 @@ def test_the_stage_and_the_align_job_share_one_path(tmp_path, capsys):
     summary = _run(data + ["--encoder", "tiny", "--align-epochs", "1", "--rq-levels", "2", "--vq-k", "4",
                            "--torch-threads", "1", "--skip-unaligned", "--store", str(tmp_path / "store"),
                            "--user-prompts"] + [x for k, v in knobs.items() for x in (f"--user-prompt-{k}", v)])
-    job = {"--epochs": "2", "--batch-size": "16", "--prompt-token-budget": "28", "--prompt-negatives": "32",
-           "--gate-z": "0", "--patience": "2", "--lr": "0.01"}
+    job = {f"--user-prompt-{k}": v for k, v in knobs.items()}  # the same flags: one knob, one name
     code = qarm_main(["align", "--target", "user-prompts", *data, "--store", str(tmp_path / "store"),
-                      "--out", str(tmp_path / "out"), "--threads", "1", "--no-publish", "--json",
+                      "--out", str(tmp_path / "out"), "--torch-threads", "1", "--no-publish", "--json",
                       *[x for kv in job.items() for x in kv]])
     capsys.readouterr()
     assert code == 0
