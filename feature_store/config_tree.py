@@ -33,7 +33,7 @@ NONE_TYPE = type(None)
 
 
 def knob(default: Any, help: str, *, choices: Optional[tuple] = None, aliases: tuple = (),
-         metavar: Optional[str] = None) -> Any:
+         metavar: Optional[str] = None, required: bool = False) -> Any:
     """A config field with its one default, help text and allowed values.
 
     Args:
@@ -42,9 +42,12 @@ def knob(default: Any, help: str, *, choices: Optional[tuple] = None, aliases: t
         choices: allowed values (checked by the parser, and by :func:`section_from_values` for config files).
         aliases: old flag spellings still accepted; only ones a published document used (say which in the doc).
         metavar: argparse metavar.
+        required: a command cannot run without a value (None): :func:`missing_required` names it (the dispatcher
+            makes it a usage error; --print-config still prints the tree without it).
     """
     return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None,
-                                                        "aliases": tuple(aliases), "metavar": metavar})
+                                                        "aliases": tuple(aliases), "metavar": metavar,
+                                                        "required": required})
 
 
 def flag_name(name: str) -> str:
@@ -85,6 +88,8 @@ def _base_type(tp) -> tuple[type, bool]:
 
 
 def _help(f: dataclasses.Field) -> str:
+    if f.metadata.get("required"):
+        return f"{f.metadata.get('help', '')} (required)".replace("%", "%%")
     default = f.default if f.default is not dataclasses.MISSING else None
     shown = "none" if default is None or default == () else default
     return f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%")
@@ -268,6 +273,12 @@ def resolve_tree(tree_cls, args: argparse.Namespace, defaults: Optional[Mapping]
     given = {k: getattr(args, k) for k in knob_names(tree_cls) if hasattr(args, k)}
     given = {k: (tuple(v) if isinstance(v, list) else str(v) if isinstance(v, Path) else v) for k, v in given.items()}
     return with_values(base, given, where="command line")
+
+
+def missing_required(tree) -> list[str]:
+    """The flags of required knobs that have no value in ``tree``."""
+    return [flag_name(f.name) for name, _ in sections(type(tree)) for f, _ in knob_fields(type(getattr(tree, name)))
+            if f.metadata.get("required") and getattr(getattr(tree, name), f.name) is None]
 
 
 def to_yaml(tree) -> str:

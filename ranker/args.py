@@ -75,7 +75,7 @@ class ReadSection:
 class VersionSection(ReadSection):
     """A store and the version read from it."""
 
-    store: Optional[str] = knob(None, "feature-store root: a folder, file://, s3:// or gs:// URL (required)")
+    store: Optional[str] = knob(None, "feature-store root: a folder, file://, s3:// or gs:// URL", required=True)
 
 
 def require_store(args) -> str:

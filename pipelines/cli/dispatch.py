@@ -36,7 +36,8 @@ from typing import Sequence
 from feature_store.io import dumps_strict, json_default
 from pipelines.jobs.outcome import EXIT_ERROR, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, CommandExit, configure_logging
 from pipelines.beam.flags import UnknownFlagError, check_beam_flags
-from feature_store.config_tree import add_config_file_arguments, add_tree_arguments, flat, resolve_tree, to_yaml
+from feature_store.config_tree import (add_config_file_arguments, add_tree_arguments, flat, missing_required,
+                                       resolve_tree, to_yaml)
 
 
 # name -> (module, one-line help). Modules are imported lazily.
@@ -153,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tree_cls is not None and args.print_config:
         print(to_yaml(args.config_tree), end="", flush=True)
         return EXIT_OK
+    if tree_cls is not None and missing_required(args.config_tree):
+        return _usage_error(parser, f"qarm {name}", name, "the following arguments are required: "
+                            + ", ".join(missing_required(args.config_tree)), as_json)
     try:
         check_beam_flags(unknown)
     except UnknownFlagError as exc:

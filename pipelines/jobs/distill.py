@@ -18,19 +18,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.beam.data_flags import add_data_arguments
-    from ranker.retrieval.args import add_retrieval_arguments
-    from ranker.retrieval.config import DEFAULT_ROWS
+from pipelines.config.retrieval import DistillStudyConfig as CONFIG_TREE  # noqa: E402,F401 (the dispatcher's flags)
 
-    add_data_arguments(parser)
-    add_retrieval_arguments(parser)
-    parser.add_argument("--seeds", type=int, default=3, help="model seeds per row (--seed, --seed+1, ...)")
-    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated subset of rows")
-    parser.add_argument("--k", type=int, default=20, help="cut-off of Recall@K / NDCG@K and of the serving top-K")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the paired intervals")
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Besides the config tree's flags (data, split, source, retrieval, distill, study): where the report goes."""
     parser.add_argument("--out", type=Path, default=Path("runs/distill"), help="report folder")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
 
 def load_inputs(args):
@@ -48,7 +41,9 @@ def load_inputs(args):
     for noisy in ("faiss", "matplotlib"):                  # third-party log noise below WARNING
         logging.getLogger(noisy).setLevel(logging.WARNING)
     split = split_from_args(args)
-    version = FeatureStore(args.store).read(args.version)
+    from ranker.args import require_store
+
+    version = FeatureStore(require_store(args)).read(args.version)
     ds = load_dataset(data_spec_from_args(args))
     # refuse a version built under another protocol (or trained past this split's train cut)
     check_protocol(version.manifest.get("protocol"), ds.interactions, split, version.id, args.allow_protocol_mismatch)

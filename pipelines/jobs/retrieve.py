@@ -18,21 +18,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.beam.data_flags import add_data_arguments
-    from ranker.retrieval.args import add_retrieval_arguments
+from pipelines.config.retrieval import RetrieveConfig as CONFIG_TREE  # noqa: E402,F401 (the dispatcher's flags)
 
-    add_data_arguments(parser)
-    add_retrieval_arguments(parser)
-    parser.add_argument("--k", type=int, default=100, help="candidates per user")
-    parser.add_argument("--window", choices=("train", "valid", "test"), default="test",
-                        help="whose users get candidates (users with a training positive and a positive here)")
-    parser.add_argument("--model", choices=("student", "teacher"), default="student")
-    parser.add_argument("--kd", default="all", help="student KD parts: none | listwise | modality | prompt | all, "
-                                                    "or a comma-separated mix")
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Besides the config tree's flags (data, split, source, retrieval, distill, candidates): the outputs."""
     parser.add_argument("--out", type=Path, required=True, help="candidates Parquet file")
     parser.add_argument("--save-model", type=Path, default=None, help="folder for the student's tables")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
 
 
 def run(args: argparse.Namespace) -> dict:

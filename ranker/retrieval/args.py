@@ -3,48 +3,59 @@ from __future__ import annotations
 
 import argparse
 
+from dataclasses import dataclass
+
+from feature_store.config_tree import add_section_arguments, knob
 from feature_store.split import add_split_arguments
+from ranker.args import VersionSection
 from ranker.retrieval.config import LOSSES, RELIABILITY, DistillConfig, RetrievalConfig
 
 _R, _D = RetrievalConfig(), DistillConfig()
 
 
-def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
-    """--store --version --split ... --allow-protocol-mismatch, model / training flags, distillation flags."""
-    st = parser.add_argument_group("store")
-    st.add_argument("--store", required=True, help="feature-store root: a folder, file://, s3:// or gs:// URL")
-    st.add_argument("--version", default=None, help="version id (default: CURRENT)")
-    add_split_arguments(parser)  # must match the version's recorded protocol
-    st.add_argument("--allow-protocol-mismatch", action="store_true",
-                    help="use a version built under another split protocol anyway (its upstream stages saw "
-                         "interactions this split treats as valid / test: leakage)")
-    g = parser.add_argument_group("retrieval models")
-    g.add_argument("--dim", type=int, default=_R.dim, help="embedding width")
-    g.add_argument("--loss", choices=LOSSES, default=_R.loss, help="sampled softmax or BPR")
-    g.add_argument("--negatives", type=int, default=_R.negatives, help="sampled-softmax negatives per batch")
-    g.add_argument("--epochs", type=int, default=_R.epochs, help="most epochs (early stopping on valid)")
-    g.add_argument("--batch-size", type=int, default=_R.batch_size)
-    g.add_argument("--lr", type=float, default=_R.lr)
-    g.add_argument("--teacher-lr", type=float, default=_R.teacher_lr)
-    g.add_argument("--teacher-graph", action="store_true",
-                   help="teacher user modality vectors add the mean content of the user's training positives")
-    g.add_argument("--l2", type=float, default=_R.l2, help="L2 on the batch's embedding rows")
-    g.add_argument("--tower-hidden", type=int, default=_R.tower_hidden, help="teacher projection tower width")
-    g.add_argument("--modality-loss-weight", type=float, default=_R.modality_loss_weight)
-    g.add_argument("--eval-every", type=int, default=_R.eval_every)
-    g.add_argument("--patience", type=int, default=_R.patience, help="evaluations without improvement (0 = off)")
-    g.add_argument("--torch-threads", type=int, default=1, help="torch threads")
-    d = parser.add_argument_group("distillation")
-    d.add_argument("--temperature", type=float, default=_D.temperature)
-    d.add_argument("--kd-weight", type=float, default=_D.kd_weight, help="list-wise KD weight")
-    d.add_argument("--modality-weight", type=float, default=_D.modality_weight, help="per-modality KD weight")
-    d.add_argument("--kd-topk", type=int, default=_D.topk, help="teacher top-K in each candidate list")
-    d.add_argument("--kd-samples", type=int, default=_D.samples, help="sampled items in each candidate list")
-    d.add_argument("--reliability", choices=RELIABILITY, default=_D.reliability,
-                   help="modality weights: agreement with the observed label, teacher confidence, or uniform")
-    d.add_argument("--prompt-lr", type=float, default=_D.prompt_lr)
-    d.add_argument("--prompt-task-weight", type=float, default=_D.prompt_task_weight)
+@dataclass(frozen=True)
+class RetrievalSection:
+    """The retrieval models (RetrievalConfig's defaults)."""
 
+    dim: int = knob(_R.dim, "embedding width")
+    loss: str = knob(_R.loss, "sampled softmax or BPR", choices=LOSSES)
+    negatives: int = knob(_R.negatives, "sampled-softmax negatives per batch")
+    epochs: int = knob(_R.epochs, "most epochs (early stopping on valid)")
+    batch_size: int = knob(_R.batch_size, "interactions per batch")
+    lr: float = knob(_R.lr, "learning rate of the students")
+    teacher_lr: float = knob(_R.teacher_lr, "learning rate of the multimodal teacher")
+    teacher_graph: bool = knob(_R.teacher_graph, "teacher user modality vectors add the mean content of the user's "
+                                                 "training positives")
+    l2: float = knob(_R.l2, "L2 on the batch's embedding rows")
+    tower_hidden: int = knob(_R.tower_hidden, "teacher projection tower width")
+    modality_loss_weight: float = knob(_R.modality_loss_weight, "weight of the teacher's per-modality losses")
+    eval_every: int = knob(_R.eval_every, "epochs between validation evaluations")
+    patience: int = knob(_R.patience, "evaluations without improvement before stopping (0: off)")
+    torch_threads: int = knob(1, "torch threads")
+
+
+@dataclass(frozen=True)
+class DistillSection:
+    """PromptMM-style distillation (DistillConfig's defaults; which parts are on is the command's)."""
+
+    temperature: float = knob(_D.temperature, "KD softmax temperature")
+    kd_weight: float = knob(_D.kd_weight, "list-wise KD weight")
+    modality_weight: float = knob(_D.modality_weight, "per-modality KD weight")
+    kd_topk: int = knob(_D.topk, "teacher top-K in each candidate list")
+    kd_samples: int = knob(_D.samples, "sampled items in each candidate list")
+    reliability: str = knob(_D.reliability, "modality weights: agreement with the observed label, teacher "
+                                            "confidence, or uniform", choices=RELIABILITY)
+    prompt_lr: float = knob(_D.prompt_lr, "learning rate of the soft prompts")
+    prompt_task_weight: float = knob(_D.prompt_task_weight, "weight of the prompts' task loss")
+
+
+def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the retrieval sections (store, split, models, distillation), generated, for commands without
+    a config tree (`python -m ranker.retrieval.train`)."""
+    add_section_arguments(parser, VersionSection, title="store")
+    add_split_arguments(parser)  # must match the version's recorded protocol
+    add_section_arguments(parser, RetrievalSection, title="retrieval models")
+    add_section_arguments(parser, DistillSection, title="distillation")
 
 
 def config_from_args(args, seed: int | None = None) -> RetrievalConfig:

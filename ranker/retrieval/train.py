@@ -87,7 +87,9 @@ def main(argv=None) -> int:
     rank = torch.distributed.get_rank() if world > 1 else 0
     try:
         split = split_from_args(args)
-        version = FeatureStore(args.store).read(args.version)
+        from ranker.args import require_store
+
+        version = FeatureStore(require_store(args)).read(args.version)
         inter = read_table(args.interactions, ("user_id", "item_id", "ts", "label"))
         check_protocol(version.manifest.get("protocol"), inter, split, version.id, args.allow_protocol_mismatch)
         if args.items is not None:

@@ -137,3 +137,58 @@ def test_beam_options_carry_the_tree_and_record_no_credentials():
     assert record["runner"] == "FnApiRunner" and record["direct_num_workers"] == 2
     assert not {"aws_access_key_id", "aws_secret_access_key"} & set(record) and "swing_top_n" not in record
     assert yaml.safe_load(to_yaml(cfg)) == to_dict(cfg)
+
+
+def _tree_commands():
+    import importlib
+
+    from pipelines.cli import dispatch
+
+    out = {}
+    for name, (module_name, _) in dispatch.COMMANDS.items():
+        module = importlib.import_module(module_name)
+        if getattr(module, "CONFIG_TREE", None) is not None:
+            out[name] = (module.CONFIG_TREE, getattr(module, "CONFIG_DEFAULTS", None))
+    return out
+
+
+def test_every_job_with_a_tree_prints_it_and_keeps_names_unique(capsys):
+    trees = _tree_commands()
+    assert set(trees) >= {"pipeline", "demo", "eval", "train-ranker", "distill", "retrieve"}
+    for name, (tree, defaults) in trees.items():
+        names = knob_names(tree)
+        assert len(names) == len(set(names)), f"qarm {name}: a knob name in two sections"
+        extra = ["--out", "x"] if name in ("demo", "retrieve") else []
+        assert main([name, "--print-config", *extra]) == 0, name
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert tree_from_dict(tree, printed) == resolve_tree(tree, argparse.Namespace(), defaults=defaults)
+
+
+@pytest.mark.parametrize("command", ["train-ranker", "distill"])
+def test_a_required_knob_missing_is_a_usage_error(command, capsys):
+    assert main([command, "--json"]) == 2
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "--store" in out["error"] and out["error_type"] == "UsageError"
+
+
+def test_one_name_per_knob_across_commands():
+    """The names the issue found spelt differently per command are one flag everywhere now."""
+    import importlib
+
+    from pipelines.cli import dispatch
+
+    def flags(command):
+        module = importlib.import_module(dispatch.COMMANDS[command][0])
+        parser = argparse.ArgumentParser()
+        if getattr(module, "CONFIG_TREE", None) is not None:
+            add_tree_arguments(parser, module.CONFIG_TREE)
+        module.add_arguments(parser)
+        return {s for a in parser._actions for s in a.option_strings}
+
+    pipeline, align, ev, retrain = flags("pipeline"), flags("align"), flags("eval"), flags("retrain")
+    for knob_flag in ("--align-epochs", "--align-lr", "--side-layer-stride", "--torch-threads", "--init-encoder",
+                      "--align-mode", "--heldout-frac"):
+        assert knob_flag in pipeline and knob_flag in align, knob_flag
+    assert not {"--epochs", "--lr", "--layer-stride", "--threads", "--init-checkpoint", "--mode"} & align
+    assert "--threads" not in ev and "--torch-threads" in ev
+    assert "--tail-frac" in retrain and "--holdout-frac" not in retrain
