@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = "-v" in rest or "--verbose" in rest
     with _quiet_imports(verbose):
         module = importlib.import_module(module_name)  # a broken install fails loudly here, never "not built"
-    parser = _Parser(prog=f"qarm {name}", description=help_)
+    parser = _Parser(prog=f"qarm {name}", description=help_, allow_abbrev=False)  # no knob by a prefix
     tree_cls = getattr(module, "CONFIG_TREE", None)
     if tree_cls is not None:  # flags generated from the typed config tree; absent ones leave no attribute
         add_tree_arguments(parser, tree_cls, with_defaults=False)

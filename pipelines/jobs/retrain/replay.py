@@ -226,11 +226,13 @@ def main(argv=None) -> int:
     from feature_store.io import dumps_strict
     from pipelines.data import load_dataset
     from pipelines.beam.data_flags import data_spec_from_args
-    from pipelines.jobs.retrain import add_arguments, config_from_args
+    from feature_store.config_tree import add_tree_arguments
+    from pipelines.jobs.retrain import config_from_args
+    from pipelines.jobs.retrain.config import RetrainTree
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.jobs.retrain.replay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
+    add_tree_arguments(parser, RetrainTree)  # the retraining job's knobs, with their defaults
     r = parser.add_argument_group("replay")
     r.add_argument("--days", type=int, default=5)
     r.add_argument("--tail", type=float, default=0.1, help="share of the log replayed day by day")
