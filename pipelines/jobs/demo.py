@@ -10,27 +10,45 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from feature_store.config_tree import knob, sections
+from pipelines.config.cascade import CascadeConfig
 
 log = logging.getLogger("pipelines.jobs.demo")
 
 ACCEPTS_EXTRA_ARGS = True  # Beam flags pass through to the cascade
 
 
-# every `qarm pipeline` knob (the dispatcher generates them, --config and --print-config), with CPU-sized
-# defaults: the real-weights encoder on small images, IISAN side-mode alignment
-from pipelines.config.cascade import CascadeConfig as CONFIG_TREE  # noqa: E402
+@dataclass(frozen=True)
+class DemoSection:
+    """What the demo adds after the cascade: a short ablation."""
 
+    seeds: int = knob(1, "ranker seeds per ablation row")
+    ranker_epochs: int = knob(2, "ranker epochs per ablation run")
+    skip_ablation: bool = knob(False, "cascade and codebook report only")
+
+
+@dataclass(frozen=True)
+class DemoConfig(CascadeConfig):
+    """Every `qarm pipeline` knob and the demo's own."""
+
+    demo: DemoSection = field(default_factory=DemoSection)
+
+    def cascade(self) -> CascadeConfig:
+        return CascadeConfig(**{name: getattr(self, name) for name, _ in sections(CascadeConfig)})
+
+
+CONFIG_TREE = DemoConfig  # the dispatcher generates the flags, --config and --print-config
+# CPU-sized defaults: the real-weights encoder on small images, IISAN side-mode alignment (below a --config file)
 CONFIG_DEFAULTS = {"encoder": "minilm-effnet", "encoder_image_size": 64, "align_mode": "side", "align_epochs": 2}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Demo flags besides the cascade's: --out, --seeds, --ranker-epochs, --skip-ablation."""
-    g = parser.add_argument_group("demo")
-    g.add_argument("--out", type=Path, required=True, help="report folder (the store goes to OUT/store by default)")
-    g.add_argument("--seeds", type=int, default=1, help="ranker seeds per ablation row")
-    g.add_argument("--ranker-epochs", type=int, default=2, help="ranker epochs per ablation run")
-    g.add_argument("--skip-ablation", action="store_true", help="cascade and codebook report only")
+    """Besides the config tree's flags: where the report goes."""
+    parser.add_argument("--out", type=Path, required=True,
+                        help="report folder (the store goes to OUT/store by default)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -45,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = args.config_tree
+    config = args.config_tree.cascade()
     if not config.runtime.store:
         config = with_values(config, {"store": str(out / "store")})
     summary = run_job(options_for(config, getattr(args, "extra_args", None) or ()), save_main_session=False)
