@@ -142,21 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("-v", "--verbose", action="store_true",
                             help="third-party libraries log at INFO too (default: WARNING)")
     try:
-        args, unknown = _parse(parser, module, rest)
-        if tree_cls is not None:
-            args.config_tree = resolve_tree(tree_cls, args, defaults=getattr(module, "CONFIG_DEFAULTS", None))
-            vars(args).update(flat(args.config_tree))  # the jobs read knobs by name too
+        args, unknown = _parse(parser, module, rest, tree_cls)
     except UsageError as exc:
         return _usage_error(parser, f"qarm {name}", name, str(exc), as_json)
-    except (ValueError, FileNotFoundError) as exc:  # a bad config file or knob value: a usage error naming it
-        return _usage_error(parser, f"qarm {name}", name, str(exc), as_json)
     configure_logging(getattr(args, "verbose", False))
-    if tree_cls is not None and args.print_config:
-        print(to_yaml(args.config_tree), end="", flush=True)
-        return EXIT_OK
-    if tree_cls is not None and missing_required(args.config_tree):
-        return _usage_error(parser, f"qarm {name}", name, "the following arguments are required: "
-                            + ", ".join(missing_required(args.config_tree)), as_json)
     try:
         check_beam_flags(unknown)
     except UnknownFlagError as exc:
@@ -165,8 +154,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_result({"command": name, "ok": False, "exit": EXIT_USAGE, "error": str(exc),
                            "error_type": "UnknownFlagError"}, True)
         return EXIT_USAGE
+    if tree_cls is not None and args.print_config:
+        print(to_yaml(args.config_tree), end="", flush=True)
+        return EXIT_OK
+    if tree_cls is not None and missing_required(args.config_tree):
+        return _usage_error(parser, f"qarm {name}", name, "the following arguments are required: "
+                            + ", ".join(missing_required(args.config_tree)), as_json)
     if unknown:
         args.extra_args = unknown
+    return _run(name, module, args, as_json)
+
+
+def _run(name: str, module, args: argparse.Namespace, as_json: bool) -> int:
+    """Run the command and map its outcome to an exit code (the module docstring's table) and the printed result."""
     from feature_store.lock import StoreLockedError
     from feature_store.store import StoreConflictError
 
@@ -212,11 +212,21 @@ def _usage_error(parser: argparse.ArgumentParser, prog: str, name: str | None, m
     return EXIT_USAGE
 
 
-def _parse(parser: argparse.ArgumentParser, module, rest: list[str]):
+def _parse(parser: argparse.ArgumentParser, module, rest: list[str], tree_cls=None):
+    """(args, unknown flags); with a config tree, ``args.config_tree`` is resolved (defaults < the command's
+    CONFIG_DEFAULTS < --config < flags) and its knobs are set on ``args`` by name. Raises UsageError."""
     # Jobs that pass Beam options through (e.g. `--runner FlinkRunner`) accept unknown flags.
     if getattr(module, "ACCEPTS_EXTRA_ARGS", False):
-        return parser.parse_known_args(rest)
-    return parser.parse_args(rest), []
+        args, unknown = parser.parse_known_args(rest)
+    else:
+        args, unknown = parser.parse_args(rest), []
+    if tree_cls is not None:
+        try:
+            args.config_tree = resolve_tree(tree_cls, args, defaults=getattr(module, "CONFIG_DEFAULTS", None))
+        except (ValueError, FileNotFoundError) as exc:  # a bad config file or knob value names itself
+            raise UsageError(str(exc)) from None
+        vars(args).update(flat(args.config_tree))  # the jobs read knobs by name too
+    return args, unknown
 
 
 if __name__ == "__main__":  # pragma: no cover
