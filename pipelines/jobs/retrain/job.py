@@ -414,6 +414,10 @@ def retrain(store_root: Path, dataset, cfg: RetrainConfig, work_root: Optional[P
             continuity: Optional[bool] = None, lock_timeout: float = 0.0, clock=None) -> RetrainOutcome:
     """Run one retraining job against the CURRENT version of ``store_root``.
 
+    Long on purpose (about 95 lines): it is the run's one sequence under the store lock — run key, stages in order,
+    the refused-refresh retry, the gate, publish — and every stage body lives in its own ``_*_stage`` function;
+    splitting the sequence would spread the lock's scope over several functions.
+
     Args:
         store_root: the feature store; its CURRENT version is the parent.
         dataset: a loaded ``pipelines.data.Dataset`` (the full log; the job selects its window), loaded with
