@@ -317,6 +317,12 @@ class CascadeConfig:
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
     user_prompts: UserPromptsSection = field(default_factory=UserPromptsSection)
 
+    def cascade(self) -> "CascadeConfig":
+        """The cascade's own sections (of a tree that extends this one: `qarm demo`, `qarm eval`)."""
+        from feature_store.config_tree import sections
+
+        return CascadeConfig(**{name: getattr(self, name) for name, _ in sections(CascadeConfig)})
+
     def seed(self) -> int:
         """The seed of every seeded cascade stage: --cascade-seed, else the data --seed."""
         return int(self.data.seed if self.runtime.cascade_seed is None else self.runtime.cascade_seed)

@@ -8,24 +8,29 @@ from typing import Optional
 
 from feature_store.config_tree import knob
 from feature_store.split import SplitSection
-from pipelines.config.cascade import (AlignSection, CascadeConfig, DataSection, PairsSection, QuantSection,
-                                      RuntimeSection)
+from pipelines.config.cascade import CascadeConfig, DataSection
 from ranker.args import NegativesSection, RankerRunSection, RankerSection, ReadSection, VersionSection
 from ranker.config import ABLATION_ROWS
 from ranker.stats import BootstrapConfig
 
 
 @dataclass(frozen=True)
-class TrainRankerConfig:
-    """`qarm train-ranker`: data, split (must match the version's protocol), the ranker, its negatives, the
-    version read."""
+class ReadsVersion:
+    """The sections of a command that reads a published version: the data, the split (it must match the
+    version's protocol) and the version."""
 
     data: DataSection = field(default_factory=DataSection)
     split: SplitSection = field(default_factory=SplitSection)
+    source: VersionSection = field(default_factory=VersionSection)
+
+
+@dataclass(frozen=True)
+class TrainRankerConfig(ReadsVersion):
+    """`qarm train-ranker`: + the ranker, its feature set and threads, its negatives."""
+
     run: RankerRunSection = field(default_factory=RankerRunSection)
     ranker: RankerSection = field(default_factory=RankerSection)
     negatives: NegativesSection = field(default_factory=NegativesSection)
-    source: VersionSection = field(default_factory=VersionSection)
 
 
 @dataclass(frozen=True)
@@ -43,22 +48,11 @@ class AblationSection:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(CascadeConfig):
     """`qarm eval`: the cascade's sections (--store: the version evaluated, or where --cascade-seeds publish),
     the ranker's, and the ablation's."""
 
-    data: DataSection = field(default_factory=DataSection)
-    split: SplitSection = field(default_factory=SplitSection)
-    pairs: PairsSection = field(default_factory=PairsSection)
-    align: AlignSection = field(default_factory=AlignSection)
-    quant: QuantSection = field(default_factory=QuantSection)
-    runtime: RuntimeSection = field(default_factory=RuntimeSection)
     source: ReadSection = field(default_factory=ReadSection)
     ranker: RankerSection = field(default_factory=RankerSection)
     negatives: NegativesSection = field(default_factory=NegativesSection)
     ablation: AblationSection = field(default_factory=AblationSection)
-
-    def cascade(self) -> CascadeConfig:
-        """The cascade part (what `--cascade-seeds` runs)."""
-        return CascadeConfig(data=self.data, split=self.split, pairs=self.pairs, align=self.align, quant=self.quant,
-                             runtime=self.runtime)

@@ -6,9 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from feature_store.config_tree import knob
-from feature_store.split import SplitSection
-from pipelines.config.cascade import DataSection
-from ranker.args import VersionSection
+from pipelines.config.ranker import ReadsVersion
 from ranker.retrieval.args import DistillSection, RetrievalSection
 from ranker.retrieval.config import DEFAULT_ROWS
 
@@ -35,24 +33,22 @@ class CandidatesSection:
 
 
 @dataclass(frozen=True)
-class DistillStudyConfig:
-    """`qarm distill`."""
+class RetrievalJobConfig(ReadsVersion):
+    """The retrieval models and their distillation over a version."""
 
-    data: DataSection = field(default_factory=DataSection)
-    split: SplitSection = field(default_factory=SplitSection)
-    source: VersionSection = field(default_factory=VersionSection)
     retrieval: RetrievalSection = field(default_factory=RetrievalSection)
     distill: DistillSection = field(default_factory=DistillSection)
+
+
+@dataclass(frozen=True)
+class DistillStudyConfig(RetrievalJobConfig):
+    """`qarm distill`."""
+
     study: StudySection = field(default_factory=StudySection)
 
 
 @dataclass(frozen=True)
-class RetrieveConfig:
+class RetrieveConfig(RetrievalJobConfig):
     """`qarm retrieve`."""
 
-    data: DataSection = field(default_factory=DataSection)
-    split: SplitSection = field(default_factory=SplitSection)
-    source: VersionSection = field(default_factory=VersionSection)
-    retrieval: RetrievalSection = field(default_factory=RetrievalSection)
-    distill: DistillSection = field(default_factory=DistillSection)
     candidates: CandidatesSection = field(default_factory=CandidatesSection)

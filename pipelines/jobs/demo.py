@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from feature_store.config_tree import knob, sections
+from feature_store.config_tree import knob
 from pipelines.config.cascade import CascadeConfig
 
 log = logging.getLogger("pipelines.jobs.demo")
@@ -35,9 +35,6 @@ class DemoConfig(CascadeConfig):
     """Every `qarm pipeline` knob and the demo's own."""
 
     demo: DemoSection = field(default_factory=DemoSection)
-
-    def cascade(self) -> CascadeConfig:
-        return CascadeConfig(**{name: getattr(self, name) for name, _ in sections(CascadeConfig)})
 
 
 CONFIG_TREE = DemoConfig  # the dispatcher generates the flags, --config and --print-config

@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     from pipelines.beam.data_flags import data_spec_from_args
     from feature_store.config_tree import add_tree_arguments
     from pipelines.jobs.retrain import config_from_args
-    from pipelines.jobs.retrain.config import RetrainTree
+    from pipelines.jobs.retrain.retrain_tree import RetrainTree
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.jobs.retrain.replay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
