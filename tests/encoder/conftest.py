@@ -24,7 +24,8 @@ def synthetic_world(folder, n_items: int = 96, seed: int = 0):
 
     ds = load_dataset(DataSpec(dataset="synthetic", data=str(folder), n_items=n_items, n_users=80, n_events=5000,
                                n_clusters=4, image_size=32, seed=seed))
-    pairs = mine_pairs(ds.interactions, PairConfig(heldout_frac=0.0, min_support=2))
+    # Swing-triggered pairs: the gate tests' expectations were set on them (the miner's default is collab now)
+    pairs = mine_pairs(ds.interactions, PairConfig(heldout_frac=0.0, min_support=2, trigger_similarity="swing"))
     train, valid = split_valid_pairs(pairs.train, 0.2)
     return ds, train, valid
 
