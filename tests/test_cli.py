@@ -218,3 +218,36 @@ def test_every_command_speaks_hyphens_and_shows_its_groups(command):
     assert flags and not [f for f in flags if "_" in f], f"qarm {command}: underscore flags"
     if len(flags) > 8:  # commands with many flags group them under headings
         assert len(parser._action_groups) > 2
+
+
+def test_every_flag_the_docs_show_exists():
+    """README and docs/*.md command lines use only flags their command (or Beam) knows: a renamed knob cannot
+    leave a stale doc behind."""
+    import argparse
+    import importlib
+    import re
+
+    from feature_store.config_tree import add_config_file_arguments, add_tree_arguments
+    from pipelines.beam.flags import beam_flag_parser
+
+    repo = Path(__file__).resolve().parents[1]
+    known = {}
+    for name, (module_name, _) in cli.COMMANDS.items():
+        module = importlib.import_module(module_name)
+        parser = argparse.ArgumentParser(add_help=False)
+        if getattr(module, "CONFIG_TREE", None) is not None:
+            add_tree_arguments(parser, module.CONFIG_TREE)
+            add_config_file_arguments(parser)
+        module.add_arguments(parser)
+        known[name] = {s for a in parser._actions for s in a.option_strings} | {"--json", "--verbose", "-v"}
+    beam = {s for a in beam_flag_parser()._actions for s in a.option_strings}
+    stale = []
+    for doc in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]:
+        for line in doc.read_text().replace("\\\n", " ").splitlines():
+            for match in re.finditer(r"qarm ([a-z-]+)((?: [^`|#]*)?)", line):
+                if match.group(1) not in known:
+                    continue
+                for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", match.group(2)):
+                    if flag not in known[match.group(1)] and flag not in beam:
+                        stale.append(f"{doc.name}: qarm {match.group(1)} {flag}")
+    assert not stale
