@@ -648,13 +648,15 @@ class AsOfVectors:
     """Point-in-time user vectors (user_embeddings_asof.parquet): row r is the vector of the prompt of user
     ``user_ids[r]`` that read only its train-portion positives with ts < ``cut_ts[r]``. Sorted by (user, cut).
     The last row of each user (cut = its last train positive's ts + 1) is its serving vector, the row of
-    user_embeddings.parquet, exactly (the same array, not a re-encoding)."""
+    user_embeddings.parquet, exactly (the same array, not a re-encoding). ``prompts``: the prompt of each row
+    (not written; the train-end rows' prompts read the same events as the serving prompts)."""
 
     user_ids: np.ndarray
     cut_ts: np.ndarray
     vectors: np.ndarray
     per_user: int
     encode_seconds: float
+    prompts: list = field(default_factory=list)
 
     def record(self) -> dict:
         users = int(len(np.unique(self.user_ids)))
@@ -681,7 +683,8 @@ def encode_asof(task: UserPromptTask, user_ids: np.ndarray, serve_vectors: np.nd
     cuts = [(u, c) for u, c in asof_cuts(task.events, per_user) if u in row_of]
     end = np.array([c == max(t for _, t in task.events[u]) + 1 for u, c in cuts], dtype=bool)
     t0 = time.perf_counter()
-    earlier = [task.prompt_at(u, c) for (u, c), e in zip(cuts, end) if not e]
+    prompts = [task.prompt_at(u, c) for u, c in cuts]
+    earlier = [p for p, e in zip(prompts, end) if not e]
     encoded = encode_prompts(task.model, earlier, task.collate, batch_size, device).astype(np.float32, copy=False)
     seconds = time.perf_counter() - t0
     dim = serve_vectors.shape[1] if serve_vectors.ndim == 2 else task.model.item_vectors.shape[1]
@@ -689,7 +692,7 @@ def encode_asof(task: UserPromptTask, user_ids: np.ndarray, serve_vectors: np.nd
     vectors[~end] = encoded
     vectors[end] = serve_vectors[[row_of[u] for (u, _), e in zip(cuts, end) if e]]
     return AsOfVectors(np.array([u for u, _ in cuts], np.int64), np.array([c for _, c in cuts], np.int64), vectors,
-                       per_user, seconds)
+                       per_user, seconds, prompts)
 
 
 def write_user_tables(folder, fit: UserVectors) -> list:
