@@ -229,6 +229,11 @@ def prompt_user_vectors(version) -> dict | None:
     return None
 
 
+def prompt_vectors_source(version) -> str | None:
+    """What the "prompt" rows of ``version`` read (see :func:`prompt_user_vectors`): "asof", "serving" or None."""
+    return "asof" if version.has(USER_EMBEDDINGS_ASOF) else "serving" if version.has(USER_EMBEDDINGS) else None
+
+
 def items_for(features_by_table: dict, feature_set: str) -> ItemFeatures:
     """Pick the ItemFeatures a feature set reads (raises naming the missing table)."""
     from ranker.config import FEATURE_SETS

@@ -143,11 +143,12 @@ def _publish_with_user_tables(w, root, asof: bool):
 
 @pytest.mark.parametrize("asof", [True, False])
 def test_a_ranker_run_reads_the_asof_table_when_the_version_has_it(world, tmp_path, asof):
-    from ranker.data import store_items
+    from ranker.data import prompt_vectors_source, store_items
     from ranker.train import fit
 
     w, data = world
     version = _publish_with_user_tables(w, tmp_path / "store", asof)
+    assert prompt_vectors_source(version) == ("asof" if asof else "serving")   # qarm eval's cascades record
     items = items_for(store_items(version, w.item_ids), "vq+rq+prompt")
     assert items.user_vectors_source == ("asof" if asof else "serving")
     cfg = RankerConfig(features="vq+rq+prompt", history_len=5, epochs=1, batch_size=256, patience=0, seed=0)
@@ -157,7 +158,7 @@ def test_a_ranker_run_reads_the_asof_table_when_the_version_has_it(world, tmp_pa
     ex = data.train
     dense = build_batch(ex.take(np.arange(len(ex))), build_schema(cfg, data.users.n_rows, items), items).dense.numpy()
     vec = dense[:, -w.embeddings.shape[1]:]
-    if asof:   # before the median time: no cut yet (zeros); after it: +e_0 (train) ; valid / test: -e_0 never
+    if asof:   # before the median time: no cut yet (zeros); from it on: +e_0 (the -e_0 cut is after every event)
         mid = int(np.median(w.interactions["ts"]))
         early, late = ex.ts < mid, ex.ts >= mid
         assert early.any() and late.any()
