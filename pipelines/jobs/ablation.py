@@ -122,7 +122,7 @@ def run_eval(dataset, plan: EvalPlan, base_cfg: RankerConfig, out_dir: Path,
         "skipped": skipped, "data": data.info, "config": base_cfg.to_dict(), "plan": dataclasses.asdict(plan),
         "seconds": time.perf_counter() - t0,
         "runs": {row: [{k: r.get(k) for k in ("test", "valid", "test_by_popularity", "best_epoch", "history",
-                                               "seconds", "coverage")} for r in results]
+                                               "seconds", "coverage", "prompt_vectors")} for r in results]
                  for row, results in runs.items()},
         "files": {k: str(out_dir / f"ablation.{k}") for k in ("json", "md", "png")},
     }
