@@ -687,6 +687,8 @@ def encode_asof(task: UserPromptTask, user_ids: np.ndarray, serve_vectors: np.nd
     earlier = [p for p, e in zip(prompts, end) if not e]
     encoded = encode_prompts(task.model, earlier, task.collate, batch_size, device).astype(np.float32, copy=False)
     seconds = time.perf_counter() - t0
+    log.info("user prompts: %d as-of vectors of %d users (%d encoded, the train-end ones are the serving vectors) "
+             "in %.1fs", len(cuts), len(row_of), len(earlier), seconds)
     dim = serve_vectors.shape[1] if serve_vectors.ndim == 2 else task.model.item_vectors.shape[1]
     vectors = np.zeros((len(cuts), dim), np.float32)
     vectors[~end] = encoded
