@@ -595,7 +595,7 @@ class UserVectors:
     user_ids (U,) int64: every user with a train-portion positive (sorted); vectors (U, D) float32: the vectors
     that ship (the trained encoder's when the gate kept it, else step 0's, i.e. history pooling); step0 (U, D):
     history pooling; task / result: the prompts and the training record; encode_seconds: serving them all;
-    asof: the point-in-time vectors (``encode_asof``; None when not asked for).
+    asof: the point-in-time vectors (``encode_asof``, the same encoder; ``fit_user_vectors`` always makes them).
     """
 
     user_ids: np.ndarray
@@ -681,7 +681,8 @@ def encode_asof(task: UserPromptTask, user_ids: np.ndarray, serve_vectors: np.nd
         raise ValueError("encode_asof: the task carries no events / prompt builder (build_user_prompt_task makes one)")
     row_of = {int(u): r for r, u in enumerate(user_ids)}
     cuts = [(u, c) for u, c in asof_cuts(task.events, per_user) if u in row_of]
-    end = np.array([c == max(t for _, t in task.events[u]) + 1 for u, c in cuts], dtype=bool)
+    train_end = {u: max(t for _, t in task.events[u]) + 1 for u in row_of if task.events.get(u)}
+    end = np.array([c == train_end.get(u) for u, c in cuts], dtype=bool)
     t0 = time.perf_counter()
     prompts = [task.prompt_at(u, c) for u, c in cuts]
     earlier = [p for p, e in zip(prompts, end) if not e]
