@@ -136,6 +136,40 @@ def write_embeddings(path: str | os.PathLike, item_ids, emb, id_column: str = "i
     return atomic_write_parquet(path, embeddings_table(item_ids, emb, id_column))
 
 
+def asof_embeddings_table(user_ids, cut_ts, emb) -> pa.Table:
+    """Arrow table of user_embeddings_asof.parquet: (user_id int64, cut_ts int64, embedding list<float32>[d]),
+    one row per (user, cut), the vector of a prompt that read only events with ts < cut_ts. Rows are written
+    sorted by (user_id, cut_ts); a (user_id, cut_ts) pair appears once."""
+    user_ids = _as_ids(user_ids, "<memory>")
+    cut_ts = _as_ids(cut_ts, "<memory>")
+    emb = _to_numpy(emb).astype(np.float32, copy=False)
+    if emb.ndim != 2 or emb.shape[0] != len(user_ids) or len(cut_ts) != len(user_ids):
+        raise TableError(f"as-of embeddings: {len(user_ids)} user ids, {len(cut_ts)} cuts, embeddings {emb.shape}")
+    if emb.shape[1] <= 0:
+        raise TableError("as-of embeddings: dimension 0")
+    order = np.lexsort((cut_ts, user_ids))
+    user_ids, cut_ts, emb = user_ids[order], cut_ts[order], emb[order]
+    same = (user_ids[1:] == user_ids[:-1]) & (cut_ts[1:] == cut_ts[:-1])
+    if same.any():
+        r = int(np.flatnonzero(same)[0])
+        raise TableError(f"as-of embeddings: (user_id {user_ids[r]}, cut_ts {cut_ts[r]}) appears twice")
+    _check_finite(emb, user_ids, "<memory>", "embedding")
+    dim = emb.shape[1]
+    column = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(emb).reshape(-1), type=pa.float32()),
+                                               dim)
+    schema = pa.schema([pa.field("user_id", pa.int64(), nullable=False),
+                        pa.field("cut_ts", pa.int64(), nullable=False),
+                        pa.field("embedding", pa.list_(pa.field("item", pa.float32(), nullable=False), dim),
+                                 nullable=False)])
+    return pa.Table.from_arrays([pa.array(user_ids, pa.int64()), pa.array(cut_ts, pa.int64()), column],
+                                schema=schema)
+
+
+def write_asof_embeddings(path: str | os.PathLike, user_ids, cut_ts, emb) -> Path:
+    """Atomically write user_embeddings_asof.parquet (see :func:`asof_embeddings_table`)."""
+    return atomic_write_parquet(path, asof_embeddings_table(user_ids, cut_ts, emb))
+
+
 def codes_table(item_ids, rq, vq=None) -> pa.Table:
     """Build (and validate) the Arrow table for item codes.
 
@@ -245,6 +279,28 @@ def read_embeddings(path: str | os.PathLike, *, id_column: str = "item_id",
     _check_finite(emb, item_ids, path, embedding_column)
     order = np.argsort(item_ids, kind="stable")
     return item_ids[order], np.ascontiguousarray(emb[order])
+
+
+def read_asof_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read user_embeddings_asof.parquet: (user_ids (R,) int64, cut_ts (R,) int64, emb (R, d) float32), sorted
+    by (user_id, cut_ts); TableError on a missing column, a null, a non-finite value or a repeated pair."""
+    path = Path(path)
+    table = _read_parquet(path, ("user_id", "cut_ts", "embedding"))
+    if table.num_rows == 0:
+        raise TableError(f"{path}: empty table (0 rows)")
+    user_ids = _id_column(table, path, "user_id")
+    cut_ts = _id_column(table, path, "cut_ts")
+    emb = _list_column_to_matrix(table, "embedding", path, user_ids, kind="float").astype(np.float32, copy=False)
+    if emb.shape[1] == 0:
+        raise TableError(f"{path}: column 'embedding' has dimension 0")
+    _check_finite(emb, user_ids, path, "embedding")
+    order = np.lexsort((cut_ts, user_ids))
+    user_ids, cut_ts, emb = user_ids[order], cut_ts[order], np.ascontiguousarray(emb[order])
+    same = (user_ids[1:] == user_ids[:-1]) & (cut_ts[1:] == cut_ts[:-1])
+    if same.any():
+        r = int(np.flatnonzero(same)[0])
+        raise TableError(f"{path}: (user_id {user_ids[r]}, cut_ts {cut_ts[r]}) appears twice")
+    return user_ids, cut_ts, emb
 
 
 def read_codes(path: str | os.PathLike) -> CodeTable:

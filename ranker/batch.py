@@ -170,7 +170,7 @@ def build_batch(ex: Examples, schema: FeatureSchema, items: ItemFeatures) -> Ran
     if "sim" in schema.dense_parts:
         dense.append(similarity_features(frozen_target, frozen_hist, hist_valid, ex.hist_len))
     if "prompt" in schema.dense_parts:  # the prompt-user vector and its score of the target (aligned embedding)
-        user = items.user_vectors_of(ex.user_id)                                  # (B, d_u)
+        user = items.user_vectors_of(ex.user_id, ex.ts)                           # (B, d_u), as of ex.ts
         dense.append(np.concatenate([(user * items.frozen[ex.item]).sum(1, keepdims=True), user], axis=1))
     dense = np.concatenate(dense, axis=1).astype(np.float32)
     if dense.shape[1] != schema.n_dense:  # pragma: no cover - schema and builder are written together

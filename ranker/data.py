@@ -28,6 +28,7 @@ from ranker.features import ItemFeatures
 log = logging.getLogger(__name__)
 UNALIGNED_EMBEDDINGS = "item_embeddings_unaligned"
 USER_EMBEDDINGS = "user_embeddings"
+USER_EMBEDDINGS_ASOF = "user_embeddings_asof"  # point-in-time user vectors (user_id, cut_ts, embedding)
 
 
 @dataclass
@@ -194,16 +195,43 @@ def store_items(version, catalog_ids: np.ndarray, random_seed: int = 0) -> dict:
            "frozen": item_features_from_version(version, catalog_ids, None, need_frozen=True),
            "item_codes+frozen": codes,
            "item_codes_random": random_codes_like(codes, catalog_ids, random_seed)}
-    if version.has(USER_EMBEDDINGS):  # the MLLM user encoder's vectors (qarm align --target user-prompts)
-        from feature_store.tables import read_embeddings
-        user_ids, user_vectors = read_embeddings(version.file(USER_EMBEDDINGS), id_column="user_id")
-        out["item_codes+prompt"] = replace(codes, user_ids=user_ids, user_vectors=user_vectors)
+    prompt = prompt_user_vectors(version)
+    if prompt is not None:
+        out["item_codes+prompt"] = replace(codes, **prompt)
     if version.has("item_codes_unaligned"):
         unaligned_vectors = UNALIGNED_EMBEDDINGS if version.has(UNALIGNED_EMBEDDINGS) else None
         out["item_codes_unaligned"] = item_features_from_version(
             version, catalog_ids, "item_codes_unaligned", need_frozen=unaligned_vectors is not None,
             embeddings_table=unaligned_vectors or "item_embeddings")
     return out
+
+
+def prompt_user_vectors(version) -> dict | None:
+    """The MLLM user encoder's vectors of a version (qarm align --target user-prompts / the cascade's user-prompt
+    stage) as ItemFeatures fields, or None without them.
+
+    With user_embeddings_asof.parquet (point-in-time: an example at time t reads the vector of its user's latest
+    cut <= t, a prompt that read only events before the cut, so a training example never sees its own label's
+    event in the feature) the ranker reads that: user_vectors_source "asof". Older versions, with
+    user_embeddings.parquet only, give every example of a user the one serving vector over the whole train
+    portion (training examples' targets are inside that prompt): user_vectors_source "serving"."""
+    from feature_store.tables import read_asof_embeddings, read_embeddings
+
+    if version.has(USER_EMBEDDINGS_ASOF):
+        user_ids, cut_ts, vectors = read_asof_embeddings(version.file(USER_EMBEDDINGS_ASOF))
+        return {"user_ids": user_ids, "user_vectors": vectors, "user_cut_ts": cut_ts, "user_vectors_source": "asof"}
+    if version.has(USER_EMBEDDINGS):
+        log.warning("store version %s has %s.parquet but no %s.parquet: the prompt feature reads one vector per "
+                    "user over the whole train portion (training examples' own events are in it)", version.id,
+                    USER_EMBEDDINGS, USER_EMBEDDINGS_ASOF)
+        user_ids, vectors = read_embeddings(version.file(USER_EMBEDDINGS), id_column="user_id")
+        return {"user_ids": user_ids, "user_vectors": vectors, "user_cut_ts": None, "user_vectors_source": "serving"}
+    return None
+
+
+def prompt_vectors_source(version) -> str | None:
+    """What the "prompt" rows of ``version`` read (see :func:`prompt_user_vectors`): "asof", "serving" or None."""
+    return "asof" if version.has(USER_EMBEDDINGS_ASOF) else "serving" if version.has(USER_EMBEDDINGS) else None
 
 
 def items_for(features_by_table: dict, feature_set: str) -> ItemFeatures:

@@ -40,6 +40,11 @@ class ItemFeatures:
         codebooks: list of (K, d_code) float32 centroids per RQ level, or None.
         user_ids, user_vectors: (U,) sorted raw user ids, (U, d_u) their prompt-user vectors (the version's
             user_embeddings.parquet), or None; read only by feature sets with "prompt".
+        user_cut_ts: None (the vectors above are one per user: every example of the user reads the same one), or
+            (R,) int64 cut times: then user_ids / user_vectors are R rows sorted by (user, cut) of the version's
+            user_embeddings_asof.parquet, and an example at time t reads the row of the latest cut <= t (its
+            prompt read only events with ts < cut <= t), zeros when the user has no cut <= t.
+        user_vectors_source: "asof" / "serving" / None: which table the prompt vectors came from.
     """
 
     item_ids: np.ndarray
@@ -52,16 +57,26 @@ class ItemFeatures:
     codebooks: list | None = None
     user_ids: np.ndarray | None = None
     user_vectors: np.ndarray | None = None
+    user_cut_ts: np.ndarray | None = None
+    user_vectors_source: str | None = None
 
     @property
     def n_rows(self) -> int:
         return len(self.item_ids) + 1
 
-    def user_vectors_of(self, user_ids: np.ndarray) -> np.ndarray:
-        """(B, d_u) prompt-user vectors of raw user ids; zeros for users without one."""
+    def user_vectors_of(self, user_ids: np.ndarray, ts: np.ndarray | None = None) -> np.ndarray:
+        """(B, d_u) prompt-user vectors of raw user ids at times ``ts`` (B,); zeros for users without one.
+
+        With ``user_cut_ts`` (the as-of table) each example reads its user's row of the latest cut <= its ts
+        (``asof_rows``) and ``ts`` is required; without, every example of a user reads the user's one vector."""
         user_ids = np.asarray(user_ids, dtype=np.int64)
         out = np.zeros((len(user_ids), self.user_vectors.shape[1]), np.float32)
-        if len(self.user_ids):
+        if self.user_cut_ts is not None:
+            if ts is None:
+                raise ValueError("as-of user vectors need the examples' ts")
+            rows = asof_rows(self.user_ids, self.user_cut_ts, user_ids, np.asarray(ts, np.int64))
+            out[rows >= 0] = self.user_vectors[rows[rows >= 0]]
+        elif len(self.user_ids):
             pos = np.minimum(np.searchsorted(self.user_ids, user_ids), len(self.user_ids) - 1)
             found = self.user_ids[pos] == user_ids
             out[found] = self.user_vectors[pos[found]]
@@ -172,6 +187,30 @@ class ItemFeatures:
         if self.has_frozen is not None:
             out["without_frozen"] = int((~self.has_frozen[rows]).sum())
         return out
+
+
+def asof_rows(table_users: np.ndarray, table_cuts: np.ndarray, users: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """(B,) row of the table (sorted by (user, cut)) holding user ``users[b]``'s latest cut <= ``ts[b]``; -1 when
+    the user has no row or no cut <= ts. Vectorised: each (user, time) becomes one int64 key, the user's rank
+    times (distinct cuts + 1) plus the count of distinct cuts <= the time, so one searchsorted finds it.
+
+    Example: table rows (7, 10), (7, 20), (9, 5); queries (7, 9) -> -1 (no cut <= 9), (7, 10) -> 0,
+    (7, 25) -> 1, (9, 4) -> -1, (9, 5) -> 2, (8, 30) -> -1 (no rows)."""
+    out = np.full(len(users), -1, np.int64)
+    if not len(table_users) or not len(users):
+        return out
+    uniq_users = np.unique(table_users)
+    uniq_cuts = np.unique(table_cuts)
+    width = np.int64(len(uniq_cuts) + 1)
+    keys = np.searchsorted(uniq_users, table_users) * width + np.searchsorted(uniq_cuts, table_cuts, "right")
+    rank = np.minimum(np.searchsorted(uniq_users, users), len(uniq_users) - 1)
+    known = uniq_users[rank] == users
+    q = rank * width + np.searchsorted(uniq_cuts, ts, "right")
+    pos = np.searchsorted(keys, q, "right") - 1
+    hit = known & (pos >= 0)
+    hit[hit] &= table_users[pos[hit]] == users[hit]
+    out[hit] = pos[hit]
+    return out
 
 
 @dataclass(frozen=True)

@@ -316,8 +316,25 @@ def _fit_result(task: _RankerTask, run: LoopRun, cfg: RankerConfig, ckpt_path: P
         "test": evaluate(module, data.test, schema, items, cfg.eval_batch_size, ctx),
         "test_by_popularity": metrics_by_popularity(module, data, schema, items, cfg.eval_batch_size, ctx),
         "coverage": coverage_report(data, items),
+        "prompt_vectors": prompt_vectors_record(data, items, cfg),
         "checkpoint": str(ckpt_path) if ckpt_path else None,
     }
+
+
+def prompt_vectors_record(data: PreparedData, items: ItemFeatures, cfg: RankerConfig) -> dict | None:
+    """Which user vectors the "prompt" feature read (None for rows without it): source "asof" (the version's
+    user_embeddings_asof.parquet, each example its user's latest cut <= its ts), "serving" (an older version's
+    user_embeddings.parquet only: one vector per user over the whole train portion, training examples' own
+    events inside it) or "given" (set by the caller); and per split the share of examples that got a vector."""
+    if not cfg.uses("prompt") or items.user_vectors is None:
+        return None
+    share = {}
+    for name in ("train", "valid", "test"):
+        ex = getattr(data, name)
+        got = np.abs(items.user_vectors_of(ex.user_id, ex.ts)).sum(1) > 0 if len(ex) else np.zeros(0, bool)
+        share[name] = float(got.mean()) if len(got) else None
+    return {"source": items.user_vectors_source or "given", "rows": int(len(items.user_ids)),
+            "users": int(len(np.unique(items.user_ids))), "examples_with_vector": share}
 
 
 def _table_summary(schema: FeatureSchema) -> dict:

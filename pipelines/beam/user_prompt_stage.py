@@ -5,7 +5,10 @@ from the protocol's train portion, trains the MLLM user encoder behind its never
 pooling of the aligned item embeddings; judged on the validation window's next items) and writes
 ``user_embeddings.parquet`` (user_id int64, embedding list<float32>, one row per user with a train-portion
 positive, the item embeddings' width) into the version being staged, so a downstream system reads user vectors
-like item vectors (same version, same protocol; listed in the manifest with sha256 and rows like every table).
+like item vectors (same version, same protocol; listed in the manifest with sha256 and rows like every table),
+and next to it ``user_embeddings_asof.parquet`` (user_id int64, cut_ts int64, embedding): the same encoder's
+point-in-time vectors (prompts cut before each user's last --user-prompt-asof-cuts train positives, and at its
+train end), which the ranker's "prompt" feature reads so a training example sees no event at or after its time.
 The gate and its figures go to ``manifest.metrics.user_prompts`` (the driver reads them from the work dir).
 
 The training itself is the library's (`pipelines.encoder.user_encoder.fit_user_vectors`), the same path as
@@ -65,9 +68,9 @@ class _TrainUserPrompts(beam.DoFn):
     """The one element: train the user encoder, write the user table into the staged version and the gate record
     into the work dir. The frozen MLLM (the version's encoder config) is built once per worker in setup()."""
 
-    def __init__(self, cfg, encoder: dict, image_root: Optional[str], table_path: str, record_path: str):
+    def __init__(self, cfg, encoder: dict, image_root: Optional[str], folder: str, record_path: str):
         self.cfg, self.encoder, self.image_root = cfg, encoder, image_root
-        self.table_path, self.record_path = table_path, record_path
+        self.folder, self.record_path = folder, record_path
         self.mllm = None
 
     def setup(self):
@@ -86,11 +89,10 @@ class _TrainUserPrompts(beam.DoFn):
         import numpy as np
 
         from feature_store.io import atomic_write_json
-        from feature_store.tables import write_embeddings
         from pipelines.beam.align_stage import _dataset_view
         from pipelines.encoder.config import EncoderConfig
         from pipelines.encoder.items import ItemCatalog
-        from pipelines.encoder.user_encoder import fit_user_vectors
+        from pipelines.encoder.user_encoder import fit_user_vectors, write_user_tables
 
         with stage_timer(STAGE):
             counter(STAGE, "in").inc(len(train_rows))
@@ -103,12 +105,12 @@ class _TrainUserPrompts(beam.DoFn):
             # the adapters wrap the LM in place: a retried bundle starts from the frozen MLLM again
             fit = fit_user_vectors(copy.deepcopy(self.mllm), catalog, item_ids, item_vectors,
                                    _events_frame(train_rows), _events_frame(valid_rows), self.cfg)
-            write_embeddings(self.table_path, fit.user_ids, fit.vectors, id_column="user_id")
+            paths = write_user_tables(self.folder, fit)
             atomic_write_json(self.record_path, {**fit.record(), "dim": int(item_vectors.shape[1])})
             log.info("user prompts: %d users, %s shipped (%s)", len(fit.user_ids), fit.shipped,
                      fit.result.alignment.get("vs_step0"))
             counter(STAGE, "out").inc(len(fit.user_ids))
-        yield self.table_path
+        yield str(paths[0])
 
 
 class UserPromptStage(beam.PTransform):
@@ -134,12 +136,10 @@ class UserPromptStage(beam.PTransform):
         self.staging, self.work_dir, self.order, self.hints = staging, work_dir, order, hints
 
     def expand(self, pbegin):
-        from pipelines.encoder.user_encoder import USER_TABLE
-
         order = self.order
         train = self.train | "TrainPositives" >> beam.FlatMap(lambda r: [x for x in [_slim_train(r, order)] if x])
         valid = self.windows | "ValidPositives" >> beam.FlatMap(lambda r: [x for x in [_slim_valid(r)] if x])
-        fn = _TrainUserPrompts(self.cfg, self.encoder, self.image_root, str(Path(self.staging) / USER_TABLE),
+        fn = _TrainUserPrompts(self.cfg, self.encoder, self.image_root, str(Path(self.staging)),
                                str(Path(self.work_dir) / RECORD_FILE))
         return (pbegin | "Trigger" >> beam.Create([None])
                 | "Train" >> beam.ParDo(fn, beam.pvalue.AsList(self.items), beam.pvalue.AsList(self.embeddings),

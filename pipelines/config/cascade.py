@@ -237,7 +237,8 @@ class RuntimeSection:
 class UserPromptsSection:
     """The optional user-prompt stage (issue 22; pipelines.beam.user_prompt_stage): after the aligned item
     embeddings, the MLLM reads VIP5-style personalized prompts of the protocol's train portion and becomes a user
-    encoder (never worse than history pooling, its step 0); user_embeddings.parquet goes into the same version.
+    encoder (never worse than history pooling, its step 0); user_embeddings.parquet (and its point-in-time
+    companion user_embeddings_asof.parquet) goes into the same version.
     Defaults are UserEncoderConfig's; the seed and threads are the job's (the cascade seed, --torch-threads)."""
 
     user_prompts: bool = knob(False, "add the user-prompt stage (user_embeddings.parquet in this version; "
@@ -253,6 +254,10 @@ class UserPromptsSection:
                                                                      "its last N train positives)")
     user_prompt_max_train: Optional[int] = knob(UserEncoderConfig.max_train_prompts, "cap on training prompts "
                                                                                      "(seeded sample)")
+    user_prompt_asof_cuts: int = knob(UserEncoderConfig.asof_cuts, "point-in-time vectors per user besides its train "
+                                                                   "end (user_embeddings_asof.parquet, what the "
+                                                                   "ranker's prompt feature reads): prompts cut "
+                                                                   "before each of its last N train-positive times")
     user_prompt_negatives: int = knob(UserEncoderConfig.negatives, "catalog items sampled per batch as extra "
                                                                    "negatives (0: in-batch only)")
     user_prompt_adapters: bool = knob(UserEncoderConfig.adapters, "VIP5 bottleneck adapters in the frozen LM (off: "
@@ -287,7 +292,8 @@ class UserPromptsSection:
 _USER_PROMPT_FIELDS = (("user_prompt_template", "template"), ("user_prompt_max_events", "max_events"),
                        ("user_prompt_token_budget", "token_budget"), ("user_prompt_image_tokens", "image_tokens"),
                        ("user_prompt_title_tokens", "title_tokens"), ("user_prompt_train_cuts", "train_cuts"),
-                       ("user_prompt_max_train", "max_train_prompts"), ("user_prompt_negatives", "negatives"),
+                       ("user_prompt_max_train", "max_train_prompts"), ("user_prompt_asof_cuts", "asof_cuts"),
+                       ("user_prompt_negatives", "negatives"),
                        ("user_prompt_adapters", "adapters"), ("user_prompt_adapter_reduction", "adapter_reduction"),
                        ("user_prompt_epochs", "epochs"), ("user_prompt_batch_size", "batch_size"),
                        ("user_prompt_lr", "lr"), ("user_prompt_temperature", "temperature"),

@@ -49,6 +49,9 @@ class UserEncoderConfig:
         adapters / adapter_reduction: VIP5 bottleneck adapters in the frozen LM (zero-initialised up-projection).
         train_cuts: training prompts per user: cut at each of its last N train-portion positives (the target).
         max_train_prompts: cap (seeded sample) for CPU-sized runs.
+        asof_cuts: point-in-time vectors per user besides the train-portion end (user_embeddings_asof.parquet):
+            prompts cut before each of its last N distinct train-positive times (user_prompts.asof_cuts), encoded
+            by the same trained encoder, so the ranker's training examples read no event at or after their time.
         negatives: catalog items sampled (uniformly, per batch) as extra negatives besides the batch's other
             targets: the item table is fixed, so they cost one (B, n) product; 0 = in-batch only.
         epochs, batch_size, lr, temperature, patience, gate_z: training and the never-worse gate.
@@ -66,6 +69,7 @@ class UserEncoderConfig:
     adapter_reduction: int = 8
     train_cuts: int = 2
     max_train_prompts: Optional[int] = None
+    asof_cuts: int = 4
     epochs: int = 3
     batch_size: int = 32
     negatives: int = 1024
@@ -81,7 +85,7 @@ class UserEncoderConfig:
         if self.template not in TEMPLATES:
             raise ValueError(f"UserEncoderConfig.template must be one of {sorted(TEMPLATES)}, got {self.template!r}")
         for name in ("max_events", "token_budget", "image_tokens", "title_tokens", "user_buckets", "item_buckets",
-                     "adapter_reduction", "train_cuts", "epochs", "batch_size"):
+                     "adapter_reduction", "train_cuts", "asof_cuts", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"UserEncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.negatives < 0:
@@ -494,6 +498,8 @@ class UserPromptTask:
 
     train: (prompts, target rows); valid: (prompts, target rows, excluded rows); serve: one prompt per user with
     a train-portion positive, reading that whole portion (the vectors user_embeddings.parquet holds).
+    events: user -> [(item_id, ts)] of the train-portion positives; prompt_at(user, cut_ts) -> UserPrompt: the
+    one prompt builder every prompt above came from (the as-of prompts too, ``encode_asof``).
     """
 
     model: UserPromptEncoder
@@ -503,6 +509,8 @@ class UserPromptTask:
     serve: list
     image_seconds: float
     stats: dict
+    events: Optional[dict] = None
+    prompt_at: Optional[object] = None
 
 
 def build_user_prompt_task(mllm: ItemEncoder, catalog, item_ids: np.ndarray, item_vectors: np.ndarray,
@@ -551,10 +559,12 @@ def build_user_prompt_task(mllm: ItemEncoder, catalog, item_ids: np.ndarray, ite
              "items_with_image_tokens": len(image_row_of), "prompt_tokens_mean": float(np.mean(lengths)) if lengths
              else None, "events_per_prompt_mean": float(np.mean([len(p.item_ids) for p in serve])) if serve else None,
              "token_budget": vocab.budget, "adapters": model.n_adapters}
-    return UserPromptTask(model, collate, train, valid, serve, image_seconds, stats)
+    return UserPromptTask(model, collate, train, valid, serve, image_seconds, stats, events, prompt)
 
 
 USER_TABLE = "user_embeddings.parquet"  # (user_id int64, embedding list<float32>): in a version, like the items'
+# (user_id int64, cut_ts int64, embedding list<float32>): point-in-time vectors (``encode_asof``), for the ranker
+ASOF_TABLE = "user_embeddings_asof.parquet"
 POSITIVE_LABEL = 0.5  # events with label above it are the positives prompts read and validation targets
 
 
@@ -584,7 +594,8 @@ class UserVectors:
 
     user_ids (U,) int64: every user with a train-portion positive (sorted); vectors (U, D) float32: the vectors
     that ship (the trained encoder's when the gate kept it, else step 0's, i.e. history pooling); step0 (U, D):
-    history pooling; task / result: the prompts and the training record; encode_seconds: serving them all.
+    history pooling; task / result: the prompts and the training record; encode_seconds: serving them all;
+    asof: the point-in-time vectors (``encode_asof``, the same encoder; ``fit_user_vectors`` always makes them).
     """
 
     user_ids: np.ndarray
@@ -593,6 +604,7 @@ class UserVectors:
     task: UserPromptTask
     result: UserEncoderResult
     encode_seconds: float
+    asof: Optional["AsOfVectors"] = None
 
     @property
     def shipped(self) -> str:
@@ -608,7 +620,8 @@ class UserVectors:
                 "seconds_per_epoch": r.seconds_per_epoch, "image_token_seconds": self.task.image_seconds,
                 "encode_seconds_per_1k_users": 1000.0 * self.encode_seconds / max(1, len(self.task.serve)),
                 "trainable_params": r.trainable_params, "total_params": r.total_params,
-                "users_written": int(len(self.user_ids))}
+                "users_written": int(len(self.user_ids)),
+                "asof": None if self.asof is None else self.asof.record()}
 
 
 def fit_user_vectors(mllm: ItemEncoder, catalog, item_ids: np.ndarray, item_vectors: np.ndarray, train_positives,
@@ -623,8 +636,76 @@ def fit_user_vectors(mllm: ItemEncoder, catalog, item_ids: np.ndarray, item_vect
     task = build_user_prompt_task(mllm, catalog, item_ids, item_vectors, train_positives, valid_positives, cfg)
     result = train_user_encoder(task.model, task.collate, task.train, task.valid, cfg, out_dir=out_dir)
     t0 = time.perf_counter()
-    vectors = encode_prompts(task.model, task.serve, task.collate, 64, cfg.device)
+    vectors = encode_prompts(task.model, task.serve, task.collate, 64, cfg.device).astype(np.float32, copy=False)
     encode_seconds = time.perf_counter() - t0
     user_ids = np.array([p.user_id for p in task.serve], dtype=np.int64)
-    return UserVectors(user_ids, vectors.astype(np.float32, copy=False), step0_vectors(task), task, result,
-                       encode_seconds)
+    asof = encode_asof(task, user_ids, vectors, cfg.asof_cuts, device=cfg.device)
+    return UserVectors(user_ids, vectors, step0_vectors(task), task, result, encode_seconds, asof)
+
+
+@dataclass
+class AsOfVectors:
+    """Point-in-time user vectors (user_embeddings_asof.parquet): row r is the vector of the prompt of user
+    ``user_ids[r]`` that read only its train-portion positives with ts < ``cut_ts[r]``. Sorted by (user, cut).
+    The last row of each user (cut = its last train positive's ts + 1) is its serving vector, the row of
+    user_embeddings.parquet, exactly (the same array, not a re-encoding). ``prompts``: the prompt of each row
+    (not written; the train-end rows' prompts read the same events as the serving prompts)."""
+
+    user_ids: np.ndarray
+    cut_ts: np.ndarray
+    vectors: np.ndarray
+    per_user: int
+    encode_seconds: float
+    prompts: list = field(default_factory=list)
+
+    def record(self) -> dict:
+        users = int(len(np.unique(self.user_ids)))
+        return {"table": ASOF_TABLE, "rows": int(len(self.user_ids)), "users": users, "per_user": self.per_user,
+                "cuts_per_user_mean": float(len(self.user_ids) / users) if users else None,
+                "encode_seconds": self.encode_seconds}
+
+
+def encode_asof(task: UserPromptTask, user_ids: np.ndarray, serve_vectors: np.ndarray, per_user: int,
+                batch_size: int = 64, device: str = "cpu") -> AsOfVectors:
+    """The as-of vectors of every served user with the task's (trained, shipped) encoder, no retraining.
+
+    Cuts: ``user_prompts.asof_cuts(task.events, per_user)``; each prompt comes from ``task.prompt_at`` (the one
+    builder: events with ts < cut only). The train-end cut takes the user's row of ``serve_vectors`` (the
+    prompt over the whole train portion is the serving prompt: same events), the others are encoded here.
+
+    Args:
+        user_ids (U,), serve_vectors (U, D): the served users (``task.serve``'s order) and their vectors.
+    """
+    from pipelines.encoder.user_prompts import asof_cuts
+    if task.events is None or task.prompt_at is None:
+        raise ValueError("encode_asof: the task carries no events / prompt builder (build_user_prompt_task makes one)")
+    row_of = {int(u): r for r, u in enumerate(user_ids)}
+    cuts = [(u, c) for u, c in asof_cuts(task.events, per_user) if u in row_of]
+    train_end = {u: max(t for _, t in task.events[u]) + 1 for u in row_of if task.events.get(u)}
+    end = np.array([c == train_end.get(u) for u, c in cuts], dtype=bool)
+    t0 = time.perf_counter()
+    prompts = [task.prompt_at(u, c) for u, c in cuts]
+    earlier = [p for p, e in zip(prompts, end) if not e]
+    encoded = encode_prompts(task.model, earlier, task.collate, batch_size, device).astype(np.float32, copy=False)
+    seconds = time.perf_counter() - t0
+    log.info("user prompts: %d as-of vectors of %d users (%d encoded, the train-end ones are the serving vectors) "
+             "in %.1fs", len(cuts), len(row_of), len(earlier), seconds)
+    dim = serve_vectors.shape[1] if serve_vectors.ndim == 2 else task.model.item_vectors.shape[1]
+    vectors = np.zeros((len(cuts), dim), np.float32)
+    vectors[~end] = encoded
+    vectors[end] = serve_vectors[[row_of[u] for (u, _), e in zip(cuts, end) if e]]
+    return AsOfVectors(np.array([u for u, _ in cuts], np.int64), np.array([c for _, c in cuts], np.int64), vectors,
+                       per_user, seconds, prompts)
+
+
+def write_user_tables(folder, fit: UserVectors) -> list:
+    """user_embeddings.parquet (the serving vectors) and, when the fit has them, user_embeddings_asof.parquet
+    into ``folder``; returns the paths written. The job (--out) and the cascade stage (the staged version) both
+    write through here."""
+    from feature_store.tables import write_asof_embeddings, write_embeddings
+    folder = Path(folder)
+    paths = [write_embeddings(folder / USER_TABLE, fit.user_ids, fit.vectors, id_column="user_id")]
+    if fit.asof is not None and len(fit.asof.user_ids):
+        paths.append(write_asof_embeddings(folder / ASOF_TABLE, fit.asof.user_ids, fit.asof.cut_ts,
+                                           fit.asof.vectors))
+    return paths

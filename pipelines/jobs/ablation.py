@@ -122,7 +122,7 @@ def run_eval(dataset, plan: EvalPlan, base_cfg: RankerConfig, out_dir: Path,
         "skipped": skipped, "data": data.info, "config": base_cfg.to_dict(), "plan": dataclasses.asdict(plan),
         "seconds": time.perf_counter() - t0,
         "runs": {row: [{k: r.get(k) for k in ("test", "valid", "test_by_popularity", "best_epoch", "history",
-                                               "seconds", "coverage")} for r in results]
+                                               "seconds", "coverage", "prompt_vectors")} for r in results]
                  for row, results in runs.items()},
         "files": {k: str(out_dir / f"ablation.{k}") for k in ("json", "md", "png")},
     }
@@ -137,6 +137,7 @@ def _checked_versions(versions, interactions, plan: EvalPlan):
     """Each cascade version, read and checked against the eval's protocol. Returns (the report's "cascades"
     records, [(cascade seed, StoreVersion)])."""
     from feature_store import FeatureStore
+    from ranker.data import prompt_vectors_source
 
     cascades, checked = [], []
     for cascade_seed, root, version_id in versions:
@@ -144,7 +145,8 @@ def _checked_versions(versions, interactions, plan: EvalPlan):
         problems = check_protocol(version.manifest.get("protocol"), interactions, plan.split, version.id,
                                   plan.allow_protocol_mismatch)
         cascades.append({"cascade_seed": cascade_seed, "store": str(root), "version": version.id,
-                         "protocol": version.manifest.get("protocol"), "protocol_problems": problems})
+                         "protocol": version.manifest.get("protocol"), "protocol_problems": problems,
+                         "prompt_vectors": prompt_vectors_source(version)})
         checked.append((cascade_seed, version))
     return cascades, checked
 

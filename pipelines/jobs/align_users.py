@@ -7,8 +7,11 @@ Reads a published version (its encoder config: the same vision tower + projector
 and text tokens; its aligned item embeddings: the space user vectors live in; its protocol: checked against this
 run's split, the prompts read only that protocol's train portion), trains the user encoder (never worse than its
 step 0, the history-pooled aligned embedding, on the validation window's next items), then:
-- writes --out/user_embeddings.parquet (user_id, embedding) and --out/user_prompts.json (figures, configs);
-- publishes a child version = the parent's files + user_embeddings.parquet (same protocol), unless --no-publish;
+- writes --out/user_embeddings.parquet (user_id, embedding: the serving vector over the whole train portion),
+  --out/user_embeddings_asof.parquet (user_id, cut_ts, embedding: the same encoder's vectors of prompts cut before
+  each user's last --user-prompt-asof-cuts train positives and at its train end; what the ranker's "prompt"
+  feature reads point-in-time) and --out/user_prompts.json (figures, configs);
+- publishes a child version = the parent's files + both user tables (same protocol), unless --no-publish;
 - reports retrieval on the test window (Recall@20 / NDCG@20, full ranking, training positives excluded, the
   retrieval stage's own evaluation) of prompt-user vectors, their step 0 (history pooling), and with
   --compare-retrieval the id student, the current multimodal teacher and the id student distilled (list-wise KD)
@@ -64,13 +67,12 @@ def run(args: argparse.Namespace) -> dict:
     from feature_store import FeatureStore
     from feature_store.io import atomic_write_json
     from feature_store.split import check_protocol, split_from_args
-    from feature_store.tables import write_embeddings
     from pipelines.beam.data_flags import data_spec_from_args
     from pipelines.data import load_dataset
     from pipelines.encoder.config import EncoderConfig
     from pipelines.encoder.encoder import build_encoder
     from pipelines.encoder.items import ItemCatalog
-    from pipelines.encoder.user_encoder import USER_TABLE, fit_user_vectors, positive_windows
+    from pipelines.encoder.user_encoder import fit_user_vectors, positive_windows, write_user_tables
 
     if not args.store:
         raise ValueError("--target user-prompts needs --store (the version whose item space the users join)")
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
     fit = fit_user_vectors(mllm, catalog, item_ids, item_vectors, train_pos, valid_pos, cfg,
                            out_dir=None if args.no_resume else out / "user_encoder")
     task, user_ids, vectors = fit.task, fit.user_ids, fit.vectors
-    write_embeddings(out / USER_TABLE, user_ids, vectors, id_column="user_id")
+    tables = write_user_tables(out, fit)
     retrieval = _retrieval_rows(dataset.interactions, split, version, user_ids, vectors, fit.step0, item_ids,
                                 item_vectors, cfg, args)
     report = {
@@ -105,27 +107,30 @@ def run(args: argparse.Namespace) -> dict:
         "config": {"user_encoder": cfg.to_dict(), "encoder": enc_cfg.to_dict(), "split": dataclasses.asdict(split)},
     }
     if not args.no_publish:
-        report["version"] = _publish(store, started_from, version, out / USER_TABLE, report)
+        report["version"] = _publish(store, started_from, version, tables, report)
     report["total_seconds"] = time.perf_counter() - t_start
     atomic_write_json(out / "user_prompts.json", report)
     return report
 
 
-def _publish(store, started_from, parent, user_table: Path, report: dict) -> str:
-    """A child version: the parent's files + user_embeddings.parquet, same protocol; CURRENT moves only if it is
-    still the version this job started from (compare-and-swap at publish)."""
+def _publish(store, started_from, parent, user_tables: list, report: dict) -> str:
+    """A child version: the parent's files + the user tables (user_embeddings.parquet and its as-of table), same
+    protocol; CURRENT moves only if it is still the version this job started from (compare-and-swap at publish).
+    A parent's own user tables are replaced, never carried over next to this run's."""
+    from pipelines.encoder.user_encoder import ASOF_TABLE, USER_TABLE
     metrics = {**parent.metrics, "user_prompts": {k: report[k] for k in ("alignment", "retrieval", "stats",
                                                                          "encode_seconds_per_1k_users")}}
     config = {**parent.config, "user_encoder": report["config"]["user_encoder"]}
     extra = {**parent.extra, "protocol": parent.manifest.get("protocol"), "user_prompts_parent": parent.id}
     with store.stage(parent=started_from, require_parent_current=True) as st:
         for name in parent.files():
-            if name == "manifest.json" or name == user_table.name:
+            if name in ("manifest.json", USER_TABLE, ASOF_TABLE):
                 continue
             dest = Path(st.path) / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(parent.file(name), dest)
-        shutil.copyfile(user_table, Path(st.path) / user_table.name)
+        for table in user_tables:
+            shutil.copyfile(table, Path(st.path) / Path(table).name)
         return st.publish(config=config, metrics=metrics, extra=extra).id
 
 

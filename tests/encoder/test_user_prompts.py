@@ -162,3 +162,55 @@ def test_a_sampled_negative_that_is_the_target_is_masked():
     assert torch.allclose(plain, with_hits)
     harder = _contrastive_loss(users, items, targets, torch.tensor([3, 4, 5]), 0.1)
     assert harder > plain
+
+
+# ------------------------------------------------------------- point-in-time (as-of) vectors for the ranker (issue 22)
+
+def test_asof_cuts_of_a_hand_made_log():
+    from pipelines.encoder.user_prompts import asof_cuts
+    ev = {1: [(1, 5), (2, 5), (3, 9), (4, 12)], 2: [(7, 3)]}
+    # user 1: 5 is its first time (nothing before it): cuts before the positives at 9 and 12, then its end 12 + 1
+    assert asof_cuts(ev, 2) == [(1, 9), (1, 12), (1, 13), (2, 4)]
+    assert asof_cuts(ev, 1) == [(1, 12), (1, 13), (2, 4)]
+    assert asof_cuts(ev, 9) == asof_cuts(ev, 2)
+    with pytest.raises(ValueError, match="per_user"):
+        asof_cuts(ev, 0)
+
+
+def test_asof_vectors_read_only_events_before_their_cut_with_the_same_encoder(tmp_path):
+    from feature_store.tables import read_asof_embeddings, read_embeddings
+    from pipelines.encoder.user_encoder import (ASOF_TABLE, USER_TABLE, UserVectors, encode_asof,
+                                                write_user_tables)
+    cfg = UserEncoderConfig(max_events=3, token_budget=28, asof_cuts=2)
+    task, _ = _task(tmp_path, EncoderConfig.named("tiny"), cfg)
+    # make the encoder not history pooling (head away from zero), so "the same encoder" is a real check
+    with torch.no_grad():
+        for p in task.model.trainable_state().values():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    users = np.array([p.user_id for p in task.serve], np.int64)
+    serve = encode_prompts(task.model, task.serve, task.collate)
+    asof = encode_asof(task, users, serve, cfg.asof_cuts)
+    # each user of _world has 7 train positives at ts 100u + 0..6: cuts at 100u + 5, 100u + 6 and its end 100u + 7
+    assert asof.user_ids.tolist() == np.repeat(users, 3).tolist()
+    assert asof.cut_ts.tolist() == [100 * u + k for u in users for k in (5, 6, 7)]
+    for u, c, p in zip(asof.user_ids, asof.cut_ts, asof.prompts):
+        assert p.user_id == u
+        before = [i for i, t in sorted(task.events[int(u)], key=lambda e: e[1]) if t < c]
+        assert p.item_ids and tuple(before[-len(p.item_ids):]) == p.item_ids  # the latest events before the cut
+        at_or_after = {i for i, t in task.events[int(u)] if t >= c} - {i for i, t in task.events[int(u)] if t < c}
+        assert not set(p.item_ids) & at_or_after
+    end = asof.cut_ts == np.repeat([100 * u + 7 for u in users], 3)
+    np.testing.assert_array_equal(asof.vectors[end], serve)        # the train-end rows are the serving vectors
+    np.testing.assert_allclose(encode_prompts(task.model, [p for p, e in zip(asof.prompts, end) if e], task.collate),
+                               serve, atol=1e-6)                  # ... whose prompts read the same events
+    earlier = [p for p, e in zip(asof.prompts, end) if not e]
+    np.testing.assert_allclose(asof.vectors[~end], encode_prompts(task.model, earlier, task.collate), atol=1e-6)
+    assert not np.allclose(asof.vectors[~end][0::2], serve)      # an earlier cut is another vector
+    # both tables through the one writer
+    fit = UserVectors(users, serve, serve, task, None, 0.0, asof)
+    write_user_tables(tmp_path, fit)
+    got_u, got_c, got_v = read_asof_embeddings(tmp_path / ASOF_TABLE)
+    assert got_u.tolist() == asof.user_ids.tolist() and got_c.tolist() == asof.cut_ts.tolist()
+    np.testing.assert_array_equal(got_v, asof.vectors)
+    s_users, s_vecs = read_embeddings(tmp_path / USER_TABLE, id_column="user_id")
+    np.testing.assert_array_equal(got_v[got_c == np.repeat([100 * u + 7 for u in s_users], 3)], s_vecs)

@@ -143,3 +143,18 @@ def test_large_list_layout_is_read_too(tmp_path):
     pq.write_table(table, tmp_path / "item_codes.parquet")
     codes = read_codes(tmp_path / "item_codes.parquet")
     assert codes.item_ids.tolist() == [1, 2] and codes.rq.tolist() == [[3, 4], [1, 2]] and codes.vq.tolist() == [[8], [9]]
+
+
+def test_asof_user_embeddings_round_trip_sorted_and_refuse_a_repeated_cut(tmp_path):
+    from feature_store.tables import read_asof_embeddings, write_asof_embeddings
+    path = tmp_path / "user_embeddings_asof.parquet"
+    emb = np.arange(8, dtype=np.float32).reshape(4, 2)
+    write_asof_embeddings(path, [9, 7, 7, 9], [5, 20, 10, 3], emb)   # written sorted by (user_id, cut_ts)
+    users, cuts, got = read_asof_embeddings(path)
+    assert users.tolist() == [7, 7, 9, 9] and cuts.tolist() == [10, 20, 3, 5]
+    np.testing.assert_array_equal(got, emb[[2, 1, 3, 0]])
+    assert pq.read_schema(path).names == ["user_id", "cut_ts", "embedding"]
+    with pytest.raises(TableError, match="appears twice"):
+        write_asof_embeddings(path, [7, 7], [10, 10], emb[:2])
+    with pytest.raises(TableError, match="non-finite|finite|nan|NaN"):
+        write_asof_embeddings(path, [7], [10], np.array([[np.nan, 0.0]], np.float32))

@@ -57,6 +57,34 @@ def test_user_prompts_job_publishes_user_embeddings(world, tmp_path, capsys):
     assert out["alignment"]["judge"] == "valid_next_item" and out["encode_seconds_per_1k_users"] > 0
     if not out["alignment"]["kept"]:  # step 0 shipped: prompt-user is history pooling exactly
         assert rows["prompt-user"]["recall@20"] == rows["history-pool"]["recall@20"]
+    _check_asof_table(w, v, tmp_path / "out", users, vecs, out)
+
+
+def _check_asof_table(w, v, out_dir, users, vecs, report):
+    """user_embeddings_asof.parquet: in --out and in the version (listed with sha256 / rows); per user, cuts before
+    each of its last K distinct train-positive times that have an earlier one, then its end (last ts + 1); the
+    end rows are user_embeddings.parquet's vectors."""
+    from feature_store.io import sha256_file
+    from feature_store.tables import read_asof_embeddings
+    from pipelines.encoder.user_encoder import UserEncoderConfig, positive_windows
+
+    k = UserEncoderConfig().asof_cuts
+    train, _ = positive_windows(w.interactions, SplitConfig("user_last_frac"))
+    want = []
+    for u, ts in train.groupby("user_id")["ts"]:
+        times = sorted(set(int(t) for t in ts))
+        want += [(int(u), t) for t in times[1:][-k:]] + [(int(u), times[-1] + 1)]
+    a_users, a_cuts, a_vecs = read_asof_embeddings(v.file("user_embeddings_asof.parquet"))
+    assert list(zip(a_users.tolist(), a_cuts.tolist())) == sorted(want)
+    assert a_vecs.shape[1] == vecs.shape[1]
+    last = np.r_[a_users[1:] != a_users[:-1], True]                  # each user's last (train-end) row
+    assert a_users[last].tolist() == users.tolist()
+    np.testing.assert_array_equal(a_vecs[last], vecs)
+    m = v.manifest
+    assert m["files"]["user_embeddings_asof.parquet"]["sha256"] == sha256_file(v.file("user_embeddings_asof.parquet"))
+    assert m["rows"]["user_embeddings_asof.parquet"] == len(want) == report["asof"]["rows"]
+    o_users, o_cuts, o_vecs = read_asof_embeddings(out_dir / "user_embeddings_asof.parquet")
+    assert o_users.tolist() == a_users.tolist() and np.array_equal(o_vecs, a_vecs)
 
 
 def test_user_prompts_job_refuses_another_protocol(world, tmp_path, capsys):

@@ -75,6 +75,16 @@ def test_the_stage_writes_user_embeddings_into_the_published_version(runs):
     assert m["config"]["user_prompts"]["user_encoder"]["epochs"] == 1
     if record["shipped"] == "step0":  # history pooling exactly: the mean aligned embedding of the user's events
         assert record["alignment"]["valid_next_item"]["best"] == record["alignment"]["valid_next_item"]["step0"]
+    # the point-in-time table next to it (the ranker's prompt feature): same version, listed like every table
+    from feature_store.tables import read_asof_embeddings
+    from pipelines.encoder.user_encoder import ASOF_TABLE
+    a_users, a_cuts, a_vecs = read_asof_embeddings(v.file(ASOF_TABLE))
+    assert m["files"][ASOF_TABLE]["sha256"] == sha256_file(v.file(ASOF_TABLE))
+    assert m["rows"][ASOF_TABLE] == len(a_users) == record["asof"]["rows"] > len(users)
+    last = np.r_[a_users[1:] != a_users[:-1], True]
+    assert a_users[last].tolist() == users.tolist()
+    np.testing.assert_array_equal(a_vecs[last], vectors)   # its train-end rows are the serving vectors
+    assert np.bincount(np.unique(a_users, return_inverse=True)[1]).max() <= UserEncoderConfig().asof_cuts + 1
 
 
 @pytest.mark.slow
@@ -86,6 +96,7 @@ def test_the_stage_leaves_the_item_outputs_alone_and_is_off_by_default(runs):
     ids_off, emb_off = off.embeddings()
     assert ids_on.tolist() == ids_off.tolist() and np.array_equal(emb_on, emb_off)
     assert not off.has(USER_TABLE) and USER_TABLE not in off.manifest["files"]
+    assert not off.has("user_embeddings_asof.parquet")
     assert "user_prompts" not in off.metrics and "user_prompts" not in off.config
     # everything else of the config is the same job: only the stage's entry is added
     assert {k: v for k, v in on.config.items() if k != "user_prompts"} == off.config
@@ -111,6 +122,9 @@ def test_every_knob_is_one_flag_with_the_user_encoders_default():
                                                          "--no-user-prompt-adapters", "--user-prompt-lr", "0.01"]))
     cfg = got.user_prompts.encoder_config(seed=7, num_threads=1)
     assert (cfg.epochs, cfg.adapters, cfg.lr, cfg.seed, cfg.num_threads) == (2, False, 0.01, 7, 1)
+    assert defaults.user_prompt_asof_cuts == enc.asof_cuts
+    got = resolve_tree(CascadeConfig, parser.parse_args(["--user-prompt-asof-cuts", "2"]))
+    assert got.user_prompts.encoder_config().asof_cuts == 2
     assert {k: v for k, v in cfg.to_dict().items() if k not in ("epochs", "adapters", "lr", "seed", "num_threads")} \
         == {k: v for k, v in enc.to_dict().items() if k not in ("epochs", "adapters", "lr", "seed", "num_threads")}
 
@@ -128,6 +142,7 @@ def test_the_cascade_options_carry_the_flags():
 
 
 @pytest.mark.parametrize("bad, flag", [({"user_prompt_epochs": 0}, "--user-prompt-epochs"),
+                                       ({"user_prompt_asof_cuts": 0}, "--user-prompt-asof-cuts"),
                                        ({"user_prompt_template": "nope"}, "--user-prompt-template"),
                                        ({"user_prompt_lr": -1.0}, "--user-prompt-lr"),
                                        ({"user_prompt_max_train": 0}, "--user-prompt-max-train"),
@@ -172,6 +187,11 @@ def test_the_stage_and_the_align_job_share_one_path(tmp_path, capsys):
     job_users, job_vectors = read_embeddings(tmp_path / "out" / USER_TABLE, id_column="user_id")
     assert users.tolist() == job_users.tolist()
     np.testing.assert_allclose(vectors, job_vectors, atol=1e-6)
+    from feature_store.tables import read_asof_embeddings
+    from pipelines.encoder.user_encoder import ASOF_TABLE
+    stage_asof, job_asof = read_asof_embeddings(v.file(ASOF_TABLE)), read_asof_embeddings(tmp_path / "out" / ASOF_TABLE)
+    assert stage_asof[0].tolist() == job_asof[0].tolist() and stage_asof[1].tolist() == job_asof[1].tolist()
+    np.testing.assert_allclose(stage_asof[2], job_asof[2], atol=1e-6)
     # the same training too, whichever weights shipped: every epoch's validation figures and the gate's choice
     report = json.loads((tmp_path / "out" / "user_prompts.json").read_text())
     record = v.metrics["user_prompts"]
