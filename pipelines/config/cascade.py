@@ -256,8 +256,8 @@ class UserPromptsSection:
                                                                                      "(seeded sample)")
     user_prompt_asof_cuts: int = knob(UserEncoderConfig.asof_cuts, "point-in-time vectors per user besides its train "
                                                                    "end (user_embeddings_asof.parquet, what the "
-                                                                   "ranker's prompt feature reads): prompts cut "
-                                                                   "before each of its last N train-positive times")
+                                                                   "ranker's prompt feature reads): N prompt cuts "
+                                                                   "spread evenly over its train-positive times")
     user_prompt_negatives: int = knob(UserEncoderConfig.negatives, "catalog items sampled per batch as extra "
                                                                    "negatives (0: in-batch only)")
     user_prompt_adapters: bool = knob(UserEncoderConfig.adapters, "VIP5 bottleneck adapters in the frozen LM (off: "

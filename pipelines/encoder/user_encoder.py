@@ -50,7 +50,7 @@ class UserEncoderConfig:
         train_cuts: training prompts per user: cut at each of its last N train-portion positives (the target).
         max_train_prompts: cap (seeded sample) for CPU-sized runs.
         asof_cuts: point-in-time vectors per user besides the train-portion end (user_embeddings_asof.parquet):
-            prompts cut before each of its last N distinct train-positive times (user_prompts.asof_cuts), encoded
+            N prompt cuts spread evenly over its train-positive times (user_prompts.asof_cuts), encoded
             by the same trained encoder, so the ranker's training examples read no event at or after their time.
         negatives: catalog items sampled (uniformly, per batch) as extra negatives besides the batch's other
             targets: the item table is fixed, so they cost one (B, n) product; 0 = in-batch only.

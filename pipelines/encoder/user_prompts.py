@@ -208,13 +208,14 @@ def next_item_cuts(window_positives) -> list:
 
 def asof_cuts(events: Mapping[int, Sequence], per_user: int) -> list:
     """(user_id, cut_ts) of the point-in-time prompts (user_embeddings_asof.parquet), per user in ts order:
-    a cut at each of the user's last ``per_user`` distinct positive times that has a strictly earlier positive
-    (a prompt cut there reads only what came before that positive), then the train-portion end of the user, its
-    last positive's ts + 1 (the prompt reads every one of its train positives: the serving prompt's events).
+    ``per_user`` cuts spread evenly over the user's distinct positive times that have a strictly earlier positive
+    (the first at its second positive time, so almost every training example of the user has a vector; a prompt
+    cut there reads only what came before that positive), then the train-portion end of the user, its last
+    positive's ts + 1 (the prompt reads every one of its train positives: the serving prompt's events).
 
-    A ranker example of the user at time t reads the vector of the latest cut <= t; before the first cut it has
-    none (zeros). Example: positives at ts 5, 5, 9, 12 and per_user=2 -> cuts 9, 12, 13 (5 is the first time:
-    nothing is before it)."""
+    A ranker example of the user at time t reads the vector of the latest cut <= t (at most about 1 / per_user
+    of the user's history stale); before the first cut it has none (zeros). Example: positives at ts 5, 5, 9, 12:
+    per_user=2 -> cuts 9, 12, 13; per_user=1 -> 9, 13 (5 is the first time: nothing is before it)."""
     if per_user < 1:
         raise ValueError(f"asof_cuts: per_user must be >= 1, got {per_user}")
     out = []
@@ -222,5 +223,8 @@ def asof_cuts(events: Mapping[int, Sequence], per_user: int) -> list:
         times = sorted({int(t) for _, t in events[u]})
         if not times:
             continue
-        out += [(int(u), t) for t in times[1:][-per_user:]] + [(int(u), times[-1] + 1)]
+        candidates = times[1:]
+        n = len(candidates)
+        picked = candidates if per_user >= n else [candidates[(i * n) // per_user] for i in range(per_user)]
+        out += [(int(u), t) for t in picked] + [(int(u), times[-1] + 1)]
     return out

@@ -171,7 +171,9 @@ def test_asof_cuts_of_a_hand_made_log():
     ev = {1: [(1, 5), (2, 5), (3, 9), (4, 12)], 2: [(7, 3)]}
     # user 1: 5 is its first time (nothing before it): cuts before the positives at 9 and 12, then its end 12 + 1
     assert asof_cuts(ev, 2) == [(1, 9), (1, 12), (1, 13), (2, 4)]
-    assert asof_cuts(ev, 1) == [(1, 12), (1, 13), (2, 4)]
+    assert asof_cuts(ev, 1) == [(1, 9), (1, 13), (2, 4)]  # spread from the earliest possible cut
+    long = {3: [(i, t) for i, t in enumerate(range(10, 110, 10))]}  # positives at 10, 20, ..., 100
+    assert asof_cuts(long, 3) == [(3, 20), (3, 50), (3, 80), (3, 101)]
     assert asof_cuts(ev, 9) == asof_cuts(ev, 2)
     with pytest.raises(ValueError, match="per_user"):
         asof_cuts(ev, 0)
@@ -190,9 +192,10 @@ def test_asof_vectors_read_only_events_before_their_cut_with_the_same_encoder(tm
     users = np.array([p.user_id for p in task.serve], np.int64)
     serve = encode_prompts(task.model, task.serve, task.collate)
     asof = encode_asof(task, users, serve, cfg.asof_cuts)
-    # each user of _world has 7 train positives at ts 100u + 0..6: cuts at 100u + 5, 100u + 6 and its end 100u + 7
+    # each user of _world has 7 train positives at ts 100u + 0..6: 2 cuts spread over 100u + 1..6 (at + 1 and
+    # + 4) and its end 100u + 7
     assert asof.user_ids.tolist() == np.repeat(users, 3).tolist()
-    assert asof.cut_ts.tolist() == [100 * u + k for u in users for k in (5, 6, 7)]
+    assert asof.cut_ts.tolist() == [100 * u + k for u in users for k in (1, 4, 7)]
     for u, c, p in zip(asof.user_ids, asof.cut_ts, asof.prompts):
         assert p.user_id == u
         before = [i for i, t in sorted(task.events[int(u)], key=lambda e: e[1]) if t < c]
