@@ -1,6 +1,6 @@
 """`qarm align`: mine behaviour pairs, align the item encoder, evaluate it against the unaligned one.
 
-    qarm align --dataset movielens --data ../shared/data/movielens --require-image --mode side --out runs/a --json
+    qarm align --dataset movielens --data ../shared/data/movielens --require-image --align-mode side --out runs/a --json
 
 One protocol, as the cascade job: the time split (--split, --valid-frac, --test-frac, ...) is applied first; pairs
 are mined on its train portion only (the miner's later train-portion pairs are the validation pairs); next-item
@@ -26,78 +26,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipelines.encoder.alignment import AlignConfig as AlignConfigDefaults, gate_line
-from pipelines.encoder.config import EncoderConfig, catalog_has_images, registered_configs
+from pipelines.config.align_study import EPOCHS_BY_MODE as DEFAULT_EPOCHS
+from pipelines.config.align_study import AlignStudyConfig as CONFIG_TREE  # noqa: F401 (the dispatcher's flags)
+from pipelines.encoder.alignment import gate_line
+from pipelines.encoder.config import EncoderConfig, catalog_has_images
 
 log = logging.getLogger(__name__)
 
 
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from feature_store.split import add_split_arguments
-    from pipelines.beam.data_flags import add_data_arguments
-
-    add_data_arguments(parser)
-    add_split_arguments(parser)
+    """Besides the config tree's flags: where the run goes."""
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, embeddings, result)")
-    parser.add_argument("--align-mode", choices=("full", "adapters", "side", "side-towers"), default="side",
-                        help="side: side network over the frozen MLLM's states (default); side-towers: the late-"
-                             "fusion side network over the separately run towers")
-    parser.add_argument("--max-items", type=int, default=None,
-                        help="keep only the N items with most positive interactions (CPU-sized runs)")
-    e = parser.add_argument_group("encoder")
-    e.add_argument("--encoder", default="minilm-effnet", help=f"named config: {', '.join(registered_configs())}")
-    e.add_argument("--text-model", default=None, help="override the LM: hf:<local dir> (e.g. a Qwen2 folder)")
-    e.add_argument("--vision-model", default=None, help="override vision: timm:<name> | open_clip:<arch> | none")
-    e.add_argument("--vision-weights", default=None, help="vision weights file (.safetensors/.pth)")
-    e.add_argument("--embed-dim", type=int, default=64)
-    e.add_argument("--encoder-image-size", type=int, default=None, help="encoder input side in px (CPU: 128)")
-    e.add_argument("--image-grid", type=int, default=None, help="image tokens = grid x grid")
-    e.add_argument("--max-text-tokens", type=int, default=None)
-    t = parser.add_argument_group("training")
-    t.add_argument("--align-epochs", type=int, default=None, help="default: side 6, adapters 2, full 1")
-    t.add_argument("--align-batch-size", type=int, default=128, help="pairs per contrastive batch")
-    t.add_argument("--align-lr", type=float, default=None,
-                   help="learning rate of new layers; default per mode (full 3e-4, adapters/side 1e-3)")
-    t.add_argument("--backbone-lr-scale", type=float, default=0.1,
-                   help="pretrained backbone weights learn at lr * this (full mode; norms in adapters mode)")
-    t.add_argument("--align-temperature", type=float, default=0.1, help="InfoNCE temperature")
-    t.add_argument("--learn-temperature", action="store_true", help="learn the InfoNCE temperature")
-    t.add_argument("--mask", choices=("graph", "batch"), default="graph",
-                   help="false negatives masked against every known training positive (graph) or the batch only")
-    t.add_argument("--patience", type=int, default=2, help="epochs without validation improvement before stopping")
-    t.add_argument("--align-gate-z", type=float, default=AlignConfigDefaults.gate_z,
-                   help="an epoch beats step 0 (the unaligned embedding) when its validation-window recall@10 gain "
-                        "minus this many paired standard errors is above 0; else step 0 ships")
-    t.add_argument("--unaligned-map", choices=("pca", "gaussian"), default="pca",
-                   help="map of the frozen MLLM's pooled state to the embedding (where alignment starts): pca of the "
-                        "training pairs' items (train portion only) or a seeded gaussian projection")
-    t.add_argument("--token-states", action="store_true",
-                   help="side mode: cache token-level LM states (memory: see the align_result cache bytes)")
-    t.add_argument("--max-steps", type=int, default=None)
-    t.add_argument("--warmup-steps", type=int, default=0)
-    t.add_argument("--sources", default="swing,u2i", help="pair sources to train on")
-    t.add_argument("--side-width", type=int, default=128)
-    t.add_argument("--side-layer-stride", type=int, default=2, help="side modes: cache every Nth backbone layer")
-    t.add_argument("--adapter-reduction", type=int, default=8)
-    t.add_argument("--init-encoder", type=Path, default=None, help="warm start from this encoder checkpoint")
-    t.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
-    t.add_argument("--save-every", type=int, default=0)
-    t.add_argument("--torch-threads", type=int, default=None, help="torch threads")
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--unaligned-seed", type=int, default=0, help="seed of the unaligned baseline's fixed map")
-    p = parser.add_argument_group("pairs")
-    p.add_argument("--swing-top-n", type=int, default=20)
-    p.add_argument("--min-support", type=int, default=2)
-    p.add_argument("--heldout-frac", type=float, default=0.1,
-                   help="latest share of the train portion's positives whose pairs are the validation pairs")
-    p.add_argument("--keep-seen-heldout", action="store_true",
-                   help="keep held-out pairs that also occur in training (default: drop them, test generalisation)")
-    p.add_argument("--eval-batch-size", type=int, default=64)
-    from pipelines.jobs.align_users import add_user_prompt_arguments
-    add_user_prompt_arguments(parser)
-
-
-DEFAULT_EPOCHS = {"side": 6, "side-towers": 6, "adapters": 2, "full": 1}
 
 
 def encoder_config_from_args(args) -> EncoderConfig:
@@ -183,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
     from pipelines.encoder.side import SideConfig
     from pipelines.mining.pairs import PairConfig, mine_pairs
 
-    if getattr(args, "target", "items") == "user-prompts":
+    if args.target == "user-prompts" or args.user_prompts:
         from pipelines.jobs.align_users import run as run_user_prompts
         return run_user_prompts(args)
     if args.torch_threads:

@@ -32,26 +32,6 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def add_user_prompt_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags `qarm align` gains for --target user-prompts: the cascade stage's knobs (the config tree's
-    user_prompts section, so `qarm pipeline --user-prompts` and this job take the same --user-prompt-* flags);
-    the seed and threads are align's own (--seed, --torch-threads)."""
-    from feature_store.config_tree import add_section_arguments
-    from pipelines.config.cascade import UserPromptsSection
-
-    g = parser.add_argument_group("user prompts (--target user-prompts)")
-    g.add_argument("--target", choices=("items", "user-prompts"), default="items",
-                   help="items: align the item encoder (default); user-prompts: train the MLLM user encoder over "
-                        "personalized prompts from a published version (--store)")
-    g.add_argument("--store", default=None, help="user-prompts: the feature store whose version is read / extended")
-    g.add_argument("--version", default=None, help="user-prompts: version to read (default CURRENT)")
-    g.add_argument("--compare-retrieval", action="store_true",
-                   help="also fit the id student, the teacher and the prompt-user-distilled student (test figures)")
-    g.add_argument("--no-publish", action="store_true", help="write --out only; publish no version")
-    add_section_arguments(parser, UserPromptsSection, title="user encoder (--target user-prompts)",
-                          exclude=("user_prompts",))
-
-
 def user_encoder_config(args):
     """The UserEncoderConfig of --target user-prompts: the --user-prompt-* knobs, align's --seed and threads."""
     from feature_store.config_tree import section_from_values

@@ -61,9 +61,9 @@ def test_user_prompts_job_publishes_user_embeddings(world, tmp_path, capsys):
 
 
 def _check_asof_table(w, v, out_dir, users, vecs, report):
-    """user_embeddings_asof.parquet: in --out and in the version (listed with sha256 / rows); per user, cuts before
-    each of its last K distinct train-positive times that have an earlier one, then its end (last ts + 1); the
-    end rows are user_embeddings.parquet's vectors."""
+    """user_embeddings_asof.parquet: in --out and in the version (listed with sha256 / rows); per user, K cuts
+    spread evenly over its distinct train-positive times that have an earlier one, then its end (last ts + 1);
+    the end rows are user_embeddings.parquet's vectors."""
     from feature_store.io import sha256_file
     from feature_store.tables import read_asof_embeddings
     from pipelines.encoder.user_encoder import UserEncoderConfig, positive_windows
@@ -73,7 +73,9 @@ def _check_asof_table(w, v, out_dir, users, vecs, report):
     want = []
     for u, ts in train.groupby("user_id")["ts"]:
         times = sorted(set(int(t) for t in ts))
-        want += [(int(u), t) for t in times[1:][-k:]] + [(int(u), times[-1] + 1)]
+        later = times[1:]
+        spread = later if k >= len(later) else [later[i * len(later) // k] for i in range(k)]
+        want += [(int(u), t) for t in spread] + [(int(u), times[-1] + 1)]
     a_users, a_cuts, a_vecs = read_asof_embeddings(v.file("user_embeddings_asof.parquet"))
     assert list(zip(a_users.tolist(), a_cuts.tolist())) == sorted(want)
     assert a_vecs.shape[1] == vecs.shape[1]

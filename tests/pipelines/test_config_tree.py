@@ -154,11 +154,11 @@ def _tree_commands():
 
 def test_every_job_with_a_tree_prints_it_and_keeps_names_unique(capsys):
     trees = _tree_commands()
-    assert set(trees) >= {"pipeline", "demo", "eval", "train-ranker", "distill", "retrieve"}
+    assert set(trees) >= {"pipeline", "demo", "eval", "train-ranker", "distill", "retrieve", "retrain", "align"}
     for name, (tree, defaults) in trees.items():
         names = knob_names(tree)
         assert len(names) == len(set(names)), f"qarm {name}: a knob name in two sections"
-        extra = ["--out", "x"] if name in ("demo", "retrieve") else []
+        extra = ["--out", "x"] if name in ("demo", "retrieve", "align") else []
         assert main([name, "--print-config", *extra]) == 0, name
         printed = yaml.safe_load(capsys.readouterr().out)
         assert tree_from_dict(tree, printed) == resolve_tree(tree, argparse.Namespace(), defaults=defaults)
