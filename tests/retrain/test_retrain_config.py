@@ -25,10 +25,7 @@ ALLOWED = {"dataset", "data", "mapping", "now", "store", "work_dir", "align_epoc
 
 @pytest.fixture(scope="module")
 def parent_world(bootstrapped, tmp_path_factory):
-    """The bootstrap's export, published by a parent job with non-default settings into a fresh store (and a copy
-    of that store, so each test retrains the same parent)."""
-    import shutil
-
+    """The bootstrap's export, published by a parent job with non-default settings into a fresh store."""
     from pipelines.jobs import cascade
 
     root = tmp_path_factory.mktemp("retrain-config")
@@ -36,9 +33,7 @@ def parent_world(bootstrapped, tmp_path_factory):
     summary = cascade.run(["--dataset", "generic", "--mapping", str(mapping), "--store", str(root / "store"),
                            "--runner", "DirectRunner", *bootstrapped["job_flags"], *PARENT_FLAGS],
                           save_main_session=False)
-    shutil.copytree(root / "store", root / "store-copy")
-    return {**bootstrapped, "root": root, "store": root / "store", "copy": root / "store-copy",
-            "first": summary["version"]}
+    return {**bootstrapped, "root": root, "store": root / "store", "first": summary["version"]}
 
 
 def _resolved(store, version=None) -> dict:
@@ -61,9 +56,12 @@ def test_parent_manifest_records_the_whole_resolved_config(parent_world):
     assert resolved["beam"]["runner"] == "DirectRunner"
 
 
-def test_candidate_inherits_everything_but_the_documented_overrides(parent_world, capsys):
+def test_candidate_inherits_everything_but_the_documented_overrides_on_the_users_runner(parent_world, capsys):
+    """One retraining run (multi-process FnApiRunner, as a user would pass Flink's options): its candidate is the
+    parent's recipe plus the documented overrides, and it ran on the runner the user gave."""
     parent = _resolved(parent_world["store"])
-    out = _retrain(parent_world, capsys)
+    out = _retrain(parent_world, capsys, "--runner", "FnApiRunner", "--direct_num_workers", "2",
+                   "--direct_running_mode", "multi_processing")
     assert out["published"] is True
     child = _resolved(parent_world["store"])
     a = tree_from_dict(CascadeConfig, parent["cascade"])
@@ -73,13 +71,6 @@ def test_candidate_inherits_everything_but_the_documented_overrides(parent_world
     assert b.align.align_epochs == 1 and b.align.align_checkpoint and b.quant.init_quantizer  # warm start
     assert b.split == a.split and b.pairs == a.pairs  # the parent's split and pair recipe, whole
     assert b.align.side_layer_stride == 1 and b.quant.vq_index == "ivf"
-
-
-def test_retrain_runs_its_candidate_on_the_users_runner(parent_world, capsys):
-    world = {**parent_world, "store": parent_world["copy"]}
-    out = _retrain(world, capsys, "--runner", "FnApiRunner", "--direct_num_workers", "2",
-             "--direct_running_mode", "multi_processing")
-    assert out["published"] is True
-    beam = _resolved(world["store"])["beam"]
+    beam = child["beam"]
     assert beam["runner"] == "FnApiRunner"
     assert beam["direct_num_workers"] == 2 and beam["direct_running_mode"] == "multi_processing"
