@@ -148,7 +148,8 @@ def add_config_file_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _coerce(value, tp, where: str):
-    """A config-file value as the knob's type (ints are accepted for floats; nothing else is converted)."""
+    """A value as the knob's type: lists become tuples, paths strings, ints are accepted for floats; anything else
+    of the wrong type raises."""
     base, optional = _base_type(tp)
     if value is None:
         if optional:
@@ -171,11 +172,8 @@ def check_knob_types(section) -> None:
     """Raise ValueError naming the flag of any knob whose value is not of its declared type (for sections built in
     code; the parser and :func:`section_from_values` check the command line and config files)."""
     for f, tp in knob_fields(type(section)):
-        value = getattr(section, f.name)
-        if isinstance(value, list):
-            value = tuple(value)
         try:
-            _coerce(value, tp, flag_name(f.name))
+            _coerce(getattr(section, f.name), tp, flag_name(f.name))
         except ValueError as exc:
             raise ValueError(f"{type(section).__name__}: {exc}") from None
 
@@ -270,8 +268,7 @@ def resolve_tree(tree_cls, args: argparse.Namespace, defaults: Optional[Mapping]
                 raise ValueError(f"--config {path}: section {section!r} must be a mapping, got {values!r}")
             nested.setdefault(section, {}).update(values)
         base = tree_from_dict(tree_cls, nested, where=f"--config {path}")
-    given = {k: getattr(args, k) for k in knob_names(tree_cls) if hasattr(args, k)}
-    given = {k: (tuple(v) if isinstance(v, list) else str(v) if isinstance(v, Path) else v) for k, v in given.items()}
+    given = {k: getattr(args, k) for k in knob_names(tree_cls) if hasattr(args, k)}  # _coerce normalises them
     return with_values(base, given, where="command line")
 
 

@@ -17,7 +17,6 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def data_section_from_args(args) -> DataSection:
     """The data section from an argparse Namespace or a Beam options view (absent attributes: defaults)."""
     values = {f.name: getattr(args, f.name) for f, _ in knob_fields(DataSection) if hasattr(args, f.name)}
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()}
     return section_from_values(DataSection, values, where="data flags")
 
 

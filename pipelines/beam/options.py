@@ -7,8 +7,6 @@ one class only: DataOptions holds the data section, CascadeOptions the others.
 """
 from __future__ import annotations
 
-import argparse
-
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.config.cascade import CascadeConfig, DataSection
@@ -49,16 +47,6 @@ def options_for(config: CascadeConfig, beam_args=()) -> PipelineOptions:
 def data_spec(options: PipelineOptions) -> DataSpec:
     """The job's DataSpec."""
     return cascade_config(options).data.spec()
-
-
-def cascade_seed(options: PipelineOptions) -> int:
-    """The seed of every seeded cascade stage: --cascade-seed, else the data --seed."""
-    return cascade_config(options).seed()
-
-
-def cli_parser_flags(parser: argparse.ArgumentParser, with_defaults: bool = True) -> None:
-    """Every knob of the cascade's tree as flags (the same generator as the PipelineOptions classes)."""
-    add_tree_arguments(parser, CascadeConfig, with_defaults=with_defaults)
 
 
 def beam_options_record(options: PipelineOptions) -> dict:

@@ -157,9 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tree_cls is not None and args.print_config:
         print(to_yaml(args.config_tree), end="", flush=True)
         return EXIT_OK
-    if tree_cls is not None and missing_required(args.config_tree):
+    missing = missing_required(args.config_tree) if tree_cls is not None else []
+    if missing:
         return _usage_error(parser, f"qarm {name}", name, "the following arguments are required: "
-                            + ", ".join(missing_required(args.config_tree)), as_json)
+                            + ", ".join(missing), as_json)
     if unknown:
         args.extra_args = unknown
     return _run(name, module, args, as_json)
