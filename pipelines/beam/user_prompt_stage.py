@@ -116,6 +116,9 @@ class _TrainUserPrompts(beam.DoFn):
 class UserPromptStage(beam.PTransform):
     """pipeline begin -> the path of the user table written into the staged version (one element, one worker).
 
+    Bound: that worker holds every item row, aligned vector and train / validation positive as side inputs
+    (docs/RUNNERS.md, "the user-prompt stage"); the stage is off by default.
+
     Args:
         cfg: the UserEncoderConfig to train with (UserPromptsSection.encoder_config: cascade seed, threads).
         encoder: the version's EncoderConfig as a dict (the frozen MLLM's vision tower, projector and LM).
